@@ -1,0 +1,1 @@
+"""The hospital side: the Flower ClientApp, site data loading and local training."""

@@ -1,0 +1,85 @@
+"""A site's samples, loaded once from the memory-mapped corpus into tensors per (task, split).
+
+A sample that lacks one of its task's modalities gets a zero placeholder and present=False,
+so the fusion block masks it out; batches are always of one task, so every batch has the
+same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from federated.corpus.format import Corpus, index_column
+from federated.multimed import MODALITIES, REGRESSION, TASKS
+from partitions.plan import SitePlan
+
+
+@dataclass
+class TaskSplit:
+    inputs: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+    targets: torch.Tensor  # standardised for regression tasks
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def take(self, idx: torch.Tensor) -> "TaskSplit":
+        return TaskSplit({m: x[idx] for m, x in self.inputs.items()},
+                         {m: p[idx] for m, p in self.present.items()}, self.targets[idx])
+
+
+@dataclass
+class TargetScale:
+    """Regression targets are trained standardised; outputs are mapped back for metrics."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    mad: float | None = None
+
+
+class SiteData:
+    def __init__(self, corpus: Corpus, plan: SitePlan) -> None:
+        self.plan = plan
+        self.scales: dict[str, TargetScale] = {}
+        self.splits: dict[tuple[str, str], TaskSplit] = {}
+        manifest = corpus.manifest
+        tasks = manifest["task"].to_numpy()
+        for t in plan.tasks:
+            stats = corpus.target_stats(t)
+            if TASKS.get(t).target == REGRESSION:
+                self.scales[t] = TargetScale(stats["mean"], max(stats["std"], 1e-8), stats["mad"])
+            else:
+                self.scales[t] = TargetScale()
+            for split, rows in (("train", plan.train_rows), ("test", plan.test_rows)):
+                rows = rows[tasks[rows] == t]
+                if len(rows):
+                    self.splits[(t, split)] = self._load(corpus, t, rows)
+
+    def _load(self, corpus: Corpus, task: str, rows: np.ndarray) -> TaskSplit:
+        manifest = corpus.manifest
+        inputs, present = {}, {}
+        for m in TASKS.get(task).inputs:
+            spec = MODALITIES.get(m)
+            idx = manifest[index_column(m)].to_numpy()[rows]
+            has = idx >= 0
+            arr = np.zeros((len(rows), *spec.shape), dtype=spec.dtype)
+            if has.any():
+                arr[has] = corpus.array(m)[idx[has]]
+            inputs[m] = torch.from_numpy(arr)
+            present[m] = torch.from_numpy(has)
+        target = np.asarray(corpus.targets(task)[manifest["target_row"].to_numpy()[rows]])
+        scale = self.scales[task]
+        if TASKS.get(task).target == REGRESSION:
+            targets = torch.from_numpy(((target - scale.mean) / scale.std).astype(np.float32))
+        else:
+            targets = torch.from_numpy(target.astype(np.int64))
+        return TaskSplit(inputs, present, targets)
+
+    def split(self, task: str, split: str) -> TaskSplit | None:
+        return self.splits.get((task, split))
+
+    def n(self, split: str) -> int:
+        return sum(len(s) for (_, sp), s in self.splits.items() if sp == split)

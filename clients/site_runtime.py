@@ -1,0 +1,79 @@
+"""Which site this ClientApp is, resolved once per process from the run and node config.
+
+Run config (same for every node): `multimed-config` (the resolved experiment YAML) and
+`corpus-path`. Node config (per node): `site` (deployment: a hospital names itself) or
+`partition-id` (simulation: the i-th site of the plan), and optionally `corpus-path` (a
+hospital's own copy of its data). The site plan is rebuilt from config and seed, so every
+process agrees on it without shipping it around.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from clients.site_data import SiteData
+from federated.config import ExperimentConfig, config_from_yaml, load_config
+from federated.corpus.cache import prepare_corpus
+from federated.corpus.format import Corpus
+from federated.models import MultiMedModel, build_model
+from partitions import SitePlan, plan_sites
+
+CONFIG_KEY = "multimed-config"
+CORPUS_KEY = "corpus-path"
+
+
+class SiteConfigError(ValueError):
+    """The node or run config does not identify a site."""
+
+
+@dataclass
+class SiteRuntime:
+    cfg: ExperimentConfig
+    plan: SitePlan
+    data: SiteData
+    model: MultiMedModel  # reused across rounds; global weights are loaded into it each time
+
+
+def apply_torch_threads(n: int) -> None:
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+@lru_cache(maxsize=None)
+def _plans(config_yaml: str, corpus_path: str) -> tuple[ExperimentConfig, Corpus, tuple[SitePlan, ...]]:
+    cfg = config_from_yaml(config_yaml) if config_yaml else load_config()
+    apply_torch_threads(cfg.engine.torch_threads)
+    # No corpus given (e.g. `flwr run .` with the defaults): build or reuse the cached one.
+    corpus = Corpus.open(corpus_path or prepare_corpus(cfg.corpus))
+    return cfg, corpus, tuple(plan_sites(corpus, cfg))
+
+
+@lru_cache(maxsize=None)
+def _runtime(config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
+    cfg, corpus, plans = _plans(config_yaml, corpus_path)
+    if site_key.startswith("#"):
+        pid = int(site_key[1:])
+        if not 0 <= pid < len(plans):
+            raise SiteConfigError(f"partition-id {pid} is outside the plan's {len(plans)} sites")
+        plan = plans[pid]
+    else:
+        by_name = {p.site: p for p in plans}
+        if site_key not in by_name:
+            raise SiteConfigError(f"node config names site {site_key!r}; the plan has "
+                                  f"{', '.join(by_name)}")
+        plan = by_name[site_key]
+    return SiteRuntime(cfg, plan, SiteData(corpus, plan), build_model(cfg.model, cfg.seed))
+
+
+def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:
+    corpus_path = str(node_config.get(CORPUS_KEY) or run_config.get(CORPUS_KEY) or "")
+    if "site" in node_config:
+        key = str(node_config["site"])
+    elif "partition-id" in node_config:
+        key = f"#{int(node_config['partition-id'])}"
+    else:
+        raise SiteConfigError("node config needs 'site' (deployment) or 'partition-id' (simulation)")
+    return _runtime(str(run_config.get(CONFIG_KEY, "")), corpus_path, key)

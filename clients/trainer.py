@@ -1,0 +1,109 @@
+"""Local training and evaluation of the global model on one site's data.
+
+Each step takes a batch of one task (tasks interleaved in a seeded random order), so a site
+with several tasks trains its shared encoders and fusion on all of them every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clients.site_data import SiteData
+from federated.config.schema import TrainConfig
+from federated.metrics import task_metrics, unit_score
+from federated.models import MultiMedModel
+from federated.multimed import (BINARY, CLOSED_SET, IGNORE_LABEL, MULTICLASS, MULTILABEL,
+                                PER_RESIDUE, REGRESSION, TASKS)
+
+
+def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    kind = TASKS.get(task).target
+    if kind in (MULTICLASS, CLOSED_SET):
+        return F.cross_entropy(output, target)
+    if kind == BINARY:
+        return F.binary_cross_entropy_with_logits(output, target.float())
+    if kind == MULTILABEL:
+        return F.binary_cross_entropy_with_logits(output, target.float())
+    if kind == REGRESSION:
+        return F.mse_loss(output, target)
+    if kind == PER_RESIDUE:
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1),
+                               ignore_index=IGNORE_LABEL)
+    raise ValueError(f"no loss for target type {kind!r}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    num_examples: int
+    steps: int
+    mean_loss: float
+    trained_groups: tuple[str, ...]
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train_local(model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: int) -> TrainResult:
+    torch.manual_seed(seed)  # dropout and any other torch randomness
+    gen = torch.Generator().manual_seed(seed)
+    groups = model.train_only(data.plan.modalities, data.plan.tasks)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    model.train()
+    batches: list[tuple[str, torch.Tensor]] = []
+    for _ in range(cfg.local_epochs):
+        for task in data.plan.tasks:
+            split = data.split(task, "train")
+            if split is None:
+                continue
+            perm = torch.randperm(len(split), generator=gen)
+            batches += [(task, idx) for idx in perm.split(cfg.batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    if cfg.max_steps_per_round:
+        order = order[: cfg.max_steps_per_round]
+    losses = []
+    for i in order:
+        task, idx = batches[i]
+        batch = data.split(task, "train").take(idx)  # type: ignore[union-attr]
+        optimizer.zero_grad(set_to_none=True)
+        loss = task_loss(task, model(task, batch.inputs, batch.present), batch.targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return TrainResult(num_examples=data.n("train"), steps=len(order),
+                       mean_loss=float(np.mean(losses)) if losses else math.nan,
+                       trained_groups=tuple(groups))
+
+
+@torch.no_grad()
+def evaluate_site(model: MultiMedModel, data: SiteData, split: str = "test",
+                  batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Per task: every metric of the task, its [0, 1] score, and the sample count."""
+    model.eval()
+    results: dict[str, dict[str, float]] = {}
+    for task in data.plan.tasks:
+        part = data.split(task, split)
+        if part is None:
+            continue
+        outputs = []
+        for idx in torch.arange(len(part)).split(batch_size):
+            b = part.take(idx)
+            outputs.append(model(task, b.inputs, b.present).float())
+        out = torch.cat(outputs).numpy()
+        target = part.targets.numpy()
+        scale = data.scales[task]
+        if TASKS.get(task).target == REGRESSION:
+            out = out * scale.std + scale.mean
+            target = target * scale.std + scale.mean
+        metrics = task_metrics(TASKS.get(task), out, target)
+        metrics["score"] = unit_score(TASKS.get(task), metrics, scale.mad)
+        metrics["n"] = float(len(part))
+        results[task] = metrics
+    return results

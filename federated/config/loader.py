@@ -1,0 +1,203 @@
+"""Build an ExperimentConfig from conf/ and `key=value` overrides.
+
+    group=name         select conf/<group>/<name>.yaml for that section (or, for `scale`,
+                       a preset merged over the whole config)
+    section.field=v    set one field (values parse as YAML: 3, 0.1, true, [a, b])
+    field=v            set a top-level field (seed, rounds)
+
+Order: schema defaults < conf/config.yaml < selected group files < scale preset < field
+overrides. OmegaConf does the typed merge; this module turns its errors into messages that
+name the key and list the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from federated.config.schema import ExperimentConfig
+
+SECTION_GROUPS = ("corpus", "sites", "model", "strategy", "privacy", "engine")
+PRESET_GROUP = "scale"
+GROUPS = (*SECTION_GROUPS, PRESET_GROUP)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def conf_dir() -> Path:
+    """conf/ at the repository root (the package is installed editable), or $MULTIMED_FL_CONF."""
+    env = os.environ.get("MULTIMED_FL_CONF")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+
+
+def group_choices(group: str, root: Path | None = None) -> list[str]:
+    folder = (root or conf_dir()) / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        data = OmegaConf.load(path)
+    except OmegaConfBaseException as e:  # pragma: no cover - parse errors are rare
+        raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of keys to values")
+    return data
+
+
+def _valid_keys(node: Any) -> list[str]:
+    if dataclasses.is_dataclass(node):
+        return [f.name for f in dataclasses.fields(node)]
+    return []
+
+
+def _keys_at(path: str) -> list[str]:
+    """The valid keys of the section that holds dotted `path` (for error messages)."""
+    node: Any = ExperimentConfig
+    for part in path.split(".")[:-1]:
+        if not dataclasses.is_dataclass(node):
+            return []
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return []
+        node = hints[part]
+    return _valid_keys(node)
+
+
+def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except ConfigKeyError as e:
+        key = e.full_key or "?"
+        valid = _keys_at(key)
+        hint = f"; valid keys here: {', '.join(valid)}" if valid else ""
+        raise ConfigError(f"{where}: unknown key {key!r}{hint}") from None
+    except ValidationError as e:
+        reason = str(e.msg).splitlines()[0]
+        raise ConfigError(f"{where}: wrong value for {e.full_key!r}: {reason}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {getattr(e, 'full_key', '')} {e}") from None
+
+
+def _parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    groups: dict[str, str] = {}
+    fields: list[str] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        if key in GROUPS:
+            groups[key] = value.strip()
+        else:
+            fields.append(f"{key}={value}")
+    return groups, fields
+
+
+def _schema() -> DictConfig:
+    cfg = OmegaConf.structured(ExperimentConfig)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = (), root: Path | None = None) -> ExperimentConfig:
+    """Resolve conf/ plus overrides into a validated ExperimentConfig."""
+    root = root or conf_dir()
+    if not (root / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {root} (set MULTIMED_FL_CONF to the conf/ folder)")
+    top = OmegaConf.to_container(_read_yaml(root / "config.yaml"))
+    assert isinstance(top, dict)
+    selected: dict[str, str] = dict(top.pop("defaults", {}) or {})
+    cli_groups, cli_fields = _parse_overrides(list(overrides))
+    selected.update(cli_groups)
+
+    cfg = _schema()
+    for group in SECTION_GROUPS:
+        if group in selected:
+            body = _group_file(root, group, selected[group])
+            body["name"] = selected[group]
+            cfg = _merge(cfg, {group: body}, f"conf/{group}/{selected[group]}.yaml")
+    cfg = _merge(cfg, top, "conf/config.yaml")
+    scale = selected.get(PRESET_GROUP)
+    if scale:
+        cfg = _merge(cfg, _group_file(root, PRESET_GROUP, scale), f"conf/scale/{scale}.yaml")
+        cfg.scale = scale
+    if cli_fields:
+        try:
+            dotlist = OmegaConf.from_dotlist(cli_fields)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot parse overrides {cli_fields}: {e}") from None
+        cfg = _merge(cfg, dotlist, "command line")
+    result = OmegaConf.to_object(cfg)
+    assert isinstance(result, ExperimentConfig)
+    validate(result)
+    return result
+
+
+def _group_file(root: Path, group: str, name: str) -> dict[str, Any]:
+    path = root / group / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(group_choices(group, root)) or "(none)"
+        raise ConfigError(f"unknown {group} {name!r}; choices: {choices}")
+    body = OmegaConf.to_container(_read_yaml(path))
+    assert isinstance(body, dict)
+    return body
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range checks the type system cannot express; each names its key."""
+    checks = [
+        ("rounds", cfg.rounds >= 1, "must be >= 1"),
+        ("corpus.samples_per_task_site", cfg.corpus.samples_per_task_site >= 5, "must be >= 5"),
+        ("corpus.n_origin_sites", cfg.corpus.n_origin_sites >= 1, "must be >= 1"),
+        ("corpus.test_fraction", 0.0 < cfg.corpus.test_fraction < 1.0, "must be in (0, 1)"),
+        ("corpus.shift_severity", cfg.corpus.shift_severity >= 0.0, "must be >= 0"),
+        ("model.dim", cfg.model.dim >= 4 and cfg.model.dim % cfg.model.heads == 0,
+         "must be >= 4 and divisible by model.heads"),
+        ("model.tokens_per_modality", cfg.model.tokens_per_modality >= 1, "must be >= 1"),
+        ("model.fusion_layers", cfg.model.fusion_layers >= 0, "must be >= 0"),
+        ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "must be in [0, 1)"),
+        ("train.local_epochs", cfg.train.local_epochs >= 1, "must be >= 1"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
+        ("train.lr", cfg.train.lr > 0, "must be > 0"),
+        ("train.optimizer", cfg.train.optimizer in ("adam", "sgd"), "must be one of: adam, sgd"),
+        ("train.max_steps_per_round", cfg.train.max_steps_per_round >= 0, "must be >= 0"),
+        ("strategy.fraction_train", 0.0 < cfg.strategy.fraction_train <= 1.0, "must be in (0, 1]"),
+        ("strategy.min_train_sites", cfg.strategy.min_train_sites >= 1, "must be >= 1"),
+        ("sites.train", len(cfg.sites.train) >= 1, "needs at least one training site"),
+        ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{key} {why} (got {_get(cfg, key)!r})")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_yaml(text: str) -> ExperimentConfig:
+    """Rebuild a config from `config_to_yaml` output (how it travels to ClientApps)."""
+    cfg = _merge(_schema(), OmegaConf.create(text), "serialised config")
+    result = OmegaConf.to_object(cfg)
+    assert isinstance(result, ExperimentConfig)
+    validate(result)
+    return result

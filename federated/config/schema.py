@@ -1,0 +1,107 @@
+"""The experiment schema: one frozen dataclass per component.
+
+Defaults here are the framework's; conf/*.yaml selects and tunes them. Inside the framework
+only these dataclasses travel, never raw dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    name: str = "synthetic"
+    # An existing corpus folder to use; None builds (or reuses from the cache) the synthetic one.
+    path: Optional[str] = None
+    seed: int = 0  # data seed, fixed across training seeds so seeds measure training variance
+    samples_per_task_site: int = 120
+    n_origin_sites: int = 10
+    test_fraction: float = 0.2
+    shift_severity: float = 1.0
+    # Where synthetic corpora are cached; "" = $MULTIMED_FL_CACHE or ~/.cache/multimed-fl.
+    cache_dir: str = ""
+
+
+def _default_archetypes() -> Dict[str, List[str]]:
+    return {
+        "imaging_centre": ["radiographic_findings", "bone_age", "brain_tumor_classification",
+                           "diabetic_retinopathy"],
+        "neuro_clinic": ["motor_imagery", "brain_tumor_classification"],
+        "genomics_lab": ["cell_type", "expression_prediction", "protein_structure"],
+        "general_hospital": ["disease_classification", "breast_cancer_classification",
+                             "medical_vqa", "radiographic_findings"],
+        "cancer_centre": ["breast_cancer_classification", "brain_tumor_classification",
+                          "cell_type"],
+        "eye_clinic": ["diabetic_retinopathy", "medical_vqa"],
+    }
+
+
+@dataclass(frozen=True)
+class SitesConfig:
+    name: str = "default"  # the conf/sites preset this came from
+    planner: str = "archetypes"  # the site planner (partitions.PLANNERS)
+    # One entry per site, by archetype; site i reads the corpus's i-th origin site.
+    train: List[str] = field(default_factory=lambda: [
+        "imaging_centre", "imaging_centre", "neuro_clinic", "genomics_lab", "genomics_lab",
+        "general_hospital", "general_hospital", "cancer_centre"])
+    held_out: List[str] = field(default_factory=lambda: ["eye_clinic", "neuro_clinic"])
+    archetypes: Dict[str, List[str]] = field(default_factory=_default_archetypes)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "default"
+    dim: int = 64  # token width shared by every encoder and the fusion block
+    tokens_per_modality: int = 4
+    fusion_layers: int = 1
+    heads: int = 4
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.002
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    # 0 = no cap; otherwise a site takes at most this many local steps per round.
+    max_steps_per_round: int = 0
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"
+    fraction_train: float = 1.0  # fraction of training sites sampled per round
+    min_train_sites: int = 2
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    name: str = "none"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str = "inprocess"
+    # Torch intra-op threads per process. The models are small, so one thread is fastest
+    # (2 threads ran 60x slower here when the other core was busy) and leaves cores for
+    # other clients; 0 keeps torch's default.
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    seed: int = 0
+    rounds: int = 20
+    scale: str = "default"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    sites: SitesConfig = field(default_factory=SitesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)

@@ -1,0 +1,31 @@
+"""Engines move messages between the ServerApp logic and the ClientApps; nothing else.
+
+An engine is a function (cfg, corpus_path, n_sites, callbacks) -> FederationResult.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from federated.config.schema import ExperimentConfig
+from federated.federation import Callback, FederationResult
+from federated.registry import Registry
+
+Engine = Callable[[ExperimentConfig, Path, int, Sequence[Callback]], FederationResult]
+ENGINES: Registry[Engine] = Registry("engine")
+
+
+@ENGINES.register("inprocess")
+def run_inprocess(cfg: ExperimentConfig, corpus_path: Path, n_sites: int,
+                  callbacks: Sequence[Callback]) -> FederationResult:
+    from clients.client_app import app as client_app
+    from clients.site_runtime import CONFIG_KEY, CORPUS_KEY
+    from federated.config import config_to_yaml
+    from federated.engines.inprocess import InProcessGrid
+    from federated.federation import run_federation
+
+    run_config = {CONFIG_KEY: config_to_yaml(cfg), CORPUS_KEY: str(corpus_path)}
+    node_configs = [{"partition-id": i, "num-partitions": n_sites} for i in range(n_sites)]
+    grid = InProcessGrid(client_app, node_configs, run_config)
+    return run_federation(grid, cfg, callbacks)

@@ -1,0 +1,98 @@
+"""The in-process engine: a Flower Grid that hands each message to the ClientApp directly.
+
+No Ray, no SuperLink, no serialisation: the fastest way to run the same ClientApp and
+ServerApp code, and the engine tests use. Each node keeps its own Context across rounds, as
+a SuperNode would. A ClientApp exception becomes an error reply, as on a real SuperNode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.grid import Grid
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+CLIENT_APP_RAISED_EXCEPTION = 2  # Flower's error code for "ClientApp raised an exception"
+
+
+def claim_server_identity(run_id: int) -> None:
+    """Flower stamps new messages with the process's task identity; a SuperLink-launched
+    ServerApp sets it at start-up (flwr.server.compat.app does the same), so we do too."""
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
+class InProcessGrid(Grid):
+    def __init__(self, client_app: ClientApp, node_configs: list[dict], run_config: dict,
+                 run_id: int = 1) -> None:
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id)
+        claim_server_identity(run_id)
+        # Node ids start at 1 (0 is Flower's SuperLink id), in plan order.
+        self._contexts = {
+            i + 1: Context(run_id=run_id, node_id=i + 1, node_config=dict(nc), state=RecordDict(),
+                           run_config=dict(run_config))
+            for i, nc in enumerate(node_configs)
+        }
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._contexts)
+
+    def context(self, node_id: int) -> Context:
+        return self._contexts[node_id]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self._contexts:
+                raise ValueError(f"message to unknown node {msg.metadata.dst_node_id}")
+            # Flower's own InMemoryGrid assigns message ids the same way (a SuperLink would).
+            msg_id = str(uuid.uuid4())
+            msg.metadata.__dict__["_message_id"] = msg_id
+            msg.metadata.__dict__["_run_id"] = self._run.run_id
+            self._replies[msg_id] = self._deliver(msg)
+            ids.append(msg_id)
+        return ids
+
+    def _deliver(self, msg: Message) -> Message:
+        context = self._contexts[msg.metadata.dst_node_id]
+        try:
+            return self.client_app(msg, context)
+        except Exception as e:  # a crashing site must not crash the server
+            reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
+            return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        start = time.monotonic()
+        ids = self.push_messages(messages)
+        replies = list(self.pull_messages(ids))
+        if timeout is not None and time.monotonic() - start > timeout:
+            # Sequential delivery cannot interrupt a site; report the overrun instead of hiding it.
+            logging.getLogger(__name__).warning(
+                "in-process round took %.1f s, past its %.1f s timeout", time.monotonic() - start, timeout)
+        return replies

@@ -1,0 +1,195 @@
+"""The server side of one federated run: handshake, rounds, ID/OOD evaluation.
+
+The round loop calls the Flower strategy's configure_train / aggregate_train (so any
+`flwr.serverapp.strategy` Strategy plugs in) but is our own, not Strategy.start: training
+goes to the training sites only, evaluation to every site (ID and OOD), and side effects
+(progress, TensorBoard, metrics tables) are callbacks invoked once per round.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp.grid import Grid
+
+from federated.config.schema import ExperimentConfig
+from federated.evaluation import SiteEvaluation, SiteProfile, summarize
+from federated.models import build_model
+from partitions.plan import TRAIN
+from strategies import build_strategy
+
+
+class FederationError(RuntimeError):
+    """A run that cannot continue; the message names the round and the sites involved."""
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    evaluations: list[SiteEvaluation]
+    summary: dict[str, Any]
+    train: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> loss, n, steps
+    failures: dict[str, str] = field(default_factory=dict)  # site -> reason
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FederationResult:
+    profiles: list[SiteProfile]
+    initial: RoundRecord
+    history: list[RoundRecord]
+    arrays: ArrayRecord
+    timing: dict[str, float]
+
+    @property
+    def final(self) -> RoundRecord:
+        return self.history[-1] if self.history else self.initial
+
+
+class Callback:
+    """Side effects of a run; every hook is optional."""
+
+    def on_start(self, cfg: ExperimentConfig, profiles: list[SiteProfile]) -> None: ...
+    def on_round_end(self, record: RoundRecord) -> None: ...
+    def on_end(self, result: FederationResult) -> None: ...
+
+
+class NodeSubsetGrid(Grid):
+    """A view of a Grid that exposes only some nodes (so a strategy samples training sites only)."""
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self._grid, self._ids = grid, list(node_ids)
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._ids)
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def _error_reason(msg: Message) -> str:
+    return msg.error.reason.strip().splitlines()[0] if msg.error.reason else f"error code {msg.error.code}"
+
+
+def handshake(grid: Grid) -> dict[int, SiteProfile]:
+    """Ask every node for its site profile; a node that cannot answer stops the run."""
+    nodes = list(grid.get_node_ids())
+    replies = grid.send_and_receive(
+        [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes])
+    profiles: dict[int, SiteProfile] = {}
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            raise FederationError(f"handshake: node {node} failed: {_error_reason(msg)}")
+        p = msg.content["profile"]
+        profiles[node] = SiteProfile(
+            site=str(p["site"]), role=str(p["role"]), archetype=str(p["archetype"]),
+            modalities=list(p["modalities"]), tasks=list(p["tasks"]), n_train=int(p["n_train"]),
+            n_test=int(p["n_test"]), origin_site=str(p["origin_site"]))
+    missing = set(nodes) - set(profiles)
+    if missing:
+        raise FederationError(f"handshake: no reply from nodes {sorted(missing)}")
+    return dict(sorted(profiles.items(), key=lambda kv: kv[1].site))
+
+
+def evaluate_all(grid: Grid, arrays: ArrayRecord, server_round: int,
+                 profiles: dict[int, SiteProfile]) -> tuple[list[SiteEvaluation], dict[str, str]]:
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    replies = grid.send_and_receive(
+        [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in profiles])
+    evals: dict[int, SiteEvaluation] = {}
+    failures: dict[str, str] = {}
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        profile = profiles[node]
+        if msg.has_error():
+            failures[profile.site] = _error_reason(msg)
+            continue
+        ev = SiteEvaluation(profile)
+        for key, value in msg.content["metrics"].items():
+            if "/" in key:
+                task, metric = key.split("/", 1)
+                ev.per_task.setdefault(task, {})[metric] = float(value)
+        evals[node] = ev
+    return [evals[n] for n in profiles if n in evals], failures
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig,
+                   callbacks: Sequence[Callback] = ()) -> FederationResult:
+    t_start = time.perf_counter()
+    random.seed(cfg.seed)  # Flower's node sampling uses Python's global RNG
+    node_profiles = handshake(grid)
+    train_nodes = [n for n, p in node_profiles.items() if p.role == TRAIN]
+    if not train_nodes:
+        raise FederationError("no training sites answered the handshake")
+    profiles = list(node_profiles.values())
+    for cb in callbacks:
+        cb.on_start(cfg, profiles)
+
+    arrays = ArrayRecord(build_model(cfg.model, cfg.seed).state_dict())
+    strategy = build_strategy(cfg.strategy, len(train_nodes))
+    training_grid = NodeSubsetGrid(grid, train_nodes)
+    timing = {"train_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
+
+    def evaluated(server_round: int, **extra: Any) -> RoundRecord:
+        t0 = time.perf_counter()
+        evals, failures = evaluate_all(grid, arrays, server_round, node_profiles)
+        timing["evaluate_s"] += time.perf_counter() - t0
+        record = RoundRecord(server_round, evals, summarize(evals), **extra)
+        record.failures.update({f"evaluate:{k}": v for k, v in failures.items()})
+        for cb in callbacks:
+            cb.on_round_end(record)
+        return record
+
+    initial = evaluated(0)
+    history = []
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        messages = strategy.configure_train(rnd, arrays, ConfigRecord(), training_grid)
+        replies = list(grid.send_and_receive(messages))
+        t1 = time.perf_counter()
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        t2 = time.perf_counter()
+        timing["train_s"] += t1 - t0
+        timing["aggregate_s"] += t2 - t1
+        train_stats, failures = {}, {}
+        for msg in replies:
+            site = node_profiles[msg.metadata.src_node_id].site
+            if msg.has_error():
+                failures[f"train:{site}"] = _error_reason(msg)
+            else:
+                m = msg.content["metrics"]
+                train_stats[site] = {"loss": float(m["train_loss"]), "n": float(m["num-examples"]),
+                                     "steps": float(m["steps"])}
+        if new_arrays is None:
+            detail = "; ".join(f"{k}: {v}" for k, v in failures.items()) or "no replies"
+            raise FederationError(f"round {rnd}: no training update could be aggregated ({detail})")
+        arrays = new_arrays
+        history.append(evaluated(rnd, train=train_stats, failures=failures,
+                                 seconds={"train": t1 - t0, "aggregate": t2 - t1}))
+    timing["wall_s"] = time.perf_counter() - t_start
+    result = FederationResult(profiles, initial, history, arrays, timing)
+    for cb in callbacks:
+        cb.on_end(result)
+    return result

@@ -1,0 +1,52 @@
+"""One experiment from a config: corpus -> site plan -> engine -> outputs in DIR."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from clients.site_runtime import apply_torch_threads
+from federated.config import ExperimentConfig
+from federated.corpus.cache import prepare_corpus
+from federated.corpus.format import Corpus
+from federated.engines import ENGINES
+from federated.federation import Callback
+from federated.io import write_json
+from federated.outputs import build_summary, write_config
+from federated.tracking import MetricsTable, ProgressBar, TensorBoardLogger
+from partitions import plan_sites
+
+
+class RunError(RuntimeError):
+    """The run cannot start as asked (e.g. it would overwrite an earlier run's outputs)."""
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = False,
+                   progress: bool = True, console: Console | None = None) -> dict[str, Any]:
+    """Run one federated experiment and write its outputs; returns the summary."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    if (out_dir / "summary.json").exists() and not overwrite:
+        raise RunError(f"{out_dir} already holds a finished run (summary.json); "
+                       "choose another --out or pass --overwrite")
+    engine = ENGINES.get(cfg.engine.name)  # fail on a bad engine name before any work
+    apply_torch_threads(cfg.engine.torch_threads)
+    corpus_path = prepare_corpus(cfg.corpus)
+    plans = plan_sites(Corpus.open(corpus_path), cfg)  # a plan that cannot work fails here
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+    write_config(out_dir, cfg)
+    callbacks: list[Callback] = [MetricsTable(out_dir / "metrics.parquet"),
+                                 TensorBoardLogger(out_dir / "tensorboard")]
+    if progress:
+        callbacks.append(ProgressBar(console))
+    result = engine(cfg, corpus_path, len(plans), callbacks)
+    summary = build_summary(cfg, result, time.perf_counter() - t0)
+    summary["corpus"] = str(corpus_path)
+    write_json(out_dir / "summary.json", summary)
+    return summary

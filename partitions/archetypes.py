@@ -1,0 +1,56 @@
+"""The `archetypes` planner: each site is a named archetype (a list of tasks) at its own origin site.
+
+Site i is the corpus's i-th origin site, so every site carries its own acquisition shift and
+held-out sites are out of distribution by construction. Training sites keep the corpus's
+train/test split; held-out sites are evaluated on all their samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from federated.config.schema import ExperimentConfig
+from federated.corpus.format import Corpus
+from federated.multimed import TASKS, modalities_of
+from partitions.plan import HELD_OUT, PLANNERS, TRAIN, PlanError, SitePlan, rows_of
+
+
+def _archetype_tasks(cfg: ExperimentConfig, name: str, corpus: Corpus) -> tuple[str, ...]:
+    archetypes = cfg.sites.archetypes
+    if name not in archetypes:
+        raise PlanError(f"unknown site archetype {name!r}; defined in sites.archetypes: "
+                        f"{', '.join(sorted(archetypes))}")
+    tasks = tuple(archetypes[name])
+    for t in tasks:
+        if t not in TASKS:
+            raise PlanError(f"archetype {name!r} names unknown task {t!r}; "
+                            f"valid tasks: {', '.join(TASKS.names())}")
+        if t not in corpus.tasks:
+            raise PlanError(f"archetype {name!r} needs task {t!r}, which the corpus at "
+                            f"{corpus.path} does not have (it has {', '.join(corpus.tasks)})")
+    if not tasks:
+        raise PlanError(f"archetype {name!r} holds no tasks")
+    return tasks
+
+
+@PLANNERS.register("archetypes")
+def plan_archetypes(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
+    roles = [(a, TRAIN) for a in cfg.sites.train] + [(a, HELD_OUT) for a in cfg.sites.held_out]
+    origins = corpus.spec["origin_sites"]
+    if len(roles) > len(origins):
+        raise PlanError(f"{len(roles)} sites planned but the corpus has only {len(origins)} "
+                        f"origin sites; raise corpus.n_origin_sites or plan fewer sites")
+    plans = []
+    for i, (archetype, role) in enumerate(roles):
+        tasks = _archetype_tasks(cfg, archetype, corpus)
+        rows = rows_of(corpus, origins[i], tasks)
+        if role == TRAIN:
+            train_rows, test_rows = rows["train"], rows["test"]
+        else:
+            train_rows = np.empty(0, dtype=np.int64)
+            test_rows = np.sort(np.concatenate([rows["train"], rows["test"]]))
+        plans.append(SitePlan(
+            site=f"site_{i:02d}", role=role, archetype=archetype, origin_site=origins[i],
+            tasks=tasks, modalities=tuple(modalities_of(tasks)),
+            train_rows=train_rows, test_rows=test_rows))
+    return plans
