@@ -49,7 +49,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"num-examples": result.num_examples, "train_loss": result.mean_loss,
                             "steps": result.steps})
     reply = RecordDict({"arrays": ArrayRecord(rt.model.state_dict()), "metrics": metrics,
-                        "trained": ConfigRecord({"groups": list(result.trained_groups)})})
+                        "trained": ConfigRecord({"groups": list(result.group_examples),
+                                                 "examples": list(result.group_examples.values())})})
     return Message(reply, reply_to=msg)
 
 

@@ -42,7 +42,8 @@ class TrainResult:
     num_examples: int
     steps: int
     mean_loss: float
-    trained_groups: tuple[str, ...]
+    # Examples behind each trained parameter group (what a modality-aware strategy weights by).
+    group_examples: dict[str, int]
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -54,7 +55,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 def train_local(model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: int) -> TrainResult:
     torch.manual_seed(seed)  # dropout and any other torch randomness
     gen = torch.Generator().manual_seed(seed)
-    groups = model.train_only(data.plan.modalities, data.plan.tasks)
+    model.train_only(data.plan.modalities, data.plan.tasks)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     model.train()
     batches: list[tuple[str, torch.Tensor]] = []
@@ -79,7 +80,22 @@ def train_local(model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: in
         losses.append(float(loss.detach()))
     return TrainResult(num_examples=data.n("train"), steps=len(order),
                        mean_loss=float(np.mean(losses)) if losses else math.nan,
-                       trained_groups=tuple(groups))
+                       group_examples=group_examples(data))
+
+
+def group_examples(data: SiteData) -> dict[str, int]:
+    """Training examples per parameter group: a task's examples count for its head, for the
+    encoder of each modality they actually carry, and for the fusion block."""
+    counts: dict[str, int] = {}
+    for task in data.plan.tasks:
+        split = data.split(task, "train")
+        if split is None:
+            continue
+        for group, n in [(f"head/{task}", len(split)), ("fusion", len(split))] + [
+                (f"encoder/{m}", int(p.sum())) for m, p in split.present.items()]:
+            if n:
+                counts[group] = counts.get(group, 0) + n
+    return dict(sorted(counts.items()))
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -38,4 +38,32 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
         extra = set(update) - set(keys)
         if extra:
             raise ValueError(f"update {i} has unexpected keys {sorted(extra)}")
+    return out
+
+
+def groupwise_weighted_mean(current: Mapping[str, np.ndarray],
+                            updates: Sequence[Mapping[str, np.ndarray]],
+                            group_weights: Sequence[Mapping[str, float]],
+                            group_of: Callable[[str], str]) -> dict[str, np.ndarray]:
+    """Average each parameter group only over the updates that trained it.
+
+    Key k of group g becomes sum_i w_ig * x_ik / sum_i w_ig over the updates i with
+    w_ig > 0; a group no update trained keeps its current value. This is FedAvg when every
+    update trains every group with the same weight.
+    """
+    if len(updates) != len(group_weights):
+        raise ValueError(f"{len(updates)} updates but {len(group_weights)} group weight maps")
+    out: dict[str, np.ndarray] = {}
+    by_group: dict[str, list[str]] = {}
+    for key in current:
+        by_group.setdefault(group_of(key), []).append(key)
+    for group, keys in by_group.items():
+        contributors = [(u, float(gw.get(group, 0.0))) for u, gw in zip(updates, group_weights)
+                        if float(gw.get(group, 0.0)) > 0]
+        if not contributors:
+            out.update({k: np.asarray(current[k]) for k in keys})
+            continue
+        sub = weighted_mean([{k: u[k] for k in keys} for u, _ in contributors],
+                            [w for _, w in contributors])
+        out.update(sub)
     return out

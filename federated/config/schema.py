@@ -16,7 +16,7 @@ class CorpusConfig:
     # An existing corpus folder to use; None builds (or reuses from the cache) the synthetic one.
     path: Optional[str] = None
     seed: int = 0  # data seed, fixed across training seeds so seeds measure training variance
-    samples_per_task_site: int = 120
+    samples_per_task_site: int = 300
     n_origin_sites: int = 10
     test_fraction: float = 0.2
     shift_severity: float = 1.0
@@ -74,7 +74,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = "fedavg"
+    name: str = "modality_fedavg"
     fraction_train: float = 1.0  # fraction of training sites sampled per round
     min_train_sites: int = 2
 

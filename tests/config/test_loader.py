@@ -6,7 +6,7 @@ from federated.config import ConfigError, ExperimentConfig, config_from_yaml, co
 def test_defaults_load_into_typed_frozen_dataclasses():
     cfg = load_config()
     assert isinstance(cfg, ExperimentConfig)
-    assert cfg.strategy.name == "fedavg" and cfg.engine.name == "inprocess" and cfg.scale == "default"
+    assert cfg.strategy.name == "modality_fedavg" and cfg.engine.name == "inprocess" and cfg.scale == "default"
     assert len(cfg.sites.train) == 8 and len(cfg.sites.held_out) == 2
     with pytest.raises(Exception):
         cfg.rounds = 3  # frozen

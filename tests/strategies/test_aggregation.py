@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from strategies.aggregation import weighted_mean
+from strategies.aggregation import groupwise_weighted_mean, weighted_mean
 
 
 def test_weighted_mean_by_hand():
@@ -30,3 +30,28 @@ def test_single_update_is_returned_unchanged():
 def test_bad_inputs_are_refused(updates, weights, pattern):
     with pytest.raises(ValueError, match=pattern):
         weighted_mean(updates, weights)
+
+
+def _group(key: str) -> str:
+    return key.split(".")[0]
+
+
+def test_groupwise_mean_by_hand():
+    current = {"enc.w": np.array([0.0, 0.0]), "head.w": np.array([5.0]), "rare.w": np.array([7.0])}
+    a = {"enc.w": np.array([2.0, 4.0]), "head.w": np.array([1.0]), "rare.w": np.array([7.0])}
+    b = {"enc.w": np.array([6.0, 0.0]), "head.w": np.array([99.0]), "rare.w": np.array([7.0])}
+    weights = [{"enc": 1, "head": 10}, {"enc": 3}]  # b did not train head; nobody trained rare
+    out = groupwise_weighted_mean(current, [a, b], weights, _group)
+    np.testing.assert_allclose(out["enc.w"], [(2 + 18) / 4, (4 + 0) / 4])  # 5.0, 1.0
+    np.testing.assert_allclose(out["head.w"], [1.0])  # only a's head, b's untouched copy ignored
+    np.testing.assert_allclose(out["rare.w"], [7.0])  # kept
+
+
+def test_groupwise_mean_is_fedavg_when_everyone_trains_everything():
+    rng = np.random.default_rng(0)
+    ups = [{"enc.w": rng.normal(size=3), "head.w": rng.normal(size=2)} for _ in range(3)]
+    n = [3.0, 1.0, 6.0]
+    out = groupwise_weighted_mean(ups[0], ups, [{"enc": w, "head": w} for w in n], _group)
+    ref = weighted_mean(ups, n)
+    for k in ref:
+        np.testing.assert_allclose(out[k], ref[k])
