@@ -1,6 +1,6 @@
 """A site's samples, loaded once from the memory-mapped corpus into tensors per (task, split).
 
-A sample that lacks one of its task's modalities gets a zero placeholder and present=False,
+A sample that lacks one of its task's modalities gets zeros and present=False,
 so the fusion block masks it out; batches are always of one task, so every batch has the
 same inputs.
 """

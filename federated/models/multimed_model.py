@@ -45,7 +45,7 @@ class MultiMedModel(nn.Module):
                 present: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Predict `task` from the task's input modalities.
 
-        inputs[m]: a batch of modality m (a placeholder where a sample lacks it);
+        inputs[m]: a batch of modality m (zeros where a sample lacks it);
         present[m]: [B] bool, False where the sample lacks m (masked out of fusion).
         Modalities absent from `inputs` are treated as missing for the whole batch.
         """

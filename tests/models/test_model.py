@@ -40,7 +40,7 @@ def test_forward_with_every_subset_of_modalities(task):
 
 
 def test_missing_modality_is_masked_out_per_sample():
-    """A sample whose text is marked missing must not depend on what the text placeholder holds."""
+    """A sample whose text is marked missing must not depend on what the missing text slot holds."""
     model = build_model(CFG, seed=0).eval()
     x = _batch("disease_classification", b=2)
     present = {"ct": torch.tensor([True, True]), "text": torch.tensor([False, True])}
