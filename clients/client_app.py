@@ -1,8 +1,11 @@
 """The Flower ClientApp every site runs, under every engine.
 
 query    -> the site's profile (the server's handshake)
-train    -> load the global arrays, train locally, reply with arrays + example count
-evaluate -> load the global arrays, reply with per-task metrics on the site's test split
+train    -> load the global arrays, train locally, reply with arrays + example counts
+            (+ FedProx's proximal term, SCAFFOLD's control variates, personal parameters,
+            when the strategy asks for them)
+evaluate -> per-task metrics of the global model on the site's test split, and of the site's
+            personalised model when the strategy keeps parameters local
 """
 
 from __future__ import annotations
@@ -12,13 +15,19 @@ import hashlib
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.site_runtime import site_runtime
-from clients.trainer import evaluate_site, train_local
+from clients import personalisation
+from clients.attacks import attack_mod
+from clients.scaffold import SiteControl
+from clients.site_runtime import SiteRuntime, site_runtime
+from clients.trainer import GradientHook, ProximalTerm, evaluate_site, train_local
+from partitions.plan import TRAIN
+from strategies.fedprox import PROXIMAL_MU_KEY
+from strategies.scaffold import CONTROL_DELTA_RECORD, CONTROL_RECORD
 
-app = ClientApp()
+app = ClientApp(mods=[attack_mod])
 
 
-def _runtime(context: Context):
+def _runtime(context: Context) -> SiteRuntime:
     return site_runtime(dict(context.run_config), dict(context.node_config))
 
 
@@ -43,24 +52,50 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
-    rt.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    server_round = int(msg.content["config"]["server-round"])
-    result = train_local(rt.model, rt.data, rt.cfg.train, round_seed(rt.cfg.seed, rt.plan.site, server_round))
-    metrics = MetricRecord({"num-examples": result.num_examples, "train_loss": result.mean_loss,
-                            "steps": result.steps})
-    reply = RecordDict({"arrays": ArrayRecord(rt.model.state_dict()), "metrics": metrics,
-                        "trained": ConfigRecord({"groups": list(result.group_examples),
-                                                 "examples": list(result.group_examples.values())})})
+    start = msg.content["arrays"].to_torch_state_dict()
+    rt.model.load_state_dict(start)
+    local = personalisation.local_keys(rt.model, rt.cfg.strategy)
+    if local:
+        personalisation.restore(rt.model, context)
+    config = msg.content["config"]
+    hooks: list[GradientHook] = []
+    mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
+    if mu > 0:
+        hooks.append(ProximalTerm(start, mu))
+    control = None
+    if CONTROL_RECORD in msg.content.array_records:
+        control = SiteControl(context, msg.content[CONTROL_RECORD].to_torch_state_dict())
+        hooks.append(control.correction())
+    server_round = int(config["server-round"])
+    result = train_local(rt.model, rt.data, rt.cfg.train,
+                         round_seed(rt.cfg.seed, rt.plan.site, server_round), tuple(hooks))
+    reply = RecordDict({
+        "arrays": ArrayRecord(rt.model.state_dict()),
+        "metrics": MetricRecord({"num-examples": result.num_examples, "train_loss": result.mean_loss,
+                                 "steps": result.steps}),
+        "trained": ConfigRecord({"groups": list(result.group_examples),
+                                 "examples": list(result.group_examples.values())})})
+    if control is not None:
+        reply[CONTROL_DELTA_RECORD] = ArrayRecord(control.update(rt.model, start, result.steps, rt.cfg.train.lr))
+    if local:
+        personalisation.keep(rt.model, local, context)
     return Message(reply, reply_to=msg)
+
+
+def _flat(results: dict[str, dict[str, float]], n_test: int) -> MetricRecord:
+    flat: dict[str, float] = {"num-examples": n_test}
+    for task, values in results.items():
+        for name, value in values.items():
+            flat[f"{task}/{name}"] = float(value)
+    return MetricRecord(flat)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
     rt.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    results = evaluate_site(rt.model, rt.data, "test")
-    flat: dict[str, float] = {"num-examples": rt.plan.n_test}
-    for task, values in results.items():
-        for name, value in values.items():
-            flat[f"{task}/{name}"] = float(value)
-    return Message(RecordDict({"metrics": MetricRecord(flat)}), reply_to=msg)
+    reply = RecordDict({"metrics": _flat(evaluate_site(rt.model, rt.data, "test"), rt.plan.n_test)})
+    if (rt.plan.role == TRAIN and personalisation.local_keys(rt.model, rt.cfg.strategy)
+            and personalisation.restore(rt.model, context)):
+        reply["personal"] = _flat(evaluate_site(rt.model, rt.data, "test"), rt.plan.n_test)
+    return Message(reply, reply_to=msg)

@@ -52,7 +52,38 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_local(model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: int) -> TrainResult:
+class GradientHook:
+    """Changes gradients after backward, before the optimiser step (FedProx, SCAFFOLD)."""
+
+    def after_backward(self, model: MultiMedModel) -> None: ...
+
+
+class ProximalTerm(GradientHook):
+    """FedProx: the gradient of (mu / 2) * ||w - w_global||^2, added to every trained parameter."""
+
+    def __init__(self, global_params: dict[str, torch.Tensor], mu: float) -> None:
+        self.global_params, self.mu = global_params, mu
+
+    def after_backward(self, model: MultiMedModel) -> None:
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.grad is not None:
+                p.grad.add_(p.detach() - self.global_params[name], alpha=self.mu)
+
+
+class ControlVariateCorrection(GradientHook):
+    """SCAFFOLD: g <- g - c_site + c_server on every trained parameter."""
+
+    def __init__(self, correction: dict[str, torch.Tensor]) -> None:
+        self.correction = correction  # c_server - c_site, per parameter name
+
+    def after_backward(self, model: MultiMedModel) -> None:
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.grad is not None:
+                p.grad.add_(self.correction[name])
+
+
+def train_local(model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: int,
+                hooks: tuple[GradientHook, ...] = ()) -> TrainResult:
     torch.manual_seed(seed)  # dropout and any other torch randomness
     gen = torch.Generator().manual_seed(seed)
     model.train_only(data.plan.modalities, data.plan.tasks)
@@ -76,6 +107,8 @@ def train_local(model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: in
         optimizer.zero_grad(set_to_none=True)
         loss = task_loss(task, model(task, batch.inputs, batch.present), batch.targets)
         loss.backward()
+        for hook in hooks:
+            hook.after_backward(model)
         optimizer.step()
         losses.append(float(loss.detach()))
     return TrainResult(num_examples=data.n("train"), steps=len(order),
@@ -113,6 +146,8 @@ def evaluate_site(model: MultiMedModel, data: SiteData, split: str = "test",
             b = part.take(idx)
             outputs.append(model(task, b.inputs, b.present).float())
         out = torch.cat(outputs).numpy()
+        # A diverged model must score as broken, not drop out of the averages as NaN.
+        out = np.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)
         target = part.targets.numpy()
         scale = data.scales[task]
         if TASKS.get(task).target == REGRESSION:

@@ -22,8 +22,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from federated.federation import FederationError
     from federated.runner import RunError
     from partitions import PlanError
+    from strategies import TooFewValidReplies
 
-    return (*USER_ERRORS, PlanError, RunError, FederationError, SiteConfigError)
+    return (*USER_ERRORS, PlanError, RunError, FederationError, SiteConfigError, TooFewValidReplies)
 
 
 def _quiet_flower() -> None:
@@ -123,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting key=value positionals at the first flag; take the rest too.
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     _quiet_flower()
     try:
         return int(args.func(args))

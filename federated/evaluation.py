@@ -37,6 +37,8 @@ class SiteProfile:
 class SiteEvaluation:
     profile: SiteProfile
     per_task: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
+    # The site's personalised model (strategies that keep parameters local), training sites only.
+    personal: dict[str, dict[str, float]] | None = None
 
     @property
     def score(self) -> float:
@@ -65,11 +67,14 @@ def summarize(evals: list[SiteEvaluation], train_role: str = "train") -> dict[st
     ood_scores = group_scores([e for e in evals if e.profile.role != train_role])
     shared = sorted(set(id_scores["per_task"]) & set(ood_scores["per_task"]))
     gap = _nanmean([id_scores["per_task"][t] - ood_scores["per_task"][t] for t in shared])
+    personal = [SiteEvaluation(e.profile, e.personal) for e in evals
+                if e.profile.role == train_role and e.personal is not None]
     scored = [e for e in evals if not math.isnan(e.score)]
     worst = min(scored, key=lambda e: e.score) if scored else None
     return {
         ID: id_scores,
         OOD: ood_scores,
+        **({"id_personal": group_scores(personal)} if personal else {}),
         "gap": gap,
         "gap_tasks": shared,
         "worst_site": ({"site": worst.profile.site, "role": worst.profile.role, "score": worst.score}
@@ -84,4 +89,7 @@ def per_site_rows(evals: list[SiteEvaluation]) -> list[dict[str, Any]]:
         "tasks": e.profile.tasks, "n_train": e.profile.n_train, "n_test": e.profile.n_test,
         "score": e.score,
         "per_task": {t: {k: v for k, v in m.items() if k != "n"} for t, m in e.per_task.items()},
+        **({"personal_score": SiteEvaluation(e.profile, e.personal).score,
+            "personal_per_task": {t: {k: v for k, v in m.items() if k != "n"} for t, m in e.personal.items()}}
+           if e.personal is not None else {}),
     } for e in evals]

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.grid import Grid
 
@@ -35,6 +36,8 @@ class RoundRecord:
     summary: dict[str, Any]
     train: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> loss, n, steps
     failures: dict[str, str] = field(default_factory=dict)  # site -> reason
+    rejections: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
+    skipped: bool = False  # too few valid updates and strategy.on_too_few_valid=skip
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -113,6 +116,13 @@ def handshake(grid: Grid) -> dict[int, SiteProfile]:
     return dict(sorted(profiles.items(), key=lambda kv: kv[1].site))
 
 
+def _parse_metrics(record: Any, into: dict[str, dict[str, float]]) -> None:
+    for key, value in record.items():
+        if "/" in key:
+            task, metric = key.split("/", 1)
+            into.setdefault(task, {})[metric] = float(value)
+
+
 def evaluate_all(grid: Grid, arrays: ArrayRecord, server_round: int,
                  profiles: dict[int, SiteProfile]) -> tuple[list[SiteEvaluation], dict[str, str]]:
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
@@ -127,10 +137,10 @@ def evaluate_all(grid: Grid, arrays: ArrayRecord, server_round: int,
             failures[profile.site] = _error_reason(msg)
             continue
         ev = SiteEvaluation(profile)
-        for key, value in msg.content["metrics"].items():
-            if "/" in key:
-                task, metric = key.split("/", 1)
-                ev.per_task.setdefault(task, {})[metric] = float(value)
+        _parse_metrics(msg.content["metrics"], ev.per_task)
+        if "personal" in msg.content.metric_records:
+            ev.personal = {}
+            _parse_metrics(msg.content["personal"], ev.personal)
         evals[node] = ev
     return [evals[n] for n in profiles if n in evals], failures
 
@@ -149,6 +159,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig,
 
     arrays = ArrayRecord(build_model(cfg.model, cfg.seed).state_dict())
     strategy = build_strategy(cfg.strategy, len(train_nodes))
+    strategy.know_sites({n: p.site for n, p in node_profiles.items()},
+                        {n: p.n_train for n, p in node_profiles.items()})
     training_grid = NodeSubsetGrid(grid, train_nodes)
     timing = {"train_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
 
@@ -182,11 +194,19 @@ def run_federation(grid: Grid, cfg: ExperimentConfig,
                 m = msg.content["metrics"]
                 train_stats[site] = {"loss": float(m["train_loss"]), "n": float(m["num-examples"]),
                                      "steps": float(m["steps"])}
+        rejections = {r.site: r.reason for r in strategy.last_rejections}
         if new_arrays is None:
-            detail = "; ".join(f"{k}: {v}" for k, v in failures.items()) or "no replies"
-            raise FederationError(f"round {rnd}: no training update could be aggregated ({detail})")
-        arrays = new_arrays
-        history.append(evaluated(rnd, train=train_stats, failures=failures,
+            if cfg.strategy.on_too_few_valid != "skip":
+                detail = "; ".join(f"{k}: {v}" for k, v in {**failures, **rejections}.items()) or "no replies"
+                raise FederationError(f"round {rnd}: no training update could be aggregated ({detail})")
+        else:
+            bad = [k for k, a in new_arrays.items() if not np.isfinite(a.numpy()).all()]
+            if bad:  # defence in depth: validation should make this impossible
+                raise FederationError(f"round {rnd}: the aggregated model has non-finite values in "
+                                      f"{bad[:3]}; refusing to continue with it")
+            arrays = new_arrays
+        history.append(evaluated(rnd, train=train_stats, failures=failures, rejections=rejections,
+                                 skipped=new_arrays is None,
                                  seconds={"train": t1 - t0, "aggregate": t2 - t1}))
     timing["wall_s"] = time.perf_counter() - t_start
     result = FederationResult(profiles, initial, history, arrays, timing)

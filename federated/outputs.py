@@ -29,6 +29,9 @@ def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float
         "per_site": per_site_rows(final.evaluations),
         "privacy": {},  # per site {epsilon, delta, steps, ...} when DP is on
         "failures": {str(r.round): r.failures for r in [result.initial, *result.history] if r.failures},
+        "rejections": [{"round": r.round, "site": site, "reason": reason}
+                       for r in result.history for site, reason in r.rejections.items()],
+        "skipped_rounds": [r.round for r in result.history if r.skipped],
         "history": [_history_row(r) for r in [result.initial, *result.history]],
         "timing": {"wall_s": wall_s, "federation_s": result.timing["wall_s"],
                    "train_s": result.timing["train_s"], "aggregate_s": result.timing["aggregate_s"],

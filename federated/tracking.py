@@ -32,7 +32,19 @@ class MetricsTable(Callback):
                     self.rows.append({"round": record.round, "site": ev.profile.site,
                                       "role": ev.profile.role, "task": task, "metric": name,
                                       "value": value})
+            for task, metrics in (ev.personal or {}).items():
+                for name, value in metrics.items():
+                    self.rows.append({"round": record.round, "site": ev.profile.site,
+                                      "role": ev.profile.role, "task": task,
+                                      "metric": f"personal_{name}", "value": value})
         roles = {ev.profile.site: ev.profile.role for ev in record.evaluations}
+        for site in record.rejections:
+            self.rows.append({"round": record.round, "site": site, "role": roles.get(site, "train"),
+                              "task": "*", "metric": "update_rejected", "value": 1.0})
+        for key in record.failures:
+            stage, _, site = key.partition(":")
+            self.rows.append({"round": record.round, "site": site, "role": roles.get(site, "train"),
+                              "task": "*", "metric": f"{stage}_failed", "value": 1.0})
         for site, stats in record.train.items():
             self.rows.append({"round": record.round, "site": site, "role": roles.get(site, "train"),
                               "task": "*", "metric": "train_loss", "value": stats["loss"]})

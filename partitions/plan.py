@@ -50,6 +50,10 @@ PLANNERS: Registry[Planner] = Registry("site planner")
 
 def plan_sites(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     plans = PLANNERS.get(cfg.sites.planner)(corpus, cfg)
+    if cfg.sites.label_skew_alpha:
+        from partitions.label_skew import apply_label_skew
+
+        plans = apply_label_skew(plans, corpus, cfg.sites.label_skew_alpha, cfg.corpus.seed)
     check_plan(plans)
     return plans
 

@@ -1,37 +1,41 @@
-"""Server strategies (Flower Strategy subclasses) and the pure aggregation maths they use."""
+"""Server strategies (Flower Strategy subclasses) and the pure aggregation maths they use.
+
+Select with `strategy=NAME`; every strategy validates updates first (strategies/base.py).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.serverapp.strategy import Strategy
-
 from federated.config.schema import StrategyConfig
 from federated.registry import Registry
-from strategies.fedavg import FedAvg
-from strategies.modality_fedavg import ModalityFedAvg
+from strategies.base import MultiMedStrategy, TooFewValidReplies
+from strategies.fedavg import FedAvg, ModalityFedAvg
+from strategies.fedopt import FedOpt
+from strategies.fedprox import FedProx
+from strategies.robust import Krum, Median, TrimmedMean
+from strategies.scaffold import Scaffold
 
-StrategyFactory = Callable[[StrategyConfig, int], Strategy]
+StrategyFactory = Callable[[StrategyConfig, int], MultiMedStrategy]
 STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
 
+STRATEGIES.add("fedavg", FedAvg)
+STRATEGIES.add("modality_fedavg", ModalityFedAvg)
+STRATEGIES.add("fedprox", FedProx)
+STRATEGIES.add("fedadam", lambda cfg, n: FedOpt(cfg, n, "adam"))
+STRATEGIES.add("fedyogi", lambda cfg, n: FedOpt(cfg, n, "yogi"))
+STRATEGIES.add("fedadagrad", lambda cfg, n: FedOpt(cfg, n, "adagrad"))
+STRATEGIES.add("scaffold", Scaffold)
+# Personalisation is client-side (clients/personalisation.py); the server averages as usual.
+STRATEGIES.add("fedbn", ModalityFedAvg)
+STRATEGIES.add("fedper", ModalityFedAvg)
+STRATEGIES.add("median", Median)
+STRATEGIES.add("trimmed_mean", TrimmedMean)
+STRATEGIES.add("krum", Krum)
 
-@STRATEGIES.register("fedavg")
-def _fedavg(cfg: StrategyConfig, n_train_sites: int) -> Strategy:
-    min_sites = min(cfg.min_train_sites, n_train_sites)
-    # Evaluation is the framework's own (every site, ID and OOD), not the strategy's.
-    return FedAvg(fraction_train=cfg.fraction_train, min_train_nodes=min_sites,
-                  min_available_nodes=min_sites)
 
-
-@STRATEGIES.register("modality_fedavg")
-def _modality_fedavg(cfg: StrategyConfig, n_train_sites: int) -> Strategy:
-    min_sites = min(cfg.min_train_sites, n_train_sites)
-    return ModalityFedAvg(fraction_train=cfg.fraction_train, min_train_nodes=min_sites,
-                          min_available_nodes=min_sites)
-
-
-def build_strategy(cfg: StrategyConfig, n_train_sites: int) -> Strategy:
+def build_strategy(cfg: StrategyConfig, n_train_sites: int) -> MultiMedStrategy:
     return STRATEGIES.get(cfg.name)(cfg, n_train_sites)
 
 
-__all__ = ["STRATEGIES", "build_strategy"]
+__all__ = ["STRATEGIES", "MultiMedStrategy", "TooFewValidReplies", "build_strategy"]

@@ -1,24 +1,23 @@
-"""FedAvg: Flower's message-based FedAvg with the averaging done by our tested pure function."""
+"""FedAvg (McMahan et al. 2017) and its modality-aware form.
+
+`fedavg` is the plain baseline: every parameter averaged over every site, weighted by examples,
+so a site's untouched copy of an encoder it never ran counts as much as a trained one.
+`modality_fedavg` averages each parameter group (`encoder/<modality>`, `fusion`, `head/<task>`)
+only over the sites that trained it, weighted by that group's examples; a group nobody trained
+this round keeps its value.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-
 from strategies.aggregation import weighted_mean
+from strategies.base import Arrays, MultiMedStrategy
 
 
-class FedAvg(FlowerFedAvg):
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
-            return None, None
-        contents = [m.content for m in valid]
-        records = [next(iter(c.array_records.values())) for c in contents]
-        weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
-        averaged = weighted_mean([{k: a.numpy() for k, a in r.items()} for r in records], weights)
-        arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
-        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+class FedAvg(MultiMedStrategy):
+    def aggregate(self, current: Arrays, updates: list[Arrays], weights: list[float],
+                  group_weights: list[dict[str, float]]) -> Arrays:
+        return weighted_mean(updates, weights)
+
+
+class ModalityFedAvg(MultiMedStrategy):
+    """The base template's default aggregation, named."""

@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from federated.config.schema import ExperimentConfig
 
+ATTACK_KINDS = ("none", "sign_flip", "scale", "nan", "inflate_count")
 SECTION_GROUPS = ("corpus", "sites", "model", "strategy", "privacy", "engine")
 PRESET_GROUP = "scale"
 GROUPS = (*SECTION_GROUPS, PRESET_GROUP)
@@ -176,8 +177,26 @@ def validate(cfg: ExperimentConfig) -> None:
         ("train.max_steps_per_round", cfg.train.max_steps_per_round >= 0, "must be >= 0"),
         ("strategy.fraction_train", 0.0 < cfg.strategy.fraction_train <= 1.0, "must be in (0, 1]"),
         ("strategy.min_train_sites", cfg.strategy.min_train_sites >= 1, "must be >= 1"),
+        ("strategy.min_valid_replies", cfg.strategy.min_valid_replies >= 1, "must be >= 1"),
+        ("strategy.on_too_few_valid", cfg.strategy.on_too_few_valid in ("fail", "skip"),
+         "must be one of: fail, skip"),
+        ("strategy.max_examples_factor", cfg.strategy.max_examples_factor >= 1.0, "must be >= 1"),
+        ("strategy.proximal_mu", cfg.strategy.proximal_mu >= 0.0, "must be >= 0"),
+        ("strategy.server_lr", cfg.strategy.server_lr > 0.0, "must be > 0"),
+        ("strategy.beta1", 0.0 <= cfg.strategy.beta1 < 1.0, "must be in [0, 1)"),
+        ("strategy.beta2", 0.0 <= cfg.strategy.beta2 < 1.0, "must be in [0, 1)"),
+        ("strategy.tau", cfg.strategy.tau > 0.0, "must be > 0"),
+        ("strategy.global_lr", cfg.strategy.global_lr > 0.0, "must be > 0"),
+        ("strategy.trim_fraction", 0.0 <= cfg.strategy.trim_fraction < 0.5, "must be in [0, 0.5)"),
+        ("strategy.n_byzantine", cfg.strategy.n_byzantine >= 0, "must be >= 0"),
+        ("strategy.krum_selected", cfg.strategy.krum_selected >= 1, "must be >= 1"),
         ("sites.train", len(cfg.sites.train) >= 1, "needs at least one training site"),
+        ("sites.label_skew_alpha", cfg.sites.label_skew_alpha >= 0, "must be > 0 (or 0 for no skew)"),
         ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
+        ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),
+        ("attack.factor", cfg.attack.factor >= 0, "must be >= 0"),
+        ("train.optimizer", cfg.strategy.name != "scaffold" or cfg.train.optimizer == "sgd",
+         "must be sgd with strategy=scaffold (its control variates assume SGD steps)"),
     ]
     for key, ok, why in checks:
         if not ok:

@@ -48,6 +48,8 @@ class SitesConfig:
         "general_hospital", "general_hospital", "cancer_centre"])
     held_out: List[str] = field(default_factory=lambda: ["eye_clinic", "neuro_clinic"])
     archetypes: Dict[str, List[str]] = field(default_factory=_default_archetypes)
+    # Dirichlet label skew of training sites (partitions/label_skew.py); 0 = none.
+    label_skew_alpha: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,28 @@ class StrategyConfig:
     name: str = "modality_fedavg"
     fraction_train: float = 1.0  # fraction of training sites sampled per round
     min_train_sites: int = 2
+    # Update validation (every strategy): a round needs this many valid replies, else it
+    # fails (or, with "skip", is recorded as skipped); a reply may claim at most
+    # max_examples_factor x the training examples its site declared in the handshake.
+    min_valid_replies: int = 1
+    on_too_few_valid: str = "fail"  # fail | skip
+    max_examples_factor: float = 1.0
+    # Robust aggregators (median, trimmed_mean, krum) and server optimisers aggregate each
+    # parameter group over the sites that trained it when true, over all sites when false.
+    groupwise: bool = True
+    proximal_mu: float = 0.01  # fedprox: weight of the client's proximal term
+    server_lr: float = 0.01  # fedadam / fedyogi / fedadagrad
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 0.001
+    global_lr: float = 1.0  # scaffold
+    trim_fraction: float = 0.2  # trimmed_mean: fraction cut from each end per coordinate
+    n_byzantine: int = 1  # krum: assumed number of bad sites
+    krum_selected: int = 1  # krum: 1 = Krum, > 1 = multi-Krum
+    # Personalisation: parameter groups (prefixes, e.g. "head/") that stay at each site (fedper),
+    # and whether normalisation layers stay local (fedbn).
+    local_groups: List[str] = field(default_factory=list)
+    local_norms: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,15 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """Simulated bad sites, for robustness studies: what they do to their training replies."""
+
+    kind: str = "none"  # none | sign_flip | scale | nan | inflate_count
+    sites: List[str] = field(default_factory=list)  # site ids, e.g. [site_00]
+    factor: float = 0.0  # 0 = the attack's default (sign_flip 10, scale 1000, inflate_count 1000)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0
     rounds: int = 20
@@ -105,3 +138,4 @@ class ExperimentConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)

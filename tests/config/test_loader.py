@@ -25,10 +25,13 @@ def test_group_selection_sets_the_name():
 
 @pytest.mark.parametrize("overrides, pattern", [
     (["colour=red"], r"unknown key 'colour'; valid keys here: seed, rounds"),
-    (["strategy.mu=0.1"], r"unknown key 'strategy.mu'; valid keys here: name, fraction_train"),
+    (["strategy.mu=0.1"], r"unknown key .strategy.mu.; valid keys here: name, fraction_train"),
+    (["strategy.on_too_few_valid=retry"], r"strategy.on_too_few_valid must be one of: fail, skip"),
     (["rounds=many"], r"wrong value for 'rounds'"),
     (["train.lr=fast"], r"wrong value for 'train.lr'"),
-    (["strategy=fedfoo"], r"unknown strategy 'fedfoo'; choices: fedavg"),
+    (["strategy=fedfoo"], r"unknown strategy .fedfoo.; choices: fedadagrad, fedadam, fedavg"),
+    (["strategy=scaffold"], r"train.optimizer must be sgd with strategy=scaffold"),
+    (["attack.kind=meteor"], r"attack.kind must be one of: none, sign_flip"),
     (["scale=huge"], r"unknown scale 'huge'; choices: default, smoke"),
     (["rounds=0"], r"rounds must be >= 1"),
     (["train.optimizer=rmsprop"], r"train.optimizer must be one of: adam, sgd"),

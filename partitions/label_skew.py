@@ -1,0 +1,65 @@
+"""Label skew: each training site's class mix per task drawn from Dirichlet(alpha).
+
+A planner step applied after the site planner. For every training site and every task with a
+scalar class label, p ~ Dirichlet(alpha * 1) is drawn and the site keeps, of class c, the
+fraction p_c / max(p) of its rows (train and test alike, so its ID test split has its own
+label mix). Small alpha gives sites dominated by one or two classes; large alpha leaves the
+mix close to the corpus's. Held-out sites are untouched: they are scored on what they have.
+Rows are only dropped, never copied, so a plan stays index arrays.
+
+Flower Datasets' DirichletPartitioner splits one shared pool among partitions; here every
+site already has its own data (its origin site), so the skew is a per-site subsample instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from federated.corpus.format import Corpus
+from federated.multimed import BINARY, CLOSED_SET, MULTICLASS, TASKS
+from partitions.plan import TRAIN, PlanError, SitePlan
+
+SCALAR_CLASS_TARGETS = (BINARY, MULTICLASS, CLOSED_SET)
+
+
+def _rng(seed: int, site: str, task: str) -> np.random.Generator:
+    digest = np.frombuffer(f"{site}/{task}".encode(), dtype=np.uint8).astype(np.uint64)
+    return np.random.default_rng(np.random.SeedSequence([seed, *digest.tolist()]))
+
+
+def keep_fractions(alpha: float, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    p = rng.dirichlet(np.full(n_classes, alpha))
+    return p / p.max()
+
+
+def apply_label_skew(plans: list[SitePlan], corpus: Corpus, alpha: float, seed: int) -> list[SitePlan]:
+    if alpha <= 0:
+        raise PlanError(f"sites.label_skew_alpha must be > 0 (got {alpha}); omit it for no skew")
+    m = corpus.manifest
+    tasks, labels = m["task"].to_numpy(), m["label"].to_numpy()
+    out = []
+    for plan in plans:
+        if plan.role != TRAIN:
+            out.append(plan)
+            continue
+        keep_train = np.ones(len(plan.train_rows), dtype=bool)
+        keep_test = np.ones(len(plan.test_rows), dtype=bool)
+        for t in plan.tasks:
+            spec = TASKS.get(t)
+            if spec.target not in SCALAR_CLASS_TARGETS:
+                continue
+            n_classes = 2 if spec.target == BINARY else len(spec.classes)
+            frac = keep_fractions(alpha, n_classes, _rng(seed, plan.site, t))
+            draw = _rng(seed + 1, plan.site, t)
+            for rows, keep in ((plan.train_rows, keep_train), (plan.test_rows, keep_test)):
+                of_task = tasks[rows] == t
+                cls = labels[rows].astype(np.int64, copy=False) if of_task.any() else None
+                if cls is None:
+                    continue
+                u = draw.random(len(rows))
+                keep &= ~of_task | (u < frac[np.clip(cls, 0, n_classes - 1)])
+        out.append(dataclasses.replace(plan, train_rows=plan.train_rows[keep_train],
+                                       test_rows=plan.test_rows[keep_test]))
+    return out

@@ -1,0 +1,149 @@
+"""The template every MultiMed strategy follows: validate, aggregate, update the server model.
+
+A Flower FedAvg subclass, so sampling, messages and the Strategy interface are Flower's; what
+differs per algorithm is three small hooks:
+
+    train_config(round)                 extra config sent to sites (e.g. FedProx's mu)
+    aggregate(current, updates, ...)    pure maths from strategies.aggregation
+    server_update(current, aggregated)  server-side optimiser step (FedAdam & co.)
+
+Every reply passes `validate_update` first (finite values, the global model's keys, shapes and
+dtypes, a plausible example count against what the site declared in the handshake). Rejected
+replies are logged with their reason and kept in `last_rejections` for the run's metrics. A
+round left with fewer valid replies than `strategy.min_valid_replies` raises
+TooFewValidReplies, or, with `strategy.on_too_few_valid=skip`, returns no model so the round
+loop records the round as skipped: never a silent reuse of the old model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from federated.config.schema import StrategyConfig
+from federated.models import group_of
+from strategies.aggregation import groupwise_weighted_mean
+from strategies.validation import Rejection, validate_update
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+class TooFewValidReplies(RuntimeError):
+    """A round that cannot produce a trustworthy model."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """One validated training reply."""
+
+    message: Message
+    arrays: Arrays
+    num_examples: float
+    group_examples: dict[str, float]
+
+
+class MultiMedStrategy(FlowerFedAvg):
+    def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:
+        min_sites = min(cfg.min_train_sites, n_train_sites)
+        super().__init__(fraction_train=cfg.fraction_train, min_train_nodes=min_sites,
+                         min_available_nodes=min_sites)
+        self.cfg = cfg
+        self.current: ArrayRecord | None = None
+        self.declared_examples: dict[int, int] = {}  # node -> n_train from the handshake
+        self.site_names: dict[int, str] = {}
+        self.last_rejections: list[Rejection] = []
+
+    # --- hooks ------------------------------------------------------------------------
+    def train_config(self, server_round: int) -> dict[str, float | int | str]:
+        return {}
+
+    def aggregate(self, current: Arrays, updates: list[Arrays], weights: list[float],
+                  group_weights: list[dict[str, float]]) -> Arrays:
+        """Default: each parameter group averaged over the sites that trained it."""
+        return groupwise_weighted_mean(current, updates, group_weights, group_of)
+
+    def server_update(self, current: Arrays, aggregated: Arrays) -> Arrays:
+        return aggregated
+
+    def aggregate_updates(self, current: Arrays, updates: list[Update]) -> Arrays:
+        """Override to read more than arrays and counts from the replies (SCAFFOLD)."""
+        return self.aggregate(current, [u.arrays for u in updates], [u.num_examples for u in updates],
+                              [u.group_examples for u in updates])
+
+    # --- Flower Strategy ----------------------------------------------------------------
+    def know_sites(self, node_sites: Mapping[int, str], declared_examples: Mapping[int, int]) -> None:
+        """Called after the handshake: what each site said it holds bounds what it may claim."""
+        self.site_names = dict(node_sites)
+        self.declared_examples = dict(declared_examples)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current = arrays
+        for key, value in self.train_config(server_round).items():
+            config[key] = value
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.current is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        current = {k: a.numpy() for k, a in self.current.items()}
+        self.last_rejections = []
+        accepted: list[Update] = []
+        for msg in replies:
+            if msg.has_error():
+                continue  # a failed site: counted by the round loop, nothing to validate
+            parsed = self.parse(msg, current)
+            if isinstance(parsed, str):
+                node = msg.metadata.src_node_id
+                rejection = Rejection(node, self.site_names.get(node, str(node)), parsed)
+                log.warning("round %d: rejected the update of %s: %s", server_round, rejection.site, parsed)
+                self.last_rejections.append(rejection)
+            else:
+                accepted.append(parsed)
+        if len(accepted) < max(1, self.cfg.min_valid_replies):
+            reasons = "; ".join(f"{r.site}: {r.reason}" for r in self.last_rejections) or "no replies"
+            text = (f"round {server_round}: {len(accepted)} valid training replies, fewer than "
+                    f"strategy.min_valid_replies={self.cfg.min_valid_replies} ({reasons})")
+            if self.cfg.on_too_few_valid == "skip":
+                log.warning("%s; skipping the round (strategy.on_too_few_valid=skip)", text)
+                return None, None
+            raise TooFewValidReplies(text)
+        new = self.server_update(current, self.aggregate_updates(current, accepted))
+        contents = [u.message.content for u in accepted]
+        return (ArrayRecord({k: Array(np.asarray(v)) for k, v in new.items()}),
+                self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+
+    def parse(self, msg: Message, current: Arrays) -> Update | str:
+        """The reply's arrays, example count and per-group examples, or why it is unusable."""
+        content = msg.content
+        if "arrays" not in content.array_records:
+            return "no 'arrays' record in the reply"
+        if "metrics" not in content.metric_records or self.weighted_by_key not in content["metrics"]:
+            return f"no '{self.weighted_by_key}' in the reply's metrics"
+        update = {k: a.numpy() for k, a in content["arrays"].items()}
+        n = float(content["metrics"][self.weighted_by_key])
+        node = msg.metadata.src_node_id
+        declared = self.declared_examples.get(node)
+        limit = declared * self.cfg.max_examples_factor if declared is not None else None
+        reason = validate_update(update, current, n, limit)
+        if reason:
+            return reason
+        trained = content.config_records.get("trained")
+        if trained is None:  # a client that does not say: it trained everything
+            groups = {group_of(k): n for k in update}
+        else:
+            names, examples = list(trained["groups"]), [float(x) for x in trained["examples"]]
+            if len(names) != len(examples) or any(not np.isfinite(x) or x < 0 or x > n for x in examples):
+                return "malformed 'trained' record (group examples must be finite, >= 0 and <= num-examples)"
+            groups = dict(zip(names, examples))
+        return Update(msg, update, n, groups)
+

@@ -1,0 +1,46 @@
+"""Dirichlet label skew: large alpha stays near the global mix, small alpha is skewed (mean KL)."""
+
+import numpy as np
+import pytest
+
+from federated.config import load_config
+from federated.corpus.format import Corpus
+from partitions import plan_sites
+
+
+def _mean_kl(corpus, plans, task="brain_tumor_classification"):
+    m = corpus.manifest
+    labels, tasks = m["label"].to_numpy(), m["task"].to_numpy()
+    kls = []
+    for p in plans:
+        if p.role != "train" or task not in p.tasks:
+            continue
+        rows = p.train_rows[tasks[p.train_rows] == task]
+        q = np.bincount(labels[rows].astype(int), minlength=4) / len(rows)
+        kls.append(float(np.sum(q[q > 0] * np.log(q[q > 0] / 0.25))))  # vs the balanced global mix
+    return float(np.mean(kls))
+
+
+def test_small_alpha_skews_and_large_alpha_does_not(smoke_corpus):
+    corpus = Corpus.open(smoke_corpus)
+    base = ["scale=smoke"]
+    none = plan_sites(corpus, load_config(base))
+    large = plan_sites(corpus, load_config([*base, "sites.label_skew_alpha=1000"]))
+    small = plan_sites(corpus, load_config([*base, "sites.label_skew_alpha=0.1"]))
+    assert _mean_kl(corpus, none) < 0.05  # 16 train rows per site: not exactly balanced
+    assert _mean_kl(corpus, large) < 0.15
+    assert _mean_kl(corpus, small) > 0.5
+    # only rows are dropped, held-out sites untouched, and the same seed gives the same plan
+    for a, b in zip(none, small):
+        assert set(b.train_rows) <= set(a.train_rows)
+        if a.role == "held_out":
+            assert np.array_equal(a.test_rows, b.test_rows)
+    again = plan_sites(corpus, load_config([*base, "sites.label_skew_alpha=0.1"]))
+    assert all(np.array_equal(a.train_rows, b.train_rows) for a, b in zip(small, again))
+
+
+def test_alpha_must_be_positive():
+    from federated.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sites.label_skew_alpha must be > 0"):
+        load_config(["sites.label_skew_alpha=-1"])
