@@ -78,7 +78,8 @@ def cohen_kappa(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float
 def pearson(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     if len(y_true) < 2 or np.std(y_true) == 0 or np.std(y_pred) == 0:
         return math.nan
-    return float(np.corrcoef(y_true, y_pred)[0, 1])
+    with np.errstate(invalid="ignore", divide="ignore"):  # near-constant predictions
+        return float(np.corrcoef(y_true, y_pred)[0, 1])
 
 
 def mae(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -90,7 +91,7 @@ def mse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))  # no overflow for large |x|
 
 
 def task_metrics(task: Task, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:

@@ -12,7 +12,7 @@ from rich.table import Table
 from federated.config import ExperimentConfig, config_to_yaml
 from federated.evaluation import per_site_rows
 from federated.federation import FederationResult, RoundRecord
-from federated.io import atomic_write_text, write_json
+from federated.io import atomic_write_text
 
 
 def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float) -> dict[str, Any]:

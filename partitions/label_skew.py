@@ -54,12 +54,10 @@ def apply_label_skew(plans: list[SitePlan], corpus: Corpus, alpha: float, seed: 
             frac = keep_fractions(alpha, n_classes, _rng(seed, plan.site, t))
             draw = _rng(seed + 1, plan.site, t)
             for rows, keep in ((plan.train_rows, keep_train), (plan.test_rows, keep_test)):
-                of_task = tasks[rows] == t
-                cls = labels[rows].astype(np.int64, copy=False) if of_task.any() else None
-                if cls is None:
-                    continue
-                u = draw.random(len(rows))
-                keep &= ~of_task | (u < frac[np.clip(cls, 0, n_classes - 1)])
+                of_task = np.flatnonzero(tasks[rows] == t)
+                cls = labels[rows[of_task]].astype(np.int64)
+                u = draw.random(len(of_task))
+                keep[of_task[u >= frac[np.clip(cls, 0, n_classes - 1)]]] = False
         out.append(dataclasses.replace(plan, train_rows=plan.train_rows[keep_train],
                                        test_rows=plan.test_rows[keep_test]))
     return out

@@ -31,6 +31,7 @@ def test_group_selection_sets_the_name():
     (["train.lr=fast"], r"wrong value for 'train.lr'"),
     (["strategy=fedfoo"], r"unknown strategy .fedfoo.; choices: fedadagrad, fedadam, fedavg"),
     (["strategy=scaffold"], r"train.optimizer must be sgd with strategy=scaffold"),
+    (["strategy=scaffold", "train.optimizer=sgd"], r"train.momentum must be 0 with strategy=scaffold"),
     (["attack.kind=meteor"], r"attack.kind must be one of: none, sign_flip"),
     (["scale=huge"], r"unknown scale 'huge'; choices: default, smoke"),
     (["rounds=0"], r"rounds must be >= 1"),
