@@ -24,7 +24,11 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import run_grid  # noqa: E402
 
-AGGREGATORS = ["fedavg", "modality_fedavg", "median", "trimmed_mean", "krum"]
+AGGREGATORS = {"fedavg": ["strategy=fedavg"], "modality_fedavg": ["strategy=modality_fedavg"],
+               "median": ["strategy=median"], "trimmed_mean": ["strategy=trimmed_mean"],
+               "krum": ["strategy=krum"],
+               # multi-Krum: average the n - f - 1 = 6 best-scored updates of the 8
+               "multikrum": ["strategy=krum", "strategy.krum_selected=6"]}
 ATTACKS = ["none", "sign_flip", "scale", "nan", "inflate_count"]
 SITES = {
     "shared": ["sites.train=[" + ",".join(["general_hospital"] * 8) + "]",
@@ -46,8 +50,8 @@ def main() -> None:
     args = ap.parse_args()
     aggregators, base = AGGREGATORS, [*SITES[args.sites], *BASE]
     if args.quick:
-        aggregators, base = ["fedavg", "median"], [*base, "scale=smoke"]
-    jobs = [(f"{a}-{k}", [*base, f"strategy={a}", f"attack.kind={k}", f"seed={args.seed}"])
+        aggregators, base = {a: AGGREGATORS[a] for a in ("fedavg", "median")}, [*base, "scale=smoke"]
+    jobs = [(f"{a}-{k}", [*base, *aggregators[a], f"attack.kind={k}", f"seed={args.seed}"])
             for a in aggregators for k in ATTACKS]
     results = run_grid(jobs, args.out)
     rows = []

@@ -143,3 +143,25 @@ def test_modality_fedavg_averages_a_group_only_over_its_trainers():
                             "encoders.ct.w": [8.0],  # FedAvg would give 6.0
                             "fusion.w": [1.0],  # (10*4 + 30*0) / 40
                             "heads.bone_age.w": [2.0]}  # nobody trained it: kept
+
+
+@pytest.mark.parametrize("name, v", [
+    ("fedadagrad", 1e-6 + 1.0),  # v = tau^2 + d^2
+    ("fedyogi", 1e-6 + 0.01 * 1.0),  # v = tau^2 - (1 - beta2) d^2 sign(tau^2 - d^2), tau^2 < d^2
+])
+def test_fedadagrad_and_fedyogi_first_step_by_hand(name, v):
+    strategy, _ = _start(name, ZERO, server_lr=0.1, beta1=0.9, beta2=0.99, tau=0.001)
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, {k: [1.0] for k in KEYS}, 10, ALL)])
+    expected = 0.1 * 0.1 / (np.sqrt(v) + 0.001)  # m = (1 - beta1) d = 0.1
+    for value in _out(arrays).values():
+        assert value[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fedbn_and_fedper_average_on_the_server_like_modality_fedavg():
+    """Their personalisation is site-side (tests/clients); the server keeps the global average."""
+    for name in ("fedbn", "fedper"):
+        strategy, _ = _start(name, ZERO, n_sites=2)
+        a = _reply(1, {k: [2.0] for k in KEYS}, 10, {"fusion": 10, "head/bone_age": 10})
+        b = _reply(2, {k: [6.0] for k in KEYS}, 30, {"fusion": 30})
+        out = _out(strategy.aggregate_train(1, [a, b])[0])
+        assert out["fusion.w"] == [5.0] and out["heads.bone_age.w"] == [2.0] and out["encoders.ct.w"] == [0.0]
