@@ -46,6 +46,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sites_show(args: argparse.Namespace) -> int:
+    from federated.corpus.cache import prepare_corpus
+    from federated.corpus.format import Corpus
+    from federated.io import atomic_write
+    from partitions import plan_sites
+    from partitions.report import plan_frame, write_heatmap
+
+    cfg = load_config(args.overrides)
+    corpus = Corpus.open(prepare_corpus(cfg.corpus))
+    frame = plan_frame(corpus, plan_sites(corpus, cfg), cfg)
+    table = Table(title=f"Site plan ({cfg.sites.planner}, {len(frame)} sites)")
+    for col in ("site", "role", "archetype", "modalities", "tasks", "n_train", "n_test", "label mix"):
+        table.add_column(col)
+    for r in frame.itertuples():
+        table.add_row(r.site, "ID" if r.role == "train" else "OOD", r.archetype, ", ".join(r.modalities),
+                      ", ".join(r.tasks), str(r.n_train), str(r.n_test), r.label_mix)
+    Console(width=200).print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "sites.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    write_heatmap(frame, out / "sites_heatmap.png")
+    print(f"wrote {out / 'sites.parquet'} and {out / 'sites_heatmap.png'}")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     print(config_to_yaml(load_config(args.overrides)), end="")
     return 0
@@ -108,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print the resolved config as YAML")
     show.add_argument("overrides", nargs="*", metavar="key=value")
     show.set_defaults(func=cmd_config_show)
+
+    sites = sub.add_parser("sites", help="inspect the site plan")
+    sites_sub = sites.add_subparsers(dest="sites_command", required=True)
+    sites_show = sites_sub.add_parser("show", help="print the site plan; write sites.parquet and a heatmap")
+    sites_show.add_argument("--out", required=True)
+    sites_show.add_argument("overrides", nargs="*", metavar="key=value")
+    sites_show.set_defaults(func=cmd_sites_show)
 
     corpus = sub.add_parser("corpus", help="build or inspect corpora")
     corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)

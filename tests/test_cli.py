@@ -26,3 +26,15 @@ def test_config_show_prints_the_resolved_yaml(capsys):
     assert main(["config", "show", "scale=smoke", "seed=5"]) == 0
     text = capsys.readouterr().out
     assert "seed: 5" in text and "scale: smoke" in text and "samples_per_task_site: 20" in text
+
+
+def test_sites_show_writes_the_plan_and_a_heatmap(tmp_path, capsys):
+    import pandas as pd
+
+    assert main(["sites", "show", "--out", str(tmp_path), "scale=smoke", "sites.label_skew_alpha=0.1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "site_09" in out and "eye_clinic" in out and "top class" in out
+    frame = pd.read_parquet(tmp_path / "sites.parquet")
+    assert len(frame) == 10 and list(frame["role"]).count("held_out") == 2
+    png = (tmp_path / "sites_heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
