@@ -50,10 +50,16 @@ PLANNERS: Registry[Planner] = Registry("site planner")
 
 def plan_sites(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     plans = PLANNERS.get(cfg.sites.planner)(corpus, cfg)
+    # Planner steps, each its own module, applied in this order when configured.
     if cfg.sites.label_skew_alpha:
         from partitions.label_skew import apply_label_skew
 
         plans = apply_label_skew(plans, corpus, cfg.sites.label_skew_alpha, cfg.corpus.seed)
+    if cfg.sites.quantity_skew_sigma:
+        from partitions.quantity_skew import apply_quantity_skew
+
+        plans = apply_quantity_skew(plans, corpus, cfg.sites.quantity_skew_sigma,
+                                    cfg.sites.min_samples, cfg.corpus.seed)
     check_plan(plans)
     return plans
 

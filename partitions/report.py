@@ -34,6 +34,7 @@ def plan_frame(corpus: Corpus, plans: list[SitePlan], cfg: ExperimentConfig) -> 
             "n_train": p.n_train, "n_test": p.n_test, "label_mix": "; ".join(mix),
             "shift_severity": cfg.corpus.shift_severity,
             "label_skew_alpha": cfg.sites.label_skew_alpha or None,
+            "quantity_skew_sigma": cfg.sites.quantity_skew_sigma or None,
         })
     return pd.DataFrame(rows)
 

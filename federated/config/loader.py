@@ -192,6 +192,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("strategy.krum_selected", cfg.strategy.krum_selected >= 1, "must be >= 1"),
         ("sites.train", len(cfg.sites.train) >= 1, "needs at least one training site"),
         ("sites.label_skew_alpha", cfg.sites.label_skew_alpha >= 0, "must be > 0 (or 0 for no skew)"),
+        ("sites.quantity_skew_sigma", cfg.sites.quantity_skew_sigma >= 0, "must be > 0 (or 0 for none)"),
+        ("sites.min_samples", cfg.sites.min_samples >= 1, "must be >= 1"),
         ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
         ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),
         ("attack.factor", cfg.attack.factor >= 0, "must be >= 0"),

@@ -50,6 +50,10 @@ class SitesConfig:
     archetypes: Dict[str, List[str]] = field(default_factory=_default_archetypes)
     # Dirichlet label skew of training sites (partitions/label_skew.py); 0 = none.
     label_skew_alpha: float = 0.0
+    # Log-normal site sizes (partitions/quantity_skew.py); 0 = none. A training site keeps at
+    # least min_samples training rows per task.
+    quantity_skew_sigma: float = 0.0
+    min_samples: int = 8
 
 
 @dataclass(frozen=True)
