@@ -65,6 +65,8 @@ class SiteData:
             spec = MODALITIES.get(m)
             idx = manifest[index_column(m)].to_numpy()[rows]
             has = idx >= 0
+            if m in self.plan.masked:  # the site lacks it for these samples (or entirely)
+                has &= ~np.isin(rows, self.plan.masked[m])
             arr = np.zeros((len(rows), *spec.shape), dtype=spec.dtype)
             if has.any():
                 arr[has] = corpus.array(m)[idx[has]]

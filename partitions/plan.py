@@ -9,7 +9,7 @@ every process (each ClientApp rebuilds the same plan from the same config and se
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,9 @@ class SitePlan:
     modalities: tuple[str, ...]
     train_rows: np.ndarray  # manifest row positions; empty for held-out sites
     test_rows: np.ndarray  # ID test split of a training site; everything of a held-out site
+    # Manifest rows whose modality is masked at this site (partitions/missing_modalities.py):
+    # the sample keeps its other modalities; the masked one is zeros with present=False.
+    masked: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_train(self) -> int:
@@ -60,6 +63,11 @@ def plan_sites(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
 
         plans = apply_quantity_skew(plans, corpus, cfg.sites.quantity_skew_sigma,
                                     cfg.sites.min_samples, cfg.corpus.seed)
+    if cfg.sites.missing_site_rate or cfg.sites.missing_sample_rate:
+        from partitions.missing_modalities import apply_missing_modalities
+
+        plans = apply_missing_modalities(plans, corpus, cfg.sites.missing_site_rate,
+                                         cfg.sites.missing_sample_rate, cfg.corpus.seed)
     check_plan(plans)
     return plans
 

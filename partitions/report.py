@@ -35,6 +35,7 @@ def plan_frame(corpus: Corpus, plans: list[SitePlan], cfg: ExperimentConfig) -> 
             "shift_severity": cfg.corpus.shift_severity,
             "label_skew_alpha": cfg.sites.label_skew_alpha or None,
             "quantity_skew_sigma": cfg.sites.quantity_skew_sigma or None,
+            "masked_samples": ", ".join(f"{m}: {len(r)}" for m, r in p.masked.items()),
         })
     return pd.DataFrame(rows)
 

@@ -194,6 +194,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("sites.label_skew_alpha", cfg.sites.label_skew_alpha >= 0, "must be > 0 (or 0 for no skew)"),
         ("sites.quantity_skew_sigma", cfg.sites.quantity_skew_sigma >= 0, "must be > 0 (or 0 for none)"),
         ("sites.min_samples", cfg.sites.min_samples >= 1, "must be >= 1"),
+        ("sites.missing_site_rate", 0.0 <= cfg.sites.missing_site_rate <= 1.0, "must be in [0, 1]"),
+        ("sites.missing_sample_rate", 0.0 <= cfg.sites.missing_sample_rate <= 1.0, "must be in [0, 1]"),
         ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
         ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),
         ("attack.factor", cfg.attack.factor >= 0, "must be >= 0"),

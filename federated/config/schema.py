@@ -54,6 +54,10 @@ class SitesConfig:
     # least min_samples training rows per task.
     quantity_skew_sigma: float = 0.0
     min_samples: int = 8
+    # Missing modalities (partitions/missing_modalities.py): the chance that a site lacks one
+    # of its multimodal tasks' modalities entirely, and that a sample lacks one of them.
+    missing_site_rate: float = 0.0
+    missing_sample_rate: float = 0.0
 
 
 @dataclass(frozen=True)
