@@ -72,7 +72,13 @@ class SiteData:
                 arr[has] = corpus.array(m)[idx[has]]
             inputs[m] = torch.from_numpy(arr)
             present[m] = torch.from_numpy(has)
-        target = np.asarray(corpus.targets(task)[manifest["target_row"].to_numpy()[rows]])
+        target = np.array(corpus.targets(task)[manifest["target_row"].to_numpy()[rows]])
+        if task in self.plan.relabelled:  # this site's noisy labels (training rows only)
+            noisy_rows, noisy_labels = self.plan.relabelled[task]
+            hit = np.isin(rows, noisy_rows)
+            if hit.any():
+                lookup = dict(zip(noisy_rows.tolist(), noisy_labels.tolist()))
+                target[hit] = [lookup[r] for r in rows[hit].tolist()]
         scale = self.scales[task]
         if TASKS.get(task).target == REGRESSION:
             targets = torch.from_numpy(((target - scale.mean) / scale.std).astype(np.float32))

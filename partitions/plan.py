@@ -37,6 +37,8 @@ class SitePlan:
     # Manifest rows whose modality is masked at this site (partitions/missing_modalities.py):
     # the sample keeps its other modalities; the masked one is zeros with present=False.
     masked: dict[str, np.ndarray] = field(default_factory=dict)
+    # Training rows with a noisy label, per task: (rows, labels) (partitions/label_noise.py).
+    relabelled: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def n_train(self) -> int:
@@ -63,6 +65,10 @@ def plan_sites(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
 
         plans = apply_quantity_skew(plans, corpus, cfg.sites.quantity_skew_sigma,
                                     cfg.sites.min_samples, cfg.corpus.seed)
+    if cfg.sites.label_noise_rate:
+        from partitions.label_noise import apply_label_noise
+
+        plans = apply_label_noise(plans, corpus, cfg.sites.label_noise_rate, cfg.corpus.seed)
     if cfg.sites.missing_site_rate or cfg.sites.missing_sample_rate:
         from partitions.missing_modalities import apply_missing_modalities
 

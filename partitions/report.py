@@ -36,6 +36,7 @@ def plan_frame(corpus: Corpus, plans: list[SitePlan], cfg: ExperimentConfig) -> 
             "label_skew_alpha": cfg.sites.label_skew_alpha or None,
             "quantity_skew_sigma": cfg.sites.quantity_skew_sigma or None,
             "masked_samples": ", ".join(f"{m}: {len(r)}" for m, r in p.masked.items()),
+            "noisy_labels": int(sum(len(r) for r, _ in p.relabelled.values())),
         })
     return pd.DataFrame(rows)
 

@@ -195,6 +195,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("sites.quantity_skew_sigma", cfg.sites.quantity_skew_sigma >= 0, "must be > 0 (or 0 for none)"),
         ("sites.min_samples", cfg.sites.min_samples >= 1, "must be >= 1"),
         ("sites.missing_site_rate", 0.0 <= cfg.sites.missing_site_rate <= 1.0, "must be in [0, 1]"),
+        ("sites.label_noise_rate", 0.0 <= cfg.sites.label_noise_rate <= 1.0, "must be in [0, 1]"),
         ("sites.missing_sample_rate", 0.0 <= cfg.sites.missing_sample_rate <= 1.0, "must be in [0, 1]"),
         ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
         ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),

@@ -58,6 +58,8 @@ class SitesConfig:
     # of its multimodal tasks' modalities entirely, and that a sample lacks one of them.
     missing_site_rate: float = 0.0
     missing_sample_rate: float = 0.0
+    # Share of each training site's class labels replaced through its own transition matrix.
+    label_noise_rate: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,61 @@
+"""Label noise: each training site mislabels a share of its training samples its own way.
+
+A planner step. For every training site and every task with a scalar class label, the site
+draws its own class-transition matrix: a sample of class c keeps its label with probability
+1 - rate, and otherwise gets class c' != c with probabilities from a Dirichlet(1) row (so
+each site confuses classes in its own, systematic way, as one hospital's coding habits do).
+Only training rows are relabelled: test splits stay clean, so ID scores measure the truth.
+The plan stores (rows, noisy labels) per task -- index arrays, not copies of the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from federated.corpus.format import Corpus
+from federated.multimed import BINARY, CLOSED_SET, MULTICLASS, TASKS
+from partitions.plan import TRAIN, SitePlan
+
+
+def _rng(seed: int, *keys: str) -> np.random.Generator:
+    digest = hashlib.blake2b("/".join(("noise", *keys)).encode(), digest_size=8).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+
+
+def transition_matrix(n_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Row c: P(noisy label | true class c); the diagonal is 1 - rate."""
+    t = np.zeros((n_classes, n_classes))
+    for c in range(n_classes):
+        others = [k for k in range(n_classes) if k != c]
+        t[c, others] = rate * rng.dirichlet(np.ones(len(others)))
+        t[c, c] = 1.0 - rate
+    return t
+
+
+def apply_label_noise(plans: list[SitePlan], corpus: Corpus, rate: float, seed: int) -> list[SitePlan]:
+    m = corpus.manifest
+    tasks, labels = m["task"].to_numpy(), m["label"].to_numpy()
+    out = []
+    for p in plans:
+        if p.role != TRAIN:
+            out.append(p)
+            continue
+        noisy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for t in p.tasks:
+            spec = TASKS.get(t)
+            if spec.target not in (BINARY, MULTICLASS, CLOSED_SET):
+                continue
+            n_classes = 2 if spec.target == BINARY else len(spec.classes)
+            rng = _rng(seed, p.site, t)
+            matrix = transition_matrix(n_classes, rate, rng)
+            rows = p.train_rows[tasks[p.train_rows] == t]
+            true = labels[rows].astype(np.int64)
+            u = rng.random(len(rows))
+            new = (u[:, None] > np.cumsum(matrix[true], axis=1)).sum(axis=1)
+            changed = new != true
+            noisy[t] = (rows[changed], new[changed])
+        out.append(dataclasses.replace(p, relabelled=noisy))
+    return out
