@@ -11,18 +11,12 @@ The plan stores (rows, noisy labels) per task -- index arrays, not copies of the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 
 from federated.corpus.format import Corpus
-from federated.multimed import BINARY, CLOSED_SET, MULTICLASS, TASKS
 from partitions.plan import TRAIN, SitePlan
-
-
-def _rng(seed: int, *keys: str) -> np.random.Generator:
-    digest = hashlib.blake2b("/".join(("noise", *keys)).encode(), digest_size=8).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+from partitions.steps import class_count, step_rng
 
 
 def transition_matrix(n_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -45,11 +39,10 @@ def apply_label_noise(plans: list[SitePlan], corpus: Corpus, rate: float, seed: 
             continue
         noisy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for t in p.tasks:
-            spec = TASKS.get(t)
-            if spec.target not in (BINARY, MULTICLASS, CLOSED_SET):
+            n_classes = class_count(t)
+            if n_classes is None:
                 continue
-            n_classes = 2 if spec.target == BINARY else len(spec.classes)
-            rng = _rng(seed, p.site, t)
+            rng = step_rng(seed, "noise", p.site, t)
             matrix = transition_matrix(n_classes, rate, rng)
             rows = p.train_rows[tasks[p.train_rows] == t]
             true = labels[rows].astype(np.int64)

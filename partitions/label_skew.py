@@ -18,13 +18,13 @@ import dataclasses
 import numpy as np
 
 from federated.corpus.format import Corpus
-from federated.multimed import BINARY, CLOSED_SET, MULTICLASS, TASKS
 from partitions.plan import TRAIN, PlanError, SitePlan
-
-SCALAR_CLASS_TARGETS = (BINARY, MULTICLASS, CLOSED_SET)
+from partitions.steps import class_count
 
 
 def _rng(seed: int, site: str, task: str) -> np.random.Generator:
+    """Label skew's own stream (older than partitions.steps.step_rng; kept so the recorded
+    strategy table in experiments/results reproduces exactly)."""
     digest = np.frombuffer(f"{site}/{task}".encode(), dtype=np.uint8).astype(np.uint64)
     return np.random.default_rng(np.random.SeedSequence([seed, *digest.tolist()]))
 
@@ -47,10 +47,9 @@ def apply_label_skew(plans: list[SitePlan], corpus: Corpus, alpha: float, seed: 
         keep_train = np.ones(len(plan.train_rows), dtype=bool)
         keep_test = np.ones(len(plan.test_rows), dtype=bool)
         for t in plan.tasks:
-            spec = TASKS.get(t)
-            if spec.target not in SCALAR_CLASS_TARGETS:
+            n_classes = class_count(t)
+            if n_classes is None:
                 continue
-            n_classes = 2 if spec.target == BINARY else len(spec.classes)
             frac = keep_fractions(alpha, n_classes, _rng(seed, plan.site, t))
             draw = _rng(seed + 1, plan.site, t)
             for rows, keep in ((plan.train_rows, keep_train), (plan.test_rows, keep_test)):

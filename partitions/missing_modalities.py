@@ -15,18 +15,13 @@ SiteData gives those samples zeros with present=False, which the fusion block ma
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 
 from federated.corpus.format import Corpus
 from federated.multimed import TASKS
 from partitions.plan import SitePlan
-
-
-def _rng(seed: int, *keys: str) -> np.random.Generator:
-    digest = hashlib.blake2b("/".join(("missing", *keys)).encode(), digest_size=8).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+from partitions.steps import step_rng
 
 
 def apply_missing_modalities(plans: list[SitePlan], corpus: Corpus, site_rate: float,
@@ -40,7 +35,7 @@ def apply_missing_modalities(plans: list[SitePlan], corpus: Corpus, site_rate: f
             inputs = TASKS.get(t).inputs
             if len(inputs) < 2:
                 continue
-            rng = _rng(seed, p.site, t)
+            rng = step_rng(seed, "missing", p.site, t)
             of_task = rows[tasks[rows] == t]
             keep = np.ones((len(of_task), len(inputs)), dtype=bool)
             available = list(range(len(inputs)))

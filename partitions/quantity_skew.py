@@ -9,17 +9,12 @@ sizes spread over about an order of magnitude. Held-out sites are untouched.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 
 from federated.corpus.format import Corpus
 from partitions.plan import TRAIN, PlanError, SitePlan
-
-
-def _rng(seed: int, site: str) -> np.random.Generator:
-    digest = hashlib.blake2b(f"quantity/{site}".encode(), digest_size=8).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+from partitions.steps import step_rng
 
 
 def _subsample(rows: np.ndarray, of_task: np.ndarray, keep_n: int, rng: np.random.Generator) -> np.ndarray:
@@ -33,7 +28,7 @@ def apply_quantity_skew(plans: list[SitePlan], corpus: Corpus, sigma: float, min
         raise PlanError(f"sites.quantity_skew_sigma must be > 0 (got {sigma}); omit it for equal sizes")
     tasks = corpus.manifest["task"].to_numpy()
     train_sites = [p for p in plans if p.role == TRAIN]
-    sizes = {p.site: _rng(seed, p.site).lognormal(0.0, sigma) for p in train_sites}
+    sizes = {p.site: step_rng(seed, "quantity", p.site).lognormal(0.0, sigma) for p in train_sites}
     biggest = max(sizes.values())
     out = []
     for p in plans:
@@ -41,7 +36,7 @@ def apply_quantity_skew(plans: list[SitePlan], corpus: Corpus, sigma: float, min
             out.append(p)
             continue
         frac = sizes[p.site] / biggest
-        rng = _rng(seed + 1, p.site)
+        rng = step_rng(seed + 1, "quantity", p.site)
         kept = {}
         for split, rows in (("train", p.train_rows), ("test", p.test_rows)):
             parts = []

@@ -1,0 +1,25 @@
+"""What planner steps share: their random streams and which tasks have scalar class labels."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from federated.multimed import BINARY, CLOSED_SET, MULTICLASS, TASKS
+
+
+def step_rng(seed: int, *keys: str) -> np.random.Generator:
+    """A stream named by (seed, step, site, task...): independent of order and process."""
+    digest = hashlib.blake2b("/".join(keys).encode(), digest_size=8).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+
+
+def class_count(task: str) -> int | None:
+    """Number of classes of a task with one class label per sample, else None."""
+    spec = TASKS.get(task)
+    if spec.target == BINARY:
+        return 2
+    if spec.target in (MULTICLASS, CLOSED_SET):
+        return len(spec.classes)
+    return None
