@@ -14,6 +14,7 @@ import torch
 
 from federated.corpus.format import Corpus, index_column
 from federated.multimed import MODALITIES, REGRESSION, TASKS
+from partitions.acquisition_shift import shift_array
 from partitions.plan import SitePlan
 
 
@@ -56,9 +57,9 @@ class SiteData:
             for split, rows in (("train", plan.train_rows), ("test", plan.test_rows)):
                 rows = rows[tasks[rows] == t]
                 if len(rows):
-                    self.splits[(t, split)] = self._load(corpus, t, rows)
+                    self.splits[(t, split)] = self._load(corpus, t, split, rows)
 
-    def _load(self, corpus: Corpus, task: str, rows: np.ndarray) -> TaskSplit:
+    def _load(self, corpus: Corpus, task: str, split: str, rows: np.ndarray) -> TaskSplit:
         manifest = corpus.manifest
         inputs, present = {}, {}
         for m in TASKS.get(task).inputs:
@@ -70,6 +71,9 @@ class SiteData:
             arr = np.zeros((len(rows), *spec.shape), dtype=spec.dtype)
             if has.any():
                 arr[has] = corpus.array(m)[idx[has]]
+                if self.plan.shift.get(m):  # this site's scanner/protocol, applied on load
+                    arr[has] = shift_array(m, arr[has], self.plan.shift[m], self.plan.site,
+                                           self.plan.shift_seed, key=f"{task}/{split}")
             inputs[m] = torch.from_numpy(arr)
             present[m] = torch.from_numpy(has)
         target = np.array(corpus.targets(task)[manifest["target_row"].to_numpy()[rows]])

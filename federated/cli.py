@@ -57,11 +57,13 @@ def cmd_sites_show(args: argparse.Namespace) -> int:
     corpus = Corpus.open(prepare_corpus(cfg.corpus))
     frame = plan_frame(corpus, plan_sites(corpus, cfg), cfg)
     table = Table(title=f"Site plan ({cfg.sites.planner}, {len(frame)} sites)")
-    for col in ("site", "role", "archetype", "modalities", "tasks", "n_train", "n_test", "label mix"):
+    for col in ("site", "role", "archetype", "origin", "modalities", "tasks", "n_train", "n_test",
+                "label mix", "site shift"):
         table.add_column(col)
     for r in frame.itertuples():
-        table.add_row(r.site, "ID" if r.role == "train" else "OOD", r.archetype, ", ".join(r.modalities),
-                      ", ".join(r.tasks), str(r.n_train), str(r.n_test), r.label_mix)
+        table.add_row(r.site, "ID" if r.role == "train" else "OOD", r.archetype, r.origin_site,
+                      ", ".join(r.modalities), ", ".join(r.tasks), str(r.n_train), str(r.n_test),
+                      r.label_mix, r.site_shift or "-")
     Console(width=200).print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

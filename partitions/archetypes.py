@@ -1,13 +1,12 @@
 """The `archetypes` planner: each site is a named archetype (a list of tasks) at its own origin site.
 
 Site i is the corpus's i-th origin site, so every site carries its own acquisition shift and
-held-out sites are out of distribution by construction. Training sites keep the corpus's
-train/test split; held-out sites are evaluated on all their samples.
+held-out sites are out of distribution by construction. Every site keeps the corpus's
+train/test split; `sites.held_out` lists the sites that `sites.holdout=listed` (the default)
+holds out, after the training sites (partitions/holdout.py merges a held-out site's splits).
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 from federated.config.schema import ExperimentConfig
 from federated.corpus.format import Corpus
@@ -44,13 +43,8 @@ def plan_archetypes(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     for i, (archetype, role) in enumerate(roles):
         tasks = _archetype_tasks(cfg, archetype, corpus)
         rows = rows_of(corpus, origins[i], tasks)
-        if role == TRAIN:
-            train_rows, test_rows = rows["train"], rows["test"]
-        else:
-            train_rows = np.empty(0, dtype=np.int64)
-            test_rows = np.sort(np.concatenate([rows["train"], rows["test"]]))
         plans.append(SitePlan(
             site=f"site_{i:02d}", role=role, archetype=archetype, origin_site=origins[i],
             tasks=tasks, modalities=tuple(modalities_of(tasks)),
-            train_rows=train_rows, test_rows=test_rows))
+            train_rows=rows["train"], test_rows=rows["test"]))
     return plans

@@ -15,23 +15,24 @@ import dataclasses
 import numpy as np
 
 from federated.corpus.format import Corpus
-from partitions.plan import TRAIN, SitePlan
+from partitions.index import manifest_index
+from partitions.plan import STEPS, TRAIN, SitePlan, Step
 from partitions.steps import class_count, step_rng
 
 
 def transition_matrix(n_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
-    """Row c: P(noisy label | true class c); the diagonal is 1 - rate."""
-    t = np.zeros((n_classes, n_classes))
-    for c in range(n_classes):
-        others = [k for k in range(n_classes) if k != c]
-        t[c, others] = rate * rng.dirichlet(np.ones(len(others)))
-        t[c, c] = 1.0 - rate
+    """Row c: P(noisy label | true class c); the diagonal is 1 - rate, the rest of the row is
+    rate * Dirichlet(1) over the other classes (drawn at once as normalised exponentials)."""
+    off = rng.exponential(size=(n_classes, n_classes))
+    np.fill_diagonal(off, 0.0)
+    t = rate * off / off.sum(axis=1, keepdims=True)
+    np.fill_diagonal(t, 1.0 - rate)
     return t
 
 
 def apply_label_noise(plans: list[SitePlan], corpus: Corpus, rate: float, seed: int) -> list[SitePlan]:
-    m = corpus.manifest
-    tasks, labels = m["task"].to_numpy(), m["label"].to_numpy()
+    labels = corpus.manifest["label"].to_numpy()
+    index = manifest_index(corpus)
     out = []
     for p in plans:
         if p.role != TRAIN:
@@ -44,7 +45,7 @@ def apply_label_noise(plans: list[SitePlan], corpus: Corpus, rate: float, seed: 
                 continue
             rng = step_rng(seed, "noise", p.site, t)
             matrix = transition_matrix(n_classes, rate, rng)
-            rows = p.train_rows[tasks[p.train_rows] == t]
+            rows = p.train_rows[index.task_rows(p.train_rows, t)]
             true = labels[rows].astype(np.int64)
             u = rng.random(len(rows))
             new = (u[:, None] > np.cumsum(matrix[true], axis=1)).sum(axis=1)
@@ -52,3 +53,8 @@ def apply_label_noise(plans: list[SitePlan], corpus: Corpus, rate: float, seed: 
             noisy[t] = (rows[changed], new[changed])
         out.append(dataclasses.replace(p, relabelled=noisy))
     return out
+
+
+STEPS.add("label_noise", Step(
+    lambda plans, corpus, cfg: apply_label_noise(plans, corpus, cfg.sites.label_noise_rate, cfg.corpus.seed),
+    lambda cfg: bool(cfg.sites.label_noise_rate)))

@@ -20,13 +20,14 @@ import numpy as np
 
 from federated.corpus.format import Corpus
 from federated.multimed import TASKS
-from partitions.plan import SitePlan
+from partitions.index import manifest_index
+from partitions.plan import STEPS, SitePlan, Step
 from partitions.steps import step_rng
 
 
 def apply_missing_modalities(plans: list[SitePlan], corpus: Corpus, site_rate: float,
                              sample_rate: float, seed: int) -> list[SitePlan]:
-    tasks = corpus.manifest["task"].to_numpy()
+    index = manifest_index(corpus)
     out = []
     for p in plans:
         masked: dict[str, list[np.ndarray]] = {}
@@ -36,7 +37,7 @@ def apply_missing_modalities(plans: list[SitePlan], corpus: Corpus, site_rate: f
             if len(inputs) < 2:
                 continue
             rng = step_rng(seed, "missing", p.site, t)
-            of_task = rows[tasks[rows] == t]
+            of_task = rows[index.task_rows(rows, t)]
             keep = np.ones((len(of_task), len(inputs)), dtype=bool)
             available = list(range(len(inputs)))
             if rng.random() < site_rate:
@@ -52,3 +53,9 @@ def apply_missing_modalities(plans: list[SitePlan], corpus: Corpus, site_rate: f
         out.append(dataclasses.replace(p, masked={m: np.sort(np.concatenate(v)) for m, v in masked.items()}))
     return out
 
+
+
+STEPS.add("missing_modalities", Step(
+    lambda plans, corpus, cfg: apply_missing_modalities(
+        plans, corpus, cfg.sites.missing_site_rate, cfg.sites.missing_sample_rate, cfg.corpus.seed),
+    lambda cfg: bool(cfg.sites.missing_site_rate or cfg.sites.missing_sample_rate)))

@@ -1,9 +1,14 @@
-"""The site plan and the planner registry.
+"""The site plan, the planner and step registries, and the checks every plan must pass.
 
 A plan is a list of SitePlan: per site its role (train or held_out), the tasks and
 modalities it holds, and the manifest row indices of its train and test samples. Plans hold
 index arrays into the corpus manifest, never copies of data, so they are cheap to build in
 every process (each ClientApp rebuilds the same plan from the same config and seed).
+
+Building a plan: a planner (PLANNERS, `sites.planner`) proposes sites with train/test splits;
+partitions/holdout.py decides which are held out (`sites.holdout`); then the planner steps
+named in `sites.steps` (STEPS; each its own module) transform the plan in that order; a step
+whose setting is off is skipped.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ class SitePlan:
     masked: dict[str, np.ndarray] = field(default_factory=dict)
     # Training rows with a noisy label, per task: (rows, labels) (partitions/label_noise.py).
     relabelled: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # Acquisition-shift severity per modality (partitions/acquisition_shift.py), applied when
+    # the site loads its data; absent or 0 = the data as stored.
+    shift: dict[str, float] = field(default_factory=dict)
+    shift_seed: int = 0  # with the site id, fixes the shift's parameters
 
     @property
     def n_train(self) -> int:
@@ -53,32 +62,30 @@ Planner = Callable[[Corpus, ExperimentConfig], list[SitePlan]]
 PLANNERS: Registry[Planner] = Registry("site planner")
 
 
+@dataclass(frozen=True)
+class Step:
+    """A planner step: `apply` transforms a plan; `active` says whether the config asks for it."""
+
+    apply: Callable[[list[SitePlan], Corpus, ExperimentConfig], list[SitePlan]]
+    active: Callable[[ExperimentConfig], bool]
+
+
+STEPS: Registry[Step] = Registry("planner step")
+
+
 def plan_sites(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
-    plans = PLANNERS.get(cfg.sites.planner)(corpus, cfg)
-    # Planner steps, each its own module, applied in this order when configured.
-    if cfg.sites.label_skew_alpha:
-        from partitions.label_skew import apply_label_skew
+    from partitions.holdout import assign_roles
 
-        plans = apply_label_skew(plans, corpus, cfg.sites.label_skew_alpha, cfg.corpus.seed)
-    if cfg.sites.quantity_skew_sigma:
-        from partitions.quantity_skew import apply_quantity_skew
-
-        plans = apply_quantity_skew(plans, corpus, cfg.sites.quantity_skew_sigma,
-                                    cfg.sites.min_samples, cfg.corpus.seed)
-    if cfg.sites.label_noise_rate:
-        from partitions.label_noise import apply_label_noise
-
-        plans = apply_label_noise(plans, corpus, cfg.sites.label_noise_rate, cfg.corpus.seed)
-    if cfg.sites.missing_site_rate or cfg.sites.missing_sample_rate:
-        from partitions.missing_modalities import apply_missing_modalities
-
-        plans = apply_missing_modalities(plans, corpus, cfg.sites.missing_site_rate,
-                                         cfg.sites.missing_sample_rate, cfg.corpus.seed)
-    check_plan(plans)
+    plans = assign_roles(PLANNERS.get(cfg.sites.planner)(corpus, cfg), cfg)
+    for name in cfg.sites.steps:
+        step = STEPS.get(name)
+        if step.active(cfg):
+            plans = step.apply(plans, corpus, cfg)
+    check_plan(plans, min_samples=cfg.sites.min_samples, zero_shot=cfg.sites.zero_shot)
     return plans
 
 
-def check_plan(plans: list[SitePlan]) -> None:
+def check_plan(plans: list[SitePlan], min_samples: int = 1, zero_shot: bool = False) -> None:
     """Refuse plans that cannot be trained or scored."""
     trained = {t for p in plans if p.role == TRAIN for t in p.tasks}
     if not trained:
@@ -86,19 +93,35 @@ def check_plan(plans: list[SitePlan]) -> None:
     for p in plans:
         if p.role == HELD_OUT:
             orphan = sorted(set(p.tasks) - trained)
-            if orphan:
+            if orphan and not zero_shot:
                 raise PlanError(
                     f"held-out site {p.site} ({p.archetype}) holds tasks no training site holds: "
-                    f"{orphan}; its OOD score would measure nothing the federation learned")
+                    f"{orphan}; its OOD score would measure nothing the federation learned "
+                    f"(set sites.zero_shot=true to score such tasks anyway)")
             if p.n_test == 0:
                 raise PlanError(f"held-out site {p.site} has no samples to evaluate")
-        elif p.n_train == 0:
-            raise PlanError(f"training site {p.site} ({p.archetype}) has no training samples")
+        elif p.n_train < min_samples:
+            raise PlanError(
+                f"training site {p.site} ({p.archetype}, origin {p.origin_site}) has {p.n_train} "
+                f"training samples, fewer than sites.min_samples={min_samples}")
 
 
 def rows_of(corpus: Corpus, origin_site: str, tasks: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Manifest row positions of an origin site's samples of the given tasks, by split."""
-    m = corpus.manifest
-    mask = (m["origin_site"].to_numpy() == origin_site) & m["task"].isin(tasks).to_numpy()
-    split = m["split"].to_numpy()
-    return {s: np.flatnonzero(mask & (split == s)) for s in ("train", "test")}
+    from partitions.index import manifest_index
+
+    index = manifest_index(corpus)
+    out = {}
+    for split in ("train", "test"):
+        parts = [index.rows(origin_site, t, split) for t in tasks]
+        out[split] = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+    return out
+
+
+def as_held_out(plan: SitePlan) -> SitePlan:
+    """A held-out site is evaluated on everything it has and trains on nothing."""
+    import dataclasses
+
+    rows = np.sort(np.concatenate([plan.train_rows, plan.test_rows]))
+    return dataclasses.replace(plan, role=HELD_OUT, train_rows=np.empty(0, dtype=np.int64),
+                               test_rows=rows)

@@ -13,7 +13,8 @@ import dataclasses
 import numpy as np
 
 from federated.corpus.format import Corpus
-from partitions.plan import TRAIN, PlanError, SitePlan
+from partitions.index import manifest_index
+from partitions.plan import STEPS, TRAIN, PlanError, SitePlan, Step
 from partitions.steps import step_rng
 
 
@@ -26,7 +27,7 @@ def apply_quantity_skew(plans: list[SitePlan], corpus: Corpus, sigma: float, min
                         seed: int) -> list[SitePlan]:
     if sigma <= 0:
         raise PlanError(f"sites.quantity_skew_sigma must be > 0 (got {sigma}); omit it for equal sizes")
-    tasks = corpus.manifest["task"].to_numpy()
+    index = manifest_index(corpus)
     train_sites = [p for p in plans if p.role == TRAIN]
     sizes = {p.site: step_rng(seed, "quantity", p.site).lognormal(0.0, sigma) for p in train_sites}
     biggest = max(sizes.values())
@@ -41,9 +42,15 @@ def apply_quantity_skew(plans: list[SitePlan], corpus: Corpus, sigma: float, min
         for split, rows in (("train", p.train_rows), ("test", p.test_rows)):
             parts = []
             for t in p.tasks:
-                idx = np.flatnonzero(tasks[rows] == t)
+                idx = index.task_rows(rows, t)
                 floor = min(len(idx), min_samples if split == "train" else max(1, min_samples // 4))
                 parts.append(_subsample(rows, idx, max(floor, int(round(frac * len(idx)))), rng))
             kept[split] = np.sort(np.concatenate(parts)) if parts else rows[:0]
         out.append(dataclasses.replace(p, train_rows=kept["train"], test_rows=kept["test"]))
     return out
+
+
+STEPS.add("quantity_skew", Step(
+    lambda plans, corpus, cfg: apply_quantity_skew(plans, corpus, cfg.sites.quantity_skew_sigma,
+                                                   cfg.sites.min_samples, cfg.corpus.seed),
+    lambda cfg: bool(cfg.sites.quantity_skew_sigma)))

@@ -32,8 +32,11 @@ def plan_frame(corpus: Corpus, plans: list[SitePlan], cfg: ExperimentConfig) -> 
             "site": p.site, "role": p.role, "archetype": p.archetype, "origin_site": p.origin_site,
             "modalities": list(p.modalities), "tasks": list(p.tasks),
             "n_train": p.n_train, "n_test": p.n_test, "label_mix": "; ".join(mix),
-            "shift_severity": cfg.corpus.shift_severity,
+            # the corpus's own per-origin shift, and this site's load-time acquisition shift
+            "corpus_shift": cfg.corpus.shift_severity,
+            "site_shift": ", ".join(f"{m}: {s:.2f}" for m, s in p.shift.items()),
             "label_skew_alpha": cfg.sites.label_skew_alpha or None,
+            "label_skew_classes": cfg.sites.label_skew_classes or None,
             "quantity_skew_sigma": cfg.sites.quantity_skew_sigma or None,
             "masked_samples": ", ".join(f"{m}: {len(r)}" for m, r in p.masked.items()),
             "noisy_labels": int(sum(len(r) for r, _ in p.relabelled.values())),

@@ -91,3 +91,25 @@ def test_console_script_reports_config_errors():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown key 'colour'" in proc.stderr
+
+
+def test_run_uses_the_configured_planner_holdout_and_steps(tmp_path):
+    """A run with a random task mix, random held-out sites, label skew and acquisition shift."""
+    out = tmp_path / "mix"
+    overrides = ["scale=smoke", "rounds=1", "sites.planner=random_mix", "sites.n_sites=6",
+                 "sites.tasks_per_site=3", "sites.holdout=random", "sites.holdout_k=2",
+                 "sites.label_skew_classes=2", "sites.shift_severity=1", "sites.zero_shot=true"]
+    assert main(["run", "--out", str(out), "--no-progress", *overrides]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    roles = [row["role"] for row in s["per_site"]]
+    assert len(roles) == 6 and roles.count("held_out") == 2
+    assert all(row["site"].startswith("site_") for row in s["per_site"])
+    trained = {t for row in s["per_site"] if row["role"] == "train" for t in row["tasks"]}
+    for row in s["per_site"]:
+        assert len(row["tasks"]) >= 3
+        # a training site's 2-class test split may lack a task's rows; held-out sites score all
+        assert set(row["per_task"]) <= set(row["tasks"])
+        if row["role"] == "held_out":
+            assert set(row["per_task"]) == set(row["tasks"])
+    zero_shot = {t for row in s["per_site"] if row["role"] == "held_out" for t in row["tasks"]} - trained
+    assert zero_shot <= set(s["final"]["ood"]["per_task"])

@@ -24,6 +24,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from federated.config.schema import ExperimentConfig
 
 ATTACK_KINDS = ("none", "sign_flip", "scale", "nan", "inflate_count")
+HOLDOUT_MODES = ("listed", "named", "random", "archetype")  # partitions/holdout.py
 SECTION_GROUPS = ("corpus", "sites", "model", "strategy", "privacy", "engine")
 PRESET_GROUP = "scale"
 GROUPS = (*SECTION_GROUPS, PRESET_GROUP)
@@ -197,6 +198,14 @@ def validate(cfg: ExperimentConfig) -> None:
         ("sites.missing_site_rate", 0.0 <= cfg.sites.missing_site_rate <= 1.0, "must be in [0, 1]"),
         ("sites.label_noise_rate", 0.0 <= cfg.sites.label_noise_rate <= 1.0, "must be in [0, 1]"),
         ("sites.missing_sample_rate", 0.0 <= cfg.sites.missing_sample_rate <= 1.0, "must be in [0, 1]"),
+        ("sites.label_skew_classes", cfg.sites.label_skew_classes >= 0, "must be >= 1 (or 0 for none)"),
+        ("sites.shift_severity", cfg.sites.shift_severity >= 0.0, "must be >= 0"),
+        ("sites.holdout", cfg.sites.holdout in HOLDOUT_MODES, f"must be one of: {', '.join(HOLDOUT_MODES)}"),
+        ("sites.holdout_k", cfg.sites.holdout_k >= 0, "must be >= 0"),
+        ("sites.min_site_size", cfg.sites.min_site_size >= 1, "must be >= 1"),
+        ("sites.n_sites", cfg.sites.n_sites >= 2, "must be >= 2"),
+        ("sites.tasks_per_site", cfg.sites.tasks_per_site >= 1, "must be >= 1"),
+        ("sites.min_overlap", cfg.sites.min_overlap >= 1, "must be >= 1"),
         ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
         ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),
         ("attack.factor", cfg.attack.factor >= 0, "must be >= 0"),

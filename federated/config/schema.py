@@ -60,6 +60,28 @@ class SitesConfig:
     missing_sample_rate: float = 0.0
     # Share of each training site's class labels replaced through its own transition matrix.
     label_noise_rate: float = 0.0
+    # Pathological label skew: each training site keeps k classes per task; 0 = none.
+    label_skew_classes: int = 0
+    # Acquisition shift applied when a site loads its data (partitions/acquisition_shift.py):
+    # each (site, modality) gets severity shift_severity * U(0.5, 1.5); 0 = none.
+    shift_severity: float = 0.0
+    # Planner steps, applied in this order; each is skipped when its setting above is off.
+    steps: List[str] = field(default_factory=lambda: [
+        "label_skew", "quantity_skew", "label_noise", "missing_modalities", "acquisition_shift"])
+    # Which sites are held out (partitions/holdout.py): listed | named | random | archetype.
+    holdout: str = "listed"
+    holdout_sites: List[str] = field(default_factory=list)  # holdout=named: site ids / origins
+    holdout_k: int = 2  # holdout=random
+    holdout_archetypes: List[str] = field(default_factory=list)  # holdout=archetype
+    # Score held-out tasks no training site holds (zero-shot) instead of refusing the plan.
+    zero_shot: bool = False
+    # natural planner: origin sites with fewer samples than this are grouped into one site.
+    min_site_size: int = 50
+    # random_mix planner: n_sites sites of tasks_per_site random tasks each; every task a
+    # site holds is held by at least min_overlap sites.
+    n_sites: int = 10
+    tasks_per_site: int = 3
+    min_overlap: int = 2
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,15 @@ class Corpus:
                 raise CorpusFormatError(f"{path}/targets/{t}.npy is missing")
         return cls(path, spec)
 
+    @classmethod
+    def from_manifest(cls, manifest: pd.DataFrame, tasks: list[str]) -> "Corpus":
+        """A corpus of a manifest only, without arrays: enough to plan sites (benchmarks, tests)."""
+        spec = {"schema_version": SCHEMA_VERSION, "tasks": {t: {} for t in tasks},
+                "modalities": [], "origin_sites": sorted(manifest["origin_site"].unique().tolist())}
+        corpus = cls(Path("<manifest only>"), spec)
+        corpus.__dict__["manifest"] = manifest
+        return corpus
+
     @cached_property
     def manifest(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / MANIFEST_FILE)

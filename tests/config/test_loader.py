@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from federated.config import ConfigError, ExperimentConfig, config_from_yaml, config_to_yaml, load_config
@@ -8,7 +10,7 @@ def test_defaults_load_into_typed_frozen_dataclasses():
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.strategy.name == "modality_fedavg" and cfg.engine.name == "inprocess" and cfg.scale == "default"
     assert len(cfg.sites.train) == 8 and len(cfg.sites.held_out) == 2
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rounds = 3  # frozen
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from federated.config import load_config
 from federated.corpus.format import Corpus
-from partitions import plan_sites
+from partitions import PlanError, plan_sites
 
 
 def _mean_kl(corpus, plans, task="brain_tumor_classification"):
@@ -44,3 +44,27 @@ def test_alpha_must_be_positive():
 
     with pytest.raises(ConfigError, match="sites.label_skew_alpha must be > 0"):
         load_config(["sites.label_skew_alpha=-1"])
+
+
+def test_pathological_skew_keeps_k_classes_per_training_site(smoke_corpus):
+    corpus = Corpus.open(smoke_corpus)
+    plans = plan_sites(corpus, load_config(["scale=smoke", "sites.label_skew_classes=2"]))
+    m = corpus.manifest
+    labels, tasks = m["label"].to_numpy(), m["task"].to_numpy()
+    checked = 0
+    for p in plans:
+        rows = np.concatenate([p.train_rows, p.test_rows])
+        for t in p.tasks:
+            n_classes = {"brain_tumor_classification": 4, "cell_type": 12}.get(t)
+            if n_classes is None:
+                continue
+            present = np.unique(labels[rows[tasks[rows] == t]])
+            if p.role == "train":
+                assert len(present) <= 2
+                checked += 1
+            else:
+                assert len(present) > 2  # held-out sites keep their own mix
+    assert checked >= 5
+    with pytest.raises(PlanError, match="two kinds of label skew"):
+        plan_sites(corpus, load_config(["scale=smoke", "sites.label_skew_classes=2",
+                                        "sites.label_skew_alpha=1"]))
