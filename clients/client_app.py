@@ -3,7 +3,8 @@
 query    -> the site's profile (the server's handshake)
 train    -> load the global arrays, train locally, reply with arrays + example counts
             (+ FedProx's proximal term, SCAFFOLD's control variates, personal parameters,
-            when the strategy asks for them)
+            when the strategy asks for them; with privacy=dp_sgd, DP-SGD and a 'privacy'
+            record: the site's cumulative epsilon and whether its budget stopped it)
 evaluate -> per-task metrics of the global model on the site's test split, and of the site's
             personalised model when the strategy keeps parameters local
 """
@@ -17,10 +18,12 @@ from flwr.clientapp import ClientApp
 
 from clients import personalisation
 from clients.attacks import attack_mod
+from clients.dp_sgd import train_private
 from clients.scaffold import SiteControl
 from clients.site_runtime import SiteRuntime, site_runtime
 from clients.trainer import GradientHook, ProximalTerm, evaluate_site, train_local
 from partitions.plan import TRAIN
+from federated.privacy import PRIVACY_RECORD
 from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.scaffold import CONTROL_DELTA_RECORD, CONTROL_RECORD
 
@@ -67,14 +70,20 @@ def train(msg: Message, context: Context) -> Message:
         control = SiteControl(context, msg.content[CONTROL_RECORD].to_torch_state_dict())
         hooks.append(control.correction())
     server_round = int(config["server-round"])
-    result = train_local(rt.model, rt.data, rt.cfg.train,
-                         round_seed(rt.cfg.seed, rt.plan.site, server_round), tuple(hooks))
+    seed = round_seed(rt.cfg.seed, rt.plan.site, server_round)
+    privacy = None
+    if rt.cfg.privacy.name == "dp_sgd":
+        result, privacy = train_private(rt.model, rt.data, rt.cfg, seed, context, server_round, tuple(hooks))
+    else:
+        result = train_local(rt.model, rt.data, rt.cfg.train, seed, tuple(hooks))
     reply = RecordDict({
         "arrays": ArrayRecord(rt.model.state_dict()),
         "metrics": MetricRecord({"num-examples": result.num_examples, "train_loss": result.mean_loss,
                                  "steps": result.steps}),
         "trained": ConfigRecord({"groups": list(result.group_examples),
                                  "examples": list(result.group_examples.values())})})
+    if privacy is not None:
+        reply[PRIVACY_RECORD] = ConfigRecord(privacy)
     if control is not None:
         reply[CONTROL_DELTA_RECORD] = ArrayRecord(control.update(rt.model, start, result.steps, rt.cfg.train.lr))
     if local:

@@ -21,8 +21,9 @@ from flwr.serverapp.grid import Grid
 from federated.config.schema import ExperimentConfig
 from federated.evaluation import SiteEvaluation, SiteProfile, summarize
 from federated.models import build_model
+from federated.privacy import PRIVACY_RECORD, report_from_record
 from partitions.plan import TRAIN
-from strategies import build_strategy
+from strategies.site_dp import build_private_strategy, server_privacy_report
 
 
 class FederationError(RuntimeError):
@@ -38,6 +39,7 @@ class RoundRecord:
     failures: dict[str, str] = field(default_factory=dict)  # site -> reason
     rejections: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
     skipped: bool = False  # too few valid updates and strategy.on_too_few_valid=skip
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> privacy report
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -52,6 +54,13 @@ class FederationResult:
     @property
     def final(self) -> RoundRecord:
         return self.history[-1] if self.history else self.initial
+
+    def privacy(self) -> dict[str, dict[str, Any]]:
+        """Each site's latest privacy report (its cumulative spend)."""
+        latest: dict[str, dict[str, Any]] = {}
+        for record in self.history:
+            latest.update(record.privacy)
+        return dict(sorted(latest.items()))
 
 
 class Callback:
@@ -158,7 +167,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig,
         cb.on_start(cfg, profiles)
 
     arrays = ArrayRecord(build_model(cfg.model, cfg.seed).state_dict())
-    strategy = build_strategy(cfg.strategy, len(train_nodes))
+    strategy = build_private_strategy(cfg, len(train_nodes))
     strategy.know_sites({n: p.site for n, p in node_profiles.items()},
                         {n: p.n_train for n, p in node_profiles.items()})
     training_grid = NodeSubsetGrid(grid, train_nodes)
@@ -185,7 +194,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig,
         t2 = time.perf_counter()
         timing["train_s"] += t1 - t0
         timing["aggregate_s"] += t2 - t1
-        train_stats, failures = {}, {}
+        train_stats, failures, privacy = {}, {}, {}
         for msg in replies:
             site = node_profiles[msg.metadata.src_node_id].site
             if msg.has_error():
@@ -194,6 +203,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig,
                 m = msg.content["metrics"]
                 train_stats[site] = {"loss": float(m["train_loss"]), "n": float(m["num-examples"]),
                                      "steps": float(m["steps"])}
+                if PRIVACY_RECORD in msg.content.config_records:
+                    privacy[site] = report_from_record(msg.content[PRIVACY_RECORD])
+        privacy.update(server_privacy_report(strategy, [node_profiles[m.metadata.src_node_id].site
+                                                             for m in replies if not m.has_error()]))
         rejections = {r.site: r.reason for r in strategy.last_rejections}
         if new_arrays is None:
             if cfg.strategy.on_too_few_valid != "skip":
@@ -206,7 +219,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig,
                                       f"{bad[:3]}; refusing to continue with it")
             arrays = new_arrays
         history.append(evaluated(rnd, train=train_stats, failures=failures, rejections=rejections,
-                                 skipped=new_arrays is None,
+                                 skipped=new_arrays is None, privacy=privacy,
                                  seconds={"train": t1 - t0, "aggregate": t2 - t1}))
     timing["wall_s"] = time.perf_counter() - t_start
     result = FederationResult(profiles, initial, history, arrays, timing)

@@ -27,7 +27,7 @@ def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float
         "final": final.summary,
         "initial": {k: result.initial.summary[k] for k in ("id", "ood", "gap")},
         "per_site": per_site_rows(final.evaluations),
-        "privacy": {},  # per site {epsilon, delta, steps, ...} when DP is on
+        "privacy": result.privacy(),  # per site {epsilon, delta, steps, ...} when DP is on
         "failures": {str(r.round): r.failures for r in [result.initial, *result.history] if r.failures},
         "rejections": [{"round": r.round, "site": site, "reason": reason}
                        for r in result.history for site, reason in r.rejections.items()],

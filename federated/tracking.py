@@ -48,6 +48,9 @@ class MetricsTable(Callback):
         for site, stats in record.train.items():
             self.rows.append({"round": record.round, "site": site, "role": roles.get(site, "train"),
                               "task": "*", "metric": "train_loss", "value": stats["loss"]})
+        for site, report in record.privacy.items():
+            self.rows.append({"round": record.round, "site": site, "role": roles.get(site, "train"),
+                              "task": "*", "metric": "epsilon", "value": float(report["epsilon"])})
 
     def on_end(self, result: FederationResult) -> None:
         frame = pd.DataFrame(self.rows, columns=self.COLUMNS)
@@ -73,6 +76,8 @@ class TensorBoardLogger(Callback):
             _scalar(w, f"site/{ev.profile.site}", ev.score, step)
         for site, stats in record.train.items():
             _scalar(w, f"train_loss/{site}", stats["loss"], step)
+        for site, report in record.privacy.items():
+            _scalar(w, f"epsilon/{site}", float(report["epsilon"]), step)
 
     def on_end(self, result: FederationResult) -> None:
         self.writer.flush()

@@ -75,6 +75,9 @@ class MultiMedStrategy(FlowerFedAvg):
 
     def aggregate_updates(self, current: Arrays, updates: list[Update]) -> Arrays:
         """Override to read more than arrays and counts from the replies (SCAFFOLD)."""
+        if self.cfg.weighting == "uniform":  # every site counts once, whatever its size
+            return self.aggregate(current, [u.arrays for u in updates], [1.0] * len(updates),
+                                  [dict.fromkeys(u.group_examples, 1.0) for u in updates])
         return self.aggregate(current, [u.arrays for u in updates], [u.num_examples for u in updates],
                               [u.group_examples for u in updates])
 
@@ -98,9 +101,16 @@ class MultiMedStrategy(FlowerFedAvg):
         current = {k: a.numpy() for k, a in self.current.items()}
         self.last_rejections = []
         accepted: list[Update] = []
+        idle, failed = 0, []
         for msg in replies:
-            if msg.has_error():
-                continue  # a failed site: counted by the round loop, nothing to validate
+            if msg.has_error():  # a failed site: counted by the round loop, nothing to validate
+                node = msg.metadata.src_node_id
+                first_line = (msg.error.reason or f"error code {msg.error.code}").strip().splitlines()[0]
+                failed.append(f"{self.site_names.get(node, str(node))} failed: {first_line}")
+                continue
+            if _trained_nothing(msg):
+                idle += 1  # e.g. a site whose privacy budget is spent: it sends no update
+                continue
             parsed = self.parse(msg, current)
             if isinstance(parsed, str):
                 node = msg.metadata.src_node_id
@@ -109,8 +119,11 @@ class MultiMedStrategy(FlowerFedAvg):
                 self.last_rejections.append(rejection)
             else:
                 accepted.append(parsed)
+        if not accepted and idle and not self.last_rejections:
+            log.info("round %d: no site trained (%d idle); the model stays as it was", server_round, idle)
+            return self.current, MetricRecord({})
         if len(accepted) < max(1, self.cfg.min_valid_replies):
-            reasons = "; ".join(f"{r.site}: {r.reason}" for r in self.last_rejections) or "no replies"
+            reasons = "; ".join([*failed, *(f"{r.site}: {r.reason}" for r in self.last_rejections)]) or "no replies"
             text = (f"round {server_round}: {len(accepted)} valid training replies, fewer than "
                     f"strategy.min_valid_replies={self.cfg.min_valid_replies} ({reasons})")
             if self.cfg.on_too_few_valid == "skip":
@@ -147,3 +160,9 @@ class MultiMedStrategy(FlowerFedAvg):
             groups = dict(zip(names, examples))
         return Update(msg, update, n, groups)
 
+
+
+def _trained_nothing(msg: Message) -> bool:
+    """A reply that says it used no examples (and so carries no update to validate)."""
+    metrics = msg.content.metric_records.get("metrics")
+    return metrics is not None and float(metrics.get("num-examples", -1)) == 0.0

@@ -25,6 +25,7 @@ from federated.config.schema import ExperimentConfig
 
 ATTACK_KINDS = ("none", "sign_flip", "scale", "nan", "inflate_count")
 HOLDOUT_MODES = ("listed", "named", "random", "archetype")  # partitions/holdout.py
+PRIVACY_MODES = ("none", "dp_sgd", "dp_fedavg")
 SECTION_GROUPS = ("corpus", "sites", "model", "strategy", "privacy", "engine")
 PRESET_GROUP = "scale"
 GROUPS = (*SECTION_GROUPS, PRESET_GROUP)
@@ -177,6 +178,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("train.optimizer", cfg.train.optimizer in ("adam", "sgd"), "must be one of: adam, sgd"),
         ("train.max_steps_per_round", cfg.train.max_steps_per_round >= 0, "must be >= 0"),
         ("strategy.fraction_train", 0.0 < cfg.strategy.fraction_train <= 1.0, "must be in (0, 1]"),
+        ("strategy.weighting", cfg.strategy.weighting in ("examples", "uniform"),
+         "must be one of: examples, uniform"),
         ("strategy.min_train_sites", cfg.strategy.min_train_sites >= 1, "must be >= 1"),
         ("strategy.min_valid_replies", cfg.strategy.min_valid_replies >= 1, "must be >= 1"),
         ("strategy.on_too_few_valid", cfg.strategy.on_too_few_valid in ("fail", "skip"),
@@ -206,6 +209,25 @@ def validate(cfg: ExperimentConfig) -> None:
         ("sites.n_sites", cfg.sites.n_sites >= 2, "must be >= 2"),
         ("sites.tasks_per_site", cfg.sites.tasks_per_site >= 1, "must be >= 1"),
         ("sites.min_overlap", cfg.sites.min_overlap >= 1, "must be >= 1"),
+        ("privacy.name", cfg.privacy.name in PRIVACY_MODES, f"must be one of: {', '.join(PRIVACY_MODES)}"),
+        ("privacy.target_epsilon", cfg.privacy.name == "none" or cfg.privacy.target_epsilon is not None
+         or cfg.privacy.noise_multiplier is not None,
+         "or privacy.noise_multiplier must be set with differential privacy on"),
+        ("privacy.target_epsilon", cfg.privacy.target_epsilon is None or cfg.privacy.target_epsilon > 0,
+         "must be > 0"),
+        ("privacy.noise_multiplier", cfg.privacy.noise_multiplier is None or cfg.privacy.noise_multiplier >= 0,
+         "must be >= 0"),
+        ("privacy.delta", 0.0 < cfg.privacy.delta < 1.0, "must be in (0, 1)"),
+        ("privacy.max_grad_norm", cfg.privacy.max_grad_norm > 0, "must be > 0"),
+        ("privacy.clipping_norm", cfg.privacy.clipping_norm > 0, "must be > 0"),
+        ("privacy.accountant", cfg.privacy.accountant in ("rdp", "prv"), "must be one of: rdp, prv"),
+        ("privacy.grad_sample_mode", cfg.privacy.grad_sample_mode in ("hooks", "functorch"),
+         "must be one of: hooks, functorch"),
+        # Flower's site-level DP noise is sigma*C/n: right only for an unweighted mean of all n
+        # clipped updates, which plain fedavg (privacy=dp_fedavg makes it unweighted) computes.
+        ("strategy.name", cfg.privacy.name != "dp_fedavg" or cfg.strategy.name == "fedavg",
+         "must be fedavg with privacy=dp_fedavg (its noise is calibrated for an unweighted mean "
+         "over every sampled site)"),
         ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
         ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),
         ("attack.factor", cfg.attack.factor >= 0, "must be >= 0"),

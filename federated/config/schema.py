@@ -110,6 +110,9 @@ class TrainConfig:
 class StrategyConfig:
     name: str = "modality_fedavg"
     fraction_train: float = 1.0  # fraction of training sites sampled per round
+    # How updates are weighted: by their examples, or uniformly (every site counts once; what
+    # site-level DP's noise calibration assumes, set by privacy=dp_fedavg).
+    weighting: str = "examples"
     min_train_sites: int = 2
     # Update validation (every strategy): a round needs this many valid replies, else it
     # fails (or, with "skip", is recorded as skipped); a reply may claim at most
@@ -137,7 +140,20 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    name: str = "none"
+    """Differential privacy (clients/dp_sgd.py for dp_sgd, strategies/site_dp.py for dp_fedavg)."""
+
+    name: str = "none"  # none | dp_sgd (sample-level, at each site) | dp_fedavg (site-level)
+    # Target epsilon over the planned rounds: the noise is calibrated once, up front, so that
+    # `rounds` rounds spend exactly this. It is also each site's budget: a site whose next
+    # round would exceed it stops training (and keeps evaluating). None with noise_multiplier
+    # set: fixed noise, no budget.
+    target_epsilon: Optional[float] = None
+    delta: float = 1e-5
+    noise_multiplier: Optional[float] = None  # fixed noise instead of a target epsilon
+    max_grad_norm: float = 1.0  # dp_sgd: per-sample gradient clipping norm
+    clipping_norm: float = 1.0  # dp_fedavg: per-site update clipping norm (L2, all arrays)
+    accountant: str = "rdp"  # an Opacus accountant: rdp | prv
+    grad_sample_mode: str = "hooks"  # Opacus per-sample gradients (measured: experiments/bench/dp_step.py)
 
 
 @dataclass(frozen=True)

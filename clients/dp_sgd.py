@@ -1,0 +1,252 @@
+"""Sample-level DP-SGD at a site (Opacus), with an accountant that lives as long as the site.
+
+The usual recipe (Flower's Opacus example) builds a new PrivacyEngine every round, so the
+epsilon it reports is one round's. Here each site keeps one Opacus accountant per task in its
+Flower Context across rounds (and in checkpoints): the epsilon it reports is cumulative.
+
+Records are samples; each sample belongs to one task, and a task's steps touch only its own
+samples, so the site's epsilon is the largest of its tasks' (parallel composition). Batches are
+Poisson samples with rate q_t = batch_size / N_t, as the RDP analysis assumes (a fixed-size
+shuffled batch would not match it); an empty draw still takes a noise-only step.
+
+Noise: with `privacy.target_epsilon` the noise multiplier of each task is calibrated once, for
+the planned rounds (Opacus' get_noise_multiplier); with `privacy.noise_multiplier` it is fixed.
+Before each round the site checks that the round's steps keep every task within the budget
+(`target_epsilon`); if not, it stops training for good, keeps evaluating, and says so.
+
+Per-sample gradients: Opacus GradSampleModule, mode `privacy.grad_sample_mode` ("hooks":
+exact for this model, measured against one-sample batches in tests/clients/test_dp_sgd.py).
+Parameter groups a batch's task does not use are switched off for that step, because Opacus
+refuses trainable parameters without per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import ConfigRecord, Context
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+
+from clients.site_data import SiteData, TaskSplit
+from clients.trainer import GradientHook, TrainResult, group_examples, make_optimizer, task_loss
+from federated.config.schema import ExperimentConfig, PrivacyConfig
+from federated.models import MultiMedModel, group_of
+from federated.multimed import IGNORE_LABEL, PER_RESIDUE, TASKS
+
+STATE_KEY = "dp-sgd-accountants"
+EPS_TOLERANCE = 1e-6  # float slack when comparing a spent epsilon with the budget
+
+
+class PrivacyConfigError(ValueError):
+    """A model or setting DP-SGD cannot work with; the message says what to change."""
+
+
+def per_sample_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The batch mean of per-sample losses. The per-residue task averages over each sample's
+    own residues first: a batch-wide average would scale each sample's gradient by the other
+    samples' lengths and break the clipping bound."""
+    if TASKS.get(task).target == PER_RESIDUE:
+        tok = F.cross_entropy(output.transpose(1, 2), target, ignore_index=IGNORE_LABEL, reduction="none")
+        return (tok.sum(1) / (target != IGNORE_LABEL).sum(1).clamp(min=1)).mean()
+    return task_loss(task, output, target)
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Refuse what per-sample gradients cannot handle (BatchNorm mixes samples in a batch)."""
+    model.train()  # the validator also refuses a model in eval mode
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise PrivacyConfigError(
+            "the model cannot be trained with DP-SGD: " + "; ".join(str(e) for e in errors)
+            + " (use GroupNorm or LayerNorm instead of BatchNorm)")
+
+
+@dataclass
+class TaskPlan:
+    """One task's share of a round: its sampling rate, steps and noise."""
+
+    n: int
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float = 0.0
+
+
+@dataclass
+class PrivacyLedger:
+    """The site's accountants (one per task) and whether its budget stopped it."""
+
+    history: dict[str, list] = field(default_factory=dict)  # task -> Opacus accountant history
+    noise: dict[str, float] = field(default_factory=dict)  # task -> calibrated sigma
+    stopped_round: int = 0  # the round the budget stopped training; 0 = still training
+
+    def accountant(self, task: str, kind: str):  # type: ignore[no-untyped-def]
+        acc = create_accountant(kind)
+        acc.history = [tuple(h) for h in self.history.get(task, [])]
+        return acc
+
+    def epsilon(self, task: str, cfg: PrivacyConfig, extra: tuple[float, float, int] | None = None) -> float:
+        acc = self.accountant(task, cfg.accountant)
+        if extra is not None and extra[2] > 0:
+            acc.history.append(extra)
+        if any(h[0] == 0 for h in acc.history):
+            return float("inf")  # a step without noise has no guarantee
+        return float(acc.get_epsilon(cfg.delta)) if acc.history else 0.0
+
+    def save(self, context: Context) -> None:
+        context.state[STATE_KEY] = ConfigRecord({"ledger": json.dumps(
+            {"history": self.history, "noise": self.noise, "stopped_round": self.stopped_round})})
+
+    @classmethod
+    def load(cls, context: Context) -> "PrivacyLedger":
+        record = context.state.config_records.get(STATE_KEY)
+        if record is None:
+            return cls()
+        raw = json.loads(str(record["ledger"]))
+        return cls(raw["history"], raw["noise"], int(raw["stopped_round"]))
+
+
+def task_plans(data: SiteData, cfg: ExperimentConfig) -> dict[str, TaskPlan]:
+    """Per task: Poisson rate B/N and the steps of one round (epochs x N/B, capped as the
+    non-private trainer caps them)."""
+    plans = {}
+    for task in data.plan.tasks:
+        split = data.split(task, "train")
+        if split is None:
+            continue
+        n = len(split)
+        q = min(1.0, cfg.train.batch_size / n)
+        steps = cfg.train.local_epochs * max(1, round(1 / q))
+        if cfg.train.max_steps_per_round:
+            steps = min(steps, cfg.train.max_steps_per_round)
+        plans[task] = TaskPlan(n, q, steps)
+    return plans
+
+
+def calibrate(plans: dict[str, TaskPlan], cfg: ExperimentConfig, ledger: PrivacyLedger) -> None:
+    """Noise per task, decided once (the first round) and kept in the ledger."""
+    p = cfg.privacy
+    for task, tp in plans.items():
+        if task not in ledger.noise:
+            if p.noise_multiplier is not None:
+                ledger.noise[task] = float(p.noise_multiplier)
+            else:
+                ledger.noise[task] = float(get_noise_multiplier(
+                    target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=tp.sample_rate,
+                    steps=tp.steps_per_round * cfg.rounds, accountant=p.accountant, epsilon_tolerance=0.01))
+        tp.noise_multiplier = ledger.noise[task]
+
+
+def budget_allows(plans: dict[str, TaskPlan], cfg: PrivacyConfig, ledger: PrivacyLedger) -> bool:
+    if cfg.target_epsilon is None:
+        return True
+    return all(ledger.epsilon(t, cfg, (tp.noise_multiplier, tp.sample_rate, tp.steps_per_round))
+               <= cfg.target_epsilon + EPS_TOLERANCE for t, tp in plans.items())
+
+
+def privacy_report(plans: dict[str, TaskPlan], cfg: PrivacyConfig, ledger: PrivacyLedger) -> dict:
+    steps = {t: int(sum(h[2] for h in ledger.history.get(t, []))) for t in plans}
+    eps = {t: ledger.epsilon(t, cfg) for t in plans}
+    return {
+        "mechanism": "dp_sgd (sample-level)", "epsilon": max(eps.values(), default=0.0),
+        "delta": cfg.delta, "accountant": cfg.accountant, "max_grad_norm": cfg.max_grad_norm,
+        "tasks": list(plans), "epsilon_per_task": [eps[t] for t in plans],
+        "noise_multiplier": [plans[t].noise_multiplier for t in plans],
+        "sample_rate": [plans[t].sample_rate for t in plans],
+        "steps": [steps[t] for t in plans],
+        "stopped_by_budget": ledger.stopped_round > 0, "stopped_round": ledger.stopped_round,
+        "budget_epsilon": cfg.target_epsilon if cfg.target_epsilon is not None else -1.0,
+    }
+
+
+def private_gradient(gsm: GradSampleModule, optimizer: DPOptimizer, task: str,
+                     batch: TaskSplit | None) -> float | None:
+    """Leave the privatised gradient in p.grad: per-sample gradients clipped to
+    max_grad_norm, summed, plus N(0, (sigma * C)^2) noise, divided by the expected batch size.
+    batch=None (an empty Poisson draw) is a noise-only step. Returns the batch loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = None
+    if batch is not None:
+        out = per_sample_loss(task, gsm(task, batch.inputs, batch.present), batch.targets)
+        with warnings.catch_warnings():  # Opacus' first-layer hooks see inputs needing no grad: harmless
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            out.backward()
+        loss = float(out.detach())
+    else:
+        for p in optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.pre_step()  # clip, accumulate, add noise, scale (Opacus)
+    return loss
+
+
+def train_private(model: MultiMedModel, data: SiteData, cfg: ExperimentConfig, seed: int,
+                  context: Context, server_round: int,
+                  hooks: tuple[GradientHook, ...] = ()) -> tuple[TrainResult, dict]:
+    """One round of DP-SGD at the site; returns the training result and the privacy report.
+    A site whose budget is spent returns a result with zero examples and leaves the model as is."""
+    check_model(model)
+    ledger = PrivacyLedger.load(context)
+    plans = task_plans(data, cfg)
+    calibrate(plans, cfg, ledger)
+    if ledger.stopped_round or not budget_allows(plans, cfg.privacy, ledger):
+        ledger.stopped_round = ledger.stopped_round or server_round
+        ledger.save(context)
+        return TrainResult(0, 0, math.nan, {}), privacy_report(plans, cfg.privacy, ledger)
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    site_groups = set(model.train_only(data.plan.modalities, data.plan.tasks))  # before wrapping
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                           force_functorch=cfg.privacy.grad_sample_mode == "functorch")
+    first = next(iter(plans.values()))
+    optimizer = DPOptimizer(make_optimizer(trainable, cfg.train), noise_multiplier=first.noise_multiplier,
+                            max_grad_norm=cfg.privacy.max_grad_norm,
+                            expected_batch_size=cfg.train.batch_size,
+                            generator=torch.Generator().manual_seed(seed + 1))
+    schedule = [t for t, tp in plans.items() for _ in range(tp.steps_per_round)]
+    order = torch.randperm(len(schedule), generator=gen).tolist()  # data-independent task order
+    losses, taken = [], {t: 0 for t in plans}
+    model.train()
+    try:
+        for i in order:
+            task = schedule[i]
+            tp = plans[task]
+            keep = {"fusion", f"head/{task}"} | {f"encoder/{m}" for m in TASKS.get(task).inputs}
+            for name, p in model.named_parameters():
+                p.requires_grad_(group_of(name) in site_groups and group_of(name) in keep)
+            split = data.split(task, "train")
+            assert split is not None
+            optimizer.noise_multiplier = tp.noise_multiplier
+            optimizer.expected_batch_size = max(1, round(tp.sample_rate * tp.n))
+            idx = (torch.rand(len(split), generator=gen) < tp.sample_rate).nonzero().flatten()
+            loss = private_gradient(gsm, optimizer, task, split.take(idx) if len(idx) else None)
+            if loss is not None:
+                losses.append(loss)
+            for hook in hooks:  # FedProx / SCAFFOLD corrections act on the privatised gradient
+                hook.after_backward(model)
+            optimizer.original_optimizer.step()
+            taken[task] += 1
+    finally:
+        gsm.to_standard_module()
+        model.train_only(data.plan.modalities, data.plan.tasks)
+    for task, tp in plans.items():  # Opacus accountant history: (sigma, q, steps) entries
+        hist = ledger.history.setdefault(task, [])
+        if hist and hist[-1][0] == tp.noise_multiplier and hist[-1][1] == tp.sample_rate:
+            hist[-1][2] += taken[task]
+        elif taken[task]:
+            hist.append([tp.noise_multiplier, tp.sample_rate, taken[task]])
+    ledger.save(context)
+    result = TrainResult(num_examples=data.n("train"), steps=len(order),
+                         mean_loss=float(np.mean(losses)) if losses else math.nan,
+                         group_examples=group_examples(data))
+    return result, privacy_report(plans, cfg.privacy, ledger)

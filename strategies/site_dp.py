@@ -1,0 +1,129 @@
+"""Site-level differential privacy (privacy=dp_fedavg): protect a whole hospital's contribution.
+
+Composition, not flags: Flower's DifferentialPrivacyServerSideFixedClipping wraps the
+strategy. Each round it clips every site's update (reply - global, all arrays jointly) to
+L2 norm C, lets the inner strategy average them, and adds Gaussian noise of std sigma*C/n to
+the result (n = sites sampled per round). That std is right only for an unweighted mean of the
+n clipped updates, so the inner strategy must be plain FedAvg with uniform weighting (the
+config check and `build_private_strategy` enforce both).
+
+Accounting: Flower's own RdpAccountant refuses strategies that override aggregate_train, so
+an Opacus accountant counts one Gaussian mechanism per round. Sampling assumption, stated in
+every report: no amplification by subsampling (sample_rate 1), i.e. every round is counted as
+a full release even when fewer sites are sampled -- an upper bound on the true epsilon.
+With privacy.target_epsilon the noise is calibrated for the planned rounds; a round that
+would exceed the budget is not released (the model stays as it was).
+
+Failure handling differs from non-private runs: Flower's wrapper drops a round in which any
+site failed (its noise was calibrated for n replies), so a failed site skips the round under
+strategy.on_too_few_valid=skip and stops the run otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from federated.config.schema import ExperimentConfig
+from strategies import build_strategy
+from strategies.base import MultiMedStrategy
+
+log = logging.getLogger(__name__)
+
+SAMPLING_ASSUMPTION = ("no amplification: every round counted as a full release of all sites' "
+                       "clipped updates (sample_rate=1)")
+EPS_TOLERANCE = 1e-6
+
+
+def sampled_sites(fraction_train: float, min_train_sites: int, n_train_sites: int) -> int:
+    """How many sites Flower's FedAvg samples per round (its configure_train rule)."""
+    return max(int(n_train_sites * fraction_train), min(min_train_sites, n_train_sites))
+
+
+class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping + an accountant that spans the whole run."""
+
+    def __init__(self, inner: MultiMedStrategy, cfg: ExperimentConfig, n_train_sites: int) -> None:
+        p = cfg.privacy
+        n = sampled_sites(cfg.strategy.fraction_train, cfg.strategy.min_train_sites, n_train_sites)
+        if p.noise_multiplier is not None:
+            sigma = float(p.noise_multiplier)
+        else:
+            sigma = float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta,
+                                               sample_rate=1.0, steps=cfg.rounds,
+                                               accountant=p.accountant, epsilon_tolerance=0.01))
+        super().__init__(inner, noise_multiplier=sigma, clipping_norm=p.clipping_norm,
+                         num_sampled_clients=n)
+        self.privacy, self.sigma = p, sigma
+        self.ledger = create_accountant(p.accountant)
+        self.released = 0
+        self.stopped_round = 0
+        np.random.seed(cfg.seed)  # Flower draws the noise from numpy's global generator
+
+    def __getattr__(self, name: str) -> Any:  # know_sites, last_rejections, current, ...
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def epsilon(self, extra_rounds: int = 0) -> float:
+        acc = create_accountant(self.privacy.accountant)
+        acc.history = list(self.ledger.history)
+        if extra_rounds:
+            acc.history.append((self.sigma, 1.0, extra_rounds))
+        if acc.history and self.sigma == 0:
+            return float("inf")  # no noise, no guarantee
+        return float(acc.get_epsilon(self.privacy.delta)) if acc.history else 0.0
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        budget = self.privacy.target_epsilon
+        if self.stopped_round or (budget is not None and self.epsilon(1) > budget + EPS_TOLERANCE):
+            self.stopped_round = self.stopped_round or server_round
+            log.warning("round %d: site-level privacy budget epsilon=%s would be exceeded; "
+                        "the model is not updated", server_round, budget)
+            self.strategy.last_rejections = []
+            return self.strategy.current, MetricRecord({})
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.ledger.step(noise_multiplier=self.sigma, sample_rate=1.0)
+            self.released += 1
+        return arrays, metrics
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "mechanism": "dp_fedavg (site-level)", "epsilon": self.epsilon(), "delta": self.privacy.delta,
+            "accountant": self.privacy.accountant, "noise_multiplier": self.sigma,
+            "clipping_norm": self.privacy.clipping_norm, "steps": self.released, "sample_rate": 1.0,
+            "sampled_sites_per_round": self.num_sampled_clients,
+            "sampling_assumption": SAMPLING_ASSUMPTION,
+            "stopped_by_budget": self.stopped_round > 0, "stopped_round": self.stopped_round,
+            "budget_epsilon": self.privacy.target_epsilon if self.privacy.target_epsilon is not None else -1.0,
+        }
+
+
+def build_private_strategy(cfg: ExperimentConfig, n_train_sites: int):  # type: ignore[no-untyped-def]
+    """The run's strategy, wrapped for site-level DP when privacy=dp_fedavg."""
+    if cfg.privacy.name != "dp_fedavg":
+        return build_strategy(cfg.strategy, n_train_sites)
+    if cfg.strategy.name != "fedavg":
+        raise ValueError(f"privacy=dp_fedavg needs strategy=fedavg (got {cfg.strategy.name}); "
+                         "its noise is calibrated for an unweighted mean over every sampled site")
+    inner = build_strategy(dataclasses.replace(cfg.strategy, weighting="uniform"), n_train_sites)
+    return SiteLevelDP(inner, cfg, n_train_sites)
+
+
+def server_privacy_report(strategy: Any, sites: list[str]) -> dict[str, dict[str, Any]]:
+    """Site-level DP protects each site that took part with the same guarantee."""
+    if not isinstance(strategy, SiteLevelDP):
+        return {}
+    report = strategy.report()
+    return {site: dict(report) for site in sites}
