@@ -221,8 +221,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("privacy.max_grad_norm", cfg.privacy.max_grad_norm > 0, "must be > 0"),
         ("privacy.clipping_norm", cfg.privacy.clipping_norm > 0, "must be > 0"),
         ("privacy.accountant", cfg.privacy.accountant in ("rdp", "prv"), "must be one of: rdp, prv"),
-        ("privacy.grad_sample_mode", cfg.privacy.grad_sample_mode in ("hooks", "functorch"),
-         "must be one of: hooks, functorch"),
+        ("privacy.grad_sample_mode", cfg.privacy.grad_sample_mode in ("ew", "hooks", "functorch"),
+         "must be one of: ew, hooks, functorch"),
         # Flower's site-level DP noise is sigma*C/n: right only for an unweighted mean of all n
         # clipped updates, which plain fedavg (privacy=dp_fedavg makes it unweighted) computes.
         ("strategy.name", cfg.privacy.name != "dp_fedavg" or cfg.strategy.name == "fedavg",

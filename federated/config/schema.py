@@ -153,7 +153,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # dp_sgd: per-sample gradient clipping norm
     clipping_norm: float = 1.0  # dp_fedavg: per-site update clipping norm (L2, all arrays)
     accountant: str = "rdp"  # an Opacus accountant: rdp | prv
-    grad_sample_mode: str = "hooks"  # Opacus per-sample gradients (measured: experiments/bench/dp_step.py)
+    grad_sample_mode: str = "ew"  # Opacus per-sample gradients: ew | hooks | functorch (experiments/bench/dp_step.py)
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
 from clients.dp_sgd import (PrivacyConfigError, PrivacyLedger, check_model, per_sample_loss,
-                            private_gradient, train_private)
+                            per_sample_module, private_gradient, train_private)
 from clients.site_data import SiteData
 from federated.config import load_config
 from federated.corpus.format import Corpus
@@ -34,14 +33,14 @@ def site(smoke_corpus):
     return cfg, SiteData(corpus, plan)
 
 
-def _wrapped(cfg, data, sigma, clip, batch_size):
+def _wrapped(cfg, data, sigma, clip, batch_size, mode="ew"):
     model = build_model(cfg.model, 0)
     groups = set(model.train_only(data.plan.modalities, data.plan.tasks))
     keep = {"fusion", f"head/{TASK}"} | {f"encoder/{m}" for m in TASKS.get(TASK).inputs}
     for name, p in model.named_parameters():
         p.requires_grad_(group_of(name) in groups & keep)
     reference = copy.deepcopy(model)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    gsm = per_sample_module(model, mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=sigma, max_grad_norm=clip,
                       expected_batch_size=batch_size, generator=torch.Generator().manual_seed(0))
@@ -60,13 +59,13 @@ def _sample_grads(reference, batch, n):
     return torch.stack(out)
 
 
-def test_per_sample_gradients_are_exact_with_missing_modalities(site):
+@pytest.mark.parametrize("mode", ["ew", "hooks", "functorch"])
+def test_per_sample_gradients_are_exact_with_missing_modalities(site, mode):
     cfg, data = site
     batch = data.split(TASK, "train").take(torch.arange(12))
     assert not bool(batch.present["text"].all()) or not bool(batch.present["ct"].all())  # some masked
-    model, reference, gsm, opt = _wrapped(cfg, data, 0.0, 1e6, 12)
-    with pytest.warns(UserWarning, match="Full backward hook"):  # Opacus' first-layer hooks
-        per_sample_loss(TASK, gsm(TASK, batch.inputs, batch.present), batch.targets).backward()
+    model, reference, gsm, opt = _wrapped(cfg, data, 0.0, 1e6, 12, mode)
+    private_gradient(gsm, opt, TASK, batch)  # computes p.grad_sample (and the private gradient)
     got = torch.cat([p.grad_sample.reshape(12, -1) for p in opt.params], dim=1)
     want = _sample_grads(reference, batch, 12)
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
