@@ -16,18 +16,20 @@ import hashlib
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import personalisation
+from clients import personalisation, site_state
 from clients.attacks import attack_mod
+from clients.faults import fault_mod
 from clients.dp_sgd import train_private
 from clients.scaffold import SiteControl
 from clients.site_runtime import SiteRuntime, site_runtime
+from clients.site_state import RESTORE_KEY
 from clients.trainer import GradientHook, ProximalTerm, evaluate_site, train_local
 from partitions.plan import TRAIN
 from federated.privacy import PRIVACY_RECORD
 from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.scaffold import CONTROL_DELTA_RECORD, CONTROL_RECORD
 
-app = ClientApp(mods=[attack_mod])
+app = ClientApp(mods=[fault_mod, attack_mod])
 
 
 def _runtime(context: Context) -> SiteRuntime:
@@ -44,6 +46,9 @@ def round_seed(seed: int, site: str, server_round: int) -> int:
 def query(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
     p = rt.plan
+    config = msg.content.config_records.get("config")
+    if config is not None and RESTORE_KEY in config:  # a resumed run: this site's own saved state
+        site_state.restore(context, p.site, int(config[RESTORE_KEY]))
     profile = ConfigRecord({
         "site": p.site, "role": p.role, "archetype": p.archetype, "origin_site": p.origin_site,
         "modalities": list(p.modalities), "tasks": list(p.tasks),
@@ -102,6 +107,10 @@ def _flat(results: dict[str, dict[str, float]], n_test: int) -> MetricRecord:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
+    server_round = int(msg.content["config"]["server-round"])
+    every = rt.cfg.engine.checkpoint_every
+    if every and server_round and (server_round % every == 0 or server_round == rt.cfg.rounds):
+        site_state.save(context, rt.plan.site, server_round)
     rt.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     reply = RecordDict({"metrics": _flat(evaluate_site(rt.model, rt.data, "test"), rt.plan.n_test)})
     if (rt.plan.role == TRAIN and personalisation.local_keys(rt.model, rt.cfg.strategy)

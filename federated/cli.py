@@ -19,12 +19,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CorpusFormatError, 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from clients.site_runtime import SiteConfigError
+    from federated.checkpoint import CheckpointError
     from federated.federation import FederationError
     from federated.runner import RunError
     from partitions import PlanError
     from strategies import TooFewValidReplies
 
-    return (*USER_ERRORS, PlanError, RunError, FederationError, SiteConfigError, TooFewValidReplies)
+    return (*USER_ERRORS, PlanError, RunError, FederationError, SiteConfigError, TooFewValidReplies,
+            CheckpointError)
 
 
 def _quiet_flower() -> None:
@@ -36,13 +38,21 @@ def _quiet_flower() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from federated.outputs import print_report
-    from federated.runner import run_experiment
+    from federated.runner import RunError, run_experiment
 
-    cfg = load_config(args.overrides)
     console = Console()
-    summary = run_experiment(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress,
-                             console=Console(stderr=True))
-    print_report(summary, Path(args.out), console)
+    if args.resume:
+        if args.overrides or args.out:
+            raise RunError("--resume DIR continues the run in DIR with its own config.yaml; "
+                           "give neither --out nor key=value overrides")
+        out, cfg = args.resume, None
+    elif not args.out:
+        raise RunError("run needs --out DIR (or --resume DIR to continue a checkpointed run)")
+    else:
+        out, cfg = args.out, load_config(args.overrides)
+    summary = run_experiment(cfg, out, overwrite=args.overwrite, progress=not args.no_progress,
+                             console=Console(stderr=True), resume=bool(args.resume))
+    print_report(summary, Path(out), console)
     return 0
 
 
@@ -123,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one federated experiment and write its outputs to --out")
-    run.add_argument("--out", required=True, help="output folder")
+    run.add_argument("--out", help="output folder")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR from its last checkpoint (engine.checkpoint_every)")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("overrides", nargs="*", metavar="key=value",

@@ -12,12 +12,16 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.grid import Grid
 
+from federated.checkpoint import (RESTORE_KEY, Checkpoint, python_rng_state,
+                                  restore_python_rng, save_checkpoint)
+from federated.config.loader import config_to_yaml
 from federated.config.schema import ExperimentConfig
 from federated.evaluation import SiteEvaluation, SiteProfile, summarize
 from federated.models import build_model
@@ -67,6 +71,8 @@ class Callback:
     """Side effects of a run; every hook is optional."""
 
     def on_start(self, cfg: ExperimentConfig, profiles: list[SiteProfile]) -> None: ...
+    def on_resume(self, records: list[RoundRecord]) -> None:
+        """A resumed run: the records of the rounds before the checkpoint."""
     def on_round_end(self, record: RoundRecord) -> None: ...
     def on_end(self, result: FederationResult) -> None: ...
 
@@ -104,11 +110,14 @@ def _error_reason(msg: Message) -> str:
     return msg.error.reason.strip().splitlines()[0] if msg.error.reason else f"error code {msg.error.code}"
 
 
-def handshake(grid: Grid) -> dict[int, SiteProfile]:
-    """Ask every node for its site profile; a node that cannot answer stops the run."""
+def handshake(grid: Grid, restore_round: int | None = None) -> dict[int, SiteProfile]:
+    """Ask every node for its site profile; a node that cannot answer stops the run.
+    On resume, each site is also told to restore its own state of `restore_round`."""
     nodes = list(grid.get_node_ids())
+    content = RecordDict() if restore_round is None else RecordDict(
+        {"config": ConfigRecord({RESTORE_KEY: restore_round})})
     replies = grid.send_and_receive(
-        [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes])
+        [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes])
     profiles: dict[int, SiteProfile] = {}
     for msg in replies:
         node = msg.metadata.src_node_id
@@ -132,13 +141,16 @@ def _parse_metrics(record: Any, into: dict[str, dict[str, float]]) -> None:
             into.setdefault(task, {})[metric] = float(value)
 
 
-def evaluate_all(grid: Grid, arrays: ArrayRecord, server_round: int,
-                 profiles: dict[int, SiteProfile]) -> tuple[list[SiteEvaluation], dict[str, str]]:
+def evaluate_all(grid: Grid, arrays: ArrayRecord, server_round: int, profiles: dict[int, SiteProfile],
+                 timeout: float | None = None) -> tuple[list[SiteEvaluation], dict[str, str]]:
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
-    replies = grid.send_and_receive(
-        [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in profiles])
+    replies = list(grid.send_and_receive(
+        [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in profiles],
+        timeout=timeout))
     evals: dict[int, SiteEvaluation] = {}
-    failures: dict[str, str] = {}
+    answered = {m.metadata.src_node_id for m in replies}
+    failures: dict[str, str] = {profiles[n].site: f"no reply within {timeout} s" for n in profiles
+                                if n not in answered}
     for msg in replies:
         node = msg.metadata.src_node_id
         profile = profiles[node]
@@ -154,11 +166,13 @@ def evaluate_all(grid: Grid, arrays: ArrayRecord, server_round: int,
     return [evals[n] for n in profiles if n in evals], failures
 
 
-def run_federation(grid: Grid, cfg: ExperimentConfig,
-                   callbacks: Sequence[Callback] = ()) -> FederationResult:
+def run_federation(grid: Grid, cfg: ExperimentConfig, callbacks: Sequence[Callback] = (),
+                   checkpoint_dir: Path | None = None, resume: Checkpoint | None = None) -> FederationResult:
+    """Run (or, given a checkpoint, continue) a federation. With engine.checkpoint_every = k
+    and a checkpoint_dir, the server state is saved every k rounds and after the last one."""
     t_start = time.perf_counter()
     random.seed(cfg.seed)  # Flower's node sampling uses Python's global RNG
-    node_profiles = handshake(grid)
+    node_profiles = handshake(grid, restore_round=resume.round if resume else None)
     train_nodes = [n for n, p in node_profiles.items() if p.role == TRAIN]
     if not train_nodes:
         raise FederationError("no training sites answered the handshake")
@@ -168,6 +182,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig,
 
     arrays = ArrayRecord(build_model(cfg.model, cfg.seed).state_dict())
     strategy = build_private_strategy(cfg, len(train_nodes))
+    timeout = cfg.engine.round_timeout_s or None
     strategy.know_sites({n: p.site for n, p in node_profiles.items()},
                         {n: p.n_train for n, p in node_profiles.items()})
     training_grid = NodeSubsetGrid(grid, train_nodes)
@@ -175,7 +190,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig,
 
     def evaluated(server_round: int, **extra: Any) -> RoundRecord:
         t0 = time.perf_counter()
-        evals, failures = evaluate_all(grid, arrays, server_round, node_profiles)
+        evals, failures = evaluate_all(grid, arrays, server_round, node_profiles, timeout)
         timing["evaluate_s"] += time.perf_counter() - t0
         record = RoundRecord(server_round, evals, summarize(evals), **extra)
         record.failures.update({f"evaluate:{k}": v for k, v in failures.items()})
@@ -183,18 +198,31 @@ def run_federation(grid: Grid, cfg: ExperimentConfig,
             cb.on_round_end(record)
         return record
 
-    initial = evaluated(0)
-    history = []
-    for rnd in range(1, cfg.rounds + 1):
+    if resume is None:
+        initial, history, first = evaluated(0), [], 1
+    else:
+        initial, history, first = resume.initial, list(resume.history), resume.round + 1
+        arrays = resume.array_record()
+        strategy.load_state_dict(resume.strategy_state)
+        restore_python_rng(resume.python_rng)
+        for cb in callbacks:
+            cb.on_resume([initial, *history])
+    every = cfg.engine.checkpoint_every
+    for rnd in range(first, cfg.rounds + 1):
         t0 = time.perf_counter()
-        messages = strategy.configure_train(rnd, arrays, ConfigRecord(), training_grid)
-        replies = list(grid.send_and_receive(messages))
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), training_grid))
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        answered = {m.metadata.src_node_id for m in replies}
+        late = [node_profiles[m.metadata.dst_node_id].site for m in messages
+                if m.metadata.dst_node_id not in answered]
         t1 = time.perf_counter()
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         t2 = time.perf_counter()
         timing["train_s"] += t1 - t0
         timing["aggregate_s"] += t2 - t1
         train_stats, failures, privacy = {}, {}, {}
+        for site in late:  # no reply within engine.round_timeout_s: the round went on without it
+            failures[f"train:{site}"] = f"no reply within engine.round_timeout_s={cfg.engine.round_timeout_s}"
         for msg in replies:
             site = node_profiles[msg.metadata.src_node_id].site
             if msg.has_error():
@@ -221,6 +249,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig,
         history.append(evaluated(rnd, train=train_stats, failures=failures, rejections=rejections,
                                  skipped=new_arrays is None, privacy=privacy,
                                  seconds={"train": t1 - t0, "aggregate": t2 - t1}))
+        if checkpoint_dir is not None and every and (rnd % every == 0 or rnd == cfg.rounds):
+            save_checkpoint(checkpoint_dir, Checkpoint(
+                round=rnd, arrays={k: a.numpy() for k, a in arrays.items()},
+                strategy_state=strategy.state_dict(), python_rng=python_rng_state(),
+                initial=initial, history=history, config_yaml=config_to_yaml(cfg)))
     timing["wall_s"] = time.perf_counter() - t_start
     result = FederationResult(profiles, initial, history, arrays, timing)
     for cb in callbacks:

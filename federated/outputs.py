@@ -83,3 +83,13 @@ def print_report(summary: dict[str, Any], out_dir: Path, console: Console | None
         f"ID-OOD gap {_f(final['gap'])} on the {len(final['gap_tasks'])} tasks scored both ways")
     console.print(f"{summary['rounds_completed']} rounds in {summary['timing']['wall_s']:.1f} s; "
                   f"outputs in {out_dir}")
+
+
+def write_final_model(out_dir: Path, arrays: Any) -> None:
+    """The final global model as final_model.npz (parameter name -> array)."""
+    import numpy as np
+
+    from federated.io import atomic_write
+
+    data = {k: a.numpy() for k, a in arrays.items()}
+    atomic_write(Path(out_dir) / "final_model.npz", lambda tmp: np.savez(open(tmp, "wb"), **data))

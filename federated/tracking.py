@@ -25,6 +25,11 @@ class MetricsTable(Callback):
         self.path = path
         self.rows: list[dict[str, Any]] = []
 
+    def on_resume(self, records: list[RoundRecord]) -> None:
+        """Rows of the rounds before the checkpoint, rebuilt from their records."""
+        for record in records:
+            self.on_round_end(record)
+
     def on_round_end(self, record: RoundRecord) -> None:
         for ev in record.evaluations:
             for task, metrics in ev.per_task.items():

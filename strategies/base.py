@@ -51,6 +51,17 @@ class Update:
 
 
 class MultiMedStrategy(FlowerFedAvg):
+    # Attributes that carry state across rounds (server-optimiser moments, control variates):
+    # what a checkpoint must hold for a resumed run to continue exactly.
+    STATE: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.STATE:
+            setattr(self, name, state[name])
+
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:
         min_sites = min(cfg.min_train_sites, n_train_sites)
         super().__init__(fraction_train=cfg.fraction_train, min_train_nodes=min_sites,

@@ -13,6 +13,8 @@ from strategies.base import Arrays, MultiMedStrategy
 
 
 class FedOpt(MultiMedStrategy):
+    STATE = ("state",)
+
     def __init__(self, cfg: StrategyConfig, n_train_sites: int, variant: str) -> None:
         super().__init__(cfg, n_train_sites)
         self.variant = variant

@@ -30,6 +30,8 @@ def _mean(updates: list[Arrays], weights: list[float]) -> Arrays:
 
 
 class Scaffold(MultiMedStrategy):
+    STATE = ("control",)
+
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:
         super().__init__(cfg, n_train_sites)
         self.n_sites = n_train_sites

@@ -98,6 +98,17 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
             self.released += 1
         return arrays, metrics
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.strategy.state_dict(), "history": list(self.ledger.history),
+                "released": self.released, "stopped_round": self.stopped_round,
+                "numpy_rng": np.random.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state["inner"])
+        self.ledger.history = list(state["history"])
+        self.released, self.stopped_round = state["released"], state["stopped_round"]
+        np.random.set_state(state["numpy_rng"])
+
     def report(self) -> dict[str, Any]:
         return {
             "mechanism": "dp_fedavg (site-level)", "epsilon": self.epsilon(), "delta": self.privacy.delta,

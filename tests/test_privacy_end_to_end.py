@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from clients.client_app import app as client_app
 from federated.cli import main

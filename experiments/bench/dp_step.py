@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = {t: {"non_private": make_steps(cfg, t, b, None), **{m: make_steps(cfg, t, b, m) for m in MODES}}
              for t, b in batches.items()}
     times = {t: {c: [] for c in cs} for t, cs in cases.items()}
-    for t, cs in cases.items():
+    for cs in cases.values():
         for fn in cs.values():  # warm-up
             fn()
     for _ in range(args.repeats):

@@ -26,6 +26,7 @@ from federated.config.schema import ExperimentConfig
 ATTACK_KINDS = ("none", "sign_flip", "scale", "nan", "inflate_count")
 HOLDOUT_MODES = ("listed", "named", "random", "archetype")  # partitions/holdout.py
 PRIVACY_MODES = ("none", "dp_sgd", "dp_fedavg")
+FAULT_KINDS = ("none", "crash", "stall", "exit")
 SECTION_GROUPS = ("corpus", "sites", "model", "strategy", "privacy", "engine")
 PRESET_GROUP = "scale"
 GROUPS = (*SECTION_GROUPS, PRESET_GROUP)
@@ -229,8 +230,15 @@ def validate(cfg: ExperimentConfig) -> None:
          "must be fedavg with privacy=dp_fedavg (its noise is calibrated for an unweighted mean "
          "over every sampled site)"),
         ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
+        ("engine.checkpoint_every", cfg.engine.checkpoint_every >= 0, "must be >= 0 (0 = off)"),
+        ("engine.round_timeout_s", cfg.engine.round_timeout_s >= 0, "must be >= 0 (0 = wait for all)"),
         ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),
         ("attack.factor", cfg.attack.factor >= 0, "must be >= 0"),
+        ("faults.kind", cfg.faults.kind in FAULT_KINDS, f"must be one of: {', '.join(FAULT_KINDS)}"),
+        ("faults.stall_s", cfg.faults.stall_s >= 0, "must be >= 0"),
+        # exit kills the process the site runs in: in-process, that is the whole run
+        ("faults.kind", cfg.faults.kind != "exit" or cfg.engine.name != "inprocess",
+         "exit needs an engine with one process per site (engine=ray); use crash in-process"),
         ("train.optimizer", cfg.strategy.name != "scaffold" or cfg.train.optimizer == "sgd",
          "must be sgd with strategy=scaffold (its control variates assume SGD steps)"),
         # Measured: SCAFFOLD with momentum 0.9 diverged to NaN by round 7-11 on every seed.

@@ -163,6 +163,12 @@ class EngineConfig:
     # (2 threads ran 60x slower here when the other core was busy) and leaves cores for
     # other clients; 0 keeps torch's default.
     torch_threads: int = 1
+    # Save a checkpoint (server) and site states (each site) every k rounds and at the end;
+    # `multimed-fl run --resume DIR` continues from the last one. 0 = no checkpoints.
+    checkpoint_every: int = 0
+    # A round's replies are awaited at most this long; later replies are discarded and the
+    # round goes on with those that came (strategy.min_valid_replies still applies). 0 = wait.
+    round_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,16 @@ class AttackConfig:
     kind: str = "none"  # none | sign_flip | scale | nan | inflate_count
     sites: List[str] = field(default_factory=list)  # site ids, e.g. [site_00]
     factor: float = 0.0  # 0 = the attack's default (sign_flip 10, scale 1000, inflate_count 1000)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Simulated failing sites, for fault-tolerance tests and studies (clients/faults.py)."""
+
+    kind: str = "none"  # none | crash (raise) | stall (sleep stall_s) | exit (kill the process)
+    sites: List[str] = field(default_factory=list)  # site ids
+    rounds: List[int] = field(default_factory=list)  # training rounds it happens in; [] = every
+    stall_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -187,3 +203,4 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
