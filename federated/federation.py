@@ -25,6 +25,7 @@ from federated.config.loader import config_to_yaml
 from federated.config.schema import ExperimentConfig
 from federated.evaluation import SiteEvaluation, SiteProfile, summarize
 from federated.models import build_model
+from federated.replies import attribute, error_reason
 from federated.privacy import PRIVACY_RECORD, report_from_record
 from partitions.plan import TRAIN
 from strategies.site_dp import build_private_strategy, server_privacy_report
@@ -107,17 +108,37 @@ class NodeSubsetGrid(Grid):
 
 
 def _error_reason(msg: Message) -> str:
-    return msg.error.reason.strip().splitlines()[0] if msg.error.reason else f"error code {msg.error.code}"
+    return error_reason(msg)
 
 
-def handshake(grid: Grid, restore_round: int | None = None) -> dict[int, SiteProfile]:
+def exchange(grid: Grid, messages: list[Message], timeout: float | None = None) -> list[Message]:
+    """send_and_receive, with every reply charged to the node its message went to."""
+    return attribute(messages, grid.send_and_receive(messages, timeout=timeout))
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
+    """In a deployment the ServerApp starts as soon as the run is submitted; SuperNodes come
+    online when they do. Wait (up to timeout_s) until `expected` nodes are connected."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= expected or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if len(nodes) < expected:
+        raise FederationError(f"handshake: {len(nodes)} of engine.expected_sites={expected} sites "
+                              f"connected within engine.handshake_timeout_s={timeout_s}")
+    return nodes
+
+
+def handshake(grid: Grid, restore_round: int | None = None, expected: int = 0,
+              timeout_s: float = 300.0) -> dict[int, SiteProfile]:
     """Ask every node for its site profile; a node that cannot answer stops the run.
     On resume, each site is also told to restore its own state of `restore_round`."""
-    nodes = list(grid.get_node_ids())
+    nodes = wait_for_nodes(grid, expected, timeout_s)
     content = RecordDict() if restore_round is None else RecordDict(
         {"config": ConfigRecord({RESTORE_KEY: restore_round})})
-    replies = grid.send_and_receive(
-        [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes])
+    replies = exchange(grid, [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes])
     profiles: dict[int, SiteProfile] = {}
     for msg in replies:
         node = msg.metadata.src_node_id
@@ -131,6 +152,11 @@ def handshake(grid: Grid, restore_round: int | None = None) -> dict[int, SitePro
     missing = set(nodes) - set(profiles)
     if missing:
         raise FederationError(f"handshake: no reply from nodes {sorted(missing)}")
+    sites = [p.site for p in profiles.values()]
+    twice = sorted({s for s in sites if sites.count(s) > 1})
+    if twice:
+        raise FederationError(f"handshake: sites {twice} answered from more than one node; "
+                              "each node must run a different site (node config 'site')")
     return dict(sorted(profiles.items(), key=lambda kv: kv[1].site))
 
 
@@ -144,9 +170,8 @@ def _parse_metrics(record: Any, into: dict[str, dict[str, float]]) -> None:
 def evaluate_all(grid: Grid, arrays: ArrayRecord, server_round: int, profiles: dict[int, SiteProfile],
                  timeout: float | None = None) -> tuple[list[SiteEvaluation], dict[str, str]]:
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
-    replies = list(grid.send_and_receive(
-        [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in profiles],
-        timeout=timeout))
+    replies = exchange(grid, [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
+                              for n in profiles], timeout)
     evals: dict[int, SiteEvaluation] = {}
     answered = {m.metadata.src_node_id for m in replies}
     failures: dict[str, str] = {profiles[n].site: f"no reply within {timeout} s" for n in profiles
@@ -172,7 +197,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, callbacks: Sequence[Callba
     and a checkpoint_dir, the server state is saved every k rounds and after the last one."""
     t_start = time.perf_counter()
     random.seed(cfg.seed)  # Flower's node sampling uses Python's global RNG
-    node_profiles = handshake(grid, restore_round=resume.round if resume else None)
+    node_profiles = handshake(grid, restore_round=resume.round if resume else None,
+                              expected=cfg.engine.expected_sites, timeout_s=cfg.engine.handshake_timeout_s)
     train_nodes = [n for n, p in node_profiles.items() if p.role == TRAIN]
     if not train_nodes:
         raise FederationError("no training sites answered the handshake")
@@ -211,7 +237,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, callbacks: Sequence[Callba
     for rnd in range(first, cfg.rounds + 1):
         t0 = time.perf_counter()
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), training_grid))
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies = exchange(grid, messages, timeout)
         answered = {m.metadata.src_node_id for m in replies}
         late = [node_profiles[m.metadata.dst_node_id].site for m in messages
                 if m.metadata.dst_node_id not in answered]

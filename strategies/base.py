@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from federated.config.schema import StrategyConfig
 from federated.models import group_of
+from federated.replies import error_reason
 from strategies.aggregation import groupwise_weighted_mean
 from strategies.validation import Rejection, validate_update
 
@@ -116,8 +117,7 @@ class MultiMedStrategy(FlowerFedAvg):
         for msg in replies:
             if msg.has_error():  # a failed site: counted by the round loop, nothing to validate
                 node = msg.metadata.src_node_id
-                first_line = (msg.error.reason or f"error code {msg.error.code}").strip().splitlines()[0]
-                failed.append(f"{self.site_names.get(node, str(node))} failed: {first_line}")
+                failed.append(f"{self.site_names.get(node, str(node))} failed: {error_reason(msg)}")
                 continue
             if _trained_nothing(msg):
                 idle += 1  # e.g. a site whose privacy budget is spent: it sends no update

@@ -232,6 +232,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
         ("engine.checkpoint_every", cfg.engine.checkpoint_every >= 0, "must be >= 0 (0 = off)"),
         ("engine.round_timeout_s", cfg.engine.round_timeout_s >= 0, "must be >= 0 (0 = wait for all)"),
+        ("engine.expected_sites", cfg.engine.expected_sites >= 0, "must be >= 0"),
+        ("engine.handshake_timeout_s", cfg.engine.handshake_timeout_s > 0, "must be > 0"),
         ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),
         ("attack.factor", cfg.attack.factor >= 0, "must be >= 0"),
         ("faults.kind", cfg.faults.kind in FAULT_KINDS, f"must be one of: {', '.join(FAULT_KINDS)}"),

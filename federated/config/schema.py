@@ -169,6 +169,10 @@ class EngineConfig:
     # A round's replies are awaited at most this long; later replies are discarded and the
     # round goes on with those that came (strategy.min_valid_replies still applies). 0 = wait.
     round_timeout_s: float = 0.0
+    # Deployment: wait until this many sites are connected before the handshake (0 = take
+    # the nodes connected when the run starts, as simulation engines register all up front).
+    expected_sites: int = 0
+    handshake_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)

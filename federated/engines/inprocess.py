@@ -22,6 +22,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 CLIENT_APP_RAISED_EXCEPTION = 2  # Flower's error code for "ClientApp raised an exception"
+FIRST_NODE_ID = SUPERLINK_NODE_ID + 1
 
 
 def claim_server_identity(run_id: int) -> None:
@@ -38,10 +39,10 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
         claim_server_identity(run_id)
-        # Node ids start at 1 (0 is Flower's SuperLink id), in plan order.
+        # Node ids in plan order, clear of Flower's SuperLink id (1 in flwr 1.42).
         self._contexts = {
-            i + 1: Context(run_id=run_id, node_id=i + 1, node_config=dict(nc), state=RecordDict(),
-                           run_config=dict(run_config))
+            FIRST_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_NODE_ID + i, node_config=dict(nc),
+                                       state=RecordDict(), run_config=dict(run_config))
             for i, nc in enumerate(node_configs)
         }
         self._replies: dict[str, Message] = {}

@@ -2,6 +2,7 @@
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from federated.engines.inprocess import InProcessGrid
 
@@ -26,11 +27,12 @@ def _ask(grid):
 
 def test_messages_reach_each_node_with_its_own_persistent_context():
     grid = InProcessGrid(toy, [{"partition-id": i} for i in range(3)], {"k": "v"})
-    assert list(grid.get_node_ids()) == [1, 2, 3]
+    a, b, c = nodes = list(grid.get_node_ids())
+    assert nodes == [a, a + 1, a + 2] and SUPERLINK_NODE_ID not in nodes
     _ask(grid)
     replies = _ask(grid)
-    assert replies[1].content["m"]["pid"] == 0 and replies[1].content["m"]["calls"] == 2
-    assert replies[2].content["m"]["pid"] == 1
-    assert replies[1].metadata.reply_to_message_id  # a proper reply
+    assert replies[a].content["m"]["pid"] == 0 and replies[a].content["m"]["calls"] == 2
+    assert replies[b].content["m"]["pid"] == 1
+    assert replies[a].metadata.reply_to_message_id  # a proper reply
     # a ClientApp that raises gives an error reply, not a crashed server
-    assert replies[3].has_error() and "site 2 is down" in replies[3].error.reason
+    assert replies[c].has_error() and "site 2 is down" in replies[c].error.reason
