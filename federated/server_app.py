@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from federated.config import config_from_yaml, load_config
 from federated.io import write_json
-from federated.outputs import build_summary, write_config
+from federated.outputs import build_summary, write_config, write_final_model
 from federated.tracking import MetricsTable, TensorBoardLogger
 
 app = ServerApp()
@@ -30,5 +30,9 @@ def main(grid: Grid, context: Context) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(out_dir, cfg)
     result = run_federation(grid, cfg, [MetricsTable(out_dir / "metrics.parquet"),
-                                        TensorBoardLogger(out_dir / "tensorboard")])
-    write_json(out_dir / "summary.json", build_summary(cfg, result, result.timing["wall_s"]))
+                                        TensorBoardLogger(out_dir / "tensorboard")],
+                            checkpoint_dir=out_dir)
+    summary = build_summary(cfg, result, result.timing["wall_s"])
+    summary["engine"] = f"flwr run ({type(grid).__name__})"  # not the config's in-process default
+    write_final_model(out_dir, result.arrays)
+    write_json(out_dir / "summary.json", summary)

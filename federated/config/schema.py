@@ -173,6 +173,7 @@ class EngineConfig:
     # the nodes connected when the run starts, as simulation engines register all up front).
     expected_sites: int = 0
     handshake_timeout_s: float = 300.0
+    ray_cpus: int = 0  # engine=ray: CPUs Ray may use (one per site at a time); 0 = all
 
 
 @dataclass(frozen=True)

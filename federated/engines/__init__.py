@@ -19,6 +19,13 @@ SITE_STATE_DIR = "site_state"
 ENGINES: Registry[Engine] = Registry("engine")
 
 
+@ENGINES.register("ray")
+def run_ray(*args, **kwargs) -> FederationResult:  # type: ignore[no-untyped-def]
+    from federated.engines.ray_engine import run_ray as run  # imports Ray only when used
+
+    return run(*args, **kwargs)
+
+
 @ENGINES.register("inprocess")
 def run_inprocess(cfg: ExperimentConfig, corpus_path: Path, n_sites: int, callbacks: Sequence[Callback],
                   out_dir: Path | None = None, resume: Checkpoint | None = None) -> FederationResult:
