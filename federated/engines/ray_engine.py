@@ -78,7 +78,10 @@ def run_ray(cfg: ExperimentConfig, corpus_path: Path, n_sites: int, callbacks: S
     try:
         run_simulation(server, WithRunConfig(client_app, run_config), num_supernodes=n_sites,
                        backend_name="ray",
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                       # max_restarts: Ray brings a killed site process back for the next
+                       # message (Flower passes client_resources to actor .options()).
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0,
+                                                            "max_restarts": -1},
                                        "init_args": {"num_cpus": cpus, "include_dashboard": False,
                                                      "logging_level": logging.ERROR}})
     finally:

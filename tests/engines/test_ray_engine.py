@@ -35,3 +35,19 @@ def test_ray_and_inprocess_give_the_same_run(tmp_path):
     assert len(joined) == len(ma) == len(mb)
     assert (joined["value_a"] - joined["value_b"]).abs().max() <= 1e-6
     assert not ray_processes()  # no Ray process outlives the run
+
+
+def test_a_site_killed_mid_round_is_counted_and_the_run_goes_on(tmp_path):
+    """faults.kind=exit kills the site's process (os._exit) while it trains in round 1."""
+    out = tmp_path / "kill"
+    overrides = [*THREE_SITES, "engine=ray", "faults.kind=exit", "faults.sites=[site_01]", "faults.rounds=[1]"]
+    assert main(["run", "--out", str(out), "--no-progress", *overrides]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rounds_completed"] == 2
+    assert "Actor" in s["failures"]["1"]["train:site_01"]  # Ray saw the process die
+    assert "2" not in s["failures"] or "train:site_01" not in s["failures"]["2"]  # restarted, back in round 2
+    m = pd.read_parquet(out / "metrics.parquet")
+    trained = m[m["metric"] == "train_loss"]
+    assert set(trained[trained["round"] == 1]["site"]) == {"site_00"}
+    assert set(trained[trained["round"] == 2]["site"]) == {"site_00", "site_01"}
+    assert not ray_processes()
