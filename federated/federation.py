@@ -126,8 +126,10 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
             break
         time.sleep(1.0)
     if len(nodes) < expected:
-        raise FederationError(f"handshake: {len(nodes)} of engine.expected_sites={expected} sites "
-                              f"connected within engine.handshake_timeout_s={timeout_s}")
+        raise FederationError(
+            f"handshake: {len(nodes)} of the {expected} planned sites connected within {timeout_s:g} s "
+            f"(engine.expected_sites / engine.handshake_timeout_s); under `flwr run`, start one "
+            f"SuperNode per site: --federation-config \"num-supernodes={expected}\"")
     return nodes
 
 

@@ -173,6 +173,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("model.tokens_per_modality", cfg.model.tokens_per_modality >= 1, "must be >= 1"),
         ("model.fusion_layers", cfg.model.fusion_layers >= 0, "must be >= 0"),
         ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "must be in [0, 1)"),
+        ("model.missing", cfg.model.missing in ("mask", "zeros"), "must be one of: mask, zeros"),
         ("train.local_epochs", cfg.train.local_epochs >= 1, "must be >= 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.lr", cfg.train.lr > 0, "must be > 0"),

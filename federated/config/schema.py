@@ -92,6 +92,9 @@ class ModelConfig:
     fusion_layers: int = 1
     heads: int = 4
     dropout: float = 0.0
+    # A sample's missing modality: "mask" (left out of fusion) or "zeros" (its zero input
+    # fused as if it were data; the ablation that shows what masking is worth).
+    missing: str = "mask"
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ class MultiMedModel(nn.Module):
             tok, pos = self.encoders[m](inputs[m])
             tokens.append(tok)
             ids.append(self.modality_names.index(m))
-            p = present.get(m) if present else None
+            p = present.get(m) if present and self.cfg.missing == "mask" else None
+            # missing="zeros" (an ablation): a missing modality's zeros are fused as if data
             masks.append(p if p is not None else torch.ones(tok.shape[0], dtype=torch.bool, device=tok.device))
             if pos is not None and spec.target == PER_RESIDUE:
                 positions = pos

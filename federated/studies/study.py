@@ -1,0 +1,64 @@
+"""`multimed-fl study NAME`: expand the grid, run it (resuming), write results and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from federated.io import atomic_write
+from federated.studies.report import write_report
+from federated.studies.runner import log_hparams, results_frame, run_jobs
+from federated.studies.spec import Study, load_study
+
+
+def generated_axes(study: Study, quick: bool) -> dict[str, dict[str, list[str]]]:
+    """Axes that depend on the site plan (built from the study's base config)."""
+    if not study.generated_axes:
+        return {}
+    from federated.config import load_config
+    from federated.corpus.cache import prepare_corpus
+    from federated.corpus.format import Corpus
+    from partitions.holdout import leave_one_site_out_overrides
+
+    cfg = load_config([*study.base, *(study.quick if quick else [])])
+    corpus = Corpus.open(prepare_corpus(cfg.corpus))
+    axes = {}
+    if "leave_one_site_out" in study.generated_axes:
+        axes["held_out"] = {ov[1].split("[", 1)[1].rstrip("]"): ov
+                            for ov in leave_one_site_out_overrides(corpus, cfg)}
+    return axes
+
+
+def run_study(name: str, out: Path, quick: bool = False, processes: int | None = None,
+              console: Console | None = None) -> pd.DataFrame:
+    study = load_study(name)
+    console = console or Console(stderr=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = generated_axes(study, quick)
+    runs = study.runs(quick, extra)
+    axes = [*study.axes, *extra]
+    n_proc = processes or study.processes
+    with Progress(TextColumn(f"study {study.name}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
+                  transient=False) as progress:
+        task = progress.add_task("", total=len(runs))
+
+        def done(run_id: str, ok: bool, error: str) -> None:
+            progress.update(task, advance=1, description=f"{'ok' if ok else 'FAILED'} {run_id}")
+
+        results = run_jobs([(r.run_id, r.overrides) for r in runs], out, n_proc, done)
+    df = results_frame(study, runs, results)
+    atomic_write(out / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
+    for run, row in zip(runs, df.to_dict("records")):
+        if results[run.run_id][2] or not (out / "tensorboard" / run.run_id).exists():
+            log_hparams(out, run, row)
+    command = f"multimed-fl study {study.name}{' --quick' if quick else ''} --out {out}"
+    write_report(study, df, axes, out, command)
+    ran = sum(1 for v in results.values() if v[2])
+    console.print(f"study {study.name}: {len(runs)} runs ({ran} run now, {len(runs) - ran} reused), "
+                  f"{int(df['error'].astype(bool).sum())} failed; report: {out / 'report.md'}")
+    return df
