@@ -62,9 +62,12 @@ def group_scores(evals: list[SiteEvaluation]) -> dict[str, Any]:
     return {"score": _nanmean(list(per_task.values())), "per_task": per_task}
 
 
+ID_ROLES = ("train", "id_eval")  # id_eval: a training site that does not train this run (local-only)
+
+
 def summarize(evals: list[SiteEvaluation], train_role: str = "train") -> dict[str, Any]:
-    id_scores = group_scores([e for e in evals if e.profile.role == train_role])
-    ood_scores = group_scores([e for e in evals if e.profile.role != train_role])
+    id_scores = group_scores([e for e in evals if e.profile.role in ID_ROLES])
+    ood_scores = group_scores([e for e in evals if e.profile.role not in ID_ROLES])
     shared = sorted(set(id_scores["per_task"]) & set(ood_scores["per_task"]))
     gap = _nanmean([id_scores["per_task"][t] - ood_scores["per_task"][t] for t in shared])
     personal = [SiteEvaluation(e.profile, e.personal) for e in evals

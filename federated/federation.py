@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.grid import Grid
 
+from federated.arrays import record_to_numpy
 from federated.checkpoint import (RESTORE_KEY, Checkpoint, python_rng_state,
                                   restore_python_rng, save_checkpoint)
 from federated.config.loader import config_to_yaml
@@ -269,7 +270,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, callbacks: Sequence[Callba
                 detail = "; ".join(f"{k}: {v}" for k, v in {**failures, **rejections}.items()) or "no replies"
                 raise FederationError(f"round {rnd}: no training update could be aggregated ({detail})")
         else:
-            bad = [k for k, a in new_arrays.items() if not np.isfinite(a.numpy()).all()]
+            bad = [k for k, a in record_to_numpy(new_arrays).items() if not np.isfinite(a).all()]
             if bad:  # defence in depth: validation should make this impossible
                 raise FederationError(f"round {rnd}: the aggregated model has non-finite values in "
                                       f"{bad[:3]}; refusing to continue with it")

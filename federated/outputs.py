@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from federated.config import ExperimentConfig, config_to_yaml
-from federated.evaluation import per_site_rows
+from federated.evaluation import ID_ROLES, per_site_rows
 from federated.federation import FederationResult, RoundRecord
 from federated.io import atomic_write_text
 
@@ -63,8 +63,8 @@ def print_report(summary: dict[str, Any], out_dir: Path, console: Console | None
     from federated.multimed import TASKS
 
     for t in TASKS.names():
-        id_sites = sum(t in r["tasks"] for r in sites if r["role"] == "train")
-        ood_sites = sum(t in r["tasks"] for r in sites if r["role"] != "train")
+        id_sites = sum(t in r["tasks"] for r in sites if r["role"] in ID_ROLES)
+        ood_sites = sum(t in r["tasks"] for r in sites if r["role"] not in ID_ROLES)
         if id_sites + ood_sites == 0:
             continue
         tasks.add_row(t, TASKS.get(t).primary_metric, _f(final["id"]["per_task"].get(t)),
@@ -74,7 +74,7 @@ def print_report(summary: dict[str, Any], out_dir: Path, console: Console | None
     for col in ("site", "role", "archetype", "tasks", "n_train", "n_test", "score"):
         table.add_column(col, justify="right" if col in ("tasks", "n_train", "n_test", "score") else "left")
     for row in sites:
-        table.add_row(row["site"], "ID" if row["role"] == "train" else "OOD", row["archetype"],
+        table.add_row(row["site"], {"train": "ID", "id_eval": "ID (eval)"}.get(row["role"], "OOD"), row["archetype"],
                       str(len(row["tasks"])), str(row["n_train"]), str(row["n_test"]), _f(row["score"]))
     console.print(table)
     console.print(

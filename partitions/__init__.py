@@ -11,5 +11,6 @@ from partitions import missing_modalities as _missing_modalities  # noqa: F401
 from partitions import acquisition_shift as _acquisition_shift  # noqa: F401
 from partitions import natural as _natural  # noqa: F401
 from partitions import random_mix as _random_mix  # noqa: F401
+from partitions import selection as _selection  # noqa: F401
 
 __all__ = ["HELD_OUT", "TRAIN", "PLANNERS", "STEPS", "PlanError", "SitePlan", "plan_sites"]

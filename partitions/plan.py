@@ -23,6 +23,7 @@ from federated.corpus.format import Corpus
 from federated.registry import Registry
 
 TRAIN, HELD_OUT = "train", "held_out"
+ID_EVAL = "id_eval"  # a training site that does not train this run: scored ID on its test split
 
 
 class PlanError(ValueError):

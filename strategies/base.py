@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from federated.config.schema import StrategyConfig
+from federated.arrays import record_to_numpy
 from federated.models import group_of
 from federated.replies import error_reason
 from strategies.aggregation import groupwise_weighted_mean
@@ -110,7 +111,7 @@ class MultiMedStrategy(FlowerFedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.current is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        current = {k: a.numpy() for k, a in self.current.items()}
+        current = record_to_numpy(self.current)
         self.last_rejections = []
         accepted: list[Update] = []
         idle, failed = 0, []
@@ -153,7 +154,7 @@ class MultiMedStrategy(FlowerFedAvg):
             return "no 'arrays' record in the reply"
         if "metrics" not in content.metric_records or self.weighted_by_key not in content["metrics"]:
             return f"no '{self.weighted_by_key}' in the reply's metrics"
-        update = {k: a.numpy() for k, a in content["arrays"].items()}
+        update = record_to_numpy(content["arrays"])
         n = float(content["metrics"][self.weighted_by_key])
         node = msg.metadata.src_node_id
         declared = self.declared_examples.get(node)

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from federated.config.schema import StrategyConfig
+from federated.arrays import record_to_numpy
 from federated.models import group_of
 from strategies.aggregation import groupwise_aggregate, weighted_mean
 from strategies.base import Arrays, MultiMedStrategy, Update
@@ -54,13 +55,13 @@ class Scaffold(MultiMedStrategy):
         record = msg.content.array_records.get(CONTROL_DELTA_RECORD)
         if record is None:
             return f"no '{CONTROL_DELTA_RECORD}' record (SCAFFOLD sites must send their control change)"
-        reason = validate_update({k: a.numpy() for k, a in record.items()}, current, parsed.num_examples, None)
+        reason = validate_update(record_to_numpy(record), current, parsed.num_examples, None)
         return f"control change: {reason}" if reason else parsed
 
     def aggregate_updates(self, current: Arrays, updates: list[Update]) -> Arrays:
         assert self.control is not None
         ys = [u.arrays for u in updates]
-        deltas = [{k: a.numpy() for k, a in u.message.content[CONTROL_DELTA_RECORD].items()} for u in updates]
+        deltas = [record_to_numpy(u.message.content[CONTROL_DELTA_RECORD]) for u in updates]
         trained = [{g: 1.0 for g, n in u.group_examples.items() if n > 0} for u in updates]
         mean_y = groupwise_aggregate(current, ys, trained, group_of, _mean)
         zeros = {k: np.zeros_like(v) for k, v in self.control.items()}

@@ -139,7 +139,7 @@ print(json.dumps({{"sites": n, "round_s": rounds, "peak_rss_mb": resource.getrus
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="smoke scale, 1 repeat, 2 rounds, no Ray, 50-site scale run")
+    p.add_argument("--quick", action="store_true", help="smoke scale, 1 repeat, 2 rounds, no Ray, 20-site scale run")
     p.add_argument("--no-ray", action="store_true")
     p.add_argument("--scale-sites", type=int, default=1000, help="0 skips the scale run")
     p.add_argument("--out", default=None)
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(REFERENCE)
     if args.quick:
         overrides += ["scale=smoke", "rounds=2"]
-        args.repeats, args.no_ray, args.scale_sites = 1, True, min(args.scale_sites, 50) if args.scale_sites else 0
+        args.repeats, args.no_ray, args.scale_sites = 1, True, min(args.scale_sites, 20) if args.scale_sites else 0
     import tempfile
 
     results: dict[str, list[float]] = {"plain": [], "inprocess": [], "inprocess_wall": []}

@@ -67,7 +67,15 @@ class SitesConfig:
     shift_severity: float = 0.0
     # Planner steps, applied in this order; each is skipped when its setting above is off.
     steps: List[str] = field(default_factory=lambda: [
-        "label_skew", "quantity_skew", "label_noise", "missing_modalities", "acquisition_shift"])
+        "tasks_only", "train_only", "pool", "label_skew", "quantity_skew", "label_noise",
+        "missing_modalities", "unimodal", "acquisition_shift"])
+    # Study selections (partitions/selection.py): only these tasks; only these training sites
+    # (local-only runs); all training sites pooled into one (centralised); multimodal tasks
+    # read their first modality only.
+    tasks_only: List[str] = field(default_factory=list)
+    train_only: List[str] = field(default_factory=list)
+    pooled: bool = False
+    unimodal: bool = False
     # Which sites are held out (partitions/holdout.py): listed | named | random | archetype.
     holdout: str = "listed"
     holdout_sites: List[str] = field(default_factory=list)  # holdout=named: site ids / origins

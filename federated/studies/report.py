@@ -95,6 +95,17 @@ def plot_per_site(df: pd.DataFrame, path: Path, title: str) -> bool:
     return True
 
 
+def per_task_arms(df: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """ID score per task (rows) and arm (columns), mean over seeds; an arm's "arm:task" runs
+    each contribute their own task."""
+    ok = df[df["id"].notna()].copy()
+    ok["arm"] = ok[axis].astype(str).str.split(":").str[0]
+    cols = [c for c in ok if c.startswith("id/")]
+    table = ok.groupby("arm", sort=False)[cols].mean().T
+    table.index = [c.removeprefix("id/") for c in table.index]
+    return table
+
+
 def write_report(study: Study, df: pd.DataFrame, axes: list[str], out: Path, command: str) -> pd.DataFrame:
     summary = summarize(df, axes)
     atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
@@ -106,11 +117,24 @@ def write_report(study: Study, df: pd.DataFrame, axes: list[str], out: Path, com
         plots.append(("scores.png", "ID and OOD score per condition (mean ± sd over seeds)"))
     if "held_out" in axes and plot_per_site(df, out / "ood_per_site.png", f"{study.title}: each site held out"):
         plots.append(("ood_per_site.png", "OOD score of each site when it is held out"))
+    extra_tables = []
+    if study.per_task_arms and axes and len(df) and df["id"].notna().any():
+        arms = per_task_arms(df, axes[0])
+        atomic_write(out / "per_task.csv", lambda tmp: arms.to_csv(tmp, index_label="task"))
+        complete = arms.dropna()
+        head = "| task | " + " | ".join(arms.columns) + " |"
+        rows = [head, "|" + "---|" * (len(arms.columns) + 1)]
+        rows += [f"| {t} | " + " | ".join("-" if pd.isna(v) else f"{v:.3f}" for v in r) + " |"
+                 for t, r in arms.iterrows()]
+        rows.append(f"| mean over the {len(complete)} tasks every arm scored | "
+                    + " | ".join(f"{complete[c].mean():.3f}" for c in arms.columns) + " |")
+        extra_tables = ["## ID score per task and arm (mean over seeds)", "", *rows, ""]
+        atomic_write_text(out / "per_task.md", "\n".join(rows) + "\n")
     failed = df[df["error"].astype(bool)] if "error" in df else df.iloc[0:0]
     lines = [f"# {study.title}", "", study.description, "", f"Command: `{command}`", "",
              f"{len(df)} runs ({df['seed'].nunique() if len(df) else 0} seeds per condition), "
              f"{len(failed)} failed. Scores are the mean over tasks of each task's primary metric "
-             "mapped to [0, 1]; ± is the standard deviation over seeds.", "", table, ""]
+             "mapped to [0, 1]; ± is the standard deviation over seeds.", "", table, "", *extra_tables]
     for name, caption in plots:
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     if len(failed):

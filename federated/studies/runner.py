@@ -79,7 +79,7 @@ def result_row(run: Run, summary: dict | None, error: str) -> dict[str, Any]:
             for task, value in final[group]["per_task"].items():
                 row[f"{group}/{task}"] = value
         for site in summary["per_site"]:
-            if site["role"] != "train":
+            if site["role"] == "held_out":
                 row[f"ood_site/{site['site']}"] = site["score"]
     return row
 

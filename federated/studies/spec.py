@@ -28,8 +28,8 @@ import yaml
 
 STUDY_DIR_ENV = "MULTIMED_FL_STUDIES"
 KEYS = {"name", "title", "description", "base", "quick", "seeds", "quick_seeds", "axes",
-        "generated_axes", "plot", "processes", "quick_axes"}
-GENERATORS = ("leave_one_site_out",)
+        "generated_axes", "plot", "processes", "quick_axes", "per_task_arms"}
+GENERATORS = ("leave_one_site_out", "local_sites")
 
 
 class StudyError(ValueError):
@@ -60,10 +60,15 @@ class Study:
     generated_axes: list[str]
     plot: dict[str, Any] = field(default_factory=dict)
     processes: int = 2
+    # Report a task x arm table: labels "arm:task" of the first axis are one arm's runs of a
+    # single task (e.g. single-task models), other labels are arms of their own.
+    per_task_arms: bool = False
     path: Path | None = None
 
     def runs(self, quick: bool = False, generated: dict[str, dict[str, list[str]]] | None = None) -> list[Run]:
-        axes = {**self.axes, **(generated or {})}
+        axes = {a: dict(v) for a, v in self.axes.items()}
+        for a, values in (generated or {}).items():  # generated values join a static axis
+            axes.setdefault(a, {}).update(values)
         if quick:
             axes = {a: {k: v for k, v in vals.items() if a not in self.quick_axes or k in self.quick_axes[a]}
                     for a, vals in axes.items()}
@@ -135,4 +140,4 @@ def load_study(name_or_path: str) -> Study:
         quick=overrides(raw.get("quick"), "quick"), seeds=int(raw.get("seeds", 3)),
         quick_seeds=int(raw.get("quick_seeds", 1)), axes=axes, quick_axes=quick_axes,
         generated_axes=generated, plot=dict(raw.get("plot") or {}), processes=int(raw.get("processes", 2)),
-        path=path)
+        per_task_arms=bool(raw.get("per_task_arms", False)), path=path)

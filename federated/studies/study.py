@@ -25,7 +25,12 @@ def generated_axes(study: Study, quick: bool) -> dict[str, dict[str, list[str]]]
 
     cfg = load_config([*study.base, *(study.quick if quick else [])])
     corpus = Corpus.open(prepare_corpus(cfg.corpus))
-    axes = {}
+    axes: dict[str, dict[str, list[str]]] = {}
+    if "local_sites" in study.generated_axes:  # one local-only run per training site
+        from partitions import plan_sites
+
+        axes["training"] = {f"local:{p.site}": [f"sites.train_only=[{p.site}]"]
+                            for p in plan_sites(corpus, cfg) if p.role == "train"}
     if "leave_one_site_out" in study.generated_axes:
         axes["held_out"] = {ov[1].split("[", 1)[1].rstrip("]"): ov
                             for ov in leave_one_site_out_overrides(corpus, cfg)}
@@ -40,7 +45,7 @@ def run_study(name: str, out: Path, quick: bool = False, processes: int | None =
     out.mkdir(parents=True, exist_ok=True)
     extra = generated_axes(study, quick)
     runs = study.runs(quick, extra)
-    axes = [*study.axes, *extra]
+    axes = list(dict.fromkeys([*study.axes, *extra]))
     n_proc = processes or study.processes
     with Progress(TextColumn(f"study {study.name}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
