@@ -20,13 +20,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CorpusFormatError, 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from clients.site_runtime import SiteConfigError
     from federated.checkpoint import CheckpointError
+    from federated.studies.spec import StudyError
+    from federated.engines.deployment import DeploymentError
     from federated.federation import FederationError
     from federated.runner import RunError
     from partitions import PlanError
     from strategies import TooFewValidReplies
 
     return (*USER_ERRORS, PlanError, RunError, FederationError, SiteConfigError, TooFewValidReplies,
-            CheckpointError)
+            CheckpointError, DeploymentError, StudyError)
 
 
 def _quiet_flower() -> None:
@@ -53,6 +55,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_experiment(cfg, out, overwrite=args.overwrite, progress=not args.no_progress,
                              console=Console(stderr=True), resume=bool(args.resume))
     print_report(summary, Path(out), console)
+    return 0
+
+
+def cmd_deploy_demo(args: argparse.Namespace) -> int:
+    from federated.engines.deployment import deploy_demo
+
+    def say(line: str) -> None:
+        print(f"[deploy] {line}", flush=True)
+
+    try:
+        deploy_demo(args.sites, args.out, args.overrides, clientapp=args.clientapp,
+                    superlink_port=args.superlink_port, timeout_s=args.timeout, say=say)
+    except KeyboardInterrupt:
+        print("multimed-fl: deploy interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -128,6 +145,21 @@ def cmd_corpus_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from federated.studies.study import run_study
+
+    df = run_study(args.name, Path(args.out), quick=args.quick, processes=args.processes)
+    print((Path(args.out) / "summary.md").read_text(), end="")
+    return 1 if df["error"].astype(bool).any() else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from federated.bench import run_benchmarks
+
+    results = run_benchmarks(Path(args.out), quick=args.quick, names=args.only or None)
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimed-fl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +173,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="config overrides: group=name (e.g. scale=smoke) or a.b=value")
     run.set_defaults(func=cmd_run)
+
+    study = sub.add_parser("study", help="run a study (a grid of runs over seeds) and write its report")
+    study.add_argument("name", help="a study in experiments/studies/ (e.g. leave_one_site_out) or a YAML path")
+    study.add_argument("--out", required=True, help="output folder (an interrupted study resumes here)")
+    study.add_argument("--quick", action="store_true", help="the study's small variant (minutes)")
+    study.add_argument("--processes", type=int, default=None, help="runs in parallel (default: the study's, 2)")
+    study.set_defaults(func=cmd_study)
+
+    bench = sub.add_parser("bench", help="run every benchmark in experiments/bench/; write bench.json and bench.md")
+    bench.add_argument("--out", required=True)
+    bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    bench.add_argument("--only", nargs="*", help="only these benchmarks")
+    bench.set_defaults(func=cmd_bench)
+
+    deploy = sub.add_parser("deploy", help="run the apps as a real Flower deployment (SuperLink, SuperNodes)")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    demo = deploy_sub.add_parser(
+        "demo", help="SuperLink with TLS + SuperNode auth and one SuperNode per site on this machine "
+        "(loopback); runs the experiment with `flwr run` and writes its outputs to --out")
+    demo.add_argument("--sites", type=int, required=True, help="number of sites (SuperNodes)")
+    demo.add_argument("--out", required=True, help="output folder; logs and keys go to OUT/deploy")
+    demo.add_argument("--clientapp", choices=["worker", "subprocess"], default="worker",
+                      help="worker: one long-lived ClientApp process per SuperNode (default); "
+                      "subprocess: Flower's one ClientApp process per message")
+    demo.add_argument("--superlink-port", type=int, default=0, help="SuperLink port (default: a free one)")
+    demo.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    demo.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="config overrides (default plan: random_mix of --sites sites, one held out)")
+    demo.set_defaults(func=cmd_deploy_demo)
 
     config = sub.add_parser("config", help="inspect the resolved configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)

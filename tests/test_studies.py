@@ -87,3 +87,9 @@ def test_a_study_writes_one_row_per_run_resumes_and_plots(tmp_path):
     assert {r: os.path.getmtime(out / "runs" / r / "summary.json") for r in kept} == kept
     again = pd.read_csv(out / "results.csv")
     assert len(again) == 4
+
+
+def test_study_command_refuses_an_unknown_study(tmp_path):
+    from federated.cli import main
+
+    assert main(["study", "nope", "--out", str(tmp_path / "x")]) == 2
