@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -74,7 +73,7 @@ def plain_loop(overrides: list[str]) -> float:
         evaluate_site(model, data)
     for rnd in range(1, cfg.rounds + 1):
         states, weights = [], []
-        for i, (plan, data, model) in enumerate(sites):
+        for i, (_plan, data, model) in enumerate(sites):
             model.load_state_dict(global_state)
             result = train_local(model, data, cfg.train, seed=1000 * rnd + i)
             states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
