@@ -21,6 +21,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from clients.site_runtime import SiteConfigError
     from federated.checkpoint import CheckpointError
     from federated.studies.spec import StudyError
+    from federated.corpus.ingest import IngestError
     from federated.engines.deployment import DeploymentError
     from federated.federation import FederationError
     from federated.runner import RunError
@@ -28,7 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from strategies import TooFewValidReplies
 
     return (*USER_ERRORS, PlanError, RunError, FederationError, SiteConfigError, TooFewValidReplies,
-            CheckpointError, DeploymentError, StudyError)
+            CheckpointError, DeploymentError, StudyError, IngestError)
 
 
 def _quiet_flower() -> None:
@@ -112,6 +113,14 @@ def cmd_corpus_build(args: argparse.Namespace) -> int:
     cfg = load_config(args.overrides)
     path = build_synthetic_corpus(Path(args.out), generator_config(cfg.corpus), overwrite=args.overwrite)
     print(f"wrote synthetic corpus to {path}")
+    return cmd_corpus_info(argparse.Namespace(dir=str(path)))
+
+
+def cmd_corpus_ingest(args: argparse.Namespace) -> int:
+    from federated.corpus.ingest.spec import run_spec
+
+    path, skipped = run_spec(args.spec, args.out, overwrite=args.overwrite)
+    print(f"wrote {path}" + (f" ({len(skipped)} items skipped, listed in spec.json provenance)" if skipped else ""))
     return cmd_corpus_info(argparse.Namespace(dir=str(path)))
 
 
@@ -224,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("overrides", nargs="*", metavar="key=value",
                        help="e.g. corpus.samples_per_task_site=200 corpus.seed=3")
     build.set_defaults(func=cmd_corpus_build)
+    ingest = corpus_sub.add_parser("ingest", help="turn datasets in their own formats into a corpus")
+    ingest.add_argument("spec", help="an ingest spec (YAML): sources and their adapters")
+    ingest.add_argument("--out", required=True, help="the corpus folder to write (atomically)")
+    ingest.add_argument("--overwrite", action="store_true")
+    ingest.set_defaults(func=cmd_corpus_ingest)
     info = corpus_sub.add_parser("info", help="describe a corpus folder")
     info.add_argument("dir")
     info.set_defaults(func=cmd_corpus_info)

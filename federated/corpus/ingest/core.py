@@ -1,0 +1,118 @@
+"""What every adapter shares: collecting samples, reporting problems, writing the corpus."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from federated.corpus.format import index_column, write_corpus
+from federated.multimed import MODALITIES, REGRESSION, TASKS
+from federated.registry import Registry
+
+
+class IngestError(ValueError):
+    """Bad input data; the message names the file (and row) and what is wrong with it."""
+
+
+@dataclass
+class Problems:
+    """Stop at the first problem (on_error=stop) or record it and skip the item (skip)."""
+
+    on_error: str = "stop"
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def report(self, where: str | Path, reason: str) -> None:
+        if self.on_error == "stop":
+            raise IngestError(f"{where}: {reason}")
+        self.skipped.append({"item": str(where), "reason": reason})
+
+
+@dataclass
+class SampleSet:
+    """Samples of one task, as adapters produce them (inputs at the corpus's shapes)."""
+
+    task: str
+    inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    targets: list[np.ndarray] = field(default_factory=list)
+    origin_sites: list[str] = field(default_factory=list)
+    patient_ids: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def add(self, inputs: dict[str, np.ndarray], target: Any, origin_site: str, patient_id: str,
+            source: str) -> None:
+        spec = TASKS.get(self.task)
+        for m, x in inputs.items():
+            if m not in spec.inputs:
+                raise ValueError(f"task {self.task} has no input {m!r}")
+            shape = MODALITIES.get(m).shape
+            if tuple(x.shape) != tuple(shape):
+                raise ValueError(f"{m} sample of shape {tuple(x.shape)}, expected {tuple(shape)}")
+            self.inputs.setdefault(m, []).append(x.astype(MODALITIES.get(m).dtype))
+        self.targets.append(np.asarray(target))
+        self.origin_sites.append(origin_site)
+        self.patient_ids.append(patient_id)
+        self.sources.append(source)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+Adapter = Callable[[dict[str, Any], Path, Problems], SampleSet]
+ADAPTERS: Registry[Adapter] = Registry("ingest adapter")
+
+
+def check_classes(samples: SampleSet, declared: set[str], where: str, problems: Problems) -> None:
+    """Every class the source declares must have samples (nnU-Net-style empty-class check);
+    a source may cover only some of a task's classes (e.g. tumour yes/no)."""
+    spec = TASKS.get(samples.task)
+    if not spec.is_classification:
+        return
+    seen = {spec.classes[int(t)] for t in samples.targets}
+    empty = sorted(declared - seen)
+    if empty:
+        problems.report(where, f"declared class(es) {empty} of task {samples.task} have no sample")
+
+
+def ingest(sets: list[SampleSet], out_dir: Path, name: str, provenance: dict[str, Any],
+           test_fraction: float = 0.2, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the samples as one corpus. The split is by patient (a patient's samples stay on
+    one side), drawn with `seed`; `dataset` is the source of each sample."""
+    rows, arrays, targets = [], {m: [] for m in MODALITIES.names()}, {}
+    rng = np.random.default_rng(seed)
+    for s in sets:
+        if not len(s):
+            raise IngestError(f"task {s.task}: no sample was ingested (every item was skipped?)")
+        patients = sorted(set(s.patient_ids))
+        test = set(rng.choice(patients, size=max(1, round(test_fraction * len(patients))), replace=False)) \
+            if len(patients) > 1 else set()
+        spec = TASKS.get(s.task)
+        target_offset = len(targets.get(s.task, []))
+        targets.setdefault(s.task, []).extend(s.targets)
+        for i in range(len(s)):
+            row = {"sample_id": f"{s.task}/{target_offset + i:07d}", "dataset": s.sources[i], "task": s.task,
+                   "patient_id": s.patient_ids[i], "origin_site": s.origin_sites[i],
+                   "split": "test" if s.patient_ids[i] in test else "train",
+                   "label": float(s.targets[i]) if np.ndim(s.targets[i]) == 0 else np.nan,
+                   "target_row": target_offset + i}
+            for m in spec.inputs:
+                col = index_column(m)
+                if m in s.inputs:
+                    row[col] = len(arrays[m])
+                    arrays[m].append(s.inputs[m][i])
+                else:
+                    row[col] = -1
+            rows.append(row)
+    manifest = pd.DataFrame(rows)
+    for col in [c for c in manifest if c.startswith("idx_")]:  # tasks differ in their inputs
+        manifest[col] = manifest[col].fillna(-1).astype("int64")
+    out_arrays = {m: np.stack(v) for m, v in arrays.items() if v}
+    out_targets = {}
+    for t, v in targets.items():
+        dtype = np.float32 if TASKS.get(t).target == REGRESSION else np.int64
+        out_targets[t] = np.stack(v).astype(dtype)
+    return write_corpus(out_dir, manifest, out_arrays, out_targets, name, provenance, overwrite=overwrite)
