@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from federated.corpus.ingest.core import ADAPTERS, Problems, SampleSet, check_classes
+from federated.corpus.ingest.core import ADAPTERS, Problems, SampleSet
 from federated.multimed import IMAGE, MODALITIES, TASKS
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
