@@ -16,8 +16,8 @@ import numpy as np
 
 from federated.corpus.format import Corpus
 from partitions.index import manifest_index
-from partitions.plan import STEPS, TRAIN, SitePlan, Step
-from partitions.steps import class_count, step_rng
+from partitions.plan import STEPS, SitePlan, Step
+from partitions.steps import at_training_sites, class_count, step_rng
 
 
 def transition_matrix(n_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -33,11 +33,7 @@ def transition_matrix(n_classes: int, rate: float, rng: np.random.Generator) -> 
 def apply_label_noise(plans: list[SitePlan], corpus: Corpus, rate: float, seed: int) -> list[SitePlan]:
     labels = corpus.manifest["label"].to_numpy()
     index = manifest_index(corpus)
-    out = []
-    for p in plans:
-        if p.role != TRAIN:
-            out.append(p)
-            continue
+    def relabel(p: SitePlan) -> SitePlan:
         noisy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for t in p.tasks:
             n_classes = class_count(t)
@@ -51,8 +47,8 @@ def apply_label_noise(plans: list[SitePlan], corpus: Corpus, rate: float, seed: 
             new = (u[:, None] > np.cumsum(matrix[true], axis=1)).sum(axis=1)
             changed = new != true
             noisy[t] = (rows[changed], new[changed])
-        out.append(dataclasses.replace(p, relabelled=noisy))
-    return out
+        return dataclasses.replace(p, relabelled=noisy)
+    return at_training_sites(plans, relabel)
 
 
 STEPS.add("label_noise", Step(

@@ -23,8 +23,8 @@ import numpy as np
 from federated.corpus.format import Corpus
 from federated.config.schema import ExperimentConfig
 from partitions.index import manifest_index
-from partitions.plan import STEPS, TRAIN, PlanError, SitePlan, Step
-from partitions.steps import class_count, step_rng
+from partitions.plan import STEPS, PlanError, SitePlan, Step
+from partitions.steps import at_training_sites, class_count, step_rng
 
 
 def _rng(seed: int, site: str, task: str) -> np.random.Generator:
@@ -44,11 +44,7 @@ def apply_label_skew(plans: list[SitePlan], corpus: Corpus, alpha: float, seed: 
         raise PlanError(f"sites.label_skew_alpha must be > 0 (got {alpha}); omit it for no skew")
     labels = corpus.manifest["label"].to_numpy()
     index = manifest_index(corpus)
-    out = []
-    for plan in plans:
-        if plan.role != TRAIN:
-            out.append(plan)
-            continue
+    def skew(plan: SitePlan) -> SitePlan:
         keep_train = np.ones(len(plan.train_rows), dtype=bool)
         keep_test = np.ones(len(plan.test_rows), dtype=bool)
         for t in plan.tasks:
@@ -62,9 +58,9 @@ def apply_label_skew(plans: list[SitePlan], corpus: Corpus, alpha: float, seed: 
                 cls = labels[rows[of_task]].astype(np.int64)
                 u = draw.random(len(of_task))
                 keep[of_task[u >= frac[np.clip(cls, 0, n_classes - 1)]]] = False
-        out.append(dataclasses.replace(plan, train_rows=plan.train_rows[keep_train],
-                                       test_rows=plan.test_rows[keep_test]))
-    return out
+        return dataclasses.replace(plan, train_rows=plan.train_rows[keep_train],
+                                       test_rows=plan.test_rows[keep_test])
+    return at_training_sites(plans, skew)
 
 
 def apply_pathological_skew(plans: list[SitePlan], corpus: Corpus, k: int, seed: int) -> list[SitePlan]:
@@ -73,11 +69,7 @@ def apply_pathological_skew(plans: list[SitePlan], corpus: Corpus, k: int, seed:
         raise PlanError(f"sites.label_skew_classes must be >= 1 (got {k}); omit it for no skew")
     labels = corpus.manifest["label"].to_numpy()
     index = manifest_index(corpus)
-    out = []
-    for plan in plans:
-        if plan.role != TRAIN:
-            out.append(plan)
-            continue
+    def keep_k_classes(plan: SitePlan) -> SitePlan:
         kept = {}
         for split, rows in (("train", plan.train_rows), ("test", plan.test_rows)):
             keep = np.ones(len(rows), dtype=bool)
@@ -89,8 +81,8 @@ def apply_pathological_skew(plans: list[SitePlan], corpus: Corpus, k: int, seed:
                 of_task = index.task_rows(rows, t)
                 keep[of_task] = np.isin(labels[rows[of_task]], chosen)
             kept[split] = rows[keep]
-        out.append(dataclasses.replace(plan, train_rows=kept["train"], test_rows=kept["test"]))
-    return out
+        return dataclasses.replace(plan, train_rows=kept["train"], test_rows=kept["test"])
+    return at_training_sites(plans, keep_k_classes)
 
 
 def _apply(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:

@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 
 from federated.multimed import BINARY, CLOSED_SET, MULTICLASS, TASKS
+from partitions.plan import TRAIN
 
 
 def step_rng(seed: int, *keys: str) -> np.random.Generator:
@@ -23,3 +24,8 @@ def class_count(task: str) -> int | None:
     if spec.target in (MULTICLASS, CLOSED_SET):
         return len(spec.classes)
     return None
+
+
+def at_training_sites(plans: list, change) -> list:  # type: ignore[no-untyped-def]
+    """Apply `change` to each training site's plan; other sites are scored as they are."""
+    return [change(p) if p.role == TRAIN else p for p in plans]
