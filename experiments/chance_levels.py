@@ -21,7 +21,7 @@ from federated.corpus.format import Corpus
 from federated.evaluation import SiteEvaluation, SiteProfile, group_scores
 from federated.metrics import task_metrics, unit_score
 from federated.multimed import (BINARY, CLOSED_SET, MULTICLASS, MULTILABEL, PER_RESIDUE,
-                                REGRESSION, TASKS)
+                                REGRESSION, MULTIMED_TASKS, TASKS)
 from partitions import TRAIN, plan_sites
 
 
@@ -88,7 +88,7 @@ def main(overrides: list[str]) -> None:
     print(f"{'task':32s} {'metric':11s} {'ID const':>9s} {'ID rand':>8s} {'OOD const':>10s} {'OOD rand':>9s}")
     summary = {k: {g: group_scores([e for e in v if (e.profile.role == TRAIN) == (g == "id")])
                    for g in ("id", "ood")} for k, v in rows.items()}
-    for t in TASKS.names():
+    for t in MULTIMED_TASKS:
         vals = [summary[k][g]["per_task"].get(t, float("nan")) for g in ("id", "ood") for k in ("constant", "random")]
         print(f"{t:32s} {TASKS.get(t).primary_metric:11s} " + " ".join(f"{v:9.3f}" for v in vals))
 

@@ -50,6 +50,7 @@ class Task:
     label_shape: tuple[int, ...] = ()  # per-sample label array shape
     unit: str = ""  # regression targets only
     real_source: str = ""
+    multimed: bool = True  # one of MultiMed's 11 tasks; False: a real-data extension task
 
     @property
     def primary_metric(self) -> str:
@@ -111,6 +112,23 @@ for _t in (
          SECONDARY_STRUCTURE, label_shape=(64,), real_source="FASTA + per-residue labels"),
     Task("medical_vqa", ("xray", "text"), CLOSED_SET, ("accuracy",),
          ("no", "yes", "0", "1", "2", "3", "4"), real_source="JSON/JSONL + images"),
+):
+    TASKS.add(_t.name, _t)
+
+# MultiMed's own 11 tasks: what the synthetic corpus generates and the studies compare.
+MULTIMED_TASKS: tuple[str, ...] = tuple(TASKS.names())
+
+# Extension tasks: real data that ships in registry packages (the real_mini study) but matches
+# no MultiMed task exactly. Mapping Br35H's "tumour: yes" onto one of MultiMed's four tumour
+# types, or a trial's birthweight onto bone age, would be wrong, so they get tasks of their own.
+# They reuse MultiMed's encoders (mri, tabular): only their heads are new.
+for _t in (
+    Task("brain_tumor_detection", ("mri",), BINARY, ("auroc", "accuracy"), ("no_tumor", "tumor"),
+         real_source="JPEG class folders (Br35H)", multimed=False),
+    Task("birthweight", ("tabular",), REGRESSION, ("mae",), unit="grams",
+         real_source="CSV with a clinic column (OPT trial)", multimed=False),
+    Task("preterm_birth", ("tabular",), BINARY, ("auroc", "accuracy"), ("term", "preterm"),
+         real_source="CSV with a clinic column (OPT trial)", multimed=False),
 ):
     TASKS.add(_t.name, _t)
 

@@ -32,7 +32,7 @@ import pandas as pd
 
 from federated.config import load_config
 from federated.corpus.format import Corpus
-from federated.multimed import MODALITIES, TASKS
+from federated.multimed import MODALITIES, MULTIMED_TASKS, TASKS
 from partitions import plan_sites
 from partitions.plan import SitePlan
 
@@ -44,7 +44,7 @@ STEPS_ON = ["sites.label_skew_alpha=0.5", "sites.quantity_skew_sigma=1.0", "site
 def make_manifest(n_rows: int, n_origins: int, seed: int) -> pd.DataFrame:
     """Rows spread evenly over origins and tasks, 20% test, class labels per task."""
     rng = np.random.default_rng(seed)
-    tasks = np.array(TASKS.names())
+    tasks = np.array(MULTIMED_TASKS)
     task_idx = rng.integers(0, len(tasks), size=n_rows)
     n_classes = np.array([max(len(TASKS.get(t).classes), 1) for t in tasks])
     labels = np.floor(rng.random(n_rows) * n_classes[task_idx])
@@ -66,7 +66,7 @@ def plan_bytes(plans: list[SitePlan]) -> int:
 def copy_bytes(manifest: pd.DataFrame, plans: list[SitePlan]) -> int:
     """What the sites' samples would take as copies: each row's task inputs at corpus shape."""
     per_task = {t: sum(int(np.prod(MODALITIES.get(m).shape)) * np.dtype(MODALITIES.get(m).dtype).itemsize
-                       for m in TASKS.get(t).inputs) for t in TASKS.names()}
+                       for m in TASKS.get(t).inputs) for t in MULTIMED_TASKS}
     tasks = manifest["task"].to_numpy()
     rows = np.concatenate([np.concatenate([p.train_rows, p.test_rows]) for p in plans])
     return int(pd.Series(tasks[rows]).map(per_task).sum())
@@ -102,12 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config([*overrides, *STEPS_ON, f"corpus.seed={args.seed}"])
         times, plans = [], []
         for _ in range(args.repeats):
-            corpus = Corpus.from_manifest(manifest, TASKS.names())  # fresh: index built each time
+            corpus = Corpus.from_manifest(manifest, MULTIMED_TASKS)  # fresh: index built each time
             t0 = time.perf_counter()
             plans = plan_sites(corpus, cfg)
             times.append(time.perf_counter() - t0)
         tracemalloc.start()
-        plan_sites(Corpus.from_manifest(manifest, TASKS.names()), cfg)
+        plan_sites(Corpus.from_manifest(manifest, MULTIMED_TASKS), cfg)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         median = statistics.median(times)

@@ -15,7 +15,7 @@ from federated.corpus.format import BASE_COLUMNS, Corpus, CorpusFormatError, ind
 from federated.corpus.synthetic import GeneratorConfig, build_synthetic_corpus, generate
 from federated.corpus.synthetic import vocabulary as voc
 from federated.multimed import (
-    CLOSED_SET, IGNORE_LABEL, MODALITIES, MULTILABEL, PAD_TOKEN, PER_RESIDUE, REGRESSION, TASKS,
+    CLOSED_SET, IGNORE_LABEL, MODALITIES, MULTILABEL, PAD_TOKEN, PER_RESIDUE, REGRESSION, MULTIMED_TASKS,
     modality, task,
 )
 
@@ -46,7 +46,7 @@ def test_every_modality_at_registry_shape_and_dtype(small: Generated) -> None:
 
 def test_every_task_target_has_its_type(small: Generated) -> None:
     manifest, _, targets = small
-    assert set(targets) == set(TASKS.names())
+    assert set(targets) == set(MULTIMED_TASKS)
     for t, y in targets.items():
         spec = task(t)
         rows = manifest[manifest["task"] == t].sort_values("target_row")
@@ -70,7 +70,7 @@ def test_manifest_columns_counts_and_splits(small: Generated) -> None:
     manifest, arrays, targets = small
     for col in (*BASE_COLUMNS, *(index_column(m) for m in MODALITIES)):
         assert col in manifest.columns, col
-    assert len(manifest) == len(TASKS) * SMALL.n_origin_sites * SMALL.samples_per_task_site
+    assert len(manifest) == len(MULTIMED_TASKS) * SMALL.n_origin_sites * SMALL.samples_per_task_site
     assert manifest["sample_id"].is_unique and manifest["patient_id"].is_unique
     assert sorted(manifest["origin_site"].unique()) == ["site_00", "site_01", "site_02"]
     per_cell = manifest.groupby(["task", "origin_site"])["split"]
@@ -78,7 +78,7 @@ def test_manifest_columns_counts_and_splits(small: Generated) -> None:
     assert (per_cell.apply(lambda s: (s == "test").sum()) == SMALL.n_test()).all()
     assert set(manifest["split"]) == {"train", "test"}
     assert (manifest["dataset"] == "synthetic_" + manifest["task"]).all()
-    for t in TASKS.names():
+    for t in MULTIMED_TASKS:
         rows = manifest[manifest["task"] == t]
         assert sorted(rows["target_row"]) == list(range(len(targets[t])))
         for m in MODALITIES:

@@ -5,7 +5,7 @@ import pytest
 
 from federated.config import load_config
 from federated.corpus.format import Corpus
-from federated.multimed import TASKS
+from federated.multimed import MULTIMED_TASKS
 from partitions import PlanError, plan_sites
 from partitions.random_mix import draw_task_mix
 
@@ -15,8 +15,8 @@ MIX = ["scale=smoke", "sites.planner=random_mix", "sites.holdout=random", "sites
 def test_every_held_task_reaches_the_minimum_overlap():
     rng = np.random.default_rng(0)
     for min_overlap in (1, 2, 4):
-        mix = draw_task_mix(TASKS.names(), 12, 2, min_overlap, rng)
-        holders = {t: sum(t in s for s in mix) for t in TASKS.names()}
+        mix = draw_task_mix(MULTIMED_TASKS, 12, 2, min_overlap, rng)
+        holders = {t: sum(t in s for s in mix) for t in MULTIMED_TASKS}
         assert all(n == 0 or n >= min_overlap for n in holders.values()), holders
         assert all(len(s) >= 2 for s in mix)
 

@@ -64,6 +64,50 @@ class SampleSet:
 
 Adapter = Callable[[dict[str, Any], Path, Problems], SampleSet]
 ADAPTERS: Registry[Adapter] = Registry("ingest adapter")
+# Keys every source may have, whatever its adapter (read by spec.py, not by adapters).
+COMMON_KEYS = frozenset({"adapter", "task", "on_error", "simulated_sites"})
+# adapter name -> the keys its sources may have besides COMMON_KEYS
+ADAPTER_KEYS: dict[str, frozenset[str]] = {}
+
+
+def adapter(name: str, keys: set[str] | frozenset[str]) -> Callable[[Adapter], Adapter]:
+    """Register an adapter and the source keys it reads, so a misspelt key is refused by name."""
+
+    def deco(fn: Adapter) -> Adapter:
+        ADAPTER_KEYS[name] = frozenset(keys)
+        return ADAPTERS.add(name, fn)
+
+    return deco
+
+
+def optional_import(module: str, extra: str):
+    """Import a format's library, or fail with the exact command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise IngestError(f"this format needs the Python package {module.split('.')[0]!r}: "
+                          f"pip install 'multimed-fl[{extra}]'  (or: pip install -e '.[{extra}]' "
+                          "in a checkout)") from None
+
+
+def resolve(base: Path, params: dict[str, Any], key: str = "path") -> Path:
+    """A source's path, relative to the spec file's folder."""
+    if key not in params:
+        raise ValueError(f"missing key {key!r}")
+    return (base / str(params[key])).resolve()
+
+
+def assign_simulated_sites(samples: SampleSet, k: int, seed: int) -> None:
+    """For data without hospitals: deal patients into k sites at random (seeded), named
+    `simulated_1..k` so every table and report shows they are simulated, not natural."""
+    if k < 1:
+        raise ValueError(f"simulated_sites must be >= 1 (got {k})")
+    patients = sorted(set(samples.patient_ids))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    site_of = {patients[j]: f"simulated_{1 + rank % k}" for rank, j in enumerate(order)}
+    samples.origin_sites = [site_of[p] for p in samples.patient_ids]
 
 
 def check_classes(samples: SampleSet, declared: set[str], where: str, problems: Problems) -> None:

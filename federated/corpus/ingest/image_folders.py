@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from federated.corpus.ingest.core import ADAPTERS, Problems, SampleSet
+from federated.corpus.ingest.core import Problems, SampleSet, adapter
 from federated.multimed import IMAGE, MODALITIES, TASKS
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
@@ -36,7 +36,7 @@ def load_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return (x - x.mean()) / (x.std() + 1e-6)
 
 
-@ADAPTERS.register("image_folders")
+@adapter("image_folders", keys={"path", "classes", "modality", "origin_site"})
 def image_folders(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     task = TASKS.get(params["task"])
     modality = params.get("modality") or next(m for m in task.inputs if MODALITIES.get(m).kind == IMAGE)

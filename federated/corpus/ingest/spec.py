@@ -12,6 +12,11 @@
         task: breast_cancer_classification
         path: wdbc.csv
         label_column: diagnosis
+        simulated_sites: 3   # data without hospitals: deal patients into simulated_1..3
+        on_error: skip       # this source only (default: the spec's on_error)
+
+Every source may have `adapter`, `task`, `on_error` and `simulated_sites`; the other keys are
+the adapter's own (its module's docstring lists them) and a misspelt key is refused by name.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from federated.corpus.ingest.core import ADAPTERS, IngestError, Problems, ingest
+from federated.corpus.ingest.core import (ADAPTER_KEYS, ADAPTERS, COMMON_KEYS, IngestError, Problems,
+                                          assign_simulated_sites, ingest)
 from federated.multimed import TASKS
 
 KEYS = {"name", "on_error", "test_fraction", "seed", "sources"}
@@ -40,11 +46,9 @@ def run_spec(spec_path: str | Path, out_dir: str | Path, overwrite: bool = False
     unknown = sorted(set(raw) - KEYS)
     if unknown:
         raise IngestError(f"{spec_path}: unknown key(s) {unknown}; valid: {', '.join(sorted(KEYS))}")
-    on_error = raw.get("on_error", "stop")
-    if on_error not in ("stop", "skip"):
-        raise IngestError(f"{spec_path}: on_error must be stop or skip (got {on_error!r})")
-    problems = Problems(on_error)
-    sets = []
+    on_error = _on_error(raw.get("on_error", "stop"), str(spec_path))
+    seed = int(raw.get("seed", 0))
+    sets, skipped = [], []
     for i, source in enumerate(raw["sources"]):
         where = f"{spec_path} sources[{i}]"
         if not isinstance(source, dict) or "adapter" not in source or "task" not in source:
@@ -53,17 +57,33 @@ def run_spec(spec_path: str | Path, out_dir: str | Path, overwrite: bool = False
             raise IngestError(f"{where}: unknown adapter {source['adapter']!r}; valid: {', '.join(ADAPTERS.names())}")
         if source["task"] not in TASKS:
             raise IngestError(f"{where}: unknown task {source['task']!r}; valid: {', '.join(TASKS.names())}")
+        allowed = COMMON_KEYS | ADAPTER_KEYS.get(source["adapter"], frozenset())
+        unknown_keys = sorted(set(source) - allowed)
+        if unknown_keys:
+            raise IngestError(f"{where}: unknown key(s) {unknown_keys} for adapter {source['adapter']}; "
+                              f"valid: {', '.join(sorted(allowed))}")
+        problems = Problems(_on_error(source.get("on_error", on_error), where))
         try:
-            sets.append(ADAPTERS.get(source["adapter"])(source, spec_path.parent, problems))
+            samples = ADAPTERS.get(source["adapter"])(source, spec_path.parent, problems)
+            if source.get("simulated_sites") is not None:
+                assign_simulated_sites(samples, int(source["simulated_sites"]), seed + i)
         except (ValueError, KeyError) as e:
             if isinstance(e, IngestError):
                 raise
             raise IngestError(f"{where}: {e}") from None
-    for item in problems.skipped:
+        sets.append(samples)
+        skipped += problems.skipped
+    for item in skipped:
         print(f"skipped {item['item']}: {item['reason']}")
     path = ingest(sets, Path(out_dir), str(raw.get("name", spec_path.stem)),
                   {"ingest_spec": str(spec_path.resolve()), "sources": raw["sources"],
-                   "skipped": problems.skipped},
-                  test_fraction=float(raw.get("test_fraction", 0.2)), seed=int(raw.get("seed", 0)),
+                   "skipped": skipped},
+                  test_fraction=float(raw.get("test_fraction", 0.2)), seed=seed,
                   overwrite=overwrite)
-    return path, problems.skipped
+    return path, skipped
+
+
+def _on_error(value: object, where: str) -> str:
+    if value not in ("stop", "skip"):
+        raise IngestError(f"{where}: on_error must be stop or skip (got {value!r})")
+    return str(value)

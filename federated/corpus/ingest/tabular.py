@@ -8,6 +8,8 @@
       feature_columns: [radius_mean, texture_mean, ...]   # default: every other numeric column
       site_column: clinic                # becomes origin_site (natural sites); default: origin_site
       patient_column: id                 # default: the row number
+      impute: median                     # missing feature values -> the column's median
+                                         # (default: none, a missing value is an error)
 
 The `tabular` modality holds 16 features: fewer are zero-padded, more are refused (choose them
 with feature_columns). Features are standardised per column over the file.
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.corpus.ingest.core import ADAPTERS, Problems, SampleSet, check_classes
+from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes
 from federated.multimed import MODALITIES, REGRESSION, TASKS
 
 
@@ -31,7 +33,8 @@ def read_table(path: Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-@ADAPTERS.register("tabular")
+@adapter("tabular", keys={"path", "label_column", "labels", "feature_columns", "site_column",
+                           "patient_column", "origin_site", "impute"})
 def tabular(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     task = TASKS.get(params["task"])
     path = (base / params["path"]).resolve()
@@ -61,17 +64,33 @@ def tabular(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet
     missing = [c for c in features if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: feature_columns not in the file: {missing}")
+    non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]
+    if non_numeric:
+        raise ValueError(f"{path}: feature column(s) {non_numeric} are not numeric")
     values = frame[features].to_numpy(dtype=np.float64)
+    impute = params.get("impute", "none")
+    if impute not in ("none", "median"):
+        raise ValueError(f"impute must be none or median (got {impute!r})")
+    if impute == "median":
+        medians = np.nanmedian(values, axis=0)
+        empty = [features[j] for j in np.flatnonzero(~np.isfinite(medians))]
+        if empty:
+            raise ValueError(f"{path}: feature column(s) {empty} have no value to impute from")
+        values = np.where(np.isnan(values), medians, values)
     mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0) + 1e-9
     mapping = dict(params.get("labels") or {})
-    for i, row in enumerate(frame.itertuples(index=False)):
+    raw_labels = frame[label_col].tolist()
+    for i in range(len(frame)):
         where = f"{path} row {i + 2}"  # 1-based, after the header, as a spreadsheet shows it
         x = values[i]
         if not np.isfinite(x).all():
             bad = [features[j] for j in np.flatnonzero(~np.isfinite(x))]
             problems.report(where, f"NaN or infinite value in {bad}")
             continue
-        raw = getattr(row, label_col) if label_col.isidentifier() else frame[label_col].iloc[i]
+        raw = raw_labels[i]
+        if raw is None or (isinstance(raw, float) and np.isnan(raw)):
+            problems.report(where, f"label ({label_col}) is missing")
+            continue
         if task.target == REGRESSION:
             try:
                 label = float(raw)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from federated.multimed import TASKS
+from federated.multimed import MULTIMED_TASKS
 
 MIN_SAMPLES_PER_TASK_SITE = 5
 
@@ -41,10 +41,10 @@ class GeneratorConfig:
         if not (math.isfinite(self.shift_severity) and self.shift_severity >= 0.0):
             raise ValueError(f"shift_severity must be a finite number >= 0, got "
                              f"{self.shift_severity!r}")
-        unknown = [t for t in self.tasks if t not in TASKS]
+        unknown = [t for t in self.tasks if t not in MULTIMED_TASKS]
         if unknown:
             raise ValueError(f"tasks: unknown task name(s) {unknown}; valid names: "
-                             f"{', '.join(TASKS.names())}")
+                             f"{', '.join(MULTIMED_TASKS)}")
         duplicated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if duplicated:
             raise ValueError(f"tasks: {duplicated} listed more than once")
@@ -52,8 +52,8 @@ class GeneratorConfig:
     @property
     def task_names(self) -> tuple[str, ...]:
         """The tasks to generate, in registry order (so the corpus layout ignores list order)."""
-        wanted = set(self.tasks) if self.tasks else set(TASKS.names())
-        return tuple(t for t in TASKS.names() if t in wanted)
+        wanted = set(self.tasks) if self.tasks else set(MULTIMED_TASKS)
+        return tuple(t for t in MULTIMED_TASKS if t in wanted)
 
     @property
     def site_names(self) -> tuple[str, ...]:
