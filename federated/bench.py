@@ -19,7 +19,7 @@ from typing import Any
 from federated.io import atomic_write_text, write_json
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "experiments" / "bench"
-ORDER = ["aggregation", "site_planning", "dp_step", "engines"]
+ORDER = ["aggregation", "site_planning", "dp_step", "ingest", "engines"]
 
 
 def available() -> list[str]:
@@ -40,6 +40,13 @@ def headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows = [(f"DP-SGD step / plain step ({m})", f"{v:.2f}x", "<= 2.0x" if m == r["target"]["mode"] else "")
                 for m, v in r["round_ratio"].items()]
         return rows
+    if name == "ingest":
+        c = r["config"]
+        return [(f"ingest {c['images']} JPEGs {c['side']}x{c['side']}", f"{r['ingest_images_per_s']:.0f} images/s "
+                 f"({r['ingest_over_decode']:.2f}x decode alone)", ""),
+                ("corpus read, random batches of 32", f"{r['read_mmap_samples_per_s']:,.0f} samples/s memory-mapped "
+                 f"({r['mmap_over_ram_time']:.2f}x in-RAM time)", ""),
+                ("site load through SiteData", f"{r['site_load_samples_per_s']:,.0f} samples/s", "")]
     if name == "engines":
         rows = [("in-process engine / plain PyTorch loop", f"{r['inprocess_ratio']:.2f}x", "<= 1.15x")]
         if r.get("ray"):

@@ -119,7 +119,7 @@ def cmd_corpus_build(args: argparse.Namespace) -> int:
 def cmd_corpus_ingest(args: argparse.Namespace) -> int:
     from federated.corpus.ingest.spec import run_spec
 
-    path, skipped = run_spec(args.spec, args.out, overwrite=args.overwrite)
+    path, skipped = run_spec(args.spec, args.out, overwrite=args.overwrite, data_root=args.data_root)
     print(f"wrote {path}" + (f" ({len(skipped)} items skipped, listed in spec.json provenance)" if skipped else ""))
     return cmd_corpus_info(argparse.Namespace(dir=str(path)))
 
@@ -150,14 +150,26 @@ def cmd_corpus_info(args: argparse.Namespace) -> int:
         tasks.add_row(name, "+".join(t.inputs), t.target, str(int((rows["split"] == "train").sum())),
                       str(int((rows["split"] == "test").sum())), str(rows["origin_site"].nunique()))
     console.print(tasks)
-    console.print(f"provenance: {spec.get('provenance', {}).get('generator', spec.get('provenance'))}")
+    prov = spec.get("provenance", {})
+    if "sources" not in prov:  # synthetic: the generator's settings
+        console.print(f"provenance: {prov.get('generator', prov)}")
+        return 0
+    console.print(f"ingested with {prov.get('ingest_spec')} from {prov.get('data_root')}")
+    for source, notes in zip(prov["sources"], prov.get("notes", [{}] * len(prov["sources"]))):
+        extra = "".join(f", {k}: {len(v) if isinstance(v, list) else v}" for k, v in notes.items())
+        console.print(f"  {source['task']} <- {source['adapter']} {source.get('path', '')}{extra}")
+    skipped = prov.get("skipped", [])
+    if skipped:
+        console.print(f"{len(skipped)} item(s) skipped (listed in spec.json provenance.skipped); first: "
+                      f"{skipped[0]['item']}: {skipped[0]['reason']}")
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
     from federated.studies.study import run_study
 
-    df = run_study(args.name, Path(args.out), quick=args.quick, processes=args.processes)
+    df = run_study(args.name, Path(args.out), quick=args.quick, processes=args.processes,
+                   overrides=args.overrides)
     print((Path(args.out) / "summary.md").read_text(), end="")
     return 1 if df["error"].astype(bool).any() else 0
 
@@ -188,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", required=True, help="output folder (an interrupted study resumes here)")
     study.add_argument("--quick", action="store_true", help="the study's small variant (minutes)")
     study.add_argument("--processes", type=int, default=None, help="runs in parallel (default: the study's, 2)")
+    study.add_argument("overrides", nargs="*", help="key=value settings added to every run (e.g. corpus.path=DIR)")
     study.set_defaults(func=cmd_study)
 
     bench = sub.add_parser("bench", help="run every benchmark in experiments/bench/; write bench.json and bench.md")
@@ -237,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("spec", help="an ingest spec (YAML): sources and their adapters")
     ingest.add_argument("--out", required=True, help="the corpus folder to write (atomically)")
     ingest.add_argument("--overwrite", action="store_true")
+    ingest.add_argument("--data-root", default=None,
+                        help="folder the sources' paths are relative to (default: the spec's data_root)")
     ingest.set_defaults(func=cmd_corpus_ingest)
     info = corpus_sub.add_parser("info", help="describe a corpus folder")
     info.add_argument("dir")

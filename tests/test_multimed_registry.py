@@ -1,6 +1,6 @@
 import pytest
 
-from federated.multimed import MODALITIES, TARGET_TYPES, TASKS, modalities_of
+from federated.multimed import MODALITIES, MULTIMED_TASKS, TARGET_TYPES, TASKS, modalities_of
 from federated.registry import Registry, UnknownNameError
 
 DESIGN_MODALITIES = ["oct", "xray", "ct", "mri", "pathology", "eeg", "genomic_sequence", "scrna",
@@ -16,7 +16,11 @@ DESIGN_TASKS = {
 
 def test_vocabulary_matches_design():
     assert MODALITIES.names() == DESIGN_MODALITIES
-    assert {t: TASKS.get(t).inputs for t in TASKS} == DESIGN_TASKS
+    assert {t: TASKS.get(t).inputs for t in MULTIMED_TASKS} == DESIGN_TASKS
+    # the real-data extension tasks reuse MultiMed's modalities and are marked as extensions
+    extensions = [t for t in TASKS if t not in MULTIMED_TASKS]
+    assert extensions == ["brain_tumor_detection", "birthweight", "preterm_birth"]
+    assert all(not TASKS.get(t).multimed and set(TASKS.get(t).inputs) <= {"mri", "tabular"} for t in extensions)
 
 
 def test_every_task_is_well_formed():

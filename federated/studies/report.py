@@ -106,6 +106,31 @@ def per_task_arms(df: pd.DataFrame, axis: str) -> pd.DataFrame:
     return table
 
 
+def per_task_scores(df: pd.DataFrame, axis: str, group: str) -> pd.DataFrame:
+    """`group` (id or ood) score per task (rows) and condition of `axis` (columns), as
+    "mean ± sd" over seeds; "-" where a condition has no score for the task."""
+    ok = df[df[group].notna()]
+    cols = [c for c in ok if c.startswith(f"{group}/")]
+    stats = ok.groupby(axis, sort=False)[cols].agg(["mean", "std"])
+    table = pd.DataFrame(index=[c.removeprefix(f"{group}/") for c in cols])
+    for cond in stats.index:
+        table[cond] = ["-" if pd.isna(stats.loc[cond, (c, "mean")]) else
+                       f"{stats.loc[cond, (c, 'mean')]:.3f} ± {0.0 if pd.isna(stats.loc[cond, (c, 'std')]) else stats.loc[cond, (c, 'std')]:.3f}"
+                       for c in cols]
+    return table
+
+
+def per_task_section(df: pd.DataFrame, axis: str, out: Path) -> list[str]:
+    lines = []
+    for group, name in (("ood", "OOD (held-out sites)"), ("id", "ID (training sites' test splits)")):
+        table = per_task_scores(df, axis, group)
+        atomic_write(out / f"per_task_{group}.csv", lambda tmp, t=table: t.to_csv(tmp, index_label="task"))
+        lines += [f"## {name} score per task (mean ± sd over seeds)", "",
+                  "| task | " + " | ".join(table.columns) + " |", "|" + "---|" * (len(table.columns) + 1)]
+        lines += [f"| {t} | " + " | ".join(r) + " |" for t, r in table.iterrows()] + [""]
+    return lines
+
+
 def write_report(study: Study, df: pd.DataFrame, axes: list[str], out: Path, command: str) -> pd.DataFrame:
     summary = summarize(df, axes)
     atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
@@ -130,6 +155,8 @@ def write_report(study: Study, df: pd.DataFrame, axes: list[str], out: Path, com
                     + " | ".join(f"{complete[c].mean():.3f}" for c in arms.columns) + " |")
         extra_tables = ["## ID score per task and arm (mean over seeds)", "", *rows, ""]
         atomic_write_text(out / "per_task.md", "\n".join(rows) + "\n")
+    if study.per_task_table and axes and len(df) and df["id"].notna().any():
+        extra_tables += per_task_section(df, axes[0], out)
     failed = df[df["error"].astype(bool)] if "error" in df else df.iloc[0:0]
     lines = [f"# {study.title}", "", study.description, "", f"Command: `{command}`", "",
              f"{len(df)} runs ({df['seed'].nunique() if len(df) else 0} seeds per condition), "

@@ -12,6 +12,7 @@
         "0.5": [sites.missing_sample_rate=0.5]
     generated_axes: [leave_one_site_out]                  # axes built from the site plan
     plot: {x: missing_rate, hue: null}                    # how report.md plots the summary
+    setup: experiments/real_mini/setup.sh                 # builds corpus.path (real-data studies)
 
 Axis values are labels mapped to override lists. Unknown keys fail with the key's name.
 """
@@ -28,7 +29,8 @@ import yaml
 
 STUDY_DIR_ENV = "MULTIMED_FL_STUDIES"
 KEYS = {"name", "title", "description", "base", "quick", "seeds", "quick_seeds", "axes",
-        "generated_axes", "plot", "processes", "quick_axes", "per_task_arms"}
+        "generated_axes", "plot", "processes", "quick_axes", "per_task_arms", "setup",
+        "per_task_table"}
 GENERATORS = ("leave_one_site_out", "local_sites")
 
 
@@ -63,6 +65,10 @@ class Study:
     # Report a task x arm table: labels "arm:task" of the first axis are one arm's runs of a
     # single task (e.g. single-task models), other labels are arms of their own.
     per_task_arms: bool = False
+    # Report per-task ID and OOD scores (mean ± sd) for each condition of the first axis.
+    per_task_table: bool = False
+    # The command that builds the study's corpus (real data), named when the corpus is missing.
+    setup: str = ""
     path: Path | None = None
 
     def runs(self, quick: bool = False, generated: dict[str, dict[str, list[str]]] | None = None) -> list[Run]:
@@ -140,4 +146,5 @@ def load_study(name_or_path: str) -> Study:
         quick=overrides(raw.get("quick"), "quick"), seeds=int(raw.get("seeds", 3)),
         quick_seeds=int(raw.get("quick_seeds", 1)), axes=axes, quick_axes=quick_axes,
         generated_axes=generated, plot=dict(raw.get("plot") or {}), processes=int(raw.get("processes", 2)),
-        per_task_arms=bool(raw.get("per_task_arms", False)), path=path)
+        per_task_arms=bool(raw.get("per_task_arms", False)), setup=str(raw.get("setup", "")),
+        per_task_table=bool(raw.get("per_task_table", False)), path=path)

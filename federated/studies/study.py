@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from federated.io import atomic_write
 from federated.studies.report import write_report
 from federated.studies.runner import log_hparams, results_frame, run_jobs
-from federated.studies.spec import Study, load_study
+from federated.studies.spec import Study, StudyError, load_study
 
 
 def generated_axes(study: Study, quick: bool) -> dict[str, dict[str, list[str]]]:
@@ -37,12 +39,40 @@ def generated_axes(study: Study, quick: bool) -> dict[str, dict[str, list[str]]]
     return axes
 
 
+def check_same_overrides(out: Path, overrides: list[str]) -> None:
+    """A study folder resumes only under the overrides it was started with: finished runs are
+    reused by id, and mixing runs of two corpora under one id would be silently wrong."""
+    record = out / "study_overrides.json"
+    if record.exists():
+        before = json.loads(record.read_text())
+        if before != overrides:
+            raise StudyError(f"{out} holds a study run with overrides {before}, not {overrides}; "
+                             "use another --out (or the same overrides to resume)")
+    else:
+        atomic_write(record, lambda tmp: tmp.write_text(json.dumps(overrides)))
+
+
+def check_corpus(study: Study, quick: bool) -> None:
+    """A real-data study's corpus must exist before its runs start: say how to build it."""
+    from federated.config import load_config
+
+    path = load_config([*study.base, *(study.quick if quick else [])]).corpus.path
+    if path and not Path(path).expanduser().is_dir():
+        how = f"; build it with {study.setup}" if study.setup else ""
+        raise StudyError(f"study {study.name}: corpus {path} does not exist{how} (or set corpus.path=DIR)")
+
+
 def run_study(name: str, out: Path, quick: bool = False, processes: int | None = None,
-              console: Console | None = None) -> pd.DataFrame:
+              console: Console | None = None, overrides: list[str] | None = None) -> pd.DataFrame:
+    """`overrides` (key=value) are added to every run after the study's own base settings."""
     study = load_study(name)
     console = console or Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    overrides = list(overrides or [])
+    check_same_overrides(out, overrides)
+    study = dataclasses.replace(study, base=[*study.base, *overrides])
+    check_corpus(study, quick)
     extra = generated_axes(study, quick)
     runs = study.runs(quick, extra)
     axes = list(dict.fromkeys([*study.axes, *extra]))
@@ -61,7 +91,8 @@ def run_study(name: str, out: Path, quick: bool = False, processes: int | None =
     for run, row in zip(runs, df.to_dict("records")):
         if results[run.run_id][2] or not (out / "tensorboard" / run.run_id).exists():
             log_hparams(out, run, row)
-    command = f"multimed-fl study {study.name}{' --quick' if quick else ''} --out {out}"
+    command = " ".join(["multimed-fl study", study.name, *(["--quick"] if quick else []), "--out", str(out),
+                        *overrides])
     write_report(study, df, axes, out, command)
     ran = sum(1 for v in results.values() if v[2])
     console.print(f"study {study.name}: {len(runs)} runs ({ran} run now, {len(runs) - ran} reused), "

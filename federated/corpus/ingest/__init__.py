@@ -17,3 +17,9 @@ __all__ = ["ADAPTERS", "IngestError", "Problems", "SampleSet", "ingest"]
 # Importing an adapter module registers it.
 from federated.corpus.ingest import image_folders as _image_folders  # noqa: E402,F401
 from federated.corpus.ingest import tabular as _tabular  # noqa: E402,F401
+from federated.corpus.ingest import h5ad as _h5ad  # noqa: E402,F401
+from federated.corpus.ingest import eeg_edf as _eeg_edf  # noqa: E402,F401
+from federated.corpus.ingest import fasta as _fasta  # noqa: E402,F401
+from federated.corpus.ingest import images_csv as _images_csv  # noqa: E402,F401
+from federated.corpus.ingest import ct_slices as _ct_slices  # noqa: E402,F401
+from federated.corpus.ingest import vqa as _vqa  # noqa: E402,F401

@@ -42,6 +42,7 @@ class SampleSet:
     origin_sites: list[str] = field(default_factory=list)
     patient_ids: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)  # what a reader of the corpus should know
 
     def add(self, inputs: dict[str, np.ndarray], target: Any, origin_site: str, patient_id: str,
             source: str) -> None:
@@ -52,7 +53,10 @@ class SampleSet:
             shape = MODALITIES.get(m).shape
             if tuple(x.shape) != tuple(shape):
                 raise ValueError(f"{m} sample of shape {tuple(x.shape)}, expected {tuple(shape)}")
-            self.inputs.setdefault(m, []).append(x.astype(MODALITIES.get(m).dtype))
+        n = len(self.targets)
+        for m in spec.inputs:  # None: this sample lacks the input (its idx_ column is -1)
+            x = inputs.get(m)
+            self.inputs.setdefault(m, [None] * n).append(None if x is None else x.astype(MODALITIES.get(m).dtype))
         self.targets.append(np.asarray(target))
         self.origin_sites.append(origin_site)
         self.patient_ids.append(patient_id)
@@ -108,6 +112,7 @@ def assign_simulated_sites(samples: SampleSet, k: int, seed: int) -> None:
     order = np.random.default_rng(seed).permutation(len(patients))
     site_of = {patients[j]: f"simulated_{1 + rank % k}" for rank, j in enumerate(order)}
     samples.origin_sites = [site_of[p] for p in samples.patient_ids]
+    samples.notes["simulated_sites"] = k
 
 
 def check_classes(samples: SampleSet, declared: set[str], where: str, problems: Problems) -> None:
@@ -122,18 +127,36 @@ def check_classes(samples: SampleSet, declared: set[str], where: str, problems: 
         problems.report(where, f"declared class(es) {empty} of task {samples.task} have no sample")
 
 
+def test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -> set[str]:
+    """The patients whose samples form the test split, drawn over every source at once, so a
+    patient in two tasks (two targets of one trial) is on the same side in both. Every task
+    with more than one patient keeps at least one patient on each side."""
+    rng = np.random.default_rng(seed)
+    patients = sorted({p for s in sets for p in s.patient_ids})
+    n_test = round(test_fraction * len(patients))
+    test = set(rng.choice(patients, size=n_test, replace=False)) if n_test else set()
+    for s in sets:
+        own = sorted(set(s.patient_ids))
+        if len(own) < 2:
+            continue
+        mine = [p for p in own if p in test]
+        if not mine:
+            test.add(own[int(rng.integers(len(own)))])
+        elif len(mine) == len(own):
+            test.discard(mine[int(rng.integers(len(mine)))])
+    return test
+
+
 def ingest(sets: list[SampleSet], out_dir: Path, name: str, provenance: dict[str, Any],
            test_fraction: float = 0.2, seed: int = 0, overwrite: bool = False) -> Path:
     """Write the samples as one corpus. The split is by patient (a patient's samples stay on
-    one side), drawn with `seed`; `dataset` is the source of each sample."""
+    one side, across tasks too), drawn with `seed`; `dataset` is the source of each sample."""
     rows, arrays, targets = [], {m: [] for m in MODALITIES.names()}, {}
-    rng = np.random.default_rng(seed)
     for s in sets:
         if not len(s):
             raise IngestError(f"task {s.task}: no sample was ingested (every item was skipped?)")
-        patients = sorted(set(s.patient_ids))
-        test = set(rng.choice(patients, size=max(1, round(test_fraction * len(patients))), replace=False)) \
-            if len(patients) > 1 else set()
+    test = test_patients(sets, test_fraction, seed)
+    for s in sets:
         spec = TASKS.get(s.task)
         target_offset = len(targets.get(s.task, []))
         targets.setdefault(s.task, []).extend(s.targets)
@@ -145,7 +168,7 @@ def ingest(sets: list[SampleSet], out_dir: Path, name: str, provenance: dict[str
                    "target_row": target_offset + i}
             for m in spec.inputs:
                 col = index_column(m)
-                if m in s.inputs:
+                if m in s.inputs and s.inputs[m][i] is not None:
                     row[col] = len(arrays[m])
                     arrays[m].append(s.inputs[m][i])
                 else:

@@ -21,6 +21,7 @@ the adapter's own (its module's docstring lists them) and a misspelt key is refu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -29,11 +30,14 @@ from federated.corpus.ingest.core import (ADAPTER_KEYS, ADAPTERS, COMMON_KEYS, I
                                           assign_simulated_sites, ingest)
 from federated.multimed import TASKS
 
-KEYS = {"name", "on_error", "test_fraction", "seed", "sources"}
+KEYS = {"name", "on_error", "test_fraction", "seed", "sources", "data_root"}
 
 
-def run_spec(spec_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> tuple[Path, list[dict]]:
-    """Ingest everything the spec names; returns the corpus path and the skipped items."""
+def run_spec(spec_path: str | Path, out_dir: str | Path, overwrite: bool = False,
+             data_root: str | Path | None = None) -> tuple[Path, list[dict]]:
+    """Ingest everything the spec names; returns the corpus path and the skipped items.
+    Source paths are relative to `data_root`, else to the spec's `data_root` (itself relative to
+    the spec file), else to the spec file's folder."""
     spec_path = Path(spec_path)
     if not spec_path.is_file():
         raise IngestError(f"{spec_path}: ingest spec does not exist")
@@ -47,6 +51,9 @@ def run_spec(spec_path: str | Path, out_dir: str | Path, overwrite: bool = False
     if unknown:
         raise IngestError(f"{spec_path}: unknown key(s) {unknown}; valid: {', '.join(sorted(KEYS))}")
     on_error = _on_error(raw.get("on_error", "stop"), str(spec_path))
+    root = Path(data_root) if data_root else spec_path.parent / str(raw.get("data_root", "."))
+    if not root.is_dir():
+        raise IngestError(f"{spec_path}: data root {root} is not a folder")
     seed = int(raw.get("seed", 0))
     sets, skipped = [], []
     for i, source in enumerate(raw["sources"]):
@@ -64,7 +71,7 @@ def run_spec(spec_path: str | Path, out_dir: str | Path, overwrite: bool = False
                               f"valid: {', '.join(sorted(allowed))}")
         problems = Problems(_on_error(source.get("on_error", on_error), where))
         try:
-            samples = ADAPTERS.get(source["adapter"])(source, spec_path.parent, problems)
+            samples = ADAPTERS.get(source["adapter"])(source, root, problems)
             if source.get("simulated_sites") is not None:
                 assign_simulated_sites(samples, int(source["simulated_sites"]), seed + i)
         except (ValueError, KeyError) as e:
@@ -76,8 +83,10 @@ def run_spec(spec_path: str | Path, out_dir: str | Path, overwrite: bool = False
     for item in skipped:
         print(f"skipped {item['item']}: {item['reason']}")
     path = ingest(sets, Path(out_dir), str(raw.get("name", spec_path.stem)),
-                  {"ingest_spec": str(spec_path.resolve()), "sources": raw["sources"],
-                   "skipped": skipped},
+                  {"ingest_spec": str(spec_path.resolve()), "data_root": str(root.resolve()),
+                   # YAML may give int keys ({769: left_hand}); spec.json needs string keys
+                   "sources": json.loads(json.dumps(raw["sources"], default=str)),
+                   "notes": [s.notes for s in sets], "skipped": skipped},
                   test_fraction=float(raw.get("test_fraction", 0.2)), seed=seed,
                   overwrite=overwrite)
     return path, skipped
