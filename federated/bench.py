@@ -22,6 +22,28 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "experiments" / "bench"
 ORDER = ["aggregation", "site_planning", "dp_step", "ingest", "engines"]
 
 
+def environment() -> dict[str, Any]:
+    """What a benchmark's figures depend on: versions of the libraries it loaded, the machine."""
+    import os
+    import platform
+
+    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
+                           "cpus": os.cpu_count()}
+    for lib in ("numpy", "pandas", "torch", "flwr", "opacus"):
+        if lib in sys.modules:
+            env[lib] = getattr(sys.modules[lib], "__version__", "?")
+    if "torch" in sys.modules:
+        env["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return env
+
+
+def write_result(report: dict[str, Any], out: str | Path | None) -> None:
+    """The tail every benchmark script shares: record the environment, write the JSON (if asked)."""
+    report["environment"] = environment()
+    if out:
+        atomic_write_text(Path(out), json.dumps(report, indent=2))
+
+
 def available() -> list[str]:
     names = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
     return [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]

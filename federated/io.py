@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written output file."""
+"""File helpers: atomic writes (a reader, or a crash, never sees a half-written output file)
+and reading the project's own YAML files (ingest specs, study definitions) with clear errors."""
 
 from __future__ import annotations
 
@@ -41,3 +42,19 @@ def json_safe(value: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_yaml_mapping(path: Path, valid_keys: set[str], error: type[Exception], what: str) -> dict[str, Any]:
+    """A YAML file that must be a mapping with only `valid_keys`; else `error` naming the file."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: {what} is a mapping of keys ({', '.join(sorted(valid_keys))})")
+    unknown = sorted(set(raw) - valid_keys)
+    if unknown:
+        raise error(f"{path}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(valid_keys))}")
+    return raw

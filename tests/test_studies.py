@@ -38,6 +38,12 @@ def test_spec_errors_name_the_problem(tmp_path):
         load_study(str(bad))
     with pytest.raises(StudyError, match="unknown study 'nope'; available: .*leave_one_site_out"):
         load_study("nope")
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(StudyError, match=r"bad\.yaml is not valid YAML"):
+        load_study(str(bad))
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(StudyError, match=r"bad\.yaml: a study is a mapping of keys"):
+        load_study(str(bad))
 
 
 def test_every_shipped_study_expands(tmp_path):

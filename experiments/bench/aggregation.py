@@ -12,9 +12,6 @@ machine load hits every row alike. Target: weighted_mean (FedAvg) within 3x the 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -24,6 +21,7 @@ from functools import partial
 
 import numpy as np
 
+from federated.bench import write_result
 from strategies.aggregation import coordinate_median, groupwise_weighted_mean, trimmed_mean, weighted_mean
 
 TARGET_RATIO = 3.0
@@ -131,8 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "met": wm_ratio <= TARGET_RATIO},
         "peak_rss_mb": _peak_rss_mb(),
         "peak_rss_before_data_mb": rss_before_data,
-        "environment": {"numpy": np.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "cpus": os.cpu_count()},
     }
 
     print(f"{args.clients} clients x {args.params:,} float32 parameters in {args.keys} keys, "
@@ -143,9 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdict = "met" if report["target"]["met"] else "NOT met"
     print(f"target weighted_mean <= {TARGET_RATIO:g}x reference: {verdict} ({wm_ratio:.2f}x); "
           f"peak RSS {report['peak_rss_mb']:.0f} MB ({rss_before_data:.0f} MB before the data)")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=2)
+    write_result(report, args.out)
     return 0
 
 

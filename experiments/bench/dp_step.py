@@ -14,9 +14,6 @@ Target: <= 2.0x for the mode the framework uses (privacy.grad_sample_mode).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +24,7 @@ import torch
 
 from clients.dp_sgd import per_sample_loss, per_sample_module, private_gradient
 from clients.site_data import SiteData
+from federated.bench import write_result
 from federated.config import load_config
 from federated.corpus.cache import prepare_corpus
 from federated.corpus.format import Corpus
@@ -128,8 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "per_task": per_task, "round_seconds": round_total, "round_ratio": ratios,
         "target": {"mode": chosen, "max_ratio": TARGET, "ratio": ratios.get(chosen),
                    "met": ratios.get(chosen, float("inf")) <= TARGET},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
     }
     print(f"batch {cfg.train.batch_size}, median of {args.repeats} interleaved steps, 1 torch thread")
     print(f"{'task':<30}{'plain ms':>10}" + "".join(f"{m + ' x':>14}" for m in MODES))
@@ -139,9 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + "".join(f"{ratios[c]:>14.2f}" for c in MODES))
     verdict = "met" if report["target"]["met"] else "NOT met"
     print(f"target {chosen} <= {TARGET:g}x non-private: {verdict} ({ratios.get(chosen, float('nan')):.2f}x)")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=2)
+    write_result(report, args.out)
     return 0
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from federated.bench import write_result
 
 REFERENCE = ["sites.held_out=[]", "rounds=5", "train.max_steps_per_round=10", "corpus.samples_per_task_site=100"]
 
@@ -173,7 +173,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ray": ray, "ray_ratio": (ray["after_startup_s"] / med.get("plain_ray_pair", med["plain"])) if ray else None,
         "ray_target": 2.0,
         "scale": scale_run(args.scale_sites) if args.scale_sites else None,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()},
     }
     print(f"reference workload: {' '.join(overrides)}; median of {args.repeats}")
     print(f"plain PyTorch loop      {med['plain']:8.2f} s")
@@ -187,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"scale: {s['sites']} sites in-process, small model: "
               f"{', '.join(f'{x:.1f}' for x in s['round_s'])} s per round (round 0 = evaluation only), "
               f"peak RSS {s['peak_rss_mb']:.0f} MB")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    write_result(report, args.out)
     return 0
 
 

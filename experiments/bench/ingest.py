@@ -16,9 +16,6 @@ targets, tensors), in samples per second.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from clients.site_data import SiteData
+from federated.bench import write_result
 from federated.config import load_config
 from federated.corpus.format import Corpus
 from federated.corpus.ingest.spec import run_spec
@@ -124,16 +122,13 @@ def main() -> int:
         "read_mmap_samples_per_s": mmap_rate, "read_ram_samples_per_s": ram_rate,
         "mmap_over_ram_time": ram_rate / mmap_rate,
         "site_load_samples_per_s": loaded / statistics.median(load_times), "site_samples": loaded,
-        "environment": {"numpy": np.__version__, "python": platform.python_version(), "cpus": os.cpu_count()},
     }
     print(f"ingest {n} JPEGs of {side}x{side}: {report['ingest_images_per_s']:.0f} images/s "
           f"(decode+resize alone {report['decode_floor_images_per_s']:.0f}/s; ratio {report['ingest_over_decode']:.2f}x)")
     print(f"read batches of 32 random rows: memory-mapped {mmap_rate:,.0f} samples/s, in RAM {ram_rate:,.0f} "
           f"samples/s (time ratio {report['mmap_over_ram_time']:.2f}x); one site through SiteData "
           f"{report['site_load_samples_per_s']:,.0f} samples/s ({loaded} samples)")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=2)
+    write_result(report, args.out)
     return 0
 
 

@@ -18,9 +18,6 @@ Target: each plan <= 10 s.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from federated.bench import write_result
 from federated.config import load_config
 from federated.corpus.format import Corpus
 from federated.multimed import MODALITIES, MULTIMED_TASKS, TASKS
@@ -123,8 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {"rows": args.rows, "sites": args.sites, "repeats": args.repeats, "seed": args.seed,
                    "steps_on": STEPS_ON, "quick": args.quick},
         "target_s": TARGET_S, "results": results,
-        "environment": {"numpy": np.__version__, "pandas": pd.__version__,
-                        "python": platform.python_version(), "cpus": os.cpu_count()},
     }
     mb = 1 / 2**20
     print(f"{args.sites:,} sites over a {args.rows:,}-row manifest, every planner step on; "
@@ -137,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['peak_traced_bytes_while_planning'] * mb:>9.1f}")
     verdict = all(r["met"] for r in results.values())
     print(f"target <= {TARGET_S:g} s per plan: {'met' if verdict else 'NOT met'}")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=2)
+    write_result(report, args.out)
     return 0
 
 

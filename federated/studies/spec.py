@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from federated.io import read_yaml_mapping
 
 STUDY_DIR_ENV = "MULTIMED_FL_STUDIES"
 KEYS = {"name", "title", "description", "base", "quick", "seeds", "quick_seeds", "axes",
@@ -110,15 +110,7 @@ def load_study(name_or_path: str) -> Study:
         path = study_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         raise StudyError(f"unknown study {name_or_path!r}; available: {', '.join(available()) or '(none)'}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise StudyError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise StudyError(f"{path}: a study is a mapping of keys")
-    unknown = sorted(set(raw) - KEYS)
-    if unknown:
-        raise StudyError(f"{path}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(KEYS))}")
+    raw = read_yaml_mapping(path, KEYS, StudyError, "a study")
 
     def overrides(value: Any, where: str) -> list[str]:
         if value is None:

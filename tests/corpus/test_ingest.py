@@ -111,6 +111,19 @@ def test_on_error_skip_lists_each_skipped_item(tmp_path, capsys):
     assert "skipped" in capsys.readouterr().out
 
 
+def test_a_spec_that_is_not_a_mapping_or_misspells_a_key_is_named(tmp_path):
+    with pytest.raises(IngestError, match=r"spec\.yaml is not valid YAML"):
+        run_spec(_spec(tmp_path, "sources: [unclosed\n"), tmp_path / "c")
+    with pytest.raises(IngestError, match=r"spec\.yaml: an ingest spec is a mapping of keys"):
+        run_spec(_spec(tmp_path, "- a\n- b\n"), tmp_path / "c")
+    with pytest.raises(IngestError, match=r"unknown key\(s\) \['sourcse'\]"):
+        run_spec(_spec(tmp_path, "sourcse: []\n"), tmp_path / "c")
+    _breast_csv(tmp_path / "wdbc.csv")
+    with pytest.raises(IngestError, match=r"sources\[0\]: unknown key\(s\) \['label_col'\] for adapter tabular"):
+        run_spec(_spec(tmp_path, "sources:" + TABULAR.replace("label_column", "label_col")), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_ingest_and_bad_spec(tmp_path):
     _breast_csv(tmp_path / "wdbc.csv")
     spec = _spec(tmp_path, "sources:" + TABULAR)

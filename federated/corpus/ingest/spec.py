@@ -24,10 +24,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from federated.corpus.ingest.core import (ADAPTER_KEYS, ADAPTERS, COMMON_KEYS, IngestError, Problems,
                                           assign_simulated_sites, ingest)
+from federated.io import read_yaml_mapping
 from federated.multimed import TASKS
 
 KEYS = {"name", "on_error", "test_fraction", "seed", "sources", "data_root"}
@@ -41,15 +40,9 @@ def run_spec(spec_path: str | Path, out_dir: str | Path, overwrite: bool = False
     spec_path = Path(spec_path)
     if not spec_path.is_file():
         raise IngestError(f"{spec_path}: ingest spec does not exist")
-    try:
-        raw = yaml.safe_load(spec_path.read_text())
-    except yaml.YAMLError as e:
-        raise IngestError(f"{spec_path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict) or not raw.get("sources"):
+    raw = read_yaml_mapping(spec_path, KEYS, IngestError, "an ingest spec")
+    if not raw.get("sources"):
         raise IngestError(f"{spec_path}: needs a `sources` list")
-    unknown = sorted(set(raw) - KEYS)
-    if unknown:
-        raise IngestError(f"{spec_path}: unknown key(s) {unknown}; valid: {', '.join(sorted(KEYS))}")
     on_error = _on_error(raw.get("on_error", "stop"), str(spec_path))
     root = Path(data_root) if data_root else spec_path.parent / str(raw.get("data_root", "."))
     if not root.is_dir():
