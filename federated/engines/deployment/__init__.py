@@ -1,0 +1,53 @@
+"""A real Flower deployment on this machine: SuperLink with TLS and SuperNode authentication,
+one SuperNode per site, the experiment submitted with `flwr run` (`multimed-fl deploy demo`).
+
+A package so that each part can be read on its own; every name is importable from here, as
+it was from the single module this package replaced:
+
+- `environment`: `DeploymentError`, the environment of Flower processes (`flower_env`,
+  `check_binaries`) and TCP ports (`free_port`, `check_port_free`).
+- `processes`: `ManagedProcess`, a child process with its log file, started in its own
+  session, stopped with SIGTERM by PID, then SIGKILL after a grace period, together with
+  every descendant it spawned (the SuperLink's SuperExec and ServerApp, a SuperNode's
+  SuperExec and ClientApps); `stop_all`, `pid_alive`, `sigterm_as_interrupt`.
+- `federation`: `LoopbackFederation`, a context manager owning a demo PKI, a private
+  FLWR_HOME, the SuperLink, SuperNodes and their ClientApp workers; leaving it stops all of them.
+- `demo`: `deploy_demo`, the whole demo flow, and what it needs from the app folder.
+- `clientapp_worker`: the long-lived ClientApp process (why, and what it saves: its docstring).
+  It runs as a script by path, importing nothing of the project; `python -m
+  federated.engines.deployment clientapp-worker ...` (`__main__.py`) restarts as that script.
+"""
+
+from __future__ import annotations
+
+from federated.engines.deployment.clientapp_worker import (WORKER_PRELOAD, _pull_task_input,
+                                                           _run_clientapp_task, clientapp_worker, main,
+                                                           venv_bin, worker_argv)
+from federated.engines.deployment.demo import (MAX_SITES, DemoResult, _check_out_dir, app_dir,
+                                               demo_overrides, deploy_demo, run_config_toml)
+from federated.engines.deployment.environment import (FLOWER_BINARIES, HOST, DeploymentError,
+                                                      _port_open, check_binaries, check_port_free,
+                                                      flower_env, free_port)
+from federated.engines.deployment.federation import (CLIENTAPP_MODES, CONNECTION, LoopbackFederation,
+                                                     RunResult, SuperNodeHandle, node_config_string)
+from federated.engines.deployment.processes import (_ANSI, ManagedProcess, _descendants,
+                                                    _die_with_parent, _proc_stat, pid_alive,
+                                                    sigterm_as_interrupt, stop_all)
+
+__all__ = [
+    # environment
+    "HOST", "FLOWER_BINARIES", "DeploymentError", "venv_bin", "flower_env", "check_binaries",
+    "free_port", "check_port_free", "_port_open",
+    # processes
+    "_ANSI", "_proc_stat", "_descendants", "pid_alive", "_die_with_parent", "ManagedProcess",
+    "stop_all", "sigterm_as_interrupt",
+    # federation
+    "CONNECTION", "CLIENTAPP_MODES", "SuperNodeHandle", "RunResult", "LoopbackFederation",
+    "node_config_string",
+    # demo
+    "MAX_SITES", "run_config_toml", "app_dir", "_check_out_dir", "demo_overrides", "DemoResult",
+    "deploy_demo",
+    # the ClientApp worker
+    "clientapp_worker", "_run_clientapp_task", "_pull_task_input", "WORKER_PRELOAD",
+    "worker_argv", "main",
+]
