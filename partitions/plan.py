@@ -13,6 +13,8 @@ whose setting is off is skipped.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -82,8 +84,24 @@ def plan_sites(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
         step = STEPS.get(name)
         if step.active(cfg):
             plans = step.apply(plans, corpus, cfg)
+    plans = [held_modalities(p, corpus) for p in plans]
     check_plan(plans, min_samples=cfg.sites.min_samples, zero_shot=cfg.sites.zero_shot)
     return plans
+
+
+def held_modalities(plan: SitePlan, corpus: Corpus) -> SitePlan:
+    """Keep only the modalities the site's samples actually have. Planners list a task's
+    inputs, but real data may lack one everywhere (WDBC rows are tabular, without pathology):
+    a site must not report, train or average an encoder it holds no data for."""
+    from federated.corpus.format import index_column
+
+    rows = np.concatenate([plan.train_rows, plan.test_rows])
+    manifest = corpus.manifest
+    held = tuple(m for m in plan.modalities  # a manifest without the column (planning tests) says nothing
+                 if index_column(m) not in manifest or (manifest[index_column(m)].to_numpy()[rows] >= 0).any())
+    if held == plan.modalities:
+        return plan
+    return dataclasses.replace(plan, modalities=held, shift={m: v for m, v in plan.shift.items() if m in held})
 
 
 def check_plan(plans: list[SitePlan], min_samples: int = 1, zero_shot: bool = False) -> None:

@@ -147,3 +147,5 @@ def test_a_federation_runs_on_an_ingested_corpus_with_natural_sites(tmp_path):
     sites = {r["origin_site"] if "origin_site" in r else r["site"]: r["role"] for r in s["per_site"]}
     assert len(s["per_site"]) == 3 and list(sites.values()).count("held_out") == 1
     assert set(s["final"]["ood"]["per_task"]) == {"breast_cancer_classification"}
+    # the table's rows have no pathology image: sites hold (train, average) only what they have
+    assert {tuple(r["modalities"]) for r in s["per_site"]} == {("mri",), ("tabular",)}
