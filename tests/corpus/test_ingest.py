@@ -94,6 +94,12 @@ def test_an_unknown_label_and_a_nan_are_named_with_their_row(tmp_path):
     _expect_failure(tmp_path, "sources:" + TABULAR, r"wdbc\.csv row 4: NaN or infinite value in \['f2'\]")
 
 
+def test_a_mapped_class_without_a_folder_is_named(tmp_path):
+    _png_folders(tmp_path / "mri")
+    _expect_failure(tmp_path, "sources:" + IMAGES.replace("no_tumor: no_tumor}", "no_tumor: no_tumor, pit: pituitary}"),
+                    r"mri: declared class\(es\) \['pituitary'\] of task brain_tumor_classification have no sample")
+
+
 def test_a_missing_file_and_an_unknown_class_folder_are_named(tmp_path):
     _expect_failure(tmp_path, "sources:" + TABULAR, r"wdbc\.csv: file does not exist")
     _png_folders(tmp_path / "mri", classes=("glioma", "zebra"))

@@ -84,6 +84,24 @@ def adapter(name: str, keys: set[str] | frozenset[str]) -> Callable[[Adapter], A
     return deco
 
 
+def class_folders(root: Path, mapping: dict[str, str], task_name: str, classes: tuple[str, ...],
+                  problems: Problems, layout: str = "") -> list[tuple[Path, int]]:
+    """(folder, class index) for each sub-folder of `root` named after a class (or mapped to
+    one by `classes:`); hidden folders are ignored, an unknown class folder is a problem."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        problems.report(root, f"no class folders inside{f' (layout: {layout})' if layout else ''}")
+    out = []
+    for folder in folders:
+        name = mapping.get(folder.name, folder.name)
+        if name not in classes:
+            problems.report(folder, f"class {name!r} is not a class of {task_name} "
+                                    f"({', '.join(classes)}); map it with `classes:`")
+            continue
+        out.append((folder, classes.index(name)))
+    return out
+
+
 def optional_import(module: str, extra: str):
     """Import a format's library, or fail with the exact command that installs it."""
     import importlib

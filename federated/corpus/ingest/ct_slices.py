@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, resolve
+from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, class_folders, resolve
 from federated.corpus.ingest.image_folders import EXTENSIONS
 from federated.corpus.ingest.images_csv import BadItem, cell, image_modality, read_image, require_columns
 from federated.corpus.ingest.text import tokenize
@@ -74,18 +74,11 @@ def ct_slices(params: dict[str, Any], base: Path, problems: Problems) -> SampleS
     if not root.is_dir():
         problems.report(root, "CT folder does not exist")
         return samples
-    folders = _subfolders(root)
-    if not folders:
-        problems.report(root, "no class folders inside (layout: <class>/<patient>/<scan>/<slice>)")
     ctx = {"task": task, "modality": modality, "per": per, "k": k, "reports": reports,
            "site": str(params.get("origin_site") or root.name), "source": f"ct_slices:{root.name}"}
-    for folder in folders:
-        name = mapping.get(folder.name, folder.name)
-        if name not in task.classes:
-            problems.report(folder, f"class {name!r} is not a class of {task.name} "
-                                    f"({', '.join(task.classes)}); map it with `classes:`")
-            continue
-        _class_folder(folder, task.classes.index(name), ctx, samples, problems)
+    layout = "<class>/<patient>/<scan>/<slice>"
+    for folder, label in class_folders(root, mapping, task.name, task.classes, problems, layout):
+        _class_folder(folder, label, ctx, samples, problems)
     check_classes(samples, set(mapping.values()), str(root), problems)
     return samples
 

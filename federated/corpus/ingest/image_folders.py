@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from federated.corpus.ingest.core import Problems, SampleSet, adapter
+from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, class_folders
 from federated.multimed import IMAGE, MODALITIES, TASKS
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
@@ -48,16 +48,7 @@ def image_folders(params: dict[str, Any], base: Path, problems: Problems) -> Sam
     site = str(params.get("origin_site") or root.name)
     shape = MODALITIES.get(modality).shape
     samples = SampleSet(task.name)
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if not folders:
-        problems.report(root, "no class folders inside")
-    for folder in folders:
-        name = mapping.get(folder.name, folder.name)
-        if name not in task.classes:
-            problems.report(folder, f"class {name!r} is not a class of {task.name} "
-                                    f"({', '.join(task.classes)}); map it with `classes:`")
-            continue
-        label = task.classes.index(name)
+    for folder, label in class_folders(root, mapping, task.name, task.classes, problems):
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
         if not files:
             problems.report(folder, "no .png/.jpg/.jpeg images in this class folder")
@@ -71,4 +62,5 @@ def image_folders(params: dict[str, Any], base: Path, problems: Problems) -> Sam
                 problems.report(f, "image has NaN or infinite values")
                 continue
             samples.add({modality: x}, label, site, f"{folder.name}/{f.stem}", f"image_folders:{root.name}")
+    check_classes(samples, {str(v) for v in mapping.values()}, str(root), problems)
     return samples
