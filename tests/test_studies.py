@@ -99,3 +99,22 @@ def test_study_command_refuses_an_unknown_study(tmp_path):
     from federated.cli import main
 
     assert main(["study", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_a_study_runs_its_grid_on_the_ray_engine_with_the_same_scores(tmp_path):
+    """`engine=ray` as a study override: the run goes through Flower's Ray simulation in the
+    study's worker process and scores what the in-process engine scores."""
+    import json
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY.replace("seeds: 2", "seeds: 1").replace("    large: [train.lr=0.01]\n", ""))
+    scores = {}
+    for engine in ("inprocess", "ray"):
+        out = tmp_path / engine
+        df = run_study(str(spec), out, processes=1, overrides=[f"engine={engine}"])
+        assert len(df) == 1 and not df["error"].astype(bool).any()
+        summary = json.loads((out / "runs" / df["run_id"].iloc[0] / "summary.json").read_text())
+        assert summary["engine"] == engine
+        scores[engine] = (summary["final"]["id"]["score"], summary["final"]["ood"]["score"])
+    assert scores["ray"] == pytest.approx(scores["inprocess"], abs=1e-6)
