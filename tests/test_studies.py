@@ -116,5 +116,6 @@ def test_a_study_runs_its_grid_on_the_ray_engine_with_the_same_scores(tmp_path):
         assert len(df) == 1 and not df["error"].astype(bool).any()
         summary = json.loads((out / "runs" / df["run_id"].iloc[0] / "summary.json").read_text())
         assert summary["engine"] == engine
+        assert "±" not in (out / "summary.md").read_text()  # one run per condition: no spread shown
         scores[engine] = (summary["final"]["id"]["score"], summary["final"]["ood"]["score"])
     assert scores["ray"] == pytest.approx(scores["inprocess"], abs=1e-6)

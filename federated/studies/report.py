@@ -36,7 +36,8 @@ def markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
         cells = [str(r[a]) for a in axes]
         for m in metrics:
             mean, sd = r[f"{m}_mean"], r[f"{m}_sd"]
-            cells.append("-" if pd.isna(mean) else f"{mean:.3f} ± {sd:.3f}")
+            single = int(r["n"]) == 1  # one run: no spread to show
+            cells.append("-" if pd.isna(mean) else f"{mean:.3f}" if single else f"{mean:.3f} ± {sd:.3f}")
         lines.append("| " + " | ".join([*cells, str(int(r["n"]))]) + " |")
     return "\n".join(lines)
 
@@ -106,16 +107,22 @@ def per_task_arms(df: pd.DataFrame, axis: str) -> pd.DataFrame:
     return table
 
 
+def _mean_sd(mean: float, sd: float) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.3f}" if pd.isna(sd) else f"{mean:.3f} ± {sd:.3f}"  # NaN sd: a single run
+
+
 def per_task_scores(df: pd.DataFrame, axis: str, group: str) -> pd.DataFrame:
     """`group` (id or ood) score per task (rows) and condition of `axis` (columns), as
     "mean ± sd" over seeds; "-" where a condition has no score for the task."""
     ok = df[df[group].notna()]
     cols = [c for c in ok if c.startswith(f"{group}/")]
-    stats = ok.groupby(axis, sort=False)[cols].agg(["mean", "std"])
+    g = ok.groupby(axis, sort=False)[cols]
+    means, sds, counts = g.mean(), g.std(ddof=0), g.count()  # population sd, as in summarize()
     table = pd.DataFrame(index=[c.removeprefix(f"{group}/") for c in cols])
-    for cond in stats.index:
-        table[cond] = ["-" if pd.isna(stats.loc[cond, (c, "mean")]) else
-                       f"{stats.loc[cond, (c, 'mean')]:.3f} ± {0.0 if pd.isna(stats.loc[cond, (c, 'std')]) else stats.loc[cond, (c, 'std')]:.3f}"
+    for cond in means.index:
+        table[cond] = [_mean_sd(means.loc[cond, c], sds.loc[cond, c] if counts.loc[cond, c] > 1 else np.nan)
                        for c in cols]
     return table
 

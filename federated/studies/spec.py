@@ -11,7 +11,6 @@
         "0": [sites.missing_sample_rate=0]
         "0.5": [sites.missing_sample_rate=0.5]
     generated_axes: [leave_one_site_out]                  # axes built from the site plan
-    plot: {x: missing_rate, hue: null}                    # how report.md plots the summary
     setup: experiments/real_mini/setup.sh                 # builds corpus.path (real-data studies)
 
 Axis values are labels mapped to override lists. Unknown keys fail with the key's name.
@@ -21,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from federated.io import read_yaml_mapping
 
 STUDY_DIR_ENV = "MULTIMED_FL_STUDIES"
 KEYS = {"name", "title", "description", "base", "quick", "seeds", "quick_seeds", "axes",
-        "generated_axes", "plot", "processes", "quick_axes", "per_task_arms", "setup",
+        "generated_axes", "processes", "quick_axes", "per_task_arms", "setup",
         "per_task_table"}
 GENERATORS = ("leave_one_site_out", "local_sites")
 
@@ -60,7 +59,6 @@ class Study:
     axes: dict[str, dict[str, list[str]]]
     quick_axes: dict[str, list[str]]  # axis -> the labels a quick run keeps
     generated_axes: list[str]
-    plot: dict[str, Any] = field(default_factory=dict)
     processes: int = 2
     # Report a task x arm table: labels "arm:task" of the first axis are one arm's runs of a
     # single task (e.g. single-task models), other labels are arms of their own.
@@ -137,6 +135,6 @@ def load_study(name_or_path: str) -> Study:
         description=str(raw.get("description", "")).strip(), base=overrides(raw.get("base"), "base"),
         quick=overrides(raw.get("quick"), "quick"), seeds=int(raw.get("seeds", 3)),
         quick_seeds=int(raw.get("quick_seeds", 1)), axes=axes, quick_axes=quick_axes,
-        generated_axes=generated, plot=dict(raw.get("plot") or {}), processes=int(raw.get("processes", 2)),
+        generated_axes=generated, processes=int(raw.get("processes", 2)),
         per_task_arms=bool(raw.get("per_task_arms", False)), setup=str(raw.get("setup", "")),
         per_task_table=bool(raw.get("per_task_table", False)), path=path)
