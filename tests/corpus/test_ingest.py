@@ -73,37 +73,29 @@ def test_images_and_a_table_become_one_corpus(tmp_path):
     assert (m.loc[m["task"] == "breast_cancer_classification", "idx_pathology"] == -1).all()
 
 
-def _expect_failure(tmp_path, spec_body, match):
-    out = tmp_path / "corpus"
-    with pytest.raises(IngestError, match=match):
-        run_spec(_spec(tmp_path, spec_body), out)
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")]  # no temp folder either
-
-
-def test_a_corrupt_image_is_named_and_nothing_is_written(tmp_path):
+def test_a_corrupt_image_is_named_and_nothing_is_written(tmp_path, expect_failure):
     _png_folders(tmp_path / "mri")
     (tmp_path / "mri" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    _expect_failure(tmp_path, "sources:" + IMAGES, r"mri/glioma/broken\.jpg: unreadable or corrupt image")
+    expect_failure("sources:" + IMAGES, r"mri/glioma/broken\.jpg: unreadable or corrupt image")
 
 
-def test_an_unknown_label_and_a_nan_are_named_with_their_row(tmp_path):
+def test_an_unknown_label_and_a_nan_are_named_with_their_row(tmp_path, expect_failure):
     _breast_csv(tmp_path / "wdbc.csv", bad_label_row=4)
-    _expect_failure(tmp_path, "sources:" + TABULAR, r"wdbc\.csv row 6: label 'X' is not a class")
+    expect_failure("sources:" + TABULAR, r"wdbc\.csv row 6: label 'X' is not a class")
     _breast_csv(tmp_path / "wdbc.csv", nan_row=2)
-    _expect_failure(tmp_path, "sources:" + TABULAR, r"wdbc\.csv row 4: NaN or infinite value in \['f2'\]")
+    expect_failure("sources:" + TABULAR, r"wdbc\.csv row 4: NaN or infinite value in \['f2'\]")
 
 
-def test_a_mapped_class_without_a_folder_is_named(tmp_path):
+def test_a_mapped_class_without_a_folder_is_named(tmp_path, expect_failure):
     _png_folders(tmp_path / "mri")
-    _expect_failure(tmp_path, "sources:" + IMAGES.replace("no_tumor: no_tumor}", "no_tumor: no_tumor, pit: pituitary}"),
+    expect_failure("sources:" + IMAGES.replace("no_tumor: no_tumor}", "no_tumor: no_tumor, pit: pituitary}"),
                     r"mri: declared class\(es\) \['pituitary'\] of task brain_tumor_classification have no sample")
 
 
-def test_a_missing_file_and_an_unknown_class_folder_are_named(tmp_path):
-    _expect_failure(tmp_path, "sources:" + TABULAR, r"wdbc\.csv: file does not exist")
+def test_a_missing_file_and_an_unknown_class_folder_are_named(tmp_path, expect_failure):
+    expect_failure("sources:" + TABULAR, r"wdbc\.csv: file does not exist")
     _png_folders(tmp_path / "mri", classes=("glioma", "zebra"))
-    _expect_failure(tmp_path, "sources:" + IMAGES, r"mri/zebra: class 'zebra' is not a class")
+    expect_failure("sources:" + IMAGES, r"mri/zebra: class 'zebra' is not a class")
 
 
 def test_on_error_skip_lists_each_skipped_item(tmp_path, capsys):

@@ -9,11 +9,9 @@ import zlib
 
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 
 from federated.corpus.format import Corpus
-from federated.corpus.ingest import IngestError
 from federated.corpus.ingest.ct_slices import natural_key
 from federated.corpus.ingest.image_folders import load_image
 from federated.corpus.ingest.spec import run_spec
@@ -39,14 +37,6 @@ def _spec(tmp_path, body: str):
 def _ingest(tmp_path, body: str):
     out, skipped = run_spec(_spec(tmp_path, body), tmp_path / "corpus")
     return Corpus.open(out), skipped
-
-
-def _expect_failure(tmp_path, spec_body, match):
-    out = tmp_path / "corpus"
-    with pytest.raises(IngestError, match=match):
-        run_spec(_spec(tmp_path, spec_body), out)
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")]  # no temp folder either
 
 
 def _rows(corpus, task):
@@ -188,30 +178,30 @@ def test_images_csv_nih_findings_column(tmp_path):
                           [0, 0, 1, 0, 1]]
 
 
-def test_images_csv_errors_name_the_row_or_the_image(tmp_path):
+def test_images_csv_errors_name_the_row_or_the_image(tmp_path, expect_failure):
     _nih(tmp_path, ["Cardiomegaly", "Fibrosis", "Atelectasis|Nodule|Effusion|Pneumothorax"])
-    _expect_failure(tmp_path, NIH, r"Data_Entry\.csv row 3: finding 'Fibrosis' is not a finding")
+    expect_failure(NIH, r"Data_Entry\.csv row 3: finding 'Fibrosis' is not a finding")
     _nih(tmp_path, ["Cardiomegaly", "Atelectasis|Nodule|Effusion"])
-    _expect_failure(tmp_path, NIH, r"Data_Entry\.csv: finding\(s\) \['pneumothorax'\] .* no positive sample")
+    expect_failure(NIH, r"Data_Entry\.csv: finding\(s\) \['pneumothorax'\] .* no positive sample")
     _bone_age(tmp_path, months=[12.0, np.nan, 30.0, 40.0, 50.0, 60.0])
-    _expect_failure(tmp_path, BONE_AGE, r"boneage\.csv row 3: label \(months\) is missing")
+    expect_failure(BONE_AGE, r"boneage\.csv row 3: label \(months\) is missing")
     _bone_age(tmp_path)
     (tmp_path / "hand" / "4.png").unlink()
-    _expect_failure(tmp_path, BONE_AGE, r"boneage\.csv row 6: image file .*hand/4\.png does not exist")
+    expect_failure(BONE_AGE, r"boneage\.csv row 6: image file .*hand/4\.png does not exist")
     (tmp_path / "hand" / "4.png").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    _expect_failure(tmp_path, BONE_AGE, r"hand/4\.png: unreadable or corrupt image .*boneage\.csv row 6")
+    expect_failure(BONE_AGE, r"hand/4\.png: unreadable or corrupt image .*boneage\.csv row 6")
 
 
-def test_images_csv_config_mistakes_and_unknown_labels(tmp_path):
+def test_images_csv_config_mistakes_and_unknown_labels(tmp_path, expect_failure):
     for i in range(2):
         _image(tmp_path / "mri" / f"{i}.png", seed=i)
     pd.DataFrame({"f": ["0.png", "1.png"], "y": ["glioma", "zebra"]}).to_csv(tmp_path / "y.csv", index=False)
     body = "sources:\n  - {adapter: images_csv, task: brain_tumor_classification, path: mri, labels: y.csv, " \
            "image_column: f, label_column: %s}\n"
-    _expect_failure(tmp_path, body % "y", r"y\.csv row 3: label 'zebra' is not a class")
-    _expect_failure(tmp_path, body % "diagnosis", r"sources\[0\]: .*y\.csv: no column\(s\) \['diagnosis'\]")
-    _expect_failure(tmp_path, body % "y, classes: {zebra: horse}", r"sources\[0\]: classes: \['horse'\]")
-    _expect_failure(tmp_path, body.replace("label_column: %s", "finding_columns: {}"),
+    expect_failure(body % "y", r"y\.csv row 3: label 'zebra' is not a class")
+    expect_failure(body % "diagnosis", r"sources\[0\]: .*y\.csv: no column\(s\) \['diagnosis'\]")
+    expect_failure(body % "y, classes: {zebra: horse}", r"sources\[0\]: classes: \['horse'\]")
+    expect_failure(body.replace("label_column: %s", "finding_columns: {}"),
                     r"sources\[0\]: task brain_tumor_classification has multiclass targets")
 
 
@@ -305,16 +295,16 @@ def test_ct_slices_natural_order_and_central_slices(tmp_path):
     assert (corpus.manifest["idx_text"] == -1).all()  # no reports: text missing
 
 
-def test_ct_slices_errors(tmp_path):
+def test_ct_slices_errors(tmp_path, expect_failure):
     root = _ct(tmp_path, slices=2)
     (root / "CP" / "0" / "scan0" / "0.png").write_bytes(b"\xff\xd8\xff\xe0 broken")
-    _expect_failure(tmp_path, CT, r"CP/0/scan0/0\.png: unreadable or corrupt image")
+    expect_failure(CT, r"CP/0/scan0/0\.png: unreadable or corrupt image")
     _image(root / "CP" / "0" / "scan0" / "0.png")
     (root / "NCP" / "1" / "scan9").mkdir()
-    _expect_failure(tmp_path, CT, r"NCP/1/scan9: scan folder has no slice images")
+    expect_failure(CT, r"NCP/1/scan9: scan folder has no slice images")
     (root / "NCP" / "1" / "scan9").rmdir()
     (root / "Zebra" / "0" / "scan0").mkdir(parents=True)
-    _expect_failure(tmp_path, CT, r"ccccii/Zebra: class 'Zebra' is not a class of disease_classification")
+    expect_failure(CT, r"ccccii/Zebra: class 'Zebra' is not a class of disease_classification")
 
 
 # --- vqa -----------------------------------------------------------------------------------
@@ -365,23 +355,23 @@ def test_vqa_jsonl_and_json(tmp_path):
     assert _rows(corpus, "medical_vqa")[1].tolist() == [1, 4, 0, 4]
 
 
-def test_vqa_errors_name_the_line(tmp_path):
+def test_vqa_errors_name_the_line(tmp_path, expect_failure):
     _vqa_images(tmp_path)
     good = [json.dumps(r) for r in _records()]
     spec = VQA.format(file="qa.jsonl")
     _jsonl(tmp_path, [good[0], "", '{"image": "1.png", "question": "Any', *good[1:]])
-    _expect_failure(tmp_path, spec, r"qa\.jsonl line 3: unparsable JSON")
+    expect_failure(spec, r"qa\.jsonl line 3: unparsable JSON")
     _jsonl(tmp_path, [good[0], json.dumps({**_records()[1], "answer": "maybe"})])
-    _expect_failure(tmp_path, spec, r"qa\.jsonl line 2: answer 'maybe' is not an answer of medical_vqa")
+    expect_failure(spec, r"qa\.jsonl line 2: answer 'maybe' is not an answer of medical_vqa")
     _jsonl(tmp_path, [json.dumps({"image": "0.png", "answer": "yes", "hospital": "a"})])
-    _expect_failure(tmp_path, spec, r"qa\.jsonl line 1: record has no 'question' key")
+    expect_failure(spec, r"qa\.jsonl line 1: record has no 'question' key")
     _jsonl(tmp_path, [good[0], json.dumps({**_records()[2], "image": "9.png"})])
-    _expect_failure(tmp_path, spec, r"qa\.jsonl line 2: image file .*vqa/img/9\.png does not exist")
+    expect_failure(spec, r"qa\.jsonl line 2: image file .*vqa/img/9\.png does not exist")
     (tmp_path / "vqa" / "img" / "1.png").write_bytes(b"\xff\xd8 broken")
     _jsonl(tmp_path, good)
-    _expect_failure(tmp_path, spec, r"img/1\.png: unreadable or corrupt image .*qa\.jsonl line 3")
+    expect_failure(spec, r"img/1\.png: unreadable or corrupt image .*qa\.jsonl line 3")
     (tmp_path / "vqa" / "qa.json").write_text(json.dumps([_records()[0], {**_records()[3], "answer": "lots"}]))
-    _expect_failure(tmp_path, VQA.format(file="qa.json"), r"qa\.json \[1\]: answer 'lots'")
+    expect_failure(VQA.format(file="qa.json"), r"qa\.json \[1\]: answer 'lots'")
 
 
 def test_vqa_on_error_skip(tmp_path):

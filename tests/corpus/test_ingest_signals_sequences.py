@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from federated.corpus.format import Corpus
-from federated.corpus.ingest import IngestError
 from federated.corpus.ingest.spec import run_spec
 
 pyedflib = pytest.importorskip("pyedflib")
@@ -44,14 +43,6 @@ def _spec(tmp_path, body: str):
     path = tmp_path / "spec.yaml"
     path.write_text("sources:" + body)
     return path
-
-
-def _expect_failure(tmp_path, body, match):
-    out = tmp_path / "corpus"
-    with pytest.raises(IngestError, match=match):
-        run_spec(_spec(tmp_path, body), out)
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")]  # no temp folder
 
 
 CHANNELS = ["C9", "C2", "C3", "C4", "C5", "C6", "C7", "C0"]
@@ -106,30 +97,30 @@ def test_events_from_a_csv_and_the_first_eight_channels(tmp_path):
     np.testing.assert_allclose(corpus.array("eeg")[1, 7], np.sqrt(2) * _wave(7, t), atol=0.01)
 
 
-def test_edf_problems_name_the_file_and_event(tmp_path):
+def test_edf_problems_name_the_file_and_event(tmp_path, expect_failure):
     (tmp_path / "eeg").mkdir()
     edf = _edf(tmp_path / "eeg" / "S001R04.edf")
     data = edf.read_bytes()
     edf.write_bytes(data[:-700])  # truncated
-    _expect_failure(tmp_path, EEG, r"S001R04\.edf: unreadable, truncated or corrupt EDF")
+    expect_failure("sources:" + EEG, r"S001R04\.edf: unreadable, truncated or corrupt EDF")
     _edf(edf)
-    _expect_failure(tmp_path, EEG.replace("C9", "Cz"),
+    expect_failure("sources:" + EEG.replace("C9", "Cz"),
                     r"S001R04\.edf: channel\(s\) \['Cz'\] not in this recording \(its channels: C0, C1")
     _edf(edf, n_channels=6)
-    _expect_failure(tmp_path, EEG.replace(f"    channels: {CHANNELS}\n", ""),
+    expect_failure("sources:" + EEG.replace(f"    channels: {CHANNELS}\n", ""),
                     r"S001R04\.edf: has 6 signal channels, the eeg modality needs 8")
     _edf(edf, events=((9.0, "T2"),))
-    _expect_failure(tmp_path, EEG, r"S001R04\.edf event 'T2' at onset 9 s: epoch \[9\.5, 11\.5\] s "
+    expect_failure("sources:" + EEG, r"S001R04\.edf event 'T2' at onset 9 s: epoch \[9\.5, 11\.5\] s "
                                    r"runs outside the recording")
     _edf(edf, events=((1.0, "T0"),))
-    _expect_failure(tmp_path, EEG, r"S001R04\.edf: no event among \['T1', 'T2'\]")
+    expect_failure("sources:" + EEG, r"S001R04\.edf: no event among \['T1', 'T2'\]")
     _edf(edf, events=EVENTS[:1])
-    _expect_failure(tmp_path, EEG, r"eeg: declared class\(es\) \['right_hand'\]")
+    expect_failure("sources:" + EEG, r"eeg: declared class\(es\) \['right_hand'\]")
     _edf(edf, rates=[RATE] * 9 + [80])
-    _expect_failure(tmp_path, EEG, r"S001R04\.edf: the selected channels have different sampling rates")
+    expect_failure("sources:" + EEG, r"S001R04\.edf: the selected channels have different sampling rates")
 
 
-def test_nan_samples_and_config_mistakes(tmp_path, monkeypatch):
+def test_nan_samples_and_config_mistakes(tmp_path, expect_failure, monkeypatch):
     from federated.corpus.ingest import eeg_edf
 
     (tmp_path / "eeg").mkdir()
@@ -142,11 +133,11 @@ def test_nan_samples_and_config_mistakes(tmp_path, monkeypatch):
         return signals, rate, events
 
     monkeypatch.setattr(eeg_edf, "_read", with_nan)
-    _expect_failure(tmp_path, EEG, r"S001R04\.edf event 'T2' at onset 3 s: NaN")
-    _expect_failure(tmp_path, EEG.replace("T2: right_hand", "T2: hands"),
+    expect_failure("sources:" + EEG, r"S001R04\.edf event 'T2' at onset 3 s: NaN")
+    expect_failure("sources:" + EEG.replace("T2: right_hand", "T2: hands"),
                     r"sources\[0\]: events map to \['hands'\], not classes of motor_imagery")
-    _expect_failure(tmp_path, EEG.replace("'C9', ", ""), r"sources\[0\]: channels lists 7 labels")
-    _expect_failure(tmp_path, EEG.replace("'C9'", "'C0'"), r"sources\[0\]: channels lists a label twice")
+    expect_failure("sources:" + EEG.replace("'C9', ", ""), r"sources\[0\]: channels lists 7 labels")
+    expect_failure("sources:" + EEG.replace("'C9'", "'C0'"), r"sources\[0\]: channels lists a label twice")
 
 
 def test_edf_on_error_skip_keeps_the_good_recordings(tmp_path):
@@ -159,10 +150,10 @@ def test_edf_on_error_skip_keeps_the_good_recordings(tmp_path):
     assert len(Corpus.open(out).manifest) == 4
 
 
-def test_a_missing_edf_library_names_the_install_command(tmp_path, monkeypatch):
+def test_a_missing_edf_library_names_the_install_command(tmp_path, expect_failure, monkeypatch):
     (tmp_path / "eeg").mkdir()
     monkeypatch.setitem(sys.modules, "pyedflib", None)  # import pyedflib -> ImportError
-    _expect_failure(tmp_path, EEG, r"pip install 'multimed-fl\[edf\]'")
+    expect_failure("sources:" + EEG, r"pip install 'multimed-fl\[edf\]'")
 
 
 # --- FASTA ----------------------------------------------------------------------------------
@@ -240,33 +231,33 @@ def test_protein_tokens_structure_states_padding_and_crop(tmp_path):
     assert y[1].tolist() == three[8:72]
 
 
-def test_fasta_problems_name_the_file_and_record(tmp_path):
+def test_fasta_problems_name_the_file_and_record(tmp_path, expect_failure):
     _promoters(tmp_path, fasta="ACGT\n" + PROMOTERS)
-    _expect_failure(tmp_path, EXPRESSION, r"promoters\.fa line 1: text before the first '>' header")
+    expect_failure("sources:" + EXPRESSION, r"promoters\.fa line 1: text before the first '>' header")
     _promoters(tmp_path, fasta=PROMOTERS + ">r1\nACGT\n")
-    _expect_failure(tmp_path, EXPRESSION, r"promoters\.fa record r1: duplicate id \(first at line 1\)")
+    expect_failure("sources:" + EXPRESSION, r"promoters\.fa record r1: duplicate id \(first at line 1\)")
     _promoters(tmp_path, fasta=PROMOTERS + ">r4\n\n")
-    _expect_failure(tmp_path, EXPRESSION, r"promoters\.fa record r4: empty sequence")
+    expect_failure("sources:" + EXPRESSION, r"promoters\.fa record r4: empty sequence")
     _promoters(tmp_path, fasta=PROMOTERS.replace("acgtAC", "acgtNC"))
-    _expect_failure(tmp_path, EXPRESSION, r"promoters\.fa record r1: letter 'N' at position 5 is not in "
+    expect_failure("sources:" + EXPRESSION, r"promoters\.fa record r1: letter 'N' at position 5 is not in "
                                           "the alphabet ACGT")
     _promoters(tmp_path, table=TABLE.replace("r3,3,south\n", ""))
-    _expect_failure(tmp_path, EXPRESSION, r"promoters\.fa record r3: no entry for this id in expression\.csv")
+    expect_failure("sources:" + EXPRESSION, r"promoters\.fa record r3: no entry for this id in expression\.csv")
     _promoters(tmp_path, table=TABLE + "r9,1,north\n")
-    _expect_failure(tmp_path, EXPRESSION, r"expression\.csv row 5: id 'r9' has no record in promoters\.fa")
+    expect_failure("sources:" + EXPRESSION, r"expression\.csv row 5: id 'r9' has no record in promoters\.fa")
     _promoters(tmp_path, table=TABLE.replace("r2,-0.25", "r2,"))
-    _expect_failure(tmp_path, EXPRESSION, r"expression\.csv row 3: log_tpm is missing or NaN")
+    expect_failure("sources:" + EXPRESSION, r"expression\.csv row 3: log_tpm is missing or NaN")
     _proteins(tmp_path, structure_p1="HHHEEECCC")
-    _expect_failure(tmp_path, PROTEINS, r"chains\.dssp\.fa record p1: 9 structure states for a sequence "
+    expect_failure("sources:" + PROTEINS, r"chains\.dssp\.fa record p1: 9 structure states for a sequence "
                                         "of 10 residues")
     _proteins(tmp_path, structure_p1="HHHEEECCCX")
-    _expect_failure(tmp_path, PROTEINS, r"chains\.dssp\.fa record p1: structure letter 'X' at position 10")
+    expect_failure("sources:" + PROTEINS, r"chains\.dssp\.fa record p1: structure letter 'X' at position 10")
 
 
-def test_fasta_on_error_skip_and_config_mistakes(tmp_path):
+def test_fasta_on_error_skip_and_config_mistakes(tmp_path, expect_failure):
     _promoters(tmp_path, fasta=PROMOTERS.replace("acgtAC", "acgtRC"))
     out, skipped = run_spec(_spec(tmp_path, EXPRESSION + "    on_error: skip\n"), tmp_path / "kept")
     assert [s["item"].rsplit("/", 1)[-1] for s in skipped] == ["promoters.fa record r1"]
     assert Corpus.open(out).manifest["patient_id"].tolist() == ["r2", "r3"]
-    _expect_failure(tmp_path, EXPRESSION.replace("log_tpm", "tpm"), r"sources\[0\]: .*no column\(s\) \['tpm'\]")
-    _expect_failure(tmp_path, EXPRESSION + "    crop: end\n", r"sources\[0\]: crop must be one of center, start")
+    expect_failure("sources:" + EXPRESSION.replace("log_tpm", "tpm"), r"sources\[0\]: .*no column\(s\) \['tpm'\]")
+    expect_failure("sources:" + EXPRESSION + "    crop: end\n", r"sources\[0\]: crop must be one of center, start")
