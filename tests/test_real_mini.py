@@ -99,5 +99,6 @@ def test_real_mini_spec_and_study_run_on_stand_in_sources(tmp_path):
 def test_a_missing_real_corpus_names_the_setup_command(tmp_path):
     with pytest.raises(StudyError, match=r"does not exist; build it with experiments/real_mini/setup\.sh"):
         run_study("real_mini", tmp_path / "s", quick=True, overrides=[f"corpus.path={tmp_path / 'none'}"])
+    assert not (tmp_path / "s" / "study_overrides.json").exists()  # a corrected rerun may use this folder
     assert main(["study", "real_mini", "--quick", "--out", str(tmp_path / "t"),
                  f"corpus.path={tmp_path / 'none'}"]) == 2

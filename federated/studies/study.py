@@ -10,22 +10,22 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from federated.config import load_config
+from federated.config.schema import ExperimentConfig
 from federated.io import atomic_write
 from federated.studies.report import write_report
 from federated.studies.runner import log_hparams, results_frame, run_jobs
 from federated.studies.spec import Study, StudyError, load_study
 
 
-def generated_axes(study: Study, quick: bool) -> dict[str, dict[str, list[str]]]:
-    """Axes that depend on the site plan (built from the study's base config)."""
+def generated_axes(study: Study, cfg: ExperimentConfig) -> dict[str, dict[str, list[str]]]:
+    """Axes that depend on the site plan (built from the study's base config `cfg`)."""
     if not study.generated_axes:
         return {}
-    from federated.config import load_config
     from federated.corpus.cache import prepare_corpus
     from federated.corpus.format import Corpus
     from partitions.holdout import leave_one_site_out_overrides
 
-    cfg = load_config([*study.base, *(study.quick if quick else [])])
     corpus = Corpus.open(prepare_corpus(cfg.corpus))
     axes: dict[str, dict[str, list[str]]] = {}
     if "local_sites" in study.generated_axes:  # one local-only run per training site
@@ -52,11 +52,9 @@ def check_same_overrides(out: Path, overrides: list[str]) -> None:
         atomic_write(record, lambda tmp: tmp.write_text(json.dumps(overrides)))
 
 
-def check_corpus(study: Study, quick: bool) -> None:
+def check_corpus(study: Study, cfg: ExperimentConfig) -> None:
     """A real-data study's corpus must exist before its runs start: say how to build it."""
-    from federated.config import load_config
-
-    path = load_config([*study.base, *(study.quick if quick else [])]).corpus.path
+    path = cfg.corpus.path
     if path and not Path(path).expanduser().is_dir():
         how = f"; build it with {study.setup}" if study.setup else ""
         raise StudyError(f"study {study.name}: corpus {path} does not exist{how} (or set corpus.path=DIR)")
@@ -70,10 +68,11 @@ def run_study(name: str, out: Path, quick: bool = False, processes: int | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
-    check_same_overrides(out, overrides)
     study = dataclasses.replace(study, base=[*study.base, *overrides])
-    check_corpus(study, quick)
-    extra = generated_axes(study, quick)
+    cfg = load_config([*study.base, *(study.quick if quick else [])])  # the grid's shared settings
+    check_corpus(study, cfg)  # before the folder records its overrides: a fixed rerun may go on
+    check_same_overrides(out, overrides)
+    extra = generated_axes(study, cfg)
     runs = study.runs(quick, extra)
     axes = list(dict.fromkeys([*study.axes, *extra]))
     n_proc = processes or study.processes

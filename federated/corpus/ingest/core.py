@@ -115,7 +115,7 @@ def optional_import(module: str, extra: str):
 
 
 def resolve(base: Path, params: dict[str, Any], key: str = "path") -> Path:
-    """A source's path, relative to the spec file's folder."""
+    """A source's path, relative to the data root (the spec's data_root, or its folder)."""
     if key not in params:
         raise ValueError(f"missing key {key!r}")
     return (base / str(params[key])).resolve()
@@ -145,7 +145,7 @@ def check_classes(samples: SampleSet, declared: set[str], where: str, problems: 
         problems.report(where, f"declared class(es) {empty} of task {samples.task} have no sample")
 
 
-def test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -> set[str]:
+def draw_test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -> set[str]:
     """The patients whose samples form the test split, drawn over every source at once, so a
     patient in two tasks (two targets of one trial) is on the same side in both. Every task
     with more than one patient keeps at least one patient on each side."""
@@ -173,7 +173,7 @@ def ingest(sets: list[SampleSet], out_dir: Path, name: str, provenance: dict[str
     for s in sets:
         if not len(s):
             raise IngestError(f"task {s.task}: no sample was ingested (every item was skipped?)")
-    test = test_patients(sets, test_fraction, seed)
+    test = draw_test_patients(sets, test_fraction, seed)
     for s in sets:
         spec = TASKS.get(s.task)
         target_offset = len(targets.get(s.task, []))

@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 
 from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, class_folders, resolve
-from federated.corpus.ingest.image_folders import EXTENSIONS
-from federated.corpus.ingest.images_csv import BadItem, cell, image_modality, read_image, require_columns
+from federated.corpus.ingest.image_folders import EXTENSIONS, image_modality
+from federated.corpus.ingest.images_csv import BadItem, cell, read_image, require_columns
 from federated.corpus.ingest.text import tokenize
 from federated.multimed import MODALITIES, TASKS, Task
 

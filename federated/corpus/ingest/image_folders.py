@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, class_folders
-from federated.multimed import IMAGE, MODALITIES, TASKS
+from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, class_folders, resolve
+from federated.multimed import IMAGE, MODALITIES, TASKS, Task
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
 
@@ -35,12 +35,20 @@ def load_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     x = x[None] if channels == 1 else x.transpose(2, 0, 1)
     return (x - x.mean()) / (x.std() + 1e-6)
 
+def image_modality(task: Task, params: dict[str, Any]) -> str:
+    """The `modality` key, or the task's first image input."""
+    images = [m for m in task.inputs if MODALITIES.get(m).kind == IMAGE]
+    name = params.get("modality") or (images[0] if images else None)
+    if name not in images:
+        raise ValueError(f"task {task.name} has no image input {name!r} (its image inputs: {images})")
+    return str(name)
+
 
 @adapter("image_folders", keys={"path", "classes", "modality", "origin_site"})
 def image_folders(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     task = TASKS.get(params["task"])
-    modality = params.get("modality") or next(m for m in task.inputs if MODALITIES.get(m).kind == IMAGE)
-    root = (base / params["path"]).resolve()
+    modality = image_modality(task, params)
+    root = resolve(base, params)
     if not root.is_dir():
         problems.report(root, "image folder does not exist")
         return SampleSet(task.name)

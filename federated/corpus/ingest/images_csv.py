@@ -34,7 +34,7 @@ A listed finding that the task lacks is an error unless it is in ignore_findings
 finding is dropped by accident; a finding with no positive image is an error too. Images are
 read as in image_folders (the modality's channels, 32x32, standardised per image). A missing
 image is reported at its CSV row (row i + 2, as a spreadsheet shows it), a corrupt one by its
-path. The helpers read_image, image_modality and cell are shared with ct_slices and vqa.
+path. The helpers read_image and cell are shared with ct_slices and vqa.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ import numpy as np
 import pandas as pd
 
 from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, resolve
-from federated.corpus.ingest.image_folders import load_image
-from federated.multimed import IMAGE, MODALITIES, MULTILABEL, REGRESSION, TASKS, Task
+from federated.corpus.ingest.image_folders import image_modality, load_image
+from federated.multimed import MODALITIES, MULTILABEL, REGRESSION, TASKS, Task
 
 LABEL_STYLES = ("label_column", "finding_columns", "findings_column")
 STYLE_KEYS = {"label_column": ("classes",), "finding_columns": (),  # keys that go with each style
@@ -62,14 +62,6 @@ Labeler = Callable[[Row], Any]
 class BadItem(Exception):
     """One item (row, record) is unusable; the message says why, the caller says where."""
 
-
-def image_modality(task: Task, params: dict[str, Any]) -> str:
-    """The `modality` key, or the task's first image input."""
-    images = [m for m in task.inputs if MODALITIES.get(m).kind == IMAGE]
-    name = params.get("modality") or (images[0] if images else None)
-    if name not in images:
-        raise ValueError(f"task {task.name} has no image input {name!r} (its image inputs: {images})")
-    return str(name)
 
 
 def read_image(path: Path, shape: tuple[int, ...], problems: Problems, listed_at: str = "") -> np.ndarray | None:

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, resolve
-from federated.corpus.ingest.images_csv import BadItem, image_modality, read_image
+from federated.corpus.ingest.image_folders import image_modality
+from federated.corpus.ingest.images_csv import BadItem, read_image
 from federated.corpus.ingest.text import tokenize, words
 from federated.multimed import CLOSED_SET, MODALITIES, TASKS, Task
 
