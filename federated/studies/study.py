@@ -48,7 +48,11 @@ def check_same_overrides(out: Path, overrides: list[str]) -> None:
         if before != overrides:
             raise StudyError(f"{out} holds a study run with overrides {before}, not {overrides}; "
                              "use another --out (or the same overrides to resume)")
-    else:
+
+
+def record_overrides(out: Path, overrides: list[str]) -> None:
+    record = out / "study_overrides.json"
+    if not record.exists():
         atomic_write(record, lambda tmp: tmp.write_text(json.dumps(overrides)))
 
 
@@ -70,8 +74,9 @@ def run_study(name: str, out: Path, quick: bool = False, processes: int | None =
     overrides = list(overrides or [])
     study = dataclasses.replace(study, base=[*study.base, *overrides])
     cfg = load_config([*study.base, *(study.quick if quick else [])])  # the grid's shared settings
-    check_corpus(study, cfg)  # before the folder records its overrides: a fixed rerun may go on
     check_same_overrides(out, overrides)
+    check_corpus(study, cfg)  # before the folder records its overrides: a fixed rerun may go on
+    record_overrides(out, overrides)
     extra = generated_axes(study, cfg)
     runs = study.runs(quick, extra)
     axes = list(dict.fromkeys([*study.axes, *extra]))
