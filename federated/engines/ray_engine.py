@@ -78,10 +78,13 @@ def run_ray(cfg: ExperimentConfig, corpus_path: Path, n_sites: int, callbacks: S
     try:
         run_simulation(server, WithRunConfig(client_app, run_config), num_supernodes=n_sites,
                        backend_name="ray",
-                       # max_restarts: Ray brings a killed site process back for the next
-                       # message (Flower passes client_resources to actor .options()).
+                       # max_restarts: Ray brings a killed site process back; max_task_retries: a
+                       # message sent to it while it restarts (it may be another site's: the
+                       # actors are pooled) waits for the restart instead of failing that site.
+                       # One retry: a site that dies twice on the same message is a failure.
+                       # Flower passes client_resources to the actors' .options().
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0,
-                                                            "max_restarts": -1},
+                                                            "max_restarts": -1, "max_task_retries": 1},
                                        "init_args": {"num_cpus": cpus, "include_dashboard": False,
                                                      "logging_level": logging.ERROR}})
     finally:
