@@ -147,3 +147,49 @@ def test_a_federation_runs_on_an_ingested_corpus_with_natural_sites(tmp_path):
     assert set(s["final"]["ood"]["per_task"]) == {"breast_cancer_classification"}
     # the table's rows have no pathology image: sites hold (train, average) only what they have
     assert {tuple(r["modalities"]) for r in s["per_site"]} == {("mri",), ("tabular",)}
+
+
+def _tabular_by_site(out) -> dict[str, np.ndarray]:
+    corpus = Corpus.open(out)
+    m, x = corpus.manifest, corpus.array("tabular")
+    return {site: x[m.loc[m["origin_site"] == site, "idx_tabular"].to_numpy()][:, :5]
+            for site in sorted(m["origin_site"].unique())}
+
+
+def test_each_site_is_standardised_with_its_own_statistics(tmp_path):
+    """No statistic crosses hospitals: changing one site's values leaves the other's features as
+    they were, and each site's features have mean 0 and SD 1; statistics: file pools them."""
+    _breast_csv(tmp_path / "wdbc.csv")
+    frame = pd.read_csv(tmp_path / "wdbc.csv")
+    frame.loc[frame["clinic"] == "south", "f0"] = frame["f0"] * 10 + 50  # another scanner, another scale
+    frame.to_csv(tmp_path / "wdbc.csv", index=False)
+    first = _tabular_by_site(run_spec(_spec(tmp_path, "sources:" + TABULAR), tmp_path / "a")[0])
+    for site in ("north", "south"):
+        assert np.allclose(first[site].mean(axis=0), 0, atol=1e-5)
+        assert np.allclose(first[site].std(axis=0), 1, atol=1e-3)
+    frame.loc[frame["clinic"] == "south", ["f1", "f2"]] += 1000
+    frame.to_csv(tmp_path / "wdbc.csv", index=False)
+    second = _tabular_by_site(run_spec(_spec(tmp_path, "sources:" + TABULAR), tmp_path / "b")[0])
+    np.testing.assert_array_equal(second["north"], first["north"])
+    pooled = _tabular_by_site(run_spec(_spec(tmp_path, "sources:" + TABULAR + "    statistics: file\n"),
+                                       tmp_path / "c")[0])
+    assert pooled["south"][:, 0].mean() > 0.9 > -0.9 > pooled["north"][:, 0].mean()  # the shift is kept
+
+
+def test_imputation_uses_the_site_own_median_and_names_a_site_with_nothing_to_impute(tmp_path, expect_failure):
+    _breast_csv(tmp_path / "wdbc.csv")
+    frame = pd.read_csv(tmp_path / "wdbc.csv")
+    frame.loc[frame["clinic"] == "south", "f3"] = np.nan  # south never measured f3
+    frame.loc[0, "f4"] = np.inf
+    frame.to_csv(tmp_path / "wdbc.csv", index=False)
+    imputing = TABULAR + "    impute: median\n"
+    expect_failure("sources:" + imputing, r"wdbc\.csv: feature column\(s\) \['f3'\] have no value to impute "
+                                          r"from at site south")
+    frame.loc[frame["clinic"] == "south", "f3"] = 1.0
+    frame.loc[4, "f3"] = np.nan  # a north row: imputed with north's median
+    frame.to_csv(tmp_path / "wdbc.csv", index=False)
+    expect_failure("sources:" + imputing, r"wdbc\.csv row 2: NaN or infinite value in \['f4'\]")  # only row 2
+    out, skipped = run_spec(_spec(tmp_path, "on_error: skip\nsources:" + imputing), tmp_path / "ok")
+    assert [s["item"].rsplit("/", 1)[-1] for s in skipped] == ["wdbc.csv row 2"]
+    north = _tabular_by_site(out)["north"]
+    assert np.isfinite(north).all() and np.allclose(north.mean(axis=0), 0, atol=1e-5)

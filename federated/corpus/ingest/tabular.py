@@ -11,14 +11,21 @@
       patient_column: id                 # default: the row number
       impute: median                     # missing feature values -> the column's median
                                          # (default: none, a missing value is an error)
+      statistics: per_site               # where medians, means and SDs come from: per_site
+                                         # (default) or file
 
 The `tabular` modality holds 16 features (after one-hot encoding): fewer are zero-padded, more
 are refused (choose them with feature_columns / categorical_columns). Features are standardised
-per column over the file. Text cells are compared stripped of spaces ("No " is "No").
+per column. By default each site's rows are imputed and standardised with that site's own
+statistics (the file is one site when there is no site column): a hospital prepares its own
+data, so no statistic crosses hospitals and a held-out hospital's values never shape the
+features the training sites see. `statistics: file` pools the whole file, as a centralised
+pipeline would. Text cells are compared stripped of spaces ("No " is "No").
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +63,9 @@ def one_hot(column: pd.Series) -> tuple[np.ndarray, list[str]]:
 
 
 def feature_matrix(frame: pd.DataFrame, params: dict[str, Any], exclude: set[str], path: Path
-                   ) -> tuple[np.ndarray, list[str]]:
-    """Numeric feature columns (optionally imputed) and one-hot categorical ones."""
+                   ) -> tuple[np.ndarray, list[str], int]:
+    """Numeric feature columns (NaN where missing), then one-hot categorical ones; and how many
+    of the columns are numeric."""
     categorical = list(params.get("categorical_columns") or [])
     numeric = list(params.get("feature_columns") or [
         c for c in frame.columns if c not in exclude and c not in categorical
@@ -70,15 +78,6 @@ def feature_matrix(frame: pd.DataFrame, params: dict[str, Any], exclude: set[str
         raise ValueError(f"{path}: feature column(s) {non_numeric} are not numeric; list them under "
                          "categorical_columns to one-hot encode them")
     values = frame[numeric].to_numpy(dtype=np.float64)
-    impute = params.get("impute", "none")
-    if impute not in ("none", "median"):
-        raise ValueError(f"impute must be none or median (got {impute!r})")
-    if impute == "median" and numeric:
-        medians = np.nanmedian(values, axis=0)
-        empty = [numeric[j] for j in np.flatnonzero(~np.isfinite(medians))]
-        if empty:
-            raise ValueError(f"{path}: feature column(s) {empty} have no value to impute from")
-        values = np.where(np.isnan(values), medians, values)
     names = list(numeric)
     for col in categorical:
         block, block_names = one_hot(frame[col])
@@ -88,11 +87,48 @@ def feature_matrix(frame: pd.DataFrame, params: dict[str, Any], exclude: set[str
     if len(names) > width:
         raise ValueError(f"{path}: {len(names)} features after encoding ({', '.join(names)}); the tabular "
                          f"modality holds {width}: choose columns with feature_columns / categorical_columns")
-    return values, names
+    return values, names, len(numeric)
+
+
+def impute_by_group(values: np.ndarray, groups: np.ndarray, n_numeric: int, names: list[str],
+                    impute: str, path: Path) -> np.ndarray:
+    """Missing numeric cells -> their group's median (impute: median); otherwise unchanged, and a
+    value still missing is left for the row check to report."""
+    if impute not in ("none", "median"):
+        raise ValueError(f"impute must be none or median (got {impute!r})")
+    values = values.copy()
+    if impute == "none" or not n_numeric:
+        return values
+    with warnings.catch_warnings():  # an all-NaN column is reported just below, not warned about
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for group in np.unique(groups):
+            rows = np.flatnonzero(groups == group)
+            block = values[np.ix_(rows, range(n_numeric))]
+            medians = np.nanmedian(_finite_or_nan(block), axis=0)
+            empty = [names[j] for j in np.flatnonzero(~np.isfinite(medians))]
+            if empty:
+                raise ValueError(f"{path}: feature column(s) {empty} have no value to impute from"
+                                 + (f" at site {group} (statistics: file imputes from the whole file)"
+                                    if len(np.unique(groups)) > 1 else ""))
+            values[np.ix_(rows, range(n_numeric))] = np.where(np.isnan(block), medians, block)
+    return values
+
+
+def standardise_by_group(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each group's rows minus that group's column means, over its SDs (finite values only)."""
+    out = np.empty_like(values)
+    for group in np.unique(groups):
+        rows = groups == group
+        out[rows] = (values[rows] - values[rows].mean(axis=0)) / (values[rows].std(axis=0) + 1e-9)
+    return out
+
+
+def _finite_or_nan(a: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(a), a, np.nan)
 
 
 @adapter("tabular", keys={"path", "label_column", "labels", "feature_columns", "categorical_columns",
-                           "site_column", "patient_column", "origin_site", "impute"})
+                           "site_column", "patient_column", "origin_site", "impute", "statistics"})
 def tabular(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     task = TASKS.get(params["task"])
     path = resolve(base, params)
@@ -112,45 +148,59 @@ def tabular(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet
     for col in [label_col, *(c for c in (site_col, patient_col) if c)]:
         if col not in frame.columns:
             raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, frame.columns))})")
-    values, features = feature_matrix(frame, params, {label_col, site_col, patient_col}, path)
-    width = MODALITIES.get("tabular").shape[0]
-    mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0) + 1e-9
+    values, features, n_numeric = feature_matrix(frame, params, {label_col, site_col, patient_col}, path)
+    statistics = params.get("statistics", "per_site")
+    if statistics not in ("per_site", "file"):
+        raise ValueError(f"statistics must be per_site or file (got {statistics!r})")
+    groups = (frame[site_col].astype(str).to_numpy() if site_col and statistics == "per_site"
+              else np.zeros(len(frame), dtype=int))
+    # labels first, so that only rows that become samples shape the medians, means and SDs
+    labels = {}
     mapping = dict(params.get("labels") or {})
-    raw_labels = frame[label_col].tolist()
-    for i in range(len(frame)):
-        where = f"{path} row {i + 2}"  # 1-based, after the header, as a spreadsheet shows it
-        x = values[i]
-        if not np.isfinite(x).all():
-            bad = [features[j] for j in np.flatnonzero(~np.isfinite(x))]
-            problems.report(where, f"NaN or infinite value in {bad}")
-            continue
-        raw = _text(raw_labels[i])
-        if raw is None or (isinstance(raw, float) and np.isnan(raw)):
-            problems.report(where, f"label ({label_col}) is missing")
-            continue
-        if task.target == REGRESSION:
-            try:
-                label = float(raw)
-            except (TypeError, ValueError):
-                problems.report(where, f"label {raw!r} is not a number")
-                continue
-            if not np.isfinite(label):
-                problems.report(where, "label is NaN")
-                continue
-        else:
-            name = mapping.get(raw, raw)
-            if name in task.classes:
-                label = task.classes.index(name)
-            elif isinstance(name, (int, np.integer)) and 0 <= int(name) < len(task.classes):
-                label = int(name)
-            else:
-                problems.report(where, f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)})")
-                continue
+    for i, raw in enumerate(frame[label_col].tolist()):
+        label = _label(task, mapping, _text(raw), label_col, problems, f"{path} row {i + 2}")
+        if label is not None:
+            labels[i] = label
+    labelled = np.array(sorted(labels), dtype=int)
+    values = impute_by_group(values[labelled], groups[labelled], n_numeric, features,
+                             params.get("impute", "none"), path)
+    finite = np.isfinite(values).all(axis=1)
+    for j in np.flatnonzero(~finite):
+        bad = [features[k] for k in np.flatnonzero(~np.isfinite(values[j]))]
+        problems.report(f"{path} row {labelled[j] + 2}", f"NaN or infinite value in {bad}")
+    kept = labelled[finite]
+    values = standardise_by_group(values[finite], groups[kept])
+    width = MODALITIES.get("tabular").shape[0]
+    for i, x in zip(kept, values, strict=True):
         feats = np.zeros(width, dtype=np.float32)
-        feats[: len(features)] = (x - mean) / std
+        feats[: len(features)] = x
         site = str(frame[site_col].iloc[i]) if site_col else str(params.get("origin_site", "site_0"))
         patient = str(frame[patient_col].iloc[i]) if patient_col else f"row{i}"
-        samples.add({"tabular": feats}, label, site, patient, f"tabular:{path.name}")
+        samples.add({"tabular": feats}, labels[i], site, patient, f"tabular:{path.name}")
     check_classes(samples, {v for v in mapping.values() if v in task.classes}, str(path), problems)
     samples.notes["features"] = features
     return samples
+
+
+def _label(task, mapping: dict, raw: Any, label_col: str, problems: Problems, where: str) -> float | int | None:
+    """The row's label as the task stores it, or None after reporting why it has none."""
+    if raw is None or (isinstance(raw, float) and np.isnan(raw)):
+        problems.report(where, f"label ({label_col}) is missing")
+        return None
+    if task.target == REGRESSION:
+        try:
+            label = float(raw)
+        except (TypeError, ValueError):
+            problems.report(where, f"label {raw!r} is not a number")
+            return None
+        if not np.isfinite(label):
+            problems.report(where, "label is NaN")
+            return None
+        return label
+    name = mapping.get(raw, raw)
+    if name in task.classes:
+        return task.classes.index(name)
+    if isinstance(name, (int, np.integer)) and 0 <= int(name) < len(task.classes):
+        return int(name)
+    problems.report(where, f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)})")
+    return None
