@@ -10,6 +10,11 @@ array (what SiteData does when a site loads its rows), against the same gather f
 in-memory copy of the array (the floor); and a whole site loaded through SiteData (arrays,
 targets, tensors), in samples per second.
 
+Single-cell memory (needs the `h5ad` extra): an .h5ad of C cells x G genes ingested by the h5ad
+adapter, which reads the file backed, block by block; its peak traced memory (tracemalloc sees
+numpy's buffers) side by side with the peak of anndata reading the same file whole, the floor
+of any adapter that loads the matrix. Cells per second too.
+
     python experiments/bench/ingest.py [--quick] [--out results.json]
 """
 
@@ -77,6 +82,56 @@ def gather_rate(array: np.ndarray, batches: int, rng: np.random.Generator) -> fl
     return 32 * batches / (time.perf_counter() - t0)
 
 
+H5AD_SPEC = """name: bench_cells
+sources:
+  - adapter: h5ad
+    task: cell_type
+    path: cells.h5ad
+    label_key: cell_type
+    classes: {a: type_0, b: type_1}
+    simulated_sites: 2
+"""
+
+
+def traced_peak(fn) -> tuple[float, int]:
+    """(seconds, peak bytes traced) of one call."""
+    import tracemalloc
+
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        fn()
+        return time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def h5ad_memory(tmp: Path, cells: int, genes: int) -> dict | None:
+    try:
+        import anndata
+        import pandas as pd
+    except ImportError:
+        print("single-cell memory: skipped (pip install 'multimed-fl[h5ad]')")
+        return None
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(cells, genes)).astype(np.float32)
+    obs = pd.DataFrame({"cell_type": np.where(np.arange(cells) % 2, "a", "b")},
+                       index=[f"c{i}" for i in range(cells)])
+    anndata.AnnData(x, obs=obs).write_h5ad(tmp / "cells.h5ad")
+    del x
+    (tmp / "cells.yaml").write_text(H5AD_SPEC)
+    ingest_s, ingest_peak = traced_peak(lambda: run_spec(tmp / "cells.yaml", tmp / "cells_corpus"))
+    whole_s, whole_peak = traced_peak(lambda: anndata.read_h5ad(tmp / "cells.h5ad"))
+    report = {"h5ad_cells": cells, "h5ad_genes": genes, "h5ad_matrix_bytes": cells * genes * 4,
+              "h5ad_ingest_peak_bytes": ingest_peak, "h5ad_read_whole_peak_bytes": whole_peak,
+              "h5ad_peak_over_read_whole": ingest_peak / whole_peak,
+              "h5ad_ingest_cells_per_s": cells / ingest_s, "h5ad_read_whole_s": whole_s}
+    print(f"ingest an .h5ad of {cells:,} cells x {genes:,} genes ({cells * genes * 4 / 2**20:.0f} MiB float32): "
+          f"{report['h5ad_ingest_cells_per_s']:,.0f} cells/s, peak {ingest_peak / 2**20:.0f} MiB traced vs "
+          f"{whole_peak / 2**20:.0f} MiB for anndata reading it whole (ratio {report['h5ad_peak_over_read_whole']:.2f})")
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -114,6 +169,7 @@ def main() -> int:
             data = SiteData(corpus, site)
             load_times.append(time.perf_counter() - t0)
             loaded = data.n("train") + data.n("test")
+        cells_report = h5ad_memory(tmp, *((2_000, 1_000) if args.quick else (40_000, 2_000)))
     ingest_med, floor_med = statistics.median(ingest_s), statistics.median(floor_s)
     report = {
         "config": {"images": n, "side": side, "repeats": repeats, "quick": args.quick},
@@ -128,6 +184,7 @@ def main() -> int:
     print(f"read batches of 32 random rows: memory-mapped {mmap_rate:,.0f} samples/s, in RAM {ram_rate:,.0f} "
           f"samples/s (time ratio {report['mmap_over_ram_time']:.2f}x); one site through SiteData "
           f"{report['site_load_samples_per_s']:,.0f} samples/s ({loaded} samples)")
+    report.update(cells_report or {})
     write_result(report, args.out)
     return 0
 

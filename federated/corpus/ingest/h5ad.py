@@ -7,14 +7,20 @@
       classes: {CD14+ Monocyte: type_0, Dendritic: type_1, ...}   # source label -> task class
       layer: X                        # X (default), raw (the file's .raw.X) or a name in .layers
       genes: top_variance             # top_variance (default), highly_variable, or a list of names
-      scale: false                    # true: standardise each selected gene over the cells
+      scale: false                    # true: standardise each selected gene, per site
       site_key: donor                 # obs column -> origin_site (natural sites); optional
       patient_key: donor              # obs column -> patient_id; default: the cell's barcode
 
 The `scrna` modality holds 256 genes: `top_variance` keeps the 256 most variable genes of the
 chosen layer, `highly_variable` the file's var['highly_variable'] genes (at most 256, by
 variance), a list keeps those genes in that order. Fewer than 256 genes are zero-padded (the
-corpus spec records which genes fill the columns in provenance). Read with anndata (extra `h5ad`).
+corpus spec records which genes fill the columns in provenance). Gene selection looks at every
+cell of the file (all sites must share the same columns); `scale: true` standardises each site's
+cells with that site's own means and SDs, so no statistic of one hospital's cells shapes another's.
+
+The file is opened backed (anndata's read-only mode) and read in blocks of rows: one pass for the
+gene variances, one for the chosen genes, so an atlas-size file needs memory for one block and
+the cells x 256 result, not for the whole matrix. Read with anndata (extra `h5ad`).
 """
 
 from __future__ import annotations
@@ -30,23 +36,50 @@ from federated.multimed import MODALITIES, TASKS
 GENE_MODES = ("top_variance", "highly_variable")
 
 
-def _matrix(data: Any, layer: str, path: Path) -> tuple[np.ndarray, list[str]]:
-    """The chosen layer as a dense float matrix, with its gene names."""
+# values per block of rows: 32 MB as float64, whatever the file's width
+BLOCK_VALUES = 1 << 22
+
+
+def _matrix(data: Any, layer: str, path: Path) -> tuple[Any, list[str]]:
+    """The chosen layer, still on disk (backed), with its gene names."""
     if layer == "X":
-        x, genes = data.X, list(data.var_names)
-    elif layer == "raw":
+        return data.X, list(data.var_names)
+    if layer == "raw":
         if data.raw is None:
             raise ValueError(f"{path}: layer raw asked for, but the file has no .raw")
-        x, genes = data.raw.X, list(data.raw.var_names)
-    else:
-        if layer not in data.layers:
-            raise ValueError(f"{path}: no layer {layer!r} (layers: X, raw, {', '.join(data.layers)})")
-        x, genes = data.layers[layer], list(data.var_names)
-    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-    return x.astype(np.float64), genes
+        return data.raw.X, list(data.raw.var_names)
+    if layer not in data.layers:
+        raise ValueError(f"{path}: no layer {layer!r} (layers: X, raw, {', '.join(data.layers)})")
+    return data.layers[layer], list(data.var_names)
 
 
-def _select_genes(x: np.ndarray, genes: list[str], data: Any, how: Any, width: int, path: Path) -> list[int]:
+def _blocks(matrix: Any, block_values: int):
+    """(start, dense float64 block of rows) over a backed dense or sparse matrix."""
+    n_cells, n_genes = matrix.shape
+    step = max(1, block_values // max(1, n_genes))
+    for start in range(0, n_cells, step):
+        block = matrix[start:start + step]
+        block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+        yield start, block.astype(np.float64)
+
+
+def _variances(matrix: Any, block_values: int) -> np.ndarray:
+    """Per-gene variance over the cells, ignoring NaN (sums of x and x^2 in float64)."""
+    n = np.zeros(matrix.shape[1])
+    total, squares = np.zeros(matrix.shape[1]), np.zeros(matrix.shape[1])
+    for _, block in _blocks(matrix, block_values):
+        finite = np.isfinite(block)
+        block = np.where(finite, block, 0.0)
+        n += finite.sum(axis=0)
+        total += block.sum(axis=0)
+        squares += (block * block).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / n
+        return np.maximum(squares / n - mean * mean, 0.0)
+
+
+def _select_genes(matrix: Any, genes: list[str], data: Any, how: Any, width: int, path: Path,
+                  block_values: int) -> list[int]:
     if isinstance(how, (list, tuple)):
         index = {g: i for i, g in enumerate(genes)}
         missing = [g for g in how if g not in index]
@@ -63,9 +96,25 @@ def _select_genes(x: np.ndarray, genes: list[str], data: Any, how: Any, width: i
             raise ValueError(f"{path}: genes: highly_variable, but var has no 'highly_variable' column")
         flags = data.var["highly_variable"].reindex(genes).fillna(False).to_numpy(dtype=bool)
         candidates = np.flatnonzero(flags)
-    variance = np.nanvar(x[:, candidates], axis=0)
+    variance = np.nan_to_num(_variances(matrix, block_values)[candidates], nan=-1.0)
     order = np.argsort(-variance, kind="stable")[:width]
     return sorted(int(candidates[j]) for j in order)  # keep the file's gene order
+
+
+def _columns(matrix: Any, columns: list[int], block_values: int) -> np.ndarray:
+    out = np.empty((matrix.shape[0], len(columns)))
+    for start, block in _blocks(matrix, block_values):
+        out[start:start + len(block)] = block[:, columns]
+    return out
+
+
+def _scale_per_site(x: np.ndarray, sites: list[str] | None, ok: np.ndarray) -> np.ndarray:
+    """Each site's cells standardised with the means and SDs of its cells that become samples."""
+    groups = np.asarray(sites) if sites else np.zeros(len(x), dtype=int)
+    for group in np.unique(groups[ok]):
+        rows = (groups == group) & ok
+        x[rows] = (x[rows] - x[rows].mean(axis=0)) / (x[rows].std(axis=0) + 1e-9)
+    return x
 
 
 @adapter("h5ad", keys={"path", "label_key", "classes", "layer", "genes", "scale", "site_key", "patient_key",
@@ -81,10 +130,19 @@ def h5ad(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
         problems.report(path, "file does not exist")
         return samples
     try:
-        data = anndata.read_h5ad(path)
+        data = anndata.read_h5ad(path, backed="r")
     except Exception as e:  # h5py/anndata raise many types for a truncated or foreign file
         problems.report(path, f"unreadable or corrupt .h5ad ({type(e).__name__}: {e})")
         return samples
+    try:
+        return _cells(data, params, task, path, samples, problems)
+    finally:
+        data.file.close()
+
+
+def _cells(data: Any, params: dict[str, Any], task: Any, path: Path, samples: SampleSet,
+           problems: Problems) -> SampleSet:
+    block_values = BLOCK_VALUES
     label_key = params.get("label_key")
     if not label_key:
         raise ValueError("missing key 'label_key' (the obs column holding each cell's type)")
@@ -96,17 +154,22 @@ def h5ad(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     if wrong:
         raise ValueError(f"classes maps to {wrong}, which are not classes of {task.name} ({', '.join(task.classes)})")
     width = MODALITIES.get("scrna").shape[0]
-    x, genes = _matrix(data, str(params.get("layer", "X")), path)
-    columns = _select_genes(x, genes, data, params.get("genes", "top_variance"), width, path)
-    x = x[:, columns]
-    if params.get("scale", False):
-        x = (x - np.nanmean(x, axis=0)) / (np.nanstd(x, axis=0) + 1e-9)
+    matrix, genes = _matrix(data, str(params.get("layer", "X")), path)
+    try:
+        columns = _select_genes(matrix, genes, data, params.get("genes", "top_variance"), width, path,
+                                block_values)
+        x = _columns(matrix, columns, block_values)
+    except (OSError, RuntimeError, KeyError) as e:  # h5py's errors for a damaged block
+        problems.report(path, f"unreadable expression matrix ({type(e).__name__}: {e})")
+        return samples
     cells = list(map(str, data.obs_names))
     labels = data.obs[label_key].astype(object).tolist()
     sites = data.obs[params["site_key"]].astype(str).tolist() if params.get("site_key") else None
     patients = data.obs[params["patient_key"]].astype(str).tolist() if params.get("patient_key") else cells
+    names: list[str | None] = []
     for i, cell in enumerate(cells):
         where = f"{path} cell {cell}"
+        names.append(None)
         raw = labels[i]
         if raw is None or (isinstance(raw, float) and np.isnan(raw)):
             problems.report(where, f"label ({label_key}) is missing")
@@ -119,10 +182,15 @@ def h5ad(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
         if not np.isfinite(x[i]).all():
             problems.report(where, "expression has NaN or infinite values")
             continue
+        names[i] = name
+    ok = np.array([n is not None for n in names], dtype=bool)
+    if params.get("scale", False):
+        x = _scale_per_site(x, sites, ok)
+    for i in np.flatnonzero(ok):
         row = np.zeros(width, dtype=np.float32)
         row[: len(columns)] = x[i]
         site = sites[i] if sites else str(params.get("origin_site", path.stem))
-        samples.add({"scrna": row}, task.classes.index(name), site, patients[i], f"h5ad:{path.name}")
+        samples.add({"scrna": row}, task.classes.index(names[i]), site, patients[i], f"h5ad:{path.name}")
     check_classes(samples, {str(v) for v in mapping.values()}, str(path), problems)
     samples.notes["genes"] = [genes[j] for j in columns]
     return samples
