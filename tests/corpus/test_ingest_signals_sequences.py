@@ -97,6 +97,55 @@ def test_events_from_a_csv_and_the_first_eight_channels(tmp_path):
     np.testing.assert_allclose(corpus.array("eeg")[1, 7], np.sqrt(2) * _wave(7, t), atol=0.01)
 
 
+@pytest.mark.parametrize("filtered", [True, False])
+def test_power_above_the_new_nyquist_is_filtered_not_folded(tmp_path, monkeypatch, filtered):
+    """256 Hz recording, 2 s epochs -> 64 Hz: a 2 Hz rhythm plus as much 60 Hz mains noise. With
+    the anti-alias low-pass the epoch is the 2 Hz rhythm; without it (the check that this test
+    can fail) the 60 Hz folds to 4 Hz and the epoch no longer looks like the rhythm."""
+    import federated.corpus.ingest.eeg_edf as eeg_edf
+
+    if not filtered:
+        monkeypatch.setattr(eeg_edf, "low_pass", lambda signals, rate, cutoff: signals)
+    rate, seconds = 256, 10
+    t_all = np.arange(seconds * rate) / rate
+    writer = pyedflib.EdfWriter(str(tmp_path / "rec.edf"), 8, file_type=pyedflib.FILETYPE_EDFPLUS)
+    writer.setSignalHeaders([
+        {"label": f"C{i}", "dimension": "uV", "sample_frequency": rate, "physical_max": 100.0,
+         "physical_min": -100.0, "digital_max": 32767, "digital_min": -32768, "transducer": "",
+         "prefilter": ""} for i in range(8)])
+    writer.writeSamples([40 * np.sin(2 * np.pi * 2 * t_all + i) + 40 * np.sin(2 * np.pi * 60 * t_all)
+                         for i in range(8)])
+    writer.writeAnnotation(3.0, 0.5, "T1")
+    writer.close()
+    body = """
+  - adapter: eeg_edf
+    task: motor_imagery
+    path: rec.edf
+    events: {T1: left_hand}
+    origin_site: lab_a
+"""
+    out, _ = run_spec(_spec(tmp_path, body), tmp_path / "corpus")
+    x = Corpus.open(out).array("eeg")[0]
+    t = 3.0 + np.arange(128) * 2.0 / 128
+    worst = min(np.corrcoef(x[c], np.sin(2 * np.pi * 2 * t + c))[0, 1] for c in range(8))
+    if filtered:
+        assert worst > 0.999
+    else:
+        assert worst < 0.8
+
+
+def test_a_nan_sample_spoils_only_the_epochs_it_reaches(tmp_path):
+    from federated.corpus.ingest.eeg_edf import low_pass
+
+    rate = 160
+    x = np.sin(2 * np.pi * 2 * np.arange(10 * rate) / rate)[None].repeat(2, axis=0)
+    x[1, 500] = np.nan
+    out = low_pass(x, rate, 25.6)
+    assert np.isfinite(out[0]).all()
+    spoiled = np.flatnonzero(np.isnan(out[1]))
+    assert spoiled.min() > 400 and spoiled.max() < 600  # a few dozen samples around it, not the channel
+
+
 def test_edf_problems_name_the_file_and_event(tmp_path, expect_failure):
     (tmp_path / "eeg").mkdir()
     edf = _edf(tmp_path / "eeg" / "S001R04.edf")

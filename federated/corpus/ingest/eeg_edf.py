@@ -16,10 +16,12 @@
       origin_site: lab_a             # the fixed site name (default: the folder's name)
 
 Each matched event becomes one epoch: the selected channels from onset + offset_s for epoch_s
-seconds, resampled to the eeg modality's 128 samples by linear interpolation (output sample j
-lies at onset + offset_s + j * epoch_s / 128 s, so the rate becomes 128 / epoch_s Hz; no
-anti-alias filter, so band-limit the recording first if it holds power above half that rate),
-then standardised per channel (mean 0, sd 1) so amplifiers' gains do not leak in. The patient
+seconds, resampled to the eeg modality's 128 samples (output sample j lies at onset + offset_s +
+j * epoch_s / 128 s, so the rate becomes 128 / epoch_s Hz). When that lowers the rate, the
+recording is first low-passed at 0.4 x the new rate (a Hamming-windowed sinc FIR, zero phase):
+without it, power above the new Nyquist folds back (PhysioNet's 160 Hz recordings cut to 2 s
+epochs become 64 Hz, and 60 Hz mains noise would land at 4 Hz). Then linear interpolation, and
+standardisation per channel (mean 0, sd 1) so amplifiers' gains do not leak in. The patient
 is the subject. Channel labels match exactly, else ignoring case and trailing dots
 (PhysioNet's "C3.."). Every problem names the file (and the event's onset): an unreadable,
 truncated or corrupt EDF, missing channels, selected channels with different sampling rates,
@@ -148,6 +150,29 @@ def _read(path: Path, pyedflib, wanted: list[str] | None) -> tuple[np.ndarray, f
     return signals, rates[0], [(float(t), str(d).strip()) for t, d in zip(onsets, texts)]
 
 
+def low_pass(signals: np.ndarray, rate: float, cutoff_hz: float) -> np.ndarray:
+    """Zero-phase FIR low-pass of each channel (windowed sinc, convolved by FFT; numpy has no
+    filter design and scipy is not a dependency). The transition band is 0.25 x cutoff wide, so
+    everything above 1.25 x cutoff is attenuated by Hamming's ~50 dB. A NaN stays a NaN, and so
+    does every sample the filter would smear it into."""
+    fc = cutoff_hz / rate  # cycles per sample
+    half = int(np.ceil(3.3 / (0.25 * fc) / 2))  # Hamming: transition width ~ 3.3 / taps
+    n = np.arange(-half, half + 1)
+    taps = 2 * fc * np.sinc(2 * fc * n) * np.hamming(len(n))
+    taps /= taps.sum()
+    bad = ~np.isfinite(signals)
+    clean = np.where(bad, 0.0, signals)
+    pad = min(half, signals.shape[1] - 1)
+    padded = np.pad(clean, ((0, 0), (pad, pad)), mode="reflect")
+    size = padded.shape[1] + len(taps) - 1
+    full = np.fft.irfft(np.fft.rfft(padded, size) * np.fft.rfft(taps, size), size)
+    out = full[:, half + pad: half + pad + signals.shape[1]]
+    if bad.any():
+        reach = np.stack([np.convolve(row, np.ones(len(taps)), mode="same") > 0 for row in bad])
+        out = np.where(reach, np.nan, out)
+    return out
+
+
 def epoch(signals: np.ndarray, rate: float, start_s: float, epoch_s: float, length: int) -> np.ndarray:
     """`length` samples from start_s over epoch_s seconds, by linear interpolation, then
     standardised per channel. Raises _Bad when the window leaves the recording."""
@@ -186,6 +211,9 @@ def _add_epochs(samples: SampleSet, path: Path, signals: np.ndarray, rate: float
         problems.report(path, f"no event among {sorted(cfg['events'])} (its events: {seen or 'none'})")
         return
     length = MODALITIES.get(EEG).shape[1]
+    new_rate = length / cfg["epoch_s"]
+    if rate > new_rate:
+        signals = low_pass(signals, rate, 0.4 * new_rate)
     for onset, desc in matched:
         try:
             x = epoch(signals, rate, onset + cfg["offset_s"], cfg["epoch_s"], length)
