@@ -180,16 +180,23 @@ def test_imputation_uses_the_site_own_median_and_names_a_site_with_nothing_to_im
     _breast_csv(tmp_path / "wdbc.csv")
     frame = pd.read_csv(tmp_path / "wdbc.csv")
     frame.loc[frame["clinic"] == "south", "f3"] = np.nan  # south never measured f3
-    frame.loc[0, "f4"] = np.inf
     frame.to_csv(tmp_path / "wdbc.csv", index=False)
     imputing = TABULAR + "    impute: median\n"
-    expect_failure("sources:" + imputing, r"wdbc\.csv: feature column\(s\) \['f3'\] have no value to impute "
-                                          r"from at site south")
-    frame.loc[frame["clinic"] == "south", "f3"] = 1.0
-    frame.loc[4, "f3"] = np.nan  # a north row: imputed with north's median
+    expect_failure("sources:" + imputing, r"wdbc\.csv row 4: NaN or infinite value in \['f3'\] \(no row of site "
+                                          r"south has a value of \['f3'\] to impute from")
+    out, skipped = run_spec(_spec(tmp_path, "on_error: skip\nsources:" + imputing), tmp_path / "skip")
+    assert len(skipped) == 10 and set(Corpus.open(out).manifest["origin_site"]) == {"north"}  # south's rows only
+    frame.loc[frame["clinic"] == "south", "f3"] = 100.0 + np.arange(10)  # another scale at south
+    frame.loc[4, "f3"] = np.nan  # a north row: imputed with north's median, not the file's
+    frame.loc[0, "f4"] = np.inf
     frame.to_csv(tmp_path / "wdbc.csv", index=False)
-    expect_failure("sources:" + imputing, r"wdbc\.csv row 2: NaN or infinite value in \['f4'\]")  # only row 2
+    expect_failure("sources:" + imputing, r"wdbc\.csv row 2: NaN or infinite value in \['f4'\]$")  # only row 2
     out, skipped = run_spec(_spec(tmp_path, "on_error: skip\nsources:" + imputing), tmp_path / "ok")
     assert [s["item"].rsplit("/", 1)[-1] for s in skipped] == ["wdbc.csv row 2"]
-    north = _tabular_by_site(out)["north"]
-    assert np.isfinite(north).all() and np.allclose(north.mean(axis=0), 0, atol=1e-5)
+    north = frame[frame["clinic"] == "north"]
+    median = north["f3"].median()  # over north's labelled rows, row 2 included (its f3 is fine)
+    kept = north.drop(index=0)["f3"].fillna(median)
+    expected = (median - kept.mean()) / (kept.std(ddof=0) + 1e-9)
+    corpus = Corpus.open(out)
+    row = corpus.manifest.set_index("patient_id").loc["row4", "idx_tabular"]
+    assert corpus.array("tabular")[row, 3] == pytest.approx(expected, abs=1e-5)

@@ -144,6 +144,9 @@ def test_a_nan_sample_spoils_only_the_epochs_it_reaches(tmp_path):
     assert np.isfinite(out[0]).all()
     spoiled = np.flatnonzero(np.isnan(out[1]))
     assert spoiled.min() > 400 and spoiled.max() < 600  # a few dozen samples around it, not the channel
+    short = x[:, 470:520]  # shorter than the filter (85 taps), NaN inside: no crash, NaN kept
+    assert np.isnan(low_pass(short, rate, 25.6)[1]).all() and np.isfinite(low_pass(short, rate, 25.6)[0]).all()
+    assert low_pass(x[:, :0], rate, 25.6).shape == (2, 0)
 
 
 def test_edf_problems_name_the_file_and_event(tmp_path, expect_failure):

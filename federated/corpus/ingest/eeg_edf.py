@@ -160,6 +160,8 @@ def low_pass(signals: np.ndarray, rate: float, cutoff_hz: float) -> np.ndarray:
     n = np.arange(-half, half + 1)
     taps = 2 * fc * np.sinc(2 * fc * n) * np.hamming(len(n))
     taps /= taps.sum()
+    if signals.shape[1] < 2:  # nothing to filter (and no epoch fits in it anyway)
+        return signals
     bad = ~np.isfinite(signals)
     clean = np.where(bad, 0.0, signals)
     pad = min(half, signals.shape[1] - 1)
@@ -168,7 +170,8 @@ def low_pass(signals: np.ndarray, rate: float, cutoff_hz: float) -> np.ndarray:
     full = np.fft.irfft(np.fft.rfft(padded, size) * np.fft.rfft(taps, size), size)
     out = full[:, half + pad: half + pad + signals.shape[1]]
     if bad.any():
-        reach = np.stack([np.convolve(row, np.ones(len(taps)), mode="same") > 0 for row in bad])
+        # "full" then the centred slice: "same" returns max(len(row), len(taps)) samples
+        reach = np.stack([np.convolve(row, np.ones(len(taps)))[half: half + len(row)] > 0 for row in bad])
         out = np.where(reach, np.nan, out)
     return out
 

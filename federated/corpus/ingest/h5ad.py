@@ -18,9 +18,11 @@ corpus spec records which genes fill the columns in provenance). Gene selection 
 cell of the file (all sites must share the same columns); `scale: true` standardises each site's
 cells with that site's own means and SDs, so no statistic of one hospital's cells shapes another's.
 
-The file is opened backed (anndata's read-only mode) and read in blocks of rows: one pass for the
-gene variances, one for the chosen genes, so an atlas-size file needs memory for one block and
-the cells x 256 result, not for the whole matrix. Read with anndata (extra `h5ad`).
+The file is opened backed (anndata's read-only mode) and X (or raw.X) is read in blocks of rows:
+one pass for the gene variances, one for the chosen genes, so an atlas-size file needs memory for
+one block and the cells x 256 result, not for the whole matrix. Backed mode keeps only X and raw.X
+on disk: anndata 0.12 loads `layers` (and obsm, uns) into memory, so `layer: NAME` holds that
+layer, and any file with large layers pays for them. Read with anndata (extra `h5ad`).
 """
 
 from __future__ import annotations

@@ -91,27 +91,24 @@ def feature_matrix(frame: pd.DataFrame, params: dict[str, Any], exclude: set[str
 
 
 def impute_by_group(values: np.ndarray, groups: np.ndarray, n_numeric: int, names: list[str],
-                    impute: str, path: Path) -> np.ndarray:
-    """Missing numeric cells -> their group's median (impute: median); otherwise unchanged, and a
-    value still missing is left for the row check to report."""
+                    impute: str) -> tuple[np.ndarray, dict[Any, list[str]]]:
+    """Missing numeric cells -> their group's median (impute: median). A column with no finite
+    value in a group stays missing there, for the row check to report (and `on_error: skip` to
+    skip); returned with it: group -> those columns, so the report can say why."""
     if impute not in ("none", "median"):
         raise ValueError(f"impute must be none or median (got {impute!r})")
-    values = values.copy()
+    values, unfillable = values.copy(), {}
     if impute == "none" or not n_numeric:
-        return values
-    with warnings.catch_warnings():  # an all-NaN column is reported just below, not warned about
+        return values, unfillable
+    with warnings.catch_warnings():  # an all-NaN column is reported by row, not warned about
         warnings.simplefilter("ignore", RuntimeWarning)
         for group in np.unique(groups):
             rows = np.flatnonzero(groups == group)
             block = values[np.ix_(rows, range(n_numeric))]
             medians = np.nanmedian(_finite_or_nan(block), axis=0)
-            empty = [names[j] for j in np.flatnonzero(~np.isfinite(medians))]
-            if empty:
-                raise ValueError(f"{path}: feature column(s) {empty} have no value to impute from"
-                                 + (f" at site {group} (statistics: file imputes from the whole file)"
-                                    if len(np.unique(groups)) > 1 else ""))
+            unfillable[group] = [names[j] for j in np.flatnonzero(~np.isfinite(medians))]
             values[np.ix_(rows, range(n_numeric))] = np.where(np.isnan(block), medians, block)
-    return values
+    return values, unfillable
 
 
 def standardise_by_group(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -162,12 +159,20 @@ def tabular(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet
         if label is not None:
             labels[i] = label
     labelled = np.array(sorted(labels), dtype=int)
-    values = impute_by_group(values[labelled], groups[labelled], n_numeric, features,
-                             params.get("impute", "none"), path)
+    values, unfillable = impute_by_group(values[labelled], groups[labelled], n_numeric, features,
+                                         params.get("impute", "none"))
     finite = np.isfinite(values).all(axis=1)
+    per_site = bool(site_col) and statistics == "per_site"
     for j in np.flatnonzero(~finite):
         bad = [features[k] for k in np.flatnonzero(~np.isfinite(values[j]))]
-        problems.report(f"{path} row {labelled[j] + 2}", f"NaN or infinite value in {bad}")
+        group = groups[labelled[j]]
+        why = [f for f in unfillable.get(group, []) if f in bad]
+        reason = f"NaN or infinite value in {bad}"
+        if why:
+            reason += (f" (no row of site {group} has a value of {why} to impute from; statistics: file "
+                       "imputes from the whole file)" if per_site else
+                       f" (no row of the file has a value of {why} to impute from)")
+        problems.report(f"{path} row {labelled[j] + 2}", reason)
     kept = labelled[finite]
     values = standardise_by_group(values[finite], groups[kept])
     width = MODALITIES.get("tabular").shape[0]
