@@ -145,6 +145,16 @@ def check_classes(samples: SampleSet, declared: set[str], where: str, problems: 
         problems.report(where, f"declared class(es) {empty} of task {samples.task} have no sample")
 
 
+def standardise_by_group(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each group's rows (a site's) minus that group's column means, over its SDs: the per-site
+    statistics the tabular and h5ad adapters use, so no statistic crosses hospitals."""
+    out = np.empty_like(values)
+    for group in np.unique(groups):
+        rows = groups == group
+        out[rows] = (values[rows] - values[rows].mean(axis=0)) / (values[rows].std(axis=0) + 1e-9)
+    return out
+
+
 def draw_test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -> set[str]:
     """The patients whose samples form the test split, drawn over every source at once, so a
     patient in two tasks (two targets of one trial) is on the same side in both. Every task

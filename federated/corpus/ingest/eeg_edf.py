@@ -155,13 +155,13 @@ def low_pass(signals: np.ndarray, rate: float, cutoff_hz: float) -> np.ndarray:
     filter design and scipy is not a dependency). The transition band is 0.25 x cutoff wide, so
     everything above 1.25 x cutoff is attenuated by Hamming's ~50 dB. A NaN stays a NaN, and so
     does every sample the filter would smear it into."""
+    if signals.shape[1] < 2:  # nothing to filter (and no epoch fits in it anyway)
+        return signals
     fc = cutoff_hz / rate  # cycles per sample
     half = int(np.ceil(3.3 / (0.25 * fc) / 2))  # Hamming: transition width ~ 3.3 / taps
     n = np.arange(-half, half + 1)
     taps = 2 * fc * np.sinc(2 * fc * n) * np.hamming(len(n))
     taps /= taps.sum()
-    if signals.shape[1] < 2:  # nothing to filter (and no epoch fits in it anyway)
-        return signals
     bad = ~np.isfinite(signals)
     clean = np.where(bad, 0.0, signals)
     pad = min(half, signals.shape[1] - 1)

@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, optional_import, resolve
+from federated.corpus.ingest.core import (Problems, SampleSet, adapter, check_classes, optional_import, resolve,
+                                          standardise_by_group)
 from federated.multimed import MODALITIES, TASKS
 
 GENE_MODES = ("top_variance", "highly_variable")
@@ -110,15 +111,6 @@ def _columns(matrix: Any, columns: list[int], block_values: int) -> np.ndarray:
     return out
 
 
-def _scale_per_site(x: np.ndarray, sites: list[str] | None, ok: np.ndarray) -> np.ndarray:
-    """Each site's cells standardised with the means and SDs of its cells that become samples."""
-    groups = np.asarray(sites) if sites else np.zeros(len(x), dtype=int)
-    for group in np.unique(groups[ok]):
-        rows = (groups == group) & ok
-        x[rows] = (x[rows] - x[rows].mean(axis=0)) / (x[rows].std(axis=0) + 1e-9)
-    return x
-
-
 @adapter("h5ad", keys={"path", "label_key", "classes", "layer", "genes", "scale", "site_key", "patient_key",
                        "origin_site"})
 def h5ad(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
@@ -144,7 +136,6 @@ def h5ad(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
 
 def _cells(data: Any, params: dict[str, Any], task: Any, path: Path, samples: SampleSet,
            problems: Problems) -> SampleSet:
-    block_values = BLOCK_VALUES
     label_key = params.get("label_key")
     if not label_key:
         raise ValueError("missing key 'label_key' (the obs column holding each cell's type)")
@@ -159,8 +150,8 @@ def _cells(data: Any, params: dict[str, Any], task: Any, path: Path, samples: Sa
     matrix, genes = _matrix(data, str(params.get("layer", "X")), path)
     try:
         columns = _select_genes(matrix, genes, data, params.get("genes", "top_variance"), width, path,
-                                block_values)
-        x = _columns(matrix, columns, block_values)
+                                BLOCK_VALUES)
+        x = _columns(matrix, columns, BLOCK_VALUES)
     except (OSError, RuntimeError, KeyError) as e:  # h5py's errors for a damaged block
         problems.report(path, f"unreadable expression matrix ({type(e).__name__}: {e})")
         return samples
@@ -168,10 +159,9 @@ def _cells(data: Any, params: dict[str, Any], task: Any, path: Path, samples: Sa
     labels = data.obs[label_key].astype(object).tolist()
     sites = data.obs[params["site_key"]].astype(str).tolist() if params.get("site_key") else None
     patients = data.obs[params["patient_key"]].astype(str).tolist() if params.get("patient_key") else cells
-    names: list[str | None] = []
+    names: list[str | None] = [None] * len(cells)  # the task class of each cell that becomes a sample
     for i, cell in enumerate(cells):
         where = f"{path} cell {cell}"
-        names.append(None)
         raw = labels[i]
         if raw is None or (isinstance(raw, float) and np.isnan(raw)):
             problems.report(where, f"label ({label_key}) is missing")
@@ -186,8 +176,9 @@ def _cells(data: Any, params: dict[str, Any], task: Any, path: Path, samples: Sa
             continue
         names[i] = name
     ok = np.array([n is not None for n in names], dtype=bool)
-    if params.get("scale", False):
-        x = _scale_per_site(x, sites, ok)
+    if params.get("scale", False):  # each site's cells with that site's own means and SDs
+        groups = np.asarray(sites) if sites else np.zeros(len(x), dtype=int)
+        x[ok] = standardise_by_group(x[ok], groups[ok])
     for i in np.flatnonzero(ok):
         row = np.zeros(width, dtype=np.float32)
         row[: len(columns)] = x[i]

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, resolve
+from federated.corpus.ingest.core import Problems, SampleSet, adapter, check_classes, resolve, standardise_by_group
 from federated.multimed import MODALITIES, REGRESSION, TASKS
 
 
@@ -109,15 +109,6 @@ def impute_by_group(values: np.ndarray, groups: np.ndarray, n_numeric: int, name
             unfillable[group] = [names[j] for j in np.flatnonzero(~np.isfinite(medians))]
             values[np.ix_(rows, range(n_numeric))] = np.where(np.isnan(block), medians, block)
     return values, unfillable
-
-
-def standardise_by_group(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Each group's rows minus that group's column means, over its SDs (finite values only)."""
-    out = np.empty_like(values)
-    for group in np.unique(groups):
-        rows = groups == group
-        out[rows] = (values[rows] - values[rows].mean(axis=0)) / (values[rows].std(axis=0) + 1e-9)
-    return out
 
 
 def _finite_or_nan(a: np.ndarray) -> np.ndarray:
