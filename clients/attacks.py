@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
+from federated.core.protocol import ARRAYS_RECORD, METRICS_RECORD, NUM_EXAMPLES
 
 DEFAULT_FACTORS = {"sign_flip": 10.0, "scale": 1000.0, "inflate_count": 1000.0, "nan": 0.0}
 
@@ -41,9 +42,9 @@ def attack_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     content = reply.content
     if attack.kind == "inflate_count":
         f = attack.factor or DEFAULT_FACTORS["inflate_count"]
-        content["metrics"]["num-examples"] = int(content["metrics"]["num-examples"] * f)
+        content[METRICS_RECORD][NUM_EXAMPLES] = int(content[METRICS_RECORD][NUM_EXAMPLES] * f)
         return reply
-    sent = {k: a.numpy() for k, a in msg.content["arrays"].items()}
-    trained = {k: a.numpy() for k, a in content["arrays"].items()}
-    content["arrays"] = ArrayRecord({k: Array(v) for k, v in corrupt(attack.kind, attack.factor, sent, trained).items()})
+    sent = {k: a.numpy() for k, a in msg.content[ARRAYS_RECORD].items()}
+    trained = {k: a.numpy() for k, a in content[ARRAYS_RECORD].items()}
+    content[ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in corrupt(attack.kind, attack.factor, sent, trained).items()})
     return reply

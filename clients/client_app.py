@@ -23,13 +23,10 @@ from clients.faults import fault_mod
 from clients.dp_sgd import train_private
 from clients.scaffold import SiteControl
 from clients.site_runtime import SiteRuntime, site_runtime
-from clients.site_state import RESTORE_KEY
-from federated.arrays import record_to_torch
+from federated.core.arrays import record_to_torch
 from clients.trainer import GradientHook, ProximalTerm, evaluate_site, train_local
-from partitions.plan import TRAIN
-from federated.privacy import PRIVACY_RECORD
-from strategies.fedprox import PROXIMAL_MU_KEY
-from strategies.scaffold import CONTROL_DELTA_RECORD, CONTROL_RECORD
+from federated.core import protocol as P
+from federated.core.protocol import Role
 
 app = ClientApp(mods=[fault_mod, attack_mod])
 
@@ -72,35 +69,35 @@ def round_seed(seed: int, site: str, server_round: int) -> int:
 def query(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
     p = rt.plan
-    config = msg.content.config_records.get("config")
-    if config is not None and RESTORE_KEY in config:  # a resumed run: this site's own saved state
-        site_state.restore(context, p.site, int(config[RESTORE_KEY]))
+    config = msg.content.config_records.get(P.CONFIG_RECORD)
+    if config is not None and P.RESTORE_ROUND in config:  # a resumed run: this site's own saved state
+        site_state.restore(context, p.site, int(config[P.RESTORE_ROUND]))
     profile = ConfigRecord({
-        "site": p.site, "role": p.role, "archetype": p.archetype, "origin_site": p.origin_site,
+        "site": p.site, "role": p.role.value, "archetype": p.archetype, "origin_site": p.origin_site,
         "modalities": list(p.modalities), "tasks": list(p.tasks),
         "n_train": p.n_train, "n_test": p.n_test,
     })
-    return Message(RecordDict({"profile": profile}), reply_to=msg)
+    return Message(RecordDict({P.PROFILE_RECORD: profile}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
-    start = load_global(rt.model, msg.content["arrays"])
+    start = load_global(rt.model, msg.content[P.ARRAYS_RECORD])
     rt.model._holds = None  # about to change
     local = personalisation.local_keys(rt.model, rt.cfg.strategy)
     if local:
         personalisation.restore(rt.model, context)
-    config = msg.content["config"]
+    config = msg.content[P.CONFIG_RECORD]
     hooks: list[GradientHook] = []
-    mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
+    mu = float(config.get(P.PROXIMAL_MU, 0.0))
     if mu > 0:
         hooks.append(ProximalTerm(start, mu))
     control = None
-    if CONTROL_RECORD in msg.content.array_records:
-        control = SiteControl(context, msg.content[CONTROL_RECORD].to_torch_state_dict())
+    if P.CONTROL_RECORD in msg.content.array_records:
+        control = SiteControl(context, msg.content[P.CONTROL_RECORD].to_torch_state_dict())
         hooks.append(control.correction())
-    server_round = int(config["server-round"])
+    server_round = int(config[P.SERVER_ROUND])
     seed = round_seed(rt.cfg.seed, rt.plan.site, server_round)
     privacy = None
     if rt.cfg.privacy.name == "dp_sgd":
@@ -108,22 +105,22 @@ def train(msg: Message, context: Context) -> Message:
     else:
         result = train_local(rt.model, rt.data, rt.cfg.train, seed, tuple(hooks))
     reply = RecordDict({
-        "arrays": ArrayRecord(rt.model.state_dict()),
-        "metrics": MetricRecord({"num-examples": result.num_examples, "train_loss": result.mean_loss,
-                                 "steps": result.steps}),
-        "trained": ConfigRecord({"groups": list(result.group_examples),
-                                 "examples": list(result.group_examples.values())})})
+        P.ARRAYS_RECORD: ArrayRecord(rt.model.state_dict()),
+        P.METRICS_RECORD: MetricRecord({P.NUM_EXAMPLES: result.num_examples, P.TRAIN_LOSS: result.mean_loss,
+                                 P.STEPS: result.steps}),
+        P.TRAINED_RECORD: ConfigRecord({P.GROUPS: list(result.group_examples),
+                                        P.GROUP_EXAMPLES: list(result.group_examples.values())})})
     if privacy is not None:
-        reply[PRIVACY_RECORD] = ConfigRecord(privacy)
+        reply[P.PRIVACY_RECORD] = ConfigRecord(privacy)
     if control is not None:
-        reply[CONTROL_DELTA_RECORD] = ArrayRecord(control.update(rt.model, start, result.steps, rt.cfg.train.lr))
+        reply[P.CONTROL_DELTA_RECORD] = ArrayRecord(control.update(rt.model, start, result.steps, rt.cfg.train.lr))
     if local:
         personalisation.keep(rt.model, local, context)
     return Message(reply, reply_to=msg)
 
 
 def _flat(results: dict[str, dict[str, float]], n_test: int) -> MetricRecord:
-    flat: dict[str, float] = {"num-examples": n_test}
+    flat: dict[str, float] = {P.NUM_EXAMPLES: n_test}
     for task, values in results.items():
         for name, value in values.items():
             flat[f"{task}/{name}"] = float(value)
@@ -133,14 +130,14 @@ def _flat(results: dict[str, dict[str, float]], n_test: int) -> MetricRecord:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(msg.content[P.CONFIG_RECORD][P.SERVER_ROUND])
     every = rt.cfg.engine.checkpoint_every
     if every and server_round and (server_round % every == 0 or server_round == rt.cfg.rounds):
         site_state.save(context, rt.plan.site, server_round)
-    load_global(rt.model, msg.content["arrays"])
-    reply = RecordDict({"metrics": _flat(evaluate_site(rt.model, rt.data, "test"), rt.plan.n_test)})
-    if (rt.plan.role == TRAIN and personalisation.local_keys(rt.model, rt.cfg.strategy)
+    load_global(rt.model, msg.content[P.ARRAYS_RECORD])
+    reply = RecordDict({P.METRICS_RECORD: _flat(evaluate_site(rt.model, rt.data, "test"), rt.plan.n_test)})
+    if (rt.plan.role == Role.TRAIN and personalisation.local_keys(rt.model, rt.cfg.strategy)
             and personalisation.restore(rt.model, context)):
         rt.model._holds = None  # now holds this site's personal parameters
-        reply["personal"] = _flat(evaluate_site(rt.model, rt.data, "test"), rt.plan.n_test)
+        reply[P.PERSONAL_RECORD] = _flat(evaluate_site(rt.model, rt.data, "test"), rt.plan.n_test)
     return Message(reply, reply_to=msg)

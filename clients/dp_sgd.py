@@ -44,9 +44,9 @@ from opacus.validators import ModuleValidator
 
 from clients.site_data import SiteData, TaskSplit
 from clients.trainer import GradientHook, TrainResult, group_examples, make_optimizer, task_loss
-from federated.config.schema import ExperimentConfig, PrivacyConfig
-from federated.models import MultiMedModel, group_of
-from federated.multimed import IGNORE_LABEL, PER_RESIDUE, TASKS
+from federated.core.config.schema import ExperimentConfig, PrivacyConfig
+from federated.core.models import MultiMedModel, group_of
+from federated.core.multimed import IGNORE_LABEL, PER_RESIDUE, TASKS
 
 STATE_KEY = "dp-sgd-accountants"
 EPS_TOLERANCE = 1e-6  # float slack when comparing a spent epsilon with the budget

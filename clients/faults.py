@@ -16,6 +16,7 @@ import time
 
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
+from federated.core.protocol import CONFIG_RECORD, SERVER_ROUND
 
 
 class SimulatedCrash(RuntimeError):
@@ -29,7 +30,7 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
 
     rt = site_runtime(dict(context.run_config), dict(context.node_config))
     faults = rt.cfg.faults
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(msg.content[CONFIG_RECORD][SERVER_ROUND])
     if faults.kind == "none" or rt.plan.site not in faults.sites or (
             faults.rounds and server_round not in faults.rounds):
         return call_next(msg, context)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context
 from torch import nn
 
-from federated.config.schema import StrategyConfig
-from federated.models import MultiMedModel, group_of
+from federated.core.config.schema import StrategyConfig
+from federated.core.models import MultiMedModel, group_of
 
 PERSONAL_STATE = "personal-params"
 

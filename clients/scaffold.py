@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 
 from clients.trainer import ControlVariateCorrection
-from federated.models import MultiMedModel
+from federated.core.models import MultiMedModel
 
 CONTROL_STATE = "scaffold-control"
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from federated.corpus.format import Corpus, index_column
-from federated.multimed import MODALITIES, REGRESSION, TASKS
+from federated.data.format import Corpus, index_column
+from federated.core.multimed import MODALITIES, REGRESSION, TASKS
 from partitions.acquisition_shift import shift_array
-from partitions.plan import SitePlan
+from partitions.site_plan import SitePlan
 
 
 @dataclass

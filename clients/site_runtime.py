@@ -16,14 +16,13 @@ from functools import lru_cache
 import torch
 
 from clients.site_data import SiteData
-from federated.config import ExperimentConfig, config_from_yaml, load_config
-from federated.corpus.cache import prepare_corpus
-from federated.corpus.format import Corpus
-from federated.models import MultiMedModel, build_model
+from federated.core.config import ExperimentConfig, config_from_yaml, load_config
+from federated.data.cache import prepare_corpus
+from federated.data.format import Corpus
+from federated.core.models import MultiMedModel, build_model
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
 from partitions import SitePlan, plan_sites
 
-CONFIG_KEY = "multimed-config"
-CORPUS_KEY = "corpus-path"
 
 
 class SiteConfigError(ValueError):

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
-from federated.checkpoint import RESTORE_KEY  # noqa: F401  (re-exported for the ClientApp)
-from federated.io import atomic_write
+from federated.core.protocol import STATE_DIR_KEY
+from federated.core.io import atomic_write
 
-STATE_DIR_KEY = "state-dir"
 KEEP = 2
 
 

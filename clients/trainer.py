@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from clients.site_data import SiteData
-from federated.config.schema import TrainConfig
-from federated.metrics import task_metrics, unit_score
-from federated.models import MultiMedModel
-from federated.multimed import (BINARY, CLOSED_SET, IGNORE_LABEL, MULTICLASS, MULTILABEL,
+from federated.core.config.schema import TrainConfig
+from federated.core.metrics import task_metrics, unit_score
+from federated.core.models import MultiMedModel
+from federated.core.multimed import (BINARY, CLOSED_SET, IGNORE_LABEL, MULTICLASS, MULTILABEL,
                                 PER_RESIDUE, REGRESSION, TASKS)
 
 

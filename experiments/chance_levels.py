@@ -15,14 +15,15 @@ import sys
 import numpy as np
 
 from clients.site_data import SiteData
-from federated.config import load_config
-from federated.corpus.cache import prepare_corpus
-from federated.corpus.format import Corpus
-from federated.evaluation import SiteEvaluation, SiteProfile, group_scores
-from federated.metrics import task_metrics, unit_score
-from federated.multimed import (BINARY, CLOSED_SET, MULTICLASS, MULTILABEL, PER_RESIDUE,
+from federated.core.config import load_config
+from federated.data.cache import prepare_corpus
+from federated.data.format import Corpus
+from federated.server.evaluation import SiteEvaluation, SiteProfile, group_scores
+from federated.core.metrics import task_metrics, unit_score
+from federated.core.multimed import (BINARY, CLOSED_SET, MULTICLASS, MULTILABEL, PER_RESIDUE,
                                 REGRESSION, MULTIMED_TASKS, TASKS)
-from partitions import TRAIN, plan_sites
+from partitions import plan_sites
+from federated.core.protocol import Role
 
 
 def _constant_outputs(kind: str, train: np.ndarray, n: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -70,7 +71,7 @@ def main(overrides: list[str]) -> None:
             task = TASKS.get(t)
             scale = site.scales[t]
             train = np.concatenate([data[q.site].split(t, "train").targets.numpy() for q in plans
-                                    if q.role == TRAIN and t in q.tasks])
+                                    if q.role == Role.TRAIN and t in q.tasks])
             target = test.targets.numpy()
             if task.target == REGRESSION:
                 train, target = train * scale.std + scale.mean, target * scale.std + scale.mean
@@ -86,7 +87,7 @@ def main(overrides: list[str]) -> None:
         for k in rows:
             rows[k].append(evs[k])
     print(f"{'task':32s} {'metric':11s} {'ID const':>9s} {'ID rand':>8s} {'OOD const':>10s} {'OOD rand':>9s}")
-    summary = {k: {g: group_scores([e for e in v if (e.profile.role == TRAIN) == (g == "id")])
+    summary = {k: {g: group_scores([e for e in v if (e.profile.role == Role.TRAIN) == (g == "id")])
                    for g in ("id", "ood")} for k, v in rows.items()}
     for t in MULTIMED_TASKS:
         vals = [summary[k][g]["per_task"].get(t, float("nan")) for g in ("id", "ood") for k in ("constant", "random")]

@@ -1,5 +1,5 @@
 """Run a list of named experiments in parallel processes, resuming finished ones: the older
-table scripts' entry point to the study runner (federated/studies/runner.py).
+table scripts' entry point to the study runner (federated/app/studies/runner.py).
 
 Each run writes DIR/runs/<name>/ as `multimed-fl run` would; a run whose summary.json exists is
 read back instead of run again, so an interrupted grid continues where it stopped.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from federated.studies.runner import run_jobs
+from federated.app.studies.runner import run_jobs
 
 
 def run_grid(jobs: list[tuple[str, list[str]]], out: Path, processes: int = 2) -> dict[str, tuple[dict | None, str]]:

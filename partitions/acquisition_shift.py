@@ -34,8 +34,8 @@ import dataclasses
 
 import numpy as np
 
-from federated.multimed import IMAGE, MODALITIES, PAD_TOKEN, SIGNAL, TOKENS, VECTOR
-from partitions.plan import STEPS, PlanError, SitePlan, Step
+from federated.core.multimed import IMAGE, MODALITIES, PAD_TOKEN, SIGNAL, TOKENS, VECTOR
+from partitions.site_plan import STEPS, PlanError, SitePlan, Step
 from partitions.steps import step_rng
 
 MAX_BLUR_SIGMA = 3.0  # px; keeps the kernel radius (3 sigma) inside a 32-px image

@@ -8,10 +8,11 @@ holds out, after the training sites (partitions/holdout.py merges a held-out sit
 
 from __future__ import annotations
 
-from federated.config.schema import ExperimentConfig
-from federated.corpus.format import Corpus
-from federated.multimed import TASKS, modalities_of
-from partitions.plan import HELD_OUT, PLANNERS, TRAIN, PlanError, SitePlan, rows_of
+from federated.core.config.schema import ExperimentConfig
+from federated.data.format import Corpus
+from federated.core.multimed import TASKS, modalities_of
+from partitions.site_plan import PLANNERS, PlanError, SitePlan, rows_of
+from federated.core.protocol import Role
 
 
 def _archetype_tasks(cfg: ExperimentConfig, name: str, corpus: Corpus) -> tuple[str, ...]:
@@ -34,7 +35,7 @@ def _archetype_tasks(cfg: ExperimentConfig, name: str, corpus: Corpus) -> tuple[
 
 @PLANNERS.register("archetypes")
 def plan_archetypes(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
-    roles = [(a, TRAIN) for a in cfg.sites.train] + [(a, HELD_OUT) for a in cfg.sites.held_out]
+    roles = [(a, Role.TRAIN) for a in cfg.sites.train] + [(a, Role.HELD_OUT) for a in cfg.sites.held_out]
     origins = corpus.spec["origin_sites"]
     if len(roles) > len(origins):
         raise PlanError(f"{len(roles)} sites planned but the corpus has only {len(origins)} "

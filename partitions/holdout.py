@@ -11,17 +11,18 @@ gives the override lists a study runs.
 
 from __future__ import annotations
 
-from federated.config.loader import HOLDOUT_MODES
-from federated.config.schema import ExperimentConfig
-from federated.corpus.format import Corpus
-from partitions.plan import HELD_OUT, TRAIN, PlanError, SitePlan, as_held_out
+from federated.core.config.loader import HOLDOUT_MODES
+from federated.core.config.schema import ExperimentConfig
+from federated.data.format import Corpus
+from partitions.site_plan import PLANNERS, PlanError, SitePlan, as_held_out
 from partitions.steps import step_rng
+from federated.core.protocol import Role
 
 
 def assign_roles(plans: list[SitePlan], cfg: ExperimentConfig) -> list[SitePlan]:
     mode = cfg.sites.holdout
     if mode == "listed":
-        held = {p.site for p in plans if p.role == HELD_OUT}
+        held = {p.site for p in plans if p.role == Role.HELD_OUT}
     elif mode == "named":
         held = _named(plans, cfg.sites.holdout_sites)
     elif mode == "random":
@@ -46,14 +47,14 @@ def assign_roles(plans: list[SitePlan], cfg: ExperimentConfig) -> list[SitePlan]
         if p.site in held:
             out.append(as_held_out(p))
         else:
-            out.append(p if p.role == TRAIN else _as_training(p))
+            out.append(p if p.role == Role.TRAIN else _as_training(p))
     return out
 
 
 def _as_training(plan: SitePlan) -> SitePlan:
     import dataclasses
 
-    return dataclasses.replace(plan, role=TRAIN)
+    return dataclasses.replace(plan, role=Role.TRAIN)
 
 
 def _named(plans: list[SitePlan], names: list[str]) -> set[str]:
@@ -69,7 +70,5 @@ def _named(plans: list[SitePlan], names: list[str]) -> set[str]:
 
 def leave_one_site_out_overrides(corpus: Corpus, cfg: ExperimentConfig) -> list[list[str]]:
     """One override list per site, each holding out that site alone (for studies)."""
-    from partitions.plan import PLANNERS
-
     sites = [p.site for p in PLANNERS.get(cfg.sites.planner)(corpus, cfg)]
     return [["sites.holdout=named", f"sites.holdout_sites=[{s}]"] for s in sites]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from federated.corpus.format import Corpus
+from federated.data.format import Corpus
 
 SPLITS = ("train", "test")
 

@@ -14,9 +14,9 @@ import dataclasses
 
 import numpy as np
 
-from federated.corpus.format import Corpus
+from federated.data.format import Corpus
 from partitions.index import manifest_index
-from partitions.plan import STEPS, SitePlan, Step
+from partitions.site_plan import STEPS, SitePlan, Step
 from partitions.steps import at_training_sites, class_count, step_rng
 
 

@@ -20,10 +20,10 @@ import dataclasses
 
 import numpy as np
 
-from federated.corpus.format import Corpus
-from federated.config.schema import ExperimentConfig
+from federated.data.format import Corpus
+from federated.core.config.schema import ExperimentConfig
 from partitions.index import manifest_index
-from partitions.plan import STEPS, PlanError, SitePlan, Step
+from partitions.site_plan import STEPS, PlanError, SitePlan, Step
 from partitions.steps import at_training_sites, class_count, step_rng
 
 

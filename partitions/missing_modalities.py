@@ -18,10 +18,10 @@ import dataclasses
 
 import numpy as np
 
-from federated.corpus.format import Corpus
-from federated.multimed import TASKS
+from federated.data.format import Corpus
+from federated.core.multimed import TASKS
 from partitions.index import manifest_index
-from partitions.plan import STEPS, SitePlan, Step
+from partitions.site_plan import STEPS, SitePlan, Step
 from partitions.steps import step_rng
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from federated.config.schema import ExperimentConfig
-from federated.corpus.format import Corpus
-from federated.multimed import modalities_of
+from federated.core.config.schema import ExperimentConfig
+from federated.data.format import Corpus
+from federated.core.multimed import modalities_of
 from partitions.index import manifest_index
-from partitions.plan import PLANNERS, TRAIN, PlanError, SitePlan
+from partitions.site_plan import PLANNERS, PlanError, SitePlan
+from federated.core.protocol import Role
 
 
 def group_small_origins(sizes: dict[str, int], min_size: int) -> list[list[str]]:
@@ -66,7 +67,7 @@ def plan_natural(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
                 f"origin site(s) {'+'.join(members)} have no task with at least "
                 f"sites.min_samples={cfg.sites.min_samples} training samples")
         plans.append(SitePlan(
-            site=f"site_{i:0{width}d}", role=TRAIN, archetype="natural",
+            site=f"site_{i:0{width}d}", role=Role.TRAIN, archetype="natural",
             origin_site="+".join(members), tasks=tuple(tasks),
             modalities=tuple(modalities_of(tasks)),
             train_rows=np.sort(np.concatenate(rows["train"])),

@@ -12,10 +12,11 @@ import dataclasses
 
 import numpy as np
 
-from federated.corpus.format import Corpus
+from federated.data.format import Corpus
 from partitions.index import manifest_index
-from partitions.plan import STEPS, TRAIN, PlanError, SitePlan, Step
+from partitions.site_plan import STEPS, PlanError, SitePlan, Step
 from partitions.steps import step_rng
+from federated.core.protocol import Role
 
 
 def _subsample(rows: np.ndarray, of_task: np.ndarray, keep_n: int, rng: np.random.Generator) -> np.ndarray:
@@ -28,12 +29,12 @@ def apply_quantity_skew(plans: list[SitePlan], corpus: Corpus, sigma: float, min
     if sigma <= 0:
         raise PlanError(f"sites.quantity_skew_sigma must be > 0 (got {sigma}); omit it for equal sizes")
     index = manifest_index(corpus)
-    train_sites = [p for p in plans if p.role == TRAIN]
+    train_sites = [p for p in plans if p.role == Role.TRAIN]
     sizes = {p.site: step_rng(seed, "quantity", p.site).lognormal(0.0, sigma) for p in train_sites}
     biggest = max(sizes.values())
     out = []
     for p in plans:
-        if p.role != TRAIN:
+        if p.role != Role.TRAIN:
             out.append(p)
             continue
         frac = sizes[p.site] / biggest

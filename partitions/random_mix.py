@@ -14,12 +14,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from federated.config.schema import ExperimentConfig
-from federated.corpus.format import Corpus
-from federated.multimed import modalities_of
+from federated.core.config.schema import ExperimentConfig
+from federated.data.format import Corpus
+from federated.core.multimed import modalities_of
 from partitions.index import SPLITS, manifest_index
-from partitions.plan import PLANNERS, TRAIN, PlanError, SitePlan
+from partitions.site_plan import PLANNERS, PlanError, SitePlan
 from partitions.steps import step_rng
+from federated.core.protocol import Role
 
 
 def draw_task_mix(tasks: list[str], n_sites: int, per_site: int, min_overlap: int,
@@ -63,7 +64,7 @@ def plan_random_mix(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     for i, tasks in enumerate(mix):
         ordered = tuple(sorted(tasks))
         plans.append(SitePlan(
-            site=f"site_{i:0{width}d}", role=TRAIN, archetype="mix:" + "+".join(ordered),
+            site=f"site_{i:0{width}d}", role=Role.TRAIN, archetype="mix:" + "+".join(ordered),
             origin_site=origins[i % len(origins)], tasks=ordered,
             modalities=tuple(modalities_of(ordered)),
             train_rows=np.sort(np.concatenate(rows[i]["train"])),

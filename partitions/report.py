@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from federated.config.schema import ExperimentConfig
-from federated.corpus.format import Corpus
-from federated.io import atomic_write
-from federated.multimed import MODALITIES, TASKS
-from partitions.plan import SitePlan
+from federated.core.config.schema import ExperimentConfig
+from federated.data.format import Corpus
+from federated.core.io import atomic_write
+from federated.core.multimed import MODALITIES, TASKS
+from partitions.site_plan import SitePlan
 
 
 def plan_frame(corpus: Corpus, plans: list[SitePlan], cfg: ExperimentConfig) -> pd.DataFrame:

@@ -18,11 +18,12 @@ import dataclasses
 
 import numpy as np
 
-from federated.config.schema import ExperimentConfig
-from federated.corpus.format import Corpus
-from federated.multimed import TASKS, modalities_of
+from federated.core.config.schema import ExperimentConfig
+from federated.data.format import Corpus
+from federated.core.multimed import TASKS, modalities_of
 from partitions.index import manifest_index
-from partitions.plan import ID_EVAL, STEPS, TRAIN, PlanError, SitePlan, Step
+from partitions.site_plan import STEPS, PlanError, SitePlan, Step
+from federated.core.protocol import Role
 
 
 def _keep_tasks(plan: SitePlan, tasks: tuple[str, ...], corpus: Corpus) -> SitePlan:
@@ -47,24 +48,24 @@ def tasks_only(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> 
 
 def train_only(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     wanted = set(cfg.sites.train_only)
-    training = {p.site for p in plans if p.role == TRAIN}
+    training = {p.site for p in plans if p.role == Role.TRAIN}
     unknown = sorted(wanted - training)
     if unknown:
         raise PlanError(f"sites.train_only names {unknown}, which are not training sites; "
                         f"training sites: {', '.join(sorted(training))}")
-    return [p if p.role != TRAIN or p.site in wanted else dataclasses.replace(p, role=ID_EVAL)
+    return [p if p.role != Role.TRAIN or p.site in wanted else dataclasses.replace(p, role=Role.ID_EVAL)
             for p in plans]
 
 
 def pool(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
-    train = [p for p in plans if p.role == TRAIN]
+    train = [p for p in plans if p.role == Role.TRAIN]
     tasks = tuple(t for t in TASKS.names() if any(t in p.tasks for p in train))
     pooled = SitePlan(
-        site="pooled", role=TRAIN, archetype="pooled", origin_site="+".join(p.origin_site for p in train),
+        site="pooled", role=Role.TRAIN, archetype="pooled", origin_site="+".join(p.origin_site for p in train),
         tasks=tasks, modalities=tuple(modalities_of(tasks)),
         train_rows=np.sort(np.concatenate([p.train_rows for p in train])),
         test_rows=np.sort(np.concatenate([p.test_rows for p in train])))
-    return [pooled, *(p for p in plans if p.role != TRAIN)]
+    return [pooled, *(p for p in plans if p.role != Role.TRAIN)]
 
 
 def unimodal(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:

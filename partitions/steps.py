@@ -6,8 +6,8 @@ import hashlib
 
 import numpy as np
 
-from federated.multimed import BINARY, CLOSED_SET, MULTICLASS, TASKS
-from partitions.plan import TRAIN
+from federated.core.multimed import BINARY, CLOSED_SET, MULTICLASS, TASKS
+from federated.core.protocol import Role
 
 
 def step_rng(seed: int, *keys: str) -> np.random.Generator:
@@ -28,4 +28,4 @@ def class_count(task: str) -> int | None:
 
 def at_training_sites(plans: list, change) -> list:  # type: ignore[no-untyped-def]
     """Apply `change` to each training site's plan; other sites are scored as they are."""
-    return [change(p) if p.role == TRAIN else p for p in plans]
+    return [change(p) if p.role == Role.TRAIN else p for p in plans]

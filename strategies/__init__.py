@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from federated.config.schema import StrategyConfig
-from federated.registry import Registry
+from federated.core.config.schema import StrategyConfig
+from federated.core.registry import Registry
 from strategies.base import MultiMedStrategy, TooFewValidReplies
 from strategies.fedavg import FedAvg, ModalityFedAvg
 from strategies.fedopt import FedOpt

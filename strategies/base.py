@@ -26,12 +26,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from federated.config.schema import StrategyConfig
-from federated.arrays import record_to_numpy
-from federated.models import group_of
-from federated.replies import error_reason
+from federated.core.config.schema import StrategyConfig
+from federated.core.arrays import record_to_numpy
+from federated.core.models import group_of
+from federated.core.replies import error_reason
 from strategies.aggregation import groupwise_weighted_mean
 from strategies.validation import Rejection, validate_update
+from federated.core.protocol import ARRAYS_RECORD, GROUPS, GROUP_EXAMPLES, METRICS_RECORD, NUM_EXAMPLES, TRAINED_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -150,23 +151,23 @@ class MultiMedStrategy(FlowerFedAvg):
     def parse(self, msg: Message, current: Arrays) -> Update | str:
         """The reply's arrays, example count and per-group examples, or why it is unusable."""
         content = msg.content
-        if "arrays" not in content.array_records:
+        if ARRAYS_RECORD not in content.array_records:
             return "no 'arrays' record in the reply"
-        if "metrics" not in content.metric_records or self.weighted_by_key not in content["metrics"]:
+        if METRICS_RECORD not in content.metric_records or self.weighted_by_key not in content[METRICS_RECORD]:
             return f"no '{self.weighted_by_key}' in the reply's metrics"
-        update = record_to_numpy(content["arrays"])
-        n = float(content["metrics"][self.weighted_by_key])
+        update = record_to_numpy(content[ARRAYS_RECORD])
+        n = float(content[METRICS_RECORD][self.weighted_by_key])
         node = msg.metadata.src_node_id
         declared = self.declared_examples.get(node)
         limit = declared * self.cfg.max_examples_factor if declared is not None else None
         reason = validate_update(update, current, n, limit)
         if reason:
             return reason
-        trained = content.config_records.get("trained")
+        trained = content.config_records.get(TRAINED_RECORD)
         if trained is None:  # a client that does not say: it trained everything
             groups = {group_of(k): n for k in update}
         else:
-            names, examples = list(trained["groups"]), [float(x) for x in trained["examples"]]
+            names, examples = list(trained[GROUPS]), [float(x) for x in trained[GROUP_EXAMPLES]]
             if len(names) != len(examples) or any(not np.isfinite(x) or x < 0 or x > n for x in examples):
                 return "malformed 'trained' record (group examples must be finite, >= 0 and <= num-examples)"
             groups = dict(zip(names, examples))
@@ -176,5 +177,5 @@ class MultiMedStrategy(FlowerFedAvg):
 
 def _trained_nothing(msg: Message) -> bool:
     """A reply that says it used no examples (and so carries no update to validate)."""
-    metrics = msg.content.metric_records.get("metrics")
-    return metrics is not None and float(metrics.get("num-examples", -1)) == 0.0
+    metrics = msg.content.metric_records.get(METRICS_RECORD)
+    return metrics is not None and float(metrics.get(NUM_EXAMPLES, -1)) == 0.0

@@ -7,7 +7,7 @@ step with `strategy.server_lr`.
 
 from __future__ import annotations
 
-from federated.config.schema import StrategyConfig
+from federated.core.config.schema import StrategyConfig
 from strategies.aggregation import ServerOptState, server_opt_step
 from strategies.base import Arrays, MultiMedStrategy
 

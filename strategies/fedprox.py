@@ -6,11 +6,10 @@ which keeps heterogeneous sites from drifting far from the global model in one r
 
 from __future__ import annotations
 
+from federated.core.protocol import PROXIMAL_MU
 from strategies.base import MultiMedStrategy
-
-PROXIMAL_MU_KEY = "proximal-mu"  # the config key Flower's own FedProx uses
 
 
 class FedProx(MultiMedStrategy):
     def train_config(self, server_round: int) -> dict[str, float | int | str]:
-        return {PROXIMAL_MU_KEY: float(self.cfg.proximal_mu)}
+        return {PROXIMAL_MU: float(self.cfg.proximal_mu)}

@@ -8,7 +8,7 @@ sites that did. Update validation (strategies.base) runs first, so a NaN never r
 from __future__ import annotations
 
 
-from federated.models import group_of
+from federated.core.models import group_of
 from strategies.aggregation import coordinate_median, groupwise_aggregate, krum, trimmed_mean
 from strategies.base import Arrays, MultiMedStrategy
 

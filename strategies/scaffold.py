@@ -15,15 +15,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from federated.config.schema import StrategyConfig
-from federated.arrays import record_to_numpy
-from federated.models import group_of
+from federated.core.config.schema import StrategyConfig
+from federated.core.arrays import record_to_numpy
+from federated.core.models import group_of
+from federated.core.protocol import CONTROL_DELTA_RECORD, CONTROL_RECORD
 from strategies.aggregation import groupwise_aggregate, weighted_mean
 from strategies.base import Arrays, MultiMedStrategy, Update
 from strategies.validation import validate_update
 
-CONTROL_RECORD = "control"
-CONTROL_DELTA_RECORD = "control-delta"
 
 
 def _mean(updates: list[Arrays], weights: list[float]) -> Arrays:

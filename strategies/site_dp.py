@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from federated.config.schema import ExperimentConfig
+from federated.core.config.schema import ExperimentConfig
 from strategies import build_strategy
 from strategies.base import MultiMedStrategy
 

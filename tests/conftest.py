@@ -16,7 +16,7 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def smoke_corpus(tmp_path_factory: pytest.TempPathFactory):
     """The scale=smoke synthetic corpus, built once per session."""
-    from federated.corpus.synthetic import GeneratorConfig, build_synthetic_corpus
+    from federated.data.synthetic import GeneratorConfig, build_synthetic_corpus
 
     path = tmp_path_factory.mktemp("corpus") / "smoke"
     return build_synthetic_corpus(path, GeneratorConfig(samples_per_task_site=20))

@@ -21,7 +21,7 @@ from functools import partial
 
 import numpy as np
 
-from federated.bench import write_result
+from federated.app.bench import write_result
 from strategies.aggregation import coordinate_median, groupwise_weighted_mean, trimmed_mean, weighted_mean
 
 TARGET_RATIO = 3.0

@@ -24,12 +24,12 @@ import torch
 
 from clients.dp_sgd import per_sample_loss, per_sample_module, private_gradient
 from clients.site_data import SiteData
-from federated.bench import write_result
-from federated.config import load_config
-from federated.corpus.cache import prepare_corpus
-from federated.corpus.format import Corpus
-from federated.models import build_model, group_of
-from federated.multimed import TASKS
+from federated.app.bench import write_result
+from federated.core.config import load_config
+from federated.data.cache import prepare_corpus
+from federated.data.format import Corpus
+from federated.core.models import build_model, group_of
+from federated.core.multimed import TASKS
 from partitions import plan_sites
 
 TARGET = 2.0

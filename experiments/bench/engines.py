@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from federated.bench import write_result
+from federated.app.bench import write_result
 
 REFERENCE = ["sites.held_out=[]", "rounds=5", "train.max_steps_per_round=10", "corpus.samples_per_task_site=100"]
 
@@ -57,10 +57,10 @@ def plain_loop(overrides: list[str]) -> float:
     """The same rounds with no framework: seconds from the first round to the last."""
     from clients.site_data import SiteData
     from clients.trainer import evaluate_site, train_local
-    from federated.config import load_config
-    from federated.corpus.cache import prepare_corpus
-    from federated.corpus.format import Corpus
-    from federated.models import build_model
+    from federated.core.config import load_config
+    from federated.data.cache import prepare_corpus
+    from federated.data.format import Corpus
+    from federated.core.models import build_model
     from partitions import plan_sites
 
     cfg = load_config(overrides)
@@ -87,9 +87,9 @@ def plain_loop(overrides: list[str]) -> float:
 
 
 def engine_run(engine: str, overrides: list[str], out: Path) -> dict[str, float]:
-    from federated.config import load_config
-    from federated.corpus.cache import prepare_corpus
-    from federated.corpus.format import Corpus
+    from federated.core.config import load_config
+    from federated.data.cache import prepare_corpus
+    from federated.data.format import Corpus
     from federated.engines import ENGINES
     from partitions import plan_sites
 
@@ -109,9 +109,9 @@ def scale_run(n_sites: int) -> dict[str, float]:
 import json, logging, resource, time
 import flwr.common.logger
 logging.getLogger("flwr").setLevel(logging.WARNING)
-from federated.config import load_config
-from federated.corpus.cache import prepare_corpus
-from federated.corpus.format import Corpus
+from federated.core.config import load_config
+from federated.data.cache import prepare_corpus
+from federated.data.format import Corpus
 from federated.engines import ENGINES
 from partitions import plan_sites
 cfg = load_config(["sites.planner=random_mix", "sites.n_sites={n_sites}", "sites.tasks_per_site=2",

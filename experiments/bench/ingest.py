@@ -31,10 +31,10 @@ import numpy as np
 from PIL import Image
 
 from clients.site_data import SiteData
-from federated.bench import write_result
-from federated.config import load_config
-from federated.corpus.format import Corpus
-from federated.corpus.ingest.spec import run_spec
+from federated.app.bench import write_result
+from federated.core.config import load_config
+from federated.data.format import Corpus
+from federated.data.ingest.spec import run_spec
 from partitions import plan_sites
 
 SPEC = """name: bench

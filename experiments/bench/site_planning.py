@@ -27,12 +27,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from federated.bench import write_result
-from federated.config import load_config
-from federated.corpus.format import Corpus
-from federated.multimed import MODALITIES, MULTIMED_TASKS, TASKS
+from federated.app.bench import write_result
+from federated.core.config import load_config
+from federated.data.format import Corpus
+from federated.core.multimed import MODALITIES, MULTIMED_TASKS, TASKS
 from partitions import plan_sites
-from partitions.plan import SitePlan
+from partitions.site_plan import SitePlan
 
 TARGET_S = 10.0
 STEPS_ON = ["sites.label_skew_alpha=0.5", "sites.quantity_skew_sigma=1.0", "sites.label_noise_rate=0.1",

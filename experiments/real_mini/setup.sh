@@ -25,5 +25,5 @@ if [ ! -f "$DATA/10x_pbmc68k_reduced.h5ad" ]; then
   rm -rf "$WHEELS"
 fi
 "$PY" experiments/real_mini/prepare_sources.py "$DATA"
-"$PY" -m federated.cli corpus ingest conf/corpus/ingest/real_mini.yaml --data-root "$DATA" --out "$CORPUS" --overwrite
+"$PY" -m federated.app.cli corpus ingest conf/corpus/ingest/real_mini.yaml --data-root "$DATA" --out "$CORPUS" --overwrite
 echo "real_mini corpus ready at $CORPUS; run: multimed-fl study real_mini --out runs/real_mini"

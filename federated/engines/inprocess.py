@@ -11,7 +11,8 @@ import logging
 import threading
 import traceback
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -20,6 +21,13 @@ from flwr.serverapp.grid import Grid
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from clients.client_app import app as client_app
+from federated.core.config import config_to_yaml
+from federated.core.config.schema import ExperimentConfig
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, SITE_STATE_DIR, STATE_DIR_KEY
+from federated.server.checkpoint import Checkpoint
+from federated.server.federation import Callback, FederationResult, run_federation
 
 CLIENT_APP_RAISED_EXCEPTION = 2  # Flower's error code for "ClientApp raised an exception"
 FIRST_NODE_ID = SUPERLINK_NODE_ID + 1
@@ -111,3 +119,13 @@ class InProcessGrid(Grid):
             logging.getLogger(__name__).warning(
                 "%d of %d replies missed the %.1f s timeout and are discarded", len(late), len(futures), timeout)
         return [f.result() for f in futures if f in done]
+
+
+def run_inprocess(cfg: ExperimentConfig, corpus_path: Path, n_sites: int, callbacks: Sequence[Callback],
+                  out_dir: Path | None = None, resume: Checkpoint | None = None) -> FederationResult:
+    run_config = {CONFIG_KEY: config_to_yaml(cfg), CORPUS_KEY: str(corpus_path)}
+    if out_dir is not None:
+        run_config[STATE_DIR_KEY] = str(Path(out_dir) / SITE_STATE_DIR)
+    node_configs = [{"partition-id": i, "num-partitions": n_sites} for i in range(n_sites)]
+    grid = InProcessGrid(client_app, node_configs, run_config)
+    return run_federation(grid, cfg, callbacks, checkpoint_dir=out_dir, resume=resume)

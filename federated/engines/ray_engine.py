@@ -22,9 +22,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from federated.checkpoint import Checkpoint
-from federated.config.schema import ExperimentConfig
-from federated.federation import Callback, FederationResult
+from clients.client_app import app as client_app
+from federated.core.config import config_to_yaml
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, SITE_STATE_DIR, STATE_DIR_KEY
+from federated.server.checkpoint import Checkpoint
+from federated.core.config.schema import ExperimentConfig
+from federated.server.federation import Callback, FederationResult, run_federation
 
 
 class WithRunConfig(ClientApp):
@@ -48,12 +51,6 @@ def run_ray(cfg: ExperimentConfig, corpus_path: Path, n_sites: int, callbacks: S
             out_dir: Path | None = None, resume: Checkpoint | None = None) -> FederationResult:
     from flwr.simulation import run_simulation
 
-    from clients.client_app import app as client_app
-    from clients.site_runtime import CONFIG_KEY, CORPUS_KEY
-    from clients.site_state import STATE_DIR_KEY
-    from federated.config import config_to_yaml
-    from federated.engines import SITE_STATE_DIR
-    from federated.federation import run_federation
 
     run_config = {CONFIG_KEY: config_to_yaml(cfg), CORPUS_KEY: str(Path(corpus_path).resolve())}
     # the simulated SuperNodes register while the ServerApp starts: wait for all of them

@@ -16,10 +16,10 @@ from opacus.optimizers import DPOptimizer
 from clients.dp_sgd import (PrivacyConfigError, PrivacyLedger, check_model, per_sample_loss,
                             per_sample_module, private_gradient, train_private)
 from clients.site_data import SiteData
-from federated.config import load_config
-from federated.corpus.format import Corpus
-from federated.models import build_model, group_of
-from federated.multimed import TASKS
+from federated.core.config import load_config
+from federated.data.format import Corpus
+from federated.core.models import build_model, group_of
+from federated.core.multimed import TASKS
 from partitions import plan_sites
 
 TASK = "disease_classification"  # ct + text: two modalities, one of which we mask

@@ -12,10 +12,10 @@ from clients.attacks import corrupt
 from clients.scaffold import SiteControl
 from clients.site_data import SiteData
 from clients.trainer import ProximalTerm, train_local
-from federated.config.schema import ModelConfig, StrategyConfig, TrainConfig
-from federated.config import load_config
-from federated.corpus.format import Corpus
-from federated.models import build_model, group_of
+from federated.core.config.schema import ModelConfig, StrategyConfig, TrainConfig
+from federated.core.config import load_config
+from federated.data.format import Corpus
+from federated.core.models import build_model, group_of
 from partitions import plan_sites
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 
 from clients.site_data import SiteData
-from federated.config import load_config
-from federated.corpus.format import Corpus, index_column
+from federated.core.config import load_config
+from federated.data.format import Corpus, index_column
 from partitions import plan_sites
 from partitions.acquisition_shift import shift_array
 

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from federated.cli import main
+from federated.app.cli import main
 from federated.engines.ray_engine import ray_processes
 
 pytestmark = pytest.mark.slow

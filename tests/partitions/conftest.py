@@ -7,7 +7,7 @@ import pandas as pd
 
 import pytest
 
-from federated.corpus.format import Corpus
+from federated.data.format import Corpus
 
 
 def _manifest_corpus(sizes: dict[str, int], tasks=("brain_tumor_classification", "cell_type"),

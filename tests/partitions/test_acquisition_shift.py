@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import partitions.acquisition_shift as acq
-from federated.multimed import IMAGE, MODALITIES, PAD_TOKEN, SIGNAL, TOKENS, VECTOR
-from partitions.plan import HELD_OUT, STEPS, TRAIN, PlanError, SitePlan
+from federated.core.multimed import IMAGE, MODALITIES, PAD_TOKEN, SIGNAL, TOKENS, VECTOR
+from partitions.site_plan import STEPS, PlanError, SitePlan
+from federated.core.protocol import Role
 
 SEED = 7
 ALL = list(MODALITIES)
@@ -191,12 +192,12 @@ def test_signal_and_token_kinds_are_covered():
 def _plan(site, role, modalities):
     rows = np.arange(4)
     return SitePlan(site=site, role=role, archetype="a", origin_site=site, tasks=("t",),
-                    modalities=modalities, train_rows=rows if role == TRAIN else rows[:0],
+                    modalities=modalities, train_rows=rows if role == Role.TRAIN else rows[:0],
                     test_rows=rows + 4)
 
 
-PLANS = [_plan("site_0", TRAIN, ("ct", "text")), _plan("site_1", TRAIN, ("eeg",)),
-         _plan("site_2", HELD_OUT, ("xray", "text", "tabular"))]
+PLANS = [_plan("site_0", Role.TRAIN, ("ct", "text")), _plan("site_1", Role.TRAIN, ("eeg",)),
+         _plan("site_2", Role.HELD_OUT, ("xray", "text", "tabular"))]
 
 
 def test_site_severities_cover_every_modality_of_every_site_in_range():

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from federated.config import load_config
-from federated.corpus.format import Corpus
+from federated.core.config import load_config
+from federated.data.format import Corpus
 from partitions import PlanError, plan_sites
 from partitions.holdout import leave_one_site_out_overrides
 

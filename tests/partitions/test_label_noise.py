@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from clients.site_data import SiteData
-from federated.config import load_config
-from federated.corpus.format import Corpus
+from federated.core.config import load_config
+from federated.data.format import Corpus
 from partitions import plan_sites
 from partitions.label_noise import transition_matrix
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from federated.config import load_config
-from federated.corpus.format import Corpus
+from federated.core.config import load_config
+from federated.data.format import Corpus
 from partitions import PlanError, plan_sites
 
 
@@ -40,7 +40,7 @@ def test_small_alpha_skews_and_large_alpha_does_not(smoke_corpus):
 
 
 def test_alpha_must_be_positive():
-    from federated.config import ConfigError
+    from federated.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="sites.label_skew_alpha must be > 0"):
         load_config(["sites.label_skew_alpha=-1"])

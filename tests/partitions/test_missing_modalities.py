@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from clients.site_data import SiteData
-from federated.config import ConfigError, load_config
-from federated.corpus.format import Corpus
-from federated.multimed import TASKS
+from federated.core.config import ConfigError, load_config
+from federated.data.format import Corpus
+from federated.core.multimed import TASKS
 from partitions import plan_sites
 
 BASE = ["scale=smoke", "corpus.samples_per_task_site=200"]
@@ -14,7 +14,7 @@ BASE = ["scale=smoke", "corpus.samples_per_task_site=200"]
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from federated.corpus.synthetic import GeneratorConfig, build_synthetic_corpus
+    from federated.data.synthetic import GeneratorConfig, build_synthetic_corpus
 
     path = tmp_path_factory.mktemp("missing") / "c"  # 200 per site: rates measured on ~2,000 samples
     return Corpus.open(build_synthetic_corpus(path, GeneratorConfig(samples_per_task_site=200)))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from federated.config import load_config
+from federated.core.config import load_config
 from partitions import PlanError, plan_sites
 from partitions.natural import group_small_origins
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from federated.config import ConfigError, load_config
-from federated.corpus.format import Corpus
+from federated.core.config import ConfigError, load_config
+from federated.data.format import Corpus
 from partitions import plan_sites
 
 

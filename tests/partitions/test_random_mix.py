@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from federated.config import load_config
-from federated.corpus.format import Corpus
-from federated.multimed import MULTIMED_TASKS
+from federated.core.config import load_config
+from federated.data.format import Corpus
+from federated.core.multimed import MULTIMED_TASKS
 from partitions import PlanError, plan_sites
 from partitions.random_mix import draw_task_mix
 

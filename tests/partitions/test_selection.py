@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from federated.config import load_config
-from federated.corpus.format import Corpus
-from federated.multimed import TASKS
+from federated.core.config import load_config
+from federated.data.format import Corpus
+from federated.core.multimed import TASKS
 from partitions import PlanError, plan_sites
 
 SMOKE = ["scale=smoke"]

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from federated.config.schema import StrategyConfig
+from federated.core.config.schema import StrategyConfig
 from federated.engines.inprocess import InProcessGrid, claim_server_identity
 from strategies import TooFewValidReplies, build_strategy
-from strategies.fedprox import PROXIMAL_MU_KEY
-from strategies.scaffold import CONTROL_DELTA_RECORD, CONTROL_RECORD
+from federated.core.protocol import CONTROL_DELTA_RECORD, CONTROL_RECORD, PROXIMAL_MU
 
 KEYS = ("encoders.eeg.w", "encoders.ct.w", "fusion.w", "heads.bone_age.w")
 
@@ -51,7 +50,7 @@ ALL = {"encoder/eeg": 10, "encoder/ct": 10, "fusion": 10, "head/bone_age": 10}
 
 def test_fedprox_sends_mu_and_averages_like_modality_fedavg():
     strategy, messages = _start("fedprox", ZERO, proximal_mu=0.5)
-    assert all(m.content["config"][PROXIMAL_MU_KEY] == 0.5 for m in messages)
+    assert all(m.content["config"][PROXIMAL_MU] == 0.5 for m in messages)
     arrays, _ = strategy.aggregate_train(1, [_reply(1, {k: [2.0] for k in KEYS}, 10, {"fusion": 10}),
                                              _reply(2, {k: [4.0] for k in KEYS}, 30, {"fusion": 30})])
     assert _out(arrays) == {"encoders.eeg.w": [0.0], "encoders.ct.w": [0.0], "fusion.w": [3.5],

@@ -100,9 +100,9 @@ def deploy_demo(n_sites: int, out_dir: str | Path, overrides: Sequence[str] = ()
                 say: Callable[[str], None] = print, grace_s: float = 10.0) -> DemoResult:
     """Run one experiment as a TLS + node-auth deployment on loopback; outputs go to out_dir,
     logs and keys to out_dir/deploy. Every process started is stopped before returning."""
-    from federated.config import config_to_yaml, load_config
-    from federated.corpus.cache import prepare_corpus
-    from federated.corpus.format import Corpus
+    from federated.core.config import config_to_yaml, load_config
+    from federated.data.cache import prepare_corpus
+    from federated.data.format import Corpus
     from partitions import plan_sites
 
     t0 = time.perf_counter()

@@ -1,0 +1,1 @@
+"""The top layer: the command line, the experiment runner, studies and benchmarks."""

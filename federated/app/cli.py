@@ -1,0 +1,279 @@
+"""`multimed-fl`: run experiments and manage corpora from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from federated.core.config import ConfigError, config_to_yaml, load_config
+from federated.data.format import CorpusFormatError
+from federated.core.registry import UnknownNameError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CorpusFormatError, UnknownNameError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from clients.site_runtime import SiteConfigError
+    from federated.server.checkpoint import CheckpointError
+    from federated.app.studies.spec import StudyError
+    from federated.data.ingest import IngestError
+    from federated.engines.deployment import DeploymentError
+    from federated.server.federation import FederationError
+    from federated.app.runner import RunError
+    from partitions import PlanError
+    from strategies import TooFewValidReplies
+
+    return (*USER_ERRORS, PlanError, RunError, FederationError, SiteConfigError, TooFewValidReplies,
+            CheckpointError, DeploymentError, StudyError, IngestError)
+
+
+def _quiet_flower() -> None:
+    """Flower logs every round at INFO; our progress bar and tables say it better."""
+    import flwr.common.logger  # noqa: F401  (sets the flwr logger's level on import)
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from federated.server.outputs import print_report
+    from federated.app.runner import RunError, run_experiment
+
+    console = Console()
+    if args.resume:
+        if args.overrides or args.out:
+            raise RunError("--resume DIR continues the run in DIR with its own config.yaml; "
+                           "give neither --out nor key=value overrides")
+        out, cfg = args.resume, None
+    elif not args.out:
+        raise RunError("run needs --out DIR (or --resume DIR to continue a checkpointed run)")
+    else:
+        out, cfg = args.out, load_config(args.overrides)
+    summary = run_experiment(cfg, out, overwrite=args.overwrite, progress=not args.no_progress,
+                             console=Console(stderr=True), resume=bool(args.resume))
+    print_report(summary, Path(out), console)
+    return 0
+
+
+def cmd_deploy_demo(args: argparse.Namespace) -> int:
+    from federated.engines.deployment import deploy_demo
+
+    def say(line: str) -> None:
+        print(f"[deploy] {line}", flush=True)
+
+    try:
+        deploy_demo(args.sites, args.out, args.overrides, clientapp=args.clientapp,
+                    superlink_port=args.superlink_port, timeout_s=args.timeout, say=say)
+    except KeyboardInterrupt:
+        print("multimed-fl: deploy interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_sites_show(args: argparse.Namespace) -> int:
+    from federated.data.cache import prepare_corpus
+    from federated.data.format import Corpus
+    from federated.core.io import atomic_write
+    from partitions import plan_sites
+    from partitions.report import plan_frame, write_heatmap
+
+    cfg = load_config(args.overrides)
+    corpus = Corpus.open(prepare_corpus(cfg.corpus))
+    frame = plan_frame(corpus, plan_sites(corpus, cfg), cfg)
+    table = Table(title=f"Site plan ({cfg.sites.planner}, {len(frame)} sites)")
+    for col in ("site", "role", "archetype", "origin", "modalities", "tasks", "n_train", "n_test",
+                "label mix", "site shift"):
+        table.add_column(col)
+    for r in frame.itertuples():
+        table.add_row(r.site, "ID" if r.role == "train" else "OOD", r.archetype, r.origin_site,
+                      ", ".join(r.modalities), ", ".join(r.tasks), str(r.n_train), str(r.n_test),
+                      r.label_mix, r.site_shift or "-")
+    Console(width=200).print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "sites.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    write_heatmap(frame, out / "sites_heatmap.png")
+    print(f"wrote {out / 'sites.parquet'} and {out / 'sites_heatmap.png'}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(config_to_yaml(load_config(args.overrides)), end="")
+    return 0
+
+
+def cmd_corpus_build(args: argparse.Namespace) -> int:
+    from federated.data.cache import generator_config
+    from federated.data.synthetic import build_synthetic_corpus
+
+    cfg = load_config(args.overrides)
+    path = build_synthetic_corpus(Path(args.out), generator_config(cfg.corpus), overwrite=args.overwrite)
+    print(f"wrote synthetic corpus to {path}")
+    return cmd_corpus_info(argparse.Namespace(dir=str(path)))
+
+
+def cmd_corpus_ingest(args: argparse.Namespace) -> int:
+    from federated.data.ingest.spec import run_spec
+
+    path, skipped = run_spec(args.spec, args.out, overwrite=args.overwrite, data_root=args.data_root)
+    print(f"wrote {path}" + (f" ({len(skipped)} items skipped, listed in spec.json provenance)" if skipped else ""))
+    return cmd_corpus_info(argparse.Namespace(dir=str(path)))
+
+
+def cmd_corpus_info(args: argparse.Namespace) -> int:
+    from federated.data.format import Corpus
+
+    corpus = Corpus.open(args.dir)
+    spec, m = corpus.spec, corpus.manifest
+    console = Console()
+    console.print(f"[bold]{spec['name']}[/bold] at {corpus.path} (schema v{spec['schema_version']}): "
+                  f"{spec['n_samples']} samples, {len(spec['tasks'])} tasks, "
+                  f"{len(spec['modalities'])} modalities, {len(spec['origin_sites'])} origin sites")
+    mods = Table(title="modalities")
+    for col in ("modality", "shape", "dtype", "samples"):
+        mods.add_column(col)
+    for name, s in spec["modalities"].items():
+        mods.add_row(name, "x".join(map(str, s["shape"])), s["dtype"], str(s["n"]))
+    console.print(mods)
+    tasks = Table(title="tasks")
+    for col in ("task", "inputs", "target", "train", "test", "sites"):
+        tasks.add_column(col)
+    from federated.core.multimed import TASKS
+
+    for name in spec["tasks"]:
+        rows = m[m["task"] == name]
+        t = TASKS.get(name)
+        tasks.add_row(name, "+".join(t.inputs), t.target, str(int((rows["split"] == "train").sum())),
+                      str(int((rows["split"] == "test").sum())), str(rows["origin_site"].nunique()))
+    console.print(tasks)
+    prov = spec.get("provenance", {})
+    if "sources" not in prov:  # synthetic: the generator's settings
+        console.print(f"provenance: {prov.get('generator', prov)}")
+        return 0
+    console.print(f"ingested with {prov.get('ingest_spec')} from {prov.get('data_root')}")
+    for source, notes in zip(prov["sources"], prov.get("notes", [{}] * len(prov["sources"]))):
+        extra = "".join(f", {k}: {len(v) if isinstance(v, list) else v}" for k, v in notes.items())
+        console.print(f"  {source['task']} <- {source['adapter']} {source.get('path', '')}{extra}")
+    skipped = prov.get("skipped", [])
+    if skipped:
+        console.print(f"{len(skipped)} item(s) skipped (listed in spec.json provenance.skipped); first: "
+                      f"{skipped[0]['item']}: {skipped[0]['reason']}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from federated.app.studies.study import run_study
+
+    df = run_study(args.name, Path(args.out), quick=args.quick, processes=args.processes,
+                   overrides=args.overrides)
+    print((Path(args.out) / "summary.md").read_text(), end="")
+    return 1 if df["error"].astype(bool).any() else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from federated.app.bench import run_benchmarks
+
+    results = run_benchmarks(Path(args.out), quick=args.quick, names=args.only or None)
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multimed-fl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one federated experiment and write its outputs to --out")
+    run.add_argument("--out", help="output folder")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR from its last checkpoint (engine.checkpoint_every)")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="config overrides: group=name (e.g. scale=smoke) or a.b=value")
+    run.set_defaults(func=cmd_run)
+
+    study = sub.add_parser("study", help="run a study (a grid of runs over seeds) and write its report")
+    study.add_argument("name", help="a study in experiments/studies/ (e.g. leave_one_site_out) or a YAML path")
+    study.add_argument("--out", required=True, help="output folder (an interrupted study resumes here)")
+    study.add_argument("--quick", action="store_true", help="the study's small variant (minutes)")
+    study.add_argument("--processes", type=int, default=None, help="runs in parallel (default: the study's, 2)")
+    study.add_argument("overrides", nargs="*", help="key=value settings added to every run (e.g. corpus.path=DIR)")
+    study.set_defaults(func=cmd_study)
+
+    bench = sub.add_parser("bench", help="run every benchmark in experiments/bench/; write bench.json and bench.md")
+    bench.add_argument("--out", required=True)
+    bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    bench.add_argument("--only", nargs="*", help="only these benchmarks")
+    bench.set_defaults(func=cmd_bench)
+
+    deploy = sub.add_parser("deploy", help="run the apps as a real Flower deployment (SuperLink, SuperNodes)")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    demo = deploy_sub.add_parser(
+        "demo", help="SuperLink with TLS + SuperNode auth and one SuperNode per site on this machine "
+        "(loopback); runs the experiment with `flwr run` and writes its outputs to --out")
+    demo.add_argument("--sites", type=int, required=True, help="number of sites (SuperNodes)")
+    demo.add_argument("--out", required=True, help="output folder; logs and keys go to OUT/deploy")
+    demo.add_argument("--clientapp", choices=["worker", "subprocess"], default="worker",
+                      help="worker: one long-lived ClientApp process per SuperNode (default); "
+                      "subprocess: Flower's one ClientApp process per message")
+    demo.add_argument("--superlink-port", type=int, default=0, help="SuperLink port (default: a free one)")
+    demo.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    demo.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="config overrides (default plan: random_mix of --sites sites, one held out)")
+    demo.set_defaults(func=cmd_deploy_demo)
+
+    config = sub.add_parser("config", help="inspect the resolved configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config as YAML")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.set_defaults(func=cmd_config_show)
+
+    sites = sub.add_parser("sites", help="inspect the site plan")
+    sites_sub = sites.add_subparsers(dest="sites_command", required=True)
+    sites_show = sites_sub.add_parser("show", help="print the site plan; write sites.parquet and a heatmap")
+    sites_show.add_argument("--out", required=True)
+    sites_show.add_argument("overrides", nargs="*", metavar="key=value")
+    sites_show.set_defaults(func=cmd_sites_show)
+
+    corpus = sub.add_parser("corpus", help="build or inspect corpora")
+    corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)
+    build = corpus_sub.add_parser("build", help="build the synthetic MultiMed corpus")
+    build.add_argument("--out", required=True)
+    build.add_argument("--overwrite", action="store_true")
+    build.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="e.g. corpus.samples_per_task_site=200 corpus.seed=3")
+    build.set_defaults(func=cmd_corpus_build)
+    ingest = corpus_sub.add_parser("ingest", help="turn datasets in their own formats into a corpus")
+    ingest.add_argument("spec", help="an ingest spec (YAML): sources and their adapters")
+    ingest.add_argument("--out", required=True, help="the corpus folder to write (atomically)")
+    ingest.add_argument("--overwrite", action="store_true")
+    ingest.add_argument("--data-root", default=None,
+                        help="folder the sources' paths are relative to (default: the spec's data_root)")
+    ingest.set_defaults(func=cmd_corpus_ingest)
+    info = corpus_sub.add_parser("info", help="describe a corpus folder")
+    info.add_argument("dir")
+    info.set_defaults(func=cmd_corpus_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting key=value positionals at the first flag; take the rest too.
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    _quiet_flower()
+    try:
+        return int(args.func(args))
+    except _user_errors() as e:
+        print(f"multimed-fl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

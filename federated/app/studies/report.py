@@ -1,0 +1,179 @@
+"""A study's summary (mean +- sd over seeds per condition), its plots and report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from federated.core.io import atomic_write, atomic_write_text
+from federated.app.studies.spec import Study
+
+METRICS = ["id", "ood", "gap", "worst_site_score", "id_personal", "max_epsilon"]
+NAMES = {"id": "ID score", "ood": "OOD score", "gap": "ID-OOD gap", "worst_site_score": "worst site",
+         "id_personal": "ID, personalised", "max_epsilon": "epsilon spent"}
+
+
+def summarize(df: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """One row per condition: mean, sd (population, over seeds) and n of each metric."""
+    ok = df[df["id"].notna()] if "id" in df else df.iloc[0:0]
+    metrics = [m for m in METRICS if m in ok and ok[m].notna().any()]
+    if not axes:
+        ok = ok.assign(condition="all")
+        axes = ["condition"]
+    g = ok.groupby(axes, sort=False)[metrics]
+    out = g.mean().add_suffix("_mean").join(g.std(ddof=0).add_suffix("_sd")).join(g.size().rename("n"))
+    return out.reset_index()
+
+
+def markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
+    axes = axes or ["condition"]
+    metrics = [m for m in METRICS if f"{m}_mean" in summary]
+    head = "| " + " | ".join([*axes, *(NAMES[m] for m in metrics), "runs"]) + " |"
+    lines = [head, "|" + "---|" * (len(axes) + len(metrics) + 1)]
+    for _, r in summary.iterrows():
+        cells = [str(r[a]) for a in axes]
+        for m in metrics:
+            mean, sd = r[f"{m}_mean"], r[f"{m}_sd"]
+            single = int(r["n"]) == 1  # one run: no spread to show
+            cells.append("-" if pd.isna(mean) else f"{mean:.3f}" if single else f"{mean:.3f} ± {sd:.3f}")
+        lines.append("| " + " | ".join([*cells, str(int(r["n"]))]) + " |")
+    return "\n".join(lines)
+
+
+def plot_scores(summary: pd.DataFrame, axes: list[str], path: Path, title: str) -> None:
+    """ID and OOD per condition, sd error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes = axes or ["condition"]
+    labels = [" / ".join(str(r[a]) for a in axes) for _, r in summary.iterrows()]
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(labels) + 2.5), 4.0))
+    for i, (m, color) in enumerate((("id", "tab:blue"), ("ood", "tab:orange"))):
+        if f"{m}_mean" not in summary:
+            continue
+        ax.bar(x + (i - 0.5) * 0.38, summary[f"{m}_mean"], 0.38, yerr=summary[f"{m}_sd"].fillna(0),
+               capsize=3, label=NAMES[m], color=color)
+    ax.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
+                  fontsize=8)
+    ax.set_ylabel("score (0-1, mean over tasks)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def plot_per_site(df: pd.DataFrame, path: Path, title: str) -> bool:
+    """OOD score of each held-out site (leave-one-site-out), sd over seeds."""
+    cols = [c for c in df if c.startswith("ood_site/")]
+    if not cols:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    long = df.melt(value_vars=cols, var_name="site", value_name="score").dropna()
+    long["site"] = long["site"].str.removeprefix("ood_site/")
+    g = long.groupby("site")["score"]
+    mean, sd = g.mean(), g.std(ddof=0).fillna(0)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(mean) + 2), 3.8))
+    ax.bar(mean.index, mean.values, yerr=sd.values, capsize=3, color="tab:orange")
+    ax.axhline(mean.mean(), color="black", linewidth=1, linestyle="--", label=f"mean {mean.mean():.3f}")
+    ax.set_ylabel("OOD score when held out")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", rotation=45, labelsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return True
+
+
+def per_task_arms(df: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """ID score per task (rows) and arm (columns), mean over seeds; an arm's "arm:task" runs
+    each contribute their own task."""
+    ok = df[df["id"].notna()].copy()
+    ok["arm"] = ok[axis].astype(str).str.split(":").str[0]
+    cols = [c for c in ok if c.startswith("id/")]
+    table = ok.groupby("arm", sort=False)[cols].mean().T
+    table.index = [c.removeprefix("id/") for c in table.index]
+    return table
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.3f}" if pd.isna(sd) else f"{mean:.3f} ± {sd:.3f}"  # NaN sd: a single run
+
+
+def per_task_scores(df: pd.DataFrame, axis: str, group: str) -> pd.DataFrame:
+    """`group` (id or ood) score per task (rows) and condition of `axis` (columns), as
+    "mean ± sd" over seeds; "-" where a condition has no score for the task."""
+    ok = df[df[group].notna()]
+    cols = [c for c in ok if c.startswith(f"{group}/")]
+    g = ok.groupby(axis, sort=False)[cols]
+    means, sds, counts = g.mean(), g.std(ddof=0), g.count()  # population sd, as in summarize()
+    table = pd.DataFrame(index=[c.removeprefix(f"{group}/") for c in cols])
+    for cond in means.index:
+        table[cond] = [_mean_sd(means.loc[cond, c], sds.loc[cond, c] if counts.loc[cond, c] > 1 else np.nan)
+                       for c in cols]
+    return table
+
+
+def per_task_section(df: pd.DataFrame, axis: str, out: Path) -> list[str]:
+    lines = []
+    for group, name in (("ood", "OOD (held-out sites)"), ("id", "ID (training sites' test splits)")):
+        table = per_task_scores(df, axis, group)
+        atomic_write(out / f"per_task_{group}.csv", lambda tmp, t=table: t.to_csv(tmp, index_label="task"))
+        lines += [f"## {name} score per task (mean ± sd over seeds)", "",
+                  "| task | " + " | ".join(table.columns) + " |", "|" + "---|" * (len(table.columns) + 1)]
+        lines += [f"| {t} | " + " | ".join(r) + " |" for t, r in table.iterrows()] + [""]
+    return lines
+
+
+def write_report(study: Study, df: pd.DataFrame, axes: list[str], out: Path, command: str) -> pd.DataFrame:
+    summary = summarize(df, axes)
+    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    table = markdown_table(summary, axes)
+    atomic_write_text(out / "summary.md", table + "\n")
+    plots = []
+    if len(summary):
+        plot_scores(summary, axes, out / "scores.png", study.title)
+        plots.append(("scores.png", "ID and OOD score per condition (mean ± sd over seeds)"))
+    if "held_out" in axes and plot_per_site(df, out / "ood_per_site.png", f"{study.title}: each site held out"):
+        plots.append(("ood_per_site.png", "OOD score of each site when it is held out"))
+    extra_tables = []
+    if study.per_task_arms and axes and len(df) and df["id"].notna().any():
+        arms = per_task_arms(df, axes[0])
+        atomic_write(out / "per_task.csv", lambda tmp: arms.to_csv(tmp, index_label="task"))
+        complete = arms.dropna()
+        head = "| task | " + " | ".join(arms.columns) + " |"
+        rows = [head, "|" + "---|" * (len(arms.columns) + 1)]
+        rows += [f"| {t} | " + " | ".join("-" if pd.isna(v) else f"{v:.3f}" for v in r) + " |"
+                 for t, r in arms.iterrows()]
+        rows.append(f"| mean over the {len(complete)} tasks every arm scored | "
+                    + " | ".join(f"{complete[c].mean():.3f}" for c in arms.columns) + " |")
+        extra_tables = ["## ID score per task and arm (mean over seeds)", "", *rows, ""]
+        atomic_write_text(out / "per_task.md", "\n".join(rows) + "\n")
+    if study.per_task_table and axes and len(df) and df["id"].notna().any():
+        extra_tables += per_task_section(df, axes[0], out)
+    failed = df[df["error"].astype(bool)] if "error" in df else df.iloc[0:0]
+    lines = [f"# {study.title}", "", study.description, "", f"Command: `{command}`", "",
+             f"{len(df)} runs ({df['seed'].nunique() if len(df) else 0} seeds per condition), "
+             f"{len(failed)} failed. Scores are the mean over tasks of each task's primary metric "
+             "mapped to [0, 1]; ± is the standard deviation over seeds.", "", table, "", *extra_tables]
+    for name, caption in plots:
+        lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    if len(failed):
+        lines += ["## Failed runs", ""] + [f"- `{r.run_id}`: {r.error}" for r in failed.itertuples()] + [""]
+    lines += ["Every run's outputs are under `runs/`; `results.csv` has one row per run; "
+              "`tensorboard --logdir tensorboard` compares runs in the HParams view.", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return summary

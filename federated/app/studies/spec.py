@@ -1,0 +1,140 @@
+"""A study definition: a base config, a grid of conditions, seeds, and a quick variant.
+
+    name: missing_modality
+    title: Missing modalities against score, with and without masking
+    base: [corpus.samples_per_task_site=150, rounds=12]   # overrides every run gets
+    quick: [scale=smoke, rounds=2]                        # added with --quick
+    seeds: 3
+    quick_seeds: 1
+    axes:                                                 # the grid: one run per combination
+      missing_rate:
+        "0": [sites.missing_sample_rate=0]
+        "0.5": [sites.missing_sample_rate=0.5]
+    generated_axes: [leave_one_site_out]                  # axes built from the site plan
+    setup: experiments/real_mini/setup.sh                 # builds corpus.path (real-data studies)
+
+Axis values are labels mapped to override lists. Unknown keys fail with the key's name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from federated.core.io import read_yaml_mapping
+
+STUDY_DIR_ENV = "MULTIMED_FL_STUDIES"
+KEYS = {"name", "title", "description", "base", "quick", "seeds", "quick_seeds", "axes",
+        "generated_axes", "processes", "quick_axes", "per_task_arms", "setup",
+        "per_task_table"}
+GENERATORS = ("leave_one_site_out", "local_sites")
+
+
+class StudyError(ValueError):
+    """A study definition that cannot run; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One experiment of a study: its id, its labels per axis, its seed, its overrides."""
+
+    run_id: str
+    labels: dict[str, str]
+    seed: int
+    overrides: list[str]
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    title: str
+    description: str
+    base: list[str]
+    quick: list[str]
+    seeds: int
+    quick_seeds: int
+    axes: dict[str, dict[str, list[str]]]
+    quick_axes: dict[str, list[str]]  # axis -> the labels a quick run keeps
+    generated_axes: list[str]
+    processes: int = 2
+    # Report a task x arm table: labels "arm:task" of the first axis are one arm's runs of a
+    # single task (e.g. single-task models), other labels are arms of their own.
+    per_task_arms: bool = False
+    # Report per-task ID and OOD scores (mean ± sd) for each condition of the first axis.
+    per_task_table: bool = False
+    # The command that builds the study's corpus (real data), named when the corpus is missing.
+    setup: str = ""
+    path: Path | None = None
+
+    def runs(self, quick: bool = False, generated: dict[str, dict[str, list[str]]] | None = None) -> list[Run]:
+        axes = {a: dict(v) for a, v in self.axes.items()}
+        for a, values in (generated or {}).items():  # generated values join a static axis
+            axes.setdefault(a, {}).update(values)
+        if quick:
+            axes = {a: {k: v for k, v in vals.items() if a not in self.quick_axes or k in self.quick_axes[a]}
+                    for a, vals in axes.items()}
+        names = list(axes)
+        seeds = self.quick_seeds if quick else self.seeds
+        base = [*self.base, *(self.quick if quick else [])]
+        out = []
+        for combo in itertools.product(*[list(axes[a].items()) for a in names]):
+            labels = {a: label for a, (label, _) in zip(names, combo)}
+            overrides = [o for _, ovs in combo for o in ovs]
+            for seed in range(seeds):
+                rid = "__".join([*(f"{a}={_safe(lbl)}" for a, lbl in labels.items()), f"seed={seed}"])
+                out.append(Run(rid, labels, seed, [*base, *overrides, f"seed={seed}"]))
+        return out
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+" else "-" for c in label)
+
+
+def study_dir() -> Path:
+    env = os.environ.get(STUDY_DIR_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "experiments" / "studies"
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in study_dir().glob("*.yaml"))
+
+
+def load_study(name_or_path: str) -> Study:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = study_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise StudyError(f"unknown study {name_or_path!r}; available: {', '.join(available()) or '(none)'}")
+    raw = read_yaml_mapping(path, KEYS, StudyError, "a study")
+
+    def overrides(value: Any, where: str) -> list[str]:
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise StudyError(f"{path}: {where} must be a list of key=value strings")
+        return list(value)
+
+    axes: dict[str, dict[str, list[str]]] = {}
+    for axis, values in (raw.get("axes") or {}).items():
+        if not isinstance(values, dict) or not values:
+            raise StudyError(f"{path}: axes.{axis} must map labels to override lists")
+        axes[str(axis)] = {str(k): overrides(v, f"axes.{axis}.{k}") for k, v in values.items()}
+    generated = list(raw.get("generated_axes") or [])
+    bad = [g for g in generated if g not in GENERATORS]
+    if bad:
+        raise StudyError(f"{path}: generated_axes {bad} unknown; choices: {', '.join(GENERATORS)}")
+    for key in ("seeds", "quick_seeds", "processes"):
+        if key in raw and (not isinstance(raw[key], int) or raw[key] < 1):
+            raise StudyError(f"{path}: {key} must be an integer >= 1 (got {raw[key]!r})")
+    quick_axes = {str(a): [str(v) for v in vals] for a, vals in (raw.get("quick_axes") or {}).items()}
+    return Study(
+        name=str(raw.get("name", path.stem)), title=str(raw.get("title", path.stem)),
+        description=str(raw.get("description", "")).strip(), base=overrides(raw.get("base"), "base"),
+        quick=overrides(raw.get("quick"), "quick"), seeds=int(raw.get("seeds", 3)),
+        quick_seeds=int(raw.get("quick_seeds", 1)), axes=axes, quick_axes=quick_axes,
+        generated_axes=generated, processes=int(raw.get("processes", 2)),
+        per_task_arms=bool(raw.get("per_task_arms", False)), setup=str(raw.get("setup", "")),
+        per_task_table=bool(raw.get("per_task_table", False)), path=path)

@@ -1,0 +1,74 @@
+"""The message protocol between the ServerApp and every site's ClientApp, in one place.
+
+Both sides import these names; neither spells a key as a string literal. A record name is a key
+of a message's RecordDict; a config key is a key inside a ConfigRecord or MetricRecord; a run
+config key is a key of Flower's run config (or a SuperNode's node config).
+
+query (handshake)  server: CONFIG_RECORD {RESTORE_ROUND?}      site: PROFILE_RECORD
+train              server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND, algorithm keys},
+                           algorithm records (e.g. SCAFFOLD's CONTROL_RECORD)
+                   site:   ARRAYS_RECORD, METRICS_RECORD {NUM_EXAMPLES, TRAIN_LOSS, STEPS},
+                           TRAINED_RECORD {GROUPS, GROUP_EXAMPLES}, PRIVACY_RECORD (DP-SGD),
+                           algorithm records (e.g. CONTROL_DELTA_RECORD)
+evaluate           server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND}
+                   site:   METRICS_RECORD {NUM_EXAMPLES, "<task>/<metric>"...},
+                           PERSONAL_RECORD (the site's personalised model, same keys)
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class Role(StrEnum):
+    """What a site does in a run. A StrEnum: it is written as its value in every output."""
+
+    TRAIN = "train"  # trains and is scored in-distribution (ID) on its test split
+    HELD_OUT = "held_out"  # never trains; scored out-of-distribution (OOD) on all its data
+    ID_EVAL = "id_eval"  # a training site that does not train this run: scored ID on its test split
+
+    @property
+    def scored_id(self) -> bool:
+        return self in (Role.TRAIN, Role.ID_EVAL)
+
+    @property
+    def label(self) -> str:
+        """How tables show the role."""
+        return {Role.TRAIN: "ID", Role.ID_EVAL: "ID (eval)", Role.HELD_OUT: "OOD"}[self]
+
+
+# Run config (Flower run config, or a SuperNode's node config).
+CONFIG_KEY = "multimed-config"  # the whole resolved experiment config as one YAML string
+CORPUS_KEY = "corpus-path"
+STATE_DIR_KEY = "state-dir"  # where a site saves its state for resumed runs
+SITE_STATE_DIR = "site_state"  # its folder inside a run's output folder
+
+# Records (keys of a message's RecordDict).
+ARRAYS_RECORD = "arrays"
+CONFIG_RECORD = "config"
+METRICS_RECORD = "metrics"
+PROFILE_RECORD = "profile"
+TRAINED_RECORD = "trained"
+PERSONAL_RECORD = "personal"
+PRIVACY_RECORD = "privacy"
+CONTROL_RECORD = "control"  # SCAFFOLD: the server's control variate
+CONTROL_DELTA_RECORD = "control-delta"  # SCAFFOLD: the site's change of its control variate
+
+# Keys inside records.
+SERVER_ROUND = "server-round"
+RESTORE_ROUND = "restore-round"  # handshake: restore your own saved state of this round
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train_loss"
+STEPS = "steps"
+GROUPS = "groups"
+GROUP_EXAMPLES = "examples"
+PROXIMAL_MU = "proximal-mu"  # FedProx: the config key Flower's own FedProx uses
+
+
+def report_from_record(record: Any) -> dict[str, Any]:
+    """A ConfigRecord's values as plain JSON-able Python values (e.g. a site's privacy report)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        out[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return out

@@ -1,0 +1,213 @@
+"""What every adapter shares: collecting samples, reporting problems, writing the corpus."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from federated.data.format import index_column, write_corpus
+from federated.core.multimed import MODALITIES, REGRESSION, TASKS
+from federated.core.registry import Registry
+
+
+class IngestError(ValueError):
+    """Bad input data; the message names the file (and row) and what is wrong with it."""
+
+
+@dataclass
+class Problems:
+    """Stop at the first problem (on_error=stop) or record it and skip the item (skip)."""
+
+    on_error: str = "stop"
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def report(self, where: str | Path, reason: str) -> None:
+        if self.on_error == "stop":
+            raise IngestError(f"{where}: {reason}")
+        self.skipped.append({"item": str(where), "reason": reason})
+
+
+@dataclass
+class SampleSet:
+    """Samples of one task, as adapters produce them (inputs at the corpus's shapes)."""
+
+    task: str
+    inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    targets: list[np.ndarray] = field(default_factory=list)
+    origin_sites: list[str] = field(default_factory=list)
+    patient_ids: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)  # what a reader of the corpus should know
+
+    def add(self, inputs: dict[str, np.ndarray], target: Any, origin_site: str, patient_id: str,
+            source: str) -> None:
+        spec = TASKS.get(self.task)
+        for m, x in inputs.items():
+            if m not in spec.inputs:
+                raise ValueError(f"task {self.task} has no input {m!r}")
+            shape = MODALITIES.get(m).shape
+            if tuple(x.shape) != tuple(shape):
+                raise ValueError(f"{m} sample of shape {tuple(x.shape)}, expected {tuple(shape)}")
+        n = len(self.targets)
+        for m in spec.inputs:  # None: this sample lacks the input (its idx_ column is -1)
+            x = inputs.get(m)
+            self.inputs.setdefault(m, [None] * n).append(None if x is None else x.astype(MODALITIES.get(m).dtype))
+        self.targets.append(np.asarray(target))
+        self.origin_sites.append(origin_site)
+        self.patient_ids.append(patient_id)
+        self.sources.append(source)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+Adapter = Callable[[dict[str, Any], Path, Problems], SampleSet]
+ADAPTERS: Registry[Adapter] = Registry("ingest adapter")
+# Keys every source may have, whatever its adapter (read by spec.py, not by adapters).
+COMMON_KEYS = frozenset({"adapter", "task", "on_error", "simulated_sites"})
+# adapter name -> the keys its sources may have besides COMMON_KEYS
+ADAPTER_KEYS: dict[str, frozenset[str]] = {}
+
+
+def adapter(name: str, keys: set[str] | frozenset[str]) -> Callable[[Adapter], Adapter]:
+    """Register an adapter and the source keys it reads, so a misspelt key is refused by name."""
+
+    def deco(fn: Adapter) -> Adapter:
+        ADAPTER_KEYS[name] = frozenset(keys)
+        return ADAPTERS.add(name, fn)
+
+    return deco
+
+
+def class_folders(root: Path, mapping: dict[str, str], task_name: str, classes: tuple[str, ...],
+                  problems: Problems, layout: str = "") -> list[tuple[Path, int]]:
+    """(folder, class index) for each sub-folder of `root` named after a class (or mapped to
+    one by `classes:`); hidden folders are ignored, an unknown class folder is a problem."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        problems.report(root, f"no class folders inside{f' (layout: {layout})' if layout else ''}")
+    out = []
+    for folder in folders:
+        name = mapping.get(folder.name, folder.name)
+        if name not in classes:
+            problems.report(folder, f"class {name!r} is not a class of {task_name} "
+                                    f"({', '.join(classes)}); map it with `classes:`")
+            continue
+        out.append((folder, classes.index(name)))
+    return out
+
+
+def optional_import(module: str, extra: str):
+    """Import a format's library, or fail with the exact command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise IngestError(f"this format needs the Python package {module.split('.')[0]!r}: "
+                          f"pip install 'multimed-fl[{extra}]'  (or: pip install -e '.[{extra}]' "
+                          "in a checkout)") from None
+
+
+def resolve(base: Path, params: dict[str, Any], key: str = "path") -> Path:
+    """A source's path, relative to the data root (the spec's data_root, or its folder)."""
+    if key not in params:
+        raise ValueError(f"missing key {key!r}")
+    return (base / str(params[key])).resolve()
+
+
+def assign_simulated_sites(samples: SampleSet, k: int, seed: int) -> None:
+    """For data without hospitals: deal patients into k sites at random (seeded), named
+    `simulated_1..k` so every table and report shows they are simulated, not natural."""
+    if k < 1:
+        raise ValueError(f"simulated_sites must be >= 1 (got {k})")
+    patients = sorted(set(samples.patient_ids))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    site_of = {patients[j]: f"simulated_{1 + rank % k}" for rank, j in enumerate(order)}
+    samples.origin_sites = [site_of[p] for p in samples.patient_ids]
+    samples.notes["simulated_sites"] = k
+
+
+def check_classes(samples: SampleSet, declared: set[str], where: str, problems: Problems) -> None:
+    """Every class the source declares must have samples (nnU-Net-style empty-class check);
+    a source may cover only some of a task's classes (e.g. tumour yes/no)."""
+    spec = TASKS.get(samples.task)
+    if not spec.is_classification:
+        return
+    seen = {spec.classes[int(t)] for t in samples.targets}
+    empty = sorted(declared - seen)
+    if empty:
+        problems.report(where, f"declared class(es) {empty} of task {samples.task} have no sample")
+
+
+def standardise_by_group(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each group's rows (a site's) minus that group's column means, over its SDs: the per-site
+    statistics the tabular and h5ad adapters use, so no statistic crosses hospitals."""
+    out = np.empty_like(values)
+    for group in np.unique(groups):
+        rows = groups == group
+        out[rows] = (values[rows] - values[rows].mean(axis=0)) / (values[rows].std(axis=0) + 1e-9)
+    return out
+
+
+def draw_test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -> set[str]:
+    """The patients whose samples form the test split, drawn over every source at once, so a
+    patient in two tasks (two targets of one trial) is on the same side in both. Every task
+    with more than one patient keeps at least one patient on each side."""
+    rng = np.random.default_rng(seed)
+    patients = sorted({p for s in sets for p in s.patient_ids})
+    n_test = round(test_fraction * len(patients))
+    test = set(rng.choice(patients, size=n_test, replace=False)) if n_test else set()
+    for s in sets:
+        own = sorted(set(s.patient_ids))
+        if len(own) < 2:
+            continue
+        mine = [p for p in own if p in test]
+        if not mine:
+            test.add(own[int(rng.integers(len(own)))])
+        elif len(mine) == len(own):
+            test.discard(mine[int(rng.integers(len(mine)))])
+    return test
+
+
+def ingest(sets: list[SampleSet], out_dir: Path, name: str, provenance: dict[str, Any],
+           test_fraction: float = 0.2, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the samples as one corpus. The split is by patient (a patient's samples stay on
+    one side, across tasks too), drawn with `seed`; `dataset` is the source of each sample."""
+    rows, arrays, targets = [], {m: [] for m in MODALITIES.names()}, {}
+    for s in sets:
+        if not len(s):
+            raise IngestError(f"task {s.task}: no sample was ingested (every item was skipped?)")
+    test = draw_test_patients(sets, test_fraction, seed)
+    for s in sets:
+        spec = TASKS.get(s.task)
+        target_offset = len(targets.get(s.task, []))
+        targets.setdefault(s.task, []).extend(s.targets)
+        for i in range(len(s)):
+            row = {"sample_id": f"{s.task}/{target_offset + i:07d}", "dataset": s.sources[i], "task": s.task,
+                   "patient_id": s.patient_ids[i], "origin_site": s.origin_sites[i],
+                   "split": "test" if s.patient_ids[i] in test else "train",
+                   "label": float(s.targets[i]) if np.ndim(s.targets[i]) == 0 else np.nan,
+                   "target_row": target_offset + i}
+            for m in spec.inputs:
+                col = index_column(m)
+                if m in s.inputs and s.inputs[m][i] is not None:
+                    row[col] = len(arrays[m])
+                    arrays[m].append(s.inputs[m][i])
+                else:
+                    row[col] = -1
+            rows.append(row)
+    manifest = pd.DataFrame(rows)
+    for col in [c for c in manifest if c.startswith("idx_")]:  # tasks differ in their inputs
+        manifest[col] = manifest[col].fillna(-1).astype("int64")
+    out_arrays = {m: np.stack(v) for m, v in arrays.items() if v}
+    out_targets = {}
+    for t, v in targets.items():
+        dtype = np.float32 if TASKS.get(t).target == REGRESSION else np.int64
+        out_targets[t] = np.stack(v).astype(dtype)
+    return write_corpus(out_dir, manifest, out_arrays, out_targets, name, provenance, overwrite=overwrite)

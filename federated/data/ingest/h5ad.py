@@ -1,0 +1,189 @@
+"""`h5ad`: single-cell expression in an AnnData `.h5ad` file, cell-type labels from `obs`.
+
+    - adapter: h5ad
+      task: cell_type
+      path: data/pbmc.h5ad
+      label_key: bulk_labels          # obs column with each cell's type
+      classes: {CD14+ Monocyte: type_0, Dendritic: type_1, ...}   # source label -> task class
+      layer: X                        # X (default), raw (the file's .raw.X) or a name in .layers
+      genes: top_variance             # top_variance (default), highly_variable, or a list of names
+      scale: false                    # true: standardise each selected gene, per site
+      site_key: donor                 # obs column -> origin_site (natural sites); optional
+      patient_key: donor              # obs column -> patient_id; default: the cell's barcode
+
+The `scrna` modality holds 256 genes: `top_variance` keeps the 256 most variable genes of the
+chosen layer, `highly_variable` the file's var['highly_variable'] genes (at most 256, by
+variance), a list keeps those genes in that order. Fewer than 256 genes are zero-padded (the
+corpus spec records which genes fill the columns in provenance). Gene selection looks at every
+cell of the file (all sites must share the same columns); `scale: true` standardises each site's
+cells with that site's own means and SDs, so no statistic of one hospital's cells shapes another's.
+
+The file is opened backed (anndata's read-only mode) and X (or raw.X) is read in blocks of rows:
+one pass for the gene variances, one for the chosen genes, so an atlas-size file needs memory for
+one block and the cells x 256 result, not for the whole matrix. Backed mode keeps only X and raw.X
+on disk: anndata 0.12 loads `layers` (and obsm, uns) into memory, so `layer: NAME` holds that
+layer, and any file with large layers pays for them. Read with anndata (extra `h5ad`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from federated.data.ingest.core import (Problems, SampleSet, adapter, check_classes, optional_import, resolve,
+                                          standardise_by_group)
+from federated.core.multimed import MODALITIES, TASKS
+
+GENE_MODES = ("top_variance", "highly_variable")
+
+
+# values per block of rows: 32 MB as float64, whatever the file's width
+BLOCK_VALUES = 1 << 22
+
+
+def _matrix(data: Any, layer: str, path: Path) -> tuple[Any, list[str]]:
+    """The chosen layer, still on disk (backed), with its gene names."""
+    if layer == "X":
+        return data.X, list(data.var_names)
+    if layer == "raw":
+        if data.raw is None:
+            raise ValueError(f"{path}: layer raw asked for, but the file has no .raw")
+        return data.raw.X, list(data.raw.var_names)
+    if layer not in data.layers:
+        raise ValueError(f"{path}: no layer {layer!r} (layers: X, raw, {', '.join(data.layers)})")
+    return data.layers[layer], list(data.var_names)
+
+
+def _blocks(matrix: Any, block_values: int):
+    """(start, dense float64 block of rows) over a backed dense or sparse matrix."""
+    n_cells, n_genes = matrix.shape
+    step = max(1, block_values // max(1, n_genes))
+    for start in range(0, n_cells, step):
+        block = matrix[start:start + step]
+        block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+        yield start, block.astype(np.float64)
+
+
+def _variances(matrix: Any, block_values: int) -> np.ndarray:
+    """Per-gene variance over the cells, ignoring NaN (sums of x and x^2 in float64)."""
+    n = np.zeros(matrix.shape[1])
+    total, squares = np.zeros(matrix.shape[1]), np.zeros(matrix.shape[1])
+    for _, block in _blocks(matrix, block_values):
+        finite = np.isfinite(block)
+        block = np.where(finite, block, 0.0)
+        n += finite.sum(axis=0)
+        total += block.sum(axis=0)
+        squares += (block * block).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / n
+        return np.maximum(squares / n - mean * mean, 0.0)
+
+
+def _select_genes(matrix: Any, genes: list[str], data: Any, how: Any, width: int, path: Path,
+                  block_values: int) -> list[int]:
+    if isinstance(how, (list, tuple)):
+        index = {g: i for i, g in enumerate(genes)}
+        missing = [g for g in how if g not in index]
+        if missing:
+            raise ValueError(f"{path}: genes not in the file: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if len(how) > width:
+            raise ValueError(f"{len(how)} genes listed; the scrna modality holds {width}")
+        return [index[g] for g in how]
+    if how not in GENE_MODES:
+        raise ValueError(f"genes must be one of {GENE_MODES} or a list of gene names (got {how!r})")
+    candidates = np.arange(len(genes))
+    if how == "highly_variable":
+        if "highly_variable" not in data.var:
+            raise ValueError(f"{path}: genes: highly_variable, but var has no 'highly_variable' column")
+        flags = data.var["highly_variable"].reindex(genes).fillna(False).to_numpy(dtype=bool)
+        candidates = np.flatnonzero(flags)
+    variance = np.nan_to_num(_variances(matrix, block_values)[candidates], nan=-1.0)
+    order = np.argsort(-variance, kind="stable")[:width]
+    return sorted(int(candidates[j]) for j in order)  # keep the file's gene order
+
+
+def _columns(matrix: Any, columns: list[int], block_values: int) -> np.ndarray:
+    out = np.empty((matrix.shape[0], len(columns)))
+    for start, block in _blocks(matrix, block_values):
+        out[start:start + len(block)] = block[:, columns]
+    return out
+
+
+@adapter("h5ad", keys={"path", "label_key", "classes", "layer", "genes", "scale", "site_key", "patient_key",
+                       "origin_site"})
+def h5ad(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
+    task = TASKS.get(params["task"])
+    if "scrna" not in task.inputs:
+        raise ValueError(f"task {task.name} has no scrna input (its inputs: {', '.join(task.inputs)})")
+    anndata = optional_import("anndata", "h5ad")
+    path = resolve(base, params)
+    samples = SampleSet(task.name)
+    if not path.is_file():
+        problems.report(path, "file does not exist")
+        return samples
+    try:
+        data = anndata.read_h5ad(path, backed="r")
+    except Exception as e:  # h5py/anndata raise many types for a truncated or foreign file
+        problems.report(path, f"unreadable or corrupt .h5ad ({type(e).__name__}: {e})")
+        return samples
+    try:
+        return _cells(data, params, task, path, samples, problems)
+    finally:
+        data.file.close()
+
+
+def _cells(data: Any, params: dict[str, Any], task: Any, path: Path, samples: SampleSet,
+           problems: Problems) -> SampleSet:
+    label_key = params.get("label_key")
+    if not label_key:
+        raise ValueError("missing key 'label_key' (the obs column holding each cell's type)")
+    for key in [label_key, *(params[k] for k in ("site_key", "patient_key") if params.get(k))]:
+        if key not in data.obs:
+            raise ValueError(f"{path}: no obs column {key!r} (obs: {', '.join(map(str, data.obs.columns))})")
+    mapping = dict(params.get("classes") or {})
+    wrong = sorted({str(v) for v in mapping.values()} - set(task.classes))
+    if wrong:
+        raise ValueError(f"classes maps to {wrong}, which are not classes of {task.name} ({', '.join(task.classes)})")
+    width = MODALITIES.get("scrna").shape[0]
+    matrix, genes = _matrix(data, str(params.get("layer", "X")), path)
+    try:
+        columns = _select_genes(matrix, genes, data, params.get("genes", "top_variance"), width, path,
+                                BLOCK_VALUES)
+        x = _columns(matrix, columns, BLOCK_VALUES)
+    except (OSError, RuntimeError, KeyError) as e:  # h5py's errors for a damaged block
+        problems.report(path, f"unreadable expression matrix ({type(e).__name__}: {e})")
+        return samples
+    cells = list(map(str, data.obs_names))
+    labels = data.obs[label_key].astype(object).tolist()
+    sites = data.obs[params["site_key"]].astype(str).tolist() if params.get("site_key") else None
+    patients = data.obs[params["patient_key"]].astype(str).tolist() if params.get("patient_key") else cells
+    names: list[str | None] = [None] * len(cells)  # the task class of each cell that becomes a sample
+    for i, cell in enumerate(cells):
+        where = f"{path} cell {cell}"
+        raw = labels[i]
+        if raw is None or (isinstance(raw, float) and np.isnan(raw)):
+            problems.report(where, f"label ({label_key}) is missing")
+            continue
+        name = mapping.get(raw, mapping.get(str(raw), raw))
+        if name not in task.classes:
+            problems.report(where, f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)}); "
+                                   "map it with `classes:`")
+            continue
+        if not np.isfinite(x[i]).all():
+            problems.report(where, "expression has NaN or infinite values")
+            continue
+        names[i] = name
+    ok = np.array([n is not None for n in names], dtype=bool)
+    if params.get("scale", False):  # each site's cells with that site's own means and SDs
+        groups = np.asarray(sites) if sites else np.zeros(len(x), dtype=int)
+        x[ok] = standardise_by_group(x[ok], groups[ok])
+    for i in np.flatnonzero(ok):
+        row = np.zeros(width, dtype=np.float32)
+        row[: len(columns)] = x[i]
+        site = sites[i] if sites else str(params.get("origin_site", path.stem))
+        samples.add({"scrna": row}, task.classes.index(names[i]), site, patients[i], f"h5ad:{path.name}")
+    check_classes(samples, {str(v) for v in mapping.values()}, str(path), problems)
+    samples.notes["genes"] = [genes[j] for j in columns]
+    return samples

@@ -1,0 +1,202 @@
+"""`tabular`: CSV or Parquet rows of features and a label, optionally with a site column.
+
+    - adapter: tabular
+      task: breast_cancer_classification
+      path: data/wdbc.csv
+      label_column: diagnosis
+      labels: {B: benign, M: malignant}   # value -> task class (default: class names or indices)
+      feature_columns: [radius_mean, texture_mean, ...]   # default: every other numeric column
+      categorical_columns: [smoker, group]   # one-hot, the most frequent level as reference
+      site_column: clinic                # becomes origin_site (natural sites); default: origin_site
+      patient_column: id                 # default: the row number
+      impute: median                     # missing feature values -> the column's median
+                                         # (default: none, a missing value is an error)
+      statistics: per_site               # where medians, means and SDs come from: per_site
+                                         # (default) or file
+
+The `tabular` modality holds 16 features (after one-hot encoding): fewer are zero-padded, more
+are refused (choose them with feature_columns / categorical_columns). Features are standardised
+per column. By default each site's rows are imputed and standardised with that site's own
+statistics (the file is one site when there is no site column): a hospital prepares its own
+data, so no statistic crosses hospitals and a held-out hospital's values never shape the
+features the training sites see. `statistics: file` pools the whole file, as a centralised
+pipeline would. Text cells are compared stripped of spaces ("No " is "No").
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, resolve, standardise_by_group
+from federated.core.multimed import MODALITIES, REGRESSION, TASKS
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    if path.suffix.lower() == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path)
+
+
+def _text(value: Any) -> Any:
+    """Spreadsheet exports pad text ("No "): compare stripped strings; blank is missing."""
+    if isinstance(value, str):
+        value = value.strip()
+        return None if value == "" else value
+    return value
+
+
+def one_hot(column: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Indicator columns for every level but the most frequent (the reference level, as in a
+    regression model's dummy coding); a blank cell is a level of its own ("missing")."""
+    values = column.map(lambda v: "missing" if _text(v) is None or (isinstance(v, float) and np.isnan(v))
+                        else str(_text(v)))
+    counts = values.value_counts()
+    reference = sorted(counts.index[counts == counts.max()])[0]
+    levels = sorted(lv for lv in counts.index if lv != reference)
+    return (np.stack([(values == lv).to_numpy(dtype=np.float64) for lv in levels], axis=1)
+            if levels else np.zeros((len(column), 0)), [f"{column.name}={lv}" for lv in levels])
+
+
+def feature_matrix(frame: pd.DataFrame, params: dict[str, Any], exclude: set[str], path: Path
+                   ) -> tuple[np.ndarray, list[str], int]:
+    """Numeric feature columns (NaN where missing), then one-hot categorical ones; and how many
+    of the columns are numeric."""
+    categorical = list(params.get("categorical_columns") or [])
+    numeric = list(params.get("feature_columns") or [
+        c for c in frame.columns if c not in exclude and c not in categorical
+        and pd.api.types.is_numeric_dtype(frame[c])])
+    missing = [c for c in [*numeric, *categorical] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: feature or categorical column(s) not in the file: {missing}")
+    non_numeric = [c for c in numeric if not pd.api.types.is_numeric_dtype(frame[c])]
+    if non_numeric:
+        raise ValueError(f"{path}: feature column(s) {non_numeric} are not numeric; list them under "
+                         "categorical_columns to one-hot encode them")
+    values = frame[numeric].to_numpy(dtype=np.float64)
+    names = list(numeric)
+    for col in categorical:
+        block, block_names = one_hot(frame[col])
+        values = np.concatenate([values, block], axis=1)
+        names += block_names
+    width = MODALITIES.get("tabular").shape[0]
+    if len(names) > width:
+        raise ValueError(f"{path}: {len(names)} features after encoding ({', '.join(names)}); the tabular "
+                         f"modality holds {width}: choose columns with feature_columns / categorical_columns")
+    return values, names, len(numeric)
+
+
+def impute_by_group(values: np.ndarray, groups: np.ndarray, n_numeric: int, names: list[str],
+                    impute: str) -> tuple[np.ndarray, dict[Any, list[str]]]:
+    """Missing numeric cells -> their group's median (impute: median). A column with no finite
+    value in a group stays missing there, for the row check to report (and `on_error: skip` to
+    skip); returned with it: group -> those columns, so the report can say why."""
+    if impute not in ("none", "median"):
+        raise ValueError(f"impute must be none or median (got {impute!r})")
+    values, unfillable = values.copy(), {}
+    if impute == "none" or not n_numeric:
+        return values, unfillable
+    with warnings.catch_warnings():  # an all-NaN column is reported by row, not warned about
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for group in np.unique(groups):
+            rows = np.flatnonzero(groups == group)
+            block = values[np.ix_(rows, range(n_numeric))]
+            medians = np.nanmedian(_finite_or_nan(block), axis=0)
+            unfillable[group] = [names[j] for j in np.flatnonzero(~np.isfinite(medians))]
+            values[np.ix_(rows, range(n_numeric))] = np.where(np.isnan(block), medians, block)
+    return values, unfillable
+
+
+def _finite_or_nan(a: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(a), a, np.nan)
+
+
+@adapter("tabular", keys={"path", "label_column", "labels", "feature_columns", "categorical_columns",
+                           "site_column", "patient_column", "origin_site", "impute", "statistics"})
+def tabular(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
+    task = TASKS.get(params["task"])
+    path = resolve(base, params)
+    samples = SampleSet(task.name)
+    if "tabular" not in task.inputs:
+        raise ValueError(f"task {task.name} has no tabular input (its inputs: {', '.join(task.inputs)})")
+    if not path.is_file():
+        problems.report(path, "file does not exist")
+        return samples
+    try:
+        frame = read_table(path)
+    except Exception as e:
+        problems.report(path, f"unreadable table ({type(e).__name__}: {e})")
+        return samples
+    label_col = params["label_column"]
+    site_col, patient_col = params.get("site_column"), params.get("patient_column")
+    for col in [label_col, *(c for c in (site_col, patient_col) if c)]:
+        if col not in frame.columns:
+            raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, frame.columns))})")
+    values, features, n_numeric = feature_matrix(frame, params, {label_col, site_col, patient_col}, path)
+    statistics = params.get("statistics", "per_site")
+    if statistics not in ("per_site", "file"):
+        raise ValueError(f"statistics must be per_site or file (got {statistics!r})")
+    groups = (frame[site_col].astype(str).to_numpy() if site_col and statistics == "per_site"
+              else np.zeros(len(frame), dtype=int))
+    # labels first, so that only rows that become samples shape the medians, means and SDs
+    labels = {}
+    mapping = dict(params.get("labels") or {})
+    for i, raw in enumerate(frame[label_col].tolist()):
+        label = _label(task, mapping, _text(raw), label_col, problems, f"{path} row {i + 2}")
+        if label is not None:
+            labels[i] = label
+    labelled = np.array(sorted(labels), dtype=int)
+    values, unfillable = impute_by_group(values[labelled], groups[labelled], n_numeric, features,
+                                         params.get("impute", "none"))
+    finite = np.isfinite(values).all(axis=1)
+    per_site = bool(site_col) and statistics == "per_site"
+    for j in np.flatnonzero(~finite):
+        bad = [features[k] for k in np.flatnonzero(~np.isfinite(values[j]))]
+        group = groups[labelled[j]]
+        why = [f for f in unfillable.get(group, []) if f in bad]
+        reason = f"NaN or infinite value in {bad}"
+        if why:
+            reason += (f" (no row of site {group} has a value of {why} to impute from; statistics: file "
+                       "imputes from the whole file)" if per_site else
+                       f" (no row of the file has a value of {why} to impute from)")
+        problems.report(f"{path} row {labelled[j] + 2}", reason)
+    kept = labelled[finite]
+    values = standardise_by_group(values[finite], groups[kept])
+    width = MODALITIES.get("tabular").shape[0]
+    for i, x in zip(kept, values, strict=True):
+        feats = np.zeros(width, dtype=np.float32)
+        feats[: len(features)] = x
+        site = str(frame[site_col].iloc[i]) if site_col else str(params.get("origin_site", "site_0"))
+        patient = str(frame[patient_col].iloc[i]) if patient_col else f"row{i}"
+        samples.add({"tabular": feats}, labels[i], site, patient, f"tabular:{path.name}")
+    check_classes(samples, {v for v in mapping.values() if v in task.classes}, str(path), problems)
+    samples.notes["features"] = features
+    return samples
+
+
+def _label(task, mapping: dict, raw: Any, label_col: str, problems: Problems, where: str) -> float | int | None:
+    """The row's label as the task stores it, or None after reporting why it has none."""
+    if raw is None or (isinstance(raw, float) and np.isnan(raw)):
+        problems.report(where, f"label ({label_col}) is missing")
+        return None
+    if task.target == REGRESSION:
+        try:
+            label = float(raw)
+        except (TypeError, ValueError):
+            problems.report(where, f"label {raw!r} is not a number")
+            return None
+        if not np.isfinite(label):
+            problems.report(where, "label is NaN")
+            return None
+        return label
+    name = mapping.get(raw, raw)
+    if name in task.classes:
+        return task.classes.index(name)
+    if isinstance(name, (int, np.integer)) and 0 <= int(name) < len(task.classes):
+        return int(name)
+    problems.report(where, f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)})")
+    return None

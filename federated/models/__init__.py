@@ -1,5 +1,0 @@
-"""The multimodal multitask model: encoders per modality, an attention fusion, a head per task."""
-
-from federated.models.multimed_model import MultiMedModel, build_model, group_of
-
-__all__ = ["MultiMedModel", "build_model", "group_of"]

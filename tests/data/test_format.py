@@ -1,0 +1,68 @@
+"""The corpus format refuses bad data with a message naming the problem, and never half-writes."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from federated.data.format import Corpus, CorpusFormatError, write_corpus
+
+
+def _tiny():
+    manifest = pd.DataFrame({
+        "sample_id": ["a", "b"], "dataset": ["d", "d"], "task": ["cell_type", "cell_type"],
+        "patient_id": ["p1", "p2"], "origin_site": ["s0", "s1"], "split": ["train", "test"],
+        "label": [0.0, 1.0], "target_row": [0, 1], "idx_scrna": [0, 1]})
+    arrays = {"scrna": np.zeros((2, 256), dtype=np.float32)}
+    targets = {"cell_type": np.array([0, 1], dtype=np.int64)}
+    return manifest, arrays, targets
+
+
+def _write(path, manifest, arrays, targets, **kw):
+    return write_corpus(path, manifest, arrays, targets, name="tiny", provenance={"test": True}, **kw)
+
+
+def test_round_trip_and_memory_mapping(tmp_path):
+    path = _write(tmp_path / "c", *_tiny())
+    c = Corpus.open(path)
+    assert c.spec["n_samples"] == 2 and c.tasks == ["cell_type"] and c.spec["origin_sites"] == ["s0", "s1"]
+    assert isinstance(c.array("scrna"), np.memmap)
+    assert (c.manifest["idx_ct"] == -1).all()  # every modality gets an index column
+
+
+@pytest.mark.parametrize("mutate, pattern", [
+    (lambda m, a, t: a.__setitem__("scrna", np.full((2, 256), np.nan, dtype=np.float32)), "NaN"),
+    (lambda m, a, t: a.__setitem__("scrna", np.zeros((2, 100), dtype=np.float32)), r"shape \(100,\)"),
+    (lambda m, a, t: m.__setitem__("task", ["cell_type", "astrology"]), "'astrology' is not a MultiMed task"),
+    (lambda m, a, t: m.__setitem__("split", ["train", "validation"]), "split values"),
+    (lambda m, a, t: m.__setitem__("sample_id", ["a", "a"]), "duplicate sample_id 'a'"),
+    (lambda m, a, t: m.__setitem__("target_row", [0, 5]), "target_row"),
+])
+def test_bad_data_is_refused_and_nothing_is_left_behind(tmp_path, mutate, pattern):
+    manifest, arrays, targets = _tiny()
+    mutate(manifest, arrays, targets)
+    with pytest.raises(CorpusFormatError, match=pattern):
+        _write(tmp_path / "c", manifest, arrays, targets)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_corpus_is_not_overwritten_by_default(tmp_path):
+    path = _write(tmp_path / "c", *_tiny())
+    with pytest.raises(CorpusFormatError, match="already exists"):
+        _write(path, *_tiny())
+    _write(path, *_tiny(), overwrite=True)
+
+
+def test_open_names_what_is_wrong(tmp_path):
+    with pytest.raises(CorpusFormatError, match="spec.json is missing"):
+        Corpus.open(tmp_path)
+    path = _write(tmp_path / "c", *_tiny())
+    spec = json.loads((path / "spec.json").read_text())
+    (path / "spec.json").write_text(json.dumps(dict(spec, schema_version=99)))
+    with pytest.raises(CorpusFormatError, match="schema_version 99"):
+        Corpus.open(path)
+    (path / "spec.json").write_text(json.dumps(spec))
+    (path / "arrays" / "scrna.npy").unlink()
+    with pytest.raises(CorpusFormatError, match="arrays/scrna.npy is missing"):
+        Corpus.open(path)

@@ -1,0 +1,202 @@
+"""Ingest: fixtures of each format built in the test; every bad input names its file and row,
+and a failed ingest leaves no corpus folder behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from federated.app.cli import main
+from federated.data.format import Corpus
+from federated.data.ingest import IngestError
+from federated.data.ingest.spec import run_spec
+
+
+def _png_folders(root, classes=("glioma", "no_tumor"), n=6, size=48):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / c / f"img{i}.png")
+
+
+def _spec(tmp_path, body: str):
+    path = tmp_path / "spec.yaml"
+    path.write_text(body)
+    return path
+
+
+def _breast_csv(path, n=20, nan_row=None, bad_label_row=None):
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(rng.normal(size=(n, 5)), columns=[f"f{i}" for i in range(5)])
+    frame["diagnosis"] = ["B", "M"] * (n // 2)
+    frame["clinic"] = ["north", "north", "south", "south"] * (n // 4)  # both classes at each
+    if nan_row is not None:
+        frame.loc[nan_row, "f2"] = np.nan
+    if bad_label_row is not None:
+        frame.loc[bad_label_row, "diagnosis"] = "X"
+    frame.to_csv(path, index=False)
+
+
+TABULAR = """
+  - adapter: tabular
+    task: breast_cancer_classification
+    path: wdbc.csv
+    label_column: diagnosis
+    labels: {B: benign, M: malignant}
+    site_column: clinic
+"""
+IMAGES = """
+  - adapter: image_folders
+    task: brain_tumor_classification
+    path: mri
+    classes: {glioma: glioma, no_tumor: no_tumor}
+    origin_site: hospital_a
+"""
+
+
+def test_images_and_a_table_become_one_corpus(tmp_path):
+    _png_folders(tmp_path / "mri")
+    _breast_csv(tmp_path / "wdbc.csv")
+    out, skipped = run_spec(_spec(tmp_path, "name: mini\nsources:" + IMAGES + TABULAR), tmp_path / "corpus")
+    corpus = Corpus.open(out)
+    m = corpus.manifest
+    assert skipped == [] and len(m) == 12 + 20
+    assert sorted(m["origin_site"].unique()) == ["hospital_a", "north", "south"]  # natural sites
+    mri = corpus.array("mri")
+    assert mri.shape == (12, 1, 32, 32) and abs(float(mri.mean())) < 1e-3  # resized, standardised
+    assert corpus.array("tabular").shape == (20, 16)
+    brain = m[m["task"] == "brain_tumor_classification"]
+    assert set(brain["label"]) == {0.0, 3.0}  # glioma, no_tumor
+    assert (m.loc[m["task"] == "breast_cancer_classification", "idx_pathology"] == -1).all()
+
+
+def test_a_corrupt_image_is_named_and_nothing_is_written(tmp_path, expect_failure):
+    _png_folders(tmp_path / "mri")
+    (tmp_path / "mri" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    expect_failure("sources:" + IMAGES, r"mri/glioma/broken\.jpg: unreadable or corrupt image")
+
+
+def test_an_unknown_label_and_a_nan_are_named_with_their_row(tmp_path, expect_failure):
+    _breast_csv(tmp_path / "wdbc.csv", bad_label_row=4)
+    expect_failure("sources:" + TABULAR, r"wdbc\.csv row 6: label 'X' is not a class")
+    _breast_csv(tmp_path / "wdbc.csv", nan_row=2)
+    expect_failure("sources:" + TABULAR, r"wdbc\.csv row 4: NaN or infinite value in \['f2'\]")
+
+
+def test_a_mapped_class_without_a_folder_is_named(tmp_path, expect_failure):
+    _png_folders(tmp_path / "mri")
+    expect_failure("sources:" + IMAGES.replace("no_tumor: no_tumor}", "no_tumor: no_tumor, pit: pituitary}"),
+                    r"mri: declared class\(es\) \['pituitary'\] of task brain_tumor_classification have no sample")
+
+
+def test_a_missing_file_and_an_unknown_class_folder_are_named(tmp_path, expect_failure):
+    expect_failure("sources:" + TABULAR, r"wdbc\.csv: file does not exist")
+    _png_folders(tmp_path / "mri", classes=("glioma", "zebra"))
+    expect_failure("sources:" + IMAGES, r"mri/zebra: class 'zebra' is not a class")
+
+
+def test_on_error_skip_lists_each_skipped_item(tmp_path, capsys):
+    _png_folders(tmp_path / "mri")
+    (tmp_path / "mri" / "glioma" / "broken.png").write_bytes(b"nope")
+    _breast_csv(tmp_path / "wdbc.csv", nan_row=2)
+    out, skipped = run_spec(_spec(tmp_path, "on_error: skip\nsources:" + IMAGES + TABULAR), tmp_path / "corpus")
+    assert [s["item"].rsplit("/", 1)[-1] for s in skipped] == ["broken.png", "wdbc.csv row 4"]
+    assert len(Corpus.open(out).manifest) == 12 + 19
+    assert Corpus.open(out).spec["provenance"]["skipped"] == skipped
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_a_spec_that_is_not_a_mapping_or_misspells_a_key_is_named(tmp_path):
+    with pytest.raises(IngestError, match=r"spec\.yaml is not valid YAML"):
+        run_spec(_spec(tmp_path, "sources: [unclosed\n"), tmp_path / "c")
+    with pytest.raises(IngestError, match=r"spec\.yaml: an ingest spec is a mapping of keys"):
+        run_spec(_spec(tmp_path, "- a\n- b\n"), tmp_path / "c")
+    with pytest.raises(IngestError, match=r"unknown key\(s\) \['sourcse'\]"):
+        run_spec(_spec(tmp_path, "sourcse: []\n"), tmp_path / "c")
+    _breast_csv(tmp_path / "wdbc.csv")
+    with pytest.raises(IngestError, match=r"sources\[0\]: unknown key\(s\) \['label_col'\] for adapter tabular"):
+        run_spec(_spec(tmp_path, "sources:" + TABULAR.replace("label_column", "label_col")), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_ingest_and_bad_spec(tmp_path):
+    _breast_csv(tmp_path / "wdbc.csv")
+    spec = _spec(tmp_path, "sources:" + TABULAR)
+    assert main(["corpus", "ingest", str(spec), "--out", str(tmp_path / "c")]) == 0
+    assert main(["corpus", "ingest", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "d")]) == 2
+    bad = _spec(tmp_path, "sources:\n  - adapter: dicom\n    task: bone_age\n")
+    assert main(["corpus", "ingest", str(bad), "--out", str(tmp_path / "e")]) == 2
+
+
+def test_a_federation_runs_on_an_ingested_corpus_with_natural_sites(tmp_path):
+    import json
+
+    _png_folders(tmp_path / "mri", n=10)
+    _breast_csv(tmp_path / "wdbc.csv", n=40)
+    out, _ = run_spec(_spec(tmp_path, "sources:" + IMAGES + TABULAR), tmp_path / "corpus")
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--no-progress", f"corpus.path={out}", "rounds=1",
+                 "sites.planner=natural", "sites.min_site_size=5", "sites.min_samples=2",
+                 "sites.holdout=named", "sites.holdout_sites=[south]", "train.batch_size=8"]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    sites = {r["origin_site"] if "origin_site" in r else r["site"]: r["role"] for r in s["per_site"]}
+    assert len(s["per_site"]) == 3 and list(sites.values()).count("held_out") == 1
+    assert set(s["final"]["ood"]["per_task"]) == {"breast_cancer_classification"}
+    # the table's rows have no pathology image: sites hold (train, average) only what they have
+    assert {tuple(r["modalities"]) for r in s["per_site"]} == {("mri",), ("tabular",)}
+
+
+def _tabular_by_site(out) -> dict[str, np.ndarray]:
+    corpus = Corpus.open(out)
+    m, x = corpus.manifest, corpus.array("tabular")
+    return {site: x[m.loc[m["origin_site"] == site, "idx_tabular"].to_numpy()][:, :5]
+            for site in sorted(m["origin_site"].unique())}
+
+
+def test_each_site_is_standardised_with_its_own_statistics(tmp_path):
+    """No statistic crosses hospitals: changing one site's values leaves the other's features as
+    they were, and each site's features have mean 0 and SD 1; statistics: file pools them."""
+    _breast_csv(tmp_path / "wdbc.csv")
+    frame = pd.read_csv(tmp_path / "wdbc.csv")
+    frame.loc[frame["clinic"] == "south", "f0"] = frame["f0"] * 10 + 50  # another scanner, another scale
+    frame.to_csv(tmp_path / "wdbc.csv", index=False)
+    first = _tabular_by_site(run_spec(_spec(tmp_path, "sources:" + TABULAR), tmp_path / "a")[0])
+    for site in ("north", "south"):
+        assert np.allclose(first[site].mean(axis=0), 0, atol=1e-5)
+        assert np.allclose(first[site].std(axis=0), 1, atol=1e-3)
+    frame.loc[frame["clinic"] == "south", ["f1", "f2"]] += 1000
+    frame.to_csv(tmp_path / "wdbc.csv", index=False)
+    second = _tabular_by_site(run_spec(_spec(tmp_path, "sources:" + TABULAR), tmp_path / "b")[0])
+    np.testing.assert_array_equal(second["north"], first["north"])
+    pooled = _tabular_by_site(run_spec(_spec(tmp_path, "sources:" + TABULAR + "    statistics: file\n"),
+                                       tmp_path / "c")[0])
+    assert pooled["south"][:, 0].mean() > 0.9 > -0.9 > pooled["north"][:, 0].mean()  # the shift is kept
+
+
+def test_imputation_uses_the_site_own_median_and_names_a_site_with_nothing_to_impute(tmp_path, expect_failure):
+    _breast_csv(tmp_path / "wdbc.csv")
+    frame = pd.read_csv(tmp_path / "wdbc.csv")
+    frame.loc[frame["clinic"] == "south", "f3"] = np.nan  # south never measured f3
+    frame.to_csv(tmp_path / "wdbc.csv", index=False)
+    imputing = TABULAR + "    impute: median\n"
+    expect_failure("sources:" + imputing, r"wdbc\.csv row 4: NaN or infinite value in \['f3'\] \(no row of site "
+                                          r"south has a value of \['f3'\] to impute from")
+    out, skipped = run_spec(_spec(tmp_path, "on_error: skip\nsources:" + imputing), tmp_path / "skip")
+    assert len(skipped) == 10 and set(Corpus.open(out).manifest["origin_site"]) == {"north"}  # south's rows only
+    frame.loc[frame["clinic"] == "south", "f3"] = 100.0 + np.arange(10)  # another scale at south
+    frame.loc[4, "f3"] = np.nan  # a north row: imputed with north's median, not the file's
+    frame.loc[0, "f4"] = np.inf
+    frame.to_csv(tmp_path / "wdbc.csv", index=False)
+    expect_failure("sources:" + imputing, r"wdbc\.csv row 2: NaN or infinite value in \['f4'\]$")  # only row 2
+    out, skipped = run_spec(_spec(tmp_path, "on_error: skip\nsources:" + imputing), tmp_path / "ok")
+    assert [s["item"].rsplit("/", 1)[-1] for s in skipped] == ["wdbc.csv row 2"]
+    north = frame[frame["clinic"] == "north"]
+    median = north["f3"].median()  # over north's labelled rows, row 2 included (its f3 is fine)
+    kept = north.drop(index=0)["f3"].fillna(median)
+    expected = (median - kept.mean()) / (kept.std(ddof=0) + 1e-9)
+    corpus = Corpus.open(out)
+    row = corpus.manifest.set_index("patient_id").loc["row4", "idx_tabular"]
+    assert corpus.array("tabular")[row, 3] == pytest.approx(expected, abs=1e-5)

@@ -1,0 +1,254 @@
+"""Deployment over loopback: the demo PKI, a TLS + SuperNode-auth SuperLink, SuperNodes that
+must be refused, and `multimed-fl deploy demo` end to end (federated/engines/pki.py,
+federated/engines/deployment/)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
+
+from federated.app.cli import main
+from federated.engines.deployment import (DeploymentError, LoopbackFederation, check_binaries,
+                                          deploy_demo, demo_overrides, pid_alive, run_config_toml)
+from federated.engines.pki import write_demo_pki
+
+# ------------------------------------------------------------------------------- pki.py ----
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return write_demo_pki(tmp_path_factory.mktemp("pki") / "pki", 2)
+
+
+def _handshake(pki, hostname: str) -> None:
+    """A TLS handshake in memory: the SuperLink's cert and key against a client trusting ca.crt."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=hostname)
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for name, end, out, peer in (("client", client, c_out, s_in), ("server", server, s_out, c_in)):
+            if not done[name]:
+                try:
+                    end.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+            if data := out.read():
+                peer.write(data)
+        if all(done.values()):
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def test_server_certificate_chains_to_the_ca_and_names_loopback(pki):
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in san.get_values_for_type(x509.IPAddress)
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    _handshake(pki, "127.0.0.1")  # what SuperNodes and the flwr CLI dial
+    _handshake(pki, "localhost")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(pki, "superlink.example.org")
+
+
+def test_node_keys_load_as_flower_loads_them_and_secrets_are_0600(pki):
+    for key in pki.nodes:
+        private = load_ssh_private_key(key.private.read_bytes(), None)  # flower-supernode
+        public = load_ssh_public_key(key.public.read_bytes())  # flwr supernode register
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and uses_nist_ec_curve(public)
+        assert key.public.read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert private.public_key().public_numbers() == public.public_numbers()
+    assert pki.nodes[0].public.read_bytes() != pki.nodes[1].public.read_bytes()
+    for secret in (pki.ca_key, pki.server_key, *(k.private for k in pki.nodes)):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    assert stat.S_IMODE(pki.dir.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen")
+def test_ssh_keygen_keys_are_the_same_format(tmp_path):
+    """The README tells hospitals to make their key with ssh-keygen: same formats as ours."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    assert isinstance(load_ssh_private_key((tmp_path / "k").read_bytes(), None), ec.EllipticCurvePrivateKey)
+    assert uses_nist_ec_curve(load_ssh_public_key((tmp_path / "k.pub").read_bytes()))
+
+
+# ------------------------------------------------------------------ process management ----
+
+
+def test_managed_process_stops_its_descendants_and_kills_what_ignores_sigterm(tmp_path):
+    import time
+
+    from federated.engines.deployment import ManagedProcess, stop_all
+
+    polite = ManagedProcess("polite", ["sh", "-c", "sleep 300 & sleep 300 & wait"], tmp_path / "p.log")
+    stubborn = ManagedProcess("stubborn", ["sh", "-c", "trap '' TERM; sleep 300 & wait; sleep 300"],
+                              tmp_path / "s.log")
+    try:
+        polite.start()
+        stubborn.start()
+        time.sleep(0.5)  # let the shells fork their sleeps
+        polite.note_descendants()
+        stubborn.note_descendants()
+        assert len(polite.seen) == 3 and len(stubborn.seen) == 2
+    finally:
+        stop_all([polite, stubborn], grace_s=1.0)
+    for p in (polite, stubborn):
+        assert p.leftovers() == [] and not p.alive()
+    assert polite.returncode == -15  # SIGTERM did it
+    assert stubborn.returncode == -9  # SIGKILL after the grace period
+
+
+def test_a_binary_that_does_not_exist_is_named(tmp_path):
+    from federated.engines.deployment import ManagedProcess
+
+    with pytest.raises(DeploymentError, match="cannot start ghost"):
+        ManagedProcess("ghost", [str(tmp_path / "no-such-binary")], tmp_path / "g.log").start()
+
+
+# ------------------------------------------------------------- demo config and user errors ----
+
+
+def test_demo_overrides_default_plan_and_expected_sites():
+    assert demo_overrides(3, ["scale=smoke"]) == [
+        "scale=smoke", "sites.planner=random_mix", "sites.n_sites=3", "sites.holdout=random",
+        "sites.holdout_k=1", "sites.zero_shot=true", "engine.expected_sites=3"]
+    mine = ["sites.planner=random_mix", "sites.n_sites=4"]
+    assert demo_overrides(4, mine) == [*mine, "engine.expected_sites=4"]
+    with pytest.raises(DeploymentError, match="contradicts --sites 3"):
+        demo_overrides(3, ["engine.expected_sites=2"])
+
+
+def test_run_config_toml_keeps_the_yaml_byte_for_byte():
+    import tomllib
+
+    for text in ("seed: 0\nname: 'x'\n", "a: \"'''\"\n"):  # the second cannot be a ''' literal
+        parsed = tomllib.loads(run_config_toml(text, "/c", "/o 'x'"))
+        assert parsed == {"multimed-config": text, "corpus-path": "/c", "out-dir": "/o 'x'"}
+
+
+def test_outputs_inside_the_app_folder_must_be_git_ignored():
+    from federated.engines.deployment import _check_out_dir, app_dir
+
+    root = app_dir()
+    _check_out_dir(root / "runs" / "demo", root)  # runs/ is in .gitignore
+    _check_out_dir(root.parent / "elsewhere", root)
+    with pytest.raises(DeploymentError, match="would pack its files into the app bundle"):
+        _check_out_dir(root / "demo-out", root)
+
+
+def test_missing_flower_binaries_are_named(tmp_path):
+    with pytest.raises(DeploymentError, match="flower-superlink.*flwr-clientapp"):
+        check_binaries({"PATH": str(tmp_path)})
+
+
+def test_deploy_refuses_bad_sites_busy_port_and_a_plan_of_another_size(tmp_path, capsys):
+    assert main(["deploy", "demo", "--sites", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "--sites must be between 1 and" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["deploy", "demo", "--sites", "3", "--out", str(tmp_path / "b"),
+                     "--superlink-port", str(port), "scale=smoke"]) == 2
+        assert f"port {port} on 127.0.0.1 for the SuperLink is busy" in capsys.readouterr().err
+    # the default archetype plan has 10 sites
+    assert main(["deploy", "demo", "--sites", "3", "--out", str(tmp_path / "c"), "scale=smoke",
+                 "sites=default"]) == 2
+    err = capsys.readouterr().err
+    assert "the site plan has 10 sites" in err and "but --sites is 3" in err
+    assert not (tmp_path / "c" / "deploy").exists()  # nothing was started
+
+
+# ------------------------------------------------------------ refused SuperNodes (slow) ----
+
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    """A SuperLink with TLS and SuperNode auth; node_00 registered, node_01 not."""
+    with LoopbackFederation(tmp_path_factory.mktemp("superlink"), n_keys=2, grace_s=5) as fed:
+        fed.start_superlink()
+        fed.register(fed.pki.nodes[0], "site_00")
+        yield fed
+    for pid, start in fed.started_pids().items():
+        assert not pid_alive(pid, start), f"process {pid} outlived the federation"
+
+
+def _refused(fed: LoopbackFederation, handle, *messages: str) -> None:
+    rc = handle.node.wait(120)
+    assert rc is not None, f"{handle.name} still runs after 120 s:\n{handle.node.log_tail()}"
+    assert rc != 0
+    log = " ".join(handle.node.log_text().split())
+    for message in messages:
+        assert message in log, f"{message!r} not in the log of {handle.name}:\n{handle.node.log_tail()}"
+    assert fed.superlink.alive()
+    assert fed.online_nodes() == []
+
+
+@pytest.mark.slow
+def test_supernode_without_tls_is_refused(superlink):
+    # A SuperNode retries a failing connection forever by default; with a limit it gives up
+    # and exits, so the refusal shows as an exit code and a message.
+    handle = superlink.start_supernode("insecure", None, {"site": "site_00"}, clientapp=None,
+                                       insecure=True, extra=["--max-retries", "3"])
+    _refused(superlink, handle, "Failed to initialize the connection to the SuperLink",
+             "Server disconnected without sending a response")
+
+
+@pytest.mark.slow
+def test_supernode_with_an_unregistered_key_is_refused(superlink):
+    handle = superlink.start_supernode("stranger", superlink.pki.nodes[1], {"site": "site_01"},
+                                       clientapp=None, extra=["--max-retries", "3"])
+    _refused(superlink, handle, "Failed to initialize the connection to the SuperLink",
+             "[code: 2004] Failed to activate SuperNode.")
+    assert "No SuperNode found with the given public key" in superlink.superlink.log_text()
+
+
+# ----------------------------------------------------------------------- the demo (slow) ----
+
+
+@pytest.mark.slow
+def test_demo_with_three_supernodes_over_tls(tmp_path):
+    out = tmp_path / "demo"
+    lines: list[str] = []
+    result = deploy_demo(3, out, ["scale=smoke", "rounds=1"], say=lines.append, timeout_s=900,
+                         grace_s=5)
+    assert result.status == "finished:completed"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1
+    assert sorted(s["site"] for s in summary["per_site"]) == ["site_00", "site_01", "site_02"]
+    assert {s["role"] for s in summary["per_site"]} == {"train", "held_out"}
+    for name in ("metrics.parquet", "config.yaml", "tensorboard"):
+        assert (out / name).exists(), name
+    assert "expected_sites: 3" in (out / "config.yaml").read_text()
+    logs = out / "deploy" / "logs"
+    assert {p.name for p in logs.iterdir()} >= {"superlink.log", "supernode-site_00.log",
+                                               "clientapp-site_02.log", "run.log"}
+    assert stat.S_IMODE((out / "deploy" / "pki" / "node_00").stat().st_mode) == 0o600
+    text = "\n".join(lines)
+    assert "started SuperLink on https://127.0.0.1:" in text and "3 SuperNodes online" in text
+    assert f"run {result.run_id}: finished:completed" in text
+    # every process it started (SuperLink, SuperNodes, ClientApp workers, SuperExecs,
+    # ServerApp) is gone
+    assert len(result.pids) >= 7
+    alive = [pid for pid, start in result.pids.items() if pid_alive(pid, start)]
+    assert alive == [], f"still running: {alive}"
