@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from federated.core.io import atomic_write_text, write_json
+from federated.core.resources import shipped_dir
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "experiments" / "bench"
 ORDER = ["aggregation", "site_planning", "dp_step", "ingest", "engines"]
 
 
@@ -27,8 +27,7 @@ def environment() -> dict[str, Any]:
     import os
     import platform
 
-    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
-                           "cpus": os.cpu_count()}
+    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
     for lib in ("numpy", "pandas", "torch", "flwr", "opacus"):
         if lib in sys.modules:
             env[lib] = getattr(sys.modules[lib], "__version__", "?")
@@ -44,8 +43,14 @@ def write_result(report: dict[str, Any], out: str | Path | None) -> None:
         atomic_write_text(Path(out), json.dumps(report, indent=2))
 
 
+def bench_dir() -> Path:
+    """The benchmark scripts: shipped in the package (federated/_bench), or a clone's experiments/bench/."""
+    return shipped_dir("_bench")
+
+
 def available() -> list[str]:
-    names = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+    """Benchmark names, the headline ones first in ORDER."""
+    names = sorted(p.stem for p in bench_dir().glob("*.py") if not p.stem.startswith("_"))
     return [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
 
 
@@ -55,20 +60,37 @@ def headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
         t = r["target"]
         return [("FedAvg aggregation / numpy floor", f"{t['ratio']:.2f}x", f"<= {t['max_ratio']:g}x")]
     if name == "site_planning":
-        return [(f"plan {v['sites']:,} sites ({k})", f"{v['median_s']:.2f} s, plan {v['plan_bytes'] / 2**20:.1f} MB "
-                 f"vs copies {v['copy_bytes'] / 2**20:.0f} MB", f"<= {r['target_s']:g} s")
-                for k, v in r["results"].items()]
+        return [
+            (
+                f"plan {v['sites']:,} sites ({k})",
+                f"{v['median_s']:.2f} s, plan {v['plan_bytes'] / 2**20:.1f} MB "
+                f"vs copies {v['copy_bytes'] / 2**20:.0f} MB",
+                f"<= {r['target_s']:g} s",
+            )
+            for k, v in r["results"].items()
+        ]
     if name == "dp_step":
-        rows = [(f"DP-SGD step / plain step ({m})", f"{v:.2f}x", "<= 2.0x" if m == r["target"]["mode"] else "")
-                for m, v in r["round_ratio"].items()]
+        rows = [
+            (f"DP-SGD step / plain step ({m})", f"{v:.2f}x", "<= 2.0x" if m == r["target"]["mode"] else "")
+            for m, v in r["round_ratio"].items()
+        ]
         return rows
     if name == "ingest":
         c = r["config"]
-        return [(f"ingest {c['images']} JPEGs {c['side']}x{c['side']}", f"{r['ingest_images_per_s']:.0f} images/s "
-                 f"({r['ingest_over_decode']:.2f}x decode alone)", ""),
-                ("corpus read, random batches of 32", f"{r['read_mmap_samples_per_s']:,.0f} samples/s memory-mapped "
-                 f"({r['mmap_over_ram_time']:.2f}x in-RAM time)", ""),
-                ("site load through SiteData", f"{r['site_load_samples_per_s']:,.0f} samples/s", "")]
+        return [
+            (
+                f"ingest {c['images']} JPEGs {c['side']}x{c['side']}",
+                f"{r['ingest_images_per_s']:.0f} images/s ({r['ingest_over_decode']:.2f}x decode alone)",
+                "",
+            ),
+            (
+                "corpus read, random batches of 32",
+                f"{r['read_mmap_samples_per_s']:,.0f} samples/s memory-mapped "
+                f"({r['mmap_over_ram_time']:.2f}x in-RAM time)",
+                "",
+            ),
+            ("site load through SiteData", f"{r['site_load_samples_per_s']:,.0f} samples/s", ""),
+        ]
     if name == "engines":
         rows = [("in-process engine / plain PyTorch loop", f"{r['inprocess_ratio']:.2f}x", "<= 1.15x")]
         if r.get("ray"):
@@ -77,8 +99,13 @@ def headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
         if r.get("scale"):
             s = r["scale"]
             per_round = s["round_s"][1:] or s["round_s"]
-            rows.append((f"in-process, {s['sites']} sites, small model",
-                         f"{sum(per_round) / len(per_round):.1f} s per round, peak RSS {s['peak_rss_mb']:.0f} MB", ""))
+            rows.append(
+                (
+                    f"in-process, {s['sites']} sites, small model",
+                    f"{sum(per_round) / len(per_round):.1f} s per round, peak RSS {s['peak_rss_mb']:.0f} MB",
+                    "",
+                )
+            )
         return rows
     return [(f"{name}: {k}", str(v), "") for k, v in r.items() if isinstance(v, (int, float))][:4]
 
@@ -88,7 +115,7 @@ def run_benchmarks(out: Path, quick: bool = False, names: list[str] | None = Non
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     for name in names or available():
-        script = BENCH_DIR / f"{name}.py"
+        script = bench_dir() / f"{name}.py"
         if not script.is_file():
             raise FileNotFoundError(f"no benchmark {name!r}; available: {', '.join(available())}")
         t0 = time.perf_counter()
@@ -103,8 +130,12 @@ def run_benchmarks(out: Path, quick: bool = False, names: list[str] | None = Non
             entry["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         results[name] = entry
     write_json(out / "bench.json", {"quick": quick, "benchmarks": results})
-    lines = [f"# Benchmarks{' (--quick)' if quick else ''}", "",
-             "| benchmark | figure | measured | target |", "|---|---|---|---|"]
+    lines = [
+        f"# Benchmarks{' (--quick)' if quick else ''}",
+        "",
+        "| benchmark | figure | measured | target |",
+        "|---|---|---|---|",
+    ]
     for name, entry in results.items():
         if "result" in entry:
             for figure, value, target in headline(name, entry["result"]):

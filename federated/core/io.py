@@ -6,27 +6,61 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
+def _beside(path: Path, create: Callable[[Path], None]) -> Path:
+    """A new, uniquely named hidden entry beside `path`, made by create(name) (which must fail with
+    FileExistsError if the name is taken, as O_EXCL and mkdir do)."""
+    while True:
+        candidate = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+
+
+def _new_file(name: Path) -> None:
+    # mode 0o666 minus the umask: the permissions an ordinary open(name, "w") gives, so a
+    # results file is readable by the group where the user's umask says so. (tempfile.mkstemp
+    # would make it 0600.) Secrets are written by federated/engines/pki.py, not through here.
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call write(tmp) on a temporary file beside `path`, then rename it into place."""
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place.
+
+    The final file gets the permissions an ordinary open() would give (0666 minus the umask).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = _beside(path, _new_file)
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (see atomic_write)."""
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def temp_dir_beside(path: Path) -> Path:
+    """A new empty hidden folder beside `path`, to fill and then rename onto `path`.
+
+    Its permissions are those of an ordinary mkdir (0777 minus the umask), so the renamed
+    folder is as readable as any other output; tempfile.mkdtemp would make it 0700.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _beside(path, lambda name: name.mkdir(0o777))
 
 
 def json_safe(value: Any) -> Any:
