@@ -23,4 +23,4 @@ def run_grid(jobs: list[tuple[str, list[str]]], out: Path, processes: int = 2) -
         print(f"[{finished}/{len(jobs)}] {name}: {status}", flush=True)
 
     results = run_jobs(jobs, Path(out), processes, report)
-    return {name: (summary, error) for name, (summary, error, _) in results.items()}
+    return {name: (o.summary.to_dict() if o.summary is not None else None, o.error) for name, o in results.items()}

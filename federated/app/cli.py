@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from federated.core.config import ConfigError, config_to_yaml, load_config
+from federated.core.protocol import Role
 from federated.data.format import CorpusFormatError
 from federated.core.registry import UnknownNameError
 
@@ -89,7 +90,7 @@ def cmd_sites_show(args: argparse.Namespace) -> int:
                 "label mix", "site shift"):
         table.add_column(col)
     for r in frame.itertuples():
-        table.add_row(r.site, "ID" if r.role == "train" else "OOD", r.archetype, r.origin_site,
+        table.add_row(r.site, Role(r.role).label, r.archetype, r.origin_site,
                       ", ".join(r.modalities), ", ".join(r.tasks), str(r.n_train), str(r.n_test),
                       r.label_mix, r.site_shift or "-")
     Console(width=200).print(table)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
@@ -20,6 +20,7 @@ from federated.engines import ENGINES
 from federated.server.federation import Callback
 from federated.core.io import write_json
 from federated.server.outputs import build_summary, write_config, write_final_model
+from federated.server.results import RunSummary
 from federated.server.tracking import MetricsTable, ProgressBar, TensorBoardLogger
 from partitions import plan_sites
 
@@ -28,9 +29,9 @@ class RunError(RuntimeError):
     """The run cannot start as asked (e.g. it would overwrite an earlier run's outputs)."""
 
 
-def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool = False,
+def run_experiment(cfg: ExperimentConfig | None, out_dir: str | Path, overwrite: bool = False,
                    progress: bool = True, console: Console | None = None,
-                   resume: bool = False) -> dict[str, Any]:
+                   resume: bool = False) -> RunSummary:
     """Run one federated experiment and write its outputs; returns the summary.
     resume=True continues the run in out_dir from its last checkpoint (cfg is ignored:
     the run's own config.yaml is used)."""
@@ -43,6 +44,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool =
         checkpoint = load_checkpoint(out_dir)
         cfg = config_from_yaml(checkpoint.config_yaml)
         overwrite = False
+    elif cfg is None:
+        raise RunError("a new run needs a config (cfg is None only with resume=True)")
     elif (out_dir / "summary.json").exists() and not overwrite:
         raise RunError(f"{out_dir} already holds a finished run (summary.json); "
                        "choose another --out or pass --overwrite")
@@ -62,10 +65,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, overwrite: bool =
     if progress:
         callbacks.append(ProgressBar(console))
     result = engine(cfg, corpus_path, len(plans), callbacks, out_dir=out_dir, resume=checkpoint)
-    summary = build_summary(cfg, result, time.perf_counter() - t0)
-    summary["corpus"] = str(corpus_path)
-    if checkpoint is not None:
-        summary["resumed_from_round"] = checkpoint.round
+    summary = dataclasses.replace(build_summary(cfg, result, time.perf_counter() - t0), corpus=str(corpus_path),
+                                  resumed_from_round=checkpoint.round if checkpoint is not None else None)
     write_final_model(out_dir, result.arrays)
-    write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary.to_dict())
     return summary

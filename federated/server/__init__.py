@@ -1,1 +1,2 @@
-"""The server side of a run: the round loop, the ServerApp, evaluation summaries, checkpoints, tracking and outputs."""
+"""The server side of a run: the round loop (federation.py), the ServerApp, evaluation summaries, typed
+results (records.py in memory, results.py as summary.json), callbacks (tracking, checkpoints) and outputs."""

@@ -11,7 +11,10 @@ parameters) is not the server's to hold: each site saves its own state next to i
 round to restore. A real hospital's privacy ledger thus never leaves the hospital.
 
 Format: one pickle written atomically (temp file, then rename) as DIR/checkpoint.pkl. Pickle
-runs code when loaded: only resume from checkpoints you wrote.
+runs code when loaded: only resume from checkpoints you wrote. Version 2: round records hold typed
+summaries (federated/server/results.py); a version-1 checkpoint is refused by name.
+
+Saving is a callback (Checkpointer) that the round loop calls like any other side effect.
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
+from federated.core.config.loader import config_to_yaml
+from federated.core.config.schema import ExperimentConfig
 from federated.core.io import atomic_write
+from federated.server.callbacks import Callback, ServerState
+from federated.server.evaluation import SiteProfile
+from federated.server.records import RoundRecord
 
 CHECKPOINT_FILE = "checkpoint.pkl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -39,9 +47,9 @@ class Checkpoint:
     round: int
     arrays: dict[str, Any]  # parameter name -> numpy array
     strategy_state: dict[str, Any]
-    python_rng: Any
-    initial: Any  # RoundRecord
-    history: list[Any]  # RoundRecords
+    python_rng: Any  # random.getstate()
+    initial: RoundRecord
+    history: list[RoundRecord]
     config_yaml: str
     version: int = FORMAT_VERSION
 
@@ -52,12 +60,14 @@ class Checkpoint:
 
 
 def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> Path:
+    """Write DIR/checkpoint.pkl atomically: a crash mid-write leaves the previous checkpoint."""
     path = Path(out_dir) / CHECKPOINT_FILE
     atomic_write(path, lambda tmp: tmp.write_bytes(pickle.dumps(ckpt, protocol=pickle.HIGHEST_PROTOCOL)))
     return path
 
 
 def load_checkpoint(out_dir: Path) -> Checkpoint:
+    """The checkpoint in DIR; CheckpointError saying why when there is none or it cannot be used."""
     path = Path(out_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: nothing to resume (was engine.checkpoint_every > 0?)")
@@ -76,3 +86,36 @@ def python_rng_state() -> Any:
 
 def restore_python_rng(state: Any) -> None:
     random.setstate(state)
+
+
+class Checkpointer(Callback):
+    """Saves the server's state to DIR every `every` rounds and after the last round."""
+
+    def __init__(self, out_dir: Path, every: int) -> None:
+        self.out_dir, self.every = Path(out_dir), every
+        self.rounds, self.config_yaml = 0, ""
+
+    def on_start(self, cfg: ExperimentConfig, profiles: list[SiteProfile]) -> None:
+        self.rounds, self.config_yaml = cfg.rounds, config_to_yaml(cfg)
+
+    def on_server_state(self, state: ServerState) -> None:
+        if state.round % self.every and state.round != self.rounds:
+            return
+        save_checkpoint(
+            self.out_dir,
+            Checkpoint(
+                round=state.round,
+                arrays={k: a.numpy() for k, a in state.arrays.items()},
+                strategy_state=state.strategy.state_dict(),
+                python_rng=python_rng_state(),
+                initial=state.initial,
+                history=state.history,
+                config_yaml=self.config_yaml,
+            ),
+        )
+
+
+def checkpointers(cfg: ExperimentConfig, out_dir: Path | None) -> list[Callback]:
+    """The run's checkpoint callback: none without a folder or with engine.checkpoint_every = 0."""
+    every = cfg.engine.checkpoint_every
+    return [Checkpointer(out_dir, every)] if out_dir is not None and every else []

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-ID, OOD = "id", "ood"
+from federated.core.protocol import Role
+from federated.server.results import GroupScores, PerTaskMetrics, RoundSummary, SiteRow, WorstSite
 
 
 @dataclass
 class SiteProfile:
+    """What a site said about itself in the handshake."""
+
     site: str
-    role: str
+    role: Role
     archetype: str
     modalities: list[str]
     tasks: list[str]
@@ -32,13 +34,18 @@ class SiteProfile:
     n_test: int
     origin_site: str = ""
 
+    def __post_init__(self) -> None:
+        self.role = Role(self.role)  # a plan's or a reply's spelling becomes the one enum
+
 
 @dataclass
 class SiteEvaluation:
+    """One site's evaluation of the global model in one round."""
+
     profile: SiteProfile
-    per_task: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
+    per_task: PerTaskMetrics = field(default_factory=dict)  # task -> metric -> value (and "n")
     # The site's personalised model (strategies that keep parameters local), training sites only.
-    personal: dict[str, dict[str, float]] | None = None
+    personal: PerTaskMetrics | None = None
 
     @property
     def score(self) -> float:
@@ -50,49 +57,70 @@ def _nanmean(values: list[float]) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-def group_scores(evals: list[SiteEvaluation]) -> dict[str, Any]:
+def group_scores(evals: list[SiteEvaluation]) -> GroupScores:
+    """Per task, the test-size-weighted mean score of the sites holding it; overall, the mean over tasks."""
     per_task: dict[str, float] = {}
     tasks = sorted({t for e in evals for t in e.per_task})
     for t in tasks:
-        pairs = [(e.per_task[t]["score"], e.per_task[t]["n"]) for e in evals
-                 if t in e.per_task and not math.isnan(e.per_task[t]["score"])]
+        pairs = [
+            (e.per_task[t]["score"], e.per_task[t]["n"])
+            for e in evals
+            if t in e.per_task and not math.isnan(e.per_task[t]["score"])
+        ]
         if pairs:
             s, n = np.array(pairs).T
             per_task[t] = float(np.average(s, weights=n))
-    return {"score": _nanmean(list(per_task.values())), "per_task": per_task}
+    return GroupScores(_nanmean(list(per_task.values())), per_task)
 
 
-ID_ROLES = ("train", "id_eval")  # id_eval: a training site that does not train this run (local-only)
+def _personal_scores(evals: list[SiteEvaluation]) -> GroupScores | None:
+    """ID scores of the training sites' personalised models; None when no site keeps one."""
+    personal = [
+        SiteEvaluation(e.profile, e.personal) for e in evals if e.profile.role == Role.TRAIN and e.personal is not None
+    ]
+    return group_scores(personal) if personal else None
 
 
-def summarize(evals: list[SiteEvaluation], train_role: str = "train") -> dict[str, Any]:
-    id_scores = group_scores([e for e in evals if e.profile.role in ID_ROLES])
-    ood_scores = group_scores([e for e in evals if e.profile.role not in ID_ROLES])
-    shared = sorted(set(id_scores["per_task"]) & set(ood_scores["per_task"]))
-    gap = _nanmean([id_scores["per_task"][t] - ood_scores["per_task"][t] for t in shared])
-    personal = [SiteEvaluation(e.profile, e.personal) for e in evals
-                if e.profile.role == train_role and e.personal is not None]
+def _worst_site(evals: list[SiteEvaluation]) -> WorstSite | None:
     scored = [e for e in evals if not math.isnan(e.score)]
-    worst = min(scored, key=lambda e: e.score) if scored else None
-    return {
-        ID: id_scores,
-        OOD: ood_scores,
-        **({"id_personal": group_scores(personal)} if personal else {}),
-        "gap": gap,
-        "gap_tasks": shared,
-        "worst_site": ({"site": worst.profile.site, "role": worst.profile.role, "score": worst.score}
-                       if worst else None),
-    }
+    if not scored:
+        return None
+    worst = min(scored, key=lambda e: e.score)
+    return WorstSite(worst.profile.site, worst.profile.role, worst.score)
 
 
-def per_site_rows(evals: list[SiteEvaluation]) -> list[dict[str, Any]]:
-    return [{
-        "site": e.profile.site, "role": e.profile.role, "archetype": e.profile.archetype,
-        "origin_site": e.profile.origin_site, "modalities": e.profile.modalities,
-        "tasks": e.profile.tasks, "n_train": e.profile.n_train, "n_test": e.profile.n_test,
-        "score": e.score,
-        "per_task": {t: {k: v for k, v in m.items() if k != "n"} for t, m in e.per_task.items()},
-        **({"personal_score": SiteEvaluation(e.profile, e.personal).score,
-            "personal_per_task": {t: {k: v for k, v in m.items() if k != "n"} for t, m in e.personal.items()}}
-           if e.personal is not None else {}),
-    } for e in evals]
+def summarize(evals: list[SiteEvaluation]) -> RoundSummary:
+    """A round's ID and OOD scores, their gap over the tasks scored both ways, and its worst site."""
+    id_scores = group_scores([e for e in evals if e.profile.role.scored_id])
+    ood_scores = group_scores([e for e in evals if not e.profile.role.scored_id])
+    shared = sorted(set(id_scores.per_task) & set(ood_scores.per_task))
+    gap = _nanmean([id_scores.per_task[t] - ood_scores.per_task[t] for t in shared])
+    return RoundSummary(id_scores, ood_scores, gap, shared, _worst_site(evals), _personal_scores(evals))
+
+
+def _without_counts(per_task: PerTaskMetrics) -> PerTaskMetrics:
+    return {t: {k: v for k, v in m.items() if k != "n"} for t, m in per_task.items()}
+
+
+def site_row(e: SiteEvaluation) -> SiteRow:
+    """A site's entry of summary.json's per_site (its metrics without sample counts)."""
+    p = e.profile
+    personal = e.personal
+    return SiteRow(
+        p.site,
+        p.role,
+        p.archetype,
+        p.origin_site,
+        p.modalities,
+        p.tasks,
+        p.n_train,
+        p.n_test,
+        e.score,
+        _without_counts(e.per_task),
+        SiteEvaluation(p, personal).score if personal is not None else None,
+        _without_counts(personal) if personal is not None else None,
+    )
+
+
+def per_site_rows(evals: list[SiteEvaluation]) -> list[SiteRow]:
+    return [site_row(e) for e in evals]

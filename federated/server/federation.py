@@ -2,8 +2,10 @@
 
 The round loop calls the Flower strategy's configure_train / aggregate_train (so any
 `flwr.serverapp.strategy` Strategy plugs in) but is our own, not Strategy.start: training
-goes to the training sites only, evaluation to every site (ID and OOD), and side effects
-(progress, TensorBoard, metrics tables) are callbacks invoked once per round.
+goes to the training sites only, evaluation to every site (ID and OOD). One training round is
+`train_round` (configure, exchange, aggregate, collect what the sites reported) followed by an
+evaluation; side effects (progress, TensorBoard, metrics tables, checkpoints) are callbacks
+invoked once per round (federated/server/callbacks.py).
 """
 
 from __future__ import annotations
@@ -18,65 +20,39 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.grid import Grid
+from flwr.supercore.run import Run
 
 from federated.core.arrays import record_to_numpy
-from federated.server.checkpoint import (Checkpoint, python_rng_state,
-                                  restore_python_rng, save_checkpoint)
-from federated.core.config.loader import config_to_yaml
 from federated.core.config.schema import ExperimentConfig
-from federated.server.evaluation import SiteEvaluation, SiteProfile, summarize
 from federated.core.models import build_model
+from federated.core.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    NUM_EXAMPLES,
+    PERSONAL_RECORD,
+    PRIVACY_RECORD,
+    PROFILE_RECORD,
+    RESTORE_ROUND,
+    SERVER_ROUND,
+    STEPS,
+    TRAIN_LOSS,
+    Role,
+    report_from_record,
+)
 from federated.core.replies import attribute, error_reason
-from federated.core.protocol import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, NUM_EXAMPLES, PERSONAL_RECORD, PRIVACY_RECORD, PROFILE_RECORD, RESTORE_ROUND, SERVER_ROUND, STEPS, TRAIN_LOSS, report_from_record
+from federated.server.callbacks import Callback, ServerState
+from federated.server.checkpoint import Checkpoint, checkpointers, restore_python_rng
+from federated.server.evaluation import SiteEvaluation, SiteProfile, summarize
+from federated.server.records import FederationResult, FederationTiming, RoundRecord, TrainStats
+from federated.server.results import PrivacyReport
 from strategies.site_dp import build_private_strategy, server_privacy_report
-from federated.core.protocol import Role
+
+__all__ = ["Callback", "FederationError", "FederationResult", "RoundRecord", "run_federation"]
 
 
 class FederationError(RuntimeError):
     """A run that cannot continue; the message names the round and the sites involved."""
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    evaluations: list[SiteEvaluation]
-    summary: dict[str, Any]
-    train: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> loss, n, steps
-    failures: dict[str, str] = field(default_factory=dict)  # site -> reason
-    rejections: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
-    skipped: bool = False  # too few valid updates and strategy.on_too_few_valid=skip
-    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> privacy report
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class FederationResult:
-    profiles: list[SiteProfile]
-    initial: RoundRecord
-    history: list[RoundRecord]
-    arrays: ArrayRecord
-    timing: dict[str, float]
-
-    @property
-    def final(self) -> RoundRecord:
-        return self.history[-1] if self.history else self.initial
-
-    def privacy(self) -> dict[str, dict[str, Any]]:
-        """Each site's latest privacy report (its cumulative spend)."""
-        latest: dict[str, dict[str, Any]] = {}
-        for record in self.history:
-            latest.update(record.privacy)
-        return dict(sorted(latest.items()))
-
-
-class Callback:
-    """Side effects of a run; every hook is optional."""
-
-    def on_start(self, cfg: ExperimentConfig, profiles: list[SiteProfile]) -> None: ...
-    def on_resume(self, records: list[RoundRecord]) -> None:
-        """A resumed run: the records of the rounds before the checkpoint."""
-    def on_round_end(self, record: RoundRecord) -> None: ...
-    def on_end(self, result: FederationResult) -> None: ...
 
 
 class NodeSubsetGrid(Grid):
@@ -85,31 +61,29 @@ class NodeSubsetGrid(Grid):
     def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
         self._grid, self._ids = grid, list(node_ids)
 
-    def set_run(self, run):  # type: ignore[no-untyped-def]
+    def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self) -> Run:
         return self._grid.run
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self._ids)
 
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
 
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
-
-
-def _error_reason(msg: Message) -> str:
-    return error_reason(msg)
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float | None = None) -> list[Message]:
@@ -130,60 +104,76 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
         raise FederationError(
             f"handshake: {len(nodes)} of the {expected} planned sites connected within {timeout_s:g} s "
             f"(engine.expected_sites / engine.handshake_timeout_s); under `flwr run`, start one "
-            f"SuperNode per site: --federation-config \"num-supernodes={expected}\"")
+            f'SuperNode per site: --federation-config "num-supernodes={expected}"'
+        )
     return nodes
 
 
-def handshake(grid: Grid, restore_round: int | None = None, expected: int = 0,
-              timeout_s: float = 300.0) -> dict[int, SiteProfile]:
+def handshake(
+    grid: Grid, restore_round: int | None = None, expected: int = 0, timeout_s: float = 300.0
+) -> dict[int, SiteProfile]:
     """Ask every node for its site profile; a node that cannot answer stops the run.
     On resume, each site is also told to restore its own state of `restore_round`."""
     nodes = wait_for_nodes(grid, expected, timeout_s)
-    content = RecordDict() if restore_round is None else RecordDict(
-        {CONFIG_RECORD: ConfigRecord({RESTORE_ROUND: restore_round})})
+    content = (
+        RecordDict()
+        if restore_round is None
+        else RecordDict({CONFIG_RECORD: ConfigRecord({RESTORE_ROUND: restore_round})})
+    )
     replies = exchange(grid, [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes])
     profiles: dict[int, SiteProfile] = {}
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
-            raise FederationError(f"handshake: node {node} failed: {_error_reason(msg)}")
-        p = msg.content[PROFILE_RECORD]
+            raise FederationError(f"handshake: node {node} failed: {error_reason(msg)}")
+        p: dict[str, Any] = dict(msg.content.config_records[PROFILE_RECORD])
         profiles[node] = SiteProfile(
-            site=str(p["site"]), role=Role(str(p["role"])), archetype=str(p["archetype"]),
-            modalities=list(p["modalities"]), tasks=list(p["tasks"]), n_train=int(p["n_train"]),
-            n_test=int(p["n_test"]), origin_site=str(p["origin_site"]))
+            site=str(p["site"]),
+            role=Role(str(p["role"])),
+            archetype=str(p["archetype"]),
+            modalities=list(p["modalities"]),
+            tasks=list(p["tasks"]),
+            n_train=int(p["n_train"]),
+            n_test=int(p["n_test"]),
+            origin_site=str(p["origin_site"]),
+        )
     missing = set(nodes) - set(profiles)
     if missing:
         raise FederationError(f"handshake: no reply from nodes {sorted(missing)}")
     sites = [p.site for p in profiles.values()]
     twice = sorted({s for s in sites if sites.count(s) > 1})
     if twice:
-        raise FederationError(f"handshake: sites {twice} answered from more than one node; "
-                              "each node must run a different site (node config 'site')")
+        raise FederationError(
+            f"handshake: sites {twice} answered from more than one node; "
+            "each node must run a different site (node config 'site')"
+        )
     return dict(sorted(profiles.items(), key=lambda kv: kv[1].site))
 
 
 def _parse_metrics(record: Any, into: dict[str, dict[str, float]]) -> None:
+    """A site's "<task>/<metric>" values into task -> metric -> value."""
     for key, value in record.items():
         if "/" in key:
             task, metric = key.split("/", 1)
             into.setdefault(task, {})[metric] = float(value)
 
 
-def evaluate_all(grid: Grid, arrays: ArrayRecord, server_round: int, profiles: dict[int, SiteProfile],
-                 timeout: float | None = None) -> tuple[list[SiteEvaluation], dict[str, str]]:
+def evaluate_all(
+    grid: Grid, arrays: ArrayRecord, server_round: int, profiles: dict[int, SiteProfile], timeout: float | None = None
+) -> tuple[list[SiteEvaluation], dict[str, str]]:
+    """Every site evaluates `arrays`: their evaluations (in site order) and site -> why one failed."""
     content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: ConfigRecord({SERVER_ROUND: server_round})})
-    replies = exchange(grid, [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
-                              for n in profiles], timeout)
+    replies = exchange(
+        grid, [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in profiles], timeout
+    )
     evals: dict[int, SiteEvaluation] = {}
     answered = {m.metadata.src_node_id for m in replies}
-    failures: dict[str, str] = {profiles[n].site: f"no reply within {timeout} s" for n in profiles
-                                if n not in answered}
+    failures: dict[str, str] = {profiles[n].site: f"no reply within {timeout} s" for n in profiles if n not in answered}
     for msg in replies:
         node = msg.metadata.src_node_id
         profile = profiles[node]
         if msg.has_error():
-            failures[profile.site] = _error_reason(msg)
+            failures[profile.site] = error_reason(msg)
             continue
         ev = SiteEvaluation(profile)
         _parse_metrics(msg.content[METRICS_RECORD], ev.per_task)
@@ -194,97 +184,176 @@ def evaluate_all(grid: Grid, arrays: ArrayRecord, server_round: int, profiles: d
     return [evals[n] for n in profiles if n in evals], failures
 
 
-def run_federation(grid: Grid, cfg: ExperimentConfig, callbacks: Sequence[Callback] = (),
-                   checkpoint_dir: Path | None = None, resume: Checkpoint | None = None) -> FederationResult:
+@dataclass
+class Federation:
+    """The parts of a run that every round uses: who answered the handshake, the strategy, the timing."""
+
+    grid: Grid
+    cfg: ExperimentConfig
+    profiles: dict[int, SiteProfile]  # node id -> profile, in site order
+    strategy: Any  # a Flower Strategy with the MultiMed extensions (strategies/)
+    training_grid: NodeSubsetGrid  # the training sites only, so the strategy samples among them
+    timeout: float | None  # engine.round_timeout_s, None for no limit
+    timing: FederationTiming = field(default_factory=FederationTiming)
+
+    def site(self, node: int) -> str:
+        return self.profiles[node].site
+
+
+@dataclass
+class TrainOutcome:
+    """What one training round produced, before the new model is evaluated."""
+
+    arrays: ArrayRecord | None  # the aggregated model; None when nothing could be aggregated
+    train: dict[str, TrainStats] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # "train:site" -> reason
+    rejections: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
+    privacy: dict[str, PrivacyReport] = field(default_factory=dict)
+    train_s: float = 0.0
+    aggregate_s: float = 0.0
+
+
+def _strategy(cfg: ExperimentConfig, node_profiles: dict[int, SiteProfile], train_nodes: list[int]) -> Any:
+    """The run's strategy, told which node is which site and how much each holds."""
+    strategy = build_private_strategy(cfg, len(train_nodes))
+    strategy.know_sites({n: p.site for n, p in node_profiles.items()}, {n: p.n_train for n, p in node_profiles.items()})
+    return strategy
+
+
+def _collect_replies(fed: Federation, messages: list[Message], replies: list[Message], into: TrainOutcome) -> None:
+    """Training reports, failures (late or erroring sites) and privacy spend, per site."""
+    answered = {m.metadata.src_node_id for m in replies}
+    for m in messages:  # no reply within engine.round_timeout_s: the round went on without it
+        if m.metadata.dst_node_id not in answered:
+            into.failures[f"train:{fed.site(m.metadata.dst_node_id)}"] = (
+                f"no reply within engine.round_timeout_s={fed.cfg.engine.round_timeout_s}"
+            )
+    for msg in replies:
+        site = fed.site(msg.metadata.src_node_id)
+        if msg.has_error():
+            into.failures[f"train:{site}"] = error_reason(msg)
+            continue
+        stats: dict[str, Any] = dict(msg.content.metric_records[METRICS_RECORD])
+        into.train[site] = TrainStats(float(stats[TRAIN_LOSS]), float(stats[NUM_EXAMPLES]), float(stats[STEPS]))
+        if PRIVACY_RECORD in msg.content.config_records:
+            into.privacy[site] = report_from_record(msg.content.config_records[PRIVACY_RECORD])
+    into.privacy.update(
+        server_privacy_report(fed.strategy, [fed.site(m.metadata.src_node_id) for m in replies if not m.has_error()])
+    )
+    into.rejections = {r.site: r.reason for r in fed.strategy.last_rejections}
+
+
+def train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainOutcome:
+    """One training round: configure, exchange with the training sites, aggregate, collect."""
+    t0 = time.perf_counter()
+    messages = list(fed.strategy.configure_train(rnd, arrays, ConfigRecord(), fed.training_grid))
+    replies = exchange(fed.grid, messages, fed.timeout)
+    t1 = time.perf_counter()
+    new_arrays, _ = fed.strategy.aggregate_train(rnd, replies)
+    t2 = time.perf_counter()
+    fed.timing.train_s += t1 - t0
+    fed.timing.aggregate_s += t2 - t1
+    outcome = TrainOutcome(new_arrays, train_s=t1 - t0, aggregate_s=t2 - t1)
+    _collect_replies(fed, messages, replies, outcome)
+    return outcome
+
+
+def accepted_model(cfg: ExperimentConfig, rnd: int, outcome: TrainOutcome, current: ArrayRecord) -> ArrayRecord:
+    """The model the next round starts from: the aggregate, or (strategy.on_too_few_valid=skip) the
+    current one when nothing could be aggregated. Anything else stops the run, naming why."""
+    if outcome.arrays is None:
+        if cfg.strategy.on_too_few_valid != "skip":
+            reasons = {**outcome.failures, **outcome.rejections}
+            detail = "; ".join(f"{k}: {v}" for k, v in reasons.items()) or "no replies"
+            raise FederationError(f"round {rnd}: no training update could be aggregated ({detail})")
+        return current
+    bad = [k for k, a in record_to_numpy(outcome.arrays).items() if not np.isfinite(a).all()]
+    if bad:  # defence in depth: validation should make this impossible
+        raise FederationError(
+            f"round {rnd}: the aggregated model has non-finite values in {bad[:3]}; refusing to continue with it"
+        )
+    return outcome.arrays
+
+
+def evaluate_round(
+    fed: Federation, rnd: int, arrays: ArrayRecord, callbacks: Sequence[Callback], outcome: TrainOutcome | None = None
+) -> RoundRecord:
+    """Every site evaluates `arrays`; the round's record goes to every callback."""
+    t0 = time.perf_counter()
+    evals, failures = evaluate_all(fed.grid, arrays, rnd, fed.profiles, fed.timeout)
+    fed.timing.evaluate_s += time.perf_counter() - t0
+    record = RoundRecord(rnd, evals, summarize(evals))
+    if outcome is not None:
+        record.train, record.failures, record.rejections = outcome.train, outcome.failures, outcome.rejections
+        record.skipped, record.privacy = outcome.arrays is None, outcome.privacy
+        record.train_s, record.aggregate_s = outcome.train_s, outcome.aggregate_s
+    record.failures.update({f"evaluate:{k}": v for k, v in failures.items()})
+    for cb in callbacks:
+        cb.on_round_end(record)
+    return record
+
+
+def _first_state(
+    fed: Federation, arrays: ArrayRecord, resume: Checkpoint | None, callbacks: Sequence[Callback]
+) -> ServerState:
+    """Round 0 evaluated, or the state a checkpoint holds (the sites restore theirs in the handshake)."""
+    if resume is None:
+        return ServerState(0, arrays, fed.strategy, evaluate_round(fed, 0, arrays, callbacks), [])
+    fed.strategy.load_state_dict(resume.strategy_state)
+    restore_python_rng(resume.python_rng)
+    for cb in callbacks:
+        cb.on_resume([resume.initial, *resume.history])
+    return ServerState(resume.round, resume.array_record(), fed.strategy, resume.initial, list(resume.history))
+
+
+def run_round(fed: Federation, state: ServerState, rnd: int, callbacks: Sequence[Callback]) -> None:
+    """Train, evaluate, and tell the callbacks the round's record, then the server's new state."""
+    outcome = train_round(fed, rnd, state.arrays)
+    state.arrays = accepted_model(fed.cfg, rnd, outcome, state.arrays)
+    state.history.append(evaluate_round(fed, rnd, state.arrays, callbacks, outcome))
+    state.round = rnd
+    for cb in callbacks:
+        cb.on_server_state(state)
+
+
+def run_federation(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    callbacks: Sequence[Callback] = (),
+    checkpoint_dir: Path | None = None,
+    resume: Checkpoint | None = None,
+) -> FederationResult:
     """Run (or, given a checkpoint, continue) a federation. With engine.checkpoint_every = k
     and a checkpoint_dir, the server state is saved every k rounds and after the last one."""
     t_start = time.perf_counter()
     random.seed(cfg.seed)  # Flower's node sampling uses Python's global RNG
-    node_profiles = handshake(grid, restore_round=resume.round if resume else None,
-                              expected=cfg.engine.expected_sites, timeout_s=cfg.engine.handshake_timeout_s)
+    node_profiles = handshake(
+        grid,
+        restore_round=resume.round if resume else None,
+        expected=cfg.engine.expected_sites,
+        timeout_s=cfg.engine.handshake_timeout_s,
+    )
     train_nodes = [n for n, p in node_profiles.items() if p.role == Role.TRAIN]
     if not train_nodes:
         raise FederationError("no training sites answered the handshake")
+    hooks = [*callbacks, *checkpointers(cfg, checkpoint_dir)]
     profiles = list(node_profiles.values())
-    for cb in callbacks:
+    for cb in hooks:
         cb.on_start(cfg, profiles)
-
     arrays = ArrayRecord(build_model(cfg.model, cfg.seed).state_dict())
-    strategy = build_private_strategy(cfg, len(train_nodes))
-    timeout = cfg.engine.round_timeout_s or None
-    strategy.know_sites({n: p.site for n, p in node_profiles.items()},
-                        {n: p.n_train for n, p in node_profiles.items()})
-    training_grid = NodeSubsetGrid(grid, train_nodes)
-    timing = {"train_s": 0.0, "aggregate_s": 0.0, "evaluate_s": 0.0}
-
-    def evaluated(server_round: int, **extra: Any) -> RoundRecord:
-        t0 = time.perf_counter()
-        evals, failures = evaluate_all(grid, arrays, server_round, node_profiles, timeout)
-        timing["evaluate_s"] += time.perf_counter() - t0
-        record = RoundRecord(server_round, evals, summarize(evals), **extra)
-        record.failures.update({f"evaluate:{k}": v for k, v in failures.items()})
-        for cb in callbacks:
-            cb.on_round_end(record)
-        return record
-
-    if resume is None:
-        initial, history, first = evaluated(0), [], 1
-    else:
-        initial, history, first = resume.initial, list(resume.history), resume.round + 1
-        arrays = resume.array_record()
-        strategy.load_state_dict(resume.strategy_state)
-        restore_python_rng(resume.python_rng)
-        for cb in callbacks:
-            cb.on_resume([initial, *history])
-    every = cfg.engine.checkpoint_every
-    for rnd in range(first, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), training_grid))
-        replies = exchange(grid, messages, timeout)
-        answered = {m.metadata.src_node_id for m in replies}
-        late = [node_profiles[m.metadata.dst_node_id].site for m in messages
-                if m.metadata.dst_node_id not in answered]
-        t1 = time.perf_counter()
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        t2 = time.perf_counter()
-        timing["train_s"] += t1 - t0
-        timing["aggregate_s"] += t2 - t1
-        train_stats, failures, privacy = {}, {}, {}
-        for site in late:  # no reply within engine.round_timeout_s: the round went on without it
-            failures[f"train:{site}"] = f"no reply within engine.round_timeout_s={cfg.engine.round_timeout_s}"
-        for msg in replies:
-            site = node_profiles[msg.metadata.src_node_id].site
-            if msg.has_error():
-                failures[f"train:{site}"] = _error_reason(msg)
-            else:
-                m = msg.content[METRICS_RECORD]
-                train_stats[site] = {"loss": float(m[TRAIN_LOSS]), "n": float(m[NUM_EXAMPLES]),
-                                     "steps": float(m[STEPS])}
-                if PRIVACY_RECORD in msg.content.config_records:
-                    privacy[site] = report_from_record(msg.content[PRIVACY_RECORD])
-        privacy.update(server_privacy_report(strategy, [node_profiles[m.metadata.src_node_id].site
-                                                             for m in replies if not m.has_error()]))
-        rejections = {r.site: r.reason for r in strategy.last_rejections}
-        if new_arrays is None:
-            if cfg.strategy.on_too_few_valid != "skip":
-                detail = "; ".join(f"{k}: {v}" for k, v in {**failures, **rejections}.items()) or "no replies"
-                raise FederationError(f"round {rnd}: no training update could be aggregated ({detail})")
-        else:
-            bad = [k for k, a in record_to_numpy(new_arrays).items() if not np.isfinite(a).all()]
-            if bad:  # defence in depth: validation should make this impossible
-                raise FederationError(f"round {rnd}: the aggregated model has non-finite values in "
-                                      f"{bad[:3]}; refusing to continue with it")
-            arrays = new_arrays
-        history.append(evaluated(rnd, train=train_stats, failures=failures, rejections=rejections,
-                                 skipped=new_arrays is None, privacy=privacy,
-                                 seconds={"train": t1 - t0, "aggregate": t2 - t1}))
-        if checkpoint_dir is not None and every and (rnd % every == 0 or rnd == cfg.rounds):
-            save_checkpoint(checkpoint_dir, Checkpoint(
-                round=rnd, arrays={k: a.numpy() for k, a in arrays.items()},
-                strategy_state=strategy.state_dict(), python_rng=python_rng_state(),
-                initial=initial, history=history, config_yaml=config_to_yaml(cfg)))
-    timing["wall_s"] = time.perf_counter() - t_start
-    result = FederationResult(profiles, initial, history, arrays, timing)
-    for cb in callbacks:
+    fed = Federation(
+        grid,
+        cfg,
+        node_profiles,
+        _strategy(cfg, node_profiles, train_nodes),
+        NodeSubsetGrid(grid, train_nodes),
+        cfg.engine.round_timeout_s or None,
+    )
+    state = _first_state(fed, arrays, resume, hooks)
+    for rnd in range(state.round + 1, cfg.rounds + 1):
+        run_round(fed, state, rnd, hooks)
+    fed.timing.wall_s = time.perf_counter() - t_start
+    result = FederationResult(profiles, state.initial, state.history, state.arrays, fed.timing)
+    for cb in hooks:
         cb.on_end(result)
     return result

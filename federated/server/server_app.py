@@ -13,15 +13,17 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from federated.core.config import config_from_yaml, load_config
+from federated.core.config import ExperimentConfig, config_from_yaml, load_config
 from federated.core.io import write_json
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
+from federated.server.federation import run_federation
 from federated.server.outputs import build_summary, write_config, write_final_model
 from federated.server.tracking import MetricsTable, TensorBoardLogger
 
 app = ServerApp()
 
 
-def planned_sites(cfg, corpus_path: str) -> int:  # type: ignore[no-untyped-def]
+def planned_sites(cfg: ExperimentConfig, corpus_path: str) -> int:
     """How many sites the plan has, when this machine can see the corpus (simulation, the
     deployment demo); 0 when it cannot (a real deployment's server holds no data)."""
     from federated.data.cache import prepare_corpus
@@ -37,21 +39,29 @@ def planned_sites(cfg, corpus_path: str) -> int:  # type: ignore[no-untyped-def]
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from federated.server.federation import run_federation
-
-    text = str(context.run_config.get("multimed-config", ""))
+    """Run the federation of the run config and write its outputs."""
+    text = str(context.run_config.get(CONFIG_KEY, ""))
     cfg = config_from_yaml(text) if text else load_config()
     out_dir = Path(str(context.run_config.get("out-dir", "")) or f"runs/flwr-{grid.run.run_id}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(out_dir, cfg)
-    planned = planned_sites(cfg, str(context.run_config.get("corpus-path", "")))
+    planned = planned_sites(cfg, str(context.run_config.get(CORPUS_KEY, "")))
     if planned and not cfg.engine.expected_sites:  # wait for, and insist on, every planned site
-        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(
-            cfg.engine, expected_sites=planned, handshake_timeout_s=min(cfg.engine.handshake_timeout_s, 120.0)))
-    result = run_federation(grid, cfg, [MetricsTable(out_dir / "metrics.parquet"),
-                                        TensorBoardLogger(out_dir / "tensorboard")],
-                            checkpoint_dir=out_dir)
-    summary = build_summary(cfg, result, result.timing["wall_s"])
-    summary["engine"] = f"flwr run ({type(grid).__name__})"  # not the config's in-process default
+        cfg = dataclasses.replace(
+            cfg,
+            engine=dataclasses.replace(
+                cfg.engine, expected_sites=planned, handshake_timeout_s=min(cfg.engine.handshake_timeout_s, 120.0)
+            ),
+        )
+    result = run_federation(
+        grid,
+        cfg,
+        [MetricsTable(out_dir / "metrics.parquet"), TensorBoardLogger(out_dir / "tensorboard")],
+        checkpoint_dir=out_dir,
+    )
+    # the engine is `flwr run`, not the config's in-process default
+    summary = dataclasses.replace(
+        build_summary(cfg, result, result.timing.wall_s), engine=f"flwr run ({type(grid).__name__})"
+    )
     write_final_model(out_dir, result.arrays)
-    write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary.to_dict())

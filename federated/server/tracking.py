@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from federated.core.config.schema import ExperimentConfig
-from federated.server.evaluation import SiteProfile
-from federated.server.federation import Callback, FederationResult, RoundRecord
 from federated.core.io import atomic_write
+from federated.core.protocol import Role
+from federated.server.callbacks import Callback
+from federated.server.evaluation import SiteEvaluation, SiteProfile
+from federated.server.records import FederationResult, RoundRecord
 
 
 class MetricsTable(Callback):
     """One row per round x site x task x metric, plus per-site training loss rows."""
 
-    COLUMNS = ["round", "site", "role", "task", "metric", "value"]
+    COLUMNS: ClassVar[list[str]] = ["round", "site", "role", "task", "metric", "value"]
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -32,34 +34,53 @@ class MetricsTable(Callback):
 
     def on_round_end(self, record: RoundRecord) -> None:
         for ev in record.evaluations:
-            for task, metrics in ev.per_task.items():
-                for name, value in metrics.items():
-                    self.rows.append({"round": record.round, "site": ev.profile.site,
-                                      "role": ev.profile.role, "task": task, "metric": name,
-                                      "value": value})
-            for task, metrics in (ev.personal or {}).items():
-                for name, value in metrics.items():
-                    self.rows.append({"round": record.round, "site": ev.profile.site,
-                                      "role": ev.profile.role, "task": task,
-                                      "metric": f"personal_{name}", "value": value})
-        roles = {ev.profile.site: ev.profile.role for ev in record.evaluations}
-        for site in record.rejections:
-            self.rows.append({"round": record.round, "site": site, "role": roles.get(site, "train"),
-                              "task": "*", "metric": "update_rejected", "value": 1.0})
-        for key in record.failures:
-            stage, _, site = key.partition(":")
-            self.rows.append({"round": record.round, "site": site, "role": roles.get(site, "train"),
-                              "task": "*", "metric": f"{stage}_failed", "value": 1.0})
-        for site, stats in record.train.items():
-            self.rows.append({"round": record.round, "site": site, "role": roles.get(site, "train"),
-                              "task": "*", "metric": "train_loss", "value": stats["loss"]})
-        for site, report in record.privacy.items():
-            self.rows.append({"round": record.round, "site": site, "role": roles.get(site, "train"),
-                              "task": "*", "metric": "epsilon", "value": float(report["epsilon"])})
+            self.rows += _evaluation_rows(record.round, ev)
+        self.rows += _site_event_rows(record)
 
     def on_end(self, result: FederationResult) -> None:
         frame = pd.DataFrame(self.rows, columns=self.COLUMNS)
         atomic_write(self.path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def _evaluation_rows(rnd: int, ev: SiteEvaluation) -> list[dict[str, Any]]:
+    """A site's metrics of the global model, then of its personalised model (metric "personal_*")."""
+    rows = []
+    for prefix, per_task in (("", ev.per_task), ("personal_", ev.personal or {})):
+        for task, metrics in per_task.items():
+            rows += [
+                {
+                    "round": rnd,
+                    "site": ev.profile.site,
+                    "role": ev.profile.role,
+                    "task": task,
+                    "metric": f"{prefix}{name}",
+                    "value": value,
+                }
+                for name, value in metrics.items()
+            ]
+    return rows
+
+
+def _site_event_rows(record: RoundRecord) -> list[dict[str, Any]]:
+    """Per-site events of a round (task "*"): rejected updates, failures, training loss, epsilon."""
+    roles = {ev.profile.site: ev.profile.role for ev in record.evaluations}
+    events = [(site, "update_rejected", 1.0) for site in record.rejections]
+    for key in record.failures:
+        stage, _, site = key.partition(":")
+        events.append((site, f"{stage}_failed", 1.0))
+    events += [(site, "train_loss", stats.loss) for site, stats in record.train.items()]
+    events += [(site, "epsilon", float(report["epsilon"])) for site, report in record.privacy.items()]
+    return [
+        {
+            "round": record.round,
+            "site": site,
+            "role": roles.get(site, Role.TRAIN),
+            "task": "*",
+            "metric": metric,
+            "value": value,
+        }
+        for site, metric, value in events
+    ]
 
 
 class TensorBoardLogger(Callback):
@@ -72,15 +93,15 @@ class TensorBoardLogger(Callback):
 
     def on_round_end(self, record: RoundRecord) -> None:
         s, step, w = record.summary, record.round, self.writer
-        for group in ("id", "ood"):
-            _scalar(w, f"{group}/score", s[group]["score"], step)
-            for task, value in s[group]["per_task"].items():
+        for group, scores in (("id", s.id), ("ood", s.ood)):
+            _scalar(w, f"{group}/score", scores.score, step)
+            for task, value in scores.per_task.items():
                 _scalar(w, f"{group}_task/{task}", value, step)
-        _scalar(w, "gap", s["gap"], step)
+        _scalar(w, "gap", s.gap, step)
         for ev in record.evaluations:
             _scalar(w, f"site/{ev.profile.site}", ev.score, step)
         for site, stats in record.train.items():
-            _scalar(w, f"train_loss/{site}", stats["loss"], step)
+            _scalar(w, f"train_loss/{site}", stats.loss, step)
         for site, report in record.privacy.items():
             _scalar(w, f"epsilon/{site}", float(report["epsilon"]), step)
 
@@ -102,8 +123,14 @@ class ProgressBar(Callback):
 
     def on_start(self, cfg: ExperimentConfig, profiles: list[SiteProfile]) -> None:
         self.progress = Progress(
-            TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}"), console=self.console, transient=False)
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=self.console,
+            transient=False,
+        )
         self.progress.start()
         self.task_id = self.progress.add_task("", total=cfg.rounds)
 
@@ -111,8 +138,7 @@ class ProgressBar(Callback):
         if self.progress is None or record.round == 0:
             return
         s = record.summary
-        self.progress.update(self.task_id, advance=1,
-                             description=f"ID {_fmt(s['id']['score'])}  OOD {_fmt(s['ood']['score'])}")
+        self.progress.update(self.task_id, advance=1, description=f"ID {_fmt(s.id.score)}  OOD {_fmt(s.ood.score)}")
 
     def on_end(self, result: FederationResult) -> None:
         if self.progress is not None:

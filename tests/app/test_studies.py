@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from federated.app.studies.spec import StudyError, load_study
+from federated.app.studies.runner import (
+    RUNS_DIR,
+    RunOutcome,
+    StudyRow,
+    log_hparams,
+    results_frame,
+    run_jobs,
+    study_rows,
+)
+from federated.app.studies.spec import Run, StudyError, load_study
 from federated.app.studies.study import run_study
+
+# A summary.json as the code before typed results wrote it (tests/server/test_results.py builds it).
+GOLDEN = Path(__file__).parents[1] / "server" / "data" / "summary_before_typing.json"
 
 TINY = """
 name: tiny
@@ -47,16 +61,20 @@ def test_spec_errors_name_the_problem(tmp_path):
 
 
 def test_every_shipped_study_expands(tmp_path):
-    from federated.core.config import load_config
     from federated.app.studies.spec import available
+    from federated.core.config import load_config
 
     names = available()
     assert {"leave_one_site_out", "missing_modality", "privacy_utility", "strategies"} <= set(names)
     for name in names:
         study = load_study(name)
         for quick in (False, True):
-            runs = study.runs(quick, {"held_out": {"site_00": ["sites.holdout=named", "sites.holdout_sites=[site_00]"]}}
-                              if study.generated_axes else None)
+            runs = study.runs(
+                quick,
+                {"held_out": {"site_00": ["sites.holdout=named", "sites.holdout_sites=[site_00]"]}}
+                if study.generated_axes
+                else None,
+            )
             assert runs and len({r.run_id for r in runs}) == len(runs)
             load_config(runs[0].overrides)  # every override is a valid config key
 
@@ -119,3 +137,80 @@ def test_a_study_runs_its_grid_on_the_ray_engine_with_the_same_scores(tmp_path):
         assert "±" not in (out / "summary.md").read_text()  # one run per condition: no spread shown
         scores[engine] = (summary["final"]["id"]["score"], summary["final"]["ood"]["score"])
     assert scores["ray"] == pytest.approx(scores["inprocess"], abs=1e-6)
+
+
+def test_finished_runs_are_read_back_as_typed_rows_with_the_columns_results_csv_always_had(tmp_path):
+    runs = [Run("lr=small__seed=0", {"lr": "small"}, 0, []), Run("lr=big__seed=1", {"lr": "big"}, 1, [])]
+    (tmp_path / RUNS_DIR / runs[0].run_id).mkdir(parents=True)
+    (tmp_path / RUNS_DIR / runs[0].run_id / "summary.json").write_text(GOLDEN.read_text())
+    done = []
+    outcomes = run_jobs([(runs[0].run_id, [])], tmp_path, processes=1, on_done=lambda *a: done.append(a))
+    assert done == [(runs[0].run_id, True, "")] and not outcomes[runs[0].run_id].ran
+    outcomes[runs[1].run_id] = RunOutcome(runs[1].run_id, None, "ValueError: bad\ntrace")
+    rows = study_rows(runs, outcomes)
+    # what result_row() made of the same summary before rows were typed
+    assert [r.to_dict() for r in rows] == [
+        {
+            "run_id": "lr=small__seed=0",
+            "lr": "small",
+            "seed": 0,
+            "error": "",
+            "id": 0.484375,
+            "ood": 0.225,
+            "gap": 0.4,
+            "worst_site": "site_c",
+            "worst_site_score": 0.225,
+            "id_personal": 0.5972222222222222,
+            "max_epsilon": 2.5,
+            "rounds": 2,
+            "wall_s": 5.5,
+            "id/bone_age": 0.625,
+            "id/cell_type": 0.34375,
+            "ood/bone_age": 0.225,
+            "ood_site/site_c": 0.225,
+        },
+        {"run_id": "lr=big__seed=1", "lr": "big", "seed": 1, "error": "ValueError: bad"},
+    ]
+    frame = results_frame(rows)
+    assert list(frame.columns[:4]) == ["run_id", "lr", "seed", "error"] and frame["id"].isna().tolist() == [False, True]
+    log_hparams(tmp_path, runs[1], rows[1])  # a failed run has no scores to log
+    assert not (tmp_path / "tensorboard").exists()
+    assert json.loads(GOLDEN.read_text())["final"]["worst_site"]["role"] == "held_out"
+    assert (
+        isinstance(rows[0], StudyRow) and rows[0].scores is not None and rows[0].scores.ood_sites == {"site_c": 0.225}
+    )
+
+
+def test_the_grid_is_expanded_in_axis_order_with_quick_and_generated_values(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        "base: [rounds=3]\nquick: [scale=smoke]\nseeds: 2\nquick_seeds: 1\n"
+        "axes:\n  lr:\n    small: [train.lr=0.001]\n    large: [train.lr=0.01]\n"
+        "  mu:\n    '0': [strategy.mu=0]\n    0.1: [strategy.mu=0.1]\n"
+        "quick_axes: {lr: [large]}\n"
+    )
+    study = load_study(str(path))
+    assert study.axes["mu"] == {"0": ["strategy.mu=0"], "0.1": ["strategy.mu=0.1"]}  # labels become strings
+    runs = study.runs()
+    assert [r.run_id for r in runs[:3]] == [
+        "lr=small__mu=0__seed=0",
+        "lr=small__mu=0__seed=1",
+        "lr=small__mu=0.1__seed=0",
+    ]
+    assert len(runs) == 2 * 2 * 2
+    assert runs[2] == Run(
+        "lr=small__mu=0.1__seed=0",
+        {"lr": "small", "mu": "0.1"},
+        0,
+        ["rounds=3", "train.lr=0.001", "strategy.mu=0.1", "seed=0"],
+    )
+    quick = study.runs(quick=True, generated={"mu": {"site 00": ["x=1"]}, "held_out": {"a": ["y=2"]}})
+    assert [r.run_id for r in quick] == [
+        "lr=large__mu=0__held_out=a__seed=0",
+        "lr=large__mu=0.1__held_out=a__seed=0",
+        "lr=large__mu=site-00__held_out=a__seed=0",  # a generated value joins the static axis
+    ]
+    assert quick[2].overrides == ["rounds=3", "scale=smoke", "train.lr=0.01", "x=1", "y=2", "seed=0"]
+    path.write_text("base: rounds=3\n")
+    with pytest.raises(StudyError, match=r"grid\.yaml: base must be a list of key=value strings"):
+        load_study(str(path))

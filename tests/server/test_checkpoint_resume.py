@@ -8,15 +8,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from federated.server.checkpoint import CheckpointError, load_checkpoint
 from federated.app.cli import main
-from federated.core.config import load_config
-from federated.server.federation import Callback
 from federated.app.runner import run_experiment
+from federated.core.config import load_config
+from federated.server.checkpoint import CheckpointError, load_checkpoint
+from federated.server.federation import Callback
 
 # Server-optimiser moments (fedadam), site DP-SGD ledgers and label skew all carry state.
-OVERRIDES = ["scale=smoke", "rounds=4", "engine.checkpoint_every=2", "strategy=fedadam",
-             "privacy=dp_sgd", "privacy.target_epsilon=5", "strategy.fraction_train=0.75"]
+OVERRIDES = [
+    "scale=smoke",
+    "rounds=4",
+    "engine.checkpoint_every=2",
+    "strategy=fedadam",
+    "privacy=dp_sgd",
+    "privacy.target_epsilon=5",
+    "strategy.fraction_train=0.75",
+]
 
 
 class Killed(Exception):
@@ -58,7 +65,8 @@ def test_resume_ends_with_the_uninterrupted_model_and_epsilon(tmp_path, monkeypa
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, cut))
     assert sb["resumed_from_round"] == 2 and sb["rounds_completed"] == 4
     assert {s: p["epsilon"] for s, p in sa["privacy"].items()} == pytest.approx(
-        {s: p["epsilon"] for s, p in sb["privacy"].items()}, abs=1e-12)
+        {s: p["epsilon"] for s, p in sb["privacy"].items()}, abs=1e-12
+    )
     assert sa["final"] == sb["final"]
     ma, mb = (pd.read_parquet(d / "metrics.parquet") for d in (full, cut))
     assert sorted(mb["round"].unique()) == [0, 1, 2, 3, 4]

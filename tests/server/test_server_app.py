@@ -12,8 +12,11 @@ from federated.server.server_app import app as server_app
 
 def test_server_app_runs_a_federation_and_writes_outputs(smoke_corpus, tmp_path):
     cfg = load_config(["scale=smoke", "rounds=1"])
-    run_config = {"multimed-config": config_to_yaml(cfg), "corpus-path": str(smoke_corpus),
-                  "out-dir": str(tmp_path / "out")}
+    run_config = {
+        "multimed-config": config_to_yaml(cfg),
+        "corpus-path": str(smoke_corpus),
+        "out-dir": str(tmp_path / "out"),
+    }
     grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(10)], run_config)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -7,12 +7,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from federated.core.io import atomic_write, atomic_write_text
 from federated.app.studies.spec import Study
+from federated.core.io import atomic_write, atomic_write_text
 
 METRICS = ["id", "ood", "gap", "worst_site_score", "id_personal", "max_epsilon"]
-NAMES = {"id": "ID score", "ood": "OOD score", "gap": "ID-OOD gap", "worst_site_score": "worst site",
-         "id_personal": "ID, personalised", "max_epsilon": "epsilon spent"}
+NAMES = {
+    "id": "ID score",
+    "ood": "OOD score",
+    "gap": "ID-OOD gap",
+    "worst_site_score": "worst site",
+    "id_personal": "ID, personalised",
+    "max_epsilon": "epsilon spent",
+}
 
 
 def summarize(df: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
@@ -56,10 +62,18 @@ def plot_scores(summary: pd.DataFrame, axes: list[str], path: Path, title: str) 
     for i, (m, color) in enumerate((("id", "tab:blue"), ("ood", "tab:orange"))):
         if f"{m}_mean" not in summary:
             continue
-        ax.bar(x + (i - 0.5) * 0.38, summary[f"{m}_mean"], 0.38, yerr=summary[f"{m}_sd"].fillna(0),
-               capsize=3, label=NAMES[m], color=color)
-    ax.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
-                  fontsize=8)
+        ax.bar(
+            x + (i - 0.5) * 0.38,
+            summary[f"{m}_mean"],
+            0.38,
+            yerr=summary[f"{m}_sd"].fillna(0),
+            capsize=3,
+            label=NAMES[m],
+            color=color,
+        )
+    ax.set_xticks(
+        x, labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center", fontsize=8
+    )
     ax.set_ylabel("score (0-1, mean over tasks)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
@@ -122,58 +136,100 @@ def per_task_scores(df: pd.DataFrame, axis: str, group: str) -> pd.DataFrame:
     means, sds, counts = g.mean(), g.std(ddof=0), g.count()  # population sd, as in summarize()
     table = pd.DataFrame(index=[c.removeprefix(f"{group}/") for c in cols])
     for cond in means.index:
-        table[cond] = [_mean_sd(means.loc[cond, c], sds.loc[cond, c] if counts.loc[cond, c] > 1 else np.nan)
-                       for c in cols]
+        table[cond] = [
+            _mean_sd(means.loc[cond, c], sds.loc[cond, c] if counts.loc[cond, c] > 1 else np.nan) for c in cols
+        ]
     return table
 
 
+def _write_csv(path: Path, table: pd.DataFrame, index_label: str) -> None:
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index_label=index_label))
+
+
 def per_task_section(df: pd.DataFrame, axis: str, out: Path) -> list[str]:
+    """Per-task OOD and ID tables (per_task_ood.csv, per_task_id.csv) and their lines in report.md."""
     lines = []
     for group, name in (("ood", "OOD (held-out sites)"), ("id", "ID (training sites' test splits)")):
         table = per_task_scores(df, axis, group)
-        atomic_write(out / f"per_task_{group}.csv", lambda tmp, t=table: t.to_csv(tmp, index_label="task"))
-        lines += [f"## {name} score per task (mean ± sd over seeds)", "",
-                  "| task | " + " | ".join(table.columns) + " |", "|" + "---|" * (len(table.columns) + 1)]
+        _write_csv(out / f"per_task_{group}.csv", table, "task")
+        lines += [
+            f"## {name} score per task (mean ± sd over seeds)",
+            "",
+            "| task | " + " | ".join(table.columns) + " |",
+            "|" + "---|" * (len(table.columns) + 1),
+        ]
         lines += [f"| {t} | " + " | ".join(r) + " |" for t, r in table.iterrows()] + [""]
     return lines
 
 
-def write_report(study: Study, df: pd.DataFrame, axes: list[str], out: Path, command: str) -> pd.DataFrame:
-    summary = summarize(df, axes)
-    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
-    table = markdown_table(summary, axes)
-    atomic_write_text(out / "summary.md", table + "\n")
+def _plots(study: Study, summary: pd.DataFrame, df: pd.DataFrame, axes: list[str], out: Path) -> list[tuple[str, str]]:
+    """The study's PNG plots, as (file name, caption)."""
     plots = []
     if len(summary):
         plot_scores(summary, axes, out / "scores.png", study.title)
         plots.append(("scores.png", "ID and OOD score per condition (mean ± sd over seeds)"))
     if "held_out" in axes and plot_per_site(df, out / "ood_per_site.png", f"{study.title}: each site held out"):
         plots.append(("ood_per_site.png", "OOD score of each site when it is held out"))
-    extra_tables = []
-    if study.per_task_arms and axes and len(df) and df["id"].notna().any():
-        arms = per_task_arms(df, axes[0])
-        atomic_write(out / "per_task.csv", lambda tmp: arms.to_csv(tmp, index_label="task"))
-        complete = arms.dropna()
-        head = "| task | " + " | ".join(arms.columns) + " |"
-        rows = [head, "|" + "---|" * (len(arms.columns) + 1)]
-        rows += [f"| {t} | " + " | ".join("-" if pd.isna(v) else f"{v:.3f}" for v in r) + " |"
-                 for t, r in arms.iterrows()]
-        rows.append(f"| mean over the {len(complete)} tasks every arm scored | "
-                    + " | ".join(f"{complete[c].mean():.3f}" for c in arms.columns) + " |")
-        extra_tables = ["## ID score per task and arm (mean over seeds)", "", *rows, ""]
-        atomic_write_text(out / "per_task.md", "\n".join(rows) + "\n")
-    if study.per_task_table and axes and len(df) and df["id"].notna().any():
-        extra_tables += per_task_section(df, axes[0], out)
+    return plots
+
+
+def _arms_section(df: pd.DataFrame, axis: str, out: Path) -> list[str]:
+    """The task x arm table (per_task.csv, per_task.md) and its lines in report.md."""
+    arms = per_task_arms(df, axis)
+    atomic_write(out / "per_task.csv", lambda tmp: arms.to_csv(tmp, index_label="task"))
+    complete = arms.dropna()
+    head = "| task | " + " | ".join(arms.columns) + " |"
+    rows = [head, "|" + "---|" * (len(arms.columns) + 1)]
+    rows += [f"| {t} | " + " | ".join("-" if pd.isna(v) else f"{v:.3f}" for v in r) + " |" for t, r in arms.iterrows()]
+    rows.append(
+        f"| mean over the {len(complete)} tasks every arm scored | "
+        + " | ".join(f"{complete[c].mean():.3f}" for c in arms.columns)
+        + " |"
+    )
+    atomic_write_text(out / "per_task.md", "\n".join(rows) + "\n")
+    return ["## ID score per task and arm (mean over seeds)", "", *rows, ""]
+
+
+def _extra_tables(study: Study, df: pd.DataFrame, axes: list[str], out: Path) -> list[str]:
+    """The per-task tables a study asks for (per_task_arms, per_task_table), over its first axis."""
+    if not axes or not len(df) or "id" not in df or not df["id"].notna().any():
+        return []
+    lines = _arms_section(df, axes[0], out) if study.per_task_arms else []
+    return lines + (per_task_section(df, axes[0], out) if study.per_task_table else [])
+
+
+def write_report(study: Study, df: pd.DataFrame, axes: list[str], out: Path, command: str) -> pd.DataFrame:
+    """summary.csv, summary.md, the plots, the per-task tables and report.md; returns the summary."""
+    summary = summarize(df, axes)
+    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    table = markdown_table(summary, axes)
+    atomic_write_text(out / "summary.md", table + "\n")
+    plots = _plots(study, summary, df, axes, out)
+    extra_tables = _extra_tables(study, df, axes, out)
     failed = df[df["error"].astype(bool)] if "error" in df else df.iloc[0:0]
-    lines = [f"# {study.title}", "", study.description, "", f"Command: `{command}`", "",
-             f"{len(df)} runs ({df['seed'].nunique() if len(df) else 0} seeds per condition), "
-             f"{len(failed)} failed. Scores are the mean over tasks of each task's primary metric "
-             "mapped to [0, 1]; ± is the standard deviation over seeds.", "", table, "", *extra_tables]
+    lines = [
+        f"# {study.title}",
+        "",
+        study.description,
+        "",
+        f"Command: `{command}`",
+        "",
+        f"{len(df)} runs ({df['seed'].nunique() if len(df) else 0} seeds per condition), "
+        f"{len(failed)} failed. Scores are the mean over tasks of each task's primary metric "
+        "mapped to [0, 1]; ± is the standard deviation over seeds.",
+        "",
+        table,
+        "",
+        *extra_tables,
+    ]
     for name, caption in plots:
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     if len(failed):
         lines += ["## Failed runs", ""] + [f"- `{r.run_id}`: {r.error}" for r in failed.itertuples()] + [""]
-    lines += ["Every run's outputs are under `runs/`; `results.csv` has one row per run; "
-              "`tensorboard --logdir tensorboard` compares runs in the HParams view.", ""]
+    lines += [
+        "Every run's outputs are under `runs/`; `results.csv` has one row per run; "
+        "`tensorboard --logdir tensorboard` compares runs in the HParams view.",
+        "",
+    ]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return summary

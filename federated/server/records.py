@@ -1,0 +1,68 @@
+"""What the round loop produces: one record per round, and the result of a whole run.
+
+These stay in memory (and in checkpoints); federated/server/outputs.py turns them into summary.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord
+
+from federated.server.evaluation import SiteEvaluation, SiteProfile
+from federated.server.results import PrivacyReport, RoundSummary
+
+
+@dataclass
+class TrainStats:
+    """What a site reported about its local training in one round."""
+
+    loss: float
+    n: float  # examples it trained on
+    steps: float
+
+
+@dataclass
+class RoundRecord:
+    """One round: its evaluations and scores, and what happened in its training (round 0: none)."""
+
+    round: int
+    evaluations: list[SiteEvaluation]
+    summary: RoundSummary
+    train: dict[str, TrainStats] = field(default_factory=dict)  # site -> its training report
+    failures: dict[str, str] = field(default_factory=dict)  # "train:site" / "evaluate:site" -> reason
+    rejections: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
+    skipped: bool = False  # too few valid updates and strategy.on_too_few_valid=skip
+    privacy: dict[str, PrivacyReport] = field(default_factory=dict)  # site -> privacy report
+    train_s: float = 0.0
+    aggregate_s: float = 0.0
+
+
+@dataclass
+class FederationTiming:
+    """Seconds the federation spent, summed over rounds (wall_s: the whole federation)."""
+
+    train_s: float = 0.0
+    aggregate_s: float = 0.0
+    evaluate_s: float = 0.0
+    wall_s: float = 0.0
+
+
+@dataclass
+class FederationResult:
+    profiles: list[SiteProfile]
+    initial: RoundRecord
+    history: list[RoundRecord]
+    arrays: ArrayRecord
+    timing: FederationTiming
+
+    @property
+    def final(self) -> RoundRecord:
+        return self.history[-1] if self.history else self.initial
+
+    def privacy(self) -> dict[str, PrivacyReport]:
+        """Each site's latest privacy report (its cumulative spend)."""
+        latest: dict[str, PrivacyReport] = {}
+        for record in self.history:
+            latest.update(record.privacy)
+        return dict(sorted(latest.items()))

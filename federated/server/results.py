@@ -1,0 +1,304 @@
+"""What a run reports, typed: the records behind summary.json (the contract in DESIGN.md).
+
+Each dataclass writes itself with `to_dict()` as exactly the JSON it always was (field names and
+their order are what users' scripts read) and reads itself back with `from_dict()`, so a study can
+reuse a finished run's summary.json as the same object a fresh run returns. JSON has no NaN:
+federated.core.io.write_json writes it as null, and `from_dict` reads null back as NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from federated.core.protocol import Role
+
+PrivacyReport = dict[str, Any]
+"""A site's privacy spend as its mechanism reports it (epsilon, delta, steps, ...): the keys differ
+per mechanism (DP-SGD, site-level DP), so it stays a mapping and is written as it came."""
+
+PerTaskMetrics = dict[str, dict[str, float]]
+"""task -> metric name -> value (a site's evaluation of each task it holds)."""
+
+
+def _num(value: Any) -> float:
+    """A float read back from JSON, where NaN was written as null."""
+    return math.nan if value is None else float(value)
+
+
+def _per_task_metrics(raw: dict[str, dict[str, Any]]) -> PerTaskMetrics:
+    return {task: {name: _num(v) for name, v in metrics.items()} for task, metrics in raw.items()}
+
+
+@dataclass
+class GroupScores:
+    """The ID or OOD scores of a round: per task, and their mean over tasks."""
+
+    score: float
+    per_task: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "per_task": dict(self.per_task)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> GroupScores:
+        return cls(_num(raw["score"]), {t: _num(v) for t, v in raw["per_task"].items()})
+
+
+@dataclass
+class WorstSite:
+    """The site with the lowest score of a round (ID or OOD)."""
+
+    site: str
+    role: Role
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "role": self.role.value, "score": self.score}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> WorstSite:
+        return cls(str(raw["site"]), Role(raw["role"]), _num(raw["score"]))
+
+
+@dataclass
+class RoundSummary:
+    """A round's scores: summary.json's `final` (and, in part, `initial` and `history`)."""
+
+    id: GroupScores
+    ood: GroupScores
+    gap: float  # mean over gap_tasks of ID - OOD
+    gap_tasks: list[str]
+    worst_site: WorstSite | None
+    id_personal: GroupScores | None = None  # strategies that keep a personal model per site
+
+    def to_dict(self) -> dict[str, Any]:
+        personal = {"id_personal": self.id_personal.to_dict()} if self.id_personal is not None else {}
+        return {
+            "id": self.id.to_dict(),
+            "ood": self.ood.to_dict(),
+            **personal,
+            "gap": self.gap,
+            "gap_tasks": list(self.gap_tasks),
+            "worst_site": self.worst_site.to_dict() if self.worst_site is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RoundSummary:
+        personal, worst = raw.get("id_personal"), raw.get("worst_site")
+        return cls(
+            GroupScores.from_dict(raw["id"]),
+            GroupScores.from_dict(raw["ood"]),
+            _num(raw["gap"]),
+            [str(t) for t in raw["gap_tasks"]],
+            WorstSite.from_dict(worst) if worst else None,
+            GroupScores.from_dict(personal) if personal else None,
+        )
+
+    def headline(self) -> Headline:
+        return Headline(self.id, self.ood, self.gap)
+
+
+@dataclass
+class Headline:
+    """The three numbers a round is judged by: summary.json's `initial`."""
+
+    id: GroupScores
+    ood: GroupScores
+    gap: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id.to_dict(), "ood": self.ood.to_dict(), "gap": self.gap}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Headline:
+        return cls(GroupScores.from_dict(raw["id"]), GroupScores.from_dict(raw["ood"]), _num(raw["gap"]))
+
+
+@dataclass
+class SiteRow:
+    """One site at the end of a run: an entry of summary.json's `per_site`."""
+
+    site: str
+    role: Role
+    archetype: str
+    origin_site: str
+    modalities: list[str]
+    tasks: list[str]
+    n_train: int
+    n_test: int
+    score: float
+    per_task: PerTaskMetrics  # without the sample counts
+    personal_score: float | None = None  # the site's personalised model, when the strategy keeps one
+    personal_per_task: PerTaskMetrics | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        personal = (
+            {"personal_score": self.personal_score, "personal_per_task": self.personal_per_task}
+            if self.personal_per_task is not None
+            else {}
+        )
+        return {
+            "site": self.site,
+            "role": self.role.value,
+            "archetype": self.archetype,
+            "origin_site": self.origin_site,
+            "modalities": list(self.modalities),
+            "tasks": list(self.tasks),
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "score": self.score,
+            "per_task": self.per_task,
+            **personal,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SiteRow:
+        personal = raw.get("personal_per_task")
+        return cls(
+            str(raw["site"]),
+            Role(raw["role"]),
+            str(raw["archetype"]),
+            str(raw["origin_site"]),
+            list(raw["modalities"]),
+            list(raw["tasks"]),
+            int(raw["n_train"]),
+            int(raw["n_test"]),
+            _num(raw["score"]),
+            _per_task_metrics(raw["per_task"]),
+            _num(raw.get("personal_score")) if personal is not None else None,
+            _per_task_metrics(personal) if personal is not None else None,
+        )
+
+
+@dataclass
+class Rejection:
+    """A training update the strategy refused (summary.json's `rejections`)."""
+
+    round: int
+    site: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "site": self.site, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Rejection:
+        return cls(int(raw["round"]), str(raw["site"]), str(raw["reason"]))
+
+
+@dataclass
+class HistoryRow:
+    """One round's ID score, OOD score and gap (summary.json's `history`)."""
+
+    round: int
+    id: float
+    ood: float
+    gap: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "id": self.id, "ood": self.ood, "gap": self.gap}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> HistoryRow:
+        return cls(int(raw["round"]), _num(raw["id"]), _num(raw["ood"]), _num(raw["gap"]))
+
+
+@dataclass
+class RunTiming:
+    """Seconds spent: the whole run (wall_s) and the federation's parts."""
+
+    wall_s: float
+    federation_s: float
+    train_s: float
+    aggregate_s: float
+    evaluate_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "wall_s": self.wall_s,
+            "federation_s": self.federation_s,
+            "train_s": self.train_s,
+            "aggregate_s": self.aggregate_s,
+            "evaluate_s": self.evaluate_s,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunTiming:
+        return cls(*(_num(raw[k]) for k in ("wall_s", "federation_s", "train_s", "aggregate_s", "evaluate_s")))
+
+
+@dataclass
+class RunSummary:
+    """summary.json: what a run reports, in the order it is written."""
+
+    rounds_completed: int
+    seed: int
+    strategy: str
+    engine: str
+    privacy_mode: str
+    scale: str
+    final: RoundSummary
+    initial: Headline
+    per_site: list[SiteRow]
+    privacy: dict[str, PrivacyReport]  # site -> its latest (cumulative) spend; empty without DP
+    failures: dict[int, dict[str, str]]  # round -> "stage:site" -> reason
+    rejections: list[Rejection]
+    skipped_rounds: list[int]
+    history: list[HistoryRow]
+    timing: RunTiming
+    corpus: str | None = None  # the corpus a run read (written when known)
+    resumed_from_round: int | None = None  # written only for a resumed run
+
+    def to_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.corpus is not None:
+            extra["corpus"] = self.corpus
+        if self.resumed_from_round is not None:
+            extra["resumed_from_round"] = self.resumed_from_round
+        return {
+            "rounds_completed": self.rounds_completed,
+            "seed": self.seed,
+            "strategy": self.strategy,
+            "engine": self.engine,
+            "privacy_mode": self.privacy_mode,
+            "scale": self.scale,
+            "final": self.final.to_dict(),
+            "initial": self.initial.to_dict(),
+            "per_site": [row.to_dict() for row in self.per_site],
+            "privacy": {site: dict(report) for site, report in self.privacy.items()},
+            "failures": {str(rnd): dict(reasons) for rnd, reasons in self.failures.items()},
+            "rejections": [r.to_dict() for r in self.rejections],
+            "skipped_rounds": list(self.skipped_rounds),
+            "history": [row.to_dict() for row in self.history],
+            "timing": self.timing.to_dict(),
+            **extra,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunSummary:
+        resumed = raw.get("resumed_from_round")
+        return cls(
+            rounds_completed=int(raw["rounds_completed"]),
+            seed=int(raw["seed"]),
+            strategy=str(raw["strategy"]),
+            engine=str(raw["engine"]),
+            privacy_mode=str(raw["privacy_mode"]),
+            scale=str(raw["scale"]),
+            final=RoundSummary.from_dict(raw["final"]),
+            initial=Headline.from_dict(raw["initial"]),
+            per_site=[SiteRow.from_dict(r) for r in raw["per_site"]],
+            privacy={str(site): dict(report) for site, report in raw["privacy"].items()},
+            failures={int(rnd): dict(reasons) for rnd, reasons in raw["failures"].items()},
+            rejections=[Rejection.from_dict(r) for r in raw["rejections"]],
+            skipped_rounds=[int(r) for r in raw["skipped_rounds"]],
+            history=[HistoryRow.from_dict(r) for r in raw["history"]],
+            timing=RunTiming.from_dict(raw["timing"]),
+            corpus=raw.get("corpus"),
+            resumed_from_round=int(resumed) if resumed is not None else None,
+        )
+
+    def max_epsilon(self) -> float | None:
+        """The largest epsilon any site spent; None without DP (a site without a bound counts 0)."""
+        return max((report.get("epsilon") or 0.0 for report in self.privacy.values()), default=None)
