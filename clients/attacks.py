@@ -13,12 +13,15 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
-from federated.core.protocol import ARRAYS_RECORD, METRICS_RECORD, NUM_EXAMPLES
+
+from federated.core.arrays import record_to_numpy
+from federated.core.protocol import ARRAYS_RECORD, METRICS_RECORD, NUM_EXAMPLES, record_number
 
 DEFAULT_FACTORS = {"sign_flip": 10.0, "scale": 1000.0, "inflate_count": 1000.0, "nan": 0.0}
 
 
-def corrupt(kind: str, factor: float, sent: dict[str, np.ndarray], trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def corrupt(kind: str, factor: float, sent: dict[str, np.ndarray],
+            trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     f = factor or DEFAULT_FACTORS[kind]
     if kind == "sign_flip":
         return {k: (sent[k] - f * (trained[k] - sent[k])).astype(trained[k].dtype) for k in trained}
@@ -42,9 +45,11 @@ def attack_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     content = reply.content
     if attack.kind == "inflate_count":
         f = attack.factor or DEFAULT_FACTORS["inflate_count"]
-        content[METRICS_RECORD][NUM_EXAMPLES] = int(content[METRICS_RECORD][NUM_EXAMPLES] * f)
+        metrics = content.metric_records[METRICS_RECORD]
+        metrics[NUM_EXAMPLES] = int(record_number(metrics, NUM_EXAMPLES) * f)
         return reply
-    sent = {k: a.numpy() for k, a in msg.content[ARRAYS_RECORD].items()}
-    trained = {k: a.numpy() for k, a in content[ARRAYS_RECORD].items()}
-    content[ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in corrupt(attack.kind, attack.factor, sent, trained).items()})
+    sent = record_to_numpy(msg.content.array_records[ARRAYS_RECORD])
+    trained = record_to_numpy(content.array_records[ARRAYS_RECORD])
+    corrupted = corrupt(attack.kind, attack.factor, sent, trained)
+    content[ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in corrupted.items()})
     return reply

@@ -35,18 +35,19 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ConfigRecord, Context
 from opacus import GradSampleModule
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModuleExpandedWeights
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
 from clients.site_data import SiteData, TaskSplit
-from clients.trainer import GradientHook, TrainResult, group_examples, make_optimizer, task_loss
+from clients.trainer import TrainResult, group_examples, make_optimizer, task_loss
 from federated.core.config.schema import ExperimentConfig, PrivacyConfig
 from federated.core.models import MultiMedModel, group_of
 from federated.core.multimed import IGNORE_LABEL, PER_RESIDUE, TASKS
+from strategies.client_side import GradientHook
 
 STATE_KEY = "dp-sgd-accountants"
 EPS_TOLERANCE = 1e-6  # float slack when comparing a spent epsilon with the budget
@@ -94,7 +95,7 @@ class PrivacyLedger:
     noise: dict[str, float] = field(default_factory=dict)  # task -> calibrated sigma
     stopped_round: int = 0  # the round the budget stopped training; 0 = still training
 
-    def accountant(self, task: str, kind: str):  # type: ignore[no-untyped-def]
+    def accountant(self, task: str, kind: str) -> IAccountant:
         acc = create_accountant(kind)
         acc.history = [tuple(h) for h in self.history.get(task, [])]
         return acc
@@ -112,7 +113,7 @@ class PrivacyLedger:
             {"history": self.history, "noise": self.noise, "stopped_round": self.stopped_round})})
 
     @classmethod
-    def load(cls, context: Context) -> "PrivacyLedger":
+    def load(cls, context: Context) -> PrivacyLedger:
         record = context.state.config_records.get(STATE_KEY)
         if record is None:
             return cls()

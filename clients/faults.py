@@ -16,7 +16,8 @@ import time
 
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
-from federated.core.protocol import CONFIG_RECORD, SERVER_ROUND
+
+from federated.core.protocol import CONFIG_RECORD, record_round
 
 
 class SimulatedCrash(RuntimeError):
@@ -30,7 +31,7 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
 
     rt = site_runtime(dict(context.run_config), dict(context.node_config))
     faults = rt.cfg.faults
-    server_round = int(msg.content[CONFIG_RECORD][SERVER_ROUND])
+    server_round = record_round(msg.content.config_records[CONFIG_RECORD])
     if faults.kind == "none" or rt.plan.site not in faults.sites or (
             faults.rounds and server_round not in faults.rounds):
         return call_next(msg, context)

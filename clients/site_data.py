@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from federated.data.format import Corpus, index_column
 from federated.core.multimed import MODALITIES, REGRESSION, TASKS
+from federated.data.format import Corpus, index_column
 from partitions.acquisition_shift import shift_array
 from partitions.site_plan import SitePlan
 
@@ -27,7 +27,7 @@ class TaskSplit:
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
-    def take(self, idx: torch.Tensor) -> "TaskSplit":
+    def take(self, idx: torch.Tensor) -> TaskSplit:
         return TaskSplit({m: x[idx] for m, x in self.inputs.items()},
                          {m: p[idx] for m, p in self.present.items()}, self.targets[idx])
 
@@ -81,7 +81,7 @@ class SiteData:
             noisy_rows, noisy_labels = self.plan.relabelled[task]
             hit = np.isin(rows, noisy_rows)
             if hit.any():
-                lookup = dict(zip(noisy_rows.tolist(), noisy_labels.tolist()))
+                lookup = dict(zip(noisy_rows.tolist(), noisy_labels.tolist(), strict=True))
                 target[hit] = [lookup[r] for r in rows[hit].tolist()]
         scale = self.scales[task]
         if TASKS.get(task).target == REGRESSION:

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 from clients.site_data import SiteData
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
-from federated.data.cache import prepare_corpus
-from federated.data.format import Corpus
 from federated.core.models import MultiMedModel, build_model
 from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
+from federated.data.cache import prepare_corpus
+from federated.data.format import Corpus
 from partitions import SitePlan, plan_sites
-
+from strategies import ClientAlgorithm, client_algorithm
 
 
 class SiteConfigError(ValueError):
@@ -35,6 +35,7 @@ class SiteRuntime:
     plan: SitePlan
     data: SiteData
     config_yaml: str
+    algorithm: ClientAlgorithm  # the site side of the run's strategy
 
     @property
     def model(self) -> MultiMedModel:
@@ -60,7 +61,7 @@ def apply_torch_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _plans(config_yaml: str, corpus_path: str) -> tuple[ExperimentConfig, Corpus, tuple[SitePlan, ...]]:
     cfg = config_from_yaml(config_yaml) if config_yaml else load_config()
     apply_torch_threads(cfg.engine.torch_threads)
@@ -69,7 +70,7 @@ def _plans(config_yaml: str, corpus_path: str) -> tuple[ExperimentConfig, Corpus
     return cfg, corpus, tuple(plan_sites(corpus, cfg))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _runtime(config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
     cfg, corpus, plans = _plans(config_yaml, corpus_path)
     if site_key.startswith("#"):
@@ -83,7 +84,7 @@ def _runtime(config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
             raise SiteConfigError(f"node config names site {site_key!r}; the plan has "
                                   f"{', '.join(by_name)}")
         plan = by_name[site_key]
-    return SiteRuntime(cfg, plan, SiteData(corpus, plan), config_yaml)
+    return SiteRuntime(cfg, plan, SiteData(corpus, plan), config_yaml, client_algorithm(cfg.strategy))
 
 
 def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:

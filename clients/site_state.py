@@ -17,8 +17,8 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
-from federated.core.protocol import STATE_DIR_KEY
 from federated.core.io import atomic_write
+from federated.core.protocol import STATE_DIR_KEY
 
 KEEP = 2
 

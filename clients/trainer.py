@@ -17,8 +17,17 @@ from clients.site_data import SiteData
 from federated.core.config.schema import TrainConfig
 from federated.core.metrics import task_metrics, unit_score
 from federated.core.models import MultiMedModel
-from federated.core.multimed import (BINARY, CLOSED_SET, IGNORE_LABEL, MULTICLASS, MULTILABEL,
-                                PER_RESIDUE, REGRESSION, TASKS)
+from federated.core.multimed import (
+    BINARY,
+    CLOSED_SET,
+    IGNORE_LABEL,
+    MULTICLASS,
+    MULTILABEL,
+    PER_RESIDUE,
+    REGRESSION,
+    TASKS,
+)
+from strategies.client_side import GradientHook
 
 
 def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -50,36 +59,6 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-class GradientHook:
-    """Changes gradients after backward, before the optimiser step (FedProx, SCAFFOLD)."""
-
-    def after_backward(self, model: MultiMedModel) -> None: ...
-
-
-class ProximalTerm(GradientHook):
-    """FedProx: the gradient of (mu / 2) * ||w - w_global||^2, added to every trained parameter."""
-
-    def __init__(self, global_params: dict[str, torch.Tensor], mu: float) -> None:
-        self.global_params, self.mu = global_params, mu
-
-    def after_backward(self, model: MultiMedModel) -> None:
-        for name, p in model.named_parameters():
-            if p.requires_grad and p.grad is not None:
-                p.grad.add_(p.detach() - self.global_params[name], alpha=self.mu)
-
-
-class ControlVariateCorrection(GradientHook):
-    """SCAFFOLD: g <- g - c_site + c_server on every trained parameter."""
-
-    def __init__(self, correction: dict[str, torch.Tensor]) -> None:
-        self.correction = correction  # c_server - c_site, per parameter name
-
-    def after_backward(self, model: MultiMedModel) -> None:
-        for name, p in model.named_parameters():
-            if p.requires_grad and p.grad is not None:
-                p.grad.add_(self.correction[name])
 
 
 def train_local(model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: int,

@@ -22,10 +22,11 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import run_grid  # noqa: E402
+from grid import run_grid
 
 AGGREGATORS = {"fedavg": ["strategy=fedavg"], "modality_fedavg": ["strategy=modality_fedavg"],
-               "median": ["strategy=median"], "trimmed_mean": ["strategy=trimmed_mean"],
+               "median": ["strategy=median"],
+               "trimmed_mean": ["strategy=trimmed_mean", "strategy.trim_fraction=0.25"],
                "krum": ["strategy=krum"],
                # multi-Krum: average the n - f - 1 = 6 best-scored updates of the 8
                "multikrum": ["strategy=krum", "strategy.krum_selected=6"]}
@@ -37,8 +38,7 @@ SITES = {
               "sites.held_out=[eye_clinic,general_hospital]"],
 }
 BASE = ["corpus.samples_per_task_site=150",
-        "rounds=12", "attack.sites=[site_00]", "strategy.on_too_few_valid=skip",
-        "strategy.trim_fraction=0.25"]
+        "rounds=12", "attack.sites=[site_00]", "strategy.on_too_few_valid=skip"]
 
 
 def main() -> None:

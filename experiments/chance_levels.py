@@ -14,16 +14,25 @@ import sys
 
 import numpy as np
 
+import strategies  # noqa: F401  (registers every strategy's settings with load_config)
 from clients.site_data import SiteData
 from federated.core.config import load_config
+from federated.core.metrics import task_metrics, unit_score
+from federated.core.multimed import (
+    BINARY,
+    CLOSED_SET,
+    MULTICLASS,
+    MULTILABEL,
+    MULTIMED_TASKS,
+    PER_RESIDUE,
+    REGRESSION,
+    TASKS,
+)
+from federated.core.protocol import Role
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.server.evaluation import SiteEvaluation, SiteProfile, group_scores
-from federated.core.metrics import task_metrics, unit_score
-from federated.core.multimed import (BINARY, CLOSED_SET, MULTICLASS, MULTILABEL, PER_RESIDUE,
-                                REGRESSION, MULTIMED_TASKS, TASKS)
 from partitions import plan_sites
-from federated.core.protocol import Role
 
 
 def _constant_outputs(kind: str, train: np.ndarray, n: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -90,7 +99,7 @@ def main(overrides: list[str]) -> None:
     summary = {k: {g: group_scores([e for e in v if (e.profile.role == Role.TRAIN) == (g == "id")])
                    for g in ("id", "ood")} for k, v in rows.items()}
     for t in MULTIMED_TASKS:
-        vals = [summary[k][g]["per_task"].get(t, float("nan")) for g in ("id", "ood") for k in ("constant", "random")]
+        vals = [summary[k][g].per_task.get(t, float("nan")) for g in ("id", "ood") for k in ("constant", "random")]
         print(f"{t:32s} {TASKS.get(t).primary_metric:11s} " + " ".join(f"{v:9.3f}" for v in vals))
 
 

@@ -1,41 +1,23 @@
-"""Server strategies (Flower Strategy subclasses) and the pure aggregation maths they use.
+"""Server strategies (Flower Strategy subclasses), their site sides and the pure aggregation maths.
 
-Select with `strategy=NAME`; every strategy validates updates first (strategies/base.py).
+Select with `strategy=NAME`; every strategy validates updates first (strategies/base.py). One
+module per algorithm holds its settings dataclass, its server strategy and, where it has one,
+its site side, registered together (strategies/registry.py). Importing this package imports
+every module in it, so each strategy is registered, for the config loader too, before anything
+can ask for one: a new strategy is its module plus conf/strategy/<name>.yaml.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
 
-from federated.core.config.schema import StrategyConfig
-from federated.core.registry import Registry
 from strategies.base import MultiMedStrategy, TooFewValidReplies
-from strategies.fedavg import FedAvg, ModalityFedAvg
-from strategies.fedopt import FedOpt
-from strategies.fedprox import FedProx
-from strategies.robust import Krum, Median, TrimmedMean
-from strategies.scaffold import Scaffold
+from strategies.client_side import ClientAlgorithm, ClientRound, GradientHook, SiteRound
+from strategies.registry import STRATEGIES, StrategySpec, build_strategy, client_algorithm, register_strategy
 
-StrategyFactory = Callable[[StrategyConfig, int], MultiMedStrategy]
-STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-STRATEGIES.add("fedavg", FedAvg)
-STRATEGIES.add("modality_fedavg", ModalityFedAvg)
-STRATEGIES.add("fedprox", FedProx)
-STRATEGIES.add("fedadam", lambda cfg, n: FedOpt(cfg, n, "adam"))
-STRATEGIES.add("fedyogi", lambda cfg, n: FedOpt(cfg, n, "yogi"))
-STRATEGIES.add("fedadagrad", lambda cfg, n: FedOpt(cfg, n, "adagrad"))
-STRATEGIES.add("scaffold", Scaffold)
-# Personalisation is client-side (clients/personalisation.py); the server averages as usual.
-STRATEGIES.add("fedbn", ModalityFedAvg)
-STRATEGIES.add("fedper", ModalityFedAvg)
-STRATEGIES.add("median", Median)
-STRATEGIES.add("trimmed_mean", TrimmedMean)
-STRATEGIES.add("krum", Krum)
-
-
-def build_strategy(cfg: StrategyConfig, n_train_sites: int) -> MultiMedStrategy:
-    return STRATEGIES.get(cfg.name)(cfg, n_train_sites)
-
-
-__all__ = ["STRATEGIES", "MultiMedStrategy", "TooFewValidReplies", "build_strategy"]
+__all__ = ["STRATEGIES", "ClientAlgorithm", "ClientRound", "GradientHook", "MultiMedStrategy", "SiteRound",
+           "StrategySpec", "TooFewValidReplies", "build_strategy", "client_algorithm", "register_strategy"]

@@ -87,7 +87,7 @@ def _weighted_sum_into(flats: Sequence[np.ndarray], w: np.ndarray, out: np.ndarr
         stop = min(start + width, size)
         a, s = acc[: stop - start], scratch[: stop - start]
         a.fill(0.0)
-        for x, wi in zip(flats, w):
+        for x, wi in zip(flats, w, strict=True):
             s[...] = x[start:stop]
             s *= wi
             a += s
@@ -332,12 +332,16 @@ def server_opt_step(current: Mapping[str, np.ndarray], aggregated: Mapping[str, 
 
 def scaffold_server_step(current: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]],
                          control: Mapping[str, np.ndarray], control_deltas: Sequence[Mapping[str, np.ndarray]],
-                         n_total_clients: int, global_lr: float = 1.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                         n_total_clients: int,
+                         global_lr: float = 1.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """SCAFFOLD's server step (Karimireddy et al. 2020, Algorithm 1).
 
     x_new = x + global_lr * mean_i(y_i - x); c_new = c + (|S| / N) * mean_i(delta_c_i), with
-    unweighted means over the |S| sampled clients as in the paper. Returns (x_new in
-    `current`'s dtypes, c_new in `control`'s dtypes).
+    unweighted means over the |S| sampled clients as in the paper. The means are accumulated
+    in float64 and rounded to each key's dtype, as every aggregator here does; the step itself
+    is taken in that dtype, as a model's own optimiser step would be (so the Scaffold strategy,
+    which calls this per parameter group, gives the numbers its recorded runs had). Returns
+    (x_new in `current`'s dtypes, c_new in `control`'s dtypes).
     """
     layout = _layout(updates, "scaffold_server_step", reference=current)
     n = len(updates)
@@ -354,12 +358,13 @@ def scaffold_server_step(current: Mapping[str, np.ndarray], updates: Sequence[Ma
     x_new: dict[str, np.ndarray] = {}
     c_new: dict[str, np.ndarray] = {}
     for key, (shape, dtype) in layout.items():
-        mean_y = np.empty(math.prod(shape))
+        mean_y = np.empty(math.prod(shape), dtype=dtype)
         _weighted_sum_into([_flat(u[key]) for u in updates], uniform, mean_y)
-        x = np.asarray(current[key], dtype=np.float64)
+        x = np.asarray(current[key])
         x_new[key] = (x + global_lr * (mean_y.reshape(shape) - x)).astype(dtype, copy=False)
-        mean_dc = np.empty(math.prod(shape))
+        c_dtype = control_layout[key][1]
+        mean_dc = np.empty(math.prod(shape), dtype=c_dtype)
         _weighted_sum_into([_flat(d[key]) for d in control_deltas], uniform, mean_dc)
-        c = np.asarray(control[key], dtype=np.float64)
-        c_new[key] = (c + (n / n_total_clients) * mean_dc.reshape(shape)).astype(control_layout[key][1], copy=False)
+        c = np.asarray(control[key])
+        c_new[key] = (c + (n / n_total_clients) * mean_dc.reshape(shape)).astype(c_dtype, copy=False)
     return x_new, c_new

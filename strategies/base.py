@@ -26,13 +26,21 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from federated.core.config.schema import StrategyConfig
 from federated.core.arrays import record_to_numpy
+from federated.core.config.schema import StrategyConfig
 from federated.core.models import group_of
+from federated.core.protocol import (
+    ARRAYS_RECORD,
+    GROUP_EXAMPLES,
+    GROUPS,
+    METRICS_RECORD,
+    NUM_EXAMPLES,
+    TRAINED_RECORD,
+    record_number,
+)
 from federated.core.replies import error_reason
 from strategies.aggregation import groupwise_weighted_mean
 from strategies.validation import Rejection, validate_update
-from federated.core.protocol import ARRAYS_RECORD, GROUPS, GROUP_EXAMPLES, METRICS_RECORD, NUM_EXAMPLES, TRAINED_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +163,8 @@ class MultiMedStrategy(FlowerFedAvg):
             return "no 'arrays' record in the reply"
         if METRICS_RECORD not in content.metric_records or self.weighted_by_key not in content[METRICS_RECORD]:
             return f"no '{self.weighted_by_key}' in the reply's metrics"
-        update = record_to_numpy(content[ARRAYS_RECORD])
-        n = float(content[METRICS_RECORD][self.weighted_by_key])
+        update = record_to_numpy(content.array_records[ARRAYS_RECORD])
+        n = record_number(content.metric_records[METRICS_RECORD], self.weighted_by_key)
         node = msg.metadata.src_node_id
         declared = self.declared_examples.get(node)
         limit = declared * self.cfg.max_examples_factor if declared is not None else None
@@ -167,10 +175,13 @@ class MultiMedStrategy(FlowerFedAvg):
         if trained is None:  # a client that does not say: it trained everything
             groups = {group_of(k): n for k in update}
         else:
-            names, examples = list(trained[GROUPS]), [float(x) for x in trained[GROUP_EXAMPLES]]
+            names, counts = trained.get(GROUPS), trained.get(GROUP_EXAMPLES)
+            if not isinstance(names, list) or not isinstance(counts, list):
+                return "malformed 'trained' record (needs a list of groups and a list of their examples)"
+            examples = [float(x) for x in counts]
             if len(names) != len(examples) or any(not np.isfinite(x) or x < 0 or x > n for x in examples):
                 return "malformed 'trained' record (group examples must be finite, >= 0 and <= num-examples)"
-            groups = dict(zip(names, examples))
+            groups = {str(g): x for g, x in zip(names, examples, strict=True)}
         return Update(msg, update, n, groups)
 
 
@@ -178,4 +189,5 @@ class MultiMedStrategy(FlowerFedAvg):
 def _trained_nothing(msg: Message) -> bool:
     """A reply that says it used no examples (and so carries no update to validate)."""
     metrics = msg.content.metric_records.get(METRICS_RECORD)
-    return metrics is not None and float(metrics.get(NUM_EXAMPLES, -1)) == 0.0
+    count = None if metrics is None else metrics.get(NUM_EXAMPLES)
+    return isinstance(count, (int, float)) and float(count) == 0.0

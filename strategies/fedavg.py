@@ -4,20 +4,23 @@
 so a site's untouched copy of an encoder it never ran counts as much as a trained one.
 `modality_fedavg` averages each parameter group (`encoder/<modality>`, `fusion`, `head/<task>`)
 only over the sites that trained it, weighted by that group's examples; a group nobody trained
-this round keeps its value.
+this round keeps its value. Neither has settings beyond the common ones.
 """
 
 from __future__ import annotations
 
 from strategies.aggregation import weighted_mean
 from strategies.base import Arrays, MultiMedStrategy
+from strategies.registry import register_strategy
 
 
+@register_strategy("fedavg")
 class FedAvg(MultiMedStrategy):
     def aggregate(self, current: Arrays, updates: list[Arrays], weights: list[float],
                   group_weights: list[dict[str, float]]) -> Arrays:
         return weighted_mean(updates, weights)
 
 
+@register_strategy("modality_fedavg")
 class ModalityFedAvg(MultiMedStrategy):
     """The base template's default aggregation, named."""

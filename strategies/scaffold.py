@@ -1,39 +1,129 @@
 """SCAFFOLD (Karimireddy et al. 2020): control variates correct each site's client drift.
 
-The server sends its control variate c with the model; sites return their model y_i and the
-change of their own control variate (clients/scaffold.py). The server moves
-x <- x + global_lr * mean_i(y_i - x) and c <- c + (|S| / N) * mean_i(delta c_i), per
-parameter group over the sites that trained it (|S| = those sites, N = all training sites),
-and keeps c across rounds (saved in checkpoints).
+Server: it sends its control variate c with the model; sites return their model y_i and the
+change of their own control variate. Per parameter group, over the |S| sites that trained it
+(N = all training sites), `aggregation.scaffold_server_step` moves
+x <- x + global_lr * mean_i(y_i - x) and c <- c + (|S| / N) * mean_i(delta c_i); c is kept
+across rounds (saved in checkpoints).
+
+Site (option II): c_site lives in the site's Flower Context across rounds. Each step corrects
+the gradient by (c_server - c_site); after K local SGD steps at learning rate lr the site sets
+c_site+ = c_site - c_server + (x - y) / (K * lr) on the parameters it trained, and sends the
+change c_site+ - c_site back with its model. The control variates assume plain SGD steps, so
+the strategy needs train.optimizer=sgd and train.momentum=0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 
-from federated.core.config.schema import StrategyConfig
 from federated.core.arrays import record_to_numpy
-from federated.core.models import group_of
+from federated.core.config.schema import ExperimentConfig, StrategyConfig, StrategySettings
+from federated.core.models import MultiMedModel, group_of
 from federated.core.protocol import CONTROL_DELTA_RECORD, CONTROL_RECORD
-from strategies.aggregation import groupwise_aggregate, weighted_mean
+from strategies.aggregation import scaffold_server_step
 from strategies.base import Arrays, MultiMedStrategy, Update
+from strategies.client_side import ClientAlgorithm, ClientRound, Record, SiteRound
+from strategies.registry import register_strategy
 from strategies.validation import validate_update
 
+CONTROL_STATE = "scaffold-control"  # the site's control variate, in its Context.state
 
 
-def _mean(updates: list[Arrays], weights: list[float]) -> Arrays:
-    return weighted_mean(updates, [1.0] * len(updates))  # SCAFFOLD averages unweighted
+@dataclass(frozen=True)
+class ScaffoldSettings(StrategySettings):
+    global_lr: float = 1.0  # server step size on the mean model change
+
+    def __post_init__(self) -> None:
+        self.require("global_lr", math.isfinite(self.global_lr) and self.global_lr > 0.0, "must be finite and > 0")
+
+    def experiment_checks(self, cfg: ExperimentConfig) -> list[tuple[str, bool, str]]:
+        return [
+            ("train.optimizer", cfg.train.optimizer == "sgd",
+             "must be sgd with strategy=scaffold (its control variates assume SGD steps)"),
+            # Measured: SCAFFOLD with momentum 0.9 diverged to NaN by round 7-11 on every seed.
+            ("train.momentum", cfg.train.momentum == 0.0,
+             "must be 0 with strategy=scaffold (its control variates assume plain SGD steps)"),
+        ]
 
 
+# --- site side -----------------------------------------------------------------------------
+
+class ControlVariateCorrection:
+    """g <- g - c_site + c_server on every trained parameter."""
+
+    def __init__(self, correction: Mapping[str, torch.Tensor]) -> None:
+        self.correction = correction  # c_server - c_site, per parameter name
+
+    def after_backward(self, model: MultiMedModel) -> None:
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.grad is not None:
+                p.grad.add_(self.correction[name])
+
+
+class SiteControl:
+    """A site's control variate c_site, kept in its Context, against the server's c."""
+
+    def __init__(self, context: Context, server_control: dict[str, torch.Tensor]) -> None:
+        self.context = context
+        self.server = server_control
+        record = context.state.array_records.get(CONTROL_STATE)
+        self.site = (record.to_torch_state_dict() if record is not None
+                     else {k: torch.zeros_like(v) for k, v in server_control.items()})
+
+    def correction(self) -> ControlVariateCorrection:
+        return ControlVariateCorrection({k: self.server[k] - self.site[k] for k in self.server})
+
+    def update(self, model: MultiMedModel, start: Mapping[str, torch.Tensor], steps: int,
+               lr: float) -> dict[str, torch.Tensor]:
+        """Store the new c_site; return its change (zero for parameters the site did not train)."""
+        delta = {k: torch.zeros_like(v) for k, v in self.site.items()}
+        if steps > 0:
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    new = self.site[name] - self.server[name] + (start[name] - p.detach()) / (steps * lr)
+                    delta[name] = new - self.site[name]
+                    self.site[name] = new
+        self.context.state[CONTROL_STATE] = ArrayRecord({k: v.clone() for k, v in self.site.items()})
+        return delta
+
+
+class ScaffoldRound(ClientRound):
+    def __init__(self, site: SiteRound, control: SiteControl) -> None:
+        super().__init__(hooks=(control.correction(),))
+        self.site, self.control = site, control
+
+    def after_train(self, steps: int) -> dict[str, Record]:
+        site = self.site
+        delta = self.control.update(site.model, site.start, steps, site.train.lr)
+        return {CONTROL_DELTA_RECORD: ArrayRecord(delta)}
+
+
+class ScaffoldClient(ClientAlgorithm):
+    def before_train(self, site: SiteRound) -> ClientRound:
+        record = site.content.array_records.get(CONTROL_RECORD)
+        if record is None:
+            raise ValueError(f"strategy=scaffold: the training message has no '{CONTROL_RECORD}' record "
+                             "(the server's control variate)")
+        return ScaffoldRound(site, SiteControl(site.context, record.to_torch_state_dict()))
+
+
+# --- server side ---------------------------------------------------------------------------
+
+@register_strategy("scaffold", ScaffoldSettings, client=ScaffoldClient)
 class Scaffold(MultiMedStrategy):
     STATE = ("control",)
 
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:
         super().__init__(cfg, n_train_sites)
+        self.settings = cfg.settings_as(ScaffoldSettings)
         self.n_sites = n_train_sites
         self.control: Arrays | None = None
 
@@ -58,18 +148,25 @@ class Scaffold(MultiMedStrategy):
         return f"control change: {reason}" if reason else parsed
 
     def aggregate_updates(self, current: Arrays, updates: list[Update]) -> Arrays:
+        """scaffold_server_step per parameter group, over the sites that trained the group."""
         assert self.control is not None
-        ys = [u.arrays for u in updates]
-        deltas = [record_to_numpy(u.message.content[CONTROL_DELTA_RECORD]) for u in updates]
-        trained = [{g: 1.0 for g, n in u.group_examples.items() if n > 0} for u in updates]
-        mean_y = groupwise_aggregate(current, ys, trained, group_of, _mean)
-        zeros = {k: np.zeros_like(v) for k, v in self.control.items()}
-        mean_dc = groupwise_aggregate(zeros, deltas, trained, group_of, _mean)
-        trainers: dict[str, int] = {}
-        for t in trained:
-            for g in t:
-                trainers[g] = trainers.get(g, 0) + 1
-        self.control = {k: (c + trainers.get(group_of(k), 0) / max(self.n_sites, 1) * mean_dc[k]).astype(c.dtype)
-                        for k, c in self.control.items()}
-        lr = self.cfg.global_lr
-        return {k: (current[k] + lr * (mean_y[k] - current[k])).astype(current[k].dtype) for k in current}
+        deltas = [record_to_numpy(u.message.content.array_records[CONTROL_DELTA_RECORD]) for u in updates]
+        by_group: dict[str, list[str]] = {}
+        for key in current:
+            by_group.setdefault(group_of(key), []).append(key)
+        new_x: Arrays = {}
+        new_c: Arrays = {}
+        for group, keys in by_group.items():
+            trainers = [i for i, u in enumerate(updates) if u.group_examples.get(group, 0) > 0]
+            if not trainers:  # nobody trained it: model and control stay
+                new_x.update({k: current[k] for k in keys})
+                new_c.update({k: self.control[k] for k in keys})
+                continue
+            x, c = scaffold_server_step(
+                {k: current[k] for k in keys}, [{k: updates[i].arrays[k] for k in keys} for i in trainers],
+                {k: self.control[k] for k in keys}, [{k: deltas[i][k] for k in keys} for i in trainers],
+                n_total_clients=self.n_sites, global_lr=self.settings.global_lr)
+            new_x.update(x)
+            new_c.update(c)
+        self.control = new_c
+        return new_x

@@ -33,8 +33,8 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from federated.core.config.schema import ExperimentConfig
-from strategies import build_strategy
 from strategies.base import MultiMedStrategy
+from strategies.registry import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ def sampled_sites(fraction_train: float, min_train_sites: int, n_train_sites: in
 
 class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed clipping + an accountant that spans the whole run."""
+
+    strategy: MultiMedStrategy  # the wrapped strategy (Flower's wrapper types it as any Strategy)
 
     def __init__(self, inner: MultiMedStrategy, cfg: ExperimentConfig, n_train_sites: int) -> None:
         p = cfg.privacy
@@ -121,7 +123,7 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
         }
 
 
-def build_private_strategy(cfg: ExperimentConfig, n_train_sites: int):  # type: ignore[no-untyped-def]
+def build_private_strategy(cfg: ExperimentConfig, n_train_sites: int) -> MultiMedStrategy | SiteLevelDP:
     """The run's strategy, wrapped for site-level DP when privacy=dp_fedavg."""
     if cfg.privacy.name != "dp_fedavg":
         return build_strategy(cfg.strategy, n_train_sites)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import strategies  # noqa: F401  (registers every strategy's settings with the config loader)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:

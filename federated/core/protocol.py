@@ -72,3 +72,19 @@ def report_from_record(record: Any) -> dict[str, Any]:
     for key, value in record.items():
         out[key] = list(value) if isinstance(value, (list, tuple)) else value
     return out
+
+
+def record_number(record: Any, key: str, default: float | None = None) -> float:
+    """The number under `key` of a ConfigRecord or MetricRecord (`default` when absent, if given).
+
+    Record values are typed as any record value (str, bytes, lists...); a message whose number is
+    not one is malformed, and the TypeError names the key."""
+    value = record[key] if default is None else record.get(key, default)
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"record key {key!r} holds {value!r}, not a number")
+    return float(value)
+
+
+def record_round(record: Any, key: str = SERVER_ROUND) -> int:
+    """A round number of a ConfigRecord (the server's SERVER_ROUND or RESTORE_ROUND)."""
+    return int(record_number(record, key))

@@ -13,13 +13,20 @@ from flwr.app import Context, RecordDict
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
-from clients.dp_sgd import (PrivacyConfigError, PrivacyLedger, check_model, per_sample_loss,
-                            per_sample_module, private_gradient, train_private)
+from clients.dp_sgd import (
+    PrivacyConfigError,
+    PrivacyLedger,
+    check_model,
+    per_sample_loss,
+    per_sample_module,
+    private_gradient,
+    train_private,
+)
 from clients.site_data import SiteData
 from federated.core.config import load_config
-from federated.data.format import Corpus
 from federated.core.models import build_model, group_of
 from federated.core.multimed import TASKS
+from federated.data.format import Corpus
 from partitions import plan_sites
 
 TASK = "disease_classification"  # ct + text: two modalities, one of which we mask
@@ -64,7 +71,7 @@ def test_per_sample_gradients_are_exact_with_missing_modalities(site, mode):
     cfg, data = site
     batch = data.split(TASK, "train").take(torch.arange(12))
     assert not bool(batch.present["text"].all()) or not bool(batch.present["ct"].all())  # some masked
-    model, reference, gsm, opt = _wrapped(cfg, data, 0.0, 1e6, 12, mode)
+    _, reference, gsm, opt = _wrapped(cfg, data, 0.0, 1e6, 12, mode)
     private_gradient(gsm, opt, TASK, batch)  # computes p.grad_sample (and the private gradient)
     got = torch.cat([p.grad_sample.reshape(12, -1) for p in opt.params], dim=1)
     want = _sample_grads(reference, batch, 12)
@@ -75,7 +82,7 @@ def test_every_clipped_per_sample_gradient_is_within_the_norm(site):
     cfg, data = site
     clip = 0.05
     batch = data.split(TASK, "train").take(torch.arange(10))
-    model, reference, gsm, opt = _wrapped(cfg, data, 0.0, clip, 10)
+    _, reference, gsm, opt = _wrapped(cfg, data, 0.0, clip, 10)
     want = _sample_grads(reference, batch, 10)
     norms = want.norm(dim=1)
     assert (norms > clip).all()  # the bound is exercised, not vacuous
@@ -90,7 +97,7 @@ def test_every_clipped_per_sample_gradient_is_within_the_norm(site):
 def test_noise_std_matches_sigma_c_over_b(site):
     cfg, data = site
     sigma, clip, b = 1.3, 0.7, 16
-    model, reference, gsm, opt = _wrapped(cfg, data, sigma, clip, b)
+    _, _, gsm, opt = _wrapped(cfg, data, sigma, clip, b)
     private_gradient(gsm, opt, TASK, None)  # an empty Poisson draw: noise only
     noise = torch.cat([p.grad.reshape(-1) for p in opt.params]).numpy()
     assert noise.size > 10_000
@@ -101,7 +108,7 @@ def test_noise_std_matches_sigma_c_over_b(site):
 def test_without_noise_and_clipping_the_gradient_is_the_plain_one(site):
     cfg, data = site
     batch = data.split(TASK, "train").take(torch.arange(8))
-    model, reference, gsm, opt = _wrapped(cfg, data, 0.0, 1e9, 8)
+    _, reference, gsm, opt = _wrapped(cfg, data, 0.0, 1e9, 8)
     private_gradient(gsm, opt, TASK, batch)
     got = torch.cat([p.grad.reshape(-1) for p in opt.params])
     reference.zero_grad(set_to_none=True)
@@ -130,7 +137,7 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant_over_all_steps(sit
     assert eps[2] > 3.9  # calibrated for exactly these rounds (Opacus' tolerance is 0.01)
     last = reports[-1]
     for t, sigma, q, steps, e in zip(last["tasks"], last["noise_multiplier"], last["sample_rate"],
-                                     last["steps"], last["epsilon_per_task"]):
+                                     last["steps"], last["epsilon_per_task"], strict=True):
         one = RDPAccountant()
         for _ in range(steps):
             one.step(noise_multiplier=sigma, sample_rate=q)

@@ -21,7 +21,7 @@ def test_a_crashing_site_is_counted_and_the_round_goes_on(tmp_path):
     assert list(s["failures"]) == ["2"]
     assert "SimulatedCrash" in s["failures"]["2"]["train:site_00"]
     failed = m[m["metric"] == "train_failed"]
-    assert list(zip(failed["round"], failed["site"])) == [(2, "site_00")]
+    assert list(zip(failed["round"], failed["site"], strict=True)) == [(2, "site_00")]
     losses = m[(m["metric"] == "train_loss") & (m["round"] == 2)]
     assert len(losses) == 7 and "site_00" not in set(losses["site"])  # the other 7 trained
 

@@ -10,9 +10,9 @@ import pandas as pd
 from clients.client_app import app as client_app
 from federated.app.cli import main
 from federated.core.config import config_to_yaml, load_config
+from federated.core.models import build_model
 from federated.engines.inprocess import InProcessGrid
 from federated.server.federation import run_federation
-from federated.core.models import build_model
 
 
 def _summary(tmp_path, *overrides):

@@ -13,7 +13,7 @@ def test_shift_is_applied_on_load_and_the_corpus_is_untouched(smoke_corpus):
     corpus = Corpus.open(smoke_corpus)
     stored_before = np.array(corpus.array("mri"))
     clean = plan_sites(corpus, load_config(["scale=smoke"]))[2]  # neuro clinic: eeg + mri
-    shifted = plan_sites(corpus, load_config(["scale=smoke", "sites.shift_severity=1"]))[2]
+    shifted = plan_sites(corpus, load_config(["scale=smoke", "sites.load_shift_severity=1"]))[2]
     assert not clean.shift and set(shifted.shift) == {"eeg", "mri"}
     a = SiteData(corpus, clean).split("brain_tumor_classification", "train")
     b = SiteData(corpus, shifted).split("brain_tumor_classification", "train")

@@ -4,9 +4,18 @@ from functools import partial
 import numpy as np
 import pytest
 
-from strategies.aggregation import (ServerOptState, coordinate_median, groupwise_aggregate,
-                                    groupwise_weighted_mean, krum, krum_select, scaffold_server_step,
-                                    server_opt_step, trimmed_mean, weighted_mean)
+from strategies.aggregation import (
+    ServerOptState,
+    coordinate_median,
+    groupwise_aggregate,
+    groupwise_weighted_mean,
+    krum,
+    krum_select,
+    scaffold_server_step,
+    server_opt_step,
+    trimmed_mean,
+    weighted_mean,
+)
 from strategies.validation import validate_update
 
 
@@ -128,7 +137,7 @@ def test_trimmed_mean_keeps_dtype_and_refuses_mismatched_input():
     ups = [{"w": np.array([float(i)], dtype=np.float32)} for i in range(4)]
     assert trimmed_mean(ups, [1] * 4, 0.25)["w"].dtype == np.float32
     with pytest.raises(ValueError, match="shape"):
-        trimmed_mean(ups + [{"w": np.ones(2, dtype=np.float32)}], [1] * 5, 0.2)
+        trimmed_mean([*ups, {"w": np.ones(2, dtype=np.float32)}], [1] * 5, 0.2)
     with pytest.raises(ValueError, match="4 updates but 3 weights"):
         trimmed_mean(ups, [1] * 3, 0.2)
     with pytest.raises(ValueError, match="at least one"):
@@ -139,7 +148,7 @@ def test_trimmed_mean_keeps_dtype_and_refuses_mismatched_input():
 def test_median_and_trimmed_mean_ignore_one_huge_outlier(rule):
     rng = np.random.default_rng(0)
     honest = [{"w": rng.normal(0.0, 0.1, size=50)} for _ in range(4)]
-    attacked = honest + [{"w": np.full(50, 1e12)}]
+    attacked = [*honest, {"w": np.full(50, 1e12)}]
     out = rule(attacked, [1] * 5)["w"]
     stacked = np.stack([u["w"] for u in honest])
     assert np.all(out >= stacked.min(axis=0)) and np.all(out <= stacked.max(axis=0))

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from federated.core.config.schema import StrategyConfig
+from federated.core.config.loader import strategy_config
+from federated.core.protocol import CONTROL_DELTA_RECORD, CONTROL_RECORD, PROXIMAL_MU
 from federated.engines.inprocess import InProcessGrid, claim_server_identity
 from strategies import TooFewValidReplies, build_strategy
-from federated.core.protocol import CONTROL_DELTA_RECORD, CONTROL_RECORD, PROXIMAL_MU
+from strategies.aggregation import scaffold_server_step
 
 KEYS = ("encoders.eeg.w", "encoders.ct.w", "fusion.w", "heads.bone_age.w")
 
@@ -33,7 +34,7 @@ def _reply(node: int, values: dict, n: int, groups: dict | None = None, extra: d
 
 
 def _start(name: str, current: dict, n_sites: int = 3, **cfg) -> tuple:
-    strategy = build_strategy(StrategyConfig(name=name, min_train_sites=1, **cfg), n_train_sites=n_sites)
+    strategy = build_strategy(strategy_config(name, {"min_train_sites": 1, **cfg}), n_train_sites=n_sites)
     strategy.know_sites({i: f"site_{i}" for i in range(1, n_sites + 1)}, {i: 100 for i in range(1, n_sites + 1)})
     grid = InProcessGrid(client_app=None, node_configs=[{}] * n_sites, run_config={})  # type: ignore[arg-type]
     messages = list(strategy.configure_train(1, _arrays(current), ConfigRecord(), grid))
@@ -67,9 +68,10 @@ def test_fedadam_takes_the_adaptive_step_by_hand():
     assert strategy.state is not None and strategy.state.step == 1
 
 
-@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum"])
-def test_robust_aggregators_ignore_one_wild_site(name):
-    strategy, _ = _start(name, ZERO, n_sites=5, trim_fraction=0.2, n_byzantine=1)
+@pytest.mark.parametrize("name, settings", [("median", {}), ("trimmed_mean", {"trim_fraction": 0.2}),
+                                            ("krum", {"n_byzantine": 1})])
+def test_robust_aggregators_ignore_one_wild_site(name, settings):
+    strategy, _ = _start(name, ZERO, n_sites=5, **settings)
     honest = [1.0, 1.1, 0.9, 1.0]
     replies = [_reply(i + 1, {k: [v] for k in KEYS}, 10, ALL) for i, v in enumerate(honest)]
     replies.append(_reply(5, {k: [1000.0] for k in KEYS}, 10, ALL))
@@ -164,3 +166,26 @@ def test_fedbn_and_fedper_average_on_the_server_like_modality_fedavg():
         b = _reply(2, {k: [6.0] for k in KEYS}, 30, {"fusion": 30})
         out = _out(strategy.aggregate_train(1, [a, b])[0])
         assert out["fusion.w"] == [5.0] and out["heads.bone_age.w"] == [2.0] and out["encoders.ct.w"] == [0.0]
+
+
+def test_scaffold_takes_the_pure_server_step_on_each_group_over_its_trainers():
+    rng = np.random.default_rng(0)
+    current = {k: rng.normal(size=3).tolist() for k in KEYS}
+    strategy, _ = _start("scaffold", current, n_sites=5, global_lr=0.7)
+    ys = [{k: rng.normal(size=3).tolist() for k in KEYS} for _ in range(3)]
+    dcs = [{k: rng.normal(size=3).tolist() for k in KEYS} for _ in range(3)]
+    groups = [ALL, ALL, {"fusion": 10, "head/bone_age": 10}]  # site 3 trained neither encoder
+    replies = [_reply(i + 1, y, 10, g, {CONTROL_DELTA_RECORD: dc})
+               for i, (y, g, dc) in enumerate(zip(ys, groups, dcs, strict=True))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    def f32(values: dict, keys) -> dict:
+        return {k: np.asarray(values[k], dtype=np.float32) for k in keys}
+
+    control = {k: np.zeros(3, dtype=np.float32) for k in KEYS}
+    for keys, sites in [(KEYS[:2], [0, 1]), (KEYS[2:], [0, 1, 2])]:
+        x, c = scaffold_server_step(f32(current, keys), [f32(ys[i], keys) for i in sites], f32(control, keys),
+                                    [f32(dcs[i], keys) for i in sites], n_total_clients=5, global_lr=0.7)
+        for k in keys:
+            np.testing.assert_array_equal(arrays[k].numpy(), x[k])
+            np.testing.assert_array_equal(strategy.control[k], c[k])

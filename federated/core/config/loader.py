@@ -8,6 +8,13 @@
 Order: schema defaults < conf/config.yaml < selected group files < scale preset < field
 overrides. OmegaConf does the typed merge; this module turns its errors into messages that
 name the key and list the valid choices.
+
+The strategy section is flat in conf/ and on the command line (strategy.fraction_train,
+strategy.proximal_mu) but two things inside: the common StrategyConfig and the settings class the
+chosen strategy registered (federated.core.config.schema.STRATEGY_SETTINGS, filled by the
+strategies package). OmegaConf merges into a schema whose strategy section holds exactly the
+chosen strategy's keys, so another strategy's setting is refused by name, at the layer that set
+it; the loader then splits the section into StrategyConfig(settings=...).
 """
 
 from __future__ import annotations
@@ -15,13 +22,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from federated.core.config.schema import ExperimentConfig
+from federated.core.config.schema import (
+    DEFAULT_STRATEGY,
+    STRATEGY_SETTINGS,
+    ConfigError,
+    ExperimentConfig,
+    StrategyConfig,
+    StrategySettings,
+)
+from federated.core.resources import shipped_dir
 
 ATTACK_KINDS = ("none", "sign_flip", "scale", "nan", "inflate_count")
 HOLDOUT_MODES = ("listed", "named", "random", "archetype")  # partitions/holdout.py
@@ -30,16 +47,15 @@ FAULT_KINDS = ("none", "crash", "stall", "exit")
 SECTION_GROUPS = ("corpus", "sites", "model", "strategy", "privacy", "engine")
 PRESET_GROUP = "scale"
 GROUPS = (*SECTION_GROUPS, PRESET_GROUP)
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
+# The strategy keys every strategy reads, beside its own settings.
+COMMON_STRATEGY_KEYS = tuple(f.name for f in dataclasses.fields(StrategyConfig) if f.name != "settings")
 
 
 def conf_dir() -> Path:
-    """conf/ at the repository root (the package is installed editable), or $MULTIMED_FL_CONF."""
+    """$MULTIMED_FL_CONF, else the conf/ that shipped with the package (a clone's conf/ when the
+    install is editable): see federated/core/resources.py."""
     env = os.environ.get("MULTIMED_FL_CONF")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "conf"
+    return Path(env) if env else shipped_dir("_conf")
 
 
 def group_choices(group: str, root: Path | None = None) -> list[str]:
@@ -65,9 +81,9 @@ def _valid_keys(node: Any) -> list[str]:
     return []
 
 
-def _keys_at(path: str) -> list[str]:
+def _keys_at(path: str, schema: type) -> list[str]:
     """The valid keys of the section that holds dotted `path` (for error messages)."""
-    node: Any = ExperimentConfig
+    node: Any = schema
     for part in path.split(".")[:-1]:
         if not dataclasses.is_dataclass(node):
             return []
@@ -78,12 +94,16 @@ def _keys_at(path: str) -> list[str]:
     return _valid_keys(node)
 
 
-def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+def _merge(base: DictConfig, other: Any, where: str, strategy: str) -> DictConfig:
+    """base <- other; OmegaConf's errors become ConfigErrors that say where and name the key."""
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
     except ConfigKeyError as e:
         key = e.full_key or "?"
-        valid = _keys_at(key)
+        section, _, setting = key.partition(".")
+        if section == "strategy" and _readers(setting):
+            raise ConfigError(f"{where}: {_not_a_setting(strategy, setting)}") from None
+        valid = _keys_at(key, _experiment_schema(strategy))
         hint = f"; valid keys here: {', '.join(valid)}" if valid else ""
         raise ConfigError(f"{where}: unknown key {key!r}{hint}") from None
     except ValidationError as e:
@@ -110,10 +130,99 @@ def _parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
     return groups, fields
 
 
-def _schema() -> DictConfig:
-    cfg = OmegaConf.structured(ExperimentConfig)
+def strategy_settings_class(name: str) -> type[StrategySettings]:
+    """The settings class strategy `name` registered (ConfigError if it registered none)."""
+    if name not in STRATEGY_SETTINGS:
+        registered = ", ".join(STRATEGY_SETTINGS.names()) or "none; importing the strategies package registers them"
+        raise ConfigError(f"strategy {name!r} is not registered (registered: {registered})")
+    return STRATEGY_SETTINGS.get(name)
+
+
+def _own_keys(name: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(strategy_settings_class(name))]
+
+
+def _readers(key: str) -> list[str]:
+    """The registered strategies that have a setting called `key`."""
+    return [name for name in STRATEGY_SETTINGS if key in _own_keys(name)]
+
+
+def _not_a_setting(strategy: str, key: str) -> str:
+    readers = _readers(key)
+    settable = [k for k in (*COMMON_STRATEGY_KEYS, *_own_keys(strategy)) if k != "name"]
+    text = f"strategy.{key} is not a setting of strategy {strategy!r} (its settings: {', '.join(settable)})"
+    return text + (f"; {key} is read by: {', '.join(readers)}" if readers else "")
+
+
+def _copy_field(f: dataclasses.Field[Any], default: Any = dataclasses.MISSING) -> Any:
+    """A field spec for make_dataclass with f's default (or `default`)."""
+    if default is not dataclasses.MISSING:
+        return dataclasses.field(default=default)
+    if f.default is not dataclasses.MISSING:
+        return dataclasses.field(default=f.default)
+    return dataclasses.field(default_factory=f.default_factory)
+
+
+@cache
+def _strategy_section(name: str) -> type:
+    """The strategy section as OmegaConf types it for strategy `name`: the common keys, then its own."""
+    settings_cls = strategy_settings_class(name)
+    specs: list[tuple[str, Any, Any]] = []
+    for cls in (StrategyConfig, settings_cls):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if cls is StrategyConfig and f.name == "settings":
+                continue
+            default = name if cls is StrategyConfig and f.name == "name" else dataclasses.MISSING
+            specs.append((f.name, hints[f.name], _copy_field(f, default)))
+    return dataclasses.make_dataclass(f"{name}_section", specs)
+
+
+@cache
+def _experiment_schema(strategy: str) -> type:
+    """ExperimentConfig as OmegaConf merges it: its strategy section typed for `strategy`."""
+    hints = typing.get_type_hints(ExperimentConfig)
+    section = _strategy_section(strategy)
+    specs = [(f.name, section, dataclasses.field(default_factory=section)) if f.name == "strategy"
+             else (f.name, hints[f.name], _copy_field(f)) for f in dataclasses.fields(ExperimentConfig)]
+    return dataclasses.make_dataclass("ExperimentSchema", specs)
+
+
+def _schema(strategy: str) -> DictConfig:
+    cfg = OmegaConf.structured(_experiment_schema(strategy))
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def strategy_config(name: str, values: Mapping[str, Any]) -> StrategyConfig:
+    """A StrategyConfig from a flat strategy section (keys as conf/ spells them): the common keys
+    go to StrategyConfig, the rest to the strategy's settings class; a key it does not read is
+    refused by name. Both dataclasses check their values on construction."""
+    settings_cls = strategy_settings_class(name)
+    own = set(_own_keys(name))
+    common: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in COMMON_STRATEGY_KEYS:
+            common[key] = value
+        elif key in own:
+            settings[key] = value
+        else:
+            raise ConfigError(_not_a_setting(name, key))
+    if common.setdefault("name", name) != name:
+        raise ConfigError(f"strategy.name={common['name']}: choose a strategy with strategy={common['name']}, "
+                          "which also reads its conf/strategy file")
+    return StrategyConfig(**common, settings=settings_cls(**settings))
+
+
+def _build(cfg: DictConfig, strategy: str) -> ExperimentConfig:
+    """The merged config as an ExperimentConfig, its flat strategy section split in two."""
+    merged: Any = OmegaConf.to_object(cfg)  # an instance of _experiment_schema(strategy)
+    section = merged.strategy
+    sections = {f.name: getattr(merged, f.name) for f in dataclasses.fields(ExperimentConfig)}
+    sections["strategy"] = strategy_config(strategy, {f.name: getattr(section, f.name)
+                                                      for f in dataclasses.fields(section)})
+    return ExperimentConfig(**sections)
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = (), root: Path | None = None) -> ExperimentConfig:
@@ -127,25 +236,27 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), root: Path | None =
     cli_groups, cli_fields = _parse_overrides(list(overrides))
     selected.update(cli_groups)
 
-    cfg = _schema()
+    bodies: dict[str, dict[str, Any]] = {}
     for group in SECTION_GROUPS:
         if group in selected:
-            body = _group_file(root, group, selected[group])
-            body["name"] = selected[group]
-            cfg = _merge(cfg, {group: body}, f"conf/{group}/{selected[group]}.yaml")
-    cfg = _merge(cfg, top, "conf/config.yaml")
+            bodies[group] = _group_file(root, group, selected[group])
+            bodies[group]["name"] = selected[group]
+    strategy = selected.get("strategy", DEFAULT_STRATEGY)
+    cfg = _schema(strategy)
+    for group, body in bodies.items():
+        cfg = _merge(cfg, {group: body}, f"conf/{group}/{selected[group]}.yaml", strategy)
+    cfg = _merge(cfg, top, "conf/config.yaml", strategy)
     scale = selected.get(PRESET_GROUP)
     if scale:
-        cfg = _merge(cfg, _group_file(root, PRESET_GROUP, scale), f"conf/scale/{scale}.yaml")
+        cfg = _merge(cfg, _group_file(root, PRESET_GROUP, scale), f"conf/scale/{scale}.yaml", strategy)
         cfg.scale = scale
     if cli_fields:
         try:
             dotlist = OmegaConf.from_dotlist(cli_fields)
         except OmegaConfBaseException as e:
             raise ConfigError(f"cannot parse overrides {cli_fields}: {e}") from None
-        cfg = _merge(cfg, dotlist, "command line")
-    result = OmegaConf.to_object(cfg)
-    assert isinstance(result, ExperimentConfig)
+        cfg = _merge(cfg, dotlist, "command line", strategy)
+    result = _build(cfg, strategy)
     validate(result)
     return result
 
@@ -157,17 +268,18 @@ def _group_file(root: Path, group: str, name: str) -> dict[str, Any]:
         raise ConfigError(f"unknown {group} {name!r}; choices: {choices}")
     body = OmegaConf.to_container(_read_yaml(path))
     assert isinstance(body, dict)
-    return body
+    return {str(k): v for k, v in body.items()}
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Range checks the type system cannot express; each names its key."""
+    """Range checks the type system cannot express; each names its key. (The strategy section
+    checks itself on construction: StrategyConfig and each strategy's settings dataclass.)"""
     checks = [
         ("rounds", cfg.rounds >= 1, "must be >= 1"),
         ("corpus.samples_per_task_site", cfg.corpus.samples_per_task_site >= 5, "must be >= 5"),
         ("corpus.n_origin_sites", cfg.corpus.n_origin_sites >= 1, "must be >= 1"),
         ("corpus.test_fraction", 0.0 < cfg.corpus.test_fraction < 1.0, "must be in (0, 1)"),
-        ("corpus.shift_severity", cfg.corpus.shift_severity >= 0.0, "must be >= 0"),
+        ("corpus.origin_shift_severity", cfg.corpus.origin_shift_severity >= 0.0, "must be >= 0"),
         ("model.dim", cfg.model.dim >= 4 and cfg.model.dim % cfg.model.heads == 0,
          "must be >= 4 and divisible by model.heads"),
         ("model.tokens_per_modality", cfg.model.tokens_per_modality >= 1, "must be >= 1"),
@@ -179,23 +291,6 @@ def validate(cfg: ExperimentConfig) -> None:
         ("train.lr", cfg.train.lr > 0, "must be > 0"),
         ("train.optimizer", cfg.train.optimizer in ("adam", "sgd"), "must be one of: adam, sgd"),
         ("train.max_steps_per_round", cfg.train.max_steps_per_round >= 0, "must be >= 0"),
-        ("strategy.fraction_train", 0.0 < cfg.strategy.fraction_train <= 1.0, "must be in (0, 1]"),
-        ("strategy.weighting", cfg.strategy.weighting in ("examples", "uniform"),
-         "must be one of: examples, uniform"),
-        ("strategy.min_train_sites", cfg.strategy.min_train_sites >= 1, "must be >= 1"),
-        ("strategy.min_valid_replies", cfg.strategy.min_valid_replies >= 1, "must be >= 1"),
-        ("strategy.on_too_few_valid", cfg.strategy.on_too_few_valid in ("fail", "skip"),
-         "must be one of: fail, skip"),
-        ("strategy.max_examples_factor", cfg.strategy.max_examples_factor >= 1.0, "must be >= 1"),
-        ("strategy.proximal_mu", cfg.strategy.proximal_mu >= 0.0, "must be >= 0"),
-        ("strategy.server_lr", cfg.strategy.server_lr > 0.0, "must be > 0"),
-        ("strategy.beta1", 0.0 <= cfg.strategy.beta1 < 1.0, "must be in [0, 1)"),
-        ("strategy.beta2", 0.0 <= cfg.strategy.beta2 < 1.0, "must be in [0, 1)"),
-        ("strategy.tau", cfg.strategy.tau > 0.0, "must be > 0"),
-        ("strategy.global_lr", cfg.strategy.global_lr > 0.0, "must be > 0"),
-        ("strategy.trim_fraction", 0.0 <= cfg.strategy.trim_fraction < 0.5, "must be in [0, 0.5)"),
-        ("strategy.n_byzantine", cfg.strategy.n_byzantine >= 0, "must be >= 0"),
-        ("strategy.krum_selected", cfg.strategy.krum_selected >= 1, "must be >= 1"),
         ("sites.train", len(cfg.sites.train) >= 1, "needs at least one training site"),
         ("sites.label_skew_alpha", cfg.sites.label_skew_alpha >= 0, "must be > 0 (or 0 for no skew)"),
         ("sites.quantity_skew_sigma", cfg.sites.quantity_skew_sigma >= 0, "must be > 0 (or 0 for none)"),
@@ -204,7 +299,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("sites.label_noise_rate", 0.0 <= cfg.sites.label_noise_rate <= 1.0, "must be in [0, 1]"),
         ("sites.missing_sample_rate", 0.0 <= cfg.sites.missing_sample_rate <= 1.0, "must be in [0, 1]"),
         ("sites.label_skew_classes", cfg.sites.label_skew_classes >= 0, "must be >= 1 (or 0 for none)"),
-        ("sites.shift_severity", cfg.sites.shift_severity >= 0.0, "must be >= 0"),
+        ("sites.load_shift_severity", cfg.sites.load_shift_severity >= 0.0, "must be >= 0"),
         ("sites.holdout", cfg.sites.holdout in HOLDOUT_MODES, f"must be one of: {', '.join(HOLDOUT_MODES)}"),
         ("sites.holdout_k", cfg.sites.holdout_k >= 0, "must be >= 0"),
         ("sites.min_site_size", cfg.sites.min_site_size >= 1, "must be >= 1"),
@@ -242,11 +337,8 @@ def validate(cfg: ExperimentConfig) -> None:
         # exit kills the process the site runs in: in-process, that is the whole run
         ("faults.kind", cfg.faults.kind != "exit" or cfg.engine.name != "inprocess",
          "exit needs an engine with one process per site (engine=ray); use crash in-process"),
-        ("train.optimizer", cfg.strategy.name != "scaffold" or cfg.train.optimizer == "sgd",
-         "must be sgd with strategy=scaffold (its control variates assume SGD steps)"),
-        # Measured: SCAFFOLD with momentum 0.9 diverged to NaN by round 7-11 on every seed.
-        ("train.momentum", cfg.strategy.name != "scaffold" or cfg.train.momentum == 0.0,
-         "must be 0 with strategy=scaffold (its control variates assume plain SGD steps)"),
+        # what the chosen strategy needs of other sections (e.g. SCAFFOLD: plain SGD)
+        *cfg.strategy.settings.experiment_checks(cfg),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -260,13 +352,27 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML, its strategy section flat as conf/ spells it (what a run writes
+    to config.yaml and sends to its sites; config_from_yaml reads it back)."""
+    name = cfg.strategy.name
+    settings_cls = strategy_settings_class(name)
+    if type(cfg.strategy.settings) is not settings_cls:
+        raise ConfigError(f"strategy {name!r} carries {type(cfg.strategy.settings).__name__} settings, "
+                          f"not its registered {settings_cls.__name__}")
+    flat = {k: getattr(cfg.strategy, k) for k in COMMON_STRATEGY_KEYS}
+    flat.update({f.name: getattr(cfg.strategy.settings, f.name) for f in dataclasses.fields(settings_cls)})
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ExperimentConfig)}
+    sections["strategy"] = _strategy_section(name)(**flat)
+    return OmegaConf.to_yaml(OmegaConf.structured(_experiment_schema(name)(**sections)))
 
 
 def config_from_yaml(text: str) -> ExperimentConfig:
     """Rebuild a config from `config_to_yaml` output (how it travels to ClientApps)."""
-    cfg = _merge(_schema(), OmegaConf.create(text), "serialised config")
-    result = OmegaConf.to_object(cfg)
-    assert isinstance(result, ExperimentConfig)
+    data = OmegaConf.create(text)
+    if not isinstance(data, DictConfig):
+        raise ConfigError("a serialised config must be a mapping of sections")
+    strategy = str(OmegaConf.select(data, "strategy.name", default=DEFAULT_STRATEGY))
+    cfg = _merge(_schema(strategy), data, "serialised config", strategy)
+    result = _build(cfg, strategy)
     validate(result)
     return result

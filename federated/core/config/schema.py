@@ -7,7 +7,9 @@ only these dataclasses travel, never raw dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, TypeVar
+
+from federated.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,9 @@ class CorpusConfig:
     samples_per_task_site: int = 300
     n_origin_sites: int = 10
     test_fraction: float = 0.2
-    shift_severity: float = 1.0
+    # How differently the corpus's origin hospitals acquire their data (scanners, protocols),
+    # baked into the generated corpus: 0 = all alike, 1 = realistic, 2 = strong.
+    origin_shift_severity: float = 1.0
     # Where synthetic corpora are cached; "" = $MULTIMED_FL_CACHE or ~/.cache/multimed-fl.
     cache_dir: str = ""
 
@@ -62,9 +66,10 @@ class SitesConfig:
     label_noise_rate: float = 0.0
     # Pathological label skew: each training site keeps k classes per task; 0 = none.
     label_skew_classes: int = 0
-    # Acquisition shift applied when a site loads its data (partitions/acquisition_shift.py):
-    # each (site, modality) gets severity shift_severity * U(0.5, 1.5); 0 = none.
-    shift_severity: float = 0.0
+    # An extra acquisition shift each simulated site applies when it loads its data, on top of
+    # the corpus's own (partitions/acquisition_shift.py): each (site, modality) gets severity
+    # load_shift_severity * U(0.5, 1.5); 0 = none.
+    load_shift_severity: float = 0.0
     # Planner steps, applied in this order; each is skipped when its setting above is off.
     steps: List[str] = field(default_factory=lambda: [
         "tasks_only", "train_only", "pool", "label_skew", "quantity_skew", "label_noise",
@@ -117,9 +122,49 @@ class TrainConfig:
     max_steps_per_round: int = 0
 
 
+class ConfigError(ValueError):
+    """A config file, override or setting that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """The base of every strategy's own settings (one frozen dataclass per algorithm).
+
+    A strategy declares a subclass next to its code (strategies/<algorithm>.py), checks it in
+    __post_init__ with `require`, and registers it under its name in STRATEGY_SETTINGS
+    (strategies/registry.py does both). The loader then accepts exactly its fields under
+    `strategy.` for that strategy, beside StrategyConfig's common ones, and refuses any other
+    strategy's by name. A strategy with no settings of its own registers this class itself.
+    """
+
+    def require(self, key: str, ok: bool, why: str) -> None:
+        """Refuse the value of field `key`, named as a user types it: strategy.key=value."""
+        if not ok:
+            raise ConfigError(f"strategy.{key}={getattr(self, key)}: {why}")
+
+    def experiment_checks(self, cfg: ExperimentConfig) -> list[tuple[str, bool, str]]:
+        """(key, ok, why) checks of other sections that this strategy relies on (e.g. SCAFFOLD's
+        plain SGD); the loader runs them with its own and reports them the same way."""
+        return []
+
+
+SettingsT = TypeVar("SettingsT", bound=StrategySettings)
+
+# Strategy name -> its settings class. The strategies package fills it when imported (the loader,
+# below it, cannot import it); the loader reads it to type and check the strategy section.
+STRATEGY_SETTINGS: Registry[type[StrategySettings]] = Registry("strategy")
+DEFAULT_STRATEGY = "modality_fedavg"
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = "modality_fedavg"
+    """What every strategy reads; the algorithm's own settings are in `settings`.
+
+    In conf/ and on the command line both are flat keys of the strategy section
+    (strategy.fraction_train, strategy.proximal_mu); the loader splits them.
+    """
+
+    name: str = DEFAULT_STRATEGY
     fraction_train: float = 1.0  # fraction of training sites sampled per round
     # How updates are weighted: by their examples, or uniformly (every site counts once; what
     # site-level DP's noise calibration assumes, set by privacy=dp_fedavg).
@@ -131,22 +176,28 @@ class StrategyConfig:
     min_valid_replies: int = 1
     on_too_few_valid: str = "fail"  # fail | skip
     max_examples_factor: float = 1.0
-    # Robust aggregators (median, trimmed_mean, krum) and server optimisers aggregate each
-    # parameter group over the sites that trained it when true, over all sites when false.
-    groupwise: bool = True
-    proximal_mu: float = 0.01  # fedprox: weight of the client's proximal term
-    server_lr: float = 0.01  # fedadam / fedyogi / fedadagrad
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 0.001
-    global_lr: float = 1.0  # scaffold
-    trim_fraction: float = 0.2  # trimmed_mean: fraction cut from each end per coordinate
-    n_byzantine: int = 1  # krum: assumed number of bad sites
-    krum_selected: int = 1  # krum: 1 = Krum, > 1 = multi-Krum
-    # Personalisation: parameter groups (prefixes, e.g. "head/") that stay at each site (fedper),
-    # and whether normalisation layers stay local (fedbn).
-    local_groups: List[str] = field(default_factory=list)
-    local_norms: bool = False
+    # The strategy's own settings: an instance of the class registered under `name`.
+    settings: StrategySettings = field(default_factory=StrategySettings)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("fraction_train", 0.0 < self.fraction_train <= 1.0, "must be in (0, 1]"),
+            ("weighting", self.weighting in ("examples", "uniform"), "must be one of: examples, uniform"),
+            ("min_train_sites", self.min_train_sites >= 1, "must be >= 1"),
+            ("min_valid_replies", self.min_valid_replies >= 1, "must be >= 1"),
+            ("on_too_few_valid", self.on_too_few_valid in ("fail", "skip"), "must be one of: fail, skip"),
+            ("max_examples_factor", self.max_examples_factor >= 1.0, "must be >= 1"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"strategy.{key}={getattr(self, key)}: {why}")
+
+    def settings_as(self, cls: type[SettingsT]) -> SettingsT:
+        """The settings, typed as the strategy reading them declared them."""
+        if not isinstance(self.settings, cls):
+            raise TypeError(f"strategy {self.name!r} carries {type(self.settings).__name__}, "
+                            f"not the {cls.__name__} it reads")
+        return self.settings
 
 
 @dataclass(frozen=True)

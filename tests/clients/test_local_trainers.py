@@ -1,0 +1,52 @@
+"""The local trainer of each privacy mode, looked up by name instead of branched on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from clients.local_trainers import LOCAL_TRAINERS, LocalJob
+from clients.site_data import SiteData
+from clients.trainer import train_local
+from federated.core.config import load_config
+from federated.core.config.loader import PRIVACY_MODES, group_choices
+from federated.core.models import build_model
+from federated.core.protocol import PRIVACY_RECORD
+from federated.data.format import Corpus
+from partitions import plan_sites
+
+
+@pytest.fixture(scope="module")
+def corpus(smoke_corpus):
+    return Corpus.open(smoke_corpus)
+
+
+def _job(corpus, overrides: list[str]) -> LocalJob:
+    cfg = load_config(["scale=smoke", *overrides])
+    data = SiteData(corpus, plan_sites(corpus, cfg)[2])
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    return LocalJob(build_model(cfg.model, cfg.seed), data, cfg, seed=3, context=context, server_round=1)
+
+
+def test_every_privacy_mode_has_a_local_trainer():
+    assert sorted(LOCAL_TRAINERS.names()) == sorted(PRIVACY_MODES) == group_choices("privacy")
+
+
+@pytest.mark.parametrize("mode", ["none", "dp_fedavg"])
+def test_without_sample_level_dp_a_site_trains_as_train_local_does(corpus, mode):
+    job = _job(corpus, [f"privacy={mode}", "strategy=fedavg"])
+    trained = LOCAL_TRAINERS.get(mode)(job)
+    reference = build_model(job.cfg.model, job.cfg.seed)
+    expected = train_local(reference, job.data, job.cfg.train, job.seed)
+    assert trained.result == expected and trained.records == {}
+    for (name, p), q in zip(job.model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_dp_sgd_trains_privately_and_reports_its_epsilon(corpus):
+    job = _job(corpus, ["privacy=dp_sgd", "privacy.target_epsilon=3"])
+    trained = LOCAL_TRAINERS.get("dp_sgd")(job)
+    assert trained.result.steps > 0 and set(trained.records) == {PRIVACY_RECORD}
+    report = trained.records[PRIVACY_RECORD]
+    assert 0 < float(report["epsilon"]) <= 3.0 and report["mechanism"] == "dp_sgd (sample-level)"
