@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import run_grid  # noqa: E402
+from grid import run_grid
 
 EPSILONS = [1.0, 3.0, 8.0, None]  # None = no DP
 BASE = ["corpus.samples_per_task_site=150", "rounds=12"]

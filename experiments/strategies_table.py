@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import run_grid  # noqa: E402
+from grid import run_grid
 
 STRATEGIES = ["fedavg", "modality_fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold",
               "fedbn", "fedper", "median", "trimmed_mean", "krum"]

@@ -1,7 +1,7 @@
 """Acquisition shift: each site's scanners, protocols and assays distort its data its own way.
 
 A planner step. Every site (training and held-out alike) gets, per modality it holds, a
-severity s = sites.shift_severity * U(0.5, 1.5) (SitePlan.shift). The distortion itself is
+severity s = sites.load_shift_severity * U(0.5, 1.5) (SitePlan.shift). The distortion itself is
 applied when the site loads its data (shift_array), never stored as a copy, so 1,000 sites
 cost no memory. Its parameters are a pure function of (seed, site, modality, s), drawn from
 unit-scale random values that do not depend on s, so s = 0 is the identity and a larger s
@@ -45,7 +45,7 @@ MAX_DROP, MAX_DRIFT = 0.9, 0.5
 def site_severities(plans: list[SitePlan], severity: float, seed: int) -> list[SitePlan]:
     """Each (site, modality) its own severity, severity * U(0.5, 1.5)."""
     if not severity >= 0:
-        raise PlanError(f"sites.shift_severity must be >= 0, got {severity}")
+        raise PlanError(f"sites.load_shift_severity must be >= 0, got {severity}")
 
     def draw(site: str, m: str) -> float:
         return float(severity * step_rng(seed, "shift", site, m).uniform(0.5, 1.5))
@@ -161,5 +161,5 @@ def _token_drift(x: np.ndarray, rate: float, probs: np.ndarray,
 
 
 STEPS.add("acquisition_shift", Step(
-    lambda plans, corpus, cfg: site_severities(plans, cfg.sites.shift_severity, cfg.corpus.seed),
-    lambda cfg: bool(cfg.sites.shift_severity)))
+    lambda plans, corpus, cfg: site_severities(plans, cfg.sites.load_shift_severity, cfg.corpus.seed),
+    lambda cfg: bool(cfg.sites.load_shift_severity)))

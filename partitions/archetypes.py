@@ -9,10 +9,10 @@ holds out, after the training sites (partitions/holdout.py merges a held-out sit
 from __future__ import annotations
 
 from federated.core.config.schema import ExperimentConfig
-from federated.data.format import Corpus
 from federated.core.multimed import TASKS, modalities_of
-from partitions.site_plan import PLANNERS, PlanError, SitePlan, rows_of
 from federated.core.protocol import Role
+from federated.data.format import Corpus
+from partitions.site_plan import PLANNERS, PlanError, SitePlan, rows_of
 
 
 def _archetype_tasks(cfg: ExperimentConfig, name: str, corpus: Corpus) -> tuple[str, ...]:

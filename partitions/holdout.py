@@ -11,37 +11,24 @@ gives the override lists a study runs.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 from federated.core.config.loader import HOLDOUT_MODES
 from federated.core.config.schema import ExperimentConfig
+from federated.core.protocol import Role
 from federated.data.format import Corpus
 from partitions.site_plan import PLANNERS, PlanError, SitePlan, as_held_out
 from partitions.steps import step_rng
-from federated.core.protocol import Role
 
 
 def assign_roles(plans: list[SitePlan], cfg: ExperimentConfig) -> list[SitePlan]:
+    """The planner's sites with their roles set by `sites.holdout`: the selected sites held out,
+    every other site training (a site the planner listed as held out trains on its train split)."""
     mode = cfg.sites.holdout
-    if mode == "listed":
-        held = {p.site for p in plans if p.role == Role.HELD_OUT}
-    elif mode == "named":
-        held = _named(plans, cfg.sites.holdout_sites)
-    elif mode == "random":
-        k = cfg.sites.holdout_k
-        if not 0 <= k < len(plans):
-            raise PlanError(f"sites.holdout_k={k} must be in [0, {len(plans) - 1}]: "
-                            f"the planner proposed {len(plans)} sites and one must train")
-        rng = step_rng(cfg.corpus.seed, "holdout")
-        held = {plans[i].site for i in rng.choice(len(plans), size=k, replace=False)}
-    elif mode == "archetype":
-        wanted = set(cfg.sites.holdout_archetypes)
-        have = {p.archetype for p in plans}
-        missing = sorted(wanted - have)
-        if missing or not wanted:
-            raise PlanError(f"sites.holdout_archetypes={sorted(wanted)}: no site of archetype "
-                            f"{missing or '(none given)'}; planned archetypes: {sorted(have)}")
-        held = {p.site for p in plans if p.archetype in wanted}
-    else:
+    if mode not in SELECTORS:
         raise PlanError(f"unknown sites.holdout {mode!r}; choices: {', '.join(HOLDOUT_MODES)}")
+    held = SELECTORS[mode](plans, cfg)
     out = []
     for p in plans:
         if p.site in held:
@@ -52,20 +39,61 @@ def assign_roles(plans: list[SitePlan], cfg: ExperimentConfig) -> list[SitePlan]
 
 
 def _as_training(plan: SitePlan) -> SitePlan:
-    import dataclasses
-
     return dataclasses.replace(plan, role=Role.TRAIN)
 
 
-def _named(plans: list[SitePlan], names: list[str]) -> set[str]:
+def _listed(plans: list[SitePlan], cfg: ExperimentConfig) -> set[str]:
+    """The planner's own choice: the sites it proposed as held out."""
+    return {p.site for p in plans if p.role == Role.HELD_OUT}
+
+
+def _named(plans: list[SitePlan], cfg: ExperimentConfig) -> set[str]:
+    """The sites in sites.holdout_sites, by site id or origin name; an unknown name lists the planned sites."""
+    names = cfg.sites.holdout_sites
     if not names:
         raise PlanError("sites.holdout=named needs sites.holdout_sites (site ids or origin names)")
     by_name = {p.site: p.site for p in plans} | {p.origin_site: p.site for p in plans}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise PlanError(f"sites.holdout_sites names unknown sites {unknown}; planned sites: "
-                        f"{', '.join(f'{p.site} ({p.origin_site})' for p in plans)}")
+        raise PlanError(
+            f"sites.holdout_sites names unknown sites {unknown}; planned sites: "
+            f"{', '.join(f'{p.site} ({p.origin_site})' for p in plans)}"
+        )
     return {by_name[n] for n in names}
+
+
+def _random(plans: list[SitePlan], cfg: ExperimentConfig) -> set[str]:
+    """sites.holdout_k sites drawn with the corpus seed, so a config always holds out the same ones."""
+    k = cfg.sites.holdout_k
+    if not 0 <= k < len(plans):
+        raise PlanError(
+            f"sites.holdout_k={k} must be in [0, {len(plans) - 1}]: "
+            f"the planner proposed {len(plans)} sites and one must train"
+        )
+    rng = step_rng(cfg.corpus.seed, "holdout")
+    return {plans[i].site for i in rng.choice(len(plans), size=k, replace=False)}
+
+
+def _by_archetype(plans: list[SitePlan], cfg: ExperimentConfig) -> set[str]:
+    """Every site of an archetype in sites.holdout_archetypes; each one named must have a site."""
+    wanted = set(cfg.sites.holdout_archetypes)
+    have = {p.archetype for p in plans}
+    missing = sorted(wanted - have)
+    if missing or not wanted:
+        raise PlanError(
+            f"sites.holdout_archetypes={sorted(wanted)}: no site of archetype "
+            f"{missing or '(none given)'}; planned archetypes: {sorted(have)}"
+        )
+    return {p.site for p in plans if p.archetype in wanted}
+
+
+# sites.holdout mode -> the sites it holds out; the keys are the config's HOLDOUT_MODES
+SELECTORS: dict[str, Callable[[list[SitePlan], ExperimentConfig], set[str]]] = {
+    "listed": _listed,
+    "named": _named,
+    "random": _random,
+    "archetype": _by_archetype,
+}
 
 
 def leave_one_site_out_overrides(corpus: Corpus, cfg: ExperimentConfig) -> list[list[str]]:

@@ -20,8 +20,8 @@ import dataclasses
 
 import numpy as np
 
-from federated.data.format import Corpus
 from federated.core.config.schema import ExperimentConfig
+from federated.data.format import Corpus
 from partitions.index import manifest_index
 from partitions.site_plan import STEPS, PlanError, SitePlan, Step
 from partitions.steps import at_training_sites, class_count, step_rng

@@ -18,8 +18,8 @@ import dataclasses
 
 import numpy as np
 
-from federated.data.format import Corpus
 from federated.core.multimed import TASKS
+from federated.data.format import Corpus
 from partitions.index import manifest_index
 from partitions.site_plan import STEPS, SitePlan, Step
 from partitions.steps import step_rng

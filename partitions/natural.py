@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 
 from federated.core.config.schema import ExperimentConfig
-from federated.data.format import Corpus
 from federated.core.multimed import modalities_of
+from federated.core.protocol import Role
+from federated.data.format import Corpus
 from partitions.index import manifest_index
 from partitions.site_plan import PLANNERS, PlanError, SitePlan
-from federated.core.protocol import Role
 
 
 def group_small_origins(sizes: dict[str, int], min_size: int) -> list[list[str]]:

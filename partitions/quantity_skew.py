@@ -12,11 +12,11 @@ import dataclasses
 
 import numpy as np
 
+from federated.core.protocol import Role
 from federated.data.format import Corpus
 from partitions.index import manifest_index
 from partitions.site_plan import STEPS, PlanError, SitePlan, Step
 from partitions.steps import step_rng
-from federated.core.protocol import Role
 
 
 def _subsample(rows: np.ndarray, of_task: np.ndarray, keep_n: int, rng: np.random.Generator) -> np.ndarray:

@@ -15,12 +15,12 @@ from collections import defaultdict
 import numpy as np
 
 from federated.core.config.schema import ExperimentConfig
-from federated.data.format import Corpus
 from federated.core.multimed import modalities_of
+from federated.core.protocol import Role
+from federated.data.format import Corpus
 from partitions.index import SPLITS, manifest_index
 from partitions.site_plan import PLANNERS, PlanError, SitePlan
 from partitions.steps import step_rng
-from federated.core.protocol import Role
 
 
 def draw_task_mix(tasks: list[str], n_sites: int, per_site: int, min_overlap: int,
@@ -57,7 +57,7 @@ def plan_random_mix(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
         for sp in SPLITS:
             pool = index.rows(origin, t, sp)
             shuffled = step_rng(cfg.corpus.seed, "random_mix", origin, t, sp).permutation(pool)
-            for i, part in zip(sites, np.array_split(shuffled, len(sites))):
+            for i, part in zip(sites, np.array_split(shuffled, len(sites)), strict=True):
                 rows[i][sp].append(part)
     width = max(2, len(str(s.n_sites - 1)))
     plans = []

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 
 from federated.core.config.schema import ExperimentConfig
-from federated.data.format import Corpus
 from federated.core.io import atomic_write
 from federated.core.multimed import MODALITIES, TASKS
+from federated.data.format import Corpus
 from partitions.site_plan import SitePlan
 
 
@@ -33,7 +33,7 @@ def plan_frame(corpus: Corpus, plans: list[SitePlan], cfg: ExperimentConfig) -> 
             "modalities": list(p.modalities), "tasks": list(p.tasks),
             "n_train": p.n_train, "n_test": p.n_test, "label_mix": "; ".join(mix),
             # the corpus's own per-origin shift, and this site's load-time acquisition shift
-            "corpus_shift": cfg.corpus.shift_severity,
+            "corpus_shift": cfg.corpus.origin_shift_severity,
             "site_shift": ", ".join(f"{m}: {s:.2f}" for m, s in p.shift.items()),
             "label_skew_alpha": cfg.sites.label_skew_alpha or None,
             "label_skew_classes": cfg.sites.label_skew_classes or None,

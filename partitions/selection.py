@@ -19,11 +19,11 @@ import dataclasses
 import numpy as np
 
 from federated.core.config.schema import ExperimentConfig
-from federated.data.format import Corpus
 from federated.core.multimed import TASKS, modalities_of
+from federated.core.protocol import Role
+from federated.data.format import Corpus
 from partitions.index import manifest_index
 from partitions.site_plan import STEPS, PlanError, SitePlan, Step
-from federated.core.protocol import Role
 
 
 def _keep_tasks(plan: SitePlan, tasks: tuple[str, ...], corpus: Corpus) -> SitePlan:

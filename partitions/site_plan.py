@@ -10,18 +10,16 @@ every process (each ClientApp rebuilds the same plan from the same config and se
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from federated.core.config.schema import ExperimentConfig
-from federated.data.format import Corpus, index_column
 from federated.core.protocol import Role
 from federated.core.registry import Registry
+from federated.data.format import Corpus, index_column
 from partitions.index import manifest_index
-
 
 
 class PlanError(ValueError):
@@ -50,11 +48,11 @@ class SitePlan:
 
     @property
     def n_train(self) -> int:
-        return int(len(self.train_rows))
+        return len(self.train_rows)
 
     @property
     def n_test(self) -> int:
-        return int(len(self.test_rows))
+        return len(self.test_rows)
 
 
 Planner = Callable[[Corpus, ExperimentConfig], list[SitePlan]]

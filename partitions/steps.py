@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import numpy as np
 
 from federated.core.multimed import BINARY, CLOSED_SET, MULTICLASS, TASKS
 from federated.core.protocol import Role
+from partitions.site_plan import SitePlan
 
 
 def step_rng(seed: int, *keys: str) -> np.random.Generator:
@@ -26,6 +28,6 @@ def class_count(task: str) -> int | None:
     return None
 
 
-def at_training_sites(plans: list, change) -> list:  # type: ignore[no-untyped-def]
+def at_training_sites(plans: list[SitePlan], change: Callable[[SitePlan], SitePlan]) -> list[SitePlan]:
     """Apply `change` to each training site's plan; other sites are scored as they are."""
     return [change(p) if p.role == Role.TRAIN else p for p in plans]

@@ -36,7 +36,7 @@ from partitions.site_plan import SitePlan
 
 TARGET_S = 10.0
 STEPS_ON = ["sites.label_skew_alpha=0.5", "sites.quantity_skew_sigma=1.0", "sites.label_noise_rate=0.1",
-            "sites.missing_sample_rate=0.2", "sites.shift_severity=1.0", "sites.min_samples=1"]
+            "sites.missing_sample_rate=0.2", "sites.load_shift_severity=1.0", "sites.min_samples=1"]
 
 
 def make_manifest(n_rows: int, n_origins: int, seed: int) -> pd.DataFrame:

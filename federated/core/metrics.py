@@ -18,8 +18,16 @@ import math
 
 import numpy as np
 
-from federated.core.multimed import (BINARY, CLOSED_SET, IGNORE_LABEL, MULTICLASS, MULTILABEL,
-                                PER_RESIDUE, REGRESSION, Task)
+from federated.core.multimed import (
+    BINARY,
+    CLOSED_SET,
+    IGNORE_LABEL,
+    MULTICLASS,
+    MULTILABEL,
+    PER_RESIDUE,
+    REGRESSION,
+    Task,
+)
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

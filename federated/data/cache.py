@@ -24,7 +24,7 @@ def generator_config(cfg: CorpusConfig):  # -> GeneratorConfig
 
     return GeneratorConfig(seed=cfg.seed, n_origin_sites=cfg.n_origin_sites,
                            samples_per_task_site=cfg.samples_per_task_site,
-                           test_fraction=cfg.test_fraction, shift_severity=cfg.shift_severity)
+                           test_fraction=cfg.test_fraction, origin_shift_severity=cfg.origin_shift_severity)
 
 
 def prepare_corpus(cfg: CorpusConfig) -> Path:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,13 +30,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from federated.core.io import temp_dir_beside
 from federated.core.multimed import MODALITIES, TASKS
 
 SCHEMA_VERSION = 1
 SPEC_FILE = "spec.json"
 MANIFEST_FILE = "manifest.parquet"
-BASE_COLUMNS = ("sample_id", "dataset", "task", "patient_id", "origin_site", "split", "label",
-                "target_row")
+BASE_COLUMNS = ("sample_id", "dataset", "task", "patient_id", "origin_site", "split", "label", "target_row")
 SPLITS = ("train", "test")
 
 
@@ -49,8 +48,21 @@ def index_column(modality: str) -> str:
     return f"idx_{modality}"
 
 
-def _check_before_write(manifest: pd.DataFrame, arrays: dict[str, np.ndarray],
-                        targets: dict[str, np.ndarray]) -> None:
+def _check_before_write(manifest: pd.DataFrame, arrays: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> None:
+    """Refuse bad data before anything touches the disk, naming the first problem found."""
+    _check_manifest_rows(manifest)
+    for t in manifest["task"].unique():
+        _check_task_targets(manifest, t, targets)
+    for m, arr in arrays.items():
+        _check_modality_array(manifest, m, arr)
+    for m in MODALITIES:
+        col = index_column(m)
+        if col in manifest.columns and (manifest[col] >= 0).any() and m not in arrays:
+            raise CorpusFormatError(f"{col} has rows but there is no arrays/{m}.npy")
+
+
+def _check_manifest_rows(manifest: pd.DataFrame) -> None:
+    """The base columns exist, sample ids are unique and splits are known: readers key on these."""
     missing = [c for c in BASE_COLUMNS if c not in manifest.columns]
     if missing:
         raise CorpusFormatError(f"manifest lacks columns {missing}")
@@ -60,42 +72,48 @@ def _check_before_write(manifest: pd.DataFrame, arrays: dict[str, np.ndarray],
     bad_split = set(manifest["split"].unique()) - set(SPLITS)
     if bad_split:
         raise CorpusFormatError(f"manifest split values {sorted(bad_split)} not in {SPLITS}")
-    for t in manifest["task"].unique():
-        if t not in TASKS:
-            raise CorpusFormatError(f"manifest task {t!r} is not a MultiMed task")
-        if t not in targets:
-            raise CorpusFormatError(f"no targets array for task {t!r}")
-        rows = manifest.loc[manifest["task"] == t, "target_row"].to_numpy()
-        if rows.min() < 0 or rows.max() >= len(targets[t]):
-            raise CorpusFormatError(f"target_row of task {t!r} outside targets/{t}.npy")
-        shape = TASKS.get(t).label_shape
-        if targets[t].shape[1:] != shape:
-            raise CorpusFormatError(
-                f"targets/{t}.npy has per-sample shape {targets[t].shape[1:]}, expected {shape}")
-    for m, arr in arrays.items():
-        spec = MODALITIES.get(m)
-        if arr.shape[1:] != spec.shape:
-            raise CorpusFormatError(
-                f"arrays/{m}.npy has per-sample shape {arr.shape[1:]}, expected {spec.shape}")
-        if arr.dtype != np.dtype(spec.dtype):
-            raise CorpusFormatError(f"arrays/{m}.npy has dtype {arr.dtype}, expected {spec.dtype}")
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            raise CorpusFormatError(f"arrays/{m}.npy contains NaN or infinite values")
-        col = index_column(m)
-        if col not in manifest.columns:
-            raise CorpusFormatError(f"manifest lacks column {col} for array {m}")
-        idx = manifest[col].to_numpy()
-        if idx.max() >= len(arr):
-            raise CorpusFormatError(f"{col} points past the end of arrays/{m}.npy")
-    for m in MODALITIES:
-        col = index_column(m)
-        if col in manifest.columns and (manifest[col] >= 0).any() and m not in arrays:
-            raise CorpusFormatError(f"{col} has rows but there is no arrays/{m}.npy")
 
 
-def write_corpus(out_dir: str | Path, manifest: pd.DataFrame, arrays: dict[str, np.ndarray],
-                 targets: dict[str, np.ndarray], name: str, provenance: dict[str, Any],
-                 overwrite: bool = False) -> Path:
+def _check_task_targets(manifest: pd.DataFrame, task: str, targets: dict[str, np.ndarray]) -> None:
+    """A task's rows point inside its targets array, whose per-sample shape is the task's label shape."""
+    if task not in TASKS:
+        raise CorpusFormatError(f"manifest task {task!r} is not a MultiMed task")
+    if task not in targets:
+        raise CorpusFormatError(f"no targets array for task {task!r}")
+    rows = manifest.loc[manifest["task"] == task, "target_row"].to_numpy()
+    if rows.min() < 0 or rows.max() >= len(targets[task]):
+        raise CorpusFormatError(f"target_row of task {task!r} outside targets/{task}.npy")
+    shape = TASKS.get(task).label_shape
+    if targets[task].shape[1:] != shape:
+        raise CorpusFormatError(f"targets/{task}.npy has per-sample shape {targets[task].shape[1:]}, expected {shape}")
+
+
+def _check_modality_array(manifest: pd.DataFrame, modality: str, arr: np.ndarray) -> None:
+    """A modality's array has the registered shape and dtype, finite values, and an index column inside it."""
+    spec = MODALITIES.get(modality)
+    if arr.shape[1:] != spec.shape:
+        raise CorpusFormatError(f"arrays/{modality}.npy has per-sample shape {arr.shape[1:]}, expected {spec.shape}")
+    if arr.dtype != np.dtype(spec.dtype):
+        raise CorpusFormatError(f"arrays/{modality}.npy has dtype {arr.dtype}, expected {spec.dtype}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise CorpusFormatError(f"arrays/{modality}.npy contains NaN or infinite values")
+    col = index_column(modality)
+    if col not in manifest.columns:
+        raise CorpusFormatError(f"manifest lacks column {col} for array {modality}")
+    idx = manifest[col].to_numpy()
+    if idx.max() >= len(arr):
+        raise CorpusFormatError(f"{col} points past the end of arrays/{modality}.npy")
+
+
+def write_corpus(
+    out_dir: str | Path,
+    manifest: pd.DataFrame,
+    arrays: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    name: str,
+    provenance: dict[str, Any],
+    overwrite: bool = False,
+) -> Path:
     """Write a corpus atomically: to a temporary sibling folder, then rename into place."""
     out_dir = Path(out_dir)
     manifest = manifest.reset_index(drop=True).copy()
@@ -108,7 +126,7 @@ def write_corpus(out_dir: str | Path, manifest: pd.DataFrame, arrays: dict[str, 
     if out_dir.exists() and not overwrite:
         raise CorpusFormatError(f"{out_dir} already exists; choose another --out or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)  # ordinary permissions (mkdtemp would leave the corpus 0700)
     try:
         (tmp / "arrays").mkdir()
         (tmp / "targets").mkdir()
@@ -120,9 +138,10 @@ def write_corpus(out_dir: str | Path, manifest: pd.DataFrame, arrays: dict[str, 
         spec = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
-            "n_samples": int(len(manifest)),
-            "modalities": {m: {"shape": list(a.shape[1:]), "dtype": str(a.dtype), "n": int(len(a))}
-                           for m, a in arrays.items()},
+            "n_samples": len(manifest),
+            "modalities": {
+                m: {"shape": list(a.shape[1:]), "dtype": str(a.dtype), "n": len(a)} for m, a in arrays.items()
+            },
             "tasks": {t: _target_stats(t, targets[t], manifest) for t in targets},
             "origin_sites": sorted(manifest["origin_site"].unique().tolist()),
             "provenance": provenance,
@@ -144,7 +163,7 @@ def _target_stats(task: str, target: np.ndarray, manifest: pd.DataFrame) -> dict
     predicting the mean: the regression score maps MAE onto [0, 1] against it.
     """
     rows = manifest[manifest["task"] == task]
-    stats: dict[str, Any] = {"n": int(len(rows))}
+    stats: dict[str, Any] = {"n": len(rows)}
     if TASKS.get(task).target == "regression":
         train = target[rows.loc[rows["split"] == "train", "target_row"].to_numpy()].astype(float)
         mean = float(train.mean())
@@ -160,7 +179,7 @@ class Corpus:
     spec: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path) -> "Corpus":
+    def open(cls, path: str | Path) -> Corpus:
         path = Path(path)
         spec_file = path / SPEC_FILE
         if not spec_file.is_file():
@@ -171,8 +190,7 @@ class Corpus:
             raise CorpusFormatError(f"{spec_file} is not valid JSON: {e}") from None
         version = spec.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise CorpusFormatError(
-                f"{spec_file} has schema_version {version!r}; this version reads {SCHEMA_VERSION}")
+            raise CorpusFormatError(f"{spec_file} has schema_version {version!r}; this version reads {SCHEMA_VERSION}")
         if not (path / MANIFEST_FILE).is_file():
             raise CorpusFormatError(f"{path / MANIFEST_FILE} is missing")
         for m in spec["modalities"]:
@@ -184,10 +202,14 @@ class Corpus:
         return cls(path, spec)
 
     @classmethod
-    def from_manifest(cls, manifest: pd.DataFrame, tasks: list[str]) -> "Corpus":
+    def from_manifest(cls, manifest: pd.DataFrame, tasks: list[str]) -> Corpus:
         """A corpus of a manifest only, without arrays: enough to plan sites (benchmarks, tests)."""
-        spec = {"schema_version": SCHEMA_VERSION, "tasks": {t: {} for t in tasks},
-                "modalities": [], "origin_sites": sorted(manifest["origin_site"].unique().tolist())}
+        spec = {
+            "schema_version": SCHEMA_VERSION,
+            "tasks": {t: {} for t in tasks},
+            "modalities": [],
+            "origin_sites": sorted(manifest["origin_site"].unique().tolist()),
+        }
         corpus = cls(Path("<manifest only>"), spec)
         corpus.__dict__["manifest"] = manifest
         return corpus

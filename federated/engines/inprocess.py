@@ -12,13 +12,13 @@ import threading
 import traceback
 import uuid
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp.grid import Grid
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 

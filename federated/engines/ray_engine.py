@@ -24,9 +24,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.client_app import app as client_app
 from federated.core.config import config_to_yaml
+from federated.core.config.schema import ExperimentConfig
 from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, SITE_STATE_DIR, STATE_DIR_KEY
 from federated.server.checkpoint import Checkpoint
-from federated.core.config.schema import ExperimentConfig
 from federated.server.federation import Callback, FederationResult, run_federation
 
 

@@ -98,7 +98,7 @@ def test_run_uses_the_configured_planner_holdout_and_steps(tmp_path):
     out = tmp_path / "mix"
     overrides = ["scale=smoke", "rounds=1", "sites.planner=random_mix", "sites.n_sites=6",
                  "sites.tasks_per_site=3", "sites.holdout=random", "sites.holdout_k=2",
-                 "sites.label_skew_classes=2", "sites.shift_severity=1", "sites.zero_shot=true"]
+                 "sites.label_skew_classes=2", "sites.load_shift_severity=1", "sites.zero_shot=true"]
     assert main(["run", "--out", str(out), "--no-progress", *overrides]) == 0
     s = json.loads((out / "summary.json").read_text())
     roles = [row["role"] for row in s["per_site"]]

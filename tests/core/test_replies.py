@@ -2,8 +2,8 @@
 
 from flwr.app import Error, Message, MessageType, RecordDict
 
-from federated.engines.inprocess import claim_server_identity
 from federated.core.replies import attribute, error_reason
+from federated.engines.inprocess import claim_server_identity
 
 claim_server_identity(1)  # Flower stamps new messages with the sender's task identity
 

@@ -6,14 +6,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from federated.data.format import Corpus, CorpusFormatError, write_corpus
+from federated.data.format import Corpus, CorpusFormatError, _check_before_write, write_corpus
 
 
 def _tiny():
-    manifest = pd.DataFrame({
-        "sample_id": ["a", "b"], "dataset": ["d", "d"], "task": ["cell_type", "cell_type"],
-        "patient_id": ["p1", "p2"], "origin_site": ["s0", "s1"], "split": ["train", "test"],
-        "label": [0.0, 1.0], "target_row": [0, 1], "idx_scrna": [0, 1]})
+    manifest = pd.DataFrame(
+        {
+            "sample_id": ["a", "b"],
+            "dataset": ["d", "d"],
+            "task": ["cell_type", "cell_type"],
+            "patient_id": ["p1", "p2"],
+            "origin_site": ["s0", "s1"],
+            "split": ["train", "test"],
+            "label": [0.0, 1.0],
+            "target_row": [0, 1],
+            "idx_scrna": [0, 1],
+        }
+    )
     arrays = {"scrna": np.zeros((2, 256), dtype=np.float32)}
     targets = {"cell_type": np.array([0, 1], dtype=np.int64)}
     return manifest, arrays, targets
@@ -31,14 +40,17 @@ def test_round_trip_and_memory_mapping(tmp_path):
     assert (c.manifest["idx_ct"] == -1).all()  # every modality gets an index column
 
 
-@pytest.mark.parametrize("mutate, pattern", [
-    (lambda m, a, t: a.__setitem__("scrna", np.full((2, 256), np.nan, dtype=np.float32)), "NaN"),
-    (lambda m, a, t: a.__setitem__("scrna", np.zeros((2, 100), dtype=np.float32)), r"shape \(100,\)"),
-    (lambda m, a, t: m.__setitem__("task", ["cell_type", "astrology"]), "'astrology' is not a MultiMed task"),
-    (lambda m, a, t: m.__setitem__("split", ["train", "validation"]), "split values"),
-    (lambda m, a, t: m.__setitem__("sample_id", ["a", "a"]), "duplicate sample_id 'a'"),
-    (lambda m, a, t: m.__setitem__("target_row", [0, 5]), "target_row"),
-])
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        (lambda m, a, t: a.__setitem__("scrna", np.full((2, 256), np.nan, dtype=np.float32)), "NaN"),
+        (lambda m, a, t: a.__setitem__("scrna", np.zeros((2, 100), dtype=np.float32)), r"shape \(100,\)"),
+        (lambda m, a, t: m.__setitem__("task", ["cell_type", "astrology"]), "'astrology' is not a MultiMed task"),
+        (lambda m, a, t: m.__setitem__("split", ["train", "validation"]), "split values"),
+        (lambda m, a, t: m.__setitem__("sample_id", ["a", "a"]), "duplicate sample_id 'a'"),
+        (lambda m, a, t: m.__setitem__("target_row", [0, 5]), "target_row"),
+    ],
+)
 def test_bad_data_is_refused_and_nothing_is_left_behind(tmp_path, mutate, pattern):
     manifest, arrays, targets = _tiny()
     mutate(manifest, arrays, targets)
@@ -66,3 +78,56 @@ def test_open_names_what_is_wrong(tmp_path):
     (path / "arrays" / "scrna.npy").unlink()
     with pytest.raises(CorpusFormatError, match="arrays/scrna.npy is missing"):
         Corpus.open(path)
+
+
+def _drop(frame, column):
+    frame.drop(columns=[column], inplace=True)
+
+
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        # manifest rows
+        (lambda m, a, t: _drop(m, "origin_site"), r"manifest lacks columns \['origin_site'\]"),
+        # task targets
+        (lambda m, a, t: t.pop("cell_type"), "no targets array for task 'cell_type'"),
+        (
+            lambda m, a, t: t.__setitem__("cell_type", np.zeros((2, 3), dtype=np.int64)),
+            r"targets/cell_type.npy has per-sample shape \(3,\), expected \(\)",
+        ),
+        # modality arrays
+        (
+            lambda m, a, t: a.__setitem__("scrna", np.zeros((2, 256), dtype=np.float64)),
+            "arrays/scrna.npy has dtype float64, expected float32",
+        ),
+        (lambda m, a, t: m.__setitem__("idx_scrna", [0, 2]), "idx_scrna points past the end of arrays/scrna.npy"),
+        # index columns without an array
+        (lambda m, a, t: m.__setitem__("idx_ct", [0, -1]), "idx_ct has rows but there is no arrays/ct.npy"),
+    ],
+)
+def test_each_check_names_its_column_or_file(tmp_path, mutate, pattern):
+    manifest, arrays, targets = _tiny()
+    mutate(manifest, arrays, targets)
+    with pytest.raises(CorpusFormatError, match=pattern):
+        _write(tmp_path / "c", manifest, arrays, targets)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_manifest_is_checked_before_the_tasks_and_the_tasks_before_the_arrays(tmp_path):
+    manifest, arrays, targets = _tiny()
+    manifest["split"] = ["train", "validation"]  # manifest rows
+    targets.pop("cell_type")  # task targets
+    arrays["scrna"] = arrays["scrna"].astype(np.float64)  # modality arrays
+    with pytest.raises(CorpusFormatError, match="split values"):
+        _write(tmp_path / "c", manifest, arrays, targets)
+    manifest["split"] = ["train", "test"]
+    with pytest.raises(CorpusFormatError, match="no targets array"):
+        _write(tmp_path / "c", manifest, arrays, targets)
+
+
+def test_an_array_without_its_index_column_is_refused():
+    # write_corpus adds every missing idx_ column (as -1), so only a direct caller can get here
+    manifest, arrays, targets = _tiny()
+    _drop(manifest, "idx_scrna")
+    with pytest.raises(CorpusFormatError, match="manifest lacks column idx_scrna for array scrna"):
+        _check_before_write(manifest, arrays, targets)

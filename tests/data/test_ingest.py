@@ -88,8 +88,10 @@ def test_an_unknown_label_and_a_nan_are_named_with_their_row(tmp_path, expect_fa
 
 def test_a_mapped_class_without_a_folder_is_named(tmp_path, expect_failure):
     _png_folders(tmp_path / "mri")
-    expect_failure("sources:" + IMAGES.replace("no_tumor: no_tumor}", "no_tumor: no_tumor, pit: pituitary}"),
-                    r"mri: declared class\(es\) \['pituitary'\] of task brain_tumor_classification have no sample")
+    expect_failure(
+        "sources:" + IMAGES.replace("no_tumor: no_tumor}", "no_tumor: no_tumor, pit: pituitary}"),
+        r"mri: declared class\(es\) \['pituitary'\] of task brain_tumor_classification have no sample",
+    )
 
 
 def test_a_missing_file_and_an_unknown_class_folder_are_named(tmp_path, expect_failure):
@@ -138,9 +140,25 @@ def test_a_federation_runs_on_an_ingested_corpus_with_natural_sites(tmp_path):
     _breast_csv(tmp_path / "wdbc.csv", n=40)
     out, _ = run_spec(_spec(tmp_path, "sources:" + IMAGES + TABULAR), tmp_path / "corpus")
     run = tmp_path / "run"
-    assert main(["run", "--out", str(run), "--no-progress", f"corpus.path={out}", "rounds=1",
-                 "sites.planner=natural", "sites.min_site_size=5", "sites.min_samples=2",
-                 "sites.holdout=named", "sites.holdout_sites=[south]", "train.batch_size=8"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--out",
+                str(run),
+                "--no-progress",
+                f"corpus.path={out}",
+                "rounds=1",
+                "sites.planner=natural",
+                "sites.min_site_size=5",
+                "sites.min_samples=2",
+                "sites.holdout=named",
+                "sites.holdout_sites=[south]",
+                "train.batch_size=8",
+            ]
+        )
+        == 0
+    )
     s = json.loads((run / "summary.json").read_text())
     sites = {r["origin_site"] if "origin_site" in r else r["site"]: r["role"] for r in s["per_site"]}
     assert len(s["per_site"]) == 3 and list(sites.values()).count("held_out") == 1
@@ -152,8 +170,10 @@ def test_a_federation_runs_on_an_ingested_corpus_with_natural_sites(tmp_path):
 def _tabular_by_site(out) -> dict[str, np.ndarray]:
     corpus = Corpus.open(out)
     m, x = corpus.manifest, corpus.array("tabular")
-    return {site: x[m.loc[m["origin_site"] == site, "idx_tabular"].to_numpy()][:, :5]
-            for site in sorted(m["origin_site"].unique())}
+    return {
+        site: x[m.loc[m["origin_site"] == site, "idx_tabular"].to_numpy()][:, :5]
+        for site in sorted(m["origin_site"].unique())
+    }
 
 
 def test_each_site_is_standardised_with_its_own_statistics(tmp_path):
@@ -171,8 +191,9 @@ def test_each_site_is_standardised_with_its_own_statistics(tmp_path):
     frame.to_csv(tmp_path / "wdbc.csv", index=False)
     second = _tabular_by_site(run_spec(_spec(tmp_path, "sources:" + TABULAR), tmp_path / "b")[0])
     np.testing.assert_array_equal(second["north"], first["north"])
-    pooled = _tabular_by_site(run_spec(_spec(tmp_path, "sources:" + TABULAR + "    statistics: file\n"),
-                                       tmp_path / "c")[0])
+    pooled = _tabular_by_site(
+        run_spec(_spec(tmp_path, "sources:" + TABULAR + "    statistics: file\n"), tmp_path / "c")[0]
+    )
     assert pooled["south"][:, 0].mean() > 0.9 > -0.9 > pooled["north"][:, 0].mean()  # the shift is kept
 
 
@@ -182,8 +203,11 @@ def test_imputation_uses_the_site_own_median_and_names_a_site_with_nothing_to_im
     frame.loc[frame["clinic"] == "south", "f3"] = np.nan  # south never measured f3
     frame.to_csv(tmp_path / "wdbc.csv", index=False)
     imputing = TABULAR + "    impute: median\n"
-    expect_failure("sources:" + imputing, r"wdbc\.csv row 4: NaN or infinite value in \['f3'\] \(no row of site "
-                                          r"south has a value of \['f3'\] to impute from")
+    expect_failure(
+        "sources:" + imputing,
+        r"wdbc\.csv row 4: NaN or infinite value in \['f3'\] \(no row of site "
+        r"south has a value of \['f3'\] to impute from",
+    )
     out, skipped = run_spec(_spec(tmp_path, "on_error: skip\nsources:" + imputing), tmp_path / "skip")
     assert len(skipped) == 10 and set(Corpus.open(out).manifest["origin_site"]) == {"north"}  # south's rows only
     frame.loc[frame["clinic"] == "south", "f3"] = 100.0 + np.arange(10)  # another scale at south
@@ -200,3 +224,57 @@ def test_imputation_uses_the_site_own_median_and_names_a_site_with_nothing_to_im
     corpus = Corpus.open(out)
     row = corpus.manifest.set_index("patient_id").loc["row4", "idx_tabular"]
     assert corpus.array("tabular")[row, 3] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("  - {adapter: tabular}", r"sources\[0\]: each source needs `adapter` and `task`"),
+        ("  - just a string", r"sources\[0\]: each source needs `adapter` and `task`"),
+        ("  - {adapter: dicom, task: bone_age}", r"sources\[0\]: unknown adapter 'dicom'; valid: .*tabular"),
+        ("  - {adapter: tabular, task: astrology}", r"sources\[0\]: unknown task 'astrology'; valid: .*bone_age"),
+        (
+            "  - {adapter: tabular, task: bone_age, path: x.csv, on_error: ignore}",
+            r"sources\[0\]: on_error must be stop or skip \(got 'ignore'\)",
+        ),
+    ],
+)
+def test_each_source_is_checked_before_its_adapter_runs(tmp_path, expect_failure, source, message):
+    expect_failure("sources:\n" + source + "\n", message)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("    statistics: region\n", r"sources\[0\]: statistics must be per_site or file \(got 'region'\)"),
+        ("    site_column: hospital\n", r"sources\[0\]: .*wdbc\.csv: no column 'hospital' \(columns: f0, f1"),
+    ],
+)
+def test_tabular_settings_are_refused_by_key(tmp_path, expect_failure, extra, message):
+    _breast_csv(tmp_path / "wdbc.csv")
+    expect_failure("sources:" + TABULAR.replace("    site_column: clinic\n", "") + extra, message)
+
+
+def test_an_absent_or_unreadable_table_is_reported_and_skipped(tmp_path):
+    from federated.data.ingest.core import ADAPTERS, Problems
+
+    params = {
+        "adapter": "tabular",
+        "task": "breast_cancer_classification",
+        "path": "wdbc.parquet",
+        "label_column": "diagnosis",
+    }
+    problems = Problems("skip")
+    assert len(ADAPTERS.get("tabular")(params, tmp_path, problems)) == 0
+    (tmp_path / "wdbc.parquet").write_bytes(b"not parquet")
+    assert len(ADAPTERS.get("tabular")(params, tmp_path, problems)) == 0
+    reasons = [s["reason"] for s in problems.skipped]
+    assert reasons[0] == "file does not exist" and reasons[1].startswith("unreadable table (")
+
+
+def test_a_task_without_samples_is_refused_before_writing(tmp_path):
+    from federated.data.ingest.core import SampleSet, ingest
+
+    with pytest.raises(IngestError, match="task bone_age: no sample was ingested"):
+        ingest([SampleSet("bone_age")], tmp_path / "c", "x", {})
+    assert not (tmp_path / "c").exists()

@@ -24,10 +24,13 @@ def _h5ad(path, cells=30, genes=300, nan_cell=None, label_of=None, donors=("d1",
     if nan_cell is not None:
         x[nan_cell, 3] = np.nan
     labels = [label_of(i) if label_of else TYPES[i % 3] for i in range(cells)]
-    obs = pd.DataFrame({"cell_type": labels, "donor": [donors[i % len(donors)] for i in range(cells)]},
-                       index=[f"BC{i:03d}" for i in range(cells)])
-    var = pd.DataFrame({"highly_variable": [j % 2 == 0 for j in range(genes)]},
-                       index=[f"GENE{j}" for j in range(genes)])
+    obs = pd.DataFrame(
+        {"cell_type": labels, "donor": [donors[i % len(donors)] for i in range(cells)]},
+        index=[f"BC{i:03d}" for i in range(cells)],
+    )
+    var = pd.DataFrame(
+        {"highly_variable": [j % 2 == 0 for j in range(genes)]}, index=[f"GENE{j}" for j in range(genes)]
+    )
     anndata.AnnData(x, obs=obs, var=var).write_h5ad(path)
 
 
@@ -111,8 +114,9 @@ def test_missing_anndata_names_the_install_command(tmp_path, monkeypatch):
 def _scrna_by_site(out) -> dict[str, np.ndarray]:
     corpus = Corpus.open(out)
     m, x = corpus.manifest, corpus.array("scrna")
-    return {site: x[m.loc[m["origin_site"] == site, "idx_scrna"].to_numpy()]
-            for site in sorted(m["origin_site"].unique())}
+    return {
+        site: x[m.loc[m["origin_site"] == site, "idx_scrna"].to_numpy()] for site in sorted(m["origin_site"].unique())
+    }
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -171,6 +175,26 @@ def test_a_damaged_block_inside_a_readable_file_is_named(tmp_path):
     with h5py.File(tmp_path / "cells.h5ad") as f:
         chunk = f["X"].id.get_chunk_info(0)
     raw = bytearray((tmp_path / "cells.h5ad").read_bytes())
-    raw[chunk.byte_offset + 16: chunk.byte_offset + chunk.size] = bytes(chunk.size - 16)
+    raw[chunk.byte_offset + 16 : chunk.byte_offset + chunk.size] = bytes(chunk.size - 16)
     (tmp_path / "cells.h5ad").write_bytes(bytes(raw))
     _expect_failure(tmp_path, r"cells\.h5ad: unreadable expression matrix \(OSError")
+
+
+def test_obs_keys_and_class_mapping_are_checked_before_the_matrix_is_read(tmp_path, monkeypatch):
+    from federated.data.ingest import h5ad
+
+    _h5ad(tmp_path / "cells.h5ad")
+
+    def unread(*args):
+        raise AssertionError("the matrix was read before the settings were checked")
+
+    monkeypatch.setattr(h5ad, "_matrix", unread)
+    base = {"adapter": "h5ad", "task": "cell_type", "path": "cells.h5ad", "label_key": "cell_type"}
+    cases = [
+        ({"label_key": None}, r"missing key 'label_key' \(the obs column holding each cell's type\)"),
+        ({"site_key": "hospital"}, r"cells\.h5ad: no obs column 'hospital' \(obs: cell_type, donor\)"),
+        ({"classes": {"T cell": "t_cell"}}, r"classes maps to \['t_cell'\], which are not classes of cell_type"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            h5ad.h5ad({**base, **change}, tmp_path, h5ad.Problems())

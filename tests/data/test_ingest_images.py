@@ -9,11 +9,14 @@ import zlib
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
+from federated.core.multimed import TASKS
 from federated.data.format import Corpus
 from federated.data.ingest.ct_slices import natural_key
 from federated.data.ingest.image_folders import load_image
+from federated.data.ingest.images_csv import labeler
 from federated.data.ingest.spec import run_spec
 from federated.data.ingest.text import tokenize
 from federated.data.synthetic.vocabulary import FIRST_FILLER_TOKEN, QUESTION_MARK_TOKEN, TOKEN_NAMES
@@ -53,8 +56,13 @@ def test_tokenize_keeps_vocabulary_ids_and_hashes_other_words_stably():
     t = tokenize("Is there an Effusion? Follow-up")
     assert t.dtype == np.int64 and t.shape == (32,)
     hashed = FIRST_FILLER_TOKEN + zlib.crc32(b"an") % (128 - FIRST_FILLER_TOKEN)
-    assert t[:5].tolist() == [TOKEN_NAMES.index("is-there"), hashed, TOKEN_NAMES.index("effusion"),
-                              QUESTION_MARK_TOKEN, TOKEN_NAMES.index("follow-up")]
+    assert t[:5].tolist() == [
+        TOKEN_NAMES.index("is-there"),
+        hashed,
+        TOKEN_NAMES.index("effusion"),
+        QUESTION_MARK_TOKEN,
+        TOKEN_NAMES.index("follow-up"),
+    ]
     assert (t[5:] == 0).all()  # padding
     long = tokenize(" ".join(f"word{i}" for i in range(50)))
     assert (long >= FIRST_FILLER_TOKEN).all() and (long < 128).all()  # truncated, in vocabulary
@@ -79,10 +87,14 @@ sources:
 def _bone_age(tmp_path, n=6, months=None):
     for i in range(n):
         _image(tmp_path / "hand" / f"{i}.png", seed=i)
-    frame = pd.DataFrame({"id": [f"{i}.png" for i in range(n)],
-                          "months": months if months is not None else [12.0 * (i + 1) for i in range(n)],
-                          "patient": [f"p{i // 2}" for i in range(n)],
-                          "hospital": ["north", "south"] * (n // 2)})
+    frame = pd.DataFrame(
+        {
+            "id": [f"{i}.png" for i in range(n)],
+            "months": months if months is not None else [12.0 * (i + 1) for i in range(n)],
+            "patient": [f"p{i // 2}" for i in range(n)],
+            "hospital": ["north", "south"] * (n // 2),
+        }
+    )
     frame.to_csv(tmp_path / "boneage.csv", index=False)
     return frame
 
@@ -105,8 +117,11 @@ def test_images_csv_classes_mapping_and_rgb_modality(tmp_path):
     for i in range(4):
         _image(tmp_path / "slides" / f"s{i}.jpg", seed=i)
     pd.DataFrame({"file": [f"s{i}.jpg" for i in range(4)], "dx": ["B", "M", "M", "B"]}).to_csv(
-        tmp_path / "dx.csv", index=False)
-    corpus, _ = _ingest(tmp_path, """
+        tmp_path / "dx.csv", index=False
+    )
+    corpus, _ = _ingest(
+        tmp_path,
+        """
 sources:
   - adapter: images_csv
     task: breast_cancer_classification
@@ -116,7 +131,8 @@ sources:
     label_column: dx
     classes: {B: benign, M: malignant}
     origin_site: lab_a
-""")
+""",
+    )
     rows, y = _rows(corpus, "breast_cancer_classification")
     assert y.tolist() == [0, 1, 1, 0] and set(rows["origin_site"]) == {"lab_a"}
     assert corpus.array("pathology").shape == (4, 3, 32, 32)  # grey JPEG -> the modality's RGB
@@ -133,7 +149,9 @@ def test_images_csv_finding_columns_make_a_multilabel_vector(tmp_path):
         _image(tmp_path / "cxr" / "sub" / f"{i}.png", seed=i)
     frame.to_csv(tmp_path / "labels.csv", index=False)
     columns = ", ".join(f"{f}: {f.upper()}" for f in FINDINGS)
-    corpus, _ = _ingest(tmp_path, f"""
+    corpus, _ = _ingest(
+        tmp_path,
+        f"""
 sources:
   - adapter: images_csv
     task: radiographic_findings
@@ -141,7 +159,8 @@ sources:
     labels: labels.csv
     image_column: path
     finding_columns: {{{columns}}}
-""")
+""",
+    )
     rows, y = _rows(corpus, "radiographic_findings")
     assert y.shape == (4, 5) and y.tolist() == labels.tolist()
     assert rows["label"].isna().all()  # no scalar label for a multi-label target
@@ -164,18 +183,20 @@ sources:
 def _nih(tmp_path, findings):
     for i in range(len(findings)):
         _image(tmp_path / "nih" / f"{i:08d}_000.png", seed=i)
-    pd.DataFrame({"Image Index": [f"{i:08d}_000.png" for i in range(len(findings))],
-                  "Finding Labels": findings, "Patient ID": list(range(len(findings)))}).to_csv(
-        tmp_path / "Data_Entry.csv", index=False)
+    pd.DataFrame(
+        {
+            "Image Index": [f"{i:08d}_000.png" for i in range(len(findings))],
+            "Finding Labels": findings,
+            "Patient ID": list(range(len(findings))),
+        }
+    ).to_csv(tmp_path / "Data_Entry.csv", index=False)
 
 
 def test_images_csv_nih_findings_column(tmp_path):
-    _nih(tmp_path, ["Cardiomegaly|Effusion", "No Finding", "mass|Hernia", "ATELECTASIS",
-                    "Pneumothorax|Effusion"])
+    _nih(tmp_path, ["Cardiomegaly|Effusion", "No Finding", "mass|Hernia", "ATELECTASIS", "Pneumothorax|Effusion"])
     corpus, _ = _ingest(tmp_path, NIH)
     _, y = _rows(corpus, "radiographic_findings")
-    assert y.tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 1, 0], [1, 0, 0, 0, 0],
-                          [0, 0, 1, 0, 1]]
+    assert y.tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 1, 0, 1]]
 
 
 def test_images_csv_errors_name_the_row_or_the_image(tmp_path, expect_failure):
@@ -196,13 +217,17 @@ def test_images_csv_config_mistakes_and_unknown_labels(tmp_path, expect_failure)
     for i in range(2):
         _image(tmp_path / "mri" / f"{i}.png", seed=i)
     pd.DataFrame({"f": ["0.png", "1.png"], "y": ["glioma", "zebra"]}).to_csv(tmp_path / "y.csv", index=False)
-    body = "sources:\n  - {adapter: images_csv, task: brain_tumor_classification, path: mri, labels: y.csv, " \
-           "image_column: f, label_column: %s}\n"
+    body = (
+        "sources:\n  - {adapter: images_csv, task: brain_tumor_classification, path: mri, labels: y.csv, "
+        "image_column: f, label_column: %s}\n"
+    )
     expect_failure(body % "y", r"y\.csv row 3: label 'zebra' is not a class")
     expect_failure(body % "diagnosis", r"sources\[0\]: .*y\.csv: no column\(s\) \['diagnosis'\]")
     expect_failure(body % "y, classes: {zebra: horse}", r"sources\[0\]: classes: \['horse'\]")
-    expect_failure(body.replace("label_column: %s", "finding_columns: {}"),
-                    r"sources\[0\]: task brain_tumor_classification has multiclass targets")
+    expect_failure(
+        body.replace("label_column: %s", "finding_columns: {}"),
+        r"sources\[0\]: task brain_tumor_classification has multiclass targets",
+    )
 
 
 def test_images_csv_on_error_skip_drops_bad_rows_and_lists_them(tmp_path):
@@ -240,8 +265,9 @@ def _ct(tmp_path, slices=4, reports=(("0", "scan0"), ("1", "scan0"), ("1", "scan
                 for k in range(slices):
                     _image(root / cls / str(p) / f"scan{s}" / f"{k}.png", seed=100 * c + 10 * p + k)
     texts = ["Fever and cough, contact with a confirmed case", "no fever", "pleural fluid"]
-    pd.DataFrame({"patient_id": [p for p, _ in reports], "scan_id": [s for _, s in reports],
-                  "report": texts[:len(reports)]}).to_csv(tmp_path / "reports.csv", index=False)
+    pd.DataFrame(
+        {"patient_id": [p for p, _ in reports], "scan_id": [s for _, s in reports], "report": texts[: len(reports)]}
+    ).to_csv(tmp_path / "reports.csv", index=False)
     return root
 
 
@@ -255,8 +281,10 @@ def test_ct_slices_per_scan_and_per_slice(tmp_path):
     assert corpus.array("ct").shape == (9, 1, 32, 32) and set(rows["origin_site"]) == {"cc"}
     text = corpus.array("text")[rows["idx_text"].to_numpy()]
     assert text.shape == (9, 32)
-    assert text[rows["patient_id"].eq("CP/0").to_numpy()][0].tolist() == \
-        tokenize("Fever and cough, contact with a confirmed case").tolist()
+    assert (
+        text[rows["patient_id"].eq("CP/0").to_numpy()][0].tolist()
+        == tokenize("Fever and cough, contact with a confirmed case").tolist()
+    )
 
     run_spec(_spec(tmp_path, CT.replace("origin_site: cc", "per: slice")), tmp_path / "slices")
     m = Corpus.open(tmp_path / "slices").manifest
@@ -276,10 +304,14 @@ def test_ct_slices_scan_without_report_has_no_text(tmp_path):
 
 
 def test_ct_slices_natural_order_and_central_slices(tmp_path):
-    assert [p.name for p in sorted(tmp_path.joinpath(n) for n in ("s10.png", "s2.png", "s1.png"))] != \
-        ["s1.png", "s2.png", "s10.png"]
-    assert sorted([tmp_path / n for n in ("s10.png", "s2.png", "s1.png")], key=natural_key) == \
-        [tmp_path / n for n in ("s1.png", "s2.png", "s10.png")]
+    assert [p.name for p in sorted(tmp_path.joinpath(n) for n in ("s10.png", "s2.png", "s1.png"))] != [
+        "s1.png",
+        "s2.png",
+        "s10.png",
+    ]
+    assert sorted([tmp_path / n for n in ("s10.png", "s2.png", "s1.png")], key=natural_key) == [
+        tmp_path / n for n in ("s1.png", "s2.png", "s10.png")
+    ]
     scan = tmp_path / "ct" / "normal" / "p" / "scan"
     gradient = np.tile(np.linspace(0, 255, SIZE, dtype=np.uint8), (SIZE, 1))
     for k in range(1, 12):  # 11 slices: the central three are 5, 6 and 7 in natural order
@@ -326,10 +358,12 @@ def _vqa_images(tmp_path, n=3):
 
 
 def _records():
-    return [{"image": "0.png", "question": "Is there an effusion?", "answer": "Yes", "hospital": "a"},
-            {"image": "0.png", "question": "How many nodules?", "answer": 2, "hospital": "a"},
-            {"image": "1.png", "question": "Any pneumothorax?", "answer": "NO", "hospital": "b"},
-            {"image": "2.png", "question": "How many lesions?", "answer": "two", "hospital": "b"}]
+    return [
+        {"image": "0.png", "question": "Is there an effusion?", "answer": "Yes", "hospital": "a"},
+        {"image": "0.png", "question": "How many nodules?", "answer": 2, "hospital": "a"},
+        {"image": "1.png", "question": "Any pneumothorax?", "answer": "NO", "hospital": "b"},
+        {"image": "2.png", "question": "How many lesions?", "answer": "two", "hospital": "b"},
+    ]
 
 
 def _jsonl(tmp_path, lines):
@@ -381,3 +415,47 @@ def test_vqa_on_error_skip(tmp_path):
     corpus, skipped = _ingest(tmp_path, "on_error: skip\n" + VQA.format(file="qa.jsonl"))
     assert [s["item"].rsplit(" ", 1)[-1] for s in skipped] == ["2", "3"]
     assert _rows(corpus, "medical_vqa")[1].tolist() == [1, 0, 4]
+
+
+@pytest.mark.parametrize(
+    "task_name, params, message",
+    [
+        ("bone_age", {}, r"give exactly one of label_column, finding_columns, findings_column \(got none\)"),
+        (
+            "bone_age",
+            {"label_column": "y", "findings_column": "Finding Labels"},
+            r"give exactly one of .* \(got \['label_column', 'findings_column'\]\)",
+        ),
+        ("bone_age", {"label_column": "y", "separator": ";"}, r"key\(s\) \['separator'\] do not go with label_column"),
+        (
+            "radiographic_findings",
+            {"label_column": "y"},
+            "task radiographic_findings has multilabel targets: "
+            "give finding_columns or findings_column, not label_column",
+        ),
+        (
+            "bone_age",
+            {"label_column": "y", "classes": {"1": "old"}},
+            "task bone_age is a regression: it has no classes",
+        ),
+        ("protein_structure", {"label_column": "y"}, r"images_csv cannot label task protein_structure \(per_residue"),
+    ],
+)
+def test_images_csv_label_style_must_fit_the_task(tmp_path, task_name, params, message):
+    frame = pd.DataFrame({"f": ["0.png"], "y": ["30"], "Finding Labels": ["Nodule"]})
+    with pytest.raises(ValueError, match=message):
+        labeler(TASKS.get(task_name), params, frame, tmp_path / "y.csv")
+
+
+def test_images_csv_label_column_reads_a_regression_value_or_a_class(tmp_path):
+    frame = pd.DataFrame({"f": ["0.png"], "y": ["30"]})
+    months, declared = labeler(TASKS.get("bone_age"), {"label_column": "y"}, frame, tmp_path / "y.csv")
+    assert months({"y": "30"}) == 30.0 and declared == set()
+    tumour, declared = labeler(
+        TASKS.get("brain_tumor_classification"),
+        {"label_column": "y", "classes": {"G": "glioma"}},
+        frame,
+        tmp_path / "y.csv",
+    )
+    assert tumour({"y": "G"}) == TASKS.get("brain_tumor_classification").classes.index("glioma")
+    assert declared == {"glioma"}

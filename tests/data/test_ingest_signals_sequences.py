@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from federated.data.format import Corpus
+from federated.data.ingest.core import ADAPTERS, Problems
 from federated.data.ingest.spec import run_spec
 
 pyedflib = pytest.importorskip("pyedflib")
@@ -28,10 +29,22 @@ def _wave(ch: int, t: np.ndarray) -> np.ndarray:
 def _edf(path, n_channels=10, seconds=10, events=EVENTS, rates=None):
     rates = rates or [RATE] * n_channels
     writer = pyedflib.EdfWriter(str(path), n_channels, file_type=pyedflib.FILETYPE_EDFPLUS)
-    writer.setSignalHeaders([
-        {"label": f"C{i}", "dimension": "uV", "sample_frequency": r, "physical_max": 100.0,
-         "physical_min": -100.0, "digital_max": 32767, "digital_min": -32768, "transducer": "",
-         "prefilter": ""} for i, r in enumerate(rates)])
+    writer.setSignalHeaders(
+        [
+            {
+                "label": f"C{i}",
+                "dimension": "uV",
+                "sample_frequency": r,
+                "physical_max": 100.0,
+                "physical_min": -100.0,
+                "digital_max": 32767,
+                "digital_min": -32768,
+                "transducer": "",
+                "prefilter": "",
+            }
+            for i, r in enumerate(rates)
+        ]
+    )
     writer.writeSamples([50 * _wave(i, np.arange(seconds * r) / r) for i, r in enumerate(rates)])
     for onset, text in events:
         writer.writeAnnotation(onset, 0.5, text)
@@ -109,12 +122,25 @@ def test_power_above_the_new_nyquist_is_filtered_not_folded(tmp_path, monkeypatc
     rate, seconds = 256, 10
     t_all = np.arange(seconds * rate) / rate
     writer = pyedflib.EdfWriter(str(tmp_path / "rec.edf"), 8, file_type=pyedflib.FILETYPE_EDFPLUS)
-    writer.setSignalHeaders([
-        {"label": f"C{i}", "dimension": "uV", "sample_frequency": rate, "physical_max": 100.0,
-         "physical_min": -100.0, "digital_max": 32767, "digital_min": -32768, "transducer": "",
-         "prefilter": ""} for i in range(8)])
-    writer.writeSamples([40 * np.sin(2 * np.pi * 2 * t_all + i) + 40 * np.sin(2 * np.pi * 60 * t_all)
-                         for i in range(8)])
+    writer.setSignalHeaders(
+        [
+            {
+                "label": f"C{i}",
+                "dimension": "uV",
+                "sample_frequency": rate,
+                "physical_max": 100.0,
+                "physical_min": -100.0,
+                "digital_max": 32767,
+                "digital_min": -32768,
+                "transducer": "",
+                "prefilter": "",
+            }
+            for i in range(8)
+        ]
+    )
+    writer.writeSamples(
+        [40 * np.sin(2 * np.pi * 2 * t_all + i) + 40 * np.sin(2 * np.pi * 60 * t_all) for i in range(8)]
+    )
     writer.writeAnnotation(3.0, 0.5, "T1")
     writer.close()
     body = """
@@ -156,14 +182,21 @@ def test_edf_problems_name_the_file_and_event(tmp_path, expect_failure):
     edf.write_bytes(data[:-700])  # truncated
     expect_failure("sources:" + EEG, r"S001R04\.edf: unreadable, truncated or corrupt EDF")
     _edf(edf)
-    expect_failure("sources:" + EEG.replace("C9", "Cz"),
-                    r"S001R04\.edf: channel\(s\) \['Cz'\] not in this recording \(its channels: C0, C1")
+    expect_failure(
+        "sources:" + EEG.replace("C9", "Cz"),
+        r"S001R04\.edf: channel\(s\) \['Cz'\] not in this recording \(its channels: C0, C1",
+    )
     _edf(edf, n_channels=6)
-    expect_failure("sources:" + EEG.replace(f"    channels: {CHANNELS}\n", ""),
-                    r"S001R04\.edf: has 6 signal channels, the eeg modality needs 8")
+    expect_failure(
+        "sources:" + EEG.replace(f"    channels: {CHANNELS}\n", ""),
+        r"S001R04\.edf: has 6 signal channels, the eeg modality needs 8",
+    )
     _edf(edf, events=((9.0, "T2"),))
-    expect_failure("sources:" + EEG, r"S001R04\.edf event 'T2' at onset 9 s: epoch \[9\.5, 11\.5\] s "
-                                   r"runs outside the recording")
+    expect_failure(
+        "sources:" + EEG,
+        r"S001R04\.edf event 'T2' at onset 9 s: epoch \[9\.5, 11\.5\] s "
+        r"runs outside the recording",
+    )
     _edf(edf, events=((1.0, "T0"),))
     expect_failure("sources:" + EEG, r"S001R04\.edf: no event among \['T1', 'T2'\]")
     _edf(edf, events=EVENTS[:1])
@@ -186,8 +219,10 @@ def test_nan_samples_and_config_mistakes(tmp_path, expect_failure, monkeypatch):
 
     monkeypatch.setattr(eeg_edf, "_read", with_nan)
     expect_failure("sources:" + EEG, r"S001R04\.edf event 'T2' at onset 3 s: NaN")
-    expect_failure("sources:" + EEG.replace("T2: right_hand", "T2: hands"),
-                    r"sources\[0\]: events map to \['hands'\], not classes of motor_imagery")
+    expect_failure(
+        "sources:" + EEG.replace("T2: right_hand", "T2: hands"),
+        r"sources\[0\]: events map to \['hands'\], not classes of motor_imagery",
+    )
     expect_failure("sources:" + EEG.replace("'C9', ", ""), r"sources\[0\]: channels lists 7 labels")
     expect_failure("sources:" + EEG.replace("'C9'", "'C0'"), r"sources\[0\]: channels lists a label twice")
 
@@ -291,8 +326,11 @@ def test_fasta_problems_name_the_file_and_record(tmp_path, expect_failure):
     _promoters(tmp_path, fasta=PROMOTERS + ">r4\n\n")
     expect_failure("sources:" + EXPRESSION, r"promoters\.fa record r4: empty sequence")
     _promoters(tmp_path, fasta=PROMOTERS.replace("acgtAC", "acgtNC"))
-    expect_failure("sources:" + EXPRESSION, r"promoters\.fa record r1: letter 'N' at position 5 is not in "
-                                          "the alphabet ACGT")
+    expect_failure(
+        "sources:" + EXPRESSION,
+        r"promoters\.fa record r1: letter 'N' at position 5 is not in "
+        "the alphabet ACGT",
+    )
     _promoters(tmp_path, table=TABLE.replace("r3,3,south\n", ""))
     expect_failure("sources:" + EXPRESSION, r"promoters\.fa record r3: no entry for this id in expression\.csv")
     _promoters(tmp_path, table=TABLE + "r9,1,north\n")
@@ -300,8 +338,11 @@ def test_fasta_problems_name_the_file_and_record(tmp_path, expect_failure):
     _promoters(tmp_path, table=TABLE.replace("r2,-0.25", "r2,"))
     expect_failure("sources:" + EXPRESSION, r"expression\.csv row 3: log_tpm is missing or NaN")
     _proteins(tmp_path, structure_p1="HHHEEECCC")
-    expect_failure("sources:" + PROTEINS, r"chains\.dssp\.fa record p1: 9 structure states for a sequence "
-                                        "of 10 residues")
+    expect_failure(
+        "sources:" + PROTEINS,
+        r"chains\.dssp\.fa record p1: 9 structure states for a sequence "
+        "of 10 residues",
+    )
     _proteins(tmp_path, structure_p1="HHHEEECCCX")
     expect_failure("sources:" + PROTEINS, r"chains\.dssp\.fa record p1: structure letter 'X' at position 10")
 
@@ -313,3 +354,45 @@ def test_fasta_on_error_skip_and_config_mistakes(tmp_path, expect_failure):
     assert Corpus.open(out).manifest["patient_id"].tolist() == ["r2", "r3"]
     expect_failure("sources:" + EXPRESSION.replace("log_tpm", "tpm"), r"sources\[0\]: .*no column\(s\) \['tpm'\]")
     expect_failure("sources:" + EXPRESSION + "    crop: end\n", r"sources\[0\]: crop must be one of center, start")
+
+
+@pytest.mark.parametrize(
+    "task_name, change, message",
+    [
+        ("bone_age", {}, r"task bone_age has no eeg input \(its inputs: xray\)"),
+        ("motor_imagery", {"events": None}, r"missing key 'events' \(annotation description -> task class\)"),
+        ("motor_imagery", {"epoch_s": 0}, r"epoch_s must be > 0 \(got 0\.0\)"),
+        ("motor_imagery", {"site_from": "clinic"}, r"site_from must be one of origin_site, subject \(got 'clinic'\)"),
+        ("motor_imagery", {"origin_site": "lab_a"}, "give either origin_site .* or site_from: subject, not both"),
+        ("motor_imagery", {"subject_pattern": "(S"}, "subject_pattern is not a valid regex"),
+    ],
+)
+def test_eeg_settings_are_refused_by_key_before_any_file_is_read(tmp_path, task_name, change, message):
+    params = {
+        "adapter": "eeg_edf",
+        "task": task_name,
+        "path": "absent",
+        "events": {"T1": "left_hand"},
+        "site_from": "subject",
+        **change,
+    }
+    with pytest.raises(ValueError, match=message):
+        ADAPTERS.get("eeg_edf")(params, tmp_path, Problems())
+
+
+def test_every_unreadable_fasta_side_file_is_reported_at_once(tmp_path):
+    (tmp_path / "promoters.fa").write_bytes(b">r1\n\xff\xfe\n")  # not UTF-8
+    (tmp_path / "expression.csv").write_text("")  # no columns at all
+    params = {
+        "adapter": "fasta",
+        "task": "expression_prediction",
+        "path": "promoters.fa",
+        "labels": "expression.csv",
+        "label_column": "log_tpm",
+    }
+    problems = Problems("skip")
+    assert len(ADAPTERS.get("fasta")(params, tmp_path, problems)) == 0
+    assert [(s["item"].rsplit("/", 1)[-1], s["reason"].split(" (")[0]) for s in problems.skipped] == [
+        ("promoters.fa", "unreadable text file"),
+        ("expression.csv", "unreadable CSV"),
+    ]

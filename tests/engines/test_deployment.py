@@ -19,8 +19,15 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
 
 from federated.app.cli import main
-from federated.engines.deployment import (DeploymentError, LoopbackFederation, check_binaries,
-                                          deploy_demo, demo_overrides, pid_alive, run_config_toml)
+from federated.engines.deployment import (
+    DeploymentError,
+    LoopbackFederation,
+    check_binaries,
+    demo_overrides,
+    deploy_demo,
+    pid_alive,
+    run_config_toml,
+)
 from federated.engines.pki import write_demo_pki
 
 # ------------------------------------------------------------------------------- pki.py ----

@@ -9,8 +9,8 @@ import pytest
 
 import partitions.acquisition_shift as acq
 from federated.core.multimed import IMAGE, MODALITIES, PAD_TOKEN, SIGNAL, TOKENS, VECTOR
-from partitions.site_plan import STEPS, PlanError, SitePlan
 from federated.core.protocol import Role
+from partitions.site_plan import STEPS, PlanError, SitePlan
 
 SEED = 7
 ALL = list(MODALITIES)
@@ -202,7 +202,7 @@ PLANS = [_plan("site_0", Role.TRAIN, ("ct", "text")), _plan("site_1", Role.TRAIN
 
 def test_site_severities_cover_every_modality_of_every_site_in_range():
     out = acq.site_severities(PLANS, 0.8, seed=3)
-    for before, after in zip(PLANS, out):
+    for before, after in zip(PLANS, out, strict=True):
         assert set(after.shift) == set(before.modalities)
         assert all(0.5 * 0.8 <= s <= 1.5 * 0.8 for s in after.shift.values())
         assert after.shift_seed == 3 and after.site == before.site
@@ -214,14 +214,14 @@ def test_site_severities_cover_every_modality_of_every_site_in_range():
 
 @pytest.mark.parametrize("bad", [-0.1, float("nan")])
 def test_negative_severity_is_refused(bad):
-    with pytest.raises(PlanError, match="sites.shift_severity"):
+    with pytest.raises(PlanError, match="sites.load_shift_severity"):
         acq.site_severities(PLANS, bad, seed=0)
 
 
 def test_step_is_registered_and_active_only_with_a_severity():
     step = STEPS.get("acquisition_shift")
-    on = SimpleNamespace(sites=SimpleNamespace(shift_severity=0.5), corpus=SimpleNamespace(seed=2))
-    off = SimpleNamespace(sites=SimpleNamespace(shift_severity=0.0), corpus=SimpleNamespace(seed=2))
+    on = SimpleNamespace(sites=SimpleNamespace(load_shift_severity=0.5), corpus=SimpleNamespace(seed=2))
+    off = SimpleNamespace(sites=SimpleNamespace(load_shift_severity=0.0), corpus=SimpleNamespace(seed=2))
     assert step.active(on) and not step.active(off)
     out = step.apply(PLANS, None, on)
-    assert all(p.shift_seed == 2 and 0.25 <= min(p.shift.values()) for p in out)
+    assert all(p.shift_seed == 2 and min(p.shift.values()) >= 0.25 for p in out)

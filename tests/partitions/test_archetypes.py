@@ -27,7 +27,7 @@ def test_default_plan_is_disjoint_and_holds_what_it_claims(smoke_corpus):
             assert p.n_train == 0 and p.n_test > 0
     # the same config gives the same plan
     again = plan_sites(corpus, cfg)
-    assert all(np.array_equal(a.test_rows, b.test_rows) for a, b in zip(plans, again))
+    assert all(np.array_equal(a.test_rows, b.test_rows) for a, b in zip(plans, again, strict=True))
 
 
 def test_held_out_site_with_an_untrained_task_is_refused(smoke_corpus):

@@ -29,8 +29,9 @@ def test_listed_named_random_and_archetype(smoke_corpus):
     assert len(picked) == 3 and picked == _held(plan_sites(corpus, rand))  # seeded
     other_seed = load_config([*SMOKE, "sites.holdout=random", "sites.holdout_k=3", "corpus.seed=5"])
     assert len(_held(plan_sites(corpus, other_seed))) == 3
-    by_type = plan_sites(corpus, load_config([*SMOKE, "sites.holdout=archetype",
-                                              "sites.holdout_archetypes=[eye_clinic,cancer_centre]"]))
+    by_type = plan_sites(
+        corpus, load_config([*SMOKE, "sites.holdout=archetype", "sites.holdout_archetypes=[eye_clinic,cancer_centre]"])
+    )
     assert _held(by_type) == ["site_07", "site_08"]
     for p in by_type:
         if p.role == "held_out":
@@ -76,3 +77,26 @@ def test_zero_shot_lets_a_held_out_site_keep_an_untrained_task(smoke_corpus):
 def test_a_training_site_under_the_minimum_size_is_refused(smoke_corpus):
     with pytest.raises(PlanError, match=r"site_00 .* fewer than sites.min_samples=1000"):
         plan_sites(Corpus.open(smoke_corpus), load_config([*SMOKE, "sites.min_samples=1000"]))
+
+
+def test_every_holdout_mode_the_config_accepts_has_a_selector():
+    from federated.core.config.loader import HOLDOUT_MODES
+    from partitions.holdout import SELECTORS
+
+    assert tuple(SELECTORS) == HOLDOUT_MODES
+
+
+def test_an_unknown_mode_and_an_empty_archetype_list_are_named(smoke_corpus):
+    import dataclasses
+
+    from partitions import PLANNERS
+    from partitions.holdout import assign_roles
+
+    corpus = Corpus.open(smoke_corpus)
+    cfg = load_config(SMOKE)
+    plans = PLANNERS.get(cfg.sites.planner)(corpus, cfg)
+    bogus = dataclasses.replace(cfg, sites=dataclasses.replace(cfg.sites, holdout="coin_flip"))
+    with pytest.raises(PlanError, match="unknown sites.holdout 'coin_flip'; choices: listed, named, random, archetype"):
+        assign_roles(plans, bogus)
+    with pytest.raises(PlanError, match=r"holdout_archetypes=\[\]: no site of archetype \(none given\)"):
+        plan_sites(corpus, load_config([*SMOKE, "sites.holdout=archetype", "sites.holdout_archetypes=[]"]))

@@ -22,7 +22,7 @@ def test_measured_noise_rate_matches_and_test_labels_are_clean(smoke_corpus, rat
     clean = plan_sites(corpus, load_config(["scale=smoke"]))
     noisy = plan_sites(corpus, load_config(["scale=smoke", f"sites.label_noise_rate={rate}"]))
     flipped = total = 0
-    for a, b in zip(clean, noisy):
+    for a, b in zip(clean, noisy, strict=True):
         if a.role != "train":
             continue
         da, db = SiteData(corpus, a), SiteData(corpus, b)

@@ -31,12 +31,12 @@ def test_small_alpha_skews_and_large_alpha_does_not(smoke_corpus):
     assert _mean_kl(corpus, large) < 0.15
     assert _mean_kl(corpus, small) > 0.5
     # only rows are dropped, held-out sites untouched, and the same seed gives the same plan
-    for a, b in zip(none, small):
+    for a, b in zip(none, small, strict=True):
         assert set(b.train_rows) <= set(a.train_rows)
         if a.role == "held_out":
             assert np.array_equal(a.test_rows, b.test_rows)
     again = plan_sites(corpus, load_config([*base, "sites.label_skew_alpha=0.1"]))
-    assert all(np.array_equal(a.train_rows, b.train_rows) for a, b in zip(small, again))
+    assert all(np.array_equal(a.train_rows, b.train_rows) for a, b in zip(small, again, strict=True))
 
 
 def test_alpha_must_be_positive():

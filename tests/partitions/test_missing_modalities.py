@@ -5,8 +5,8 @@ import pytest
 
 from clients.site_data import SiteData
 from federated.core.config import ConfigError, load_config
-from federated.data.format import Corpus
 from federated.core.multimed import TASKS
+from federated.data.format import Corpus
 from partitions import plan_sites
 
 BASE = ["scale=smoke", "corpus.samples_per_task_site=200"]
@@ -56,7 +56,7 @@ def test_site_rate_one_drops_one_modality_per_multimodal_task_at_every_site(corp
             split = data.split(t, "test")
             lacking = [m for m in inputs if not split.present[m].any()]
             assert len(lacking) == 1, (p.site, t)  # exactly one lost, the other always there
-    shares, empty = _present(corpus, plans)
+    _shares, empty = _present(corpus, plans)
     assert not empty
 
 

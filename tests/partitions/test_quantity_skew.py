@@ -23,12 +23,12 @@ def test_sizes_spread_with_sigma_and_respect_the_floor(smoke_corpus):
     assert all(((c >= 4) & (c <= 16)).all() for c in per_task)
     frac = _train_sizes(skewed) / _train_sizes(equal)
     assert frac.max() == pytest.approx(1.0) and frac.min() < 0.5  # the biggest keeps all; spread is real
-    for a, b in zip(equal, skewed):
+    for a, b in zip(equal, skewed, strict=True):
         assert set(b.train_rows) <= set(a.train_rows) and set(b.test_rows) <= set(a.test_rows)
         if a.role == "held_out":
             assert np.array_equal(a.test_rows, b.test_rows)
     again = plan_sites(corpus, load_config([*base, "sites.quantity_skew_sigma=1.5", "sites.min_samples=4"]))
-    assert all(np.array_equal(a.train_rows, b.train_rows) for a, b in zip(skewed, again))
+    assert all(np.array_equal(a.train_rows, b.train_rows) for a, b in zip(skewed, again, strict=True))
 
 
 def test_bad_values_name_the_key():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from federated.core.config import load_config
-from federated.data.format import Corpus
 from federated.core.multimed import MULTIMED_TASKS
+from federated.data.format import Corpus
 from partitions import PlanError, plan_sites
 from partitions.random_mix import draw_task_mix
 
@@ -35,7 +35,7 @@ def test_more_sites_than_origins_split_each_origin_disjointly(smoke_corpus):
         assert set(m["task"].iloc[rows]) == set(p.tasks)
     again = plan_sites(corpus, cfg)
     assert all(a.tasks == b.tasks and np.array_equal(a.train_rows, b.train_rows)
-               for a, b in zip(plans, again))
+               for a, b in zip(plans, again, strict=True))
 
 
 def test_impossible_mixes_are_refused(smoke_corpus):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from federated.core.config import load_config
-from federated.data.format import Corpus
 from federated.core.multimed import TASKS
+from federated.data.format import Corpus
 from partitions import PlanError, plan_sites
 
 SMOKE = ["scale=smoke"]

@@ -25,11 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from federated.core.io import read_yaml_mapping
+from federated.core.resources import shipped_dir
 
 STUDY_DIR_ENV = "MULTIMED_FL_STUDIES"
-KEYS = {"name", "title", "description", "base", "quick", "seeds", "quick_seeds", "axes",
-        "generated_axes", "processes", "quick_axes", "per_task_arms", "setup",
-        "per_task_table"}
+KEYS = {
+    "name",
+    "title",
+    "description",
+    "base",
+    "quick",
+    "seeds",
+    "quick_seeds",
+    "axes",
+    "generated_axes",
+    "processes",
+    "quick_axes",
+    "per_task_arms",
+    "setup",
+    "per_task_table",
+}
 GENERATORS = ("leave_one_site_out", "local_sites")
 
 
@@ -70,23 +84,38 @@ class Study:
     path: Path | None = None
 
     def runs(self, quick: bool = False, generated: dict[str, dict[str, list[str]]] | None = None) -> list[Run]:
-        axes = {a: dict(v) for a, v in self.axes.items()}
-        for a, values in (generated or {}).items():  # generated values join a static axis
-            axes.setdefault(a, {}).update(values)
-        if quick:
-            axes = {a: {k: v for k, v in vals.items() if a not in self.quick_axes or k in self.quick_axes[a]}
-                    for a, vals in axes.items()}
-        names = list(axes)
+        """One run per combination of axis values and seed, in grid order (the report's order)."""
+        axes = self._grid(quick, generated)
         seeds = self.quick_seeds if quick else self.seeds
         base = [*self.base, *(self.quick if quick else [])]
         out = []
-        for combo in itertools.product(*[list(axes[a].items()) for a in names]):
-            labels = {a: label for a, (label, _) in zip(names, combo)}
-            overrides = [o for _, ovs in combo for o in ovs]
+        for labels, overrides in _combinations(axes):
             for seed in range(seeds):
                 rid = "__".join([*(f"{a}={_safe(lbl)}" for a, lbl in labels.items()), f"seed={seed}"])
                 out.append(Run(rid, labels, seed, [*base, *overrides, f"seed={seed}"]))
         return out
+
+    def _grid(self, quick: bool, generated: dict[str, dict[str, list[str]]] | None) -> dict[str, dict[str, list[str]]]:
+        """The axes with the generated values joined in; a quick run keeps only its quick_axes labels."""
+        axes = {a: dict(v) for a, v in self.axes.items()}
+        for a, values in (generated or {}).items():  # generated values join a static axis
+            axes.setdefault(a, {}).update(values)
+        if not quick:
+            return axes
+        return {
+            a: {k: v for k, v in vals.items() if a not in self.quick_axes or k in self.quick_axes[a]}
+            for a, vals in axes.items()
+        }
+
+
+def _combinations(axes: dict[str, dict[str, list[str]]]) -> list[tuple[dict[str, str], list[str]]]:
+    """(label per axis, their overrides joined in axis order) for every point of the grid."""
+    names = list(axes)
+    out = []
+    for combo in itertools.product(*[list(axes[a].items()) for a in names]):
+        labels = {a: label for a, (label, _) in zip(names, combo, strict=True)}
+        out.append((labels, [o for _, ovs in combo for o in ovs]))
+    return out
 
 
 def _safe(label: str) -> str:
@@ -94,8 +123,10 @@ def _safe(label: str) -> str:
 
 
 def study_dir() -> Path:
+    """$MULTIMED_FL_STUDIES, else the study definitions that shipped with the package (a clone's
+    experiments/studies/ when the install is editable): see federated/core/resources.py."""
     env = os.environ.get(STUDY_DIR_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "experiments" / "studies"
+    return Path(env) if env else shipped_dir("_studies")
 
 
 def available() -> list[str]:
@@ -103,25 +134,10 @@ def available() -> list[str]:
 
 
 def load_study(name_or_path: str) -> Study:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = study_dir() / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise StudyError(f"unknown study {name_or_path!r}; available: {', '.join(available()) or '(none)'}")
+    """A study by name (in study_dir()) or by path, every key checked, so a typo fails before any run."""
+    path = _study_path(name_or_path)
     raw = read_yaml_mapping(path, KEYS, StudyError, "a study")
-
-    def overrides(value: Any, where: str) -> list[str]:
-        if value is None:
-            return []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise StudyError(f"{path}: {where} must be a list of key=value strings")
-        return list(value)
-
-    axes: dict[str, dict[str, list[str]]] = {}
-    for axis, values in (raw.get("axes") or {}).items():
-        if not isinstance(values, dict) or not values:
-            raise StudyError(f"{path}: axes.{axis} must map labels to override lists")
-        axes[str(axis)] = {str(k): overrides(v, f"axes.{axis}.{k}") for k, v in values.items()}
+    axes = _axes(raw.get("axes") or {}, path)
     generated = list(raw.get("generated_axes") or [])
     bad = [g for g in generated if g not in GENERATORS]
     if bad:
@@ -131,10 +147,48 @@ def load_study(name_or_path: str) -> Study:
             raise StudyError(f"{path}: {key} must be an integer >= 1 (got {raw[key]!r})")
     quick_axes = {str(a): [str(v) for v in vals] for a, vals in (raw.get("quick_axes") or {}).items()}
     return Study(
-        name=str(raw.get("name", path.stem)), title=str(raw.get("title", path.stem)),
-        description=str(raw.get("description", "")).strip(), base=overrides(raw.get("base"), "base"),
-        quick=overrides(raw.get("quick"), "quick"), seeds=int(raw.get("seeds", 3)),
-        quick_seeds=int(raw.get("quick_seeds", 1)), axes=axes, quick_axes=quick_axes,
-        generated_axes=generated, processes=int(raw.get("processes", 2)),
-        per_task_arms=bool(raw.get("per_task_arms", False)), setup=str(raw.get("setup", "")),
-        per_task_table=bool(raw.get("per_task_table", False)), path=path)
+        name=str(raw.get("name", path.stem)),
+        title=str(raw.get("title", path.stem)),
+        description=str(raw.get("description", "")).strip(),
+        base=_overrides(raw.get("base"), "base", path),
+        quick=_overrides(raw.get("quick"), "quick", path),
+        seeds=int(raw.get("seeds", 3)),
+        quick_seeds=int(raw.get("quick_seeds", 1)),
+        axes=axes,
+        quick_axes=quick_axes,
+        generated_axes=generated,
+        processes=int(raw.get("processes", 2)),
+        per_task_arms=bool(raw.get("per_task_arms", False)),
+        setup=str(raw.get("setup", "")),
+        per_task_table=bool(raw.get("per_task_table", False)),
+        path=path,
+    )
+
+
+def _study_path(name_or_path: str) -> Path:
+    """A bare name is a file in study_dir(); an unknown one fails listing the studies there."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = study_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise StudyError(f"unknown study {name_or_path!r}; available: {', '.join(available()) or '(none)'}")
+    return path
+
+
+def _overrides(value: Any, where: str, path: Path) -> list[str]:
+    """A list of key=value strings (none when absent); anything else fails naming the key."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise StudyError(f"{path}: {where} must be a list of key=value strings")
+    return list(value)
+
+
+def _axes(raw_axes: dict[Any, Any], path: Path) -> dict[str, dict[str, list[str]]]:
+    """Each axis maps labels to override lists; labels become strings (YAML may read 0 as an int)."""
+    axes: dict[str, dict[str, list[str]]] = {}
+    for axis, values in raw_axes.items():
+        if not isinstance(values, dict) or not values:
+            raise StudyError(f"{path}: axes.{axis} must map labels to override lists")
+        axes[str(axis)] = {str(k): _overrides(v, f"axes.{axis}.{k}", path) for k, v in values.items()}
+    return axes

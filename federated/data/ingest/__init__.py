@@ -15,11 +15,11 @@ from federated.data.ingest.core import ADAPTERS, IngestError, Problems, SampleSe
 __all__ = ["ADAPTERS", "IngestError", "Problems", "SampleSet", "ingest"]
 
 # Importing an adapter module registers it.
-from federated.data.ingest import image_folders as _image_folders  # noqa: E402,F401
-from federated.data.ingest import tabular as _tabular  # noqa: E402,F401
-from federated.data.ingest import h5ad as _h5ad  # noqa: E402,F401
-from federated.data.ingest import eeg_edf as _eeg_edf  # noqa: E402,F401
-from federated.data.ingest import fasta as _fasta  # noqa: E402,F401
-from federated.data.ingest import images_csv as _images_csv  # noqa: E402,F401
-from federated.data.ingest import ct_slices as _ct_slices  # noqa: E402,F401
-from federated.data.ingest import vqa as _vqa  # noqa: E402,F401
+from federated.data.ingest import ct_slices as _ct_slices  # noqa: F401
+from federated.data.ingest import eeg_edf as _eeg_edf  # noqa: F401
+from federated.data.ingest import fasta as _fasta  # noqa: F401
+from federated.data.ingest import h5ad as _h5ad  # noqa: F401
+from federated.data.ingest import image_folders as _image_folders  # noqa: F401
+from federated.data.ingest import images_csv as _images_csv  # noqa: F401
+from federated.data.ingest import tabular as _tabular  # noqa: F401
+from federated.data.ingest import vqa as _vqa  # noqa: F401

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.data.format import index_column, write_corpus
 from federated.core.multimed import MODALITIES, REGRESSION, TASKS
 from federated.core.registry import Registry
+from federated.data.format import index_column, write_corpus
 
 
 class IngestError(ValueError):
@@ -37,15 +37,15 @@ class SampleSet:
     """Samples of one task, as adapters produce them (inputs at the corpus's shapes)."""
 
     task: str
-    inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    # None where a sample lacks that input (its idx_ column is -1)
+    inputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
     targets: list[np.ndarray] = field(default_factory=list)
     origin_sites: list[str] = field(default_factory=list)
     patient_ids: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)  # what a reader of the corpus should know
 
-    def add(self, inputs: dict[str, np.ndarray], target: Any, origin_site: str, patient_id: str,
-            source: str) -> None:
+    def add(self, inputs: dict[str, np.ndarray], target: Any, origin_site: str, patient_id: str, source: str) -> None:
         spec = TASKS.get(self.task)
         for m, x in inputs.items():
             if m not in spec.inputs:
@@ -55,8 +55,10 @@ class SampleSet:
                 raise ValueError(f"{m} sample of shape {tuple(x.shape)}, expected {tuple(shape)}")
         n = len(self.targets)
         for m in spec.inputs:  # None: this sample lacks the input (its idx_ column is -1)
-            x = inputs.get(m)
-            self.inputs.setdefault(m, [None] * n).append(None if x is None else x.astype(MODALITIES.get(m).dtype))
+            given = inputs.get(m)
+            self.inputs.setdefault(m, [None] * n).append(
+                None if given is None else given.astype(MODALITIES.get(m).dtype)
+            )
         self.targets.append(np.asarray(target))
         self.origin_sites.append(origin_site)
         self.patient_ids.append(patient_id)
@@ -84,8 +86,9 @@ def adapter(name: str, keys: set[str] | frozenset[str]) -> Callable[[Adapter], A
     return deco
 
 
-def class_folders(root: Path, mapping: dict[str, str], task_name: str, classes: tuple[str, ...],
-                  problems: Problems, layout: str = "") -> list[tuple[Path, int]]:
+def class_folders(
+    root: Path, mapping: dict[str, str], task_name: str, classes: tuple[str, ...], problems: Problems, layout: str = ""
+) -> list[tuple[Path, int]]:
     """(folder, class index) for each sub-folder of `root` named after a class (or mapped to
     one by `classes:`); hidden folders are ignored, an unknown class folder is a problem."""
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -95,8 +98,9 @@ def class_folders(root: Path, mapping: dict[str, str], task_name: str, classes: 
     for folder in folders:
         name = mapping.get(folder.name, folder.name)
         if name not in classes:
-            problems.report(folder, f"class {name!r} is not a class of {task_name} "
-                                    f"({', '.join(classes)}); map it with `classes:`")
+            problems.report(
+                folder, f"class {name!r} is not a class of {task_name} ({', '.join(classes)}); map it with `classes:`"
+            )
             continue
         out.append((folder, classes.index(name)))
     return out
@@ -109,9 +113,11 @@ def optional_import(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise IngestError(f"this format needs the Python package {module.split('.')[0]!r}: "
-                          f"pip install 'multimed-fl[{extra}]'  (or: pip install -e '.[{extra}]' "
-                          "in a checkout)") from None
+        raise IngestError(
+            f"this format needs the Python package {module.split('.')[0]!r}: "
+            f"pip install 'multimed-fl[{extra}]'  (or: pip install -e '.[{extra}]' "
+            "in a checkout)"
+        ) from None
 
 
 def resolve(base: Path, params: dict[str, Any], key: str = "path") -> Path:
@@ -175,39 +181,69 @@ def draw_test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -
     return test
 
 
-def ingest(sets: list[SampleSet], out_dir: Path, name: str, provenance: dict[str, Any],
-           test_fraction: float = 0.2, seed: int = 0, overwrite: bool = False) -> Path:
+def ingest(
+    sets: list[SampleSet],
+    out_dir: Path,
+    name: str,
+    provenance: dict[str, Any],
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Write the samples as one corpus. The split is by patient (a patient's samples stay on
     one side, across tasks too), drawn with `seed`; `dataset` is the source of each sample."""
-    rows, arrays, targets = [], {m: [] for m in MODALITIES.names()}, {}
+    rows: list[dict[str, Any]] = []
+    arrays: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES.names()}
+    targets: dict[str, list[np.ndarray]] = {}
     for s in sets:
         if not len(s):
             raise IngestError(f"task {s.task}: no sample was ingested (every item was skipped?)")
     test = draw_test_patients(sets, test_fraction, seed)
     for s in sets:
-        spec = TASKS.get(s.task)
         target_offset = len(targets.get(s.task, []))
         targets.setdefault(s.task, []).extend(s.targets)
         for i in range(len(s)):
-            row = {"sample_id": f"{s.task}/{target_offset + i:07d}", "dataset": s.sources[i], "task": s.task,
-                   "patient_id": s.patient_ids[i], "origin_site": s.origin_sites[i],
-                   "split": "test" if s.patient_ids[i] in test else "train",
-                   "label": float(s.targets[i]) if np.ndim(s.targets[i]) == 0 else np.nan,
-                   "target_row": target_offset + i}
-            for m in spec.inputs:
-                col = index_column(m)
-                if m in s.inputs and s.inputs[m][i] is not None:
-                    row[col] = len(arrays[m])
-                    arrays[m].append(s.inputs[m][i])
-                else:
-                    row[col] = -1
+            row = _manifest_row(s, i, target_offset + i, test)
+            row.update(_index_inputs(s, i, arrays))
             rows.append(row)
     manifest = pd.DataFrame(rows)
     for col in [c for c in manifest if c.startswith("idx_")]:  # tasks differ in their inputs
         manifest[col] = manifest[col].fillna(-1).astype("int64")
     out_arrays = {m: np.stack(v) for m, v in arrays.items() if v}
-    out_targets = {}
+    return write_corpus(out_dir, manifest, out_arrays, _stack_targets(targets), name, provenance, overwrite=overwrite)
+
+
+def _manifest_row(s: SampleSet, i: int, target_row: int, test: set[str]) -> dict[str, Any]:
+    """The base columns of sample i; its split follows its patient, its label only if scalar."""
+    return {
+        "sample_id": f"{s.task}/{target_row:07d}",
+        "dataset": s.sources[i],
+        "task": s.task,
+        "patient_id": s.patient_ids[i],
+        "origin_site": s.origin_sites[i],
+        "split": "test" if s.patient_ids[i] in test else "train",
+        "label": float(s.targets[i]) if np.ndim(s.targets[i]) == 0 else np.nan,
+        "target_row": target_row,
+    }
+
+
+def _index_inputs(s: SampleSet, i: int, arrays: dict[str, list[np.ndarray]]) -> dict[str, int]:
+    """Append sample i's inputs to the per-modality arrays; its idx_ columns (-1 where it lacks one)."""
+    columns: dict[str, int] = {}
+    for m in TASKS.get(s.task).inputs:
+        x = s.inputs[m][i] if m in s.inputs else None
+        if x is not None:
+            columns[index_column(m)] = len(arrays[m])
+            arrays[m].append(x)
+        else:
+            columns[index_column(m)] = -1
+    return columns
+
+
+def _stack_targets(targets: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """One array per task, float32 for regression and int64 for class targets (the format's dtypes)."""
+    out: dict[str, np.ndarray] = {}
     for t, v in targets.items():
         dtype = np.float32 if TASKS.get(t).target == REGRESSION else np.int64
-        out_targets[t] = np.stack(v).astype(dtype)
-    return write_corpus(out_dir, manifest, out_arrays, out_targets, name, provenance, overwrite=overwrite)
+        out[t] = np.stack(v).astype(dtype)
+    return out

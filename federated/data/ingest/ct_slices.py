@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from federated.core.multimed import MODALITIES, TASKS, Task
 from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, class_folders, resolve
 from federated.data.ingest.image_folders import EXTENSIONS, image_modality
 from federated.data.ingest.images_csv import BadItem, cell, read_image, require_columns
 from federated.data.ingest.text import tokenize
-from federated.core.multimed import MODALITIES, TASKS, Task
 
 REPORT_COLUMNS = {"patient": "patient_id", "scan": "scan_id", "text": "report"}
 ReportKey = tuple[str, ...]
@@ -128,9 +128,10 @@ def _scan(scan: Path, label: int, ctx: dict[str, Any], samples: SampleSet, probl
         return
     start = max(0, (len(slices) - ctx["k"]) // 2)
     central = [read_image(s, shape, problems) for s in slices[start:start + ctx["k"]]]
-    if any(x is None for x in central):
+    read = [x for x in central if x is not None]
+    if len(read) < len(central):
         return  # the bad slice was reported; the scan is skipped
-    mean = np.mean(central, axis=0)
+    mean = np.mean(read, axis=0)
     x = (mean - mean.mean()) / (mean.std() + 1e-6)
     samples.add({ctx["modality"]: x, **inputs}, label, ctx["site"], f"{cls}/{patient}", ctx["source"])
 

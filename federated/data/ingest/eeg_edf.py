@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from federated.core.multimed import MODALITIES, TASKS, Task
 from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, optional_import, resolve
-from federated.core.multimed import MODALITIES, TASKS
 
 EEG = "eeg"
 SITE_FROM = ("origin_site", "subject")
@@ -50,35 +50,64 @@ class _Bad(Exception):
     """A problem with one recording or event; the caller reports it, naming the place."""
 
 
-def _config(params: dict[str, Any], task) -> dict[str, Any]:
+def _config(params: dict[str, Any], task: Task) -> dict[str, Any]:
+    """The source's settings, checked in the order a user fixes them, each refused by its key."""
     if EEG not in task.inputs:
         raise ValueError(f"task {task.name} has no eeg input (its inputs: {', '.join(task.inputs)})")
+    events = _events(params, task)
+    channels = _channels(params)
+    epoch_s, offset_s = float(params.get("epoch_s", 2.0)), float(params.get("offset_s", 0.0))
+    if not epoch_s > 0:
+        raise ValueError(f"epoch_s must be > 0 (got {epoch_s})")
+    site_from = _site_from(params)
+    return {
+        "events": events,
+        "channels": channels,
+        "epoch_s": epoch_s,
+        "offset_s": offset_s,
+        "site_from": site_from,
+        "pattern": _subject_pattern(params),
+    }
+
+
+def _events(params: dict[str, Any], task: Task) -> dict[str, str]:
+    """Annotation description -> task class; every class named must be one of the task's."""
     if not params.get("events"):
         raise ValueError("missing key 'events' (annotation description -> task class)")
     events = {str(k).strip(): str(v) for k, v in dict(params["events"]).items()}
     unknown = sorted({v for v in events.values() if v not in task.classes})
     if unknown:
         raise ValueError(f"events map to {unknown}, not classes of {task.name} ({', '.join(task.classes)})")
+    return events
+
+
+def _channels(params: dict[str, Any]) -> list[str] | None:
+    """The channel labels to select (None: the first signals): exactly the modality's count, no repeats."""
     n_channels = MODALITIES.get(EEG).shape[0]
     channels = params.get("channels")
     if channels is not None and len(channels) != n_channels:
         raise ValueError(f"channels lists {len(channels)} labels; the eeg modality has {n_channels}")
     if channels is not None and len({str(c) for c in channels}) != len(channels):
         raise ValueError(f"channels lists a label twice: {channels}")
-    epoch_s, offset_s = float(params.get("epoch_s", 2.0)), float(params.get("offset_s", 0.0))
-    if not epoch_s > 0:
-        raise ValueError(f"epoch_s must be > 0 (got {epoch_s})")
+    return [str(c) for c in channels] if channels else None
+
+
+def _site_from(params: dict[str, Any]) -> str:
+    """Where a recording's site comes from; a fixed origin_site would contradict per-subject sites."""
     site_from = str(params.get("site_from", "origin_site"))
     if site_from not in SITE_FROM:
         raise ValueError(f"site_from must be one of {', '.join(SITE_FROM)} (got {site_from!r})")
     if site_from == "subject" and params.get("origin_site"):
         raise ValueError("give either origin_site (a fixed name) or site_from: subject, not both")
+    return site_from
+
+
+def _subject_pattern(params: dict[str, Any]) -> re.Pattern[str] | None:
+    """The compiled subject_pattern, or None to use the file stem; a bad regex is refused by key."""
     try:
-        pattern = re.compile(str(params["subject_pattern"])) if params.get("subject_pattern") else None
+        return re.compile(str(params["subject_pattern"])) if params.get("subject_pattern") else None
     except re.error as e:
         raise ValueError(f"subject_pattern is not a valid regex: {e}") from None
-    return {"events": events, "channels": [str(c) for c in channels] if channels else None,
-            "epoch_s": epoch_s, "offset_s": offset_s, "site_from": site_from, "pattern": pattern}
 
 
 def _recordings(root: Path, problems: Problems) -> list[Path]:
@@ -122,16 +151,17 @@ def _csv_events(path: Path, files: list[Path], problems: Problems) -> dict[str, 
 def _match_channels(labels: list[str], wanted: list[str] | None, n: int) -> list[int]:
     if wanted is None:
         if len(labels) < n:
-            raise _Bad(f"has {len(labels)} signal channels, the eeg modality needs {n} "
-                       f"(its channels: {', '.join(labels)})")
+            raise _Bad(
+                f"has {len(labels)} signal channels, the eeg modality needs {n} (its channels: {', '.join(labels)})"
+            )
         return list(range(n))
     exact = {lab.strip(): i for i, lab in enumerate(labels)}
     loose = {lab.strip().rstrip(".").lower(): i for i, lab in enumerate(labels)}
     picked = [exact.get(w.strip(), loose.get(w.strip().rstrip(".").lower())) for w in wanted]
-    missing = [w for w, i in zip(wanted, picked) if i is None]
+    missing = [w for w, i in zip(wanted, picked, strict=True) if i is None]
     if missing:
         raise _Bad(f"channel(s) {missing} not in this recording (its channels: {', '.join(labels)})")
-    return picked
+    return [i for i in picked if i is not None]
 
 
 def _read(path: Path, pyedflib, wanted: list[str] | None) -> tuple[np.ndarray, float, list[tuple[float, str]]]:
@@ -147,7 +177,7 @@ def _read(path: Path, pyedflib, wanted: list[str] | None) -> tuple[np.ndarray, f
             raise _Bad(f"the selected channels have different sampling rates ({sorted(set(rates))} Hz)")
         signals = np.stack([reader.readSignal(i) for i in picked])
         onsets, _, texts = reader.readAnnotations()
-    return signals, rates[0], [(float(t), str(d).strip()) for t, d in zip(onsets, texts)]
+    return signals, rates[0], [(float(t), str(d).strip()) for t, d in zip(onsets, texts, strict=True)]
 
 
 def low_pass(signals: np.ndarray, rate: float, cutoff_hz: float) -> np.ndarray:
@@ -168,10 +198,10 @@ def low_pass(signals: np.ndarray, rate: float, cutoff_hz: float) -> np.ndarray:
     padded = np.pad(clean, ((0, 0), (pad, pad)), mode="reflect")
     size = padded.shape[1] + len(taps) - 1
     full = np.fft.irfft(np.fft.rfft(padded, size) * np.fft.rfft(taps, size), size)
-    out = full[:, half + pad: half + pad + signals.shape[1]]
+    out = full[:, half + pad : half + pad + signals.shape[1]]
     if bad.any():
         # "full" then the centred slice: "same" returns max(len(row), len(taps)) samples
-        reach = np.stack([np.convolve(row, np.ones(len(taps)))[half: half + len(row)] > 0 for row in bad])
+        reach = np.stack([np.convolve(row, np.ones(len(taps)))[half : half + len(row)] > 0 for row in bad])
         out = np.where(reach, np.nan, out)
     return out
 
@@ -181,8 +211,7 @@ def epoch(signals: np.ndarray, rate: float, start_s: float, epoch_s: float, leng
     standardised per channel. Raises _Bad when the window leaves the recording."""
     duration = signals.shape[1] / rate
     if start_s < 0 or start_s + epoch_s > duration + 1e-9:
-        raise _Bad(f"epoch [{start_s:g}, {start_s + epoch_s:g}] s runs outside the recording "
-                   f"(0 to {duration:g} s)")
+        raise _Bad(f"epoch [{start_s:g}, {start_s + epoch_s:g}] s runs outside the recording (0 to {duration:g} s)")
     pos = (start_s + np.arange(length) * epoch_s / length) * rate  # fractional sample indices
     lo, hi = int(np.floor(pos[0])), min(int(np.ceil(pos[-1])) + 1, signals.shape[1])
     idx = np.arange(lo, hi)
@@ -203,9 +232,16 @@ def _subject(path: Path, pattern: re.Pattern | None) -> str:
     return match.group(1) if match.groups() else match.group(0)
 
 
-def _add_epochs(samples: SampleSet, path: Path, signals: np.ndarray, rate: float,
-                events: list[tuple[float, str]], cfg: dict[str, Any], meta: tuple[str, str, str],
-                problems: Problems) -> None:
+def _add_epochs(
+    samples: SampleSet,
+    path: Path,
+    signals: np.ndarray,
+    rate: float,
+    events: list[tuple[float, str]],
+    cfg: dict[str, Any],
+    meta: tuple[str, str, str],
+    problems: Problems,
+) -> None:
     """One sample per listed event; meta is (origin site, patient, source)."""
     task = TASKS.get(samples.task)
     matched = [(t, d) for t, d in events if d in cfg["events"]]
@@ -226,8 +262,20 @@ def _add_epochs(samples: SampleSet, path: Path, signals: np.ndarray, rate: float
         samples.add({EEG: x}, task.classes.index(cfg["events"][desc]), *meta)
 
 
-@adapter("eeg_edf", keys={"path", "events", "events_csv", "channels", "epoch_s", "offset_s",
-                          "origin_site", "site_from", "subject_pattern"})
+@adapter(
+    "eeg_edf",
+    keys={
+        "path",
+        "events",
+        "events_csv",
+        "channels",
+        "epoch_s",
+        "offset_s",
+        "origin_site",
+        "site_from",
+        "subject_pattern",
+    },
+)
 def eeg_edf(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     task = TASKS.get(params["task"])
     cfg = _config(params, task)
@@ -235,8 +283,7 @@ def eeg_edf(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet
     root = resolve(base, params)
     samples = SampleSet(task.name)
     files = _recordings(root, problems)
-    csv_events = _csv_events(resolve(base, params, "events_csv"), files, problems) \
-        if params.get("events_csv") else {}
+    csv_events = _csv_events(resolve(base, params, "events_csv"), files, problems) if params.get("events_csv") else {}
     if csv_events is None:
         return samples
     fixed_site = str(params.get("origin_site") or (root if root.is_dir() else root.parent).name)

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from federated.core.multimed import IGNORE_LABEL, MODALITIES, PAD_TOKEN, REGRESSION, SECONDARY_STRUCTURE, TASKS, Task
 from federated.data.ingest.core import Problems, SampleSet, adapter, resolve
-from federated.core.multimed import IGNORE_LABEL, MODALITIES, PAD_TOKEN, REGRESSION, SECONDARY_STRUCTURE, TASKS
 
 ALPHABETS = {"genomic_sequence": "ACGT", "protein_sequence": "ACDEFGHIKLMNPQRSTVWY"}
 DSSP_TO_3 = {**dict.fromkeys("HGI", "H"), **dict.fromkeys("EB", "E"), **dict.fromkeys("TSCLP- ", "C")}
@@ -79,8 +79,9 @@ def _open(path: Path, header: str, n: int, seen: dict[str, int], problems: Probl
         problems.report(f"{path} line {n}", "empty '>' header (no record id)")
         return None
     if words[0] in seen:
-        problems.report(f"{path} record {words[0]}", f"duplicate id (first at line {seen[words[0]]}); "
-                                                     "the later record is left out")
+        problems.report(
+            f"{path} record {words[0]}", f"duplicate id (first at line {seen[words[0]]}); the later record is left out"
+        )
         return None
     seen[words[0]] = n
     return words[0]
@@ -110,8 +111,10 @@ def states(text: str) -> np.ndarray:
     text = text.upper()
     bad = next(((i, c) for i, c in enumerate(text) if c not in DSSP_TO_3), None)
     if bad:
-        raise ValueError(f"structure letter {bad[1]!r} at position {bad[0] + 1} is not a DSSP state "
-                         f"({''.join(sorted(DSSP_TO_3)).strip()} or space)")
+        raise ValueError(
+            f"structure letter {bad[1]!r} at position {bad[0] + 1} is not a DSSP state "
+            f"({''.join(sorted(DSSP_TO_3)).strip()} or space)"
+        )
     return np.array([SECONDARY_STRUCTURE.index(DSSP_TO_3[c]) for c in text], dtype=np.int64)
 
 
@@ -119,15 +122,17 @@ def fit(x: np.ndarray, length: int, crop: str, fill: int) -> np.ndarray:
     """Crop (centre or start) or pad with `fill` to exactly `length`."""
     if len(x) > length:
         start = (len(x) - length) // 2 if crop == "center" else 0
-        return x[start:start + length]
+        return x[start : start + length]
     return np.concatenate([x, np.full(length - len(x), fill, dtype=x.dtype)])
 
 
-def _config(params: dict[str, Any], task) -> dict[str, Any]:
+def _config(params: dict[str, Any], task: Task) -> dict[str, Any]:
+    """The source's settings, checked before any file is read, so a wrong key fails before a long read."""
     modality = next((m for m in task.inputs if m in ALPHABETS), None)
     if modality is None or len(task.inputs) != 1:
-        raise ValueError(f"task {task.name} has no sequence input the fasta adapter reads "
-                         "(expression_prediction, protein_structure)")
+        raise ValueError(
+            f"task {task.name} has no sequence input the fasta adapter reads (expression_prediction, protein_structure)"
+        )
     crop = str(params.get("crop", "center"))
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {', '.join(CROPS)} (got {crop!r})")
@@ -136,9 +141,15 @@ def _config(params: dict[str, Any], task) -> dict[str, Any]:
         raise ValueError(f"task {task.name} needs `labels` (a CSV) and `label_column`")
     if not regression and not params.get("structure"):
         raise ValueError(f"task {task.name} needs `structure` (per-residue states, FASTA-style)")
-    return {"modality": modality, "crop": crop, "regression": regression,
-            "id_column": str(params.get("id_column", "id")), "label_column": params.get("label_column"),
-            "site_column": params.get("site_column"), "patient_column": params.get("patient_column")}
+    return {
+        "modality": modality,
+        "crop": crop,
+        "regression": regression,
+        "id_column": str(params.get("id_column", "id")),
+        "label_column": params.get("label_column"),
+        "site_column": params.get("site_column"),
+        "patient_column": params.get("patient_column"),
+    }
 
 
 def read_label_table(path: Path, cfg: dict[str, Any], problems: Problems) -> dict[str, tuple[int, pd.Series]] | None:
@@ -173,8 +184,9 @@ class _Bad(ValueError):
         self.where = where
 
 
-def _cross_check(records: dict[str, str], others: dict[str, Any], path: Path, other: Path,
-                 other_where, problems: Problems) -> set[str]:
+def _cross_check(
+    records: dict[str, str], others: dict[str, Any], path: Path, other: Path, other_where, problems: Problems
+) -> set[str]:
     """Ids on both sides; an id on one side only is reported, naming its file and record."""
     for rid in records:
         if rid not in others:
@@ -207,8 +219,14 @@ def _structure_target(structure: str, n_residues: int, cfg: dict[str, Any], wher
     return fit(labels, MODALITIES.get(cfg["modality"]).shape[0], cfg["crop"], IGNORE_LABEL)
 
 
-def _sample(rid: str, seq: str, cfg: dict[str, Any], files: dict[str, Path], row: tuple[int, pd.Series] | None,
-            structure: str | None) -> tuple[np.ndarray, Any, str | None, str | None]:
+def _sample(
+    rid: str,
+    seq: str,
+    cfg: dict[str, Any],
+    files: dict[str, Path],
+    row: tuple[int, pd.Series] | None,
+    structure: str | None,
+) -> tuple[np.ndarray, Any, str | None, str | None]:
     """(tokens, target, site or None, patient or None) of one record; _Bad says what is wrong."""
     if cfg["modality"] == "protein_sequence" and seq.endswith("*"):
         seq = seq[:-1]
@@ -217,10 +235,18 @@ def _sample(rid: str, seq: str, cfg: dict[str, Any], files: dict[str, Path], row
     except ValueError as e:
         raise _Bad(f"{files['path']} record {rid}", str(e)) from None
     where_row = f"{files.get('labels')} row {row[0]}" if row else ""
-    target = (_row_value(row[1], cfg["label_column"], where_row, number=True) if cfg["regression"]
-              else _structure_target(structure, len(toks), cfg, f"{files['structure']} record {rid}"))
-    site, patient = (_row_value(row[1], cfg[k], where_row) if row and cfg[k] else None
-                     for k in ("site_column", "patient_column"))
+    target: Any
+    if cfg["regression"]:
+        if row is None:
+            raise _Bad(f"{files['path']} record {rid}", "has no row in the label table")
+        target = _row_value(row[1], cfg["label_column"], where_row, number=True)
+    else:
+        if structure is None:
+            raise _Bad(f"{files['path']} record {rid}", "has no per-residue structure record")
+        target = _structure_target(structure, len(toks), cfg, f"{files['structure']} record {rid}")
+    site, patient = (
+        _row_value(row[1], cfg[k], where_row) if row and cfg[k] else None for k in ("site_column", "patient_column")
+    )
     return fit(toks, MODALITIES.get(cfg["modality"]).shape[0], cfg["crop"], PAD_TOKEN), target, site, patient
 
 
@@ -233,9 +259,22 @@ def _side_files(params: dict[str, Any], base: Path, problems: Problems) -> dict[
     return None if absent else files
 
 
-@adapter("fasta", keys={"path", "labels", "id_column", "label_column", "structure", "crop",
-                        "site_column", "patient_column", "origin_site"})
+@adapter(
+    "fasta",
+    keys={
+        "path",
+        "labels",
+        "id_column",
+        "label_column",
+        "structure",
+        "crop",
+        "site_column",
+        "patient_column",
+        "origin_site",
+    },
+)
 def fasta(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
+    """One sample per FASTA record that every named file agrees on; the rest are reported by file and id."""
     task = TASKS.get(params["task"])
     cfg = _config(params, task)
     samples = SampleSet(task.name)
@@ -243,18 +282,11 @@ def fasta(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     if files is None:
         return samples
     path = files["path"]
-    records = read_fasta(path, problems)
-    table = read_label_table(files["labels"], cfg, problems) if "labels" in files else {}
-    structure = read_fasta(files["structure"], problems, keep_spaces=True) if "structure" in files else {}
-    if records is None or table is None or structure is None:
+    read = _read_files(files, cfg, problems)
+    if read is None:
         return samples
-    ids = set(records)
-    if "labels" in files:
-        ids &= _cross_check(records, table, path, files["labels"],
-                            lambda r: f"{files['labels']} row {table[r][0]}", problems)
-    if "structure" in files:
-        ids &= _cross_check(records, structure, path, files["structure"],
-                            lambda r: f"{files['structure']} record {r}", problems)
+    records, table, structure = read
+    ids = _matched_ids(records, table, structure, files, problems)
     default_site = str(params.get("origin_site") or path.stem)
     for rid in (r for r in records if r in ids):
         try:
@@ -264,3 +296,37 @@ def fasta(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
             continue
         samples.add({cfg["modality"]: x}, target, site or default_site, patient or rid, f"fasta:{path.name}")
     return samples
+
+
+def _read_files(
+    files: dict[str, Path], cfg: dict[str, Any], problems: Problems
+) -> tuple[dict[str, str], dict[str, tuple[int, pd.Series]], dict[str, str]] | None:
+    """(records, label table, structures) of the source; empty where not given; None if one is unreadable.
+    Every file is read before giving up, so all unreadable ones are reported at once."""
+    records = read_fasta(files["path"], problems)
+    table = read_label_table(files["labels"], cfg, problems) if "labels" in files else {}
+    structure = read_fasta(files["structure"], problems, keep_spaces=True) if "structure" in files else {}
+    if records is None or table is None or structure is None:
+        return None
+    return records, table, structure
+
+
+def _matched_ids(
+    records: dict[str, str],
+    table: dict[str, tuple[int, pd.Series]],
+    structure: dict[str, str],
+    files: dict[str, Path],
+    problems: Problems,
+) -> set[str]:
+    """The record ids present in every file the source names; the others are reported by file."""
+    path = files["path"]
+    ids = set(records)
+    if "labels" in files:
+        ids &= _cross_check(
+            records, table, path, files["labels"], lambda r: f"{files['labels']} row {table[r][0]}", problems
+        )
+    if "structure" in files:
+        ids &= _cross_check(
+            records, structure, path, files["structure"], lambda r: f"{files['structure']} record {r}", problems
+        )
+    return ids

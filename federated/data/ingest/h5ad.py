@@ -32,9 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from federated.data.ingest.core import (Problems, SampleSet, adapter, check_classes, optional_import, resolve,
-                                          standardise_by_group)
-from federated.core.multimed import MODALITIES, TASKS
+from federated.core.multimed import MODALITIES, TASKS, Task
+from federated.data.ingest.core import (
+    Problems,
+    SampleSet,
+    adapter,
+    check_classes,
+    optional_import,
+    resolve,
+    standardise_by_group,
+)
 
 GENE_MODES = ("top_variance", "highly_variable")
 
@@ -61,7 +68,7 @@ def _blocks(matrix: Any, block_values: int):
     n_cells, n_genes = matrix.shape
     step = max(1, block_values // max(1, n_genes))
     for start in range(0, n_cells, step):
-        block = matrix[start:start + step]
+        block = matrix[start : start + step]
         block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
         yield start, block.astype(np.float64)
 
@@ -81,8 +88,9 @@ def _variances(matrix: Any, block_values: int) -> np.ndarray:
         return np.maximum(squares / n - mean * mean, 0.0)
 
 
-def _select_genes(matrix: Any, genes: list[str], data: Any, how: Any, width: int, path: Path,
-                  block_values: int) -> list[int]:
+def _select_genes(
+    matrix: Any, genes: list[str], data: Any, how: Any, width: int, path: Path, block_values: int
+) -> list[int]:
     if isinstance(how, (list, tuple)):
         index = {g: i for i, g in enumerate(genes)}
         missing = [g for g in how if g not in index]
@@ -107,12 +115,13 @@ def _select_genes(matrix: Any, genes: list[str], data: Any, how: Any, width: int
 def _columns(matrix: Any, columns: list[int], block_values: int) -> np.ndarray:
     out = np.empty((matrix.shape[0], len(columns)))
     for start, block in _blocks(matrix, block_values):
-        out[start:start + len(block)] = block[:, columns]
+        out[start : start + len(block)] = block[:, columns]
     return out
 
 
-@adapter("h5ad", keys={"path", "label_key", "classes", "layer", "genes", "scale", "site_key", "patient_key",
-                       "origin_site"})
+@adapter(
+    "h5ad", keys={"path", "label_key", "classes", "layer", "genes", "scale", "site_key", "patient_key", "origin_site"}
+)
 def h5ad(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     task = TASKS.get(params["task"])
     if "scrna" not in task.inputs:
@@ -134,23 +143,16 @@ def h5ad(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
         data.file.close()
 
 
-def _cells(data: Any, params: dict[str, Any], task: Any, path: Path, samples: SampleSet,
-           problems: Problems) -> SampleSet:
-    label_key = params.get("label_key")
-    if not label_key:
-        raise ValueError("missing key 'label_key' (the obs column holding each cell's type)")
-    for key in [label_key, *(params[k] for k in ("site_key", "patient_key") if params.get(k))]:
-        if key not in data.obs:
-            raise ValueError(f"{path}: no obs column {key!r} (obs: {', '.join(map(str, data.obs.columns))})")
-    mapping = dict(params.get("classes") or {})
-    wrong = sorted({str(v) for v in mapping.values()} - set(task.classes))
-    if wrong:
-        raise ValueError(f"classes maps to {wrong}, which are not classes of {task.name} ({', '.join(task.classes)})")
+def _cells(
+    data: Any, params: dict[str, Any], task: Task, path: Path, samples: SampleSet, problems: Problems
+) -> SampleSet:
+    """The file's cells as samples: checked obs keys and classes, the chosen genes, one row per usable cell."""
+    label_key = _obs_keys(data, params, path)
+    mapping = _class_mapping(params, task)
     width = MODALITIES.get("scrna").shape[0]
     matrix, genes = _matrix(data, str(params.get("layer", "X")), path)
     try:
-        columns = _select_genes(matrix, genes, data, params.get("genes", "top_variance"), width, path,
-                                BLOCK_VALUES)
+        columns = _select_genes(matrix, genes, data, params.get("genes", "top_variance"), width, path, BLOCK_VALUES)
         x = _columns(matrix, columns, BLOCK_VALUES)
     except (OSError, RuntimeError, KeyError) as e:  # h5py's errors for a damaged block
         problems.report(path, f"unreadable expression matrix ({type(e).__name__}: {e})")
@@ -159,31 +161,65 @@ def _cells(data: Any, params: dict[str, Any], task: Any, path: Path, samples: Sa
     labels = data.obs[label_key].astype(object).tolist()
     sites = data.obs[params["site_key"]].astype(str).tolist() if params.get("site_key") else None
     patients = data.obs[params["patient_key"]].astype(str).tolist() if params.get("patient_key") else cells
-    names: list[str | None] = [None] * len(cells)  # the task class of each cell that becomes a sample
-    for i, cell in enumerate(cells):
-        where = f"{path} cell {cell}"
-        raw = labels[i]
-        if raw is None or (isinstance(raw, float) and np.isnan(raw)):
-            problems.report(where, f"label ({label_key}) is missing")
-            continue
-        name = mapping.get(raw, mapping.get(str(raw), raw))
-        if name not in task.classes:
-            problems.report(where, f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)}); "
-                                   "map it with `classes:`")
-            continue
-        if not np.isfinite(x[i]).all():
-            problems.report(where, "expression has NaN or infinite values")
-            continue
-        names[i] = name
+    names: list[str | None] = [  # the task class of each cell that becomes a sample
+        _cell_class(labels[i], x[i], mapping, task, label_key, f"{path} cell {cell}", problems)
+        for i, cell in enumerate(cells)
+    ]
     ok = np.array([n is not None for n in names], dtype=bool)
     if params.get("scale", False):  # each site's cells with that site's own means and SDs
         groups = np.asarray(sites) if sites else np.zeros(len(x), dtype=int)
         x[ok] = standardise_by_group(x[ok], groups[ok])
-    for i in np.flatnonzero(ok):
+    default_site = str(params.get("origin_site", path.stem))
+    for i in map(int, np.flatnonzero(ok)):
         row = np.zeros(width, dtype=np.float32)
         row[: len(columns)] = x[i]
-        site = sites[i] if sites else str(params.get("origin_site", path.stem))
-        samples.add({"scrna": row}, task.classes.index(names[i]), site, patients[i], f"h5ad:{path.name}")
+        site = sites[i] if sites else default_site
+        samples.add({"scrna": row}, task.classes.index(str(names[i])), site, patients[i], f"h5ad:{path.name}")
     check_classes(samples, {str(v) for v in mapping.values()}, str(path), problems)
     samples.notes["genes"] = [genes[j] for j in columns]
     return samples
+
+
+def _obs_keys(data: Any, params: dict[str, Any], path: Path) -> Any:
+    """The label key, after checking that it and the site and patient keys name obs columns."""
+    label_key = params.get("label_key")
+    if not label_key:
+        raise ValueError("missing key 'label_key' (the obs column holding each cell's type)")
+    for key in [label_key, *(params[k] for k in ("site_key", "patient_key") if params.get(k))]:
+        if key not in data.obs:
+            raise ValueError(f"{path}: no obs column {key!r} (obs: {', '.join(map(str, data.obs.columns))})")
+    return label_key
+
+
+def _class_mapping(params: dict[str, Any], task: Task) -> dict[Any, Any]:
+    """Source label -> task class; a target that is not a class of the task is refused up front."""
+    mapping = dict(params.get("classes") or {})
+    wrong = sorted({str(v) for v in mapping.values()} - set(task.classes))
+    if wrong:
+        raise ValueError(f"classes maps to {wrong}, which are not classes of {task.name} ({', '.join(task.classes)})")
+    return mapping
+
+
+def _cell_class(
+    raw: Any,
+    expression: np.ndarray,
+    mapping: dict[Any, Any],
+    task: Task,
+    label_key: str,
+    where: str,
+    problems: Problems,
+) -> str | None:
+    """The cell's task class, or None after reporting why the cell cannot be a sample."""
+    if raw is None or (isinstance(raw, float) and np.isnan(raw)):
+        problems.report(where, f"label ({label_key}) is missing")
+        return None
+    name = mapping.get(raw, mapping.get(str(raw), raw))
+    if name not in task.classes:
+        problems.report(
+            where, f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)}); map it with `classes:`"
+        )
+        return None
+    if not np.isfinite(expression).all():
+        problems.report(where, "expression has NaN or infinite values")
+        return None
+    return str(name)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, class_folders, resolve
 from federated.core.multimed import IMAGE, MODALITIES, TASKS, Task
+from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, class_folders, resolve
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
 
@@ -28,9 +28,9 @@ def load_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     from PIL import Image
 
     channels, height, width = shape
-    with Image.open(path) as img:
-        img.load()  # decode now: a truncated or corrupt file fails here, not later
-        img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+    with Image.open(path) as opened:
+        opened.load()  # decode now: a truncated or corrupt file fails here, not later
+        img = opened.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
         x = np.asarray(img, dtype=np.float32) / 255.0
     x = x[None] if channels == 1 else x.transpose(2, 0, 1)
     return (x - x.mean()) / (x.std() + 1e-6)

@@ -46,13 +46,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from federated.core.multimed import MODALITIES, MULTILABEL, REGRESSION, TASKS, Task
 from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, resolve
 from federated.data.ingest.image_folders import image_modality, load_image
-from federated.core.multimed import MODALITIES, MULTILABEL, REGRESSION, TASKS, Task
 
 LABEL_STYLES = ("label_column", "finding_columns", "findings_column")
-STYLE_KEYS = {"label_column": ("classes",), "finding_columns": (),  # keys that go with each style
-              "findings_column": ("separator", "findings", "ignore_findings")}
+STYLE_KEYS = {
+    "label_column": ("classes",),
+    "finding_columns": (),  # keys that go with each style
+    "findings_column": ("separator", "findings", "ignore_findings"),
+}
 NO_FINDING = "no finding"
 BINARY_VALUES = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "false": 0.0, "true": 1.0}
 Row = dict[str, Any]
@@ -61,7 +64,6 @@ Labeler = Callable[[Row], Any]
 
 class BadItem(Exception):
     """One item (row, record) is unusable; the message says why, the caller says where."""
-
 
 
 def read_image(path: Path, shape: tuple[int, ...], problems: Problems, listed_at: str = "") -> np.ndarray | None:
@@ -96,10 +98,25 @@ def require_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> None
         raise ValueError(f"{path}: no column(s) {missing} (columns: {', '.join(map(str, frame.columns))})")
 
 
-@adapter("images_csv", keys={"path", "labels", "image_column", "label_column", "classes",
-                              "finding_columns", "findings_column", "separator", "findings",
-                              "ignore_findings", "patient_column", "site_column", "origin_site",
-                              "modality"})
+@adapter(
+    "images_csv",
+    keys={
+        "path",
+        "labels",
+        "image_column",
+        "label_column",
+        "classes",
+        "finding_columns",
+        "findings_column",
+        "separator",
+        "findings",
+        "ignore_findings",
+        "patient_column",
+        "site_column",
+        "origin_site",
+        "modality",
+    },
+)
 def images_csv(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     task = TASKS.get(params["task"])
     modality = image_modality(task, params)
@@ -153,13 +170,24 @@ def check_findings(samples: SampleSet, where: str, problems: Problems) -> None:
     if task.target != MULTILABEL or not len(samples):
         return
     positives = np.stack(samples.targets).sum(axis=0)
-    empty = [c for c, n in zip(task.classes, positives) if n == 0]
+    empty = [c for c, n in zip(task.classes, positives, strict=True) if n == 0]
     if empty:
         problems.report(where, f"finding(s) {empty} of task {task.name} have no positive sample")
 
 
 def labeler(task: Task, params: dict[str, Any], frame: pd.DataFrame, csv: Path) -> tuple[Labeler, set[str]]:
     """row -> target for the source's label style, and the classes it declares."""
+    style = _label_style(task, params)
+    if style == "finding_columns":
+        return _finding_columns(task, params["finding_columns"], frame, csv), set()
+    if style == "findings_column":
+        return _findings_column(task, params, frame, csv), set()
+    return _label_column(task, params, frame, csv)
+
+
+def _label_style(task: Task, params: dict[str, Any]) -> str:
+    """The one label style the source uses; its keys must not mix with another style's, and it
+    must fit the task (one label column unless the task is multi-label)."""
     styles = [k for k in LABEL_STYLES if params.get(k) is not None]
     if len(styles) != 1:
         raise ValueError(f"give exactly one of {', '.join(LABEL_STYLES)} (got {styles or 'none'})")
@@ -170,10 +198,11 @@ def labeler(task: Task, params: dict[str, Any], frame: pd.DataFrame, csv: Path) 
     if (style == "label_column") == (task.target == MULTILABEL):
         need = "finding_columns or findings_column" if task.target == MULTILABEL else "label_column"
         raise ValueError(f"task {task.name} has {task.target} targets: give {need}, not {style}")
-    if style == "finding_columns":
-        return _finding_columns(task, params["finding_columns"], frame, csv), set()
-    if style == "findings_column":
-        return _findings_column(task, params, frame, csv), set()
+    return style
+
+
+def _label_column(task: Task, params: dict[str, Any], frame: pd.DataFrame, csv: Path) -> tuple[Labeler, set[str]]:
+    """One label column: a regression value, or a class (mapped by `classes:`) for a classification task."""
     require_columns(frame, [params["label_column"]], csv)
     if task.target == REGRESSION:
         if params.get("classes"):
@@ -211,8 +240,9 @@ def _single_class(task: Task, column: str, classes: dict[Any, Any]) -> tuple[Lab
             return task.classes.index(name)
         if not mapping and name.isdigit() and int(name) < len(task.classes):
             return int(name)
-        raise BadItem(f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)}); "
-                      "map it with `classes:`")
+        raise BadItem(
+            f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)}); map it with `classes:`"
+        )
 
     return label_of, set(mapping.values())
 
@@ -260,8 +290,10 @@ def _findings_column(task: Task, params: dict[str, Any], frame: pd.DataFrame, cs
             elif key == NO_FINDING and len(names) > 1:
                 raise BadItem(f"{name!r} listed together with findings: {names}")
             elif key not in ignored and key != NO_FINDING:
-                raise BadItem(f"finding {name!r} is not a finding of {task.name} ({', '.join(task.classes)}); "
-                              "map it with `findings:` or list it in `ignore_findings:`")
+                raise BadItem(
+                    f"finding {name!r} is not a finding of {task.name} ({', '.join(task.classes)}); "
+                    "map it with `findings:` or list it in `ignore_findings:`"
+                )
         return y
 
     return label_of

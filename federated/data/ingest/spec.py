@@ -23,17 +23,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from federated.data.ingest.core import (ADAPTER_KEYS, ADAPTERS, COMMON_KEYS, IngestError, Problems,
-                                          assign_simulated_sites, ingest)
 from federated.core.io import read_yaml_mapping
 from federated.core.multimed import TASKS
+from federated.data.ingest.core import (
+    ADAPTER_KEYS,
+    ADAPTERS,
+    COMMON_KEYS,
+    IngestError,
+    Problems,
+    SampleSet,
+    assign_simulated_sites,
+    ingest,
+)
 
 KEYS = {"name", "on_error", "test_fraction", "seed", "sources", "data_root"}
 
 
-def run_spec(spec_path: str | Path, out_dir: str | Path, overwrite: bool = False,
-             data_root: str | Path | None = None) -> tuple[Path, list[dict]]:
+def run_spec(
+    spec_path: str | Path, out_dir: str | Path, overwrite: bool = False, data_root: str | Path | None = None
+) -> tuple[Path, list[dict]]:
     """Ingest everything the spec names; returns the corpus path and the skipped items.
     Source paths are relative to `data_root`, else to the spec's `data_root` (itself relative to
     the spec file), else to the spec file's folder."""
@@ -51,41 +61,64 @@ def run_spec(spec_path: str | Path, out_dir: str | Path, overwrite: bool = False
     sets, skipped = [], []
     for i, source in enumerate(raw["sources"]):
         where = f"{spec_path} sources[{i}]"
-        if not isinstance(source, dict) or "adapter" not in source or "task" not in source:
-            raise IngestError(f"{where}: each source needs `adapter` and `task`")
-        if source["adapter"] not in ADAPTERS:
-            raise IngestError(f"{where}: unknown adapter {source['adapter']!r}; valid: {', '.join(ADAPTERS.names())}")
-        if source["task"] not in TASKS:
-            raise IngestError(f"{where}: unknown task {source['task']!r}; valid: {', '.join(TASKS.names())}")
-        allowed = COMMON_KEYS | ADAPTER_KEYS.get(source["adapter"], frozenset())
-        unknown_keys = sorted(set(source) - allowed)
-        if unknown_keys:
-            raise IngestError(f"{where}: unknown key(s) {unknown_keys} for adapter {source['adapter']}; "
-                              f"valid: {', '.join(sorted(allowed))}")
+        _check_source(source, where)
         problems = Problems(_on_error(source.get("on_error", on_error), where))
-        try:
-            samples = ADAPTERS.get(source["adapter"])(source, root, problems)
-            if source.get("simulated_sites") is not None:
-                assign_simulated_sites(samples, int(source["simulated_sites"]), seed + i)
-        except (ValueError, KeyError) as e:
-            if isinstance(e, IngestError):
-                raise
-            raise IngestError(f"{where}: {e}") from None
-        sets.append(samples)
+        sets.append(_read_source(source, root, problems, seed + i, where))
         skipped += problems.skipped
     for item in skipped:
         print(f"skipped {item['item']}: {item['reason']}")
-    path = ingest(sets, Path(out_dir), str(raw.get("name", spec_path.stem)),
-                  {"ingest_spec": str(spec_path.resolve()), "data_root": str(root.resolve()),
-                   # YAML may give int keys ({769: left_hand}); spec.json needs string keys
-                   "sources": json.loads(json.dumps(raw["sources"], default=str)),
-                   "notes": [s.notes for s in sets], "skipped": skipped},
-                  test_fraction=float(raw.get("test_fraction", 0.2)), seed=seed,
-                  overwrite=overwrite)
+    provenance = {
+        "ingest_spec": str(spec_path.resolve()),
+        "data_root": str(root.resolve()),
+        # YAML may give int keys ({769: left_hand}); spec.json needs string keys
+        "sources": json.loads(json.dumps(raw["sources"], default=str)),
+        "notes": [s.notes for s in sets],
+        "skipped": skipped,
+    }
+    path = ingest(
+        sets,
+        Path(out_dir),
+        str(raw.get("name", spec_path.stem)),
+        provenance,
+        test_fraction=float(raw.get("test_fraction", 0.2)),
+        seed=seed,
+        overwrite=overwrite,
+    )
     return path, skipped
 
 
+def _check_source(source: object, where: str) -> None:
+    """A source names a known adapter and task and only keys that adapter reads, so typos fail by name."""
+    if not isinstance(source, dict) or "adapter" not in source or "task" not in source:
+        raise IngestError(f"{where}: each source needs `adapter` and `task`")
+    if source["adapter"] not in ADAPTERS:
+        raise IngestError(f"{where}: unknown adapter {source['adapter']!r}; valid: {', '.join(ADAPTERS.names())}")
+    if source["task"] not in TASKS:
+        raise IngestError(f"{where}: unknown task {source['task']!r}; valid: {', '.join(TASKS.names())}")
+    allowed = COMMON_KEYS | ADAPTER_KEYS.get(source["adapter"], frozenset())
+    unknown_keys = sorted(set(source) - allowed)
+    if unknown_keys:
+        raise IngestError(
+            f"{where}: unknown key(s) {unknown_keys} for adapter {source['adapter']}; "
+            f"valid: {', '.join(sorted(allowed))}"
+        )
+
+
+def _read_source(source: dict[str, Any], root: Path, problems: Problems, seed: int, where: str) -> SampleSet:
+    """Run the source's adapter; an adapter's plain ValueError or KeyError gains the source's place."""
+    try:
+        samples = ADAPTERS.get(source["adapter"])(source, root, problems)
+        if source.get("simulated_sites") is not None:
+            assign_simulated_sites(samples, int(source["simulated_sites"]), seed)
+    except (ValueError, KeyError) as e:
+        if isinstance(e, IngestError):
+            raise
+        raise IngestError(f"{where}: {e}") from None
+    return samples
+
+
 def _on_error(value: object, where: str) -> str:
+    """The spec's or a source's on_error, refused by name unless it is one Problems understands."""
     if value not in ("stop", "skip"):
         raise IngestError(f"{where}: on_error must be stop or skip (got {value!r})")
     return str(value)

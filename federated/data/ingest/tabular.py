@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from federated.core.multimed import MODALITIES, REGRESSION, TASKS, Task
 from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, resolve, standardise_by_group
-from federated.core.multimed import MODALITIES, REGRESSION, TASKS
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -53,30 +53,43 @@ def _text(value: Any) -> Any:
 def one_hot(column: pd.Series) -> tuple[np.ndarray, list[str]]:
     """Indicator columns for every level but the most frequent (the reference level, as in a
     regression model's dummy coding); a blank cell is a level of its own ("missing")."""
-    values = column.map(lambda v: "missing" if _text(v) is None or (isinstance(v, float) and np.isnan(v))
-                        else str(_text(v)))
+    values = column.map(
+        lambda v: "missing" if _text(v) is None or (isinstance(v, float) and np.isnan(v)) else str(_text(v))
+    )
     counts = values.value_counts()
     reference = sorted(counts.index[counts == counts.max()])[0]
     levels = sorted(lv for lv in counts.index if lv != reference)
-    return (np.stack([(values == lv).to_numpy(dtype=np.float64) for lv in levels], axis=1)
-            if levels else np.zeros((len(column), 0)), [f"{column.name}={lv}" for lv in levels])
+    return (
+        np.stack([(values == lv).to_numpy(dtype=np.float64) for lv in levels], axis=1)
+        if levels
+        else np.zeros((len(column), 0)),
+        [f"{column.name}={lv}" for lv in levels],
+    )
 
 
-def feature_matrix(frame: pd.DataFrame, params: dict[str, Any], exclude: set[str], path: Path
-                   ) -> tuple[np.ndarray, list[str], int]:
+def feature_matrix(
+    frame: pd.DataFrame, params: dict[str, Any], exclude: set[str], path: Path
+) -> tuple[np.ndarray, list[str], int]:
     """Numeric feature columns (NaN where missing), then one-hot categorical ones; and how many
     of the columns are numeric."""
     categorical = list(params.get("categorical_columns") or [])
-    numeric = list(params.get("feature_columns") or [
-        c for c in frame.columns if c not in exclude and c not in categorical
-        and pd.api.types.is_numeric_dtype(frame[c])])
+    numeric = list(
+        params.get("feature_columns")
+        or [
+            c
+            for c in frame.columns
+            if c not in exclude and c not in categorical and pd.api.types.is_numeric_dtype(frame[c])
+        ]
+    )
     missing = [c for c in [*numeric, *categorical] if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: feature or categorical column(s) not in the file: {missing}")
     non_numeric = [c for c in numeric if not pd.api.types.is_numeric_dtype(frame[c])]
     if non_numeric:
-        raise ValueError(f"{path}: feature column(s) {non_numeric} are not numeric; list them under "
-                         "categorical_columns to one-hot encode them")
+        raise ValueError(
+            f"{path}: feature column(s) {non_numeric} are not numeric; list them under "
+            "categorical_columns to one-hot encode them"
+        )
     values = frame[numeric].to_numpy(dtype=np.float64)
     names = list(numeric)
     for col in categorical:
@@ -85,29 +98,34 @@ def feature_matrix(frame: pd.DataFrame, params: dict[str, Any], exclude: set[str
         names += block_names
     width = MODALITIES.get("tabular").shape[0]
     if len(names) > width:
-        raise ValueError(f"{path}: {len(names)} features after encoding ({', '.join(names)}); the tabular "
-                         f"modality holds {width}: choose columns with feature_columns / categorical_columns")
+        raise ValueError(
+            f"{path}: {len(names)} features after encoding ({', '.join(names)}); the tabular "
+            f"modality holds {width}: choose columns with feature_columns / categorical_columns"
+        )
     return values, names, len(numeric)
 
 
-def impute_by_group(values: np.ndarray, groups: np.ndarray, n_numeric: int, names: list[str],
-                    impute: str) -> tuple[np.ndarray, dict[Any, list[str]]]:
+def impute_by_group(
+    values: np.ndarray, groups: np.ndarray, n_numeric: int, names: list[str], impute: str
+) -> tuple[np.ndarray, dict[Any, list[str]]]:
     """Missing numeric cells -> their group's median (impute: median). A column with no finite
     value in a group stays missing there, for the row check to report (and `on_error: skip` to
     skip); returned with it: group -> those columns, so the report can say why."""
     if impute not in ("none", "median"):
         raise ValueError(f"impute must be none or median (got {impute!r})")
-    values, unfillable = values.copy(), {}
+    values = values.copy()
+    unfillable: dict[Any, list[str]] = {}
     if impute == "none" or not n_numeric:
         return values, unfillable
     with warnings.catch_warnings():  # an all-NaN column is reported by row, not warned about
         warnings.simplefilter("ignore", RuntimeWarning)
         for group in np.unique(groups):
             rows = np.flatnonzero(groups == group)
-            block = values[np.ix_(rows, range(n_numeric))]
+            cols = np.arange(n_numeric)
+            block = values[np.ix_(rows, cols)]
             medians = np.nanmedian(_finite_or_nan(block), axis=0)
             unfillable[group] = [names[j] for j in np.flatnonzero(~np.isfinite(medians))]
-            values[np.ix_(rows, range(n_numeric))] = np.where(np.isnan(block), medians, block)
+            values[np.ix_(rows, cols)] = np.where(np.isnan(block), medians, block)
     return values, unfillable
 
 
@@ -115,70 +133,134 @@ def _finite_or_nan(a: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(a), a, np.nan)
 
 
-@adapter("tabular", keys={"path", "label_column", "labels", "feature_columns", "categorical_columns",
-                           "site_column", "patient_column", "origin_site", "impute", "statistics"})
+@adapter(
+    "tabular",
+    keys={
+        "path",
+        "label_column",
+        "labels",
+        "feature_columns",
+        "categorical_columns",
+        "site_column",
+        "patient_column",
+        "origin_site",
+        "impute",
+        "statistics",
+    },
+)
 def tabular(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
+    """One sample per labelled row with complete features, imputed and standardised per site."""
     task = TASKS.get(params["task"])
     path = resolve(base, params)
     samples = SampleSet(task.name)
     if "tabular" not in task.inputs:
         raise ValueError(f"task {task.name} has no tabular input (its inputs: {', '.join(task.inputs)})")
-    if not path.is_file():
-        problems.report(path, "file does not exist")
-        return samples
-    try:
-        frame = read_table(path)
-    except Exception as e:
-        problems.report(path, f"unreadable table ({type(e).__name__}: {e})")
+    frame = _open_table(path, problems)
+    if frame is None:
         return samples
     label_col = params["label_column"]
     site_col, patient_col = params.get("site_column"), params.get("patient_column")
     for col in [label_col, *(c for c in (site_col, patient_col) if c)]:
-        if col not in frame.columns:
-            raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, frame.columns))})")
-    values, features, n_numeric = feature_matrix(frame, params, {label_col, site_col, patient_col}, path)
-    statistics = params.get("statistics", "per_site")
-    if statistics not in ("per_site", "file"):
-        raise ValueError(f"statistics must be per_site or file (got {statistics!r})")
-    groups = (frame[site_col].astype(str).to_numpy() if site_col and statistics == "per_site"
-              else np.zeros(len(frame), dtype=int))
+        _require_column(frame, col, path)
+    exclude = {c for c in (label_col, site_col, patient_col) if c}
+    values, features, n_numeric = feature_matrix(frame, params, exclude, path)
+    groups, per_site = _statistics_groups(frame, site_col, params.get("statistics", "per_site"))
     # labels first, so that only rows that become samples shape the medians, means and SDs
-    labels = {}
     mapping = dict(params.get("labels") or {})
-    for i, raw in enumerate(frame[label_col].tolist()):
-        label = _label(task, mapping, _text(raw), label_col, problems, f"{path} row {i + 2}")
-        if label is not None:
-            labels[i] = label
+    labels = _read_labels(task, frame[label_col].tolist(), mapping, label_col, path, problems)
     labelled = np.array(sorted(labels), dtype=int)
-    values, unfillable = impute_by_group(values[labelled], groups[labelled], n_numeric, features,
-                                         params.get("impute", "none"))
+    values, unfillable = impute_by_group(
+        values[labelled], groups[labelled], n_numeric, features, params.get("impute", "none")
+    )
     finite = np.isfinite(values).all(axis=1)
-    per_site = bool(site_col) and statistics == "per_site"
     for j in np.flatnonzero(~finite):
-        bad = [features[k] for k in np.flatnonzero(~np.isfinite(values[j]))]
-        group = groups[labelled[j]]
-        why = [f for f in unfillable.get(group, []) if f in bad]
-        reason = f"NaN or infinite value in {bad}"
-        if why:
-            reason += (f" (no row of site {group} has a value of {why} to impute from; statistics: file "
-                       "imputes from the whole file)" if per_site else
-                       f" (no row of the file has a value of {why} to impute from)")
+        reason = _nonfinite_reason(
+            values[j], features, unfillable.get(groups[labelled[j]], []), groups[labelled[j]], per_site
+        )
         problems.report(f"{path} row {labelled[j] + 2}", reason)
     kept = labelled[finite]
     values = standardise_by_group(values[finite], groups[kept])
-    width = MODALITIES.get("tabular").shape[0]
+    default_site = str(params.get("origin_site", "site_0"))
     for i, x in zip(kept, values, strict=True):
-        feats = np.zeros(width, dtype=np.float32)
-        feats[: len(features)] = x
-        site = str(frame[site_col].iloc[i]) if site_col else str(params.get("origin_site", "site_0"))
-        patient = str(frame[patient_col].iloc[i]) if patient_col else f"row{i}"
-        samples.add({"tabular": feats}, labels[i], site, patient, f"tabular:{path.name}")
+        site, patient = _row_identity(frame, i, site_col, patient_col, default_site)
+        samples.add({"tabular": _padded(x)}, labels[i], site, patient, f"tabular:{path.name}")
     check_classes(samples, {v for v in mapping.values() if v in task.classes}, str(path), problems)
     samples.notes["features"] = features
     return samples
 
 
-def _label(task, mapping: dict, raw: Any, label_col: str, problems: Problems, where: str) -> float | int | None:
+def _require_column(frame: pd.DataFrame, col: str, path: Path) -> None:
+    """A column the source names must exist; the message lists the file's columns to pick from."""
+    if col not in frame.columns:
+        raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, frame.columns))})")
+
+
+def _row_identity(
+    frame: pd.DataFrame, i: int, site_col: str | None, patient_col: str | None, default_site: str
+) -> tuple[str, str]:
+    """(origin site, patient id) of row i: from their columns, else the source's site and the row number."""
+    site = str(frame[site_col].iloc[i]) if site_col else default_site
+    patient = str(frame[patient_col].iloc[i]) if patient_col else f"row{i}"
+    return site, patient
+
+
+def _padded(x: np.ndarray) -> np.ndarray:
+    """A row's features zero-padded to the tabular modality's fixed width, as float32."""
+    feats = np.zeros(MODALITIES.get("tabular").shape[0], dtype=np.float32)
+    feats[: len(x)] = x
+    return feats
+
+
+def _open_table(path: Path, problems: Problems) -> pd.DataFrame | None:
+    """The source's table, or None after reporting why it cannot be read (so on_error: skip skips it)."""
+    if not path.is_file():
+        problems.report(path, "file does not exist")
+        return None
+    try:
+        return read_table(path)
+    except Exception as e:
+        problems.report(path, f"unreadable table ({type(e).__name__}: {e})")
+        return None
+
+
+def _statistics_groups(frame: pd.DataFrame, site_col: str | None, statistics: str) -> tuple[np.ndarray, bool]:
+    """The group of each row whose statistics impute and standardise it (its site, or one group for
+    the file), and whether those groups are sites."""
+    if statistics not in ("per_site", "file"):
+        raise ValueError(f"statistics must be per_site or file (got {statistics!r})")
+    per_site = bool(site_col) and statistics == "per_site"
+    groups = frame[site_col].astype(str).to_numpy() if per_site else np.zeros(len(frame), dtype=int)
+    return groups, per_site
+
+
+def _read_labels(
+    task: Task, raw_labels: list[Any], mapping: dict, label_col: str, path: Path, problems: Problems
+) -> dict[int, float | int]:
+    """Row index -> label for every row with a usable label; the others are reported by row."""
+    labels = {}
+    for i, raw in enumerate(raw_labels):
+        label = _label(task, mapping, _text(raw), label_col, problems, f"{path} row {i + 2}")
+        if label is not None:
+            labels[i] = label
+    return labels
+
+
+def _nonfinite_reason(row: np.ndarray, features: list[str], unfillable: list[str], group: Any, per_site: bool) -> str:
+    """Why a row still holds a missing value; names the columns imputation had nothing to fill from."""
+    bad = [features[k] for k in np.flatnonzero(~np.isfinite(row))]
+    why = [f for f in unfillable if f in bad]
+    reason = f"NaN or infinite value in {bad}"
+    if why:
+        reason += (
+            f" (no row of site {group} has a value of {why} to impute from; statistics: file "
+            "imputes from the whole file)"
+            if per_site
+            else f" (no row of the file has a value of {why} to impute from)"
+        )
+    return reason
+
+
+def _label(task: Task, mapping: dict, raw: Any, label_col: str, problems: Problems, where: str) -> float | int | None:
     """The row's label as the task stores it, or None after reporting why it has none."""
     if raw is None or (isinstance(raw, float) and np.isnan(raw)):
         problems.report(where, f"label ({label_col}) is missing")

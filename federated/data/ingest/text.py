@@ -25,8 +25,8 @@ import zlib
 
 import numpy as np
 
-from federated.data.synthetic.vocabulary import FIRST_FILLER_TOKEN, MAX_LEN, TOKEN_NAMES
 from federated.core.multimed import PAD_TOKEN, modality
+from federated.data.synthetic.vocabulary import FIRST_FILLER_TOKEN, MAX_LEN, TOKEN_NAMES
 
 _WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*|\?")
 _IDS = {name: i for i, name in enumerate(TOKEN_NAMES) if i != PAD_TOKEN}

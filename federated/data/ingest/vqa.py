@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from federated.core.multimed import CLOSED_SET, MODALITIES, TASKS, Task
 from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, resolve
 from federated.data.ingest.image_folders import image_modality
 from federated.data.ingest.images_csv import BadItem, read_image
 from federated.data.ingest.text import tokenize, words
-from federated.core.multimed import CLOSED_SET, MODALITIES, TASKS, Task
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 DEFAULT_KEYS = {"image": "image", "question": "question", "answer": "answer"}
@@ -56,7 +56,8 @@ def vqa(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     keys.update({role: str(params[f"{role}_key"]) for role in ("patient", "site") if params.get(f"{role}_key")})
     lookup = _answer_lookup(task, params.get("answers"))
     site = str(params.get("origin_site") or path.stem)
-    samples, cache = SampleSet(task.name), {}
+    samples = SampleSet(task.name)
+    cache: dict[str, np.ndarray | None] = {}
     for where, record in _records(path, problems):
         try:
             fields = _fields(record, keys)

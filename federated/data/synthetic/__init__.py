@@ -62,7 +62,7 @@ have answers built in. The model has three layers.
      chains are 32-63 long, padded with 0 and labelled -1.
 
 3. Per-site acquisition (acquisition.py), drawn per site from the seed and multiplied by
-   `shift_severity` (0 = identical sites), applied per modality, so all tasks of a site
+   `origin_shift_severity` (0 = identical sites), applied per modality, so all tasks of a site
    share its scanners and habits: images -- blur, bias field, contrast, brightness, stain
    (per-channel) gain/offset, noise level; EEG -- gain, per-electrode gain, noise, 50/60 Hz
    mains; scRNA -- gene-wise log-scale batch effects and sequencing depth; text -- synonym

@@ -1,7 +1,7 @@
 """Per-site acquisition: how each origin site's scanners, amplifiers and habits shift its data.
 
 Every site draws standard-normal "personality" variables once from `rng_for(seed, "site",
-site)`; each physical parameter is a fixed function of `shift_severity * z`, so severity 0
+site)`; each physical parameter is a fixed function of `origin_shift_severity * z`, so severity 0
 gives every site the identity acquisition and larger severities scale the same directions
 up. The draws do not depend on the severity, so corpora that differ only in severity have
 the same sites, just more or less shifted. The shift is per *modality*, not per task: the
@@ -25,10 +25,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from federated.core.multimed import IMAGE, MODALITIES, modality
 from federated.data.synthetic import vocabulary
 from federated.data.synthetic.basis import CENTER, SIZE, coordinates
 from federated.data.synthetic.seeding import rng_for
-from federated.core.multimed import IMAGE, MODALITIES, modality
 
 IMAGE_MODALITIES: tuple[str, ...] = tuple(m for m in MODALITIES if modality(m).kind == IMAGE)
 EEG_FS = 128.0  # Hz: the 128 samples of an EEG trial are one second

@@ -22,7 +22,7 @@ class GeneratorConfig:
     n_origin_sites: int = 10  # origin sites are named "site_00", "site_01", ...
     samples_per_task_site: int = 120  # every task gets this many samples at EVERY origin site
     test_fraction: float = 0.2  # this fraction per (task, site) gets split "test"
-    shift_severity: float = 1.0  # 0 = all sites acquire identically; 1 = realistic; 2 = strong
+    origin_shift_severity: float = 1.0  # 0 = all sites acquire identically; 1 = realistic; 2 = strong
     tasks: tuple[str, ...] = ()  # empty = all 11 tasks
 
     def __post_init__(self) -> None:
@@ -37,10 +37,10 @@ class GeneratorConfig:
         _check_number("test_fraction", self.test_fraction)
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
-        _check_number("shift_severity", self.shift_severity)
-        if not (math.isfinite(self.shift_severity) and self.shift_severity >= 0.0):
-            raise ValueError(f"shift_severity must be a finite number >= 0, got "
-                             f"{self.shift_severity!r}")
+        _check_number("origin_shift_severity", self.origin_shift_severity)
+        if not (math.isfinite(self.origin_shift_severity) and self.origin_shift_severity >= 0.0):
+            raise ValueError(f"origin_shift_severity must be a finite number >= 0, got "
+                             f"{self.origin_shift_severity!r}")
         unknown = [t for t in self.tasks if t not in MULTIMED_TASKS]
         if unknown:
             raise ValueError(f"tasks: unknown task name(s) {unknown}; valid names: "

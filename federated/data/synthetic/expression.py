@@ -16,9 +16,9 @@ from functools import lru_cache
 
 import numpy as np
 
+from federated.core.multimed import modality, task
 from federated.data.synthetic.acquisition import ExpressionAcquisition
 from federated.data.synthetic.seeding import rng_for
-from federated.core.multimed import modality, task
 
 N_GENES = modality("scrna").shape[0]
 N_TYPES = len(task("cell_type").classes)

@@ -10,12 +10,19 @@ transfers to the others; medical VQA images are radiographs with the same findin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
 
 from federated.data.synthetic.basis import (
-    CENTER, basis_bank, coordinates, gaussian, render_blobs, render_rings, ring,
+    CENTER,
+    basis_bank,
+    coordinates,
+    gaussian,
+    render_blobs,
+    render_rings,
+    ring,
 )
 
 # sensor noise of each modality before the site's noise factor (OCT speckle is the worst)
@@ -29,7 +36,7 @@ def _lognormal(rng: np.random.Generator, n: int, sd: float) -> np.ndarray:
     return np.exp(rng.normal(0.0, sd, size=n))
 
 
-def _stack_blobs(blobs: list[tuple[np.ndarray, ...]]) -> np.ndarray:
+def _stack_blobs(blobs: Sequence[tuple[np.ndarray, ...]]) -> np.ndarray:
     """Render a list of per-sample (cx, cy, sigma, amp) blob parameter arrays in one pass."""
     cx, cy, sigma, amp = (np.stack([np.broadcast_to(b[i], b[3].shape) for b in blobs], axis=1)
                           for i in range(4))

@@ -23,9 +23,9 @@ from functools import lru_cache
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from federated.core.multimed import IGNORE_LABEL, PAD_TOKEN, SECONDARY_STRUCTURE, modality
 from federated.data.synthetic.acquisition import SequenceAcquisition
 from federated.data.synthetic.seeding import rng_for
-from federated.core.multimed import IGNORE_LABEL, PAD_TOKEN, SECONDARY_STRUCTURE, modality
 
 GENOMIC_LEN = modality("genomic_sequence").shape[0]
 PROTEIN_LEN = modality("protein_sequence").shape[0]

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from federated.data.synthetic.acquisition import EEG_FS
 from federated.core.multimed import modality
+from federated.data.synthetic.acquisition import EEG_FS
 
 CHANNELS: tuple[str, ...] = ("FC3", "FCz", "FC4", "C3", "Cz", "C4", "CP3", "CP4")
 _CHANNEL_XY = np.array([[-1, 1], [0, 1], [1, 1], [-1, 0], [0, 0], [1, 0], [-1, -1], [1, -1]],

@@ -13,18 +13,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from federated.core.multimed import task
+from federated.core.registry import Registry
 from federated.data.synthetic.acquisition import SiteAcquisition
 from federated.data.synthetic.expression import expression_world, sample_cells
 from federated.data.synthetic.images import (
-    BASE_NOISE, render_brain_mri, render_chest_ct, render_pathology, render_radiograph,
+    BASE_NOISE,
+    render_brain_mri,
+    render_chest_ct,
+    render_pathology,
+    render_radiograph,
     render_retina_oct,
 )
 from federated.data.synthetic.sequences import genomic_world, sample_promoters, sample_proteins
 from federated.data.synthetic.signals import render_motor_imagery
 from federated.data.synthetic.tabular import sample_clinical
 from federated.data.synthetic.text import write_questions, write_reports
-from federated.core.multimed import task
-from federated.core.registry import Registry
 
 FINDING_PREVALENCE = 0.3
 INCIDENTAL_PREVALENCE = 0.1  # findings on bone-age films: present but not the question

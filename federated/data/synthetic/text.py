@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from federated.core.multimed import PAD_TOKEN
 from federated.data.synthetic import vocabulary as voc
 from federated.data.synthetic.acquisition import TextAcquisition
-from federated.core.multimed import PAD_TOKEN
 
 REPORT_FILLERS = 14.0  # mean filler words per report at verbosity 1
 QUESTION_FILLERS = 4.0
@@ -96,9 +96,6 @@ def write_questions(rng: np.random.Generator, asked: np.ndarray,
     finding_cols = np.array([voc.concept_index(f) for f in voc.FINDINGS])
     suffixes = []
     for i in range(n):
-        if asked[i] >= 0:
-            q = [syn[i, presence], syn[i, finding_cols[asked[i]]]]
-        else:
-            q = [syn[i, count], syn[i, noun]]
+        q = [syn[i, presence], syn[i, finding_cols[asked[i]]]] if asked[i] >= 0 else [syn[i, count], syn[i, noun]]
         suffixes.append([int(t) for t in q] + [voc.QUESTION_MARK_TOKEN])
     return _compose(rng, [[] for _ in range(n)], suffixes, QUESTION_FILLERS, acq)

@@ -20,34 +20,93 @@ it was from the single module this package replaced:
 
 from __future__ import annotations
 
-from federated.engines.deployment.clientapp_worker import (WORKER_PRELOAD, _pull_task_input,
-                                                           _run_clientapp_task, clientapp_worker, main,
-                                                           venv_bin, worker_argv)
-from federated.engines.deployment.demo import (MAX_SITES, DemoResult, _check_out_dir, app_dir,
-                                               demo_overrides, deploy_demo, run_config_toml)
-from federated.engines.deployment.environment import (FLOWER_BINARIES, HOST, DeploymentError,
-                                                      _port_open, check_binaries, check_port_free,
-                                                      flower_env, free_port)
-from federated.engines.deployment.federation import (CLIENTAPP_MODES, CONNECTION, LoopbackFederation,
-                                                     RunResult, SuperNodeHandle, node_config_string)
-from federated.engines.deployment.processes import (_ANSI, ManagedProcess, _descendants,
-                                                    _die_with_parent, _proc_stat, pid_alive,
-                                                    sigterm_as_interrupt, stop_all)
+from federated.engines.deployment.clientapp_worker import (
+                                                           WORKER_PRELOAD,
+                                                           _pull_task_input,
+                                                           _run_clientapp_task,
+                                                           clientapp_worker,
+                                                           main,
+                                                           venv_bin,
+                                                           worker_argv,
+)
+from federated.engines.deployment.demo import (
+                                                           MAX_SITES,
+                                                           DemoResult,
+                                                           _check_out_dir,
+                                                           app_dir,
+                                                           demo_overrides,
+                                                           deploy_demo,
+                                                           run_config_toml,
+)
+from federated.engines.deployment.environment import (
+                                                           FLOWER_BINARIES,
+                                                           HOST,
+                                                           DeploymentError,
+                                                           _port_open,
+                                                           check_binaries,
+                                                           check_port_free,
+                                                           flower_env,
+                                                           free_port,
+)
+from federated.engines.deployment.federation import (
+                                                           CLIENTAPP_MODES,
+                                                           CONNECTION,
+                                                           LoopbackFederation,
+                                                           RunResult,
+                                                           SuperNodeHandle,
+                                                           node_config_string,
+)
+from federated.engines.deployment.processes import (
+                                                           _ANSI,
+                                                           ManagedProcess,
+                                                           _descendants,
+                                                           _die_with_parent,
+                                                           _proc_stat,
+                                                           pid_alive,
+                                                           sigterm_as_interrupt,
+                                                           stop_all,
+)
 
 __all__ = [
-    # environment
-    "HOST", "FLOWER_BINARIES", "DeploymentError", "venv_bin", "flower_env", "check_binaries",
-    "free_port", "check_port_free", "_port_open",
-    # processes
-    "_ANSI", "_proc_stat", "_descendants", "pid_alive", "_die_with_parent", "ManagedProcess",
-    "stop_all", "sigterm_as_interrupt",
-    # federation
-    "CONNECTION", "CLIENTAPP_MODES", "SuperNodeHandle", "RunResult", "LoopbackFederation",
-    "node_config_string",
-    # demo
-    "MAX_SITES", "run_config_toml", "app_dir", "_check_out_dir", "demo_overrides", "DemoResult",
-    "deploy_demo",
-    # the ClientApp worker
-    "clientapp_worker", "_run_clientapp_task", "_pull_task_input", "WORKER_PRELOAD",
-    "worker_argv", "main",
+                                                           "CLIENTAPP_MODES",
+                                                           # federation
+                                                           "CONNECTION",
+                                                           "FLOWER_BINARIES",
+                                                           # environment
+                                                           "HOST",
+                                                           # demo
+                                                           "MAX_SITES",
+                                                           "WORKER_PRELOAD",
+                                                           # processes
+                                                           "_ANSI",
+                                                           "DemoResult",
+                                                           "DeploymentError",
+                                                           "LoopbackFederation",
+                                                           "ManagedProcess",
+                                                           "RunResult",
+                                                           "SuperNodeHandle",
+                                                           "_check_out_dir",
+                                                           "_descendants",
+                                                           "_die_with_parent",
+                                                           "_port_open",
+                                                           "_proc_stat",
+                                                           "_pull_task_input",
+                                                           "_run_clientapp_task",
+                                                           "app_dir",
+                                                           "check_binaries",
+                                                           "check_port_free",
+                                                           # the ClientApp worker
+                                                           "clientapp_worker",
+                                                           "demo_overrides",
+                                                           "deploy_demo",
+                                                           "flower_env",
+                                                           "free_port",
+                                                           "main",
+                                                           "node_config_string",
+                                                           "pid_alive",
+                                                           "run_config_toml",
+                                                           "sigterm_as_interrupt",
+                                                           "stop_all",
+                                                           "venv_bin",
+                                                           "worker_argv",
 ]

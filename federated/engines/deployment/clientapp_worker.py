@@ -158,7 +158,7 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
         reply = apps[fab.hash_str](message=message, context=context)
         t_ran = time.perf_counter()
         sub_status, details = SubStatus.COMPLETED, ""
-    except Exception as ex:  # noqa: BLE001 - becomes the error reply, as in flwr-clientapp
+    except Exception as ex:
         code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"
         if isinstance(ex, LoadClientAppError):
             code, reason = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, \
@@ -171,7 +171,7 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
         try:
             if reply is not None and context is not None and not lost:
                 push_message(client, reply, context)
-        except Exception:  # noqa: BLE001
+        except Exception:
             traceback.print_exc()
             sub_status, details = SubStatus.FAILED, "failed to push the reply"
         retry.max_tries = 1
@@ -190,14 +190,16 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     """flwr's run_clientapp.pull_task_input, polling the SuperNode's object store every
     0.05-0.5 s instead of backing off 1 s -> 10 s: the task exists as soon as the SuperNode
     has the message header, and its content (the model, 247 objects) arrives after it."""
+    from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
     from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
     from flwr.supercore.task_identity import TaskIdentity
-    from flwr.app import Message
 
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id = res.task_id, res.run.run_id

@@ -13,10 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federated.engines.deployment.environment import (HOST, DeploymentError, check_binaries,
-                                                      check_port_free, flower_env)
-from federated.engines.deployment.federation import CLIENTAPP_MODES, LoopbackFederation
+from federated.core.config import config_to_yaml, load_config
+from federated.core.config.schema import ExperimentConfig
+from federated.core.protocol import CORPUS_KEY, SITE_STATE_DIR, STATE_DIR_KEY
+from federated.data.cache import prepare_corpus
+from federated.data.format import Corpus
+from federated.engines.deployment.environment import HOST, DeploymentError, check_binaries, check_port_free, flower_env
+from federated.engines.deployment.federation import CLIENTAPP_MODES, LoopbackFederation, RunResult
 from federated.engines.deployment.processes import sigterm_as_interrupt
+from partitions import SitePlan, plan_sites
 
 MAX_SITES = 32
 
@@ -30,8 +35,7 @@ def run_config_toml(config_yaml: str, corpus_path: str, out_dir: str) -> str:
         value = json.dumps(config_yaml)  # a JSON string is a valid TOML basic string
     else:
         value = "'''\n" + config_yaml + "'''"
-    text = (f"multimed-config = {value}\ncorpus-path = {json.dumps(corpus_path)}\n"
-            f"out-dir = {json.dumps(out_dir)}\n")
+    text = f"multimed-config = {value}\ncorpus-path = {json.dumps(corpus_path)}\nout-dir = {json.dumps(out_dir)}\n"
     parsed = tomllib.loads(text)
     assert parsed["multimed-config"] == config_yaml and parsed["out-dir"] == out_dir
     return text
@@ -42,8 +46,10 @@ def app_dir() -> Path:
     root = Path(__file__).resolve().parents[3]  # federated/engines/deployment/demo.py
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
-        raise DeploymentError(f"{root} is not the multimed-fl app folder (no pyproject.toml with "
-                              "[tool.flwr.app]); deploy needs a source checkout (pip install -e .)")
+        raise DeploymentError(
+            f"{root} is not the multimed-fl app folder (no pyproject.toml with "
+            "[tool.flwr.app]); deploy needs a source checkout (pip install -e .)"
+        )
     return root
 
 
@@ -60,12 +66,15 @@ def _check_out_dir(out: Path, root: Path) -> None:
     lines = gitignore.read_text().splitlines() if gitignore.is_file() else []
     spec = pathspec.GitIgnoreSpec.from_lines(lines)
     if not spec.match_file(f"{rel.as_posix()}/deploy/x.toml"):
-        raise DeploymentError(f"--out {out} is inside the app folder {root} and not git-ignored, "
-                              "so `flwr run` would pack its files into the app bundle; use a folder "
-                              "under runs/ or outside the repository")
+        raise DeploymentError(
+            f"--out {out} is inside the app folder {root} and not git-ignored, "
+            "so `flwr run` would pack its files into the app bundle; use a folder "
+            "under runs/ or outside the repository"
+        )
 
 
 # ------------------------------------------------------------------------------ the demo ----
+
 
 def demo_overrides(n_sites: int, overrides: Sequence[str]) -> list[str]:
     """The user's overrides, plus a random-mix plan of n_sites (one held out) when they set
@@ -73,8 +82,13 @@ def demo_overrides(n_sites: int, overrides: Sequence[str]) -> list[str]:
     keys = [o.split("=", 1)[0].strip() for o in overrides]
     out = list(overrides)
     if not any(k == "sites" or k.startswith("sites.") for k in keys):
-        out += ["sites.planner=random_mix", f"sites.n_sites={n_sites}", "sites.holdout=random",
-                "sites.holdout_k=1", "sites.zero_shot=true"]
+        out += [
+            "sites.planner=random_mix",
+            f"sites.n_sites={n_sites}",
+            "sites.holdout=random",
+            "sites.holdout_k=1",
+            "sites.zero_shot=true",
+        ]
     for o in overrides:
         k, _, v = o.partition("=")
         if k.strip() == "engine.expected_sites" and v.strip() != str(n_sites):
@@ -95,39 +109,27 @@ class DemoResult:
     seconds: dict[str, float]
 
 
-def deploy_demo(n_sites: int, out_dir: str | Path, overrides: Sequence[str] = (),
-                clientapp: str = "worker", superlink_port: int = 0, timeout_s: float = 3600.0,
-                say: Callable[[str], None] = print, grace_s: float = 10.0) -> DemoResult:
+def deploy_demo(
+    n_sites: int,
+    out_dir: str | Path,
+    overrides: Sequence[str] = (),
+    clientapp: str = "worker",
+    superlink_port: int = 0,
+    timeout_s: float = 3600.0,
+    say: Callable[[str], None] = print,
+    grace_s: float = 10.0,
+) -> DemoResult:
     """Run one experiment as a TLS + node-auth deployment on loopback; outputs go to out_dir,
     logs and keys to out_dir/deploy. Every process started is stopped before returning."""
-    from federated.core.config import config_to_yaml, load_config
-    from federated.data.cache import prepare_corpus
-    from federated.data.format import Corpus
-    from partitions import plan_sites
-
     t0 = time.perf_counter()
-    if not 1 <= n_sites <= MAX_SITES:
-        raise DeploymentError(f"--sites must be between 1 and {MAX_SITES} (got {n_sites}): "
-                              "each site is a SuperNode process on this machine")
-    if clientapp not in CLIENTAPP_MODES:
-        raise DeploymentError(f"--clientapp must be one of {', '.join(CLIENTAPP_MODES)} "
-                              f"(got {clientapp!r})")
-    if superlink_port:
-        check_port_free(HOST, superlink_port, "SuperLink")
+    _check_demo_args(n_sites, clientapp, superlink_port)
     root = app_dir()
     out = Path(out_dir).expanduser().resolve()
     _check_out_dir(out, root)
     if (out / "summary.json").exists():
         raise DeploymentError(f"{out} already holds a finished run (summary.json); choose another --out")
     check_binaries(flower_env(out / "deploy" / "flwr_home"))
-
-    cfg = load_config(demo_overrides(n_sites, overrides))
-    corpus_path = Path(prepare_corpus(cfg.corpus)).resolve()
-    plans = plan_sites(Corpus.open(corpus_path), cfg)
-    if len(plans) != n_sites:
-        raise DeploymentError(f"the site plan has {len(plans)} sites ({', '.join(p.site for p in plans)}) "
-                              f"but --sites is {n_sites}; make the plan's sites match (e.g. "
-                              f"sites.n_sites={n_sites} with sites.planner=random_mix)")
+    cfg, corpus_path, plans = _demo_plan(n_sites, overrides)
     say(f"site plan: {', '.join(f'{p.site} ({p.role})' for p in plans)}; corpus {corpus_path}")
 
     deploy = out / "deploy"
@@ -143,38 +145,100 @@ def deploy_demo(n_sites: int, out_dir: str | Path, overrides: Sequence[str] = ()
         with sigterm_as_interrupt():
             fed.start_superlink()
             seconds["superlink_s"] = time.perf_counter() - t0
-            for plan, key in zip(plans, fed.pki.nodes):
-                fed.register(key, plan.site)
-            for plan, key in zip(plans, fed.pki.nodes):  # state-dir: as `multimed-fl run` lays it out
-                fed.start_supernode(plan.site, key, {"site": plan.site, "corpus-path": str(corpus_path),
-                                                     "state-dir": str(out / "site_state")},
-                                    clientapp=clientapp)
-            fed.wait_online(n_sites)
+            _start_sites(fed, plans, corpus_path, out, clientapp, say)
             seconds["nodes_online_s"] = time.perf_counter() - t0
-            say(f"{n_sites} SuperNodes online ({'one long-lived ClientApp process each' if clientapp == 'worker' else 'one ClientApp process per message'})")
-            run_id = fed.submit(root, run_config)
-            t_submit = time.perf_counter()
-            say(f"submitted run {run_id}")
-            result = fed.wait_run(run_id, timeout_s, on_status=lambda s: say(f"run {run_id}: {s}"))
-            seconds["run_s"] = time.perf_counter() - t_submit
-            fed.save_run_log(run_id, deploy / "logs" / "run.log")
-            if result.status != "finished:completed":
-                raise DeploymentError(f"run {run_id} ended {result.status}: {result.details or 'no details'} "
-                                      f"(logs: {deploy / 'logs'})")
-            info = result.info
-            for k in ("elapsed", "compute-time", "network-traffic"):
-                if k in info:
-                    say(f"run {run_id} {k}: {info[k]}")
+            run_id, result = _run_to_completion(fed, root, run_config, deploy, timeout_s, seconds, say)
     finally:
         fed.close()
+    summary = _read_summary(out, run_id, deploy)
+    wall = time.perf_counter() - t0
+    say(
+        f"timing: SuperLink up at {seconds['superlink_s']:.0f} s, {n_sites} SuperNodes online at "
+        f"{seconds['nodes_online_s']:.0f} s, run {seconds['run_s']:.0f} s, total {wall:.0f} s"
+    )
+    say(f"outputs in {out} (summary.json, metrics.parquet, config.yaml, tensorboard/); logs and keys in {deploy}")
+    return DemoResult(out, run_id, result.status, summary, wall, fed.started_pids(), seconds)
+
+
+def _check_demo_args(n_sites: int, clientapp: str, superlink_port: int) -> None:
+    """Refuse bad arguments before anything is built or started, naming the option."""
+    if not 1 <= n_sites <= MAX_SITES:
+        raise DeploymentError(
+            f"--sites must be between 1 and {MAX_SITES} (got {n_sites}): "
+            "each site is a SuperNode process on this machine"
+        )
+    if clientapp not in CLIENTAPP_MODES:
+        raise DeploymentError(f"--clientapp must be one of {', '.join(CLIENTAPP_MODES)} (got {clientapp!r})")
+    if superlink_port:
+        check_port_free(HOST, superlink_port, "SuperLink")
+
+
+def _demo_plan(n_sites: int, overrides: Sequence[str]) -> tuple[ExperimentConfig, Path, list[SitePlan]]:
+    """(config, corpus path, site plans) of the demo: one SuperNode per planned site, so their counts must agree."""
+    cfg = load_config(demo_overrides(n_sites, overrides))
+    corpus_path = Path(prepare_corpus(cfg.corpus)).resolve()
+    plans = plan_sites(Corpus.open(corpus_path), cfg)
+    if len(plans) != n_sites:
+        raise DeploymentError(
+            f"the site plan has {len(plans)} sites ({', '.join(p.site for p in plans)}) "
+            f"but --sites is {n_sites}; make the plan's sites match (e.g. "
+            f"sites.n_sites={n_sites} with sites.planner=random_mix)"
+        )
+    return cfg, corpus_path, plans
+
+
+def _start_sites(
+    fed: LoopbackFederation,
+    plans: Sequence[Any],
+    corpus_path: Path,
+    out: Path,
+    clientapp: str,
+    say: Callable[[str], None],
+) -> None:
+    """Register every site's key, start its SuperNode and wait until all are online."""
+    for plan, key in zip(plans, fed.pki.nodes, strict=True):
+        fed.register(key, plan.site)
+    for plan, key in zip(plans, fed.pki.nodes, strict=True):  # state-dir: as `multimed-fl run` lays it out
+        node_config = {"site": plan.site, CORPUS_KEY: str(corpus_path), STATE_DIR_KEY: str(out / SITE_STATE_DIR)}
+        fed.start_supernode(plan.site, key, node_config, clientapp=clientapp)
+    fed.wait_online(len(plans))
+    processes = (
+        "one long-lived ClientApp process each" if clientapp == "worker" else "one ClientApp process per message"
+    )
+    say(f"{len(plans)} SuperNodes online ({processes})")
+
+
+def _run_to_completion(
+    fed: LoopbackFederation,
+    root: Path,
+    run_config: Path,
+    deploy: Path,
+    timeout_s: float,
+    seconds: dict[str, float],
+    say: Callable[[str], None],
+) -> tuple[str, RunResult]:
+    """Submit the run and wait for it; a run that did not complete fails with its status and logs."""
+    run_id = fed.submit(root, run_config)
+    t_submit = time.perf_counter()
+    say(f"submitted run {run_id}")
+    result = fed.wait_run(run_id, timeout_s, on_status=lambda s: say(f"run {run_id}: {s}"))
+    seconds["run_s"] = time.perf_counter() - t_submit
+    fed.save_run_log(run_id, deploy / "logs" / "run.log")
+    if result.status != "finished:completed":
+        raise DeploymentError(
+            f"run {run_id} ended {result.status}: {result.details or 'no details'} (logs: {deploy / 'logs'})"
+        )
+    info = result.info
+    for k in ("elapsed", "compute-time", "network-traffic"):
+        if k in info:
+            say(f"run {run_id} {k}: {info[k]}")
+    return run_id, result
+
+
+def _read_summary(out: Path, run_id: str, deploy: Path) -> dict[str, Any]:
+    """The finished run's summary.json; flwr reports success even when the ServerApp wrote nothing."""
     summary_path = out / "summary.json"
     if not summary_path.is_file():
-        raise DeploymentError(f"run {run_id} completed but wrote no {summary_path} "
-                              f"(logs: {deploy / 'logs'})")
-    summary = json.loads(summary_path.read_text())
-    wall = time.perf_counter() - t0
-    say(f"timing: SuperLink up at {seconds['superlink_s']:.0f} s, {n_sites} SuperNodes online at "
-        f"{seconds['nodes_online_s']:.0f} s, run {seconds['run_s']:.0f} s, total {wall:.0f} s")
-    say(f"outputs in {out} (summary.json, metrics.parquet, config.yaml, tensorboard/); "
-        f"logs and keys in {deploy}")
-    return DemoResult(out, run_id, result.status, summary, wall, fed.started_pids(), seconds)
+        raise DeploymentError(f"run {run_id} completed but wrote no {summary_path} (logs: {deploy / 'logs'})")
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    return summary

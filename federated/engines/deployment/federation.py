@@ -16,9 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from federated.engines.deployment.clientapp_worker import worker_argv
-from federated.engines.deployment.environment import (HOST, DeploymentError, check_binaries,
-                                                      check_port_free, flower_env, free_port,
-                                                      _port_open)
+from federated.engines.deployment.environment import (
+    HOST,
+    DeploymentError,
+    _port_open,
+    check_binaries,
+    check_port_free,
+    flower_env,
+    free_port,
+)
 from federated.engines.deployment.processes import _ANSI, ManagedProcess, stop_all
 
 if TYPE_CHECKING:  # annotations only; pki (cryptography) is imported when a federation is made
@@ -145,9 +151,9 @@ class LoopbackFederation:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.superlink = self._track(ManagedProcess("superlink", [
             self.binaries["flower-superlink"],
-            "--ssl-ca-certfile", self.pki.ca_cert, "--ssl-certfile", self.pki.server_cert,
-            "--ssl-keyfile", self.pki.server_key, "--enable-supernode-auth",
-            "--host", self.host, "--port", str(self.port), "--database", self.dir / "superlink.db",
+            "--ssl-ca-certfile", str(self.pki.ca_cert), "--ssl-certfile", str(self.pki.server_cert),
+            "--ssl-keyfile", str(self.pki.server_key), "--enable-supernode-auth",
+            "--host", self.host, "--port", str(self.port), "--database", str(self.dir / "superlink.db"),
         ], self.logs / "superlink.log", self.env, self.dir))
         deadline = time.monotonic() + timeout_s
         while True:

@@ -89,7 +89,7 @@ class ManagedProcess:
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open for the process's lifetime; closed by close_log()
         self._log.write(f"$ {' '.join(self.argv)}\n".encode())
         self._log.flush()
         try:

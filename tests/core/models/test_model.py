@@ -87,7 +87,7 @@ def test_train_only_freezes_what_a_site_does_not_hold():
 
 def test_same_seed_same_weights_and_opacus_compatible():
     a, b = build_model(CFG, seed=3), build_model(CFG, seed=3)
-    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         torch.testing.assert_close(p, q, msg=n)
     assert not torch.equal(build_model(CFG, seed=4).fusion.slot.weight, a.fusion.slot.weight)
     assert ModuleValidator.validate(a, strict=False) == []
