@@ -20,8 +20,9 @@ from federated.core.protocol import ARRAYS_RECORD, METRICS_RECORD, NUM_EXAMPLES,
 DEFAULT_FACTORS = {"sign_flip": 10.0, "scale": 1000.0, "inflate_count": 1000.0, "nan": 0.0}
 
 
-def corrupt(kind: str, factor: float, sent: dict[str, np.ndarray],
-            trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def corrupt(
+    kind: str, factor: float, sent: dict[str, np.ndarray], trained: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     f = factor or DEFAULT_FACTORS[kind]
     if kind == "sign_flip":
         return {k: (sent[k] - f * (trained[k] - sent[k])).astype(trained[k].dtype) for k in trained}

@@ -83,11 +83,18 @@ def query(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get(P.CONFIG_RECORD)
     if config is not None and P.RESTORE_ROUND in config:  # a resumed run: this site's own saved state
         site_state.restore(context, p.site, record_round(config, P.RESTORE_ROUND))
-    profile = ConfigRecord({
-        "site": p.site, "role": p.role.value, "archetype": p.archetype, "origin_site": p.origin_site,
-        "modalities": list(p.modalities), "tasks": list(p.tasks),
-        "n_train": p.n_train, "n_test": p.n_test,
-    })
+    profile = ConfigRecord(
+        {
+            "site": p.site,
+            "role": p.role.value,
+            "archetype": p.archetype,
+            "origin_site": p.origin_site,
+            "modalities": list(p.modalities),
+            "tasks": list(p.tasks),
+            "n_train": p.n_train,
+            "n_test": p.n_test,
+        }
+    )
     return Message(RecordDict({P.PROFILE_RECORD: profile}), reply_to=msg)
 
 
@@ -102,12 +109,17 @@ def train(msg: Message, context: Context) -> Message:
     trainer = LOCAL_TRAINERS.get(rt.cfg.privacy.name)
     trained = trainer(LocalJob(rt.model, rt.data, rt.cfg, seed, context, server_round, this_round.hooks))
     result = trained.result
-    reply = RecordDict({
-        P.ARRAYS_RECORD: ArrayRecord(rt.model.state_dict()),
-        P.METRICS_RECORD: MetricRecord({P.NUM_EXAMPLES: result.num_examples, P.TRAIN_LOSS: result.mean_loss,
-                                        P.STEPS: result.steps}),
-        P.TRAINED_RECORD: ConfigRecord({P.GROUPS: list(result.group_examples),
-                                        P.GROUP_EXAMPLES: list(result.group_examples.values())})})
+    reply = RecordDict(
+        {
+            P.ARRAYS_RECORD: ArrayRecord(rt.model.state_dict()),
+            P.METRICS_RECORD: MetricRecord(
+                {P.NUM_EXAMPLES: result.num_examples, P.TRAIN_LOSS: result.mean_loss, P.STEPS: result.steps}
+            ),
+            P.TRAINED_RECORD: ConfigRecord(
+                {P.GROUPS: list(result.group_examples), P.GROUP_EXAMPLES: list(result.group_examples.values())}
+            ),
+        }
+    )
     for name, record in {**trained.records, **this_round.after_train(result.steps)}.items():
         reply[name] = record
     return Message(reply, reply_to=msg)

@@ -73,8 +73,10 @@ def check_model(model: torch.nn.Module) -> None:
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise PrivacyConfigError(
-            "the model cannot be trained with DP-SGD: " + "; ".join(str(e) for e in errors)
-            + " (use GroupNorm or LayerNorm instead of BatchNorm)")
+            "the model cannot be trained with DP-SGD: "
+            + "; ".join(str(e) for e in errors)
+            + " (use GroupNorm or LayerNorm instead of BatchNorm)"
+        )
 
 
 @dataclass
@@ -109,8 +111,9 @@ class PrivacyLedger:
         return float(acc.get_epsilon(cfg.delta)) if acc.history else 0.0
 
     def save(self, context: Context) -> None:
-        context.state[STATE_KEY] = ConfigRecord({"ledger": json.dumps(
-            {"history": self.history, "noise": self.noise, "stopped_round": self.stopped_round})})
+        context.state[STATE_KEY] = ConfigRecord(
+            {"ledger": json.dumps({"history": self.history, "noise": self.noise, "stopped_round": self.stopped_round})}
+        )
 
     @classmethod
     def load(cls, context: Context) -> PrivacyLedger:
@@ -146,30 +149,45 @@ def calibrate(plans: dict[str, TaskPlan], cfg: ExperimentConfig, ledger: Privacy
             if p.noise_multiplier is not None:
                 ledger.noise[task] = float(p.noise_multiplier)
             else:
-                ledger.noise[task] = float(get_noise_multiplier(
-                    target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=tp.sample_rate,
-                    steps=tp.steps_per_round * cfg.rounds, accountant=p.accountant, epsilon_tolerance=0.01))
+                ledger.noise[task] = float(
+                    get_noise_multiplier(
+                        target_epsilon=p.target_epsilon,
+                        target_delta=p.delta,
+                        sample_rate=tp.sample_rate,
+                        steps=tp.steps_per_round * cfg.rounds,
+                        accountant=p.accountant,
+                        epsilon_tolerance=0.01,
+                    )
+                )
         tp.noise_multiplier = ledger.noise[task]
 
 
 def budget_allows(plans: dict[str, TaskPlan], cfg: PrivacyConfig, ledger: PrivacyLedger) -> bool:
     if cfg.target_epsilon is None:
         return True
-    return all(ledger.epsilon(t, cfg, (tp.noise_multiplier, tp.sample_rate, tp.steps_per_round))
-               <= cfg.target_epsilon + EPS_TOLERANCE for t, tp in plans.items())
+    return all(
+        ledger.epsilon(t, cfg, (tp.noise_multiplier, tp.sample_rate, tp.steps_per_round))
+        <= cfg.target_epsilon + EPS_TOLERANCE
+        for t, tp in plans.items()
+    )
 
 
 def privacy_report(plans: dict[str, TaskPlan], cfg: PrivacyConfig, ledger: PrivacyLedger) -> dict:
     steps = {t: int(sum(h[2] for h in ledger.history.get(t, []))) for t in plans}
     eps = {t: ledger.epsilon(t, cfg) for t in plans}
     return {
-        "mechanism": "dp_sgd (sample-level)", "epsilon": max(eps.values(), default=0.0),
-        "delta": cfg.delta, "accountant": cfg.accountant, "max_grad_norm": cfg.max_grad_norm,
-        "tasks": list(plans), "epsilon_per_task": [eps[t] for t in plans],
+        "mechanism": "dp_sgd (sample-level)",
+        "epsilon": max(eps.values(), default=0.0),
+        "delta": cfg.delta,
+        "accountant": cfg.accountant,
+        "max_grad_norm": cfg.max_grad_norm,
+        "tasks": list(plans),
+        "epsilon_per_task": [eps[t] for t in plans],
         "noise_multiplier": [plans[t].noise_multiplier for t in plans],
         "sample_rate": [plans[t].sample_rate for t in plans],
         "steps": [steps[t] for t in plans],
-        "stopped_by_budget": ledger.stopped_round > 0, "stopped_round": ledger.stopped_round,
+        "stopped_by_budget": ledger.stopped_round > 0,
+        "stopped_round": ledger.stopped_round,
         "budget_epsilon": cfg.target_epsilon if cfg.target_epsilon is not None else -1.0,
     }
 
@@ -193,8 +211,9 @@ def per_sample_module(model: MultiMedModel, mode: str) -> AbstractGradSampleModu
     return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
 
 
-def private_gradient(gsm: AbstractGradSampleModule, optimizer: DPOptimizer, task: str,
-                     batch: TaskSplit | None) -> float | None:
+def private_gradient(
+    gsm: AbstractGradSampleModule, optimizer: DPOptimizer, task: str, batch: TaskSplit | None
+) -> float | None:
     """Leave the privatised gradient in p.grad: per-sample gradients clipped to
     max_grad_norm, summed, plus N(0, (sigma * C)^2) noise, divided by the expected batch size.
     batch=None (an empty Poisson draw) is a noise-only step. Returns the batch loss."""
@@ -220,9 +239,15 @@ def private_gradient(gsm: AbstractGradSampleModule, optimizer: DPOptimizer, task
     return loss
 
 
-def train_private(model: MultiMedModel, data: SiteData, cfg: ExperimentConfig, seed: int,
-                  context: Context, server_round: int,
-                  hooks: tuple[GradientHook, ...] = ()) -> tuple[TrainResult, dict]:
+def train_private(
+    model: MultiMedModel,
+    data: SiteData,
+    cfg: ExperimentConfig,
+    seed: int,
+    context: Context,
+    server_round: int,
+    hooks: tuple[GradientHook, ...] = (),
+) -> tuple[TrainResult, dict]:
     """One round of DP-SGD at the site; returns the training result and the privacy report.
     A site whose budget is spent returns a result with zero examples and leaves the model as is."""
     check_model(model)
@@ -240,10 +265,13 @@ def train_private(model: MultiMedModel, data: SiteData, cfg: ExperimentConfig, s
     trainable = [p for p in model.parameters() if p.requires_grad]
     gsm = per_sample_module(model, cfg.privacy.grad_sample_mode)
     first = next(iter(plans.values()))
-    optimizer = DPOptimizer(make_optimizer(trainable, cfg.train), noise_multiplier=first.noise_multiplier,
-                            max_grad_norm=cfg.privacy.max_grad_norm,
-                            expected_batch_size=cfg.train.batch_size,
-                            generator=torch.Generator().manual_seed(seed + 1))
+    optimizer = DPOptimizer(
+        make_optimizer(trainable, cfg.train),
+        noise_multiplier=first.noise_multiplier,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        expected_batch_size=cfg.train.batch_size,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
     schedule = [t for t, tp in plans.items() for _ in range(tp.steps_per_round)]
     order = torch.randperm(len(schedule), generator=gen).tolist()  # data-independent task order
     losses, taken = [], {t: 0 for t in plans}
@@ -277,7 +305,10 @@ def train_private(model: MultiMedModel, data: SiteData, cfg: ExperimentConfig, s
         elif taken[task]:
             hist.append([tp.noise_multiplier, tp.sample_rate, taken[task]])
     ledger.save(context)
-    result = TrainResult(num_examples=data.n("train"), steps=len(order),
-                         mean_loss=float(np.mean(losses)) if losses else math.nan,
-                         group_examples=group_examples(data))
+    result = TrainResult(
+        num_examples=data.n("train"),
+        steps=len(order),
+        mean_loss=float(np.mean(losses)) if losses else math.nan,
+        group_examples=group_examples(data),
+    )
     return result, privacy_report(plans, cfg.privacy, ledger)

@@ -32,8 +32,11 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     rt = site_runtime(dict(context.run_config), dict(context.node_config))
     faults = rt.cfg.faults
     server_round = record_round(msg.content.config_records[CONFIG_RECORD])
-    if faults.kind == "none" or rt.plan.site not in faults.sites or (
-            faults.rounds and server_round not in faults.rounds):
+    if (
+        faults.kind == "none"
+        or rt.plan.site not in faults.sites
+        or (faults.rounds and server_round not in faults.rounds)
+    ):
         return call_next(msg, context)
     if faults.kind == "crash":
         raise SimulatedCrash(f"site {rt.plan.site} crashed in round {server_round} (faults.kind=crash)")

@@ -28,8 +28,9 @@ class TaskSplit:
         return int(self.targets.shape[0])
 
     def take(self, idx: torch.Tensor) -> TaskSplit:
-        return TaskSplit({m: x[idx] for m, x in self.inputs.items()},
-                         {m: p[idx] for m, p in self.present.items()}, self.targets[idx])
+        return TaskSplit(
+            {m: x[idx] for m, x in self.inputs.items()}, {m: p[idx] for m, p in self.present.items()}, self.targets[idx]
+        )
 
 
 @dataclass
@@ -72,8 +73,9 @@ class SiteData:
             if has.any():
                 arr[has] = corpus.array(m)[idx[has]]
                 if self.plan.shift.get(m):  # this site's scanner/protocol, applied on load
-                    arr[has] = shift_array(m, arr[has], self.plan.shift[m], self.plan.site,
-                                           self.plan.shift_seed, key=f"{task}/{split}")
+                    arr[has] = shift_array(
+                        m, arr[has], self.plan.shift[m], self.plan.site, self.plan.shift_seed, key=f"{task}/{split}"
+                    )
             inputs[m] = torch.from_numpy(arr)
             present[m] = torch.from_numpy(has)
         target = np.array(corpus.targets(task)[manifest["target_row"].to_numpy()[rows]])

@@ -81,8 +81,7 @@ def _runtime(config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
     else:
         by_name = {p.site: p for p in plans}
         if site_key not in by_name:
-            raise SiteConfigError(f"node config names site {site_key!r}; the plan has "
-                                  f"{', '.join(by_name)}")
+            raise SiteConfigError(f"node config names site {site_key!r}; the plan has {', '.join(by_name)}")
         plan = by_name[site_key]
     return SiteRuntime(cfg, plan, SiteData(corpus, plan), config_yaml, client_algorithm(cfg.strategy))
 

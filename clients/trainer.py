@@ -41,8 +41,7 @@ def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Te
     if kind == REGRESSION:
         return F.mse_loss(output, target)
     if kind == PER_RESIDUE:
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1),
-                               ignore_index=IGNORE_LABEL)
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1), ignore_index=IGNORE_LABEL)
     raise ValueError(f"no loss for target type {kind!r}")
 
 
@@ -61,8 +60,9 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_local(model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: int,
-                hooks: tuple[GradientHook, ...] = ()) -> TrainResult:
+def train_local(
+    model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: int, hooks: tuple[GradientHook, ...] = ()
+) -> TrainResult:
     torch.manual_seed(seed)  # dropout and any other torch randomness
     gen = torch.Generator().manual_seed(seed)
     model.train_only(data.plan.modalities, data.plan.tasks)
@@ -90,9 +90,12 @@ def train_local(model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: in
             hook.after_backward(model)
         optimizer.step()
         losses.append(float(loss.detach()))
-    return TrainResult(num_examples=data.n("train"), steps=len(order),
-                       mean_loss=float(np.mean(losses)) if losses else math.nan,
-                       group_examples=group_examples(data))
+    return TrainResult(
+        num_examples=data.n("train"),
+        steps=len(order),
+        mean_loss=float(np.mean(losses)) if losses else math.nan,
+        group_examples=group_examples(data),
+    )
 
 
 def group_examples(data: SiteData) -> dict[str, int]:
@@ -104,15 +107,17 @@ def group_examples(data: SiteData) -> dict[str, int]:
         if split is None:
             continue
         for group, n in [(f"head/{task}", len(split)), ("fusion", len(split))] + [
-                (f"encoder/{m}", int(p.sum())) for m, p in split.present.items()]:
+            (f"encoder/{m}", int(p.sum())) for m, p in split.present.items()
+        ]:
             if n:
                 counts[group] = counts.get(group, 0) + n
     return dict(sorted(counts.items()))
 
 
 @torch.no_grad()
-def evaluate_site(model: MultiMedModel, data: SiteData, split: str = "test",
-                  batch_size: int = 256) -> dict[str, dict[str, float]]:
+def evaluate_site(
+    model: MultiMedModel, data: SiteData, split: str = "test", batch_size: int = 256
+) -> dict[str, dict[str, float]]:
     """Per task: every metric of the task, its [0, 1] score, and the sample count."""
     model.eval()
     results: dict[str, dict[str, float]] = {}

@@ -24,21 +24,27 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import run_grid
 
-AGGREGATORS = {"fedavg": ["strategy=fedavg"], "modality_fedavg": ["strategy=modality_fedavg"],
-               "median": ["strategy=median"],
-               "trimmed_mean": ["strategy=trimmed_mean", "strategy.trim_fraction=0.25"],
-               "krum": ["strategy=krum"],
-               # multi-Krum: average the n - f - 1 = 6 best-scored updates of the 8
-               "multikrum": ["strategy=krum", "strategy.krum_selected=6"]}
+AGGREGATORS = {
+    "fedavg": ["strategy=fedavg"],
+    "modality_fedavg": ["strategy=modality_fedavg"],
+    "median": ["strategy=median"],
+    "trimmed_mean": ["strategy=trimmed_mean", "strategy.trim_fraction=0.25"],
+    "krum": ["strategy=krum"],
+    # multi-Krum: average the n - f - 1 = 6 best-scored updates of the 8
+    "multikrum": ["strategy=krum", "strategy.krum_selected=6"],
+}
 ATTACKS = ["none", "sign_flip", "scale", "nan", "inflate_count"]
 SITES = {
-    "shared": ["sites.train=[" + ",".join(["general_hospital"] * 8) + "]",
-               "sites.held_out=[general_hospital,general_hospital]"],
-    "mixed": ["sites.train=[" + ",".join(["imaging_centre"] * 4 + ["general_hospital"] * 4) + "]",
-              "sites.held_out=[eye_clinic,general_hospital]"],
+    "shared": [
+        "sites.train=[" + ",".join(["general_hospital"] * 8) + "]",
+        "sites.held_out=[general_hospital,general_hospital]",
+    ],
+    "mixed": [
+        "sites.train=[" + ",".join(["imaging_centre"] * 4 + ["general_hospital"] * 4) + "]",
+        "sites.held_out=[eye_clinic,general_hospital]",
+    ],
 }
-BASE = ["corpus.samples_per_task_site=150",
-        "rounds=12", "attack.sites=[site_00]", "strategy.on_too_few_valid=skip"]
+BASE = ["corpus.samples_per_task_site=150", "rounds=12", "attack.sites=[site_00]", "strategy.on_too_few_valid=skip"]
 
 
 def main() -> None:
@@ -51,23 +57,33 @@ def main() -> None:
     aggregators, base = AGGREGATORS, [*SITES[args.sites], *BASE]
     if args.quick:
         aggregators, base = {a: AGGREGATORS[a] for a in ("fedavg", "median")}, [*base, "scale=smoke"]
-    jobs = [(f"{a}-{k}", [*base, *aggregators[a], f"attack.kind={k}", f"seed={args.seed}"])
-            for a in aggregators for k in ATTACKS]
+    jobs = [
+        (f"{a}-{k}", [*base, *aggregators[a], f"attack.kind={k}", f"seed={args.seed}"])
+        for a in aggregators
+        for k in ATTACKS
+    ]
     results = run_grid(jobs, args.out)
     rows = []
     for name, (summary, error) in sorted(results.items()):
         agg, kind = name.split("-", 1)
         row = {"aggregator": agg, "attack": kind, "error": error.splitlines()[0] if error else ""}
         if summary:
-            row.update(id=summary["final"]["id"]["score"], ood=summary["final"]["ood"]["score"],
-                       rejected=len(summary["rejections"]), skipped=len(summary["skipped_rounds"]))
+            row.update(
+                id=summary["final"]["id"]["score"],
+                ood=summary["final"]["ood"]["score"],
+                rejected=len(summary["rejections"]),
+                skipped=len(summary["skipped_rounds"]),
+            )
         rows.append(row)
     df = pd.DataFrame(rows)
     df.to_csv(args.out / "results.csv", index=False)
-    lines = ["ID score (x100) and drop from the same aggregator's clean run, in points; "
-             "[r] = updates rejected by validation over all rounds",
-             "", "| aggregator | clean | " + " | ".join(a for a in ATTACKS if a != "none") + " |",
-             "|---|---|" + "---|" * (len(ATTACKS) - 1)]
+    lines = [
+        "ID score (x100) and drop from the same aggregator's clean run, in points; "
+        "[r] = updates rejected by validation over all rounds",
+        "",
+        "| aggregator | clean | " + " | ".join(a for a in ATTACKS if a != "none") + " |",
+        "|---|---|" + "---|" * (len(ATTACKS) - 1),
+    ]
     for agg in aggregators:
         sub = df[df.aggregator == agg].set_index("attack")
         clean = sub.loc["none", "id"] if "none" in sub.index else math.nan

@@ -54,8 +54,9 @@ def _constant_outputs(kind: str, train: np.ndarray, n: int, shape: tuple[int, ..
     raise ValueError(kind)
 
 
-def _random_outputs(kind: str, rng: np.random.Generator, train: np.ndarray, n: int,
-                    shape: tuple[int, ...]) -> np.ndarray:
+def _random_outputs(
+    kind: str, rng: np.random.Generator, train: np.ndarray, n: int, shape: tuple[int, ...]
+) -> np.ndarray:
     if kind == REGRESSION:
         return rng.normal(train.mean(), train.std(), size=n)
     return rng.normal(size=(n, *shape)) if shape else rng.normal(size=n)
@@ -79,25 +80,35 @@ def main(overrides: list[str]) -> None:
                 continue
             task = TASKS.get(t)
             scale = site.scales[t]
-            train = np.concatenate([data[q.site].split(t, "train").targets.numpy() for q in plans
-                                    if q.role == Role.TRAIN and t in q.tasks])
+            train = np.concatenate(
+                [data[q.site].split(t, "train").targets.numpy() for q in plans if q.role == Role.TRAIN and t in q.tasks]
+            )
             target = test.targets.numpy()
             if task.target == REGRESSION:
                 train, target = train * scale.std + scale.mean, target * scale.std + scale.mean
             n = len(test)
-            shape = (task.label_shape[0], task.n_outputs) if task.target == PER_RESIDUE else (
-                (task.n_outputs,) if task.n_outputs > 1 else ())
+            shape = (
+                (task.label_shape[0], task.n_outputs)
+                if task.target == PER_RESIDUE
+                else ((task.n_outputs,) if task.n_outputs > 1 else ())
+            )
             const = _constant_outputs(task.target, train, n, shape)
             m = task_metrics(task, const, target)
             evs["constant"].per_task[t] = {"score": unit_score(task, m, scale.mad), "n": n}
-            draws = [unit_score(task, task_metrics(task, _random_outputs(task.target, rng, train, n, shape), target), scale.mad)
-                     for _ in range(20)]
+            draws = [
+                unit_score(
+                    task, task_metrics(task, _random_outputs(task.target, rng, train, n, shape), target), scale.mad
+                )
+                for _ in range(20)
+            ]
             evs["random"].per_task[t] = {"score": float(np.nanmean(draws)), "n": n}
         for k in rows:
             rows[k].append(evs[k])
     print(f"{'task':32s} {'metric':11s} {'ID const':>9s} {'ID rand':>8s} {'OOD const':>10s} {'OOD rand':>9s}")
-    summary = {k: {g: group_scores([e for e in v if (e.profile.role == Role.TRAIN) == (g == "id")])
-                   for g in ("id", "ood")} for k, v in rows.items()}
+    summary = {
+        k: {g: group_scores([e for e in v if (e.profile.role == Role.TRAIN) == (g == "id")]) for g in ("id", "ood")}
+        for k, v in rows.items()
+    }
     for t in MULTIMED_TASKS:
         vals = [summary[k][g].per_task.get(t, float("nan")) for g in ("id", "ood") for k in ("constant", "random")]
         print(f"{t:32s} {TASKS.get(t).primary_metric:11s} " + " ".join(f"{v:9.3f}" for v in vals))

@@ -39,10 +39,14 @@ def rows_from(results: dict) -> pd.DataFrame:
         row = {"epsilon": eps, "seed": int(seed.removeprefix("seed")), "error": error.splitlines()[0] if error else ""}
         if summary:
             spent = [p["epsilon"] for p in summary["privacy"].values() if p.get("epsilon") is not None]
-            row.update(id=summary["final"]["id"]["score"], ood=summary["final"]["ood"]["score"],
-                       gap=summary["final"]["gap"], max_spent_epsilon=max(spent) if spent else None,
-                       sites_stopped=sum(bool(p.get("stopped_by_budget")) for p in summary["privacy"].values()),
-                       wall_s=summary["timing"]["wall_s"])
+            row.update(
+                id=summary["final"]["id"]["score"],
+                ood=summary["final"]["ood"]["score"],
+                gap=summary["final"]["gap"],
+                max_spent_epsilon=max(spent) if spent else None,
+                sites_stopped=sum(bool(p.get("stopped_by_budget")) for p in summary["privacy"].values()),
+                wall_s=summary["timing"]["wall_s"],
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -54,11 +58,16 @@ def _order(df: pd.DataFrame) -> list[str]:
 def table(df: pd.DataFrame) -> str:
     g = df.groupby("epsilon")[["id", "ood", "gap", "max_spent_epsilon"]]
     mean, sd, n = g.mean(), g.std(ddof=0), df.groupby("epsilon")["id"].count()
-    lines = ["| epsilon (target) | ID score | OOD score | gap | max spent epsilon | runs |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| epsilon (target) | ID score | OOD score | gap | max spent epsilon | runs |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in _order(df):
         spent = "-" if pd.isna(mean.loc[e, "max_spent_epsilon"]) else f"{mean.loc[e, 'max_spent_epsilon']:.3f}"
-        lines.append(f"| {'no DP' if e == 'none' else e} | {mean.loc[e, 'id']:.3f} +- {sd.loc[e, 'id']:.3f} | "
-                     f"{mean.loc[e, 'ood']:.3f} +- {sd.loc[e, 'ood']:.3f} | {mean.loc[e, 'gap']:.3f} | {spent} | {n[e]} |")
+        lines.append(
+            f"| {'no DP' if e == 'none' else e} | {mean.loc[e, 'id']:.3f} +- {sd.loc[e, 'id']:.3f} | "
+            f"{mean.loc[e, 'ood']:.3f} +- {sd.loc[e, 'ood']:.3f} | {mean.loc[e, 'gap']:.3f} | {spent} | {n[e]} |"
+        )
     return "\n".join(lines)
 
 

@@ -18,8 +18,20 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import run_grid
 
-STRATEGIES = ["fedavg", "modality_fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold",
-              "fedbn", "fedper", "median", "trimmed_mean", "krum"]
+STRATEGIES = [
+    "fedavg",
+    "modality_fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "scaffold",
+    "fedbn",
+    "fedper",
+    "median",
+    "trimmed_mean",
+    "krum",
+]
 # Strong label skew over the default modality/task mix, at a size that runs in ~30 s.
 BASE = ["sites.label_skew_alpha=0.3", "corpus.samples_per_task_site=150", "rounds=12"]
 # SCAFFOLD's control variates assume plain SGD (the config refuses anything else).
@@ -40,10 +52,14 @@ def rows_from(results: dict, seeds: int) -> pd.DataFrame:
                         held[t] = held.get(t, 0) + 1
             n_train = sum(s["role"] == "train" for s in summary["per_site"])
             minority = [t for t, n in held.items() if n < n_train / 2]
-            row.update(id=f["id"]["score"], ood=f["ood"]["score"], gap=f["gap"],
-                       id_minority=sum(f["id"]["per_task"][t] for t in minority) / len(minority),
-                       id_personal=f.get("id_personal", {}).get("score"),
-                       wall_s=summary["timing"]["wall_s"])
+            row.update(
+                id=f["id"]["score"],
+                ood=f["ood"]["score"],
+                gap=f["gap"],
+                id_minority=sum(f["id"]["per_task"][t] for t in minority) / len(minority),
+                id_personal=f.get("id_personal", {}).get("score"),
+                wall_s=summary["timing"]["wall_s"],
+            )
             for t, v in f["id"]["per_task"].items():
                 row[f"id/{t}"] = v
         rows.append(row)
@@ -54,8 +70,10 @@ def table(df: pd.DataFrame) -> str:
     cols = ["id", "ood", "gap", "id_minority", "id_personal"]
     g = df.groupby("strategy")[cols]
     mean, sd = g.mean(), g.std(ddof=0)
-    lines = ["| strategy | ID | OOD | gap | ID, minority tasks | ID, personalised | runs |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | ID | OOD | gap | ID, minority tasks | ID, personalised | runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in [x for x in STRATEGIES if x in mean.index]:
         cells = []
         for c in cols:
@@ -74,8 +92,11 @@ def main() -> None:
     strategies, base, seeds = STRATEGIES, BASE, args.seeds
     if args.quick:
         strategies, base, seeds = ["fedavg", "modality_fedavg"], ["scale=smoke", "sites.label_skew_alpha=0.3"], 1
-    jobs = [(f"{s}-seed{k}", [*base, f"strategy={s}", f"seed={k}", *EXTRA.get(s, [])])
-            for s in strategies for k in range(seeds)]
+    jobs = [
+        (f"{s}-seed{k}", [*base, f"strategy={s}", f"seed={k}", *EXTRA.get(s, [])])
+        for s in strategies
+        for k in range(seeds)
+    ]
     df = rows_from(run_grid(jobs, args.out), seeds)
     df.to_csv(args.out / "results.csv", index=False)
     text = table(df)

@@ -50,8 +50,7 @@ def site_severities(plans: list[SitePlan], severity: float, seed: int) -> list[S
     def draw(site: str, m: str) -> float:
         return float(severity * step_rng(seed, "shift", site, m).uniform(0.5, 1.5))
 
-    return [dataclasses.replace(p, shift={m: draw(p.site, m) for m in p.modalities}, shift_seed=seed)
-            for p in plans]
+    return [dataclasses.replace(p, shift={m: draw(p.site, m) for m in p.modalities}, shift_seed=seed) for p in plans]
 
 
 def shift_params(modality: str, severity: float, site: str, seed: int) -> dict:
@@ -62,13 +61,19 @@ def shift_params(modality: str, severity: float, site: str, seed: int) -> dict:
     if spec.kind == IMAGE:
         sigma, contrast, offset = rng.uniform(0.25, 1), rng.uniform(-1, 1), rng.uniform(-1, 1)
         noise = rng.uniform(0.25, 1)
-        return {"blur_sigma": min(1.0 * s * sigma, MAX_BLUR_SIGMA),
-                "contrast": float(np.exp(0.4 * s * contrast)), "offset": 0.5 * s * offset,
-                "noise_std": 0.3 * s * noise}
+        return {
+            "blur_sigma": min(1.0 * s * sigma, MAX_BLUR_SIGMA),
+            "contrast": float(np.exp(0.4 * s * contrast)),
+            "offset": 0.5 * s * offset,
+            "noise_std": 0.3 * s * noise,
+        }
     if spec.kind == SIGNAL:
         gain, noise, drop = rng.uniform(-1, 1), rng.uniform(0.25, 1), rng.uniform(0.25, 1)
-        return {"gain": float(np.exp(0.4 * s * gain)), "noise_std": 0.2 * s * noise,
-                "drop_prob": min(0.15 * s * drop, MAX_DROP)}
+        return {
+            "gain": float(np.exp(0.4 * s * gain)),
+            "noise_std": 0.2 * s * noise,
+            "drop_prob": min(0.15 * s * drop, MAX_DROP),
+        }
     if spec.kind == VECTOR:
         z_scale, z_offset = rng.standard_normal(spec.shape), rng.standard_normal(spec.shape)
         return {"scale": np.exp(0.3 * s * z_scale), "offset": 0.5 * s * z_offset}
@@ -78,8 +83,7 @@ def shift_params(modality: str, severity: float, site: str, seed: int) -> dict:
     raise ValueError(f"no acquisition shift for modality kind {spec.kind!r} ({modality})")
 
 
-def shift_array(modality: str, x: np.ndarray, severity: float, site: str, seed: int,
-                key: str = "") -> np.ndarray:
+def shift_array(modality: str, x: np.ndarray, severity: float, site: str, seed: int, key: str = "") -> np.ndarray:
     """The batch x (n, *shape) as this site acquires it: a new array, same dtype and shape."""
     if not severity:
         return x.copy()
@@ -151,8 +155,7 @@ def _channel_drop(x: np.ndarray, prob: float, rng: np.random.Generator) -> np.nd
     return np.where(dead[..., None], np.zeros((), dtype=x.dtype), x)
 
 
-def _token_drift(x: np.ndarray, rate: float, probs: np.ndarray,
-                 rng: np.random.Generator) -> np.ndarray:
+def _token_drift(x: np.ndarray, rate: float, probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Each non-pad token replaced w.p. rate by a draw from probs over tokens 1..len(probs)."""
     y = x.copy()
     drift = (x != PAD_TOKEN) & (rng.random(x.shape) < rate)
@@ -160,6 +163,10 @@ def _token_drift(x: np.ndarray, rate: float, probs: np.ndarray,
     return y
 
 
-STEPS.add("acquisition_shift", Step(
-    lambda plans, corpus, cfg: site_severities(plans, cfg.sites.load_shift_severity, cfg.corpus.seed),
-    lambda cfg: bool(cfg.sites.load_shift_severity)))
+STEPS.add(
+    "acquisition_shift",
+    Step(
+        lambda plans, corpus, cfg: site_severities(plans, cfg.sites.load_shift_severity, cfg.corpus.seed),
+        lambda cfg: bool(cfg.sites.load_shift_severity),
+    ),
+)

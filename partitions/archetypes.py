@@ -18,16 +18,18 @@ from partitions.site_plan import PLANNERS, PlanError, SitePlan, rows_of
 def _archetype_tasks(cfg: ExperimentConfig, name: str, corpus: Corpus) -> tuple[str, ...]:
     archetypes = cfg.sites.archetypes
     if name not in archetypes:
-        raise PlanError(f"unknown site archetype {name!r}; defined in sites.archetypes: "
-                        f"{', '.join(sorted(archetypes))}")
+        raise PlanError(
+            f"unknown site archetype {name!r}; defined in sites.archetypes: {', '.join(sorted(archetypes))}"
+        )
     tasks = tuple(archetypes[name])
     for t in tasks:
         if t not in TASKS:
-            raise PlanError(f"archetype {name!r} names unknown task {t!r}; "
-                            f"valid tasks: {', '.join(TASKS.names())}")
+            raise PlanError(f"archetype {name!r} names unknown task {t!r}; valid tasks: {', '.join(TASKS.names())}")
         if t not in corpus.tasks:
-            raise PlanError(f"archetype {name!r} needs task {t!r}, which the corpus at "
-                            f"{corpus.path} does not have (it has {', '.join(corpus.tasks)})")
+            raise PlanError(
+                f"archetype {name!r} needs task {t!r}, which the corpus at "
+                f"{corpus.path} does not have (it has {', '.join(corpus.tasks)})"
+            )
     if not tasks:
         raise PlanError(f"archetype {name!r} holds no tasks")
     return tasks
@@ -38,14 +40,24 @@ def plan_archetypes(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     roles = [(a, Role.TRAIN) for a in cfg.sites.train] + [(a, Role.HELD_OUT) for a in cfg.sites.held_out]
     origins = corpus.spec["origin_sites"]
     if len(roles) > len(origins):
-        raise PlanError(f"{len(roles)} sites planned but the corpus has only {len(origins)} "
-                        f"origin sites; raise corpus.n_origin_sites or plan fewer sites")
+        raise PlanError(
+            f"{len(roles)} sites planned but the corpus has only {len(origins)} "
+            f"origin sites; raise corpus.n_origin_sites or plan fewer sites"
+        )
     plans = []
     for i, (archetype, role) in enumerate(roles):
         tasks = _archetype_tasks(cfg, archetype, corpus)
         rows = rows_of(corpus, origins[i], tasks)
-        plans.append(SitePlan(
-            site=f"site_{i:02d}", role=role, archetype=archetype, origin_site=origins[i],
-            tasks=tasks, modalities=tuple(modalities_of(tasks)),
-            train_rows=rows["train"], test_rows=rows["test"]))
+        plans.append(
+            SitePlan(
+                site=f"site_{i:02d}",
+                role=role,
+                archetype=archetype,
+                origin_site=origins[i],
+                tasks=tasks,
+                modalities=tuple(modalities_of(tasks)),
+                train_rows=rows["train"],
+                test_rows=rows["test"],
+            )
+        )
     return plans

@@ -31,8 +31,7 @@ class ManifestIndex:
         self._ends = np.append(self._starts[1:], len(sorted_keys))
         self._origin_pos = {o: i for i, o in enumerate(self.origins)}
         self._task_pos = {t: i for i, t in enumerate(self.tasks)}
-        self.origin_sizes = pd.Series(np.bincount(origin_codes, minlength=len(self.origins)),
-                                      index=list(self.origins))
+        self.origin_sizes = pd.Series(np.bincount(origin_codes, minlength=len(self.origins)), index=list(self.origins))
 
     def rows(self, origin: str, task: str, split: str) -> np.ndarray:
         """Manifest row positions of one (origin site, task, split), ascending; may be empty."""
@@ -43,7 +42,7 @@ class ManifestIndex:
         i = int(np.searchsorted(self._keys, key))
         if i == len(self._keys) or self._keys[i] != key:
             return np.empty(0, dtype=np.int64)
-        return self._order[self._starts[i]:self._ends[i]]
+        return self._order[self._starts[i] : self._ends[i]]
 
     def task_rows(self, rows: np.ndarray, task: str) -> np.ndarray:
         """Positions within `rows` (manifest rows) whose task is `task`."""

@@ -33,6 +33,7 @@ def transition_matrix(n_classes: int, rate: float, rng: np.random.Generator) -> 
 def apply_label_noise(plans: list[SitePlan], corpus: Corpus, rate: float, seed: int) -> list[SitePlan]:
     labels = corpus.manifest["label"].to_numpy()
     index = manifest_index(corpus)
+
     def relabel(p: SitePlan) -> SitePlan:
         noisy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for t in p.tasks:
@@ -48,9 +49,14 @@ def apply_label_noise(plans: list[SitePlan], corpus: Corpus, rate: float, seed: 
             changed = new != true
             noisy[t] = (rows[changed], new[changed])
         return dataclasses.replace(p, relabelled=noisy)
+
     return at_training_sites(plans, relabel)
 
 
-STEPS.add("label_noise", Step(
-    lambda plans, corpus, cfg: apply_label_noise(plans, corpus, cfg.sites.label_noise_rate, cfg.corpus.seed),
-    lambda cfg: bool(cfg.sites.label_noise_rate)))
+STEPS.add(
+    "label_noise",
+    Step(
+        lambda plans, corpus, cfg: apply_label_noise(plans, corpus, cfg.sites.label_noise_rate, cfg.corpus.seed),
+        lambda cfg: bool(cfg.sites.label_noise_rate),
+    ),
+)

@@ -44,6 +44,7 @@ def apply_label_skew(plans: list[SitePlan], corpus: Corpus, alpha: float, seed: 
         raise PlanError(f"sites.label_skew_alpha must be > 0 (got {alpha}); omit it for no skew")
     labels = corpus.manifest["label"].to_numpy()
     index = manifest_index(corpus)
+
     def skew(plan: SitePlan) -> SitePlan:
         keep_train = np.ones(len(plan.train_rows), dtype=bool)
         keep_test = np.ones(len(plan.test_rows), dtype=bool)
@@ -58,8 +59,8 @@ def apply_label_skew(plans: list[SitePlan], corpus: Corpus, alpha: float, seed: 
                 cls = labels[rows[of_task]].astype(np.int64)
                 u = draw.random(len(of_task))
                 keep[of_task[u >= frac[np.clip(cls, 0, n_classes - 1)]]] = False
-        return dataclasses.replace(plan, train_rows=plan.train_rows[keep_train],
-                                       test_rows=plan.test_rows[keep_test])
+        return dataclasses.replace(plan, train_rows=plan.train_rows[keep_train], test_rows=plan.test_rows[keep_test])
+
     return at_training_sites(plans, skew)
 
 
@@ -69,6 +70,7 @@ def apply_pathological_skew(plans: list[SitePlan], corpus: Corpus, k: int, seed:
         raise PlanError(f"sites.label_skew_classes must be >= 1 (got {k}); omit it for no skew")
     labels = corpus.manifest["label"].to_numpy()
     index = manifest_index(corpus)
+
     def keep_k_classes(plan: SitePlan) -> SitePlan:
         kept = {}
         for split, rows in (("train", plan.train_rows), ("test", plan.test_rows)):
@@ -82,14 +84,16 @@ def apply_pathological_skew(plans: list[SitePlan], corpus: Corpus, k: int, seed:
                 keep[of_task] = np.isin(labels[rows[of_task]], chosen)
             kept[split] = rows[keep]
         return dataclasses.replace(plan, train_rows=kept["train"], test_rows=kept["test"])
+
     return at_training_sites(plans, keep_k_classes)
 
 
 def _apply(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     alpha, k = cfg.sites.label_skew_alpha, cfg.sites.label_skew_classes
     if alpha and k:
-        raise PlanError("sites.label_skew_alpha and sites.label_skew_classes are two kinds of "
-                        "label skew; set one of them")
+        raise PlanError(
+            "sites.label_skew_alpha and sites.label_skew_classes are two kinds of label skew; set one of them"
+        )
     if k:
         return apply_pathological_skew(plans, corpus, k, cfg.corpus.seed)
     return apply_label_skew(plans, corpus, alpha, cfg.corpus.seed)

@@ -8,7 +8,8 @@ every sample keeps at least one input:
   sample rate r_p each remaining input of each multimodal-task sample is masked with
                   probability r_p; if that would mask all of them, one (at random) is kept
 For a two-input task the expected masked share per modality is r_p (1 - r_p / 2) (both masked
-happens with r_p^2, and then one of the two comes back). Masked rows are listed per modality in SitePlan.masked; the data is not copied or changed:
+happens with r_p^2, and then one of the two comes back). Masked rows are listed per modality in
+SitePlan.masked; the data is not copied or changed:
 SiteData gives those samples zeros with present=False, which the fusion block masks out.
 """
 
@@ -25,8 +26,9 @@ from partitions.site_plan import STEPS, SitePlan, Step
 from partitions.steps import step_rng
 
 
-def apply_missing_modalities(plans: list[SitePlan], corpus: Corpus, site_rate: float,
-                             sample_rate: float, seed: int) -> list[SitePlan]:
+def apply_missing_modalities(
+    plans: list[SitePlan], corpus: Corpus, site_rate: float, sample_rate: float, seed: int
+) -> list[SitePlan]:
     index = manifest_index(corpus)
     out = []
     for p in plans:
@@ -54,8 +56,12 @@ def apply_missing_modalities(plans: list[SitePlan], corpus: Corpus, site_rate: f
     return out
 
 
-
-STEPS.add("missing_modalities", Step(
-    lambda plans, corpus, cfg: apply_missing_modalities(
-        plans, corpus, cfg.sites.missing_site_rate, cfg.sites.missing_sample_rate, cfg.corpus.seed),
-    lambda cfg: bool(cfg.sites.missing_site_rate or cfg.sites.missing_sample_rate)))
+STEPS.add(
+    "missing_modalities",
+    Step(
+        lambda plans, corpus, cfg: apply_missing_modalities(
+            plans, corpus, cfg.sites.missing_site_rate, cfg.sites.missing_sample_rate, cfg.corpus.seed
+        ),
+        lambda cfg: bool(cfg.sites.missing_site_rate or cfg.sites.missing_sample_rate),
+    ),
+)

@@ -49,7 +49,8 @@ def plan_natural(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
         if total < cfg.sites.min_site_size:
             raise PlanError(
                 f"origin site(s) {'+'.join(members)} have {total} samples together, fewer than "
-                f"sites.min_site_size={cfg.sites.min_site_size}; lower it to keep them")
+                f"sites.min_site_size={cfg.sites.min_site_size}; lower it to keep them"
+            )
     width = max(2, len(str(len(groups) - 1)))
     plans = []
     for i, members in enumerate(groups):
@@ -65,11 +66,18 @@ def plan_natural(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
         if not tasks:
             raise PlanError(
                 f"origin site(s) {'+'.join(members)} have no task with at least "
-                f"sites.min_samples={cfg.sites.min_samples} training samples")
-        plans.append(SitePlan(
-            site=f"site_{i:0{width}d}", role=Role.TRAIN, archetype="natural",
-            origin_site="+".join(members), tasks=tuple(tasks),
-            modalities=tuple(modalities_of(tasks)),
-            train_rows=np.sort(np.concatenate(rows["train"])),
-            test_rows=np.sort(np.concatenate(rows["test"]))))
+                f"sites.min_samples={cfg.sites.min_samples} training samples"
+            )
+        plans.append(
+            SitePlan(
+                site=f"site_{i:0{width}d}",
+                role=Role.TRAIN,
+                archetype="natural",
+                origin_site="+".join(members),
+                tasks=tuple(tasks),
+                modalities=tuple(modalities_of(tasks)),
+                train_rows=np.sort(np.concatenate(rows["train"])),
+                test_rows=np.sort(np.concatenate(rows["test"])),
+            )
+        )
     return plans

@@ -24,8 +24,9 @@ def _subsample(rows: np.ndarray, of_task: np.ndarray, keep_n: int, rng: np.rando
     return rows[np.sort(chosen)]
 
 
-def apply_quantity_skew(plans: list[SitePlan], corpus: Corpus, sigma: float, min_samples: int,
-                        seed: int) -> list[SitePlan]:
+def apply_quantity_skew(
+    plans: list[SitePlan], corpus: Corpus, sigma: float, min_samples: int, seed: int
+) -> list[SitePlan]:
     if sigma <= 0:
         raise PlanError(f"sites.quantity_skew_sigma must be > 0 (got {sigma}); omit it for equal sizes")
     index = manifest_index(corpus)
@@ -51,7 +52,12 @@ def apply_quantity_skew(plans: list[SitePlan], corpus: Corpus, sigma: float, min
     return out
 
 
-STEPS.add("quantity_skew", Step(
-    lambda plans, corpus, cfg: apply_quantity_skew(plans, corpus, cfg.sites.quantity_skew_sigma,
-                                                   cfg.sites.min_samples, cfg.corpus.seed),
-    lambda cfg: bool(cfg.sites.quantity_skew_sigma)))
+STEPS.add(
+    "quantity_skew",
+    Step(
+        lambda plans, corpus, cfg: apply_quantity_skew(
+            plans, corpus, cfg.sites.quantity_skew_sigma, cfg.sites.min_samples, cfg.corpus.seed
+        ),
+        lambda cfg: bool(cfg.sites.quantity_skew_sigma),
+    ),
+)

@@ -23,8 +23,9 @@ from partitions.site_plan import PLANNERS, PlanError, SitePlan
 from partitions.steps import step_rng
 
 
-def draw_task_mix(tasks: list[str], n_sites: int, per_site: int, min_overlap: int,
-                  rng: np.random.Generator) -> list[set[str]]:
+def draw_task_mix(
+    tasks: list[str], n_sites: int, per_site: int, min_overlap: int, rng: np.random.Generator
+) -> list[set[str]]:
     """Random task sets, then topped up so each held task is held by >= min_overlap sites."""
     if per_site > len(tasks):
         raise PlanError(f"sites.tasks_per_site={per_site} exceeds the corpus's {len(tasks)} tasks")
@@ -45,8 +46,9 @@ def plan_random_mix(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     s = cfg.sites
     index = manifest_index(corpus)
     origins = [str(o) for o in index.origins]
-    mix = draw_task_mix(sorted(corpus.tasks), s.n_sites, s.tasks_per_site, s.min_overlap,
-                        step_rng(cfg.corpus.seed, "random_mix"))
+    mix = draw_task_mix(
+        sorted(corpus.tasks), s.n_sites, s.tasks_per_site, s.min_overlap, step_rng(cfg.corpus.seed, "random_mix")
+    )
     # Which sites draw on each (origin, task): they split its rows between them.
     sharers: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, tasks in enumerate(mix):
@@ -63,10 +65,16 @@ def plan_random_mix(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     plans = []
     for i, tasks in enumerate(mix):
         ordered = tuple(sorted(tasks))
-        plans.append(SitePlan(
-            site=f"site_{i:0{width}d}", role=Role.TRAIN, archetype="mix:" + "+".join(ordered),
-            origin_site=origins[i % len(origins)], tasks=ordered,
-            modalities=tuple(modalities_of(ordered)),
-            train_rows=np.sort(np.concatenate(rows[i]["train"])),
-            test_rows=np.sort(np.concatenate(rows[i]["test"]))))
+        plans.append(
+            SitePlan(
+                site=f"site_{i:0{width}d}",
+                role=Role.TRAIN,
+                archetype="mix:" + "+".join(ordered),
+                origin_site=origins[i % len(origins)],
+                tasks=ordered,
+                modalities=tuple(modalities_of(ordered)),
+                train_rows=np.sort(np.concatenate(rows[i]["train"])),
+                test_rows=np.sort(np.concatenate(rows[i]["test"])),
+            )
+        )
     return plans

@@ -33,8 +33,13 @@ def _keep_tasks(plan: SitePlan, tasks: tuple[str, ...], corpus: Corpus) -> SiteP
         parts = [r[index.task_rows(r, t)] for t in tasks]
         return np.sort(np.concatenate(parts)) if parts else r[:0]
 
-    return dataclasses.replace(plan, tasks=tasks, modalities=tuple(modalities_of(tasks)),
-                               train_rows=rows(plan.train_rows), test_rows=rows(plan.test_rows))
+    return dataclasses.replace(
+        plan,
+        tasks=tasks,
+        modalities=tuple(modalities_of(tasks)),
+        train_rows=rows(plan.train_rows),
+        test_rows=rows(plan.test_rows),
+    )
 
 
 def tasks_only(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
@@ -51,20 +56,26 @@ def train_only(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> 
     training = {p.site for p in plans if p.role == Role.TRAIN}
     unknown = sorted(wanted - training)
     if unknown:
-        raise PlanError(f"sites.train_only names {unknown}, which are not training sites; "
-                        f"training sites: {', '.join(sorted(training))}")
-    return [p if p.role != Role.TRAIN or p.site in wanted else dataclasses.replace(p, role=Role.ID_EVAL)
-            for p in plans]
+        raise PlanError(
+            f"sites.train_only names {unknown}, which are not training sites; "
+            f"training sites: {', '.join(sorted(training))}"
+        )
+    return [p if p.role != Role.TRAIN or p.site in wanted else dataclasses.replace(p, role=Role.ID_EVAL) for p in plans]
 
 
 def pool(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     train = [p for p in plans if p.role == Role.TRAIN]
     tasks = tuple(t for t in TASKS.names() if any(t in p.tasks for p in train))
     pooled = SitePlan(
-        site="pooled", role=Role.TRAIN, archetype="pooled", origin_site="+".join(p.origin_site for p in train),
-        tasks=tasks, modalities=tuple(modalities_of(tasks)),
+        site="pooled",
+        role=Role.TRAIN,
+        archetype="pooled",
+        origin_site="+".join(p.origin_site for p in train),
+        tasks=tasks,
+        modalities=tuple(modalities_of(tasks)),
         train_rows=np.sort(np.concatenate([p.train_rows for p in train])),
-        test_rows=np.sort(np.concatenate([p.test_rows for p in train])))
+        test_rows=np.sort(np.concatenate([p.test_rows for p in train])),
+    )
     return [pooled, *(p for p in plans if p.role != Role.TRAIN)]
 
 
@@ -78,9 +89,13 @@ def unimodal(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> li
             for m in TASKS.get(t).inputs[1:]:
                 masked.setdefault(m, []).append(rows[index.task_rows(rows, t)])
         used = {TASKS.get(t).inputs[0] for t in p.tasks}
-        out.append(dataclasses.replace(
-            p, masked={m: np.unique(np.concatenate(v)) for m, v in masked.items()},
-            modalities=tuple(m for m in p.modalities if m in used)))
+        out.append(
+            dataclasses.replace(
+                p,
+                masked={m: np.unique(np.concatenate(v)) for m, v in masked.items()},
+                modalities=tuple(m for m in p.modalities if m in used),
+            )
+        )
     return out
 
 

@@ -6,7 +6,6 @@ index arrays into the corpus manifest, never copies of data, so they are cheap t
 every process (each ClientApp rebuilds the same plan from the same config and seed).
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -76,8 +75,11 @@ def held_modalities(plan: SitePlan, corpus: Corpus) -> SitePlan:
     a site must not report, train or average an encoder it holds no data for."""
     rows = np.concatenate([plan.train_rows, plan.test_rows])
     manifest = corpus.manifest
-    held = tuple(m for m in plan.modalities  # a manifest without the column (planning tests) says nothing
-                 if index_column(m) not in manifest or (manifest[index_column(m)].to_numpy()[rows] >= 0).any())
+    held = tuple(
+        m
+        for m in plan.modalities  # a manifest without the column (planning tests) says nothing
+        if index_column(m) not in manifest or (manifest[index_column(m)].to_numpy()[rows] >= 0).any()
+    )
     if held == plan.modalities:
         return plan
     return dataclasses.replace(plan, modalities=held, shift={m: v for m, v in plan.shift.items() if m in held})
@@ -95,13 +97,15 @@ def check_plan(plans: list[SitePlan], min_samples: int = 1, zero_shot: bool = Fa
                 raise PlanError(
                     f"held-out site {p.site} ({p.archetype}) holds tasks no training site holds: "
                     f"{orphan}; its OOD score would measure nothing the federation learned "
-                    f"(set sites.zero_shot=true to score such tasks anyway)")
+                    f"(set sites.zero_shot=true to score such tasks anyway)"
+                )
             if p.n_test == 0:
                 raise PlanError(f"held-out site {p.site} has no samples to evaluate")
         elif p.n_train < min_samples:
             raise PlanError(
                 f"training site {p.site} ({p.archetype}, origin {p.origin_site}) has {p.n_train} "
-                f"training samples, fewer than sites.min_samples={min_samples}")
+                f"training samples, fewer than sites.min_samples={min_samples}"
+            )
 
 
 def rows_of(corpus: Corpus, origin_site: str, tasks: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -117,5 +121,4 @@ def rows_of(corpus: Corpus, origin_site: str, tasks: tuple[str, ...]) -> dict[st
 def as_held_out(plan: SitePlan) -> SitePlan:
     """A held-out site is evaluated on everything it has and trains on nothing."""
     rows = np.sort(np.concatenate([plan.train_rows, plan.test_rows]))
-    return dataclasses.replace(plan, role=Role.HELD_OUT, train_rows=np.empty(0, dtype=np.int64),
-                               test_rows=rows)
+    return dataclasses.replace(plan, role=Role.HELD_OUT, train_rows=np.empty(0, dtype=np.int64), test_rows=rows)

@@ -19,5 +19,16 @@ from strategies.registry import STRATEGIES, StrategySpec, build_strategy, client
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["STRATEGIES", "ClientAlgorithm", "ClientRound", "GradientHook", "MultiMedStrategy", "SiteRound",
-           "StrategySpec", "TooFewValidReplies", "build_strategy", "client_algorithm", "register_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "ClientAlgorithm",
+    "ClientRound",
+    "GradientHook",
+    "MultiMedStrategy",
+    "SiteRound",
+    "StrategySpec",
+    "TooFewValidReplies",
+    "build_strategy",
+    "client_algorithm",
+    "register_strategy",
+]

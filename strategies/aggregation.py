@@ -26,8 +26,9 @@ _CHUNK = 1 << 16
 _BLOCK = 1 << 20
 
 
-def _layout(updates: Sequence[Update], who: str, reference: Update | None = None,
-            names: Sequence[str] | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def _layout(
+    updates: Sequence[Update], who: str, reference: Update | None = None, names: Sequence[str] | None = None
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Each key's shape and dtype, after checking that all updates share keys and shapes.
 
     The keys, shapes and dtypes come from `reference` when given (e.g. the current model),
@@ -110,8 +111,11 @@ def _column_blocks(updates: Sequence[Update], key: str) -> Iterator[tuple[int, i
         yield start, stop, block
 
 
-def _coordinatewise(updates: Sequence[Update], layout: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-                    reduce: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+def _coordinatewise(
+    updates: Sequence[Update],
+    layout: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    reduce: Callable[[np.ndarray], np.ndarray],
+) -> dict[str, np.ndarray]:
     """Apply `reduce` ([n, width] float64 -> [width]) to every coordinate, key by key."""
     out: dict[str, np.ndarray] = {}
     for key, (shape, dtype) in layout.items():
@@ -152,8 +156,9 @@ def coordinate_median(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequ
     return _coordinatewise(updates, layout, lambda block: np.median(block, axis=0, overwrite_input=True))
 
 
-def trimmed_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
-                 trim_fraction: float) -> dict[str, np.ndarray]:
+def trimmed_mean(
+    updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], trim_fraction: float
+) -> dict[str, np.ndarray]:
     """Element-wise mean after dropping the floor(trim_fraction * n) smallest and largest values.
 
     Unweighted, as in Yin et al. 2018 (and Flower's FedTrimmedAvg): an example count is
@@ -174,7 +179,7 @@ def trimmed_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[
     def reduce(block: np.ndarray) -> np.ndarray:
         if k:
             block.partition([k, n - k - 1], axis=0)
-        return block[k:n - k].mean(axis=0)
+        return block[k : n - k].mean(axis=0)
 
     return _coordinatewise(updates, layout, reduce)
 
@@ -219,19 +224,22 @@ def krum_select(updates: Sequence[Mapping[str, np.ndarray]], n_byzantine: int, n
     return [int(i) for i in np.argsort(scores, kind="stable")[:n_selected]]
 
 
-def krum(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
-         n_byzantine: int, n_selected: int = 1) -> dict[str, np.ndarray]:
+def krum(
+    updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], n_byzantine: int, n_selected: int = 1
+) -> dict[str, np.ndarray]:
     """Weighted mean of the (multi-)Krum selection; with n_selected=1 that is the chosen update."""
     w = _normalised_weights(weights, len(updates))
     chosen = krum_select(updates, n_byzantine, n_selected)
     return weighted_mean([updates[i] for i in chosen], [float(w[i]) for i in chosen])
 
 
-def groupwise_aggregate(current: Mapping[str, np.ndarray],
-                        updates: Sequence[Mapping[str, np.ndarray]],
-                        group_weights: Sequence[Mapping[str, float]],
-                        group_of: Callable[[str], str],
-                        aggregate: Aggregator) -> dict[str, np.ndarray]:
+def groupwise_aggregate(
+    current: Mapping[str, np.ndarray],
+    updates: Sequence[Mapping[str, np.ndarray]],
+    group_weights: Sequence[Mapping[str, float]],
+    group_of: Callable[[str], str],
+    aggregate: Aggregator,
+) -> dict[str, np.ndarray]:
     """Aggregate each parameter group only over the updates that trained it.
 
     For group g, `aggregate` sees the g-keys of the updates i with w_ig > 0 and those
@@ -252,15 +260,16 @@ def groupwise_aggregate(current: Mapping[str, np.ndarray],
         if not trainers:
             out.update({k: np.asarray(current[k]) for k in keys})
             continue
-        out.update(aggregate([{k: updates[i][k] for k in keys} for i, _ in trainers],
-                             [w for _, w in trainers]))
+        out.update(aggregate([{k: updates[i][k] for k in keys} for i, _ in trainers], [w for _, w in trainers]))
     return out
 
 
-def groupwise_weighted_mean(current: Mapping[str, np.ndarray],
-                            updates: Sequence[Mapping[str, np.ndarray]],
-                            group_weights: Sequence[Mapping[str, float]],
-                            group_of: Callable[[str], str]) -> dict[str, np.ndarray]:
+def groupwise_weighted_mean(
+    current: Mapping[str, np.ndarray],
+    updates: Sequence[Mapping[str, np.ndarray]],
+    group_weights: Sequence[Mapping[str, float]],
+    group_of: Callable[[str], str],
+) -> dict[str, np.ndarray]:
     """Average each parameter group only over the updates that trained it.
 
     Key k of group g becomes sum_i w_ig * x_ik / sum_i w_ig over the updates i with
@@ -284,9 +293,16 @@ class ServerOptState:
     step: int
 
 
-def server_opt_step(current: Mapping[str, np.ndarray], aggregated: Mapping[str, np.ndarray],
-                    state: ServerOptState | None, variant: str, lr: float, beta1: float = 0.9,
-                    beta2: float = 0.99, tau: float = 1e-3) -> tuple[dict[str, np.ndarray], ServerOptState]:
+def server_opt_step(
+    current: Mapping[str, np.ndarray],
+    aggregated: Mapping[str, np.ndarray],
+    state: ServerOptState | None,
+    variant: str,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+) -> tuple[dict[str, np.ndarray], ServerOptState]:
     """One FedAdagrad / FedAdam / FedYogi step on the pseudo-gradient d = aggregated - current.
 
     m = beta1 m + (1 - beta1) d; v = v + d^2 (adagrad), beta2 v + (1 - beta2) d^2 (adam) or
@@ -306,8 +322,11 @@ def server_opt_step(current: Mapping[str, np.ndarray], aggregated: Mapping[str, 
         raise ValueError(f"tau must be positive and finite, got {tau}")
     layout = _layout([aggregated], "server_opt_step", reference=current)
     if state is None:
-        state = ServerOptState(m={k: np.zeros(s) for k, (s, _) in layout.items()},
-                               v={k: np.full(s, tau * tau) for k, (s, _) in layout.items()}, step=0)
+        state = ServerOptState(
+            m={k: np.zeros(s) for k, (s, _) in layout.items()},
+            v={k: np.full(s, tau * tau) for k, (s, _) in layout.items()},
+            step=0,
+        )
     else:
         _layout([state.m, state.v], "server_opt_step", reference=current, names=["state.m", "state.v"])
     new: dict[str, np.ndarray] = {}
@@ -330,10 +349,14 @@ def server_opt_step(current: Mapping[str, np.ndarray], aggregated: Mapping[str, 
     return new, ServerOptState(m=m_new, v=v_new, step=state.step + 1)
 
 
-def scaffold_server_step(current: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]],
-                         control: Mapping[str, np.ndarray], control_deltas: Sequence[Mapping[str, np.ndarray]],
-                         n_total_clients: int,
-                         global_lr: float = 1.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def scaffold_server_step(
+    current: Mapping[str, np.ndarray],
+    updates: Sequence[Mapping[str, np.ndarray]],
+    control: Mapping[str, np.ndarray],
+    control_deltas: Sequence[Mapping[str, np.ndarray]],
+    n_total_clients: int,
+    global_lr: float = 1.0,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """SCAFFOLD's server step (Karimireddy et al. 2020, Algorithm 1).
 
     x_new = x + global_lr * mean_i(y_i - x); c_new = c + (|S| / N) * mean_i(delta_c_i), with
@@ -348,8 +371,9 @@ def scaffold_server_step(current: Mapping[str, np.ndarray], updates: Sequence[Ma
     if len(control_deltas) != n:
         raise ValueError(f"{n} updates but {len(control_deltas)} control deltas")
     _layout([control], "scaffold_server_step", reference=current, names=["control"])
-    control_layout = _layout(control_deltas, "scaffold_server_step", reference=control,
-                             names=[f"control delta {i}" for i in range(n)])
+    control_layout = _layout(
+        control_deltas, "scaffold_server_step", reference=control, names=[f"control delta {i}" for i in range(n)]
+    )
     if not n <= n_total_clients:
         raise ValueError(f"{n} sampled clients but n_total_clients={n_total_clients}")
     if not (math.isfinite(global_lr) and global_lr > 0):

@@ -75,8 +75,7 @@ class MultiMedStrategy(FlowerFedAvg):
 
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:
         min_sites = min(cfg.min_train_sites, n_train_sites)
-        super().__init__(fraction_train=cfg.fraction_train, min_train_nodes=min_sites,
-                         min_available_nodes=min_sites)
+        super().__init__(fraction_train=cfg.fraction_train, min_train_nodes=min_sites, min_available_nodes=min_sites)
         self.cfg = cfg
         self.current: ArrayRecord | None = None
         self.declared_examples: dict[int, int] = {}  # node -> n_train from the handshake
@@ -87,8 +86,9 @@ class MultiMedStrategy(FlowerFedAvg):
     def train_config(self, server_round: int) -> dict[str, float | int | str]:
         return {}
 
-    def aggregate(self, current: Arrays, updates: list[Arrays], weights: list[float],
-                  group_weights: list[dict[str, float]]) -> Arrays:
+    def aggregate(
+        self, current: Arrays, updates: list[Arrays], weights: list[float], group_weights: list[dict[str, float]]
+    ) -> Arrays:
         """Default: each parameter group averaged over the sites that trained it."""
         return groupwise_weighted_mean(current, updates, group_weights, group_of)
 
@@ -98,10 +98,15 @@ class MultiMedStrategy(FlowerFedAvg):
     def aggregate_updates(self, current: Arrays, updates: list[Update]) -> Arrays:
         """Override to read more than arrays and counts from the replies (SCAFFOLD)."""
         if self.cfg.weighting == "uniform":  # every site counts once, whatever its size
-            return self.aggregate(current, [u.arrays for u in updates], [1.0] * len(updates),
-                                  [dict.fromkeys(u.group_examples, 1.0) for u in updates])
-        return self.aggregate(current, [u.arrays for u in updates], [u.num_examples for u in updates],
-                              [u.group_examples for u in updates])
+            return self.aggregate(
+                current,
+                [u.arrays for u in updates],
+                [1.0] * len(updates),
+                [dict.fromkeys(u.group_examples, 1.0) for u in updates],
+            )
+        return self.aggregate(
+            current, [u.arrays for u in updates], [u.num_examples for u in updates], [u.group_examples for u in updates]
+        )
 
     # --- Flower Strategy ----------------------------------------------------------------
     def know_sites(self, node_sites: Mapping[int, str], declared_examples: Mapping[int, int]) -> None:
@@ -109,15 +114,17 @@ class MultiMedStrategy(FlowerFedAvg):
         self.site_names = dict(node_sites)
         self.declared_examples = dict(declared_examples)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.current = arrays
         for key, value in self.train_config(server_round).items():
             config[key] = value
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.current is None:
             raise RuntimeError("aggregate_train called before configure_train")
         current = record_to_numpy(self.current)
@@ -145,16 +152,20 @@ class MultiMedStrategy(FlowerFedAvg):
             return self.current, MetricRecord({})
         if len(accepted) < max(1, self.cfg.min_valid_replies):
             reasons = "; ".join([*failed, *(f"{r.site}: {r.reason}" for r in self.last_rejections)]) or "no replies"
-            text = (f"round {server_round}: {len(accepted)} valid training replies, fewer than "
-                    f"strategy.min_valid_replies={self.cfg.min_valid_replies} ({reasons})")
+            text = (
+                f"round {server_round}: {len(accepted)} valid training replies, fewer than "
+                f"strategy.min_valid_replies={self.cfg.min_valid_replies} ({reasons})"
+            )
             if self.cfg.on_too_few_valid == "skip":
                 log.warning("%s; skipping the round (strategy.on_too_few_valid=skip)", text)
                 return None, None
             raise TooFewValidReplies(text)
         new = self.server_update(current, self.aggregate_updates(current, accepted))
         contents = [u.message.content for u in accepted]
-        return (ArrayRecord({k: Array(np.asarray(v)) for k, v in new.items()}),
-                self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+        return (
+            ArrayRecord({k: Array(np.asarray(v)) for k, v in new.items()}),
+            self.train_metrics_aggr_fn(contents, self.weighted_by_key),
+        )
 
     def parse(self, msg: Message, current: Arrays) -> Update | str:
         """The reply's arrays, example count and per-group examples, or why it is unusable."""
@@ -183,7 +194,6 @@ class MultiMedStrategy(FlowerFedAvg):
                 return "malformed 'trained' record (group examples must be finite, >= 0 and <= num-examples)"
             groups = {str(g): x for g, x in zip(names, examples, strict=True)}
         return Update(msg, update, n, groups)
-
 
 
 def _trained_nothing(msg: Message) -> bool:

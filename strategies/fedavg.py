@@ -16,8 +16,9 @@ from strategies.registry import register_strategy
 
 @register_strategy("fedavg")
 class FedAvg(MultiMedStrategy):
-    def aggregate(self, current: Arrays, updates: list[Arrays], weights: list[float],
-                  group_weights: list[dict[str, float]]) -> Arrays:
+    def aggregate(
+        self, current: Arrays, updates: list[Arrays], weights: list[float], group_weights: list[dict[str, float]]
+    ) -> Arrays:
         return weighted_mean(updates, weights)
 
 

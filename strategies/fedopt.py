@@ -41,8 +41,9 @@ class FedOpt(MultiMedStrategy):
 
     def server_update(self, current: Arrays, aggregated: Arrays) -> Arrays:
         s = self.settings
-        new, self.state = server_opt_step(current, aggregated, self.state, self.variant,
-                                          lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
+        new, self.state = server_opt_step(
+            current, aggregated, self.state, self.variant, lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau
+        )
         return new
 
 

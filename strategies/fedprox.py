@@ -26,8 +26,9 @@ class FedProxSettings(StrategySettings):
     proximal_mu: float = 0.01  # weight of the sites' proximal term; 0 = plain modality_fedavg
 
     def __post_init__(self) -> None:
-        self.require("proximal_mu", math.isfinite(self.proximal_mu) and self.proximal_mu >= 0.0,
-                     "must be finite and >= 0")
+        self.require(
+            "proximal_mu", math.isfinite(self.proximal_mu) and self.proximal_mu >= 0.0, "must be finite and >= 0"
+        )
 
 
 class ProximalTerm:

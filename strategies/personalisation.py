@@ -31,8 +31,11 @@ class PersonalSettings(StrategySettings):
     local_norms: bool = False  # normalisation layers stay at each site
 
     def __post_init__(self) -> None:
-        self.require("local_groups", all(isinstance(p, str) and p for p in self.local_groups),
-                     "must be non-empty group prefixes, e.g. [head/]")
+        self.require(
+            "local_groups",
+            all(isinstance(p, str) and p for p in self.local_groups),
+            "must be non-empty group prefixes, e.g. [head/]",
+        )
 
 
 @dataclass(frozen=True)

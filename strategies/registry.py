@@ -41,8 +41,9 @@ class StrategySpec:
 STRATEGIES: Registry[StrategySpec] = Registry("strategy")
 
 
-def register_strategy(name: str, settings: type[StrategySettings] = StrategySettings,
-                      client: ClientFactory = ClientAlgorithm) -> Callable[[StrategyT], StrategyT]:
+def register_strategy(
+    name: str, settings: type[StrategySettings] = StrategySettings, client: ClientFactory = ClientAlgorithm
+) -> Callable[[StrategyT], StrategyT]:
     """Class decorator: register the strategy class under `name` with its settings and site side."""
     common = {f.name for f in dataclasses.fields(StrategyConfig)}
     clash = sorted(common & {f.name for f in dataclasses.fields(settings)})
@@ -60,8 +61,7 @@ def register_strategy(name: str, settings: type[StrategySettings] = StrategySett
 def _spec(cfg: StrategyConfig) -> StrategySpec:
     spec = STRATEGIES.get(cfg.name)
     if type(cfg.settings) is not spec.settings:
-        raise TypeError(f"strategy {cfg.name!r} reads {spec.settings.__name__}, "
-                        f"got {type(cfg.settings).__name__}")
+        raise TypeError(f"strategy {cfg.name!r} reads {spec.settings.__name__}, got {type(cfg.settings).__name__}")
     return spec
 
 

@@ -51,8 +51,9 @@ class RobustStrategy(MultiMedStrategy):
     def rule(self, updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Arrays:
         raise TypeError(f"{type(self).__name__} must define rule()")
 
-    def aggregate(self, current: Arrays, updates: list[Arrays], weights: list[float],
-                  group_weights: list[dict[str, float]]) -> Arrays:
+    def aggregate(
+        self, current: Arrays, updates: list[Arrays], weights: list[float], group_weights: list[dict[str, float]]
+    ) -> Arrays:
         if self.groupwise:
             return groupwise_aggregate(current, updates, group_weights, group_of, self.rule)
         return self.rule(updates, weights)

@@ -46,15 +46,22 @@ class ScaffoldSettings(StrategySettings):
 
     def experiment_checks(self, cfg: ExperimentConfig) -> list[tuple[str, bool, str]]:
         return [
-            ("train.optimizer", cfg.train.optimizer == "sgd",
-             "must be sgd with strategy=scaffold (its control variates assume SGD steps)"),
+            (
+                "train.optimizer",
+                cfg.train.optimizer == "sgd",
+                "must be sgd with strategy=scaffold (its control variates assume SGD steps)",
+            ),
             # Measured: SCAFFOLD with momentum 0.9 diverged to NaN by round 7-11 on every seed.
-            ("train.momentum", cfg.train.momentum == 0.0,
-             "must be 0 with strategy=scaffold (its control variates assume plain SGD steps)"),
+            (
+                "train.momentum",
+                cfg.train.momentum == 0.0,
+                "must be 0 with strategy=scaffold (its control variates assume plain SGD steps)",
+            ),
         ]
 
 
 # --- site side -----------------------------------------------------------------------------
+
 
 class ControlVariateCorrection:
     """g <- g - c_site + c_server on every trained parameter."""
@@ -75,14 +82,18 @@ class SiteControl:
         self.context = context
         self.server = server_control
         record = context.state.array_records.get(CONTROL_STATE)
-        self.site = (record.to_torch_state_dict() if record is not None
-                     else {k: torch.zeros_like(v) for k, v in server_control.items()})
+        self.site = (
+            record.to_torch_state_dict()
+            if record is not None
+            else {k: torch.zeros_like(v) for k, v in server_control.items()}
+        )
 
     def correction(self) -> ControlVariateCorrection:
         return ControlVariateCorrection({k: self.server[k] - self.site[k] for k in self.server})
 
-    def update(self, model: MultiMedModel, start: Mapping[str, torch.Tensor], steps: int,
-               lr: float) -> dict[str, torch.Tensor]:
+    def update(
+        self, model: MultiMedModel, start: Mapping[str, torch.Tensor], steps: int, lr: float
+    ) -> dict[str, torch.Tensor]:
         """Store the new c_site; return its change (zero for parameters the site did not train)."""
         delta = {k: torch.zeros_like(v) for k, v in self.site.items()}
         if steps > 0:
@@ -110,12 +121,15 @@ class ScaffoldClient(ClientAlgorithm):
     def before_train(self, site: SiteRound) -> ClientRound:
         record = site.content.array_records.get(CONTROL_RECORD)
         if record is None:
-            raise ValueError(f"strategy=scaffold: the training message has no '{CONTROL_RECORD}' record "
-                             "(the server's control variate)")
+            raise ValueError(
+                f"strategy=scaffold: the training message has no '{CONTROL_RECORD}' record "
+                "(the server's control variate)"
+            )
         return ScaffoldRound(site, SiteControl(site.context, record.to_torch_state_dict()))
 
 
 # --- server side ---------------------------------------------------------------------------
+
 
 @register_strategy("scaffold", ScaffoldSettings, client=ScaffoldClient)
 class Scaffold(MultiMedStrategy):
@@ -127,8 +141,9 @@ class Scaffold(MultiMedStrategy):
         self.n_sites = n_train_sites
         self.control: Arrays | None = None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         if self.control is None:
             self.control = {k: np.zeros_like(a.numpy()) for k, a in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -163,9 +178,13 @@ class Scaffold(MultiMedStrategy):
                 new_c.update({k: self.control[k] for k in keys})
                 continue
             x, c = scaffold_server_step(
-                {k: current[k] for k in keys}, [{k: updates[i].arrays[k] for k in keys} for i in trainers],
-                {k: self.control[k] for k in keys}, [{k: deltas[i][k] for k in keys} for i in trainers],
-                n_total_clients=self.n_sites, global_lr=self.settings.global_lr)
+                {k: current[k] for k in keys},
+                [{k: updates[i].arrays[k] for k in keys} for i in trainers],
+                {k: self.control[k] for k in keys},
+                [{k: deltas[i][k] for k in keys} for i in trainers],
+                n_total_clients=self.n_sites,
+                global_lr=self.settings.global_lr,
+            )
             new_x.update(x)
             new_c.update(c)
         self.control = new_c

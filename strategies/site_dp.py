@@ -38,8 +38,9 @@ from strategies.registry import build_strategy
 
 log = logging.getLogger(__name__)
 
-SAMPLING_ASSUMPTION = ("no amplification: every round counted as a full release of all sites' "
-                       "clipped updates (sample_rate=1)")
+SAMPLING_ASSUMPTION = (
+    "no amplification: every round counted as a full release of all sites' clipped updates (sample_rate=1)"
+)
 EPS_TOLERANCE = 1e-6
 
 
@@ -59,11 +60,17 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
         if p.noise_multiplier is not None:
             sigma = float(p.noise_multiplier)
         else:
-            sigma = float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta,
-                                               sample_rate=1.0, steps=cfg.rounds,
-                                               accountant=p.accountant, epsilon_tolerance=0.01))
-        super().__init__(inner, noise_multiplier=sigma, clipping_norm=p.clipping_norm,
-                         num_sampled_clients=n)
+            sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=p.target_epsilon,
+                    target_delta=p.delta,
+                    sample_rate=1.0,
+                    steps=cfg.rounds,
+                    accountant=p.accountant,
+                    epsilon_tolerance=0.01,
+                )
+            )
+        super().__init__(inner, noise_multiplier=sigma, clipping_norm=p.clipping_norm, num_sampled_clients=n)
         self.privacy, self.sigma = p, sigma
         self.ledger = create_accountant(p.accountant)
         self.released = 0
@@ -84,14 +91,18 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
             return float("inf")  # no noise, no guarantee
         return float(acc.get_epsilon(self.privacy.delta)) if acc.history else 0.0
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         budget = self.privacy.target_epsilon
         if self.stopped_round or (budget is not None and self.epsilon(1) > budget + EPS_TOLERANCE):
             self.stopped_round = self.stopped_round or server_round
-            log.warning("round %d: site-level privacy budget epsilon=%s would be exceeded; "
-                        "the model is not updated", server_round, budget)
+            log.warning(
+                "round %d: site-level privacy budget epsilon=%s would be exceeded; the model is not updated",
+                server_round,
+                budget,
+            )
             self.strategy.last_rejections = []
             return self.strategy.current, MetricRecord({})
         arrays, metrics = super().aggregate_train(server_round, replies)
@@ -101,9 +112,13 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
         return arrays, metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.strategy.state_dict(), "history": list(self.ledger.history),
-                "released": self.released, "stopped_round": self.stopped_round,
-                "numpy_rng": np.random.get_state()}
+        return {
+            "inner": self.strategy.state_dict(),
+            "history": list(self.ledger.history),
+            "released": self.released,
+            "stopped_round": self.stopped_round,
+            "numpy_rng": np.random.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strategy.load_state_dict(state["inner"])
@@ -113,12 +128,18 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
 
     def report(self) -> dict[str, Any]:
         return {
-            "mechanism": "dp_fedavg (site-level)", "epsilon": self.epsilon(), "delta": self.privacy.delta,
-            "accountant": self.privacy.accountant, "noise_multiplier": self.sigma,
-            "clipping_norm": self.privacy.clipping_norm, "steps": self.released, "sample_rate": 1.0,
+            "mechanism": "dp_fedavg (site-level)",
+            "epsilon": self.epsilon(),
+            "delta": self.privacy.delta,
+            "accountant": self.privacy.accountant,
+            "noise_multiplier": self.sigma,
+            "clipping_norm": self.privacy.clipping_norm,
+            "steps": self.released,
+            "sample_rate": 1.0,
             "sampled_sites_per_round": self.num_sampled_clients,
             "sampling_assumption": SAMPLING_ASSUMPTION,
-            "stopped_by_budget": self.stopped_round > 0, "stopped_round": self.stopped_round,
+            "stopped_by_budget": self.stopped_round > 0,
+            "stopped_round": self.stopped_round,
             "budget_epsilon": self.privacy.target_epsilon if self.privacy.target_epsilon is not None else -1.0,
         }
 
@@ -128,8 +149,10 @@ def build_private_strategy(cfg: ExperimentConfig, n_train_sites: int) -> MultiMe
     if cfg.privacy.name != "dp_fedavg":
         return build_strategy(cfg.strategy, n_train_sites)
     if cfg.strategy.name != "fedavg":
-        raise ValueError(f"privacy=dp_fedavg needs strategy=fedavg (got {cfg.strategy.name}); "
-                         "its noise is calibrated for an unweighted mean over every sampled site")
+        raise ValueError(
+            f"privacy=dp_fedavg needs strategy=fedavg (got {cfg.strategy.name}); "
+            "its noise is calibrated for an unweighted mean over every sampled site"
+        )
     inner = build_strategy(dataclasses.replace(cfg.strategy, weighting="uniform"), n_train_sites)
     return SiteLevelDP(inner, cfg, n_train_sites)
 

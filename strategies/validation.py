@@ -27,8 +27,12 @@ class Rejection:
     reason: str
 
 
-def validate_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
-                    num_examples: float, max_examples: float | None) -> str | None:
+def validate_update(
+    update: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    num_examples: float,
+    max_examples: float | None,
+) -> str | None:
     """None when `update` may be aggregated with `reference`'s layout, else a one-line reason.
 
     Cheap checks come first (keys, array type, shapes, dtypes, the example count), the
@@ -50,8 +54,12 @@ def validate_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np
             return f"key {key!r} has shape {value.shape}, expected {np.shape(expected)}"
         if value.dtype != np.asarray(expected).dtype:
             return f"key {key!r} has dtype {value.dtype}, expected {np.asarray(expected).dtype}"
-    if (not isinstance(num_examples, numbers.Real) or isinstance(num_examples, bool)
-            or not math.isfinite(num_examples) or num_examples <= 0):
+    if (
+        not isinstance(num_examples, numbers.Real)
+        or isinstance(num_examples, bool)
+        or not math.isfinite(num_examples)
+        or num_examples <= 0
+    ):
         return f"num_examples must be a positive finite number, got {num_examples!r}"
     if max_examples is not None and num_examples > max_examples:
         return f"implausible example count {_num(num_examples)} > {_num(max_examples)} declared"

@@ -33,8 +33,10 @@ def make_updates(n_clients: int, n_params: int, n_keys: int, seed: int) -> list[
     rng = np.random.default_rng(seed)
     sizes = [n_params // n_keys] * n_keys
     sizes[-1] += n_params - sum(sizes)
-    return [{f"g{j}.w": rng.standard_normal(size, dtype=np.float32) for j, size in enumerate(sizes)}
-            for _ in range(n_clients)]
+    return [
+        {f"g{j}.w": rng.standard_normal(size, dtype=np.float32) for j, size in enumerate(sizes)}
+        for _ in range(n_clients)
+    ]
 
 
 def numpy_reference(updates: Sequence[dict[str, np.ndarray]]) -> None:
@@ -86,8 +88,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is reported")
     p.add_argument("--trim-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="10 clients x 100k parameters, 2 repeats: a smoke run for tests")
+    p.add_argument(
+        "--quick", action="store_true", help="10 clients x 100k parameters, 2 repeats: a smoke run for tests"
+    )
     p.add_argument("--out", default=None, help="also write the results as JSON to this path")
     args = p.parse_args(argv)
     if args.quick:
@@ -115,30 +118,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     times = measure(cases, args.repeats)
     ref = statistics.median(times[REFERENCE])
-    results = {name: {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts,
-                      "ratio_to_reference": statistics.median(ts) / ref}
-               for name, ts in times.items()}
+    results = {
+        name: {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "times_s": ts,
+            "ratio_to_reference": statistics.median(ts) / ref,
+        }
+        for name, ts in times.items()
+    }
     wm_ratio = results["weighted_mean"]["ratio_to_reference"]
     report = {
-        "config": {"clients": args.clients, "params": args.params, "keys": args.keys, "dtype": "float32",
-                   "repeats": args.repeats, "trim_fraction": args.trim_fraction, "seed": args.seed,
-                   "quick": args.quick},
+        "config": {
+            "clients": args.clients,
+            "params": args.params,
+            "keys": args.keys,
+            "dtype": "float32",
+            "repeats": args.repeats,
+            "trim_fraction": args.trim_fraction,
+            "seed": args.seed,
+            "quick": args.quick,
+        },
         "reference": REFERENCE,
         "results": results,
-        "target": {"case": "weighted_mean", "max_ratio": TARGET_RATIO, "ratio": wm_ratio,
-                   "met": wm_ratio <= TARGET_RATIO},
+        "target": {
+            "case": "weighted_mean",
+            "max_ratio": TARGET_RATIO,
+            "ratio": wm_ratio,
+            "met": wm_ratio <= TARGET_RATIO,
+        },
         "peak_rss_mb": _peak_rss_mb(),
         "peak_rss_before_data_mb": rss_before_data,
     }
 
-    print(f"{args.clients} clients x {args.params:,} float32 parameters in {args.keys} keys, "
-          f"median of {args.repeats} runs")
+    print(
+        f"{args.clients} clients x {args.params:,} float32 parameters in {args.keys} keys, "
+        f"median of {args.repeats} runs"
+    )
     print(f"{'case':<26}{'median s':>10}{'min s':>10}{'x reference':>13}")
     for name, r in results.items():
         print(f"{name:<26}{r['median_s']:>10.4f}{r['min_s']:>10.4f}{r['ratio_to_reference']:>13.2f}")
     verdict = "met" if report["target"]["met"] else "NOT met"
-    print(f"target weighted_mean <= {TARGET_RATIO:g}x reference: {verdict} ({wm_ratio:.2f}x); "
-          f"peak RSS {report['peak_rss_mb']:.0f} MB ({rss_before_data:.0f} MB before the data)")
+    print(
+        f"target weighted_mean <= {TARGET_RATIO:g}x reference: {verdict} ({wm_ratio:.2f}x); "
+        f"peak RSS {report['peak_rss_mb']:.0f} MB ({rss_before_data:.0f} MB before the data)"
+    )
     write_result(report, args.out)
     return 0
 

@@ -26,10 +26,10 @@ from clients.dp_sgd import per_sample_loss, per_sample_module, private_gradient
 from clients.site_data import SiteData
 from federated.app.bench import write_result
 from federated.core.config import load_config
-from federated.data.cache import prepare_corpus
-from federated.data.format import Corpus
 from federated.core.models import build_model, group_of
 from federated.core.multimed import TASKS
+from federated.data.cache import prepare_corpus
+from federated.data.format import Corpus
 from partitions import plan_sites
 
 TARGET = 2.0
@@ -67,18 +67,26 @@ def make_steps(cfg, task: str, batch, mode: str | None):  # type: ignore[no-unty
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     if mode is None:
+
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             per_sample_loss(task, model(task, batch.inputs, batch.present), batch.targets).backward()
             opt.step()
+
         return step
     gsm = per_sample_module(model, mode)
-    dp = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(batch),
-                     generator=torch.Generator().manual_seed(0))
+    dp = DPOptimizer(
+        opt,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=len(batch),
+        generator=torch.Generator().manual_seed(0),
+    )
 
     def private_step() -> None:
         private_gradient(gsm, dp, task, batch)
         dp.original_optimizer.step()
+
     return private_step
 
 
@@ -102,8 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = task_batches(cfg, cfg.train.batch_size)
     if args.quick:
         batches = {t: batches[t] for t in list(batches)[:3]}
-    cases = {t: {"non_private": make_steps(cfg, t, b, None), **{m: make_steps(cfg, t, b, m) for m in MODES}}
-             for t, b in batches.items()}
+    cases = {
+        t: {"non_private": make_steps(cfg, t, b, None), **{m: make_steps(cfg, t, b, m) for m in MODES}}
+        for t, b in batches.items()
+    }
     times = {t: {c: [] for c in cs} for t, cs in cases.items()}
     for cs in cases.values():
         for fn in cs.values():  # warm-up
@@ -120,19 +130,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios = {c: round_total[c] / round_total["non_private"] for c in MODES}
     chosen = cfg.privacy.grad_sample_mode
     report = {
-        "config": {"batch_size": cfg.train.batch_size, "repeats": args.repeats, "tasks": list(batches),
-                   "model_parameters": sum(p.numel() for p in build_model(cfg.model, 0).parameters()),
-                   "quick": args.quick},
-        "per_task": per_task, "round_seconds": round_total, "round_ratio": ratios,
-        "target": {"mode": chosen, "max_ratio": TARGET, "ratio": ratios.get(chosen),
-                   "met": ratios.get(chosen, float("inf")) <= TARGET},
+        "config": {
+            "batch_size": cfg.train.batch_size,
+            "repeats": args.repeats,
+            "tasks": list(batches),
+            "model_parameters": sum(p.numel() for p in build_model(cfg.model, 0).parameters()),
+            "quick": args.quick,
+        },
+        "per_task": per_task,
+        "round_seconds": round_total,
+        "round_ratio": ratios,
+        "target": {
+            "mode": chosen,
+            "max_ratio": TARGET,
+            "ratio": ratios.get(chosen),
+            "met": ratios.get(chosen, float("inf")) <= TARGET,
+        },
     }
     print(f"batch {cfg.train.batch_size}, median of {args.repeats} interleaved steps, 1 torch thread")
     print(f"{'task':<30}{'plain ms':>10}" + "".join(f"{m + ' x':>14}" for m in MODES))
     for t, m in med.items():
         print(f"{t:<30}{m['non_private'] * 1e3:>10.1f}" + "".join(f"{m[c] / m['non_private']:>14.2f}" for c in MODES))
-    print(f"{'one step of every task':<30}{round_total['non_private'] * 1e3:>10.1f}"
-          + "".join(f"{ratios[c]:>14.2f}" for c in MODES))
+    print(
+        f"{'one step of every task':<30}{round_total['non_private'] * 1e3:>10.1f}"
+        + "".join(f"{ratios[c]:>14.2f}" for c in MODES)
+    )
     verdict = "met" if report["target"]["met"] else "NOT met"
     print(f"target {chosen} <= {TARGET:g}x non-private: {verdict} ({ratios.get(chosen, float('nan')):.2f}x)")
     write_result(report, args.out)

@@ -58,9 +58,9 @@ def plain_loop(overrides: list[str]) -> float:
     from clients.site_data import SiteData
     from clients.trainer import evaluate_site, train_local
     from federated.core.config import load_config
+    from federated.core.models import build_model
     from federated.data.cache import prepare_corpus
     from federated.data.format import Corpus
-    from federated.core.models import build_model
     from partitions import plan_sites
 
     cfg = load_config(overrides)
@@ -79,7 +79,7 @@ def plain_loop(overrides: list[str]) -> float:
             states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             weights.append(result.num_examples)
         w = np.asarray(weights, dtype=np.float64) / sum(weights)
-        global_state = {k: sum(float(wi) * s[k] for wi, s in zip(w, states)) for k in global_state}
+        global_state = {k: sum(float(wi) * s[k] for wi, s in zip(w, states, strict=True)) for k in global_state}
         for _, data, model in sites:
             model.load_state_dict(global_state)
             evaluate_site(model, data)
@@ -129,7 +129,8 @@ class W:
         now = time.perf_counter(); rounds.append(now - self.t); self.t = now
     def on_end(self, *a): pass
 ENGINES.get("inprocess")(cfg, path, n, [W()])
-print(json.dumps({{"sites": n, "round_s": rounds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"sites": n, "round_s": rounds, "peak_rss_mb": peak_mb}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -168,24 +169,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["plain_ray_pair"] = [plain_loop(overrides)]
     med = {k: statistics.median(v) for k, v in results.items() if v}
     report = {
-        "workload": overrides, "repeats": args.repeats, "medians_s": med, "times_s": results,
-        "inprocess_ratio": med["inprocess"] / med["plain"], "inprocess_target": 1.15,
-        "ray": ray, "ray_ratio": (ray["after_startup_s"] / med.get("plain_ray_pair", med["plain"])) if ray else None,
+        "workload": overrides,
+        "repeats": args.repeats,
+        "medians_s": med,
+        "times_s": results,
+        "inprocess_ratio": med["inprocess"] / med["plain"],
+        "inprocess_target": 1.15,
+        "ray": ray,
+        "ray_ratio": (ray["after_startup_s"] / med.get("plain_ray_pair", med["plain"])) if ray else None,
         "ray_target": 2.0,
         "scale": scale_run(args.scale_sites) if args.scale_sites else None,
     }
     print(f"reference workload: {' '.join(overrides)}; median of {args.repeats}")
     print(f"plain PyTorch loop      {med['plain']:8.2f} s")
-    print(f"in-process engine       {med['inprocess']:8.2f} s  ratio {report['inprocess_ratio']:.2f} "
-          f"(target <= 1.15); wall with start-up {med['inprocess_wall']:.2f} s")
+    print(
+        f"in-process engine       {med['inprocess']:8.2f} s  ratio {report['inprocess_ratio']:.2f} "
+        f"(target <= 1.15); wall with start-up {med['inprocess_wall']:.2f} s"
+    )
     if ray:
-        print(f"Ray engine after start  {ray['after_startup_s']:8.2f} s  ratio {report['ray_ratio']:.2f} "
-              f"(target <= 2.0); start-up {ray['startup_s']:.1f} s, wall {ray['wall_s']:.1f} s")
+        print(
+            f"Ray engine after start  {ray['after_startup_s']:8.2f} s  ratio {report['ray_ratio']:.2f} "
+            f"(target <= 2.0); start-up {ray['startup_s']:.1f} s, wall {ray['wall_s']:.1f} s"
+        )
     if report["scale"]:
         s = report["scale"]
-        print(f"scale: {s['sites']} sites in-process, small model: "
-              f"{', '.join(f'{x:.1f}' for x in s['round_s'])} s per round (round 0 = evaluation only), "
-              f"peak RSS {s['peak_rss_mb']:.0f} MB")
+        print(
+            f"scale: {s['sites']} sites in-process, small model: "
+            f"{', '.join(f'{x:.1f}' for x in s['round_s'])} s per round (round 0 = evaluation only), "
+            f"peak RSS {s['peak_rss_mb']:.0f} MB"
+        )
     write_result(report, args.out)
     return 0
 

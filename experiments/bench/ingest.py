@@ -56,7 +56,7 @@ def make_images(root: Path, n: int, size: tuple[int, int], seed: int) -> list[Pa
     for i in range(n):
         label = "yes" if i % 2 else "no"
         (root / label).mkdir(parents=True, exist_ok=True)
-        blob = np.exp(-((yy - rng.uniform(.3, .7)) ** 2 + (xx - rng.uniform(.3, .7)) ** 2) / 0.02)
+        blob = np.exp(-((yy - rng.uniform(0.3, 0.7)) ** 2 + (xx - rng.uniform(0.3, 0.7)) ** 2) / 0.02)
         img = np.clip(120 + 80 * blob + rng.normal(0, 12, (h, w)), 0, 255).astype(np.uint8)
         path = root / label / f"{label}{i:05d}.jpg"
         Image.fromarray(img).save(path, quality=90)
@@ -115,20 +115,27 @@ def h5ad_memory(tmp: Path, cells: int, genes: int) -> dict | None:
         return None
     rng = np.random.default_rng(1)
     x = rng.normal(size=(cells, genes)).astype(np.float32)
-    obs = pd.DataFrame({"cell_type": np.where(np.arange(cells) % 2, "a", "b")},
-                       index=[f"c{i}" for i in range(cells)])
+    obs = pd.DataFrame({"cell_type": np.where(np.arange(cells) % 2, "a", "b")}, index=[f"c{i}" for i in range(cells)])
     anndata.AnnData(x, obs=obs).write_h5ad(tmp / "cells.h5ad")
     del x
     (tmp / "cells.yaml").write_text(H5AD_SPEC)
     ingest_s, ingest_peak = traced_peak(lambda: run_spec(tmp / "cells.yaml", tmp / "cells_corpus"))
     whole_s, whole_peak = traced_peak(lambda: anndata.read_h5ad(tmp / "cells.h5ad"))
-    report = {"h5ad_cells": cells, "h5ad_genes": genes, "h5ad_matrix_bytes": cells * genes * 4,
-              "h5ad_ingest_peak_bytes": ingest_peak, "h5ad_read_whole_peak_bytes": whole_peak,
-              "h5ad_peak_over_read_whole": ingest_peak / whole_peak,
-              "h5ad_ingest_cells_per_s": cells / ingest_s, "h5ad_read_whole_s": whole_s}
-    print(f"ingest an .h5ad of {cells:,} cells x {genes:,} genes ({cells * genes * 4 / 2**20:.0f} MiB float32): "
-          f"{report['h5ad_ingest_cells_per_s']:,.0f} cells/s, peak {ingest_peak / 2**20:.0f} MiB traced vs "
-          f"{whole_peak / 2**20:.0f} MiB for anndata reading it whole (ratio {report['h5ad_peak_over_read_whole']:.2f})")
+    report = {
+        "h5ad_cells": cells,
+        "h5ad_genes": genes,
+        "h5ad_matrix_bytes": cells * genes * 4,
+        "h5ad_ingest_peak_bytes": ingest_peak,
+        "h5ad_read_whole_peak_bytes": whole_peak,
+        "h5ad_peak_over_read_whole": ingest_peak / whole_peak,
+        "h5ad_ingest_cells_per_s": cells / ingest_s,
+        "h5ad_read_whole_s": whole_s,
+    }
+    print(
+        f"ingest an .h5ad of {cells:,} cells x {genes:,} genes ({cells * genes * 4 / 2**20:.0f} MiB float32): "
+        f"{report['h5ad_ingest_cells_per_s']:,.0f} cells/s, peak {ingest_peak / 2**20:.0f} MiB traced vs "
+        f"{whole_peak / 2**20:.0f} MiB for anndata reading it whole (ratio {report['h5ad_peak_over_read_whole']:.2f})"
+    )
     return report
 
 
@@ -160,8 +167,9 @@ def main() -> int:
         batches = 200 if args.quick else 2000
         mmap_rate = statistics.median(gather_rate(mmapped, batches, rng) for _ in range(repeats))
         ram_rate = statistics.median(gather_rate(in_ram, batches, rng) for _ in range(repeats))
-        cfg = load_config([f"corpus.path={tmp / 'corpus'}", "sites.planner=natural", "sites.min_site_size=1",
-                           "sites.min_samples=1"])
+        cfg = load_config(
+            [f"corpus.path={tmp / 'corpus'}", "sites.planner=natural", "sites.min_site_size=1", "sites.min_samples=1"]
+        )
         site = plan_sites(corpus, cfg)[0]
         load_times, loaded = [], 0
         for _ in range(repeats):
@@ -173,17 +181,26 @@ def main() -> int:
     ingest_med, floor_med = statistics.median(ingest_s), statistics.median(floor_s)
     report = {
         "config": {"images": n, "side": side, "repeats": repeats, "quick": args.quick},
-        "ingest_images_per_s": n / ingest_med, "decode_floor_images_per_s": n / floor_med,
-        "ingest_over_decode": ingest_med / floor_med, "ingest_s": ingest_s, "decode_s": floor_s,
-        "read_mmap_samples_per_s": mmap_rate, "read_ram_samples_per_s": ram_rate,
+        "ingest_images_per_s": n / ingest_med,
+        "decode_floor_images_per_s": n / floor_med,
+        "ingest_over_decode": ingest_med / floor_med,
+        "ingest_s": ingest_s,
+        "decode_s": floor_s,
+        "read_mmap_samples_per_s": mmap_rate,
+        "read_ram_samples_per_s": ram_rate,
         "mmap_over_ram_time": ram_rate / mmap_rate,
-        "site_load_samples_per_s": loaded / statistics.median(load_times), "site_samples": loaded,
+        "site_load_samples_per_s": loaded / statistics.median(load_times),
+        "site_samples": loaded,
     }
-    print(f"ingest {n} JPEGs of {side}x{side}: {report['ingest_images_per_s']:.0f} images/s "
-          f"(decode+resize alone {report['decode_floor_images_per_s']:.0f}/s; ratio {report['ingest_over_decode']:.2f}x)")
-    print(f"read batches of 32 random rows: memory-mapped {mmap_rate:,.0f} samples/s, in RAM {ram_rate:,.0f} "
-          f"samples/s (time ratio {report['mmap_over_ram_time']:.2f}x); one site through SiteData "
-          f"{report['site_load_samples_per_s']:,.0f} samples/s ({loaded} samples)")
+    print(
+        f"ingest {n} JPEGs of {side}x{side}: {report['ingest_images_per_s']:.0f} images/s "
+        f"(decode+resize alone {report['decode_floor_images_per_s']:.0f}/s; ratio {report['ingest_over_decode']:.2f}x)"
+    )
+    print(
+        f"read batches of 32 random rows: memory-mapped {mmap_rate:,.0f} samples/s, in RAM {ram_rate:,.0f} "
+        f"samples/s (time ratio {report['mmap_over_ram_time']:.2f}x); one site through SiteData "
+        f"{report['site_load_samples_per_s']:,.0f} samples/s ({loaded} samples)"
+    )
     report.update(cells_report or {})
     write_result(report, args.out)
     return 0

@@ -29,14 +29,20 @@ import pandas as pd
 
 from federated.app.bench import write_result
 from federated.core.config import load_config
-from federated.data.format import Corpus
 from federated.core.multimed import MODALITIES, MULTIMED_TASKS, TASKS
+from federated.data.format import Corpus
 from partitions import plan_sites
 from partitions.site_plan import SitePlan
 
 TARGET_S = 10.0
-STEPS_ON = ["sites.label_skew_alpha=0.5", "sites.quantity_skew_sigma=1.0", "sites.label_noise_rate=0.1",
-            "sites.missing_sample_rate=0.2", "sites.load_shift_severity=1.0", "sites.min_samples=1"]
+STEPS_ON = [
+    "sites.label_skew_alpha=0.5",
+    "sites.quantity_skew_sigma=1.0",
+    "sites.label_noise_rate=0.1",
+    "sites.missing_sample_rate=0.2",
+    "sites.load_shift_severity=1.0",
+    "sites.min_samples=1",
+]
 
 
 def make_manifest(n_rows: int, n_origins: int, seed: int) -> pd.DataFrame:
@@ -47,12 +53,14 @@ def make_manifest(n_rows: int, n_origins: int, seed: int) -> pd.DataFrame:
     n_classes = np.array([max(len(TASKS.get(t).classes), 1) for t in tasks])
     labels = np.floor(rng.random(n_rows) * n_classes[task_idx])
     origins = np.array([f"origin_{i:04d}" for i in range(n_origins)])
-    return pd.DataFrame({
-        "origin_site": origins[np.arange(n_rows) % n_origins],
-        "task": tasks[task_idx],
-        "split": np.where(rng.random(n_rows) < 0.2, "test", "train"),
-        "label": labels,
-    })
+    return pd.DataFrame(
+        {
+            "origin_site": origins[np.arange(n_rows) % n_origins],
+            "task": tasks[task_idx],
+            "split": np.where(rng.random(n_rows) < 0.2, "test", "train"),
+            "label": labels,
+        }
+    )
 
 
 def plan_bytes(plans: list[SitePlan]) -> int:
@@ -63,8 +71,13 @@ def plan_bytes(plans: list[SitePlan]) -> int:
 
 def copy_bytes(manifest: pd.DataFrame, plans: list[SitePlan]) -> int:
     """What the sites' samples would take as copies: each row's task inputs at corpus shape."""
-    per_task = {t: sum(int(np.prod(MODALITIES.get(m).shape)) * np.dtype(MODALITIES.get(m).dtype).itemsize
-                       for m in TASKS.get(t).inputs) for t in MULTIMED_TASKS}
+    per_task = {
+        t: sum(
+            int(np.prod(MODALITIES.get(m).shape)) * np.dtype(MODALITIES.get(m).dtype).itemsize
+            for m in TASKS.get(t).inputs
+        )
+        for t in MULTIMED_TASKS
+    }
     tasks = manifest["task"].to_numpy()
     rows = np.concatenate([np.concatenate([p.train_rows, p.test_rows]) for p in plans])
     return int(pd.Series(tasks[rows]).map(per_task).sum())
@@ -90,9 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cases = {
         "natural": (args.sites, ["sites.planner=natural", "sites.holdout=random", "sites.holdout_k=10"]),
-        "random_mix": (args.sites // 10, ["sites.planner=random_mix", f"sites.n_sites={args.sites}",
-                                          "sites.tasks_per_site=3", "sites.holdout=random",
-                                          "sites.holdout_k=10"]),
+        "random_mix": (
+            args.sites // 10,
+            [
+                "sites.planner=random_mix",
+                f"sites.n_sites={args.sites}",
+                "sites.tasks_per_site=3",
+                "sites.holdout=random",
+                "sites.holdout_k=10",
+            ],
+        ),
     }
     results = {}
     for name, (n_origins, overrides) in cases.items():
@@ -110,27 +130,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracemalloc.stop()
         median = statistics.median(times)
         results[name] = {
-            "sites": len(plans), "held_out": sum(p.role == "held_out" for p in plans),
-            "origins": n_origins, "median_s": median, "times_s": times,
-            "plan_bytes": plan_bytes(plans), "copy_bytes": copy_bytes(manifest, plans),
+            "sites": len(plans),
+            "held_out": sum(p.role == "held_out" for p in plans),
+            "origins": n_origins,
+            "median_s": median,
+            "times_s": times,
+            "plan_bytes": plan_bytes(plans),
+            "copy_bytes": copy_bytes(manifest, plans),
             "manifest_bytes": int(manifest.memory_usage(deep=True).sum()),
             "peak_traced_bytes_while_planning": int(peak),
             "met": median <= TARGET_S,
         }
     report = {
-        "config": {"rows": args.rows, "sites": args.sites, "repeats": args.repeats, "seed": args.seed,
-                   "steps_on": STEPS_ON, "quick": args.quick},
-        "target_s": TARGET_S, "results": results,
+        "config": {
+            "rows": args.rows,
+            "sites": args.sites,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "steps_on": STEPS_ON,
+            "quick": args.quick,
+        },
+        "target_s": TARGET_S,
+        "results": results,
     }
     mb = 1 / 2**20
-    print(f"{args.sites:,} sites over a {args.rows:,}-row manifest, every planner step on; "
-          f"median of {args.repeats}")
-    print(f"{'planner':<12}{'sites':>7}{'median s':>10}{'plan MB':>9}{'copy MB':>10}"
-          f"{'manifest MB':>13}{'peak MB':>9}")
+    print(f"{args.sites:,} sites over a {args.rows:,}-row manifest, every planner step on; median of {args.repeats}")
+    print(f"{'planner':<12}{'sites':>7}{'median s':>10}{'plan MB':>9}{'copy MB':>10}{'manifest MB':>13}{'peak MB':>9}")
     for name, r in results.items():
-        print(f"{name:<12}{r['sites']:>7}{r['median_s']:>10.2f}{r['plan_bytes'] * mb:>9.1f}"
-              f"{r['copy_bytes'] * mb:>10.0f}{r['manifest_bytes'] * mb:>13.1f}"
-              f"{r['peak_traced_bytes_while_planning'] * mb:>9.1f}")
+        print(
+            f"{name:<12}{r['sites']:>7}{r['median_s']:>10.2f}{r['plan_bytes'] * mb:>9.1f}"
+            f"{r['copy_bytes'] * mb:>10.0f}{r['manifest_bytes'] * mb:>13.1f}"
+            f"{r['peak_traced_bytes_while_planning'] * mb:>9.1f}"
+        )
     verdict = all(r["met"] for r in results.values())
     print(f"target <= {TARGET_S:g} s per plan: {'met' if verdict else 'NOT met'}")
     write_result(report, args.out)

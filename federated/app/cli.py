@@ -12,25 +12,35 @@ from rich.table import Table
 
 from federated.core.config import ConfigError, config_to_yaml, load_config
 from federated.core.protocol import Role
-from federated.data.format import CorpusFormatError
 from federated.core.registry import UnknownNameError
+from federated.data.format import CorpusFormatError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CorpusFormatError, UnknownNameError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from clients.site_runtime import SiteConfigError
-    from federated.server.checkpoint import CheckpointError
+    from federated.app.runner import RunError
     from federated.app.studies.spec import StudyError
     from federated.data.ingest import IngestError
     from federated.engines.deployment import DeploymentError
+    from federated.server.checkpoint import CheckpointError
     from federated.server.federation import FederationError
-    from federated.app.runner import RunError
     from partitions import PlanError
     from strategies import TooFewValidReplies
 
-    return (*USER_ERRORS, PlanError, RunError, FederationError, SiteConfigError, TooFewValidReplies,
-            CheckpointError, DeploymentError, StudyError, IngestError)
+    return (
+        *USER_ERRORS,
+        PlanError,
+        RunError,
+        FederationError,
+        SiteConfigError,
+        TooFewValidReplies,
+        CheckpointError,
+        DeploymentError,
+        StudyError,
+        IngestError,
+    )
 
 
 def _quiet_flower() -> None:
@@ -41,21 +51,29 @@ def _quiet_flower() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from federated.server.outputs import print_report
     from federated.app.runner import RunError, run_experiment
+    from federated.server.outputs import print_report
 
     console = Console()
     if args.resume:
         if args.overrides or args.out:
-            raise RunError("--resume DIR continues the run in DIR with its own config.yaml; "
-                           "give neither --out nor key=value overrides")
+            raise RunError(
+                "--resume DIR continues the run in DIR with its own config.yaml; "
+                "give neither --out nor key=value overrides"
+            )
         out, cfg = args.resume, None
     elif not args.out:
         raise RunError("run needs --out DIR (or --resume DIR to continue a checkpointed run)")
     else:
         out, cfg = args.out, load_config(args.overrides)
-    summary = run_experiment(cfg, out, overwrite=args.overwrite, progress=not args.no_progress,
-                             console=Console(stderr=True), resume=bool(args.resume))
+    summary = run_experiment(
+        cfg,
+        out,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        console=Console(stderr=True),
+        resume=bool(args.resume),
+    )
     print_report(summary, Path(out), console)
     return 0
 
@@ -67,8 +85,15 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
         print(f"[deploy] {line}", flush=True)
 
     try:
-        deploy_demo(args.sites, args.out, args.overrides, clientapp=args.clientapp,
-                    superlink_port=args.superlink_port, timeout_s=args.timeout, say=say)
+        deploy_demo(
+            args.sites,
+            args.out,
+            args.overrides,
+            clientapp=args.clientapp,
+            superlink_port=args.superlink_port,
+            timeout_s=args.timeout,
+            say=say,
+        )
     except KeyboardInterrupt:
         print("multimed-fl: deploy interrupted; every process it started was stopped", file=sys.stderr)
         return 130
@@ -76,9 +101,9 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sites_show(args: argparse.Namespace) -> int:
+    from federated.core.io import atomic_write
     from federated.data.cache import prepare_corpus
     from federated.data.format import Corpus
-    from federated.core.io import atomic_write
     from partitions import plan_sites
     from partitions.report import plan_frame, write_heatmap
 
@@ -86,13 +111,32 @@ def cmd_sites_show(args: argparse.Namespace) -> int:
     corpus = Corpus.open(prepare_corpus(cfg.corpus))
     frame = plan_frame(corpus, plan_sites(corpus, cfg), cfg)
     table = Table(title=f"Site plan ({cfg.sites.planner}, {len(frame)} sites)")
-    for col in ("site", "role", "archetype", "origin", "modalities", "tasks", "n_train", "n_test",
-                "label mix", "site shift"):
+    for col in (
+        "site",
+        "role",
+        "archetype",
+        "origin",
+        "modalities",
+        "tasks",
+        "n_train",
+        "n_test",
+        "label mix",
+        "site shift",
+    ):
         table.add_column(col)
     for r in frame.itertuples():
-        table.add_row(r.site, Role(r.role).label, r.archetype, r.origin_site,
-                      ", ".join(r.modalities), ", ".join(r.tasks), str(r.n_train), str(r.n_test),
-                      r.label_mix, r.site_shift or "-")
+        table.add_row(
+            r.site,
+            Role(r.role).label,
+            r.archetype,
+            r.origin_site,
+            ", ".join(r.modalities),
+            ", ".join(r.tasks),
+            str(r.n_train),
+            str(r.n_test),
+            r.label_mix,
+            r.site_shift or "-",
+        )
     Console(width=200).print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,9 +175,11 @@ def cmd_corpus_info(args: argparse.Namespace) -> int:
     corpus = Corpus.open(args.dir)
     spec, m = corpus.spec, corpus.manifest
     console = Console()
-    console.print(f"[bold]{spec['name']}[/bold] at {corpus.path} (schema v{spec['schema_version']}): "
-                  f"{spec['n_samples']} samples, {len(spec['tasks'])} tasks, "
-                  f"{len(spec['modalities'])} modalities, {len(spec['origin_sites'])} origin sites")
+    console.print(
+        f"[bold]{spec['name']}[/bold] at {corpus.path} (schema v{spec['schema_version']}): "
+        f"{spec['n_samples']} samples, {len(spec['tasks'])} tasks, "
+        f"{len(spec['modalities'])} modalities, {len(spec['origin_sites'])} origin sites"
+    )
     mods = Table(title="modalities")
     for col in ("modality", "shape", "dtype", "samples"):
         mods.add_column(col)
@@ -148,29 +194,36 @@ def cmd_corpus_info(args: argparse.Namespace) -> int:
     for name in spec["tasks"]:
         rows = m[m["task"] == name]
         t = TASKS.get(name)
-        tasks.add_row(name, "+".join(t.inputs), t.target, str(int((rows["split"] == "train").sum())),
-                      str(int((rows["split"] == "test").sum())), str(rows["origin_site"].nunique()))
+        tasks.add_row(
+            name,
+            "+".join(t.inputs),
+            t.target,
+            str(int((rows["split"] == "train").sum())),
+            str(int((rows["split"] == "test").sum())),
+            str(rows["origin_site"].nunique()),
+        )
     console.print(tasks)
     prov = spec.get("provenance", {})
     if "sources" not in prov:  # synthetic: the generator's settings
         console.print(f"provenance: {prov.get('generator', prov)}")
         return 0
     console.print(f"ingested with {prov.get('ingest_spec')} from {prov.get('data_root')}")
-    for source, notes in zip(prov["sources"], prov.get("notes", [{}] * len(prov["sources"]))):
+    for source, notes in zip(prov["sources"], prov.get("notes", [{}] * len(prov["sources"])), strict=True):
         extra = "".join(f", {k}: {len(v) if isinstance(v, list) else v}" for k, v in notes.items())
         console.print(f"  {source['task']} <- {source['adapter']} {source.get('path', '')}{extra}")
     skipped = prov.get("skipped", [])
     if skipped:
-        console.print(f"{len(skipped)} item(s) skipped (listed in spec.json provenance.skipped); first: "
-                      f"{skipped[0]['item']}: {skipped[0]['reason']}")
+        console.print(
+            f"{len(skipped)} item(s) skipped (listed in spec.json provenance.skipped); first: "
+            f"{skipped[0]['item']}: {skipped[0]['reason']}"
+        )
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
     from federated.app.studies.study import run_study
 
-    df = run_study(args.name, Path(args.out), quick=args.quick, processes=args.processes,
-                   overrides=args.overrides)
+    df = run_study(args.name, Path(args.out), quick=args.quick, processes=args.processes, overrides=args.overrides)
     print((Path(args.out) / "summary.md").read_text(), end="")
     return 1 if df["error"].astype(bool).any() else 0
 
@@ -188,12 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one federated experiment and write its outputs to --out")
     run.add_argument("--out", help="output folder")
-    run.add_argument("--resume", metavar="DIR",
-                     help="continue the run in DIR from its last checkpoint (engine.checkpoint_every)")
+    run.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (engine.checkpoint_every)"
+    )
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="config overrides: group=name (e.g. scale=smoke) or a.b=value")
+    run.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides: group=name (e.g. scale=smoke) or a.b=value"
+    )
     run.set_defaults(func=cmd_run)
 
     study = sub.add_parser("study", help="run a study (a grid of runs over seeds) and write its report")
@@ -213,17 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="run the apps as a real Flower deployment (SuperLink, SuperNodes)")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
     demo = deploy_sub.add_parser(
-        "demo", help="SuperLink with TLS + SuperNode auth and one SuperNode per site on this machine "
-        "(loopback); runs the experiment with `flwr run` and writes its outputs to --out")
+        "demo",
+        help="SuperLink with TLS + SuperNode auth and one SuperNode per site on this machine "
+        "(loopback); runs the experiment with `flwr run` and writes its outputs to --out",
+    )
     demo.add_argument("--sites", type=int, required=True, help="number of sites (SuperNodes)")
     demo.add_argument("--out", required=True, help="output folder; logs and keys go to OUT/deploy")
-    demo.add_argument("--clientapp", choices=["worker", "subprocess"], default="worker",
-                      help="worker: one long-lived ClientApp process per SuperNode (default); "
-                      "subprocess: Flower's one ClientApp process per message")
+    demo.add_argument(
+        "--clientapp",
+        choices=["worker", "subprocess"],
+        default="worker",
+        help="worker: one long-lived ClientApp process per SuperNode (default); "
+        "subprocess: Flower's one ClientApp process per message",
+    )
     demo.add_argument("--superlink-port", type=int, default=0, help="SuperLink port (default: a free one)")
     demo.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
-    demo.add_argument("overrides", nargs="*", metavar="key=value",
-                      help="config overrides (default plan: random_mix of --sites sites, one held out)")
+    demo.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides (default plan: random_mix of --sites sites, one held out)",
+    )
     demo.set_defaults(func=cmd_deploy_demo)
 
     config = sub.add_parser("config", help="inspect the resolved configuration")
@@ -244,15 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     build = corpus_sub.add_parser("build", help="build the synthetic MultiMed corpus")
     build.add_argument("--out", required=True)
     build.add_argument("--overwrite", action="store_true")
-    build.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="e.g. corpus.samples_per_task_site=200 corpus.seed=3")
+    build.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. corpus.samples_per_task_site=200 corpus.seed=3"
+    )
     build.set_defaults(func=cmd_corpus_build)
     ingest = corpus_sub.add_parser("ingest", help="turn datasets in their own formats into a corpus")
     ingest.add_argument("spec", help="an ingest spec (YAML): sources and their adapters")
     ingest.add_argument("--out", required=True, help="the corpus folder to write (atomically)")
     ingest.add_argument("--overwrite", action="store_true")
-    ingest.add_argument("--data-root", default=None,
-                        help="folder the sources' paths are relative to (default: the spec's data_root)")
+    ingest.add_argument(
+        "--data-root", default=None, help="folder the sources' paths are relative to (default: the spec's data_root)"
+    )
     ingest.set_defaults(func=cmd_corpus_ingest)
     info = corpus_sub.add_parser("info", help="describe a corpus folder")
     info.add_argument("dir")

@@ -1,1 +1,2 @@
-"""The bottom layer: the MultiMed vocabulary, registries, config, models, metrics, arrays, I/O and the message protocol. Imports nothing else of the project."""
+"""The bottom layer: the MultiMed vocabulary, registries, config, models, metrics, arrays, I/O and
+the message protocol. Imports nothing else of the project."""

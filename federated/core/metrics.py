@@ -107,16 +107,18 @@ def task_metrics(task: Task, outputs: np.ndarray, targets: np.ndarray) -> dict[s
     n_cls = len(task.classes)
     if task.target in (MULTICLASS, CLOSED_SET):
         pred = outputs.argmax(-1)
-        values = {"accuracy": accuracy(targets, pred), "macro_f1": macro_f1(targets, pred, n_cls),
-                  "kappa": cohen_kappa(targets, pred, n_cls)}
+        values = {
+            "accuracy": accuracy(targets, pred),
+            "macro_f1": macro_f1(targets, pred, n_cls),
+            "kappa": cohen_kappa(targets, pred, n_cls),
+        }
     elif task.target == BINARY:
         prob = sigmoid(outputs)
         values = {"auroc": auroc(targets, prob), "accuracy": accuracy(targets, (prob >= 0.5).astype(int))}
     elif task.target == MULTILABEL:
         values = {"mean_auroc": mean_auroc(targets, sigmoid(outputs))}
     elif task.target == REGRESSION:
-        values = {"mae": mae(targets, outputs), "mse": mse(targets, outputs),
-                  "pearson": pearson(targets, outputs)}
+        values = {"mae": mae(targets, outputs), "mse": mse(targets, outputs), "pearson": pearson(targets, outputs)}
     elif task.target == PER_RESIDUE:
         keep = targets != IGNORE_LABEL
         values = {"q3": accuracy(targets[keep], outputs.argmax(-1)[keep])}

@@ -22,9 +22,13 @@ def cache_root(cfg: CorpusConfig) -> Path:
 def generator_config(cfg: CorpusConfig):  # -> GeneratorConfig
     from federated.data.synthetic import GeneratorConfig
 
-    return GeneratorConfig(seed=cfg.seed, n_origin_sites=cfg.n_origin_sites,
-                           samples_per_task_site=cfg.samples_per_task_site,
-                           test_fraction=cfg.test_fraction, origin_shift_severity=cfg.origin_shift_severity)
+    return GeneratorConfig(
+        seed=cfg.seed,
+        n_origin_sites=cfg.n_origin_sites,
+        samples_per_task_site=cfg.samples_per_task_site,
+        test_fraction=cfg.test_fraction,
+        origin_shift_severity=cfg.origin_shift_severity,
+    )
 
 
 def prepare_corpus(cfg: CorpusConfig) -> Path:
@@ -34,8 +38,9 @@ def prepare_corpus(cfg: CorpusConfig) -> Path:
         Corpus.open(path)
         return path
     if cfg.name != "synthetic":
-        raise CorpusFormatError(f"corpus {cfg.name!r} has no corpus.path; set corpus.path=DIR "
-                                "to an ingested corpus folder")
+        raise CorpusFormatError(
+            f"corpus {cfg.name!r} has no corpus.path; set corpus.path=DIR to an ingested corpus folder"
+        )
     from federated.data.synthetic import build_synthetic_corpus
 
     gen = generator_config(cfg)

@@ -42,15 +42,19 @@ def claim_server_identity(run_id: int) -> None:
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app: ClientApp, node_configs: list[dict], run_config: dict,
-                 run_id: int = 1) -> None:
+    def __init__(self, client_app: ClientApp, node_configs: list[dict], run_config: dict, run_id: int = 1) -> None:
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
         claim_server_identity(run_id)
         # Node ids in plan order, clear of Flower's SuperLink id (1 in flwr 1.42).
         self._contexts = {
-            FIRST_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_NODE_ID + i, node_config=dict(nc),
-                                       state=RecordDict(), run_config=dict(run_config))
+            FIRST_NODE_ID + i: Context(
+                run_id=run_id,
+                node_id=FIRST_NODE_ID + i,
+                node_config=dict(nc),
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
             for i, nc in enumerate(node_configs)
         }
         self._replies: dict[str, Message] = {}
@@ -64,8 +68,9 @@ class InProcessGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -103,8 +108,7 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Without a timeout, sites run one after another (fastest on few cores). With one,
         every site runs in its own thread and the replies that are in at the deadline are
         returned; a late reply is discarded, as a SuperLink discards an expired one."""
@@ -117,12 +121,19 @@ class InProcessGrid(Grid):
         done, late = wait(futures, timeout=timeout)
         if late:
             logging.getLogger(__name__).warning(
-                "%d of %d replies missed the %.1f s timeout and are discarded", len(late), len(futures), timeout)
+                "%d of %d replies missed the %.1f s timeout and are discarded", len(late), len(futures), timeout
+            )
         return [f.result() for f in futures if f in done]
 
 
-def run_inprocess(cfg: ExperimentConfig, corpus_path: Path, n_sites: int, callbacks: Sequence[Callback],
-                  out_dir: Path | None = None, resume: Checkpoint | None = None) -> FederationResult:
+def run_inprocess(
+    cfg: ExperimentConfig,
+    corpus_path: Path,
+    n_sites: int,
+    callbacks: Sequence[Callback],
+    out_dir: Path | None = None,
+    resume: Checkpoint | None = None,
+) -> FederationResult:
     run_config = {CONFIG_KEY: config_to_yaml(cfg), CORPUS_KEY: str(corpus_path)}
     if out_dir is not None:
         run_config[STATE_DIR_KEY] = str(Path(out_dir) / SITE_STATE_DIR)

@@ -47,10 +47,15 @@ class WithRunConfig(ClientApp):
             context.run_config.update(before)
 
 
-def run_ray(cfg: ExperimentConfig, corpus_path: Path, n_sites: int, callbacks: Sequence[Callback],
-            out_dir: Path | None = None, resume: Checkpoint | None = None) -> FederationResult:
+def run_ray(
+    cfg: ExperimentConfig,
+    corpus_path: Path,
+    n_sites: int,
+    callbacks: Sequence[Callback],
+    out_dir: Path | None = None,
+    resume: Checkpoint | None = None,
+) -> FederationResult:
     from flwr.simulation import run_simulation
-
 
     run_config = {CONFIG_KEY: config_to_yaml(cfg), CORPUS_KEY: str(Path(corpus_path).resolve())}
     # the simulated SuperNodes register while the ServerApp starts: wait for all of them
@@ -73,17 +78,21 @@ def run_ray(cfg: ExperimentConfig, corpus_path: Path, n_sites: int, callbacks: S
     logging.getLogger("flwr").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
-        run_simulation(server, WithRunConfig(client_app, run_config), num_supernodes=n_sites,
-                       backend_name="ray",
-                       # max_restarts: Ray brings a killed site process back; max_task_retries: a
-                       # message sent to it while it restarts (it may be another site's: the
-                       # actors are pooled) waits for the restart instead of failing that site.
-                       # One retry: a site that dies twice on the same message is a failure.
-                       # Flower passes client_resources to the actors' .options().
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0,
-                                                            "max_restarts": -1, "max_task_retries": 1},
-                                       "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                                                     "logging_level": logging.ERROR}})
+        run_simulation(
+            server,
+            WithRunConfig(client_app, run_config),
+            num_supernodes=n_sites,
+            backend_name="ray",
+            # max_restarts: Ray brings a killed site process back; max_task_retries: a
+            # message sent to it while it restarts (it may be another site's: the
+            # actors are pooled) waits for the restart instead of failing that site.
+            # One retry: a site that dies twice on the same message is a failure.
+            # Flower passes client_resources to the actors' .options().
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": -1, "max_task_retries": 1},
+                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
+            },
+        )
     finally:
         reap(ray_processes() - before)
     if errors:

@@ -18,6 +18,10 @@ def test_quick_bench_runs_every_benchmark(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["quick"] is True and set(saved["benchmarks"]) == set(results)
     table = (tmp_path / "bench.md").read_text()
-    for figure in ("FedAvg aggregation / numpy floor", "DP-SGD step / plain step (ew)",
-                   "in-process engine / plain PyTorch loop", "plan 100 sites (natural)"):
+    for figure in (
+        "FedAvg aggregation / numpy floor",
+        "DP-SGD step / plain step (ew)",
+        "in-process engine / plain PyTorch loop",
+        "plan 100 sites (natural)",
+    ):
         assert figure in table

@@ -34,7 +34,8 @@ def test_summary_contract(run_dir):
         assert s["final"][group]["per_task"]
     assert s["final"]["gap"] == pytest.approx(
         sum(s["final"]["id"]["per_task"][t] - s["final"]["ood"]["per_task"][t] for t in s["final"]["gap_tasks"])
-        / len(s["final"]["gap_tasks"]))
+        / len(s["final"]["gap_tasks"])
+    )
     assert {"site", "score"} <= set(s["final"]["worst_site"])
     roles = [row["role"] for row in s["per_site"]]
     assert roles.count("train") == 8 and roles.count("held_out") == 2
@@ -87,8 +88,11 @@ def test_rerun_into_a_finished_run_is_refused(run_dir, capsys):
 
 
 def test_console_script_reports_config_errors():
-    proc = subprocess.run([sys.executable, "-m", "federated.app.cli", "run", "--out", "unused", "colour=red"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "federated.app.cli", "run", "--out", "unused", "colour=red"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "unknown key 'colour'" in proc.stderr
 
@@ -96,9 +100,18 @@ def test_console_script_reports_config_errors():
 def test_run_uses_the_configured_planner_holdout_and_steps(tmp_path):
     """A run with a random task mix, random held-out sites, label skew and acquisition shift."""
     out = tmp_path / "mix"
-    overrides = ["scale=smoke", "rounds=1", "sites.planner=random_mix", "sites.n_sites=6",
-                 "sites.tasks_per_site=3", "sites.holdout=random", "sites.holdout_k=2",
-                 "sites.label_skew_classes=2", "sites.load_shift_severity=1", "sites.zero_shot=true"]
+    overrides = [
+        "scale=smoke",
+        "rounds=1",
+        "sites.planner=random_mix",
+        "sites.n_sites=6",
+        "sites.tasks_per_site=3",
+        "sites.holdout=random",
+        "sites.holdout_k=2",
+        "sites.label_skew_classes=2",
+        "sites.load_shift_severity=1",
+        "sites.zero_shot=true",
+    ]
     assert main(["run", "--out", str(out), "--no-progress", *overrides]) == 0
     s = json.loads((out / "summary.json").read_text())
     roles = [row["role"] for row in s["per_site"]]

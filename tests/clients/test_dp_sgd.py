@@ -49,8 +49,13 @@ def _wrapped(cfg, data, sigma, clip, batch_size, mode="ew"):
     reference = copy.deepcopy(model)
     gsm = per_sample_module(model, mode)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=sigma, max_grad_norm=clip,
-                      expected_batch_size=batch_size, generator=torch.Generator().manual_seed(0))
+    opt = DPOptimizer(
+        torch.optim.SGD(params, lr=0.1),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=batch_size,
+        generator=torch.Generator().manual_seed(0),
+    )
     return model, reference, gsm, opt
 
 
@@ -136,8 +141,14 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant_over_all_steps(sit
     assert eps[0] < eps[1] < eps[2] <= 4.0 + 1e-6  # cumulative, and the plan spends the target
     assert eps[2] > 3.9  # calibrated for exactly these rounds (Opacus' tolerance is 0.01)
     last = reports[-1]
-    for t, sigma, q, steps, e in zip(last["tasks"], last["noise_multiplier"], last["sample_rate"],
-                                     last["steps"], last["epsilon_per_task"], strict=True):
+    for t, sigma, q, steps, e in zip(
+        last["tasks"],
+        last["noise_multiplier"],
+        last["sample_rate"],
+        last["steps"],
+        last["epsilon_per_task"],
+        strict=True,
+    ):
         one = RDPAccountant()
         for _ in range(steps):
             one.step(noise_multiplier=sigma, sample_rate=q)
@@ -149,8 +160,9 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant_over_all_steps(sit
 
 def test_the_budget_stops_training_and_the_site_says_so(site):
     _, data = site
-    cfg = load_config(["scale=smoke", "privacy=dp_sgd", "rounds=10", "privacy.noise_multiplier=2",
-                       "privacy.target_epsilon=5"])
+    cfg = load_config(
+        ["scale=smoke", "privacy=dp_sgd", "rounds=10", "privacy.noise_multiplier=2", "privacy.target_epsilon=5"]
+    )
     model, ctx = build_model(cfg.model, 0), _context()
     stopped_at, eps = None, []
     for r in range(1, 11):

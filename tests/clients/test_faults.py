@@ -27,8 +27,15 @@ def test_a_crashing_site_is_counted_and_the_round_goes_on(tmp_path):
 
 
 def test_a_straggler_past_the_timeout_is_discarded(tmp_path):
-    s, m = _run(tmp_path, "rounds=2", "faults.kind=stall", "faults.sites=[site_01]", "faults.rounds=[1]",
-                "faults.stall_s=8", "engine.round_timeout_s=3")
+    s, m = _run(
+        tmp_path,
+        "rounds=2",
+        "faults.kind=stall",
+        "faults.sites=[site_01]",
+        "faults.rounds=[1]",
+        "faults.stall_s=8",
+        "engine.round_timeout_s=3",
+    )
     assert s["rounds_completed"] == 2
     assert "no reply within engine.round_timeout_s=3.0" in s["failures"]["1"]["train:site_01"]
     losses = m[m["metric"] == "train_loss"]

@@ -48,9 +48,20 @@ def test_dp_fedavg_needs_unweighted_fedavg(tmp_path):
 
 def test_dp_fedavg_clips_a_huge_update(smoke_corpus):
     """A site scaling its update 1000x moves the global model by at most the clipping norm."""
-    cfg = load_config(["scale=smoke", "rounds=1", "privacy=dp_fedavg", "strategy=fedavg",
-                       "privacy.noise_multiplier=0", "privacy.target_epsilon=null", "privacy.clipping_norm=0.01",
-                       "attack.kind=scale", "attack.factor=1000", "attack.sites=[site_00]"])
+    cfg = load_config(
+        [
+            "scale=smoke",
+            "rounds=1",
+            "privacy=dp_fedavg",
+            "strategy=fedavg",
+            "privacy.noise_multiplier=0",
+            "privacy.target_epsilon=null",
+            "privacy.clipping_norm=0.01",
+            "attack.kind=scale",
+            "attack.factor=1000",
+            "attack.sites=[site_00]",
+        ]
+    )
     run_config = {"multimed-config": config_to_yaml(cfg), "corpus-path": str(smoke_corpus)}
     grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(10)], run_config)
     result = run_federation(grid, cfg)

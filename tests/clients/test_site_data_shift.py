@@ -21,8 +21,9 @@ def test_shift_is_applied_on_load_and_the_corpus_is_untouched(smoke_corpus):
     # the shifted inputs are exactly the site's transform of the stored ones
     rows = shifted.train_rows[corpus.manifest["task"].to_numpy()[shifted.train_rows] == "brain_tumor_classification"]
     stored = np.asarray(corpus.array("mri"))[corpus.manifest[index_column("mri")].to_numpy()[rows]]
-    expected = shift_array("mri", stored, shifted.shift["mri"], shifted.site, shifted.shift_seed,
-                           key="brain_tumor_classification/train")
+    expected = shift_array(
+        "mri", stored, shifted.shift["mri"], shifted.site, shifted.shift_seed, key="brain_tumor_classification/train"
+    )
     assert np.allclose(b.inputs["mri"].numpy(), expected)
     assert np.allclose(a.inputs["mri"].numpy(), stored)
     assert float(np.abs(b.inputs["mri"].numpy() - stored).mean()) > 0.05

@@ -39,11 +39,9 @@ def test_kappa_pearson_mae_by_hand():
 
 
 def test_task_metrics_per_target_type():
-    q3 = M.task_metrics(TASKS.get("protein_structure"),
-                        np.eye(3)[[[0, 1, 2, 2]]] * 5.0, np.array([[0, 1, 1, -1]]))
+    q3 = M.task_metrics(TASKS.get("protein_structure"), np.eye(3)[[[0, 1, 2, 2]]] * 5.0, np.array([[0, 1, 1, -1]]))
     assert q3 == {"q3": pytest.approx(2 / 3)}  # the padded position is ignored
-    binary = M.task_metrics(TASKS.get("breast_cancer_classification"), np.array([-2.0, 3.0, 1.0]),
-                            np.array([0, 1, 0]))
+    binary = M.task_metrics(TASKS.get("breast_cancer_classification"), np.array([-2.0, 3.0, 1.0]), np.array([0, 1, 0]))
     assert binary == {"auroc": 1.0, "accuracy": pytest.approx(2 / 3)}
 
 

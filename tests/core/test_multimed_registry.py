@@ -3,14 +3,31 @@ import pytest
 from federated.core.multimed import MODALITIES, MULTIMED_TASKS, TARGET_TYPES, TASKS, modalities_of
 from federated.core.registry import Registry, UnknownNameError
 
-DESIGN_MODALITIES = ["oct", "xray", "ct", "mri", "pathology", "eeg", "genomic_sequence", "scrna",
-                     "protein_sequence", "text", "tabular"]
+DESIGN_MODALITIES = [
+    "oct",
+    "xray",
+    "ct",
+    "mri",
+    "pathology",
+    "eeg",
+    "genomic_sequence",
+    "scrna",
+    "protein_sequence",
+    "text",
+    "tabular",
+]
 DESIGN_TASKS = {
-    "disease_classification": ("ct", "text"), "brain_tumor_classification": ("mri",),
-    "breast_cancer_classification": ("pathology", "tabular"), "radiographic_findings": ("xray",),
-    "bone_age": ("xray",), "diabetic_retinopathy": ("oct",), "motor_imagery": ("eeg",),
-    "cell_type": ("scrna",), "expression_prediction": ("genomic_sequence",),
-    "protein_structure": ("protein_sequence",), "medical_vqa": ("xray", "text"),
+    "disease_classification": ("ct", "text"),
+    "brain_tumor_classification": ("mri",),
+    "breast_cancer_classification": ("pathology", "tabular"),
+    "radiographic_findings": ("xray",),
+    "bone_age": ("xray",),
+    "diabetic_retinopathy": ("oct",),
+    "motor_imagery": ("eeg",),
+    "cell_type": ("scrna",),
+    "expression_prediction": ("genomic_sequence",),
+    "protein_structure": ("protein_sequence",),
+    "medical_vqa": ("xray", "text"),
 }
 
 

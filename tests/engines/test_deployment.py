@@ -93,8 +93,7 @@ def test_node_keys_load_as_flower_loads_them_and_secrets_are_0600(pki):
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen")
 def test_ssh_keygen_keys_are_the_same_format(tmp_path):
     """The README tells hospitals to make their key with ssh-keygen: same formats as ours."""
-    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "k")],
-                   check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "k")], check=True)
     assert isinstance(load_ssh_private_key((tmp_path / "k").read_bytes(), None), ec.EllipticCurvePrivateKey)
     assert uses_nist_ec_curve(load_ssh_public_key((tmp_path / "k.pub").read_bytes()))
 
@@ -108,8 +107,7 @@ def test_managed_process_stops_its_descendants_and_kills_what_ignores_sigterm(tm
     from federated.engines.deployment import ManagedProcess, stop_all
 
     polite = ManagedProcess("polite", ["sh", "-c", "sleep 300 & sleep 300 & wait"], tmp_path / "p.log")
-    stubborn = ManagedProcess("stubborn", ["sh", "-c", "trap '' TERM; sleep 300 & wait; sleep 300"],
-                              tmp_path / "s.log")
+    stubborn = ManagedProcess("stubborn", ["sh", "-c", "trap '' TERM; sleep 300 & wait; sleep 300"], tmp_path / "s.log")
     try:
         polite.start()
         stubborn.start()
@@ -137,8 +135,14 @@ def test_a_binary_that_does_not_exist_is_named(tmp_path):
 
 def test_demo_overrides_default_plan_and_expected_sites():
     assert demo_overrides(3, ["scale=smoke"]) == [
-        "scale=smoke", "sites.planner=random_mix", "sites.n_sites=3", "sites.holdout=random",
-        "sites.holdout_k=1", "sites.zero_shot=true", "engine.expected_sites=3"]
+        "scale=smoke",
+        "sites.planner=random_mix",
+        "sites.n_sites=3",
+        "sites.holdout=random",
+        "sites.holdout_k=1",
+        "sites.zero_shot=true",
+        "engine.expected_sites=3",
+    ]
     mine = ["sites.planner=random_mix", "sites.n_sites=4"]
     assert demo_overrides(4, mine) == [*mine, "engine.expected_sites=4"]
     with pytest.raises(DeploymentError, match="contradicts --sites 3"):
@@ -175,12 +179,25 @@ def test_deploy_refuses_bad_sites_busy_port_and_a_plan_of_another_size(tmp_path,
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert main(["deploy", "demo", "--sites", "3", "--out", str(tmp_path / "b"),
-                     "--superlink-port", str(port), "scale=smoke"]) == 2
+        assert (
+            main(
+                [
+                    "deploy",
+                    "demo",
+                    "--sites",
+                    "3",
+                    "--out",
+                    str(tmp_path / "b"),
+                    "--superlink-port",
+                    str(port),
+                    "scale=smoke",
+                ]
+            )
+            == 2
+        )
         assert f"port {port} on 127.0.0.1 for the SuperLink is busy" in capsys.readouterr().err
     # the default archetype plan has 10 sites
-    assert main(["deploy", "demo", "--sites", "3", "--out", str(tmp_path / "c"), "scale=smoke",
-                 "sites=default"]) == 2
+    assert main(["deploy", "demo", "--sites", "3", "--out", str(tmp_path / "c"), "scale=smoke", "sites=default"]) == 2
     err = capsys.readouterr().err
     assert "the site plan has 10 sites" in err and "but --sites is 3" in err
     assert not (tmp_path / "c" / "deploy").exists()  # nothing was started
@@ -215,18 +232,28 @@ def _refused(fed: LoopbackFederation, handle, *messages: str) -> None:
 def test_supernode_without_tls_is_refused(superlink):
     # A SuperNode retries a failing connection forever by default; with a limit it gives up
     # and exits, so the refusal shows as an exit code and a message.
-    handle = superlink.start_supernode("insecure", None, {"site": "site_00"}, clientapp=None,
-                                       insecure=True, extra=["--max-retries", "3"])
-    _refused(superlink, handle, "Failed to initialize the connection to the SuperLink",
-             "Server disconnected without sending a response")
+    handle = superlink.start_supernode(
+        "insecure", None, {"site": "site_00"}, clientapp=None, insecure=True, extra=["--max-retries", "3"]
+    )
+    _refused(
+        superlink,
+        handle,
+        "Failed to initialize the connection to the SuperLink",
+        "Server disconnected without sending a response",
+    )
 
 
 @pytest.mark.slow
 def test_supernode_with_an_unregistered_key_is_refused(superlink):
-    handle = superlink.start_supernode("stranger", superlink.pki.nodes[1], {"site": "site_01"},
-                                       clientapp=None, extra=["--max-retries", "3"])
-    _refused(superlink, handle, "Failed to initialize the connection to the SuperLink",
-             "[code: 2004] Failed to activate SuperNode.")
+    handle = superlink.start_supernode(
+        "stranger", superlink.pki.nodes[1], {"site": "site_01"}, clientapp=None, extra=["--max-retries", "3"]
+    )
+    _refused(
+        superlink,
+        handle,
+        "Failed to initialize the connection to the SuperLink",
+        "[code: 2004] Failed to activate SuperNode.",
+    )
     assert "No SuperNode found with the given public key" in superlink.superlink.log_text()
 
 
@@ -237,8 +264,7 @@ def test_supernode_with_an_unregistered_key_is_refused(superlink):
 def test_demo_with_three_supernodes_over_tls(tmp_path):
     out = tmp_path / "demo"
     lines: list[str] = []
-    result = deploy_demo(3, out, ["scale=smoke", "rounds=1"], say=lines.append, timeout_s=900,
-                         grace_s=5)
+    result = deploy_demo(3, out, ["scale=smoke", "rounds=1"], say=lines.append, timeout_s=900, grace_s=5)
     assert result.status == "finished:completed"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 1
@@ -248,8 +274,12 @@ def test_demo_with_three_supernodes_over_tls(tmp_path):
         assert (out / name).exists(), name
     assert "expected_sites: 3" in (out / "config.yaml").read_text()
     logs = out / "deploy" / "logs"
-    assert {p.name for p in logs.iterdir()} >= {"superlink.log", "supernode-site_00.log",
-                                               "clientapp-site_02.log", "run.log"}
+    assert {p.name for p in logs.iterdir()} >= {
+        "superlink.log",
+        "supernode-site_00.log",
+        "clientapp-site_02.log",
+        "run.log",
+    }
     assert stat.S_IMODE((out / "deploy" / "pki" / "node_00").stat().st_mode) == 0o600
     text = "\n".join(lines)
     assert "started SuperLink on https://127.0.0.1:" in text and "3 SuperNodes online" in text

@@ -15,13 +15,13 @@ def _query(msg, context):
     context.state["s"] = ConfigRecord({"calls": calls})
     if context.node_config["partition-id"] == 2:
         raise RuntimeError("site 2 is down")
-    return Message(RecordDict({"m": MetricRecord({"pid": context.node_config["partition-id"],
-                                                  "calls": calls})}), reply_to=msg)
+    return Message(
+        RecordDict({"m": MetricRecord({"pid": context.node_config["partition-id"], "calls": calls})}), reply_to=msg
+    )
 
 
 def _ask(grid):
-    msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-            for n in grid.get_node_ids()]
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in grid.get_node_ids()]
     return {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs)}
 
 

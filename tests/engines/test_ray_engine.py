@@ -12,8 +12,14 @@ from federated.engines.ray_engine import ray_processes
 
 pytestmark = pytest.mark.slow
 
-THREE_SITES = ["scale=smoke", "rounds=2", "sites.train=[imaging_centre,neuro_clinic]",
-               "sites.held_out=[eye_clinic]", "sites.zero_shot=true", "engine.checkpoint_every=1"]
+THREE_SITES = [
+    "scale=smoke",
+    "rounds=2",
+    "sites.train=[imaging_centre,neuro_clinic]",
+    "sites.held_out=[eye_clinic]",
+    "sites.zero_shot=true",
+    "engine.checkpoint_every=1",
+]
 
 
 def test_ray_and_inprocess_give_the_same_run(tmp_path):

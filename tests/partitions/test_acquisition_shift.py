@@ -23,7 +23,7 @@ def batch(modality: str, n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if spec.kind == TOKENS:
         x = rng.integers(1, spec.vocab_size, size=(n, *spec.shape))
-        x[:, 3 * spec.shape[-1] // 4:] = PAD_TOKEN
+        x[:, 3 * spec.shape[-1] // 4 :] = PAD_TOKEN
         return x.astype(spec.dtype)
     return rng.standard_normal((n, *spec.shape)).astype(spec.dtype)
 
@@ -33,6 +33,7 @@ def _of_kind(kind):
 
 
 # --- identity, determinism, site specificity ------------------------------------------------
+
 
 @pytest.mark.parametrize("modality", ALL)
 def test_severity_zero_is_the_identity(modality):
@@ -71,6 +72,7 @@ def test_larger_severity_moves_data_further(modality, site):
 
 # --- images: each component alone, then all together ----------------------------------------
 
+
 def _params(modality, site, severity=1.0):
     return acq.shift_params(modality, severity, site, SEED)
 
@@ -92,7 +94,7 @@ def test_blur_reduces_white_noise_variance_by_the_kernel_factor(severity):
     x = batch("mri", 2000)
     y = acq._blur(x, sigma)[..., r:-r, r:-r]  # interior: no reflected edge
     # A separable kernel w x w on white noise keeps (sum w^2)^2 of the variance; tol 5%.
-    assert abs(y.var() / x.var() / (w ** 2).sum() ** 2 - 1) < 0.05
+    assert abs(y.var() / x.var() / (w**2).sum() ** 2 - 1) < 0.05
     assert abs(y.mean() - x.mean()) < 0.02  # the kernel sums to 1
 
 
@@ -115,6 +117,7 @@ def test_whole_image_shift_matches_its_parameters(modality):
 
 
 # --- signals ---------------------------------------------------------------------------------
+
 
 def _rms(a):
     return float(np.sqrt((a.astype(np.float64) ** 2).mean()))
@@ -149,6 +152,7 @@ def test_whole_eeg_shift_matches_its_parameters():
 
 # --- vectors: batch effect -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("modality", _of_kind(VECTOR))
 @pytest.mark.parametrize("site", SITES)
 def test_batch_effect_shifts_and_scales_each_feature(modality, site):
@@ -162,6 +166,7 @@ def test_batch_effect_shifts_and_scales_each_feature(modality, site):
 
 
 # --- tokens: drift ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("modality", _of_kind(TOKENS))
 @pytest.mark.parametrize("site", SITES)
@@ -189,15 +194,26 @@ def test_signal_and_token_kinds_are_covered():
 
 # --- the planner step ------------------------------------------------------------------------
 
+
 def _plan(site, role, modalities):
     rows = np.arange(4)
-    return SitePlan(site=site, role=role, archetype="a", origin_site=site, tasks=("t",),
-                    modalities=modalities, train_rows=rows if role == Role.TRAIN else rows[:0],
-                    test_rows=rows + 4)
+    return SitePlan(
+        site=site,
+        role=role,
+        archetype="a",
+        origin_site=site,
+        tasks=("t",),
+        modalities=modalities,
+        train_rows=rows if role == Role.TRAIN else rows[:0],
+        test_rows=rows + 4,
+    )
 
 
-PLANS = [_plan("site_0", Role.TRAIN, ("ct", "text")), _plan("site_1", Role.TRAIN, ("eeg",)),
-         _plan("site_2", Role.HELD_OUT, ("xray", "text", "tabular"))]
+PLANS = [
+    _plan("site_0", Role.TRAIN, ("ct", "text")),
+    _plan("site_1", Role.TRAIN, ("eeg",)),
+    _plan("site_2", Role.HELD_OUT, ("xray", "text", "tabular")),
+]
 
 
 def test_site_severities_cover_every_modality_of_every_site_in_range():

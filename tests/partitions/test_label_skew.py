@@ -66,5 +66,4 @@ def test_pathological_skew_keeps_k_classes_per_training_site(smoke_corpus):
                 assert len(present) > 2  # held-out sites keep their own mix
     assert checked >= 5
     with pytest.raises(PlanError, match="two kinds of label skew"):
-        plan_sites(corpus, load_config(["scale=smoke", "sites.label_skew_classes=2",
-                                        "sites.label_skew_alpha=1"]))
+        plan_sites(corpus, load_config(["scale=smoke", "sites.label_skew_classes=2", "sites.label_skew_alpha=1"]))

@@ -34,8 +34,9 @@ def test_more_sites_than_origins_split_each_origin_disjointly(smoke_corpus):
         assert set(m["origin_site"].iloc[rows]) == {p.origin_site}
         assert set(m["task"].iloc[rows]) == set(p.tasks)
     again = plan_sites(corpus, cfg)
-    assert all(a.tasks == b.tasks and np.array_equal(a.train_rows, b.train_rows)
-               for a, b in zip(plans, again, strict=True))
+    assert all(
+        a.tasks == b.tasks and np.array_equal(a.train_rows, b.train_rows) for a, b in zip(plans, again, strict=True)
+    )
 
 
 def test_impossible_mixes_are_refused(smoke_corpus):

@@ -34,14 +34,17 @@ def test_single_update_is_returned_unchanged():
     np.testing.assert_array_equal(weighted_mean([a], [7])["w"], a["w"])
 
 
-@pytest.mark.parametrize("updates, weights, pattern", [
-    ([], [], "at least one"),
-    ([{"w": np.ones(2)}], [0], "positive and finite"),
-    ([{"w": np.ones(2)}], [float("nan")], "positive and finite"),
-    ([{"w": np.ones(2)}, {"w": np.ones(3)}], [1, 1], "shape"),
-    ([{"w": np.ones(2)}, {"v": np.ones(2)}], [1, 1], "lacks key 'w'"),
-    ([{"w": np.ones(2)}, {"w": np.ones(2), "v": np.ones(1)}], [1, 1], "unexpected keys"),
-])
+@pytest.mark.parametrize(
+    "updates, weights, pattern",
+    [
+        ([], [], "at least one"),
+        ([{"w": np.ones(2)}], [0], "positive and finite"),
+        ([{"w": np.ones(2)}], [float("nan")], "positive and finite"),
+        ([{"w": np.ones(2)}, {"w": np.ones(3)}], [1, 1], "shape"),
+        ([{"w": np.ones(2)}, {"v": np.ones(2)}], [1, 1], "lacks key 'w'"),
+        ([{"w": np.ones(2)}, {"w": np.ones(2), "v": np.ones(1)}], [1, 1], "unexpected keys"),
+    ],
+)
 def test_bad_inputs_are_refused(updates, weights, pattern):
     with pytest.raises(ValueError, match=pattern):
         weighted_mean(updates, weights)
@@ -83,15 +86,19 @@ def test_weighted_mean_keeps_dtype_and_shape_of_every_key():
 def test_weighted_mean_accumulates_in_float64():
     # float32 inputs 2^25, 1, 1, 1 with equal weights: exact mean 2^23 + 0.75 -> 8388609 in
     # float32 (spacing 1 there). Accumulating in float32 would give 2^23: each + 0.25 rounds away.
-    ups = [{"w": np.array([v], dtype=np.float32)} for v in (2.0 ** 25, 1.0, 1.0, 1.0)]
+    ups = [{"w": np.array([v], dtype=np.float32)} for v in (2.0**25, 1.0, 1.0, 1.0)]
     assert weighted_mean(ups, [1, 1, 1, 1])["w"].tolist() == [8388609.0]
 
 
 # --- coordinate median -------------------------------------------------------------
 
+
 def test_coordinate_median_by_hand():
-    ups = [{"w": np.array([1.0, 10.0], dtype=np.float32)}, {"w": np.array([2.0, -4.0], dtype=np.float32)},
-           {"w": np.array([7.0, 0.0], dtype=np.float32)}]
+    ups = [
+        {"w": np.array([1.0, 10.0], dtype=np.float32)},
+        {"w": np.array([2.0, -4.0], dtype=np.float32)},
+        {"w": np.array([7.0, 0.0], dtype=np.float32)},
+    ]
     out = coordinate_median(ups, [1, 1, 100])  # weights are ignored
     # sorted columns: (1, 2, 7) -> 2; (-4, 0, 10) -> 0
     assert out["w"].tolist() == [2.0, 0.0] and out["w"].dtype == np.float32
@@ -117,12 +124,15 @@ def test_coordinate_median_matches_numpy_across_blocks(monkeypatch):
 _FIVE = [{"w": np.array([v, u])} for v, u in [(1.0, -5.0), (2.0, 0.0), (3.0, 10.0), (4.0, 5.0), (100.0, 5.0)]]
 
 
-@pytest.mark.parametrize("fraction, expected", [
-    (0.0, [110 / 5, 15 / 5]),  # nothing trimmed: plain means 22, 3
-    (0.2, [3.0, 10 / 3]),      # floor(1.0) = 1 from each end: (2, 3, 4) and (0, 5, 5)
-    (0.39, [3.0, 10 / 3]),     # floor(1.95) = 1
-    (0.4, [3.0, 5.0]),         # floor(2.0) = 2: the middle value only
-])
+@pytest.mark.parametrize(
+    "fraction, expected",
+    [
+        (0.0, [110 / 5, 15 / 5]),  # nothing trimmed: plain means 22, 3
+        (0.2, [3.0, 10 / 3]),  # floor(1.0) = 1 from each end: (2, 3, 4) and (0, 5, 5)
+        (0.39, [3.0, 10 / 3]),  # floor(1.95) = 1
+        (0.4, [3.0, 5.0]),  # floor(2.0) = 2: the middle value only
+    ],
+)
 def test_trimmed_mean_by_hand(fraction, expected):
     np.testing.assert_allclose(trimmed_mean(_FIVE, [1] * 5, fraction)["w"], expected)
 
@@ -155,6 +165,7 @@ def test_median_and_trimmed_mean_ignore_one_huge_outlier(rule):
 
 
 # --- Krum --------------------------------------------------------------------------
+
 
 def _points(*xy: tuple[float, float]) -> list[dict[str, np.ndarray]]:
     """2-D points split over two keys, so distances must sum over keys."""
@@ -212,8 +223,10 @@ def test_multi_krum_keeps_exactly_the_honest_updates_in_a_planted_example():
     rng = np.random.default_rng(3)
     n, f = 9, 3
     byzantine = {1, 4, 7}  # colluding: identical, and 5 away in every coordinate
-    ups = [{"w": (5.0 if i in byzantine else 0.0) + (0.0 if i in byzantine else rng.normal(0, 0.1, 20))
-            * np.ones(20)} for i in range(n)]
+    ups = [
+        {"w": (5.0 if i in byzantine else 0.0) + (0.0 if i in byzantine else rng.normal(0, 0.1, 20)) * np.ones(20)}
+        for i in range(n)
+    ]
     assert sorted(krum_select(ups, n_byzantine=f, n_selected=n - f)) == sorted(set(range(n)) - byzantine)
 
 
@@ -227,6 +240,7 @@ def test_krum_distances_survive_large_common_offsets():
 
 
 # --- what non-finite values do (validation is the guard) ------------------------------
+
 
 def _with_nan() -> list[dict[str, np.ndarray]]:
     ups = [{"w": np.array([1.0, 1.0]) * v} for v in (1.0, 2.0, 3.0, 4.0, 5.0)]
@@ -264,13 +278,15 @@ def test_validation_rejects_the_nan_update_before_any_aggregator_sees_it():
 
 # --- groupwise ---------------------------------------------------------------------
 
+
 def test_groupwise_aggregate_applies_the_rule_per_group_over_its_trainers():
     current = {"enc.w": np.array([0.0]), "head.w": np.array([5.0]), "rare.w": np.array([7.0])}
-    ups = [{"enc.w": np.array([v]), "head.w": np.array([10 * v]), "rare.w": np.array([-1.0])}
-           for v in (1.0, 2.0, 9.0, 4.0)]
+    ups = [
+        {"enc.w": np.array([v]), "head.w": np.array([10 * v]), "rare.w": np.array([-1.0])} for v in (1.0, 2.0, 9.0, 4.0)
+    ]
     weights = [{"enc": 1, "head": 1}, {"enc": 1}, {"enc": 1, "head": 1}, {"enc": 1, "head": 0}]
     out = groupwise_aggregate(current, ups, weights, _group, coordinate_median)
-    assert out["enc.w"].tolist() == [3.0]   # median of 1, 2, 9, 4 = (2 + 4) / 2
+    assert out["enc.w"].tolist() == [3.0]  # median of 1, 2, 9, 4 = (2 + 4) / 2
     assert out["head.w"].tolist() == [50.0]  # median of 10 and 90 only (weight 0 is not training)
     assert out["rare.w"] is current["rare.w"]
 
@@ -291,6 +307,7 @@ def test_groupwise_aggregate_refuses_updates_that_do_not_match_the_model():
 
 
 # --- server optimisers -------------------------------------------------------------
+
 
 def test_fedadam_two_steps_by_hand():
     # beta1 = beta2 = tau = 0.5, lr = 1; start m = 0, v = tau^2 = 0.25.
@@ -321,17 +338,21 @@ def test_server_opt_starts_second_moment_at_tau_squared():
     assert x["w"][0] == pytest.approx(1.0980202, abs=1e-7)
 
 
-@pytest.mark.parametrize("variant, d, expected_v, expected_x", [
-    # adagrad: v = 0.25 + 0.375^2 = 0.390625 = 0.625^2; m = 0.1875; x = 0.1875 / (0.625 + 0.5) = 1/6
-    ("adagrad", 0.375, 0.390625, 1 / 6),
-    # yogi, v < d^2: v = 0.25 - 0.5 * 4 * sign(0.25 - 4) = 2.25 = 1.5^2; m = 1; x = 1 / (1.5 + 0.5)
-    ("yogi", 2.0, 2.25, 0.5),
-    # yogi, v > d^2 (d = 0.25): v = 0.25 - 0.5 * 0.0625 = 0.21875; m = 0.125
-    ("yogi", 0.25, 0.21875, 0.125 / (math.sqrt(0.21875) + 0.5)),
-])
+@pytest.mark.parametrize(
+    "variant, d, expected_v, expected_x",
+    [
+        # adagrad: v = 0.25 + 0.375^2 = 0.390625 = 0.625^2; m = 0.1875; x = 0.1875 / (0.625 + 0.5) = 1/6
+        ("adagrad", 0.375, 0.390625, 1 / 6),
+        # yogi, v < d^2: v = 0.25 - 0.5 * 4 * sign(0.25 - 4) = 2.25 = 1.5^2; m = 1; x = 1 / (1.5 + 0.5)
+        ("yogi", 2.0, 2.25, 0.5),
+        # yogi, v > d^2 (d = 0.25): v = 0.25 - 0.5 * 0.0625 = 0.21875; m = 0.125
+        ("yogi", 0.25, 0.21875, 0.125 / (math.sqrt(0.21875) + 0.5)),
+    ],
+)
 def test_fedadagrad_and_fedyogi_one_step_by_hand(variant, d, expected_v, expected_x):
-    x, state = server_opt_step({"w": np.array([0.0])}, {"w": np.array([d])}, None, variant,
-                               lr=1.0, beta1=0.5, beta2=0.5, tau=0.5)
+    x, state = server_opt_step(
+        {"w": np.array([0.0])}, {"w": np.array([d])}, None, variant, lr=1.0, beta1=0.5, beta2=0.5, tau=0.5
+    )
     assert state.v["w"][0] == pytest.approx(expected_v) and x["w"][0] == pytest.approx(expected_x)
 
 
@@ -355,6 +376,7 @@ def test_server_opt_state_is_frozen():
 
 # --- SCAFFOLD ----------------------------------------------------------------------
 
+
 def test_scaffold_server_step_by_hand():
     # x = (1, 2); y1 = (2, 2), y2 = (4, 0): mean(y - x) = ((1, 0) + (3, -2)) / 2 = (2, -1)
     #   global_lr 0.5 -> x_new = (1 + 1, 2 - 0.5) = (2, 1.5)
@@ -362,8 +384,13 @@ def test_scaffold_server_step_by_hand():
     x = {"w": np.array([1.0, 2.0], dtype=np.float32)}
     c = {"w": np.array([1.0, 1.0])}
     x_new, c_new = scaffold_server_step(
-        x, [{"w": np.array([2.0, 2.0], dtype=np.float32)}, {"w": np.array([4.0, 0.0], dtype=np.float32)}],
-        c, [{"w": np.array([2.0, 0.0])}, {"w": np.array([0.0, 4.0])}], n_total_clients=8, global_lr=0.5)
+        x,
+        [{"w": np.array([2.0, 2.0], dtype=np.float32)}, {"w": np.array([4.0, 0.0], dtype=np.float32)}],
+        c,
+        [{"w": np.array([2.0, 0.0])}, {"w": np.array([0.0, 4.0])}],
+        n_total_clients=8,
+        global_lr=0.5,
+    )
     assert x_new["w"].tolist() == [2.0, 1.5] and x_new["w"].dtype == np.float32
     assert c_new["w"].tolist() == [1.25, 1.5] and c_new["w"].dtype == np.float64
 

@@ -104,8 +104,12 @@ def test_scaffold_site_round_corrects_gradients_and_sends_its_control_change(sit
 def test_local_keys_for_fedbn_and_fedper():
     model = build_model(ModelConfig(), 0)
     norms = local_keys(model, FedBNSettings())
-    norm_params = {f"{m}.{p}" for m, mod in model.named_modules()
-                   if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)) for p in ("weight", "bias")}
+    norm_params = {
+        f"{m}.{p}"
+        for m, mod in model.named_modules()
+        if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+        for p in ("weight", "bias")
+    }
     assert set(norms) == norm_params
     assert "fusion.norm.weight" in norms and "fusion.blocks.0.attn.qkv.weight" not in norms
     heads = local_keys(model, FedPerSettings())

@@ -39,21 +39,28 @@ def test_each_strategy_builds_from_its_default_settings(name):
     assert isinstance(strategy, MultiMedStrategy)
 
 
-@pytest.mark.parametrize("cls, values, pattern", [
-    (FedProxSettings, {"proximal_mu": -0.1}, r"^strategy.proximal_mu=-0.1: must be finite and >= 0$"),
-    (FedProxSettings, {"proximal_mu": math.inf}, r"^strategy.proximal_mu=inf: must be finite and >= 0$"),
-    (FedOptSettings, {"server_lr": 0.0}, r"^strategy.server_lr=0.0: must be finite and > 0$"),
-    (FedOptSettings, {"server_lr": math.nan}, r"^strategy.server_lr=nan: must be finite and > 0$"),
-    (FedOptSettings, {"beta1": 1.0}, r"^strategy.beta1=1.0: must be in \[0, 1\)$"),
-    (FedOptSettings, {"beta2": -0.5}, r"^strategy.beta2=-0.5: must be in \[0, 1\)$"),
-    (FedOptSettings, {"tau": math.inf}, r"^strategy.tau=inf: must be finite and > 0$"),
-    (TrimmedMeanSettings, {"trim_fraction": 0.6}, r"^strategy.trim_fraction=0.6: must be in \[0, 0.5\)$"),
-    (TrimmedMeanSettings, {"trim_fraction": math.nan}, r"^strategy.trim_fraction=nan: must be in \[0, 0.5\)$"),
-    (KrumSettings, {"n_byzantine": -1}, r"^strategy.n_byzantine=-1: must be >= 0$"),
-    (KrumSettings, {"krum_selected": 0}, r"^strategy.krum_selected=0: must be >= 1$"),
-    (ScaffoldSettings, {"global_lr": -1.0}, r"^strategy.global_lr=-1.0: must be finite and > 0$"),
-    (PersonalSettings, {"local_groups": ["head/", ""]}, r"^strategy.local_groups=\['head/', ''\]: must be non-empty"),
-])
+@pytest.mark.parametrize(
+    "cls, values, pattern",
+    [
+        (FedProxSettings, {"proximal_mu": -0.1}, r"^strategy.proximal_mu=-0.1: must be finite and >= 0$"),
+        (FedProxSettings, {"proximal_mu": math.inf}, r"^strategy.proximal_mu=inf: must be finite and >= 0$"),
+        (FedOptSettings, {"server_lr": 0.0}, r"^strategy.server_lr=0.0: must be finite and > 0$"),
+        (FedOptSettings, {"server_lr": math.nan}, r"^strategy.server_lr=nan: must be finite and > 0$"),
+        (FedOptSettings, {"beta1": 1.0}, r"^strategy.beta1=1.0: must be in \[0, 1\)$"),
+        (FedOptSettings, {"beta2": -0.5}, r"^strategy.beta2=-0.5: must be in \[0, 1\)$"),
+        (FedOptSettings, {"tau": math.inf}, r"^strategy.tau=inf: must be finite and > 0$"),
+        (TrimmedMeanSettings, {"trim_fraction": 0.6}, r"^strategy.trim_fraction=0.6: must be in \[0, 0.5\)$"),
+        (TrimmedMeanSettings, {"trim_fraction": math.nan}, r"^strategy.trim_fraction=nan: must be in \[0, 0.5\)$"),
+        (KrumSettings, {"n_byzantine": -1}, r"^strategy.n_byzantine=-1: must be >= 0$"),
+        (KrumSettings, {"krum_selected": 0}, r"^strategy.krum_selected=0: must be >= 1$"),
+        (ScaffoldSettings, {"global_lr": -1.0}, r"^strategy.global_lr=-1.0: must be finite and > 0$"),
+        (
+            PersonalSettings,
+            {"local_groups": ["head/", ""]},
+            r"^strategy.local_groups=\['head/', ''\]: must be non-empty",
+        ),
+    ],
+)
 def test_settings_refuse_bad_values_naming_the_key(cls, values, pattern):
     with pytest.raises(ConfigError, match=pattern):
         cls(**values)

@@ -21,8 +21,7 @@ def _arrays(values: dict) -> ArrayRecord:
 
 def _reply(node: int, values: dict, n: int, groups: dict | None = None, extra: dict | None = None) -> Message:
     claim_server_identity(1)
-    content = RecordDict({"arrays": _arrays(values),
-                          "metrics": MetricRecord({"num-examples": n, "train_loss": 0.5})})
+    content = RecordDict({"arrays": _arrays(values), "metrics": MetricRecord({"num-examples": n, "train_loss": 0.5})})
     if groups is not None:
         content["trained"] = ConfigRecord({"groups": list(groups), "examples": list(groups.values())})
     for name, vals in (extra or {}).items():
@@ -52,10 +51,19 @@ ALL = {"encoder/eeg": 10, "encoder/ct": 10, "fusion": 10, "head/bone_age": 10}
 def test_fedprox_sends_mu_and_averages_like_modality_fedavg():
     strategy, messages = _start("fedprox", ZERO, proximal_mu=0.5)
     assert all(m.content["config"][PROXIMAL_MU] == 0.5 for m in messages)
-    arrays, _ = strategy.aggregate_train(1, [_reply(1, {k: [2.0] for k in KEYS}, 10, {"fusion": 10}),
-                                             _reply(2, {k: [4.0] for k in KEYS}, 30, {"fusion": 30})])
-    assert _out(arrays) == {"encoders.eeg.w": [0.0], "encoders.ct.w": [0.0], "fusion.w": [3.5],
-                            "heads.bone_age.w": [0.0]}
+    arrays, _ = strategy.aggregate_train(
+        1,
+        [
+            _reply(1, {k: [2.0] for k in KEYS}, 10, {"fusion": 10}),
+            _reply(2, {k: [4.0] for k in KEYS}, 30, {"fusion": 30}),
+        ],
+    )
+    assert _out(arrays) == {
+        "encoders.eeg.w": [0.0],
+        "encoders.ct.w": [0.0],
+        "fusion.w": [3.5],
+        "heads.bone_age.w": [0.0],
+    }
 
 
 def test_fedadam_takes_the_adaptive_step_by_hand():
@@ -68,8 +76,9 @@ def test_fedadam_takes_the_adaptive_step_by_hand():
     assert strategy.state is not None and strategy.state.step == 1
 
 
-@pytest.mark.parametrize("name, settings", [("median", {}), ("trimmed_mean", {"trim_fraction": 0.2}),
-                                            ("krum", {"n_byzantine": 1})])
+@pytest.mark.parametrize(
+    "name, settings", [("median", {}), ("trimmed_mean", {"trim_fraction": 0.2}), ("krum", {"n_byzantine": 1})]
+)
 def test_robust_aggregators_ignore_one_wild_site(name, settings):
     strategy, _ = _start(name, ZERO, n_sites=5, **settings)
     honest = [1.0, 1.1, 0.9, 1.0]
@@ -85,9 +94,13 @@ def test_scaffold_moves_model_and_control_by_hand():
     assert CONTROL_RECORD in messages[0].content.array_records  # the server control travels
     ones = {k: [1.0] for k in KEYS}
     a = _reply(1, {k: [2.0] for k in KEYS}, 10, ALL, {CONTROL_DELTA_RECORD: ones})
-    b = _reply(2, {**{k: [4.0] for k in KEYS}, "encoders.eeg.w": [0.0]}, 10,
-               {"encoder/ct": 10, "fusion": 10, "head/bone_age": 10},
-               {CONTROL_DELTA_RECORD: {**{k: [3.0] for k in KEYS}, "encoders.eeg.w": [0.0]}})
+    b = _reply(
+        2,
+        {**{k: [4.0] for k in KEYS}, "encoders.eeg.w": [0.0]},
+        10,
+        {"encoder/ct": 10, "fusion": 10, "head/bone_age": 10},
+        {CONTROL_DELTA_RECORD: {**{k: [3.0] for k in KEYS}, "encoders.eeg.w": [0.0]}},
+    )
     arrays, _ = strategy.aggregate_train(1, [a, b])
     out = _out(arrays)
     assert out["fusion.w"] == [3.0]  # x + mean(y - x) over both
@@ -135,21 +148,34 @@ def test_fedavg_weights_by_example_count_over_every_site():
 def test_modality_fedavg_averages_a_group_only_over_its_trainers():
     """Site A (eeg, 10 examples) and site B (ct, 30 examples) share the fusion block."""
     strategy, _ = _start("modality_fedavg", {**ZERO, "heads.bone_age.w": [2.0]}, n_sites=2)
-    a = _reply(1, {"encoders.eeg.w": [4.0], "encoders.ct.w": [0.0], "fusion.w": [4.0], "heads.bone_age.w": [2.0]},
-               10, {"encoder/eeg": 10, "fusion": 10})
-    b = _reply(2, {"encoders.eeg.w": [0.0], "encoders.ct.w": [8.0], "fusion.w": [0.0], "heads.bone_age.w": [2.0]},
-               30, {"encoder/ct": 30, "fusion": 30})
+    a = _reply(
+        1,
+        {"encoders.eeg.w": [4.0], "encoders.ct.w": [0.0], "fusion.w": [4.0], "heads.bone_age.w": [2.0]},
+        10,
+        {"encoder/eeg": 10, "fusion": 10},
+    )
+    b = _reply(
+        2,
+        {"encoders.eeg.w": [0.0], "encoders.ct.w": [8.0], "fusion.w": [0.0], "heads.bone_age.w": [2.0]},
+        30,
+        {"encoder/ct": 30, "fusion": 30},
+    )
     arrays, _ = strategy.aggregate_train(1, [a, b])
-    assert _out(arrays) == {"encoders.eeg.w": [4.0],  # FedAvg would give 1.0
-                            "encoders.ct.w": [8.0],  # FedAvg would give 6.0
-                            "fusion.w": [1.0],  # (10*4 + 30*0) / 40
-                            "heads.bone_age.w": [2.0]}  # nobody trained it: kept
+    assert _out(arrays) == {
+        "encoders.eeg.w": [4.0],  # FedAvg would give 1.0
+        "encoders.ct.w": [8.0],  # FedAvg would give 6.0
+        "fusion.w": [1.0],  # (10*4 + 30*0) / 40
+        "heads.bone_age.w": [2.0],
+    }  # nobody trained it: kept
 
 
-@pytest.mark.parametrize("name, v", [
-    ("fedadagrad", 1e-6 + 1.0),  # v = tau^2 + d^2
-    ("fedyogi", 1e-6 + 0.01 * 1.0),  # v = tau^2 - (1 - beta2) d^2 sign(tau^2 - d^2), tau^2 < d^2
-])
+@pytest.mark.parametrize(
+    "name, v",
+    [
+        ("fedadagrad", 1e-6 + 1.0),  # v = tau^2 + d^2
+        ("fedyogi", 1e-6 + 0.01 * 1.0),  # v = tau^2 - (1 - beta2) d^2 sign(tau^2 - d^2), tau^2 < d^2
+    ],
+)
 def test_fedadagrad_and_fedyogi_first_step_by_hand(name, v):
     strategy, _ = _start(name, ZERO, server_lr=0.1, beta1=0.9, beta2=0.99, tau=0.001)
     arrays, _ = strategy.aggregate_train(1, [_reply(1, {k: [1.0] for k in KEYS}, 10, ALL)])
@@ -175,8 +201,10 @@ def test_scaffold_takes_the_pure_server_step_on_each_group_over_its_trainers():
     ys = [{k: rng.normal(size=3).tolist() for k in KEYS} for _ in range(3)]
     dcs = [{k: rng.normal(size=3).tolist() for k in KEYS} for _ in range(3)]
     groups = [ALL, ALL, {"fusion": 10, "head/bone_age": 10}]  # site 3 trained neither encoder
-    replies = [_reply(i + 1, y, 10, g, {CONTROL_DELTA_RECORD: dc})
-               for i, (y, g, dc) in enumerate(zip(ys, groups, dcs, strict=True))]
+    replies = [
+        _reply(i + 1, y, 10, g, {CONTROL_DELTA_RECORD: dc})
+        for i, (y, g, dc) in enumerate(zip(ys, groups, dcs, strict=True))
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
 
     def f32(values: dict, keys) -> dict:
@@ -184,8 +212,14 @@ def test_scaffold_takes_the_pure_server_step_on_each_group_over_its_trainers():
 
     control = {k: np.zeros(3, dtype=np.float32) for k in KEYS}
     for keys, sites in [(KEYS[:2], [0, 1]), (KEYS[2:], [0, 1, 2])]:
-        x, c = scaffold_server_step(f32(current, keys), [f32(ys[i], keys) for i in sites], f32(control, keys),
-                                    [f32(dcs[i], keys) for i in sites], n_total_clients=5, global_lr=0.7)
+        x, c = scaffold_server_step(
+            f32(current, keys),
+            [f32(ys[i], keys) for i in sites],
+            f32(control, keys),
+            [f32(dcs[i], keys) for i in sites],
+            n_total_clients=5,
+            global_lr=0.7,
+        )
         for k in keys:
             np.testing.assert_array_equal(arrays[k].numpy(), x[k])
             np.testing.assert_array_equal(strategy.control[k], c[k])

@@ -5,9 +5,13 @@ import pytest
 
 from strategies.validation import Rejection, validate_update
 
-REF = {"enc.w": np.zeros((2, 3), dtype=np.float32), "enc.b": np.zeros(3, dtype=np.float32),
-       "head.w": np.zeros(4, dtype=np.float32), "head.b": np.zeros((), dtype=np.float32),
-       "steps": np.zeros(1, dtype=np.int64)}
+REF = {
+    "enc.w": np.zeros((2, 3), dtype=np.float32),
+    "enc.b": np.zeros(3, dtype=np.float32),
+    "head.w": np.zeros(4, dtype=np.float32),
+    "head.b": np.zeros((), dtype=np.float32),
+    "steps": np.zeros(1, dtype=np.int64),
+}
 
 
 def _good(**changes: object) -> dict:
@@ -35,32 +39,44 @@ def test_unknown_keys_are_named():
 
 
 def test_a_non_array_value_is_refused():
-    assert validate_update(_good(**{"enc.b": [1.0, 1.0, 1.0]}), REF, 10, None) == \
-        "key 'enc.b' is a list, not a numpy array"
+    assert (
+        validate_update(_good(**{"enc.b": [1.0, 1.0, 1.0]}), REF, 10, None)
+        == "key 'enc.b' is a list, not a numpy array"
+    )
 
 
 def test_wrong_shape_names_key_got_and_expected():
-    assert validate_update(_good(**{"enc.w": np.ones((3, 2), dtype=np.float32)}), REF, 10, None) == \
-        "key 'enc.w' has shape (3, 2), expected (2, 3)"
+    assert (
+        validate_update(_good(**{"enc.w": np.ones((3, 2), dtype=np.float32)}), REF, 10, None)
+        == "key 'enc.w' has shape (3, 2), expected (2, 3)"
+    )
 
 
 def test_wrong_dtype_names_key_got_and_expected():
-    assert validate_update(_good(**{"head.w": np.ones(4)}), REF, 10, None) == \
-        "key 'head.w' has dtype float64, expected float32"
+    assert (
+        validate_update(_good(**{"head.w": np.ones(4)}), REF, 10, None)
+        == "key 'head.w' has dtype float64, expected float32"
+    )
 
 
-@pytest.mark.parametrize("bad, count", [
-    (np.array([np.nan, 1, 1, 1], dtype=np.float32), 1),
-    (np.array([np.inf, -np.inf, np.nan, 0], dtype=np.float32), 3),
-])
+@pytest.mark.parametrize(
+    "bad, count",
+    [
+        (np.array([np.nan, 1, 1, 1], dtype=np.float32), 1),
+        (np.array([np.inf, -np.inf, np.nan, 0], dtype=np.float32), 3),
+    ],
+)
 def test_non_finite_values_are_counted(bad, count):
-    assert validate_update(_good(**{"head.w": bad}), REF, 10, None) == \
-        f"key 'head.w' has {count} non-finite value(s) of 4"
+    assert (
+        validate_update(_good(**{"head.w": bad}), REF, 10, None) == f"key 'head.w' has {count} non-finite value(s) of 4"
+    )
 
 
 def test_a_non_finite_scalar_parameter_is_caught():
-    assert validate_update(_good(**{"head.b": np.array(np.inf, dtype=np.float32)}), REF, 10, None) == \
-        "key 'head.b' has 1 non-finite value(s) of 1"
+    assert (
+        validate_update(_good(**{"head.b": np.array(np.inf, dtype=np.float32)}), REF, 10, None)
+        == "key 'head.b' has 1 non-finite value(s) of 1"
+    )
 
 
 @pytest.mark.parametrize("n", [0, -3, float("nan"), float("inf"), "10", None, True])

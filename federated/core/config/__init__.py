@@ -13,7 +13,16 @@ from federated.core.config.schema import (
 )
 
 __all__ = [
-    "ConfigError", "CorpusConfig", "EngineConfig", "ExperimentConfig", "ModelConfig",
-    "PrivacyConfig", "SitesConfig", "StrategyConfig", "TrainConfig", "config_from_yaml",
-    "config_to_yaml", "load_config",
+    "ConfigError",
+    "CorpusConfig",
+    "EngineConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "SitesConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "config_from_yaml",
+    "config_to_yaml",
+    "load_config",
 ]

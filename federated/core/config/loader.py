@@ -183,8 +183,12 @@ def _experiment_schema(strategy: str) -> type:
     """ExperimentConfig as OmegaConf merges it: its strategy section typed for `strategy`."""
     hints = typing.get_type_hints(ExperimentConfig)
     section = _strategy_section(strategy)
-    specs = [(f.name, section, dataclasses.field(default_factory=section)) if f.name == "strategy"
-             else (f.name, hints[f.name], _copy_field(f)) for f in dataclasses.fields(ExperimentConfig)]
+    specs = [
+        (f.name, section, dataclasses.field(default_factory=section))
+        if f.name == "strategy"
+        else (f.name, hints[f.name], _copy_field(f))
+        for f in dataclasses.fields(ExperimentConfig)
+    ]
     return dataclasses.make_dataclass("ExperimentSchema", specs)
 
 
@@ -210,8 +214,10 @@ def strategy_config(name: str, values: Mapping[str, Any]) -> StrategyConfig:
         else:
             raise ConfigError(_not_a_setting(name, key))
     if common.setdefault("name", name) != name:
-        raise ConfigError(f"strategy.name={common['name']}: choose a strategy with strategy={common['name']}, "
-                          "which also reads its conf/strategy file")
+        raise ConfigError(
+            f"strategy.name={common['name']}: choose a strategy with strategy={common['name']}, "
+            "which also reads its conf/strategy file"
+        )
     return StrategyConfig(**common, settings=settings_cls(**settings))
 
 
@@ -220,8 +226,9 @@ def _build(cfg: DictConfig, strategy: str) -> ExperimentConfig:
     merged: Any = OmegaConf.to_object(cfg)  # an instance of _experiment_schema(strategy)
     section = merged.strategy
     sections = {f.name: getattr(merged, f.name) for f in dataclasses.fields(ExperimentConfig)}
-    sections["strategy"] = strategy_config(strategy, {f.name: getattr(section, f.name)
-                                                      for f in dataclasses.fields(section)})
+    sections["strategy"] = strategy_config(
+        strategy, {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    )
     return ExperimentConfig(**sections)
 
 
@@ -280,8 +287,11 @@ def validate(cfg: ExperimentConfig) -> None:
         ("corpus.n_origin_sites", cfg.corpus.n_origin_sites >= 1, "must be >= 1"),
         ("corpus.test_fraction", 0.0 < cfg.corpus.test_fraction < 1.0, "must be in (0, 1)"),
         ("corpus.origin_shift_severity", cfg.corpus.origin_shift_severity >= 0.0, "must be >= 0"),
-        ("model.dim", cfg.model.dim >= 4 and cfg.model.dim % cfg.model.heads == 0,
-         "must be >= 4 and divisible by model.heads"),
+        (
+            "model.dim",
+            cfg.model.dim >= 4 and cfg.model.dim % cfg.model.heads == 0,
+            "must be >= 4 and divisible by model.heads",
+        ),
         ("model.tokens_per_modality", cfg.model.tokens_per_modality >= 1, "must be >= 1"),
         ("model.fusion_layers", cfg.model.fusion_layers >= 0, "must be >= 0"),
         ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "must be in [0, 1)"),
@@ -307,24 +317,36 @@ def validate(cfg: ExperimentConfig) -> None:
         ("sites.tasks_per_site", cfg.sites.tasks_per_site >= 1, "must be >= 1"),
         ("sites.min_overlap", cfg.sites.min_overlap >= 1, "must be >= 1"),
         ("privacy.name", cfg.privacy.name in PRIVACY_MODES, f"must be one of: {', '.join(PRIVACY_MODES)}"),
-        ("privacy.target_epsilon", cfg.privacy.name == "none" or cfg.privacy.target_epsilon is not None
-         or cfg.privacy.noise_multiplier is not None,
-         "or privacy.noise_multiplier must be set with differential privacy on"),
-        ("privacy.target_epsilon", cfg.privacy.target_epsilon is None or cfg.privacy.target_epsilon > 0,
-         "must be > 0"),
-        ("privacy.noise_multiplier", cfg.privacy.noise_multiplier is None or cfg.privacy.noise_multiplier >= 0,
-         "must be >= 0"),
+        (
+            "privacy.target_epsilon",
+            cfg.privacy.name == "none"
+            or cfg.privacy.target_epsilon is not None
+            or cfg.privacy.noise_multiplier is not None,
+            "or privacy.noise_multiplier must be set with differential privacy on",
+        ),
+        ("privacy.target_epsilon", cfg.privacy.target_epsilon is None or cfg.privacy.target_epsilon > 0, "must be > 0"),
+        (
+            "privacy.noise_multiplier",
+            cfg.privacy.noise_multiplier is None or cfg.privacy.noise_multiplier >= 0,
+            "must be >= 0",
+        ),
         ("privacy.delta", 0.0 < cfg.privacy.delta < 1.0, "must be in (0, 1)"),
         ("privacy.max_grad_norm", cfg.privacy.max_grad_norm > 0, "must be > 0"),
         ("privacy.clipping_norm", cfg.privacy.clipping_norm > 0, "must be > 0"),
         ("privacy.accountant", cfg.privacy.accountant in ("rdp", "prv"), "must be one of: rdp, prv"),
-        ("privacy.grad_sample_mode", cfg.privacy.grad_sample_mode in ("ew", "hooks", "functorch"),
-         "must be one of: ew, hooks, functorch"),
+        (
+            "privacy.grad_sample_mode",
+            cfg.privacy.grad_sample_mode in ("ew", "hooks", "functorch"),
+            "must be one of: ew, hooks, functorch",
+        ),
         # Flower's site-level DP noise is sigma*C/n: right only for an unweighted mean of all n
         # clipped updates, which plain fedavg (privacy=dp_fedavg makes it unweighted) computes.
-        ("strategy.name", cfg.privacy.name != "dp_fedavg" or cfg.strategy.name == "fedavg",
-         "must be fedavg with privacy=dp_fedavg (its noise is calibrated for an unweighted mean "
-         "over every sampled site)"),
+        (
+            "strategy.name",
+            cfg.privacy.name != "dp_fedavg" or cfg.strategy.name == "fedavg",
+            "must be fedavg with privacy=dp_fedavg (its noise is calibrated for an unweighted mean "
+            "over every sampled site)",
+        ),
         ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
         ("engine.checkpoint_every", cfg.engine.checkpoint_every >= 0, "must be >= 0 (0 = off)"),
         ("engine.round_timeout_s", cfg.engine.round_timeout_s >= 0, "must be >= 0 (0 = wait for all)"),
@@ -335,8 +357,11 @@ def validate(cfg: ExperimentConfig) -> None:
         ("faults.kind", cfg.faults.kind in FAULT_KINDS, f"must be one of: {', '.join(FAULT_KINDS)}"),
         ("faults.stall_s", cfg.faults.stall_s >= 0, "must be >= 0"),
         # exit kills the process the site runs in: in-process, that is the whole run
-        ("faults.kind", cfg.faults.kind != "exit" or cfg.engine.name != "inprocess",
-         "exit needs an engine with one process per site (engine=ray); use crash in-process"),
+        (
+            "faults.kind",
+            cfg.faults.kind != "exit" or cfg.engine.name != "inprocess",
+            "exit needs an engine with one process per site (engine=ray); use crash in-process",
+        ),
         # what the chosen strategy needs of other sections (e.g. SCAFFOLD: plain SGD)
         *cfg.strategy.settings.experiment_checks(cfg),
     ]
@@ -357,8 +382,10 @@ def config_to_yaml(cfg: ExperimentConfig) -> str:
     name = cfg.strategy.name
     settings_cls = strategy_settings_class(name)
     if type(cfg.strategy.settings) is not settings_cls:
-        raise ConfigError(f"strategy {name!r} carries {type(cfg.strategy.settings).__name__} settings, "
-                          f"not its registered {settings_cls.__name__}")
+        raise ConfigError(
+            f"strategy {name!r} carries {type(cfg.strategy.settings).__name__} settings, "
+            f"not its registered {settings_cls.__name__}"
+        )
     flat = {k: getattr(cfg.strategy, k) for k in COMMON_STRATEGY_KEYS}
     flat.update({f.name: getattr(cfg.strategy.settings, f.name) for f in dataclasses.fields(settings_cls)})
     sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ExperimentConfig)}

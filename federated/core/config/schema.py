@@ -30,14 +30,16 @@ class CorpusConfig:
 
 def _default_archetypes() -> Dict[str, List[str]]:
     return {
-        "imaging_centre": ["radiographic_findings", "bone_age", "brain_tumor_classification",
-                           "diabetic_retinopathy"],
+        "imaging_centre": ["radiographic_findings", "bone_age", "brain_tumor_classification", "diabetic_retinopathy"],
         "neuro_clinic": ["motor_imagery", "brain_tumor_classification"],
         "genomics_lab": ["cell_type", "expression_prediction", "protein_structure"],
-        "general_hospital": ["disease_classification", "breast_cancer_classification",
-                             "medical_vqa", "radiographic_findings"],
-        "cancer_centre": ["breast_cancer_classification", "brain_tumor_classification",
-                          "cell_type"],
+        "general_hospital": [
+            "disease_classification",
+            "breast_cancer_classification",
+            "medical_vqa",
+            "radiographic_findings",
+        ],
+        "cancer_centre": ["breast_cancer_classification", "brain_tumor_classification", "cell_type"],
         "eye_clinic": ["diabetic_retinopathy", "medical_vqa"],
     }
 
@@ -47,9 +49,18 @@ class SitesConfig:
     name: str = "default"  # the conf/sites preset this came from
     planner: str = "archetypes"  # the site planner (partitions.PLANNERS)
     # One entry per site, by archetype; site i reads the corpus's i-th origin site.
-    train: List[str] = field(default_factory=lambda: [
-        "imaging_centre", "imaging_centre", "neuro_clinic", "genomics_lab", "genomics_lab",
-        "general_hospital", "general_hospital", "cancer_centre"])
+    train: List[str] = field(
+        default_factory=lambda: [
+            "imaging_centre",
+            "imaging_centre",
+            "neuro_clinic",
+            "genomics_lab",
+            "genomics_lab",
+            "general_hospital",
+            "general_hospital",
+            "cancer_centre",
+        ]
+    )
     held_out: List[str] = field(default_factory=lambda: ["eye_clinic", "neuro_clinic"])
     archetypes: Dict[str, List[str]] = field(default_factory=_default_archetypes)
     # Dirichlet label skew of training sites (partitions/label_skew.py); 0 = none.
@@ -71,9 +82,19 @@ class SitesConfig:
     # load_shift_severity * U(0.5, 1.5); 0 = none.
     load_shift_severity: float = 0.0
     # Planner steps, applied in this order; each is skipped when its setting above is off.
-    steps: List[str] = field(default_factory=lambda: [
-        "tasks_only", "train_only", "pool", "label_skew", "quantity_skew", "label_noise",
-        "missing_modalities", "unimodal", "acquisition_shift"])
+    steps: List[str] = field(
+        default_factory=lambda: [
+            "tasks_only",
+            "train_only",
+            "pool",
+            "label_skew",
+            "quantity_skew",
+            "label_noise",
+            "missing_modalities",
+            "unimodal",
+            "acquisition_shift",
+        ]
+    )
     # Study selections (partitions/selection.py): only these tasks; only these training sites
     # (local-only runs); all training sites pooled into one (centralised); multimodal tasks
     # read their first modality only.
@@ -195,8 +216,9 @@ class StrategyConfig:
     def settings_as(self, cls: type[SettingsT]) -> SettingsT:
         """The settings, typed as the strategy reading them declared them."""
         if not isinstance(self.settings, cls):
-            raise TypeError(f"strategy {self.name!r} carries {type(self.settings).__name__}, "
-                            f"not the {cls.__name__} it reads")
+            raise TypeError(
+                f"strategy {self.name!r} carries {type(self.settings).__name__}, not the {cls.__name__} it reads"
+            )
         return self.settings
 
 

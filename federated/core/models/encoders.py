@@ -29,7 +29,7 @@ class ImageEncoder(nn.Module):
             layers += [nn.Conv2d(c_in, w, 3, stride=2, padding=1), nn.GroupNorm(_groups(w), w), nn.GELU()]
             c_in = w
         self.net = nn.Sequential(*layers)
-        side = max(1, int(round(k ** 0.5)))
+        side = max(1, int(round(k**0.5)))
         if side * side != k:
             raise ValueError(f"image encoders need a square token count, got {k}")
         self.pool = nn.AdaptiveAvgPool2d(side)
@@ -45,9 +45,15 @@ class SignalEncoder(nn.Module):
     def __init__(self, channels: int, dim: int, k: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv1d(channels, 32, 7, stride=2, padding=3), nn.GroupNorm(8, 32), nn.GELU(),
-            nn.Conv1d(32, dim, 5, stride=2, padding=2), nn.GroupNorm(_groups(dim), dim), nn.GELU(),
-            nn.Conv1d(dim, dim, 5, stride=2, padding=2), nn.GroupNorm(_groups(dim), dim), nn.GELU(),
+            nn.Conv1d(channels, 32, 7, stride=2, padding=3),
+            nn.GroupNorm(8, 32),
+            nn.GELU(),
+            nn.Conv1d(32, dim, 5, stride=2, padding=2),
+            nn.GroupNorm(_groups(dim), dim),
+            nn.GELU(),
+            nn.Conv1d(dim, dim, 5, stride=2, padding=2),
+            nn.GroupNorm(_groups(dim), dim),
+            nn.GELU(),
         )
         self.pool = nn.AdaptiveAvgPool1d(k)
 
@@ -63,8 +69,12 @@ class TokenEncoder(nn.Module):
         self.embed = nn.Embedding(vocab, dim)
         self.position = nn.Embedding(length, dim)
         self.conv = nn.Sequential(
-            nn.Conv1d(dim, dim, 5, padding=2), nn.GroupNorm(_groups(dim), dim), nn.GELU(),
-            nn.Conv1d(dim, dim, 5, padding=2), nn.GroupNorm(_groups(dim), dim), nn.GELU(),
+            nn.Conv1d(dim, dim, 5, padding=2),
+            nn.GroupNorm(_groups(dim), dim),
+            nn.GELU(),
+            nn.Conv1d(dim, dim, 5, padding=2),
+            nn.GroupNorm(_groups(dim), dim),
+            nn.GELU(),
         )
         self.pool = nn.AdaptiveAvgPool1d(k)
 
@@ -81,8 +91,7 @@ class VectorEncoder(nn.Module):
     def __init__(self, features: int, dim: int, k: int) -> None:
         super().__init__()
         self.k, self.dim = k, dim
-        self.net = nn.Sequential(nn.Linear(features, 128), nn.LayerNorm(128), nn.GELU(),
-                                 nn.Linear(128, k * dim))
+        self.net = nn.Sequential(nn.Linear(features, 128), nn.LayerNorm(128), nn.GELU(), nn.Linear(128, k * dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.net(x).view(x.shape[0], self.k, self.dim), None

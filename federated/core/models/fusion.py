@@ -35,8 +35,7 @@ class FusionBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = MaskedSelfAttention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(2 * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), valid)
@@ -46,16 +45,14 @@ class FusionBlock(nn.Module):
 class Fusion(nn.Module):
     """Adds a learned slot embedding per (modality, token), attends, and mean-pools valid tokens."""
 
-    def __init__(self, n_modalities: int, k: int, dim: int, heads: int, layers: int,
-                 dropout: float) -> None:
+    def __init__(self, n_modalities: int, k: int, dim: int, heads: int, layers: int, dropout: float) -> None:
         super().__init__()
         self.k = k
         self.slot = nn.Embedding(n_modalities * k, dim)
         self.blocks = nn.ModuleList(FusionBlock(dim, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, tokens: list[torch.Tensor], modality_ids: list[int],
-                present: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, tokens: list[torch.Tensor], modality_ids: list[int], present: list[torch.Tensor]) -> torch.Tensor:
         """tokens[i]: [B, k, dim] of modality modality_ids[i]; present[i]: [B] bool."""
         x = torch.cat(tokens, dim=1)
         b = x.shape[0]

@@ -35,14 +35,16 @@ class MultiMedModel(nn.Module):
         self.cfg = cfg
         self.modality_names = MODALITIES.names()
         self.encoders = nn.ModuleDict(
-            {m: build_encoder(MODALITIES.get(m), cfg.dim, cfg.tokens_per_modality)
-             for m in self.modality_names})
-        self.fusion = Fusion(len(self.modality_names), cfg.tokens_per_modality, cfg.dim,
-                             cfg.heads, cfg.fusion_layers, cfg.dropout)
+            {m: build_encoder(MODALITIES.get(m), cfg.dim, cfg.tokens_per_modality) for m in self.modality_names}
+        )
+        self.fusion = Fusion(
+            len(self.modality_names), cfg.tokens_per_modality, cfg.dim, cfg.heads, cfg.fusion_layers, cfg.dropout
+        )
         self.heads = nn.ModuleDict({t: build_head(TASKS.get(t), cfg.dim) for t in TASKS.names()})
 
-    def forward(self, task: str, inputs: dict[str, torch.Tensor],
-                present: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, task: str, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Predict `task` from the task's input modalities.
 
         inputs[m]: a batch of modality m (zeros where a sample lacks it);

@@ -58,8 +58,10 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir()), key=natural_key)
 
 
-@adapter("ct_slices", keys={"path", "classes", "per", "central_slices", "reports", "report_columns",
-                             "origin_site", "modality"})
+@adapter(
+    "ct_slices",
+    keys={"path", "classes", "per", "central_slices", "reports", "report_columns", "origin_site", "modality"},
+)
 def ct_slices(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     task = TASKS.get(params["task"])
     modality = image_modality(task, params)
@@ -74,8 +76,15 @@ def ct_slices(params: dict[str, Any], base: Path, problems: Problems) -> SampleS
     if not root.is_dir():
         problems.report(root, "CT folder does not exist")
         return samples
-    ctx = {"task": task, "modality": modality, "per": per, "k": k, "reports": reports,
-           "site": str(params.get("origin_site") or root.name), "source": f"ct_slices:{root.name}"}
+    ctx = {
+        "task": task,
+        "modality": modality,
+        "per": per,
+        "k": k,
+        "reports": reports,
+        "site": str(params.get("origin_site") or root.name),
+        "source": f"ct_slices:{root.name}",
+    }
     layout = "<class>/<patient>/<scan>/<slice>"
     for folder, label in class_folders(root, mapping, task.name, task.classes, problems, layout):
         _class_folder(folder, label, ctx, samples, problems)
@@ -95,16 +104,16 @@ def _options(params: dict[str, Any]) -> tuple[str, int]:
     return per, k
 
 
-def _class_folder(folder: Path, label: int, ctx: dict[str, Any], samples: SampleSet,
-                  problems: Problems) -> None:
+def _class_folder(folder: Path, label: int, ctx: dict[str, Any], samples: SampleSet, problems: Problems) -> None:
     patients = _subfolders(folder)
     if not patients:
         problems.report(folder, "no patient folders in this class folder")
     for patient in patients:
         scans = _subfolders(patient)
         if not scans:
-            problems.report(patient, "no scan folders in this patient folder "
-                                     "(layout: <class>/<patient>/<scan>/<slice>)")
+            problems.report(
+                patient, "no scan folders in this patient folder (layout: <class>/<patient>/<scan>/<slice>)"
+            )
         for scan in scans:
             _scan(scan, label, ctx, samples, problems)
 
@@ -127,7 +136,7 @@ def _scan(scan: Path, label: int, ctx: dict[str, Any], samples: SampleSet, probl
                 samples.add({ctx["modality"]: x, **inputs}, label, ctx["site"], f"{cls}/{patient}", ctx["source"])
         return
     start = max(0, (len(slices) - ctx["k"]) // 2)
-    central = [read_image(s, shape, problems) for s in slices[start:start + ctx["k"]]]
+    central = [read_image(s, shape, problems) for s in slices[start : start + ctx["k"]]]
     read = [x for x in central if x is not None]
     if len(read) < len(central):
         return  # the bad slice was reported; the scan is skipped
@@ -159,8 +168,9 @@ def _reports(task: Task, params: dict[str, Any], base: Path, problems: Problems)
     return _report_rows(frame, columns, path, problems)
 
 
-def _report_rows(frame: pd.DataFrame, columns: dict[str, str], path: Path,
-                 problems: Problems) -> dict[ReportKey, np.ndarray]:
+def _report_rows(
+    frame: pd.DataFrame, columns: dict[str, str], path: Path, problems: Problems
+) -> dict[ReportKey, np.ndarray]:
     key_parts = [p for p in ("class", "patient", "scan") if p in columns]
     out: dict[ReportKey, np.ndarray] = {}
     for i, row in enumerate(frame.to_dict("records")):

@@ -35,6 +35,7 @@ def load_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     x = x[None] if channels == 1 else x.transpose(2, 0, 1)
     return (x - x.mean()) / (x.std() + 1e-6)
 
+
 def image_modality(task: Task, params: dict[str, Any]) -> str:
     """The `modality` key, or the task's first image input."""
     images = [m for m in task.inputs if MODALITIES.get(m).kind == IMAGE]

@@ -42,8 +42,21 @@ JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 DEFAULT_KEYS = {"image": "image", "question": "question", "answer": "answer"}
 
 
-@adapter("vqa", keys={"path", "images", "image_key", "question_key", "answer_key", "answers",
-                       "patient_key", "site_key", "origin_site", "modality"})
+@adapter(
+    "vqa",
+    keys={
+        "path",
+        "images",
+        "image_key",
+        "question_key",
+        "answer_key",
+        "answers",
+        "patient_key",
+        "site_key",
+        "origin_site",
+        "modality",
+    },
+)
 def vqa(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
     task = TASKS.get(params["task"])
     if task.target != CLOSED_SET or "text" not in task.inputs:
@@ -72,8 +85,13 @@ def vqa(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
             x = cache[image] = read_image(image, shape, problems, where)
         if x is None:
             continue
-        samples.add({modality: x, "text": question}, label, fields.get("site", site),
-                    fields.get("patient", fields["image"]), f"vqa:{path.name}")
+        samples.add(
+            {modality: x, "text": question},
+            label,
+            fields.get("site", site),
+            fields.get("patient", fields["image"]),
+            f"vqa:{path.name}",
+        )
     declared = {str(v) for v in dict(params.get("answers") or {}).values()}  # mapped answers need samples
     check_classes(samples, declared, str(path), problems)
     return samples
@@ -99,8 +117,9 @@ def _text(value: Any) -> str:
 def _answer(value: Any, lookup: dict[str, str], task: Task) -> int:
     answer = _text(value)
     if answer.lower() not in lookup:
-        raise BadItem(f"answer {answer!r} is not an answer of {task.name} ({', '.join(task.classes)}); "
-                      "map it with `answers:`")
+        raise BadItem(
+            f"answer {answer!r} is not an answer of {task.name} ({', '.join(task.classes)}); map it with `answers:`"
+        )
     return task.classes.index(lookup[answer.lower()])
 
 

@@ -117,8 +117,7 @@ class SiteAcquisition:
 def site_acquisition(seed: int, site: str, severity: float) -> SiteAcquisition:
     """The acquisition of one origin site; cached because every task of the site reads it."""
     s = float(severity)
-    images = {m: _image_acquisition(rng_for(seed, "site", site, m), s, modality(m).shape[0])
-              for m in IMAGE_MODALITIES}
+    images = {m: _image_acquisition(rng_for(seed, "site", site, m), s, modality(m).shape[0]) for m in IMAGE_MODALITIES}
     return SiteAcquisition(
         site=site,
         images=images,
@@ -163,8 +162,7 @@ def _eeg_acquisition(rng: np.random.Generator, s: float) -> EEGAcquisition:
 def _expression_acquisition(rng: np.random.Generator, s: float) -> ExpressionAcquisition:
     genes = modality("scrna").shape[0]
     z = rng.standard_normal(genes + 1)
-    return ExpressionAcquisition(gene_log_shift=0.35 * s * z[:genes],
-                                 library_factor=float(np.exp(0.5 * s * z[genes])))
+    return ExpressionAcquisition(gene_log_shift=0.35 * s * z[:genes], library_factor=float(np.exp(0.5 * s * z[genes])))
 
 
 def _text_acquisition(rng: np.random.Generator, s: float) -> TextAcquisition:
@@ -173,16 +171,17 @@ def _text_acquisition(rng: np.random.Generator, s: float) -> TextAcquisition:
     zv = rng.standard_normal()
     # a Zipf-like base filler distribution ("the", "a", "of" are common everywhere)
     base = -0.6 * np.log1p(np.arange(vocabulary.N_FILLERS))
-    return TextAcquisition(synonym_probs=_softmax(1.5 * s * zs),
-                           filler_probs=_softmax(base + 1.0 * s * zf),
-                           verbosity=float(np.exp(0.25 * s * zv)))
+    return TextAcquisition(
+        synonym_probs=_softmax(1.5 * s * zs),
+        filler_probs=_softmax(base + 1.0 * s * zf),
+        verbosity=float(np.exp(0.25 * s * zv)),
+    )
 
 
 def _sequence_acquisition(rng: np.random.Generator, s: float) -> SequenceAcquisition:
     z = rng.standard_normal(21)
     gc = float(np.clip(0.5 + 0.07 * s * z[0], 0.3, 0.7))
-    return SequenceAcquisition(base_probs=np.array([1 - gc, gc, gc, 1 - gc]) / 2.0,
-                               residue_logit_shift=0.6 * s * z[1:])
+    return SequenceAcquisition(base_probs=np.array([1 - gc, gc, gc, 1 - gc]) / 2.0, residue_logit_shift=0.6 * s * z[1:])
 
 
 def _tabular_acquisition(rng: np.random.Generator, s: float) -> TabularAcquisition:

@@ -86,13 +86,12 @@ def basis_bank() -> BasisBank:
             names.append(f"grating_a{k * 45}_p{period:g}")
             pats.append(grating(k * np.pi / 4, period))
     stacked = np.stack(pats)
-    stacked /= np.sqrt((stacked ** 2).mean(axis=(1, 2), keepdims=True))  # unit RMS each
+    stacked /= np.sqrt((stacked**2).mean(axis=(1, 2), keepdims=True))  # unit RMS each
     stacked.flags.writeable = False  # cached and shared: nobody may edit the world
     return BasisBank(tuple(names), stacked)
 
 
-def render_blobs(cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray,
-                 amp: np.ndarray) -> np.ndarray:
+def render_blobs(cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray, amp: np.ndarray) -> np.ndarray:
     """Sum of round Gaussian blobs at per-sample positions: [n, m] parameters -> [n, 32, 32].
 
     Separable (x and y profiles, then one einsum), so thousands of blobs cost milliseconds.
@@ -103,8 +102,7 @@ def render_blobs(cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray,
     return np.einsum("nm,nmy,nmx->nyx", amp, gy, gx, optimize=True)
 
 
-def render_rings(cx: np.ndarray, cy: np.ndarray, radius: np.ndarray, width: float,
-                 amp: np.ndarray) -> np.ndarray:
+def render_rings(cx: np.ndarray, cy: np.ndarray, radius: np.ndarray, width: float, amp: np.ndarray) -> np.ndarray:
     """One ring per sample at a per-sample centre: [n] parameters -> [n, 32, 32]."""
     r = np.hypot(_X[None] - cx[:, None, None], _Y[None] - cy[:, None, None])
     return amp[:, None, None] * np.exp(-0.5 * ((r - radius[:, None, None]) / width) ** 2)

@@ -32,19 +32,16 @@ class GeneratorConfig:
             object.__setattr__(self, "tasks", tuple(self.tasks))
         _check_int("seed", self.seed, minimum=0)
         _check_int("n_origin_sites", self.n_origin_sites, minimum=1)
-        _check_int("samples_per_task_site", self.samples_per_task_site,
-                   minimum=MIN_SAMPLES_PER_TASK_SITE)
+        _check_int("samples_per_task_site", self.samples_per_task_site, minimum=MIN_SAMPLES_PER_TASK_SITE)
         _check_number("test_fraction", self.test_fraction)
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
         _check_number("origin_shift_severity", self.origin_shift_severity)
         if not (math.isfinite(self.origin_shift_severity) and self.origin_shift_severity >= 0.0):
-            raise ValueError(f"origin_shift_severity must be a finite number >= 0, got "
-                             f"{self.origin_shift_severity!r}")
+            raise ValueError(f"origin_shift_severity must be a finite number >= 0, got {self.origin_shift_severity!r}")
         unknown = [t for t in self.tasks if t not in MULTIMED_TASKS]
         if unknown:
-            raise ValueError(f"tasks: unknown task name(s) {unknown}; valid names: "
-                             f"{', '.join(MULTIMED_TASKS)}")
+            raise ValueError(f"tasks: unknown task name(s) {unknown}; valid names: {', '.join(MULTIMED_TASKS)}")
         duplicated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if duplicated:
             raise ValueError(f"tasks: {duplicated} listed more than once")

@@ -48,17 +48,21 @@ def expression_world(seed: int) -> ExpressionWorld:
         programs[t, markers] += rng.uniform(0.5, 1.1, size=8)
     cycling = np.zeros(N_GENES)
     cycling[rng.choice(rest, size=16, replace=False)] = 1.2
-    return ExpressionWorld(baseline=rng.normal(0.0, 0.8, N_GENES), programs=programs,
-                           cycling=cycling)
+    return ExpressionWorld(baseline=rng.normal(0.0, 0.8, N_GENES), programs=programs, cycling=cycling)
 
 
-def sample_cells(rng: np.random.Generator, cell_type: np.ndarray, world: ExpressionWorld,
-                 acq: ExpressionAcquisition) -> np.ndarray:
+def sample_cells(
+    rng: np.random.Generator, cell_type: np.ndarray, world: ExpressionWorld, acq: ExpressionAcquisition
+) -> np.ndarray:
     """[n, genes] log1p-normalised expression (float32) of cells of the given types."""
     n = len(cell_type)
     cycling = (rng.random(n) < 0.3) * rng.uniform(0.5, 1.0, n)
-    log_rate = (world.baseline[None] + world.programs[cell_type]
-                + cycling[:, None] * world.cycling[None] + acq.gene_log_shift[None])
+    log_rate = (
+        world.baseline[None]
+        + world.programs[cell_type]
+        + cycling[:, None] * world.cycling[None]
+        + acq.gene_log_shift[None]
+    )
     p = np.exp(log_rate - log_rate.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     library = MEAN_LIBRARY * acq.library_factor * np.exp(rng.normal(0.0, 0.35, n))

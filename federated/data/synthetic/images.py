@@ -26,8 +26,7 @@ from federated.data.synthetic.basis import (
 )
 
 # sensor noise of each modality before the site's noise factor (OCT speckle is the worst)
-BASE_NOISE: dict[str, float] = {"oct": 0.3, "xray": 0.2, "ct": 0.25, "mri": 0.25,
-                                "pathology": 0.15}
+BASE_NOISE: dict[str, float] = {"oct": 0.3, "xray": 0.2, "ct": 0.25, "mri": 0.25, "pathology": 0.15}
 TEXTURE = 0.012  # scale of the per-sample random mixture of basis patterns (anatomical variety)
 LUNG_X = np.array([9.5, 21.5])  # left/right lung centres on radiographs
 
@@ -38,8 +37,7 @@ def _lognormal(rng: np.random.Generator, n: int, sd: float) -> np.ndarray:
 
 def _stack_blobs(blobs: Sequence[tuple[np.ndarray, ...]]) -> np.ndarray:
     """Render a list of per-sample (cx, cy, sigma, amp) blob parameter arrays in one pass."""
-    cx, cy, sigma, amp = (np.stack([np.broadcast_to(b[i], b[3].shape) for b in blobs], axis=1)
-                          for i in range(4))
+    cx, cy, sigma, amp = (np.stack([np.broadcast_to(b[i], b[3].shape) for b in blobs], axis=1) for i in range(4))
     return render_blobs(cx, cy, sigma, amp)
 
 
@@ -61,13 +59,13 @@ def _chest_anatomy() -> tuple[np.ndarray, np.ndarray]:
 
 
 FINDING_AMPLITUDE = np.array([0.75, 0.55, 0.8, 1.0, -0.75])  # per radiographic finding
-OSSIFICATION = np.array([[3.0, 28.0], [28.0, 28.0], [3.0, 12.0], [28.0, 12.0], [9.0, 30.0],
-                         [22.0, 30.0]])  # (x, y) of the growth centres
+OSSIFICATION = np.array(
+    [[3.0, 28.0], [28.0, 28.0], [3.0, 12.0], [28.0, 12.0], [9.0, 30.0], [22.0, 30.0]]
+)  # (x, y) of the growth centres
 OSSIFICATION_ONSET = np.linspace(0.1, 0.9, len(OSSIFICATION))  # maturity at which each appears
 
 
-def render_radiograph(rng: np.random.Generator, findings: np.ndarray,
-                      maturity: np.ndarray) -> np.ndarray:
+def render_radiograph(rng: np.random.Generator, findings: np.ndarray, maturity: np.ndarray) -> np.ndarray:
     """Radiographs showing 5 binary findings and a skeletal maturity in [0, 1].
 
     findings[:, k] adds the k-th finding pattern (atelectasis: dense lower zone; cardiomegaly:
@@ -85,8 +83,7 @@ def render_radiograph(rng: np.random.Generator, findings: np.ndarray,
         (LUNG_X[side[:, 0]], 21.0 + rng.normal(0.0, 1.0, n), np.full(n, 3.0), strength[:, 0]),
         (np.full(n, 17.0), np.full(n, 21.0), np.full(n, 5.5), strength[:, 1]),
         (LUNG_X[side[:, 2]], np.full(n, 26.5), np.full(n, 3.0), strength[:, 2]),
-        (LUNG_X[side[:, 3]] + rng.uniform(-3.0, 3.0, n), rng.uniform(8.0, 22.0, n),
-         np.full(n, 1.6), strength[:, 3]),
+        (LUNG_X[side[:, 3]] + rng.uniform(-3.0, 3.0, n), rng.uniform(8.0, 22.0, n), np.full(n, 1.6), strength[:, 3]),
         (LUNG_X[side[:, 4]], np.full(n, 7.0), np.full(n, 3.5), strength[:, 4]),
     ]
     m = maturity[:, None]
@@ -128,8 +125,14 @@ def render_chest_ct(rng: np.random.Generator, pneumonia: np.ndarray) -> np.ndarr
         amp = 0.6 * _lognormal(rng, n, 0.35) * (j < n_lesions)
         if j == 0:
             amp = np.where(scar, 0.25, amp)
-        blobs.append((np.array([10.0, 21.0])[side] + rng.uniform(-2.5, 2.5, n),
-                      rng.uniform(10.0, 21.0, n), rng.uniform(1.8, 3.2, n), amp))
+        blobs.append(
+            (
+                np.array([10.0, 21.0])[side] + rng.uniform(-2.5, 2.5, n),
+                rng.uniform(10.0, 21.0, n),
+                rng.uniform(1.8, 3.2, n),
+                amp,
+            )
+        )
     return (img + _stack_blobs(blobs))[:, None].astype(np.float32)
 
 
@@ -160,8 +163,12 @@ def render_brain_mri(rng: np.random.Generator, tumour: np.ndarray) -> np.ndarray
         (np.full(n, 13.0), np.full(n, 14.0), vent, np.full(n, -0.5)),  # ventricles
         (np.full(n, 18.0), np.full(n, 14.0), vent, np.full(n, -0.5)),
         (cx, cy, sigma, amp * (tumour != 3)),
-        (cx + rng.normal(0.0, 1.5, n), cy + rng.normal(0.0, 1.5, n), np.full(n, 1.5),
-         0.5 * amp * (tumour == 0)),  # gliomas are irregular: a second lobe
+        (
+            cx + rng.normal(0.0, 1.5, n),
+            cy + rng.normal(0.0, 1.5, n),
+            np.full(n, 1.5),
+            0.5 * amp * (tumour == 0),
+        ),  # gliomas are irregular: a second lobe
     ]
     oedema = render_rings(cx, cy, np.full(n, 4.5), 1.0, -0.35 * amp * (tumour == 0))
     return (img + _stack_blobs(blobs) + oedema)[:, None].astype(np.float32)
@@ -195,8 +202,9 @@ def render_retina_oct(rng: np.random.Generator, disease: np.ndarray) -> np.ndarr
         bx = rng.uniform(6.0, 26.0, n)
         by = rpe + tilt * (bx - CENTER)
         blobs.append((bx, by + 1.5, np.full(n, 1.3), 0.9 * (disease == 1)))
-        blobs.append((bx, by - 7.0 + rng.normal(0.0, 1.0, n), rng.uniform(1.3, 2.3, n),
-                      -0.8 * ((disease == 2) & (j < 2))))
+        blobs.append(
+            (bx, by - 7.0 + rng.normal(0.0, 1.0, n), rng.uniform(1.3, 2.3, n), -0.8 * ((disease == 2) & (j < 2)))
+        )
     cnv_x = rng.uniform(10.0, 22.0, n)
     cnv_y = rpe + tilt * (cnv_x - CENTER)
     on = disease == 3
@@ -224,15 +232,13 @@ def render_pathology(rng: np.random.Generator, malignancy: np.ndarray) -> np.nda
     present = rng.random((n, N_NUCLEI)) < 1.0 / (1.0 + np.exp(-(1.3 * a - 0.3)))
     sigma = np.clip(1.2 + 0.3 * a + 0.15 * rng.normal(size=(n, N_NUCLEI)), 0.6, 2.5)
     amp = present * np.clip(0.8 + 0.2 * a, 0.3, None)
-    density = render_blobs(rng.uniform(1.0, 30.0, (n, N_NUCLEI)),
-                           rng.uniform(1.0, 30.0, (n, N_NUCLEI)), sigma, amp)
+    density = render_blobs(rng.uniform(1.0, 30.0, (n, N_NUCLEI)), rng.uniform(1.0, 30.0, (n, N_NUCLEI)), sigma, amp)
     nuclei = 1.0 - np.exp(-1.5 * density)  # stain uptake saturates where nuclei overlap
     bank = basis_bank()
     fibres_idx = bank.indices("grating")
     weights = rng.normal(0.0, 0.05, size=(n, len(fibres_idx)))
     fibres = np.einsum("nk,kyx->nyx", weights, bank.patterns[fibres_idx])
     stroma = np.clip(0.6 + fibres - 0.5 * nuclei, 0.0, None)
-    rgb = 1.0 - HEMATOXYLIN[None, :, None, None] * nuclei[:, None] \
-        - EOSIN[None, :, None, None] * stroma[:, None]
+    rgb = 1.0 - HEMATOXYLIN[None, :, None, None] * nuclei[:, None] - EOSIN[None, :, None, None] * stroma[:, None]
     standardised = (rgb - RGB_MEAN[None, :, None, None]) / RGB_STD[None, :, None, None]
     return standardised.astype(np.float32)

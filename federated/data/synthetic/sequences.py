@@ -54,8 +54,7 @@ def genomic_world(seed: int) -> GenomicWorld:
     rng = rng_for(seed, "world", "genomic")
     lengths = rng.integers(6, 9, size=len(MOTIF_SIGNS))
     motifs = tuple(rng.integers(1, 5, size=length).astype(np.int64) for length in lengths)
-    return GenomicWorld(motifs=motifs,
-                        weights=MOTIF_SIGNS * rng.uniform(0.5, 1.2, len(MOTIF_SIGNS)))
+    return GenomicWorld(motifs=motifs, weights=MOTIF_SIGNS * rng.uniform(0.5, 1.2, len(MOTIF_SIGNS)))
 
 
 def count_motif(seqs: np.ndarray, motif: np.ndarray) -> np.ndarray:
@@ -67,12 +66,12 @@ def count_motif(seqs: np.ndarray, motif: np.ndarray) -> np.ndarray:
 def _categorical(rng: np.random.Generator, probs: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
     """Vectorised draws from one categorical distribution (inverse CDF)."""
     cdf = np.cumsum(probs)
-    return np.minimum(np.searchsorted(cdf / cdf[-1], rng.random(size), side="right"),
-                      len(probs) - 1)
+    return np.minimum(np.searchsorted(cdf / cdf[-1], rng.random(size), side="right"), len(probs) - 1)
 
 
-def sample_promoters(rng: np.random.Generator, n: int, world: GenomicWorld,
-                     acq: SequenceAcquisition) -> tuple[np.ndarray, np.ndarray]:
+def sample_promoters(
+    rng: np.random.Generator, n: int, world: GenomicWorld, acq: SequenceAcquisition
+) -> tuple[np.ndarray, np.ndarray]:
     """([n, 128] int64 base tokens, [n] float32 log expression)."""
     seqs = 1 + _categorical(rng, acq.base_probs, (n, GENOMIC_LEN))
     copies = np.minimum(rng.poisson(0.8, size=(n, len(world.motifs))), 3)
@@ -82,8 +81,7 @@ def sample_promoters(rng: np.random.Generator, n: int, world: GenomicWorld,
             rows = np.flatnonzero(copies[:, k] > j)
             seqs[rows[:, None], starts[rows, None] + np.arange(len(motif))] = motif
     counts = np.stack([count_motif(seqs, m) for m in world.motifs], axis=1)
-    target = (EXPRESSION_INTERCEPT + counts @ world.weights
-              + rng.normal(0.0, EXPRESSION_NOISE, size=n))
+    target = EXPRESSION_INTERCEPT + counts @ world.weights + rng.normal(0.0, EXPRESSION_NOISE, size=n)
     return seqs.astype(np.int64), target.astype(np.float32)
 
 
@@ -93,13 +91,12 @@ def _favoured_table() -> tuple[np.ndarray, np.ndarray]:
     sizes = np.zeros(3, dtype=np.int64)
     for state, residues in FAVOURED.items():
         i = SECONDARY_STRUCTURE.index(state)
-        table[i, :len(residues)] = [1 + AMINO_ACIDS.index(r) for r in residues]
+        table[i, : len(residues)] = [1 + AMINO_ACIDS.index(r) for r in residues]
         sizes[i] = len(residues)
     return table, sizes
 
 
-def sample_proteins(rng: np.random.Generator, n: int,
-                    acq: SequenceAcquisition) -> tuple[np.ndarray, np.ndarray]:
+def sample_proteins(rng: np.random.Generator, n: int, acq: SequenceAcquisition) -> tuple[np.ndarray, np.ndarray]:
     """([n, 64] int64 residue tokens, [n, 64] int64 labels H=0/E=1/C=2, -1 on padding)."""
     u = rng.random((n, N_SEGMENTS))
     states = np.empty((n, N_SEGMENTS), dtype=np.int64)
@@ -120,8 +117,7 @@ def sample_proteins(rng: np.random.Generator, n: int,
     background = 1 + _categorical(rng, np.exp(acq.residue_logit_shift), (n, PROTEIN_LEN))
     tokens = np.where(rng.random((n, PROTEIN_LEN)) < EMISSION, favoured, background)
 
-    chain_len = np.where(rng.random(n) < 0.5, PROTEIN_LEN,
-                         rng.integers(32, PROTEIN_LEN, size=n))
+    chain_len = np.where(rng.random(n) < 0.5, PROTEIN_LEN, rng.integers(32, PROTEIN_LEN, size=n))
     pad = np.arange(PROTEIN_LEN)[None, :] >= chain_len[:, None]
     tokens[pad] = PAD_TOKEN
     labels[pad] = IGNORE_LABEL

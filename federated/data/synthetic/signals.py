@@ -17,15 +17,11 @@ from federated.core.multimed import modality
 from federated.data.synthetic.acquisition import EEG_FS
 
 CHANNELS: tuple[str, ...] = ("FC3", "FCz", "FC4", "C3", "Cz", "C4", "CP3", "CP4")
-_CHANNEL_XY = np.array([[-1, 1], [0, 1], [1, 1], [-1, 0], [0, 0], [1, 0], [-1, -1], [1, -1]],
-                       dtype=np.float64)
+_CHANNEL_XY = np.array([[-1, 1], [0, 1], [1, 1], [-1, 0], [0, 0], [1, 0], [-1, -1], [1, -1]], dtype=np.float64)
 _SOURCE_XY = np.array([[-1.0, 0.0], [0.0, 0.2], [1.0, 0.0]])  # left motor, midline, right motor
-LEAD_FIELD = np.exp(-((_CHANNEL_XY[:, None] - _SOURCE_XY[None]) ** 2).sum(-1) / (2 * 0.6 ** 2))
+LEAD_FIELD = np.exp(-((_CHANNEL_XY[:, None] - _SOURCE_XY[None]) ** 2).sum(-1) / (2 * 0.6**2))
 # source amplitude multipliers per class: left_hand, right_hand, feet, tongue
-CLASS_MODULATION = np.array([[1.0, 1.0, 0.35],
-                             [0.35, 1.0, 1.0],
-                             [1.0, 0.35, 1.0],
-                             [0.6, 1.6, 0.6]])
+CLASS_MODULATION = np.array([[1.0, 1.0, 0.35], [0.35, 1.0, 1.0], [1.0, 0.35, 1.0], [0.6, 1.6, 0.6]])
 MU_AMPLITUDE = 0.8
 BACKGROUND_STD = 0.6
 

@@ -14,17 +14,44 @@ import numpy as np
 from federated.core.multimed import modality
 
 FEATURES: tuple[str, ...] = (
-    "tumor_radius", "tumor_texture", "tumor_perimeter", "tumor_area", "smoothness",
-    "compactness", "concavity", "concave_points", "symmetry", "fractal_dimension", "age",
-    "bmi", "breast_density", "family_history", "prior_biopsies", "hormone_receptor",
+    "tumor_radius",
+    "tumor_texture",
+    "tumor_perimeter",
+    "tumor_area",
+    "smoothness",
+    "compactness",
+    "concavity",
+    "concave_points",
+    "symmetry",
+    "fractal_dimension",
+    "age",
+    "bmi",
+    "breast_density",
+    "family_history",
+    "prior_biopsies",
+    "hormone_receptor",
 )
 # loadings of each feature on (risk, size, age)
-LOADINGS = np.array([
-    [0.5, 0.8, 0.0], [0.3, 0.0, 0.0], [0.5, 0.8, 0.0], [0.5, 0.8, 0.0], [0.2, 0.0, 0.0],
-    [0.6, 0.0, 0.0], [0.8, 0.0, 0.0], [0.9, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.0, 0.0],
-    [0.3, 0.0, 1.0], [0.0, 0.0, 0.2], [0.0, 0.0, -0.4], [0.2, 0.0, 0.0], [0.2, 0.0, 0.3],
-    [0.0, 0.0, 0.0],
-])
+LOADINGS = np.array(
+    [
+        [0.5, 0.8, 0.0],
+        [0.3, 0.0, 0.0],
+        [0.5, 0.8, 0.0],
+        [0.5, 0.8, 0.0],
+        [0.2, 0.0, 0.0],
+        [0.6, 0.0, 0.0],
+        [0.8, 0.0, 0.0],
+        [0.9, 0.0, 0.0],
+        [0.1, 0.0, 0.0],
+        [0.0, 0.0, 0.0],
+        [0.3, 0.0, 1.0],
+        [0.0, 0.0, 0.2],
+        [0.0, 0.0, -0.4],
+        [0.2, 0.0, 0.0],
+        [0.2, 0.0, 0.3],
+        [0.0, 0.0, 0.0],
+    ]
+)
 FEATURE_NOISE = 0.5
 
 if len(FEATURES) != modality("tabular").shape[0]:
@@ -36,4 +63,4 @@ def sample_clinical(rng: np.random.Generator, risk: np.ndarray) -> np.ndarray:
     n = len(risk)
     latent = np.stack([risk, rng.normal(size=n), rng.normal(size=n)], axis=1)
     x = latent @ LOADINGS.T + FEATURE_NOISE * rng.normal(size=(n, len(FEATURES)))
-    return x / np.sqrt((LOADINGS ** 2).sum(axis=1) + FEATURE_NOISE ** 2)
+    return x / np.sqrt((LOADINGS**2).sum(axis=1) + FEATURE_NOISE**2)

@@ -65,8 +65,7 @@ def _classes(name: str) -> int:
     return len(task(name).classes)
 
 
-def _image(ctx: SiteContext, modality: str, clean: np.ndarray,
-           rng: np.random.Generator) -> np.ndarray:
+def _image(ctx: SiteContext, modality: str, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return ctx.acquisition.images[modality].apply(clean, rng, BASE_NOISE[modality])
 
 
@@ -89,8 +88,7 @@ def brain_tumor_classification(rng: np.random.Generator, n: int, ctx: SiteContex
 
 
 @GENERATORS.register("breast_cancer_classification")
-def breast_cancer_classification(rng: np.random.Generator, n: int,
-                                 ctx: SiteContext) -> TaskBatch:
+def breast_cancer_classification(rng: np.random.Generator, n: int, ctx: SiteContext) -> TaskBatch:
     """Malignant iff a + b + noise > 0: pathology shows a, the clinical table shows b."""
     a = rng.normal(size=n)
     b = rng.normal(size=n)
@@ -102,7 +100,7 @@ def breast_cancer_classification(rng: np.random.Generator, n: int,
 
 @GENERATORS.register("radiographic_findings")
 def radiographic_findings(rng: np.random.Generator, n: int, ctx: SiteContext) -> TaskBatch:
-    findings = (rng.random((n, _classes("radiographic_findings"))) < FINDING_PREVALENCE)
+    findings = rng.random((n, _classes("radiographic_findings"))) < FINDING_PREVALENCE
     xray = _image(ctx, "xray", render_radiograph(rng, findings, rng.uniform(0.8, 1.0, n)), rng)
     return TaskBatch({"xray": xray}, findings.astype(np.int64), np.full(n, np.nan))
 

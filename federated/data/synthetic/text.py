@@ -34,14 +34,19 @@ def _draw_synonyms(rng: np.random.Generator, n: int, acq: TextAcquisition) -> np
     return first[None, :] + choice
 
 
-def _compose(rng: np.random.Generator, phrases: list[list[list[int]]], suffixes: list[list[int]],
-             mean_fillers: float, acq: TextAcquisition) -> np.ndarray:
+def _compose(
+    rng: np.random.Generator,
+    phrases: list[list[list[int]]],
+    suffixes: list[list[int]],
+    mean_fillers: float,
+    acq: TextAcquisition,
+) -> np.ndarray:
     """Interleave each sample's phrases with site-typical fillers; append its suffix; pad."""
     n = len(phrases)
     cdf = np.cumsum(acq.filler_probs)
     fillers = voc.FIRST_FILLER_TOKEN + np.minimum(
-        np.searchsorted(cdf / cdf[-1], rng.random((n, voc.MAX_LEN)), side="right"),
-        voc.N_FILLERS - 1)
+        np.searchsorted(cdf / cdf[-1], rng.random((n, voc.MAX_LEN)), side="right"), voc.N_FILLERS - 1
+    )
     n_fill = np.maximum(rng.poisson(mean_fillers * acq.verbosity, size=n), 2)
     slots = rng.random((n, 8))  # where each phrase goes among the fillers
     out = np.full((n, voc.MAX_LEN), PAD_TOKEN, dtype=np.int64)
@@ -49,16 +54,15 @@ def _compose(rng: np.random.Generator, phrases: list[list[list[int]]], suffixes:
         used = sum(len(p) for p in phrases[i]) + len(suffixes[i])
         k = int(min(n_fill[i], voc.MAX_LEN - used))
         words: list[int] = fillers[i, :k].tolist()
-        at = np.floor(slots[i, :len(phrases[i])] * (k + 1)).astype(int)
+        at = np.floor(slots[i, : len(phrases[i])] * (k + 1)).astype(int)
         for pos, phrase in sorted(zip(at.tolist(), phrases[i], strict=True), key=lambda z: -z[0]):
             words[pos:pos] = phrase  # insert from the back so earlier positions stay valid
         words += suffixes[i]
-        out[i, :len(words)] = words
+        out[i, : len(words)] = words
     return out
 
 
-def write_reports(rng: np.random.Generator, disease: np.ndarray,
-                  acq: TextAcquisition) -> np.ndarray:
+def write_reports(rng: np.random.Generator, disease: np.ndarray, acq: TextAcquisition) -> np.ndarray:
     """[n, 32] report tokens for disease_classification class indices `disease`."""
     n = len(disease)
     syn = _draw_synonyms(rng, n, acq)
@@ -85,8 +89,7 @@ def write_reports(rng: np.random.Generator, disease: np.ndarray,
     return _compose(rng, phrases, [[] for _ in range(n)], REPORT_FILLERS, acq)
 
 
-def write_questions(rng: np.random.Generator, asked: np.ndarray,
-                    acq: TextAcquisition) -> np.ndarray:
+def write_questions(rng: np.random.Generator, asked: np.ndarray, acq: TextAcquisition) -> np.ndarray:
     """[n, 32] VQA question tokens; asked[i] = finding index, or -1 for "how many findings"."""
     n = len(asked)
     syn = _draw_synonyms(rng, n, acq)

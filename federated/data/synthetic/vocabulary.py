@@ -34,19 +34,91 @@ N_SYNONYMS = 4
 QUESTION_MARK = "?"
 
 FILLERS: tuple[str, ...] = (
-    "the", "a", "of", "and", "with", "in", "on", "is", "was", "for", "to", "at", "this", "that",
-    "patient", "scan", "image", "study", "view", "exam", "chest", "lung", "lungs", "lobe",
-    "left", "right", "upper", "lower", "middle", "bilateral", "mild", "moderate", "small",
-    "stable", "noted", "seen", "observed", "appears", "compared", "prior", "history", "year",
-    "old", "male", "female", "presents", "evaluation", "follow-up", "clinical", "impression",
-    "report", "technique", "contrast", "portable", "ap", "pa", "supine", "please", "shown",
-    "here", "case", "day", "admission", "ward", "referred", "by", "physician", "request",
-    "routine", "screening", "indication", "comparison", "interval", "unchanged", "otherwise",
-    "within", "limits", "normal-size",
+    "the",
+    "a",
+    "of",
+    "and",
+    "with",
+    "in",
+    "on",
+    "is",
+    "was",
+    "for",
+    "to",
+    "at",
+    "this",
+    "that",
+    "patient",
+    "scan",
+    "image",
+    "study",
+    "view",
+    "exam",
+    "chest",
+    "lung",
+    "lungs",
+    "lobe",
+    "left",
+    "right",
+    "upper",
+    "lower",
+    "middle",
+    "bilateral",
+    "mild",
+    "moderate",
+    "small",
+    "stable",
+    "noted",
+    "seen",
+    "observed",
+    "appears",
+    "compared",
+    "prior",
+    "history",
+    "year",
+    "old",
+    "male",
+    "female",
+    "presents",
+    "evaluation",
+    "follow-up",
+    "clinical",
+    "impression",
+    "report",
+    "technique",
+    "contrast",
+    "portable",
+    "ap",
+    "pa",
+    "supine",
+    "please",
+    "shown",
+    "here",
+    "case",
+    "day",
+    "admission",
+    "ward",
+    "referred",
+    "by",
+    "physician",
+    "request",
+    "routine",
+    "screening",
+    "indication",
+    "comparison",
+    "interval",
+    "unchanged",
+    "otherwise",
+    "within",
+    "limits",
+    "normal-size",
 )
 
 TOKEN_NAMES: tuple[str, ...] = (
-    "<pad>", *(w for syns in CONCEPTS.values() for w in syns), QUESTION_MARK, *FILLERS,
+    "<pad>",
+    *(w for syns in CONCEPTS.values() for w in syns),
+    QUESTION_MARK,
+    *FILLERS,
 )
 CONCEPT_NAMES: tuple[str, ...] = tuple(CONCEPTS)
 _FIRST_CONCEPT_TOKEN = PAD_TOKEN + 1
@@ -56,8 +128,9 @@ N_FILLERS = len(FILLERS)
 MAX_LEN = modality("text").shape[0]
 
 if len(TOKEN_NAMES) != modality("text").vocab_size:  # the layout must fill the registry's vocab
-    raise RuntimeError(f"text vocabulary has {len(TOKEN_NAMES)} tokens, the registry says "
-                       f"{modality('text').vocab_size}")
+    raise RuntimeError(
+        f"text vocabulary has {len(TOKEN_NAMES)} tokens, the registry says {modality('text').vocab_size}"
+    )
 if any(len(s) != N_SYNONYMS for s in CONCEPTS.values()):
     raise RuntimeError(f"every concept needs exactly {N_SYNONYMS} synonyms")
 

@@ -51,8 +51,9 @@ def venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
-def clientapp_worker(runtime_api_address: str, parent_pid: int | None = None,
-                     poll_s: float = 0.2, preload: Sequence[str] = ()) -> None:
+def clientapp_worker(
+    runtime_api_address: str, parent_pid: int | None = None, poll_s: float = 0.2, preload: Sequence[str] = ()
+) -> None:
     """Claim and run ClientApp tasks of one SuperNode (`flower-supernode --isolation process`)
     in this process, one at a time, forever. Each task goes through the same steps as
     `flwr-clientapp` (flwr/supernode/runtime/run_clientapp.py): pull message + Context + FAB,
@@ -70,9 +71,12 @@ def clientapp_worker(runtime_api_address: str, parent_pid: int | None = None,
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)  # SIGINT to us when our SuperNode is gone
     client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
     apps: dict[str, Any] = {}  # FAB hash -> its loaded ClientApp (one FAB per process)
     print(f"clientapp worker (pid {os.getpid()}) serving {runtime_api_address}", flush=True)
     try:
@@ -88,11 +92,22 @@ def clientapp_worker(runtime_api_address: str, parent_pid: int | None = None,
             elif apps and res.task.fab_hash and res.task.fab_hash not in apps:
                 # Another app bundle (new code): its modules would clash with the loaded ones.
                 # Flower's own flwr-clientapp handles this task; then start afresh (same PID).
-                print(f"new app bundle {res.task.fab_hash[:8]}: this task runs in flwr-clientapp, "
-                      "then the worker restarts", flush=True)
-                subprocess.run([shutil.which("flwr-clientapp") or str(venv_bin() / "flwr-clientapp"),
-                                "--insecure", "--runtime-api-address", runtime_api_address,
-                                "--token", res.token], check=False)
+                print(
+                    f"new app bundle {res.task.fab_hash[:8]}: this task runs in flwr-clientapp, "
+                    "then the worker restarts",
+                    flush=True,
+                )
+                subprocess.run(
+                    [
+                        shutil.which("flwr-clientapp") or str(venv_bin() / "flwr-clientapp"),
+                        "--insecure",
+                        "--runtime-api-address",
+                        runtime_api_address,
+                        "--token",
+                        res.token,
+                    ],
+                    check=False,
+                )
                 client.close()
                 os.execv(sys.executable, worker_argv(runtime_api_address, parent_pid, preload))
             elif not _run_clientapp_task(runtime_api_address, res.token, apps):
@@ -126,10 +141,15 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
     t0 = t_pulled = t_ran = time.perf_counter()
     retry = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                      RuntimeTokenHttpInterceptor(token)],
-        retry_invoker=retry)
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+            RuntimeTokenHttpInterceptor(token),
+        ],
+        retry_invoker=retry,
+    )
     lost = []
 
     def heartbeat() -> bool:  # unlike Flower's, a refused heartbeat must not SIGINT the worker
@@ -152,7 +172,8 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
             load_failed = True
             app_path = install_from_fab(fab.content, skip_prompt=True)
             apps[fab.hash_str] = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
-                run.fab_id, run.fab_version, fab.hash_str)
+                run.fab_id, run.fab_version, fab.hash_str
+            )
             load_failed = False
             print(f"loaded the ClientApp of {run.fab_id} {run.fab_version} from {app_path}", flush=True)
         reply = apps[fab.hash_str](message=message, context=context)
@@ -161,8 +182,10 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
     except Exception as ex:
         code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"
         if isinstance(ex, LoadClientAppError):
-            code, reason = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, \
-                "An exception was raised when attempting to load `ClientApp`"
+            code, reason = (
+                ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
+                "An exception was raised when attempting to load `ClientApp`",
+            )
         traceback.print_exc()
         details = reason
         if message is not None:
@@ -181,8 +204,11 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
         client.close()
     kind = message.metadata.message_type if message is not None else "?"
     t1 = time.perf_counter()
-    print(f"{kind} message: {sub_status} in {t1 - t0:.2f} s (pull {t_pulled - t0:.2f} s, "
-          f"app {max(0.0, t_ran - t_pulled):.2f} s, push {t1 - max(t_ran, t_pulled):.2f} s)", flush=True)
+    print(
+        f"{kind} message: {sub_status} in {t1 - t0:.2f} s (pull {t_pulled - t0:.2f} s, "
+        f"app {max(0.0, t_ran - t_pulled):.2f} s, push {t1 - max(t_ran, t_pulled):.2f} s)",
+        flush=True,
+    )
     return not load_failed
 
 
@@ -211,9 +237,13 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     node = Node(node_id=context.node_id)
     tree = pulled.message_object_trees[0]
     message = pull_and_inflate_object_from_tree(
-        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=0.05, backoff_cap=0.5)
+        return_type=Message,
+        initial_backoff=0.05,
+        backoff_cap=0.5,
+    )
     message.metadata.__dict__["_message_id"] = tree.object_id  # as flwr-clientapp does
     return message, context, run, fab
 
@@ -221,13 +251,19 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
 WORKER_PRELOAD = ("torch",)  # third-party, imported at worker start instead of in the first message
 
 
-def worker_argv(runtime_api_address: str, parent_pid: int | None = None,
-                preload: Sequence[str] = WORKER_PRELOAD) -> list[str]:
+def worker_argv(
+    runtime_api_address: str, parent_pid: int | None = None, preload: Sequence[str] = WORKER_PRELOAD
+) -> list[str]:
     """The command of a ClientApp worker. It runs this file as a script, so the process
     imports nothing of the project before loading the ClientApp from the run's app bundle
     (FAB), as `flwr-clientapp` does; with `-m` the checkout's packages would load first."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "clientapp-worker",
-            "--runtime-api-address", runtime_api_address]
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "clientapp-worker",
+        "--runtime-api-address",
+        runtime_api_address,
+    ]
     argv += ["--parent-pid", str(parent_pid)] if parent_pid is not None else []
     return argv + [a for m in preload for a in ("--preload", m)]
 
@@ -235,13 +271,21 @@ def worker_argv(runtime_api_address: str, parent_pid: int | None = None,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m federated.engines.deployment")
     sub = parser.add_subparsers(dest="command", required=True)
-    worker = sub.add_parser("clientapp-worker", help="run a SuperNode's ClientApp tasks in this "
-                            "long-lived process (flower-supernode --isolation process)")
-    worker.add_argument("--runtime-api-address", required=True,
-                        help="the SuperNode's Runtime API, HOST:PORT (its --host/--port)")
+    worker = sub.add_parser(
+        "clientapp-worker",
+        help="run a SuperNode's ClientApp tasks in this long-lived process (flower-supernode --isolation process)",
+    )
+    worker.add_argument(
+        "--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT (its --host/--port)"
+    )
     worker.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) exits")
-    worker.add_argument("--preload", action="append", default=[], metavar="MODULE",
-                        help="import this (third-party) module at start, e.g. torch")
+    worker.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this (third-party) module at start, e.g. torch",
+    )
     args = parser.parse_args(argv)
     if "federated.engines" in sys.modules:  # started with -m: restart clean, as a script
         os.execv(sys.executable, worker_argv(args.runtime_api_address, args.parent_pid, args.preload))

@@ -13,8 +13,14 @@ from pathlib import Path
 from federated.engines.deployment.clientapp_worker import venv_bin
 
 HOST = "127.0.0.1"
-FLOWER_BINARIES = ("flwr", "flower-superlink", "flower-supernode", "flower-superexec",
-                   "flwr-serverapp", "flwr-clientapp")
+FLOWER_BINARIES = (
+    "flwr",
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+)
 
 
 class DeploymentError(RuntimeError):
@@ -26,8 +32,13 @@ def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[s
     no runtime `uv sync` of the app's dependencies, and this venv's bin first on PATH (the
     SuperLink and SuperNodes start `flower-superexec`, `flwr-serverapp`, ... by name)."""
     env = dict(os.environ if base is None else base)
-    env.update(FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PYTHONUNBUFFERED="1",
+    )
     env["PATH"] = os.pathsep.join([str(venv_bin()), env.get("PATH", "")])
     return env
 
@@ -40,7 +51,8 @@ def check_binaries(env: Mapping[str, str]) -> dict[str, str]:
         raise DeploymentError(
             f"Flower binaries not found on PATH ({venv_bin()} first): {', '.join(missing)}. "
             "Install this project into the environment you run from (pip install -e .), which "
-            "brings flwr[simulation]>=1.42,<1.43 and its console scripts.")
+            "brings flwr[simulation]>=1.42,<1.43 and its console scripts."
+        )
     return {k: str(v) for k, v in found.items()}
 
 
@@ -58,8 +70,9 @@ def check_port_free(host: str, port: int, what: str) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise DeploymentError(f"port {port} on {host} for the {what} is busy ({e.strerror}); "
-                                  "pick another port, or 0 for a free one") from None
+            raise DeploymentError(
+                f"port {port} on {host} for the {what} is busy ({e.strerror}); pick another port, or 0 for a free one"
+            ) from None
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -57,8 +57,15 @@ class LoopbackFederation:
     connection `multimed-demo`), logs/ (one log per process), superlink.db.
     """
 
-    def __init__(self, workdir: str | Path, n_keys: int, host: str = HOST, superlink_port: int = 0,
-                 say: Callable[[str], None] = lambda s: None, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        workdir: str | Path,
+        n_keys: int,
+        host: str = HOST,
+        superlink_port: int = 0,
+        say: Callable[[str], None] = lambda s: None,
+        grace_s: float = 10.0,
+    ) -> None:
         self.dir = Path(workdir).resolve()
         self.host, self.say, self.grace_s = host, say, grace_s
         self.logs = self.dir / "logs"
@@ -114,24 +121,35 @@ class LoopbackFederation:
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
             f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n'
-            f"root-certificates = {json.dumps(str(self.pki.ca_cert))}\n")
+            f"root-certificates = {json.dumps(str(self.pki.ca_cert))}\n"
+        )
 
-    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True,
-             cwd: Path | None = None, polling: bool = False) -> subprocess.CompletedProcess[str]:
+    def flwr(
+        self, *args: str, timeout: float = 120.0, check: bool = True, cwd: Path | None = None, polling: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         """Run the flwr CLI against our connection. polling=True: at low CPU priority (each
         call is a Python start, ~1.5 CPU-s, that must not slow the run it watches)."""
         argv = [self.binaries["flwr"], *args]
         try:
-            res = subprocess.run(argv, env=self.env, cwd=cwd or self.dir, capture_output=True,
-                                 text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                                 preexec_fn=(lambda: os.nice(10)) if polling and hasattr(os, "nice") else None)
+            res = subprocess.run(
+                argv,
+                env=self.env,
+                cwd=cwd or self.dir,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=(lambda: os.nice(10)) if polling and hasattr(os, "nice") else None,
+            )
         except subprocess.TimeoutExpired:
             raise DeploymentError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from None
         with open(self.logs / "flwr-cli.log", "a") as log:
             log.write(f"$ flwr {' '.join(args)}\n[exit {res.returncode}]\n{res.stdout}{res.stderr}\n")
         if check and res.returncode != 0:
-            raise DeploymentError(f"`flwr {' '.join(args)}` failed (exit {res.returncode}): "
-                                  f"{_ANSI.sub('', (res.stdout + res.stderr).strip())[-2000:]}")
+            raise DeploymentError(
+                f"`flwr {' '.join(args)}` failed (exit {res.returncode}): "
+                f"{_ANSI.sub('', (res.stdout + res.stderr).strip())[-2000:]}"
+            )
         return res
 
     def flwr_json(self, *args: str, timeout: float = 120.0, polling: bool = False) -> dict[str, Any]:
@@ -139,40 +157,64 @@ class LoopbackFederation:
         try:
             data = json.loads(res.stdout)
         except json.JSONDecodeError:
-            raise DeploymentError(f"`flwr {' '.join(args)}` gave no JSON (exit {res.returncode}): "
-                                  f"{_ANSI.sub('', (res.stdout + res.stderr).strip())[-2000:]}") from None
+            raise DeploymentError(
+                f"`flwr {' '.join(args)}` gave no JSON (exit {res.returncode}): "
+                f"{_ANSI.sub('', (res.stdout + res.stderr).strip())[-2000:]}"
+            ) from None
         if not data.get("success", False):
-            raise DeploymentError(f"`flwr {' '.join(args)}` failed: "
-                                  f"{data.get('error-message', data)}")
+            raise DeploymentError(f"`flwr {' '.join(args)}` failed: {data.get('error-message', data)}")
         return data
 
     # -- SuperLink
     def start_superlink(self, timeout_s: float = 120.0) -> ManagedProcess:
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.superlink = self._track(ManagedProcess("superlink", [
-            self.binaries["flower-superlink"],
-            "--ssl-ca-certfile", str(self.pki.ca_cert), "--ssl-certfile", str(self.pki.server_cert),
-            "--ssl-keyfile", str(self.pki.server_key), "--enable-supernode-auth",
-            "--host", self.host, "--port", str(self.port), "--database", str(self.dir / "superlink.db"),
-        ], self.logs / "superlink.log", self.env, self.dir))
+        self.superlink = self._track(
+            ManagedProcess(
+                "superlink",
+                [
+                    self.binaries["flower-superlink"],
+                    "--ssl-ca-certfile",
+                    str(self.pki.ca_cert),
+                    "--ssl-certfile",
+                    str(self.pki.server_cert),
+                    "--ssl-keyfile",
+                    str(self.pki.server_key),
+                    "--enable-supernode-auth",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                    "--database",
+                    str(self.dir / "superlink.db"),
+                ],
+                self.logs / "superlink.log",
+                self.env,
+                self.dir,
+            )
+        )
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.superlink.alive():
                 text = self.superlink.log_text()
                 if "address already in use" in text.lower() or "errno 98" in text.lower():
-                    raise DeploymentError(f"the SuperLink cannot listen on {self.address}: the port "
-                                          f"is busy (log: {self.superlink.log_path})")
-                raise DeploymentError(f"the SuperLink exited with code {self.superlink.returncode}: "
-                                      f"{self.superlink.log_tail()}\n(log: {self.superlink.log_path})")
+                    raise DeploymentError(
+                        f"the SuperLink cannot listen on {self.address}: the port "
+                        f"is busy (log: {self.superlink.log_path})"
+                    )
+                raise DeploymentError(
+                    f"the SuperLink exited with code {self.superlink.returncode}: "
+                    f"{self.superlink.log_tail()}\n(log: {self.superlink.log_path})"
+                )
             if _port_open(self.host, self.port) and "Uvicorn running" in self.superlink.log_text():
                 break
             if time.monotonic() > deadline:
-                raise DeploymentError(f"the SuperLink did not listen on {self.address} within "
-                                      f"{timeout_s:.0f} s (log: {self.superlink.log_path})")
+                raise DeploymentError(
+                    f"the SuperLink did not listen on {self.address} within "
+                    f"{timeout_s:.0f} s (log: {self.superlink.log_path})"
+                )
             time.sleep(0.3)
         self.note_descendants()
-        self.say(f"started SuperLink on https://{self.address} (TLS, SuperNode auth on, "
-                 f"pid {self.superlink.pid})")
+        self.say(f"started SuperLink on https://{self.address} (TLS, SuperNode auth on, pid {self.superlink.pid})")
         return self.superlink
 
     def register(self, key: NodeKey, name: str) -> None:
@@ -184,31 +226,51 @@ class LoopbackFederation:
         return [n for n in data.get("nodes", []) if n.get("status") == "online"]
 
     # -- SuperNodes
-    def start_supernode(self, name: str, key: NodeKey | None, node_config: Mapping[str, Any],
-                        clientapp: str | None = "worker", insecure: bool = False,
-                        extra: Sequence[str] = ()) -> SuperNodeHandle:
+    def start_supernode(
+        self,
+        name: str,
+        key: NodeKey | None,
+        node_config: Mapping[str, Any],
+        clientapp: str | None = "worker",
+        insecure: bool = False,
+        extra: Sequence[str] = (),
+    ) -> SuperNodeHandle:
         """A SuperNode for one site. clientapp="worker": `--isolation process` plus our
         long-lived ClientApp worker; "subprocess": Flower's one process per message;
         None: `--isolation process` and no ClientApp process at all (tests, or bring your own)."""
         if clientapp is not None and clientapp not in CLIENTAPP_MODES:
-            raise DeploymentError(f"clientapp must be one of {', '.join(CLIENTAPP_MODES)} "
-                                  f"(got {clientapp!r})")
+            raise DeploymentError(f"clientapp must be one of {', '.join(CLIENTAPP_MODES)} (got {clientapp!r})")
         self.logs.mkdir(parents=True, exist_ok=True)
         port = free_port(self.host)
         argv: list[Any] = [self.binaries["flower-supernode"], "--superlink", self.address]
         argv += ["--insecure"] if insecure else ["--root-certificates", self.pki.ca_cert]
         if key is not None:
             argv += ["--auth-supernode-private-key", key.private]
-        argv += ["--node-config", node_config_string(node_config), "--host", self.host,
-                 "--port", str(port), "--isolation", "subprocess" if clientapp == "subprocess" else "process",
-                 *extra]
-        node = self._track(ManagedProcess(f"supernode-{name}", argv, self.logs / f"supernode-{name}.log",
-                                          self.env, self.dir))
+        argv += [
+            "--node-config",
+            node_config_string(node_config),
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            "--isolation",
+            "subprocess" if clientapp == "subprocess" else "process",
+            *extra,
+        ]
+        node = self._track(
+            ManagedProcess(f"supernode-{name}", argv, self.logs / f"supernode-{name}.log", self.env, self.dir)
+        )
         handle = SuperNodeHandle(name, port, node)
         if clientapp == "worker":
-            handle.worker = self._track(ManagedProcess(
-                f"clientapp-{name}", worker_argv(f"{self.host}:{port}", node.pid),
-                self.logs / f"clientapp-{name}.log", self.env, self.dir))
+            handle.worker = self._track(
+                ManagedProcess(
+                    f"clientapp-{name}",
+                    worker_argv(f"{self.host}:{port}", node.pid),
+                    self.logs / f"clientapp-{name}.log",
+                    self.env,
+                    self.dir,
+                )
+            )
         self.nodes.append(handle)
         return handle
 
@@ -219,15 +281,15 @@ class LoopbackFederation:
             dead += [h.worker for h in self.nodes if h.worker is not None and not h.worker.alive()]
             if dead:
                 p = dead[0]
-                raise DeploymentError(f"{p.name} exited with code {p.returncode}: {p.log_tail()}\n"
-                                      f"(log: {p.log_path})")
+                raise DeploymentError(f"{p.name} exited with code {p.returncode}: {p.log_tail()}\n(log: {p.log_path})")
             online = self.online_nodes()
             if len(online) >= n:
                 self.note_descendants()
                 return online
             if time.monotonic() > deadline:
-                raise DeploymentError(f"only {len(online)} of {n} SuperNodes came online within "
-                                      f"{timeout_s:.0f} s (logs: {self.logs})")
+                raise DeploymentError(
+                    f"only {len(online)} of {n} SuperNodes came online within {timeout_s:.0f} s (logs: {self.logs})"
+                )
             time.sleep(1.0)
 
     def supervise(self) -> None:
@@ -236,8 +298,7 @@ class LoopbackFederation:
         every message."""
         for p in [self.superlink, *(h.node for h in self.nodes)]:
             if p is not None and not p.alive():
-                raise DeploymentError(f"{p.name} exited with code {p.returncode}: {p.log_tail()}\n"
-                                      f"(log: {p.log_path})")
+                raise DeploymentError(f"{p.name} exited with code {p.returncode}: {p.log_tail()}\n(log: {p.log_path})")
         for h in self.nodes:
             if h.worker is not None and not h.worker.alive():
                 old = h.worker
@@ -247,8 +308,7 @@ class LoopbackFederation:
 
     # -- runs
     def submit(self, app_dir: Path, run_config: Path) -> str:
-        data = self.flwr_json("run", str(app_dir), CONNECTION, "--run-config", str(run_config),
-                              timeout=300.0)
+        data = self.flwr_json("run", str(app_dir), CONNECTION, "--run-config", str(run_config), timeout=300.0)
         return str(data["run-id"])
 
     def run_info(self, run_id: str) -> dict[str, Any]:
@@ -257,8 +317,9 @@ class LoopbackFederation:
             raise DeploymentError(f"the SuperLink does not know run {run_id}")
         return dict(runs[0])
 
-    def wait_run(self, run_id: str, timeout_s: float,
-                 on_status: Callable[[str], None] = lambda s: None, poll_s: float = 5.0) -> RunResult:
+    def wait_run(
+        self, run_id: str, timeout_s: float, on_status: Callable[[str], None] = lambda s: None, poll_s: float = 5.0
+    ) -> RunResult:
         deadline = time.monotonic() + timeout_s
         last = None
         while True:
@@ -274,8 +335,9 @@ class LoopbackFederation:
             if time.monotonic() > deadline:
                 with contextlib.suppress(DeploymentError):
                     self.flwr("stop", run_id, CONNECTION, timeout=60, check=False)
-                raise DeploymentError(f"run {run_id} did not finish within {timeout_s:.0f} s "
-                                      f"(last status {status!r}); stopped it")
+                raise DeploymentError(
+                    f"run {run_id} did not finish within {timeout_s:.0f} s (last status {status!r}); stopped it"
+                )
             time.sleep(poll_s)
 
     def save_run_log(self, run_id: str, path: Path) -> None:
@@ -295,7 +357,9 @@ def node_config_string(node_config: Mapping[str, Any]) -> str:
         else:
             s = str(v)
             if "'" in s or " " in s:
-                raise DeploymentError(f"node config {k}={s!r}: values may not contain spaces or "
-                                      "single quotes (flower-supernode --node-config)")
+                raise DeploymentError(
+                    f"node config {k}={s!r}: values may not contain spaces or "
+                    "single quotes (flower-supernode --node-config)"
+                )
             parts.append(f"{k}='{s}'")
     return " ".join(parts)

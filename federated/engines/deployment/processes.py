@@ -27,7 +27,7 @@ def _proc_stat(pid: int) -> tuple[int, int] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may contain spaces
     return int(fields[1]), int(fields[19])
 
 
@@ -54,7 +54,7 @@ def pid_alive(pid: int, start_time: int | None = None) -> bool:
             raw = stat_path.read_text()
         except OSError:
             return False
-        fields = raw[raw.rindex(")") + 2:].split()
+        fields = raw[raw.rindex(")") + 2 :].split()
         return fields[0] != "Z" and (start_time is None or int(fields[19]) == start_time)
     try:
         os.kill(pid, 0)
@@ -79,8 +79,14 @@ class ManagedProcess:
     """A child process with a log file; `stop()` (also on leaving a `with`) ends it and its
     descendants: SIGTERM by PID, SIGKILL after `grace_s`."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name, self.argv, self.log_path = name, [str(a) for a in argv], Path(log_path)
         self.env, self.cwd = dict(env) if env is not None else None, cwd
         self.popen: subprocess.Popen[bytes] | None = None
@@ -94,9 +100,15 @@ class ManagedProcess:
         self._log.flush()
         try:
             self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                env=self.env, cwd=self.cwd, start_new_session=True,  # Ctrl-C reaches us only
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,  # Ctrl-C reaches us only
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
         except OSError as e:
             self._log.close()
             raise DeploymentError(f"cannot start {self.name} ({self.argv[0]}): {e}") from None
@@ -143,8 +155,7 @@ class ManagedProcess:
                 os.kill(self.pid, sig)
 
     def leftovers(self) -> list[int]:
-        return [pid for pid, start in self.seen.items()
-                if pid_alive(pid, None if start < 0 else start)]
+        return [pid for pid, start in self.seen.items() if pid_alive(pid, None if start < 0 else start)]
 
     def kill_leftovers(self) -> None:
         """SIGKILL whatever of ours still runs: the PID, its process group, seen descendants."""
@@ -203,6 +214,7 @@ def stop_all(processes: Sequence[ManagedProcess], grace_s: float = 10.0) -> None
 def sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt while inside (main thread only), so the cleanup in
     `finally` blocks runs when someone terminates us."""
+
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 

@@ -30,25 +30,34 @@ def test_group_selection_sets_the_name():
     assert load_config(["strategy=fedavg"]).strategy.name == "fedavg"
 
 
-@pytest.mark.parametrize("overrides, pattern", [
-    (["colour=red"], r"unknown key 'colour'; valid keys here: seed, rounds"),
-    (["strategy.mu=0.1"], r"unknown key .strategy.mu.; valid keys here: name, fraction_train"),
-    (["strategy.on_too_few_valid=retry"], r"strategy.on_too_few_valid=retry: must be one of: fail, skip"),
-    (["strategy.fraction_train=0"], r"strategy.fraction_train=0.0: must be in \(0, 1\]"),
-    (["strategy=trimmed_mean", "strategy.trim_fraction=0.6"], r"^strategy.trim_fraction=0.6: must be in \[0, 0.5\)$"),
-    (["strategy=fedprox", "strategy.proximal_mu=lots"], r"command line: wrong value for 'strategy.proximal_mu'"),
-    (["strategy=fedavg", "strategy.name=fedprox"], r"strategy.name=fedprox: choose a strategy with strategy=fedprox"),
-    (["rounds=many"], r"wrong value for 'rounds'"),
-    (["train.lr=fast"], r"wrong value for 'train.lr'"),
-    (["strategy=fedfoo"], r"unknown strategy .fedfoo.; choices: fedadagrad, fedadam, fedavg"),
-    (["strategy=scaffold"], r"train.optimizer must be sgd with strategy=scaffold"),
-    (["strategy=scaffold", "train.optimizer=sgd"], r"train.momentum must be 0 with strategy=scaffold"),
-    (["attack.kind=meteor"], r"attack.kind must be one of: none, sign_flip"),
-    (["scale=huge"], r"unknown scale 'huge'; choices: default, smoke"),
-    (["rounds=0"], r"rounds must be >= 1"),
-    (["train.optimizer=rmsprop"], r"train.optimizer must be one of: adam, sgd"),
-    (["rounds"], r"not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["colour=red"], r"unknown key 'colour'; valid keys here: seed, rounds"),
+        (["strategy.mu=0.1"], r"unknown key .strategy.mu.; valid keys here: name, fraction_train"),
+        (["strategy.on_too_few_valid=retry"], r"strategy.on_too_few_valid=retry: must be one of: fail, skip"),
+        (["strategy.fraction_train=0"], r"strategy.fraction_train=0.0: must be in \(0, 1\]"),
+        (
+            ["strategy=trimmed_mean", "strategy.trim_fraction=0.6"],
+            r"^strategy.trim_fraction=0.6: must be in \[0, 0.5\)$",
+        ),
+        (["strategy=fedprox", "strategy.proximal_mu=lots"], r"command line: wrong value for 'strategy.proximal_mu'"),
+        (
+            ["strategy=fedavg", "strategy.name=fedprox"],
+            r"strategy.name=fedprox: choose a strategy with strategy=fedprox",
+        ),
+        (["rounds=many"], r"wrong value for 'rounds'"),
+        (["train.lr=fast"], r"wrong value for 'train.lr'"),
+        (["strategy=fedfoo"], r"unknown strategy .fedfoo.; choices: fedadagrad, fedadam, fedavg"),
+        (["strategy=scaffold"], r"train.optimizer must be sgd with strategy=scaffold"),
+        (["strategy=scaffold", "train.optimizer=sgd"], r"train.momentum must be 0 with strategy=scaffold"),
+        (["attack.kind=meteor"], r"attack.kind must be one of: none, sign_flip"),
+        (["scale=huge"], r"unknown scale 'huge'; choices: default, smoke"),
+        (["rounds=0"], r"rounds must be >= 1"),
+        (["train.optimizer=rmsprop"], r"train.optimizer must be one of: adam, sgd"),
+        (["rounds"], r"not of the form key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(overrides)
@@ -68,18 +77,27 @@ def test_bad_group_file_is_reported(tmp_path):
 
 
 def test_a_setting_the_strategy_does_not_read_is_refused_by_name(tmp_path):
-    with pytest.raises(ConfigError, match=r"^command line: strategy.proximal_mu is not a setting of strategy 'fedavg' "
-                                          r"\(its settings: fraction_train, weighting, .*max_examples_factor\); "
-                                          r"proximal_mu is read by: fedprox$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^command line: strategy.proximal_mu is not a setting of strategy 'fedavg' "
+        r"\(its settings: fraction_train, weighting, .*max_examples_factor\); "
+        r"proximal_mu is read by: fedprox$",
+    ):
         load_config(["strategy=fedavg", "strategy.proximal_mu=0.1"])
-    with pytest.raises(ConfigError, match=r"strategy.trim_fraction is not a setting of strategy 'krum' "
-                                          r"\(its settings: .*groupwise, n_byzantine, krum_selected\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"strategy.trim_fraction is not a setting of strategy 'krum' "
+        r"\(its settings: .*groupwise, n_byzantine, krum_selected\)",
+    ):
         load_config(["strategy=krum", "strategy.trim_fraction=0.25"])
     (tmp_path / "strategy").mkdir()
     (tmp_path / "config.yaml").write_text("defaults:\n  strategy: median\n")
     (tmp_path / "strategy" / "median.yaml").write_text("groupwise: true\nglobal_lr: 2.0\n")
-    with pytest.raises(ConfigError, match=r"conf/strategy/median.yaml: strategy.global_lr is not a setting of "
-                                          r"strategy 'median'.*read by: scaffold"):
+    with pytest.raises(
+        ConfigError,
+        match=r"conf/strategy/median.yaml: strategy.global_lr is not a setting of "
+        r"strategy 'median'.*read by: scaffold",
+    ):
         load_config(root=tmp_path)
     text = config_to_yaml(load_config(["strategy=fedavg"])).replace("  name: fedavg\n", "  name: fedavg\n  tau: 0.1\n")
     with pytest.raises(ConfigError, match=r"serialised config: strategy.tau is not a setting of strategy 'fedavg'"):
@@ -130,6 +148,7 @@ def test_strategy_config_splits_a_flat_section():
 def test_a_config_whose_settings_do_not_match_its_strategy_is_not_written():
     cfg = load_config(["strategy=fedprox"])
     wrong = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, settings=KrumSettings()))
-    with pytest.raises(ConfigError, match="strategy 'fedprox' carries KrumSettings settings, not its registered "
-                                          "FedProxSettings"):
+    with pytest.raises(
+        ConfigError, match="strategy 'fedprox' carries KrumSettings settings, not its registered FedProxSettings"
+    ):
         config_to_yaml(wrong)

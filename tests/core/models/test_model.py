@@ -17,8 +17,11 @@ def _batch(task: str, b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
     out = {}
     for m in TASKS.get(task).inputs:
         spec = MODALITIES.get(m)
-        out[m] = (torch.randint(1, spec.vocab_size, (b, *spec.shape), generator=g) if spec.is_tokens
-                  else torch.randn(b, *spec.shape, generator=g))
+        out[m] = (
+            torch.randint(1, spec.vocab_size, (b, *spec.shape), generator=g)
+            if spec.is_tokens
+            else torch.randn(b, *spec.shape, generator=g)
+        )
     return out
 
 
@@ -67,8 +70,7 @@ def test_a_sample_with_nothing_present_stays_finite():
 def test_parameter_groups_cover_everything_once():
     model = build_model(CFG, seed=0)
     groups = model.parameter_groups()
-    assert set(groups) == ({"fusion"} | {f"encoder/{m}" for m in MODALITIES}
-                           | {f"head/{t}" for t in TASKS})
+    assert set(groups) == ({"fusion"} | {f"encoder/{m}" for m in MODALITIES} | {f"head/{t}" for t in TASKS})
     names = [n for ns in groups.values() for n in ns]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     assert group_of("encoders.ct.net.0.weight") == "encoder/ct"
