@@ -82,7 +82,7 @@ def train_local(
     losses = []
     for i in order:
         task, idx = batches[i]
-        batch = data.split(task, "train").take(idx)  # type: ignore[union-attr]
+        batch = data.split(task, "train").take(idx)  # type: ignore[union-attr]  # batches come from existing splits
         optimizer.zero_grad(set_to_none=True)
         loss = task_loss(task, model(task, batch.inputs, batch.present), batch.targets)
         loss.backward()

@@ -36,7 +36,7 @@ TARGET = 2.0
 MODES = ("hooks", "functorch", "ew")
 
 
-def task_batches(cfg, batch_size: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def task_batches(cfg, batch_size: int) -> dict[str, object]:
     corpus = Corpus.open(prepare_corpus(cfg.corpus))
     batches = {}
     for plan in plan_sites(corpus, cfg):
@@ -50,7 +50,7 @@ def task_batches(cfg, batch_size: int) -> dict[str, object]:  # type: ignore[no-
     return batches
 
 
-def _model_for(cfg, task: str):  # type: ignore[no-untyped-def]
+def _model_for(cfg, task: str):
     model = build_model(cfg.model, 0)
     keep = {"fusion", f"head/{task}"} | {f"encoder/{m}" for m in TASKS.get(task).inputs}
     for name, p in model.named_parameters():
@@ -59,7 +59,7 @@ def _model_for(cfg, task: str):  # type: ignore[no-untyped-def]
     return model
 
 
-def make_steps(cfg, task: str, batch, mode: str | None):  # type: ignore[no-untyped-def]
+def make_steps(cfg, task: str, batch, mode: str | None):
     """A closure taking one training step of `task` on `batch`."""
     from opacus.optimizers import DPOptimizer
 

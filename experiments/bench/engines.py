@@ -40,16 +40,16 @@ class Stopwatch:
     def __init__(self) -> None:
         self.start = self.end = 0.0
 
-    def on_start(self, cfg, profiles) -> None:  # type: ignore[no-untyped-def]
+    def on_start(self, cfg, profiles) -> None:
         self.start = time.perf_counter()
 
-    def on_resume(self, records) -> None:  # type: ignore[no-untyped-def]
+    def on_resume(self, records) -> None:
         pass
 
-    def on_round_end(self, record) -> None:  # type: ignore[no-untyped-def]
+    def on_round_end(self, record) -> None:
         self.end = time.perf_counter()
 
-    def on_end(self, result) -> None:  # type: ignore[no-untyped-def]
+    def on_end(self, result) -> None:
         self.end = time.perf_counter()
 
 

@@ -5,4 +5,4 @@ registers every strategy's settings with the config loader (federated/core canno
 strategies/ itself, so a process that loads a config imports strategies first).
 """
 
-import strategies  # noqa: F401
+import strategies  # noqa: F401  (registers the strategies' settings with the config loader)

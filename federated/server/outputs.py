@@ -1,4 +1,4 @@
-"""The files a run leaves behind: summary.json (the contract in DESIGN.md), config.yaml, a table."""
+"""The files a run leaves behind: summary.json (a contract: README, "What a run does"), config.yaml, a table."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ class KillAfter(Callback):
     def __init__(self, rnd: int) -> None:
         self.rnd = rnd
 
-    def on_round_end(self, record) -> None:  # type: ignore[no-untyped-def]
+    def on_round_end(self, record) -> None:
         if record.round == self.rnd:
             raise Killed(f"killed after round {self.rnd}")
 
@@ -77,17 +77,17 @@ def test_resume_ends_with_the_uninterrupted_model_and_epsilon(tmp_path, monkeypa
 
 
 class _Both(Callback):
-    def __init__(self, table, killer) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, table, killer) -> None:
         self.table, self.killer = table, killer
 
-    def on_resume(self, records) -> None:  # type: ignore[no-untyped-def]
+    def on_resume(self, records) -> None:
         self.table.on_resume(records)
 
-    def on_round_end(self, record) -> None:  # type: ignore[no-untyped-def]
+    def on_round_end(self, record) -> None:
         self.table.on_round_end(record)
         self.killer.on_round_end(record)
 
-    def on_end(self, result) -> None:  # type: ignore[no-untyped-def]
+    def on_end(self, result) -> None:
         self.table.on_end(result)
 
 

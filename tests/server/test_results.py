@@ -170,4 +170,4 @@ def test_summarize_scores_id_eval_sites_as_id_and_reads_role_strings():
     assert s.id_personal is not None and s.id_personal.per_task["cell_type"] == pytest.approx(
         (0.5 * 10 + 0.375 * 8) / 18
     )  # training sites' personal models only
-    assert SiteProfile("x", "held_out", "a", [], [], 0, 0).role is Role.HELD_OUT  # type: ignore[arg-type]
+    assert SiteProfile("x", "held_out", "a", [], [], 0, 0).role is Role.HELD_OUT  # type: ignore[arg-type]  # a plain string on purpose

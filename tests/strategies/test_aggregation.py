@@ -371,7 +371,7 @@ def test_server_opt_refuses_unknown_variants_and_mismatched_state():
 def test_server_opt_state_is_frozen():
     _, state = server_opt_step({"w": np.zeros(1)}, {"w": np.ones(1)}, None, "adam", lr=0.1)
     with pytest.raises(AttributeError):
-        state.step = 5  # type: ignore[misc]
+        state.step = 5  # type: ignore[misc]  # the point: a frozen dataclass refuses
 
 
 # --- SCAFFOLD ----------------------------------------------------------------------

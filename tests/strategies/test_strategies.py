@@ -35,7 +35,7 @@ def _reply(node: int, values: dict, n: int, groups: dict | None = None, extra: d
 def _start(name: str, current: dict, n_sites: int = 3, **cfg) -> tuple:
     strategy = build_strategy(strategy_config(name, {"min_train_sites": 1, **cfg}), n_train_sites=n_sites)
     strategy.know_sites({i: f"site_{i}" for i in range(1, n_sites + 1)}, {i: 100 for i in range(1, n_sites + 1)})
-    grid = InProcessGrid(client_app=None, node_configs=[{}] * n_sites, run_config={})  # type: ignore[arg-type]
+    grid = InProcessGrid(client_app=None, node_configs=[{}] * n_sites, run_config={})  # type: ignore[arg-type]  # no ClientApp: only messages are built
     messages = list(strategy.configure_train(1, _arrays(current), ConfigRecord(), grid))
     return strategy, messages
 

@@ -106,4 +106,4 @@ def test_rejection_is_a_frozen_record():
     r = Rejection(node_id=3, site="site_3", reason="missing 1 key(s): 'w'")
     assert (r.node_id, r.site, r.reason) == (3, "site_3", "missing 1 key(s): 'w'")
     with pytest.raises(dataclasses.FrozenInstanceError):
-        r.reason = "fine"  # type: ignore[misc]
+        r.reason = "fine"  # type: ignore[misc]  # the point: a frozen dataclass refuses

@@ -97,7 +97,7 @@ def _keys_at(path: str, schema: type) -> list[str]:
 def _merge(base: DictConfig, other: Any, where: str, strategy: str) -> DictConfig:
     """base <- other; OmegaConf's errors become ConfigErrors that say where and name the key."""
     try:
-        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]  # merging two DictConfigs gives one
     except ConfigKeyError as e:
         key = e.full_key or "?"
         section, _, setting = key.partition(".")
