@@ -110,6 +110,16 @@ class PrivacyLedger:
             return float("inf")  # a step without noise has no guarantee
         return float(acc.get_epsilon(cfg.delta)) if acc.history else 0.0
 
+    def record(self, plans: dict[str, TaskPlan], taken: dict[str, int]) -> None:
+        """Add a round's steps to each task's Opacus history of (sigma, q, steps) entries; a round
+        with the same sigma and q as the last entry extends it, so the history stays short."""
+        for task, tp in plans.items():
+            hist = self.history.setdefault(task, [])
+            if hist and hist[-1][0] == tp.noise_multiplier and hist[-1][1] == tp.sample_rate:
+                hist[-1][2] += taken[task]
+            elif taken[task]:
+                hist.append([tp.noise_multiplier, tp.sample_rate, taken[task]])
+
     def save(self, context: Context) -> None:
         context.state[STATE_KEY] = ConfigRecord(
             {"ledger": json.dumps({"history": self.history, "noise": self.noise, "stopped_round": self.stopped_round})}
@@ -264,31 +274,19 @@ def train_private(
     site_groups = set(model.train_only(data.plan.modalities, data.plan.tasks))  # before wrapping
     trainable = [p for p in model.parameters() if p.requires_grad]
     gsm = per_sample_module(model, cfg.privacy.grad_sample_mode)
-    first = next(iter(plans.values()))
-    optimizer = DPOptimizer(
-        make_optimizer(trainable, cfg.train),
-        noise_multiplier=first.noise_multiplier,
-        max_grad_norm=cfg.privacy.max_grad_norm,
-        expected_batch_size=cfg.train.batch_size,
-        generator=torch.Generator().manual_seed(seed + 1),
-    )
-    schedule = [t for t, tp in plans.items() for _ in range(tp.steps_per_round)]
-    order = torch.randperm(len(schedule), generator=gen).tolist()  # data-independent task order
+    optimizer = dp_optimizer(trainable, next(iter(plans.values())), cfg, seed)
+    order = step_order(plans, gen)
     losses, taken = [], {t: 0 for t in plans}
     model.train()
     try:
-        for i in order:
-            task = schedule[i]
+        for task in order:
             tp = plans[task]
-            keep = {"fusion", f"head/{task}"} | {f"encoder/{m}" for m in TASKS.get(task).inputs}
-            for name, p in model.named_parameters():
-                p.requires_grad_(group_of(name) in site_groups and group_of(name) in keep)
+            use_task_groups(model, task, site_groups)
             split = data.split(task, "train")
             assert split is not None
             optimizer.noise_multiplier = tp.noise_multiplier
             optimizer.expected_batch_size = max(1, round(tp.sample_rate * tp.n))
-            idx = (torch.rand(len(split), generator=gen) < tp.sample_rate).nonzero().flatten()
-            loss = private_gradient(gsm, optimizer, task, split.take(idx) if len(idx) else None)
+            loss = private_gradient(gsm, optimizer, task, poisson_batch(split, tp.sample_rate, gen))
             if loss is not None:
                 losses.append(loss)
             for hook in hooks:  # FedProx / SCAFFOLD corrections act on the privatised gradient
@@ -298,12 +296,7 @@ def train_private(
     finally:
         gsm.to_standard_module()
         model.train_only(data.plan.modalities, data.plan.tasks)
-    for task, tp in plans.items():  # Opacus accountant history: (sigma, q, steps) entries
-        hist = ledger.history.setdefault(task, [])
-        if hist and hist[-1][0] == tp.noise_multiplier and hist[-1][1] == tp.sample_rate:
-            hist[-1][2] += taken[task]
-        elif taken[task]:
-            hist.append([tp.noise_multiplier, tp.sample_rate, taken[task]])
+    ledger.record(plans, taken)
     ledger.save(context)
     result = TrainResult(
         num_examples=data.n("train"),
@@ -312,3 +305,38 @@ def train_private(
         group_examples=group_examples(data),
     )
     return result, privacy_report(plans, cfg.privacy, ledger)
+
+
+def dp_optimizer(trainable: list[torch.nn.Parameter], first: TaskPlan, cfg: ExperimentConfig, seed: int) -> DPOptimizer:
+    """Opacus' clipping-and-noise optimizer around the configured one. Its sigma and expected
+    batch size are set again before each step (tasks differ in both); its noise comes from its
+    own generator, so noise draws and batch draws are separate streams."""
+    return DPOptimizer(
+        make_optimizer(trainable, cfg.train),
+        noise_multiplier=first.noise_multiplier,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        expected_batch_size=cfg.train.batch_size,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
+
+
+def step_order(plans: dict[str, TaskPlan], gen: torch.Generator) -> list[str]:
+    """The task of each step of the round: every task's planned steps, interleaved by a random
+    permutation that depends on the seed only, never on the data."""
+    schedule = [t for t, tp in plans.items() for _ in range(tp.steps_per_round)]
+    return [schedule[i] for i in torch.randperm(len(schedule), generator=gen).tolist()]
+
+
+def use_task_groups(model: MultiMedModel, task: str, site_groups: set[str]) -> None:
+    """Make trainable only the site's groups that `task` uses (its encoders, fusion, its head):
+    Opacus refuses a trainable parameter that gets no per-sample gradient in a step."""
+    keep = {"fusion", f"head/{task}"} | {f"encoder/{m}" for m in TASKS.get(task).inputs}
+    for name, p in model.named_parameters():
+        p.requires_grad_(group_of(name) in site_groups and group_of(name) in keep)
+
+
+def poisson_batch(split: TaskSplit, sample_rate: float, gen: torch.Generator) -> TaskSplit | None:
+    """Each sample drawn independently with probability q, as the RDP analysis assumes; None
+    for an empty draw, which private_gradient turns into a noise-only step."""
+    idx = (torch.rand(len(split), generator=gen) < sample_rate).nonzero().flatten()
+    return split.take(idx) if len(idx) else None

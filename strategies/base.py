@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
@@ -170,30 +170,46 @@ class MultiMedStrategy(FlowerFedAvg):
     def parse(self, msg: Message, current: Arrays) -> Update | str:
         """The reply's arrays, example count and per-group examples, or why it is unusable."""
         content = msg.content
+        missing = self._missing_record(content)
+        if missing:
+            return missing
+        update = record_to_numpy(content.array_records[ARRAYS_RECORD])
+        n = record_number(content.metric_records[METRICS_RECORD], self.weighted_by_key)
+        reason = validate_update(update, current, n, self._example_limit(msg.metadata.src_node_id))
+        if reason:
+            return reason
+        groups = _trained_groups(content, update, n)
+        return groups if isinstance(groups, str) else Update(msg, update, n, groups)
+
+    def _missing_record(self, content: RecordDict) -> str | None:
+        """Why the reply lacks what `parse` reads (its arrays, its example count), if it does."""
         if ARRAYS_RECORD not in content.array_records:
             return "no 'arrays' record in the reply"
         if METRICS_RECORD not in content.metric_records or self.weighted_by_key not in content[METRICS_RECORD]:
             return f"no '{self.weighted_by_key}' in the reply's metrics"
-        update = record_to_numpy(content.array_records[ARRAYS_RECORD])
-        n = record_number(content.metric_records[METRICS_RECORD], self.weighted_by_key)
-        node = msg.metadata.src_node_id
+        return None
+
+    def _example_limit(self, node: int) -> float | None:
+        """The most examples a node may claim: what its site declared in the handshake, times the
+        configured slack; None (no limit) for a node that declared nothing."""
         declared = self.declared_examples.get(node)
-        limit = declared * self.cfg.max_examples_factor if declared is not None else None
-        reason = validate_update(update, current, n, limit)
-        if reason:
-            return reason
-        trained = content.config_records.get(TRAINED_RECORD)
-        if trained is None:  # a client that does not say: it trained everything
-            groups = {group_of(k): n for k in update}
-        else:
-            names, counts = trained.get(GROUPS), trained.get(GROUP_EXAMPLES)
-            if not isinstance(names, list) or not isinstance(counts, list):
-                return "malformed 'trained' record (needs a list of groups and a list of their examples)"
-            examples = [float(x) for x in counts]
-            if len(names) != len(examples) or any(not np.isfinite(x) or x < 0 or x > n for x in examples):
-                return "malformed 'trained' record (group examples must be finite, >= 0 and <= num-examples)"
-            groups = {str(g): x for g, x in zip(names, examples, strict=True)}
-        return Update(msg, update, n, groups)
+        return declared * self.cfg.max_examples_factor if declared is not None else None
+
+
+def _trained_groups(content: RecordDict, update: Arrays, n: float) -> dict[str, float] | str:
+    """Examples per parameter group the site trained (what a modality-aware mean weighs each
+    group by), or why its 'trained' record is unusable. A reply without that record counts as
+    having trained every group on all its examples."""
+    trained = content.config_records.get(TRAINED_RECORD)
+    if trained is None:
+        return {group_of(k): n for k in update}
+    names, counts = trained.get(GROUPS), trained.get(GROUP_EXAMPLES)
+    if not isinstance(names, list) or not isinstance(counts, list):
+        return "malformed 'trained' record (needs a list of groups and a list of their examples)"
+    examples = [float(x) for x in counts]
+    if len(names) != len(examples) or any(not np.isfinite(x) or x < 0 or x > n for x in examples):
+        return "malformed 'trained' record (group examples must be finite, >= 0 and <= num-examples)"
+    return {str(g): x for g, x in zip(names, examples, strict=True)}
 
 
 def _trained_nothing(msg: Message) -> bool:

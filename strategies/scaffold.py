@@ -165,27 +165,47 @@ class Scaffold(MultiMedStrategy):
     def aggregate_updates(self, current: Arrays, updates: list[Update]) -> Arrays:
         """scaffold_server_step per parameter group, over the sites that trained the group."""
         assert self.control is not None
+        control = self.control
         deltas = [record_to_numpy(u.message.content.array_records[CONTROL_DELTA_RECORD]) for u in updates]
-        by_group: dict[str, list[str]] = {}
-        for key in current:
-            by_group.setdefault(group_of(key), []).append(key)
         new_x: Arrays = {}
         new_c: Arrays = {}
-        for group, keys in by_group.items():
+        for group, keys in _keys_by_group(current).items():
             trainers = [i for i, u in enumerate(updates) if u.group_examples.get(group, 0) > 0]
-            if not trainers:  # nobody trained it: model and control stay
-                new_x.update({k: current[k] for k in keys})
-                new_c.update({k: self.control[k] for k in keys})
-                continue
-            x, c = scaffold_server_step(
-                {k: current[k] for k in keys},
-                [{k: updates[i].arrays[k] for k in keys} for i in trainers],
-                {k: self.control[k] for k in keys},
-                [{k: deltas[i][k] for k in keys} for i in trainers],
-                n_total_clients=self.n_sites,
-                global_lr=self.settings.global_lr,
+            models = [updates[i].arrays for i in trainers]
+            x, c = self._group_step(
+                _subset(current, keys), _subset(control, keys), models, [deltas[i] for i in trainers]
             )
             new_x.update(x)
             new_c.update(c)
         self.control = new_c
         return new_x
+
+    def _group_step(
+        self, current: Arrays, control: Arrays, models: list[Arrays], deltas: list[Arrays]
+    ) -> tuple[Arrays, Arrays]:
+        """One group's new model and control (`current`, `control`: that group's arrays) from the
+        sites that trained it. A group nobody trained keeps both: a mean over no site is
+        undefined, and a site that did not train a group sent back an untouched copy."""
+        if not models:
+            return current, control
+        return scaffold_server_step(
+            current,
+            [_subset(y, current) for y in models],
+            control,
+            [_subset(dc, current) for dc in deltas],
+            n_total_clients=self.n_sites,
+            global_lr=self.settings.global_lr,
+        )
+
+
+def _keys_by_group(arrays: Arrays) -> dict[str, list[str]]:
+    """Parameter names per group, in model order: SCAFFOLD steps each group over its own trainers."""
+    by_group: dict[str, list[str]] = {}
+    for key in arrays:
+        by_group.setdefault(group_of(key), []).append(key)
+    return by_group
+
+
+def _subset(arrays: Arrays, keys: Iterable[str]) -> Arrays:
+    """The arrays of one parameter group."""
+    return {k: arrays[k] for k in keys}

@@ -40,12 +40,28 @@ def validate_update(
     `max_examples` is what the site may plausibly claim (e.g. its declared training set size
     times a slack factor); None skips that check.
     """
+    return (
+        _key_mismatch(update, reference)
+        or _layout_mismatch(update, reference)
+        or _bad_example_count(num_examples, max_examples)
+        or _non_finite(update, reference)
+    )
+
+
+def _key_mismatch(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    """Keys first: every later check reads the update by the reference's keys."""
     missing = [k for k in reference if k not in update]
     if missing:
         return f"missing {len(missing)} key(s): {_name_keys(missing)}"
     unknown = [k for k in update if k not in reference]
     if unknown:
         return f"{len(unknown)} unknown key(s): {_name_keys(unknown)}"
+    return None
+
+
+def _layout_mismatch(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    """The first key whose value is not an array of the reference's shape and dtype: the
+    aggregators stack arrays key by key and would fail (or silently upcast) on any of these."""
     for key, expected in reference.items():
         value = update[key]
         if not isinstance(value, np.ndarray):
@@ -54,6 +70,12 @@ def validate_update(
             return f"key {key!r} has shape {value.shape}, expected {np.shape(expected)}"
         if value.dtype != np.asarray(expected).dtype:
             return f"key {key!r} has dtype {value.dtype}, expected {np.asarray(expected).dtype}"
+    return None
+
+
+def _bad_example_count(num_examples: float, max_examples: float | None) -> str | None:
+    """The count weights the reply in a mean: it must be a real positive number within what the
+    site may plausibly claim, or one site could outweigh all the others."""
     if (
         not isinstance(num_examples, numbers.Real)
         or isinstance(num_examples, bool)
@@ -63,6 +85,12 @@ def validate_update(
         return f"num_examples must be a positive finite number, got {num_examples!r}"
     if max_examples is not None and num_examples > max_examples:
         return f"implausible example count {_num(num_examples)} > {_num(max_examples)} declared"
+    return None
+
+
+def _non_finite(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    """The first floating-point key holding NaN or infinity (one such value poisons a mean);
+    it reads every value, so it runs after the cheap checks."""
     for key in reference:
         value = update[key]
         if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():

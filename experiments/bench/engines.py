@@ -30,26 +30,27 @@ import numpy as np
 import torch
 
 from federated.app.bench import write_result
+from federated.core.config.schema import ExperimentConfig
+from federated.server.callbacks import Callback
+from federated.server.evaluation import SiteProfile
+from federated.server.records import FederationResult, RoundRecord
 
 REFERENCE = ["sites.held_out=[]", "rounds=5", "train.max_steps_per_round=10", "corpus.samples_per_task_site=100"]
 
 
-class Stopwatch:
+class Stopwatch(Callback):
     """Callback: when the federation started (after the handshake) and ended."""
 
     def __init__(self) -> None:
         self.start = self.end = 0.0
 
-    def on_start(self, cfg, profiles) -> None:
+    def on_start(self, cfg: ExperimentConfig, profiles: list[SiteProfile]) -> None:
         self.start = time.perf_counter()
 
-    def on_resume(self, records) -> None:
-        pass
-
-    def on_round_end(self, record) -> None:
+    def on_round_end(self, record: RoundRecord) -> None:
         self.end = time.perf_counter()
 
-    def on_end(self, result) -> None:
+    def on_end(self, result: FederationResult) -> None:
         self.end = time.perf_counter()
 
 
@@ -113,6 +114,7 @@ from federated.core.config import load_config
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.engines import ENGINES
+from federated.server.callbacks import Callback
 from partitions import plan_sites
 cfg = load_config(["sites.planner=random_mix", "sites.n_sites={n_sites}", "sites.tasks_per_site=2",
                    "sites.holdout=random", "sites.holdout_k={max(1, n_sites // 20)}", "sites.min_samples=2",
@@ -122,12 +124,10 @@ cfg = load_config(["sites.planner=random_mix", "sites.n_sites={n_sites}", "sites
 path = prepare_corpus(cfg.corpus)
 n = len(plan_sites(Corpus.open(path), cfg))
 rounds = []
-class W:
+class W(Callback):
     def on_start(self, *a): self.t = time.perf_counter()
-    def on_resume(self, *a): pass
     def on_round_end(self, r):
         now = time.perf_counter(); rounds.append(now - self.t); self.t = now
-    def on_end(self, *a): pass
 ENGINES.get("inprocess")(cfg, path, n, [W()])
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({{"sites": n, "round_s": rounds, "peak_rss_mb": peak_mb}}))

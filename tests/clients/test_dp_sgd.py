@@ -16,11 +16,15 @@ from opacus.optimizers import DPOptimizer
 from clients.dp_sgd import (
     PrivacyConfigError,
     PrivacyLedger,
+    TaskPlan,
     check_model,
     per_sample_loss,
     per_sample_module,
+    poisson_batch,
     private_gradient,
+    step_order,
     train_private,
+    use_task_groups,
 )
 from clients.site_data import SiteData
 from federated.core.config import load_config
@@ -181,3 +185,44 @@ def test_batchnorm_is_refused_with_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
     with pytest.raises(PrivacyConfigError, match="BatchNorm"):
         check_model(model)
+
+
+def test_step_order_runs_each_task_its_planned_steps_in_a_seeded_permutation():
+    plans = {"a": TaskPlan(10, 0.5, 3), "b": TaskPlan(20, 0.25, 2)}
+    order = step_order(plans, torch.Generator().manual_seed(3))
+    assert sorted(order) == ["a", "a", "a", "b", "b"]
+    perm = torch.randperm(5, generator=torch.Generator().manual_seed(3)).tolist()
+    assert order == [["a", "a", "a", "b", "b"][i] for i in perm]  # one randperm: the draws after it are unmoved
+
+
+def test_a_poisson_batch_draws_each_sample_with_the_sample_rate(site):
+    _, data = site
+    split = data.split(TASK, "train")
+    assert len(poisson_batch(split, 1.0, torch.Generator().manual_seed(0)).targets) == len(split)
+    assert poisson_batch(split, 0.0, torch.Generator().manual_seed(0)) is None  # a noise-only step
+    drawn = poisson_batch(split, 0.5, torch.Generator().manual_seed(1))
+    keep = torch.rand(len(split), generator=torch.Generator().manual_seed(1)) < 0.5
+    assert torch.equal(drawn.targets, split.targets[keep])
+
+
+def test_a_step_trains_only_the_site_groups_its_task_uses(site):
+    cfg, data = site
+    model = build_model(cfg.model, 0)
+    site_groups = set(model.train_only(data.plan.modalities, data.plan.tasks))
+    uses = {"fusion", f"head/{TASK}", "encoder/ct", "encoder/text"}
+
+    def trainable() -> set[str]:
+        return {group_of(n) for n, p in model.named_parameters() if p.requires_grad}
+
+    use_task_groups(model, TASK, site_groups)
+    assert trainable() == site_groups & uses and "encoder/ct" in trainable()
+    use_task_groups(model, TASK, site_groups - {"encoder/ct"})  # a group the site does not hold stays off
+    assert trainable() == (site_groups - {"encoder/ct"}) & uses
+
+
+def test_the_ledger_extends_an_entry_with_the_same_noise_and_rate_and_skips_empty_new_ones():
+    ledger = PrivacyLedger(history={"a": [[1.0, 0.5, 4]]})
+    ledger.record({"a": TaskPlan(10, 0.5, 3, 1.0), "b": TaskPlan(10, 0.5, 3, 1.0)}, {"a": 3, "b": 0})
+    assert ledger.history == {"a": [[1.0, 0.5, 7]], "b": []}
+    ledger.record({"a": TaskPlan(10, 0.25, 3, 1.0)}, {"a": 2})
+    assert ledger.history["a"] == [[1.0, 0.5, 7], [1.0, 0.25, 2]]

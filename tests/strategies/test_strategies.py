@@ -223,3 +223,74 @@ def test_scaffold_takes_the_pure_server_step_on_each_group_over_its_trainers():
         for k in keys:
             np.testing.assert_array_equal(arrays[k].numpy(), x[k])
             np.testing.assert_array_equal(strategy.control[k], c[k])
+
+
+MALFORMED_COUNTS = "malformed 'trained' record (group examples must be finite, >= 0 and <= num-examples)"
+
+
+@pytest.mark.parametrize(
+    "drop, groups, reason",
+    [
+        ("arrays", ALL, "no 'arrays' record in the reply"),
+        ("metrics", ALL, "no 'num-examples' in the reply's metrics"),
+        (None, {"fusion": 10, "head/bone_age": 11}, MALFORMED_COUNTS),  # more than num-examples
+        (None, {"fusion": -1}, MALFORMED_COUNTS),
+        (None, {"fusion": float("inf")}, MALFORMED_COUNTS),
+    ],
+)
+def test_unusable_replies_are_rejected_with_their_reason(drop, groups, reason):
+    strategy, _ = _start("modality_fedavg", ZERO)
+    bad = _reply(2, ZERO, 10, groups)
+    if drop is not None:
+        del bad.content[drop]
+    good = _reply(1, {k: [2.0] for k in KEYS}, 10, ALL)
+    arrays, _ = strategy.aggregate_train(1, [bad, good])
+    assert [(r.site, r.reason) for r in strategy.last_rejections] == [("site_2", reason)]
+    assert _out(arrays)["fusion.w"] == [2.0]
+
+
+def test_a_trained_record_without_lists_is_malformed():
+    strategy, _ = _start("modality_fedavg", ZERO)
+    reply = _reply(1, ZERO, 10, ALL)
+    reply.content["trained"] = ConfigRecord({"groups": "fusion", "examples": 10})
+    assert strategy.parse(reply, {k: np.zeros(1, dtype=np.float32) for k in KEYS}) == (
+        "malformed 'trained' record (needs a list of groups and a list of their examples)"
+    )
+
+
+def test_a_reply_without_trained_record_trained_every_group_on_all_its_examples():
+    strategy, _ = _start("modality_fedavg", ZERO)
+    parsed = strategy.parse(_reply(1, ZERO, 10), {k: np.zeros(1, dtype=np.float32) for k in KEYS})
+    assert not isinstance(parsed, str)
+    assert parsed.group_examples == {"encoder/eeg": 10, "encoder/ct": 10, "fusion": 10, "head/bone_age": 10}
+
+
+def test_the_example_limit_is_the_declared_count_times_the_factor_and_absent_without_declaration():
+    strategy, _ = _start("fedavg", ZERO, max_examples_factor=1.5)
+    current = {k: np.zeros(1, dtype=np.float32) for k in KEYS}
+    assert not isinstance(strategy.parse(_reply(1, ZERO, 150), current), str)  # declared 100, x 1.5
+    assert strategy.parse(_reply(1, ZERO, 151), current) == "implausible example count 151 > 150 declared"
+    assert not isinstance(strategy.parse(_reply(9, ZERO, 10**6), current), str)  # node 9 declared nothing
+
+
+def test_scaffold_refuses_a_missing_or_non_finite_control_change():
+    strategy, _ = _start("scaffold", ZERO)
+    current = {k: np.zeros(1, dtype=np.float32) for k in KEYS}
+    assert strategy.parse(_reply(1, ZERO, 10, ALL), current) == (
+        f"no '{CONTROL_DELTA_RECORD}' record (SCAFFOLD sites must send their control change)"
+    )
+    nan = {**ZERO, "fusion.w": [float("nan")]}
+    assert strategy.parse(_reply(1, ZERO, 10, ALL, {CONTROL_DELTA_RECORD: nan}), current) == (
+        "control change: key 'fusion.w' has 1 non-finite value(s) of 1"
+    )
+
+
+def test_scaffold_keeps_model_and_control_of_a_group_nobody_trained():
+    current = {k: [float(i + 1)] for i, k in enumerate(KEYS)}
+    strategy, _ = _start("scaffold", current, n_sites=2)
+    strategy.control = {k: np.full(1, -float(i + 1), dtype=np.float32) for i, k in enumerate(KEYS)}
+    trained = {"encoder/ct": 10, "fusion": 10, "head/bone_age": 10}  # nobody trained eeg
+    moved = {k: [9.0] for k in KEYS}
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, moved, 10, trained, {CONTROL_DELTA_RECORD: moved})])
+    assert _out(arrays)["encoders.eeg.w"] == [1.0] and strategy.control["encoders.eeg.w"].tolist() == [-1.0]
+    assert _out(arrays)["fusion.w"] == [9.0] and strategy.control["fusion.w"].tolist() == [-3.0 + 9.0 / 2]

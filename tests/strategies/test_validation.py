@@ -107,3 +107,19 @@ def test_rejection_is_a_frozen_record():
     assert (r.node_id, r.site, r.reason) == (3, "site_3", "missing 1 key(s): 'w'")
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.reason = "fine"  # type: ignore[misc]  # the point: a frozen dataclass refuses
+
+
+def test_checks_run_in_order_keys_layout_count_and_name_the_first_problem():
+    float64 = np.ones(4)
+    no_key = _good(**{"head.w": float64})
+    del no_key["enc.b"]
+    assert validate_update(no_key, REF, 0, None) == "missing 1 key(s): 'enc.b'"
+    assert validate_update(_good(**{"head.w": float64}), REF, 0, None) == (
+        "key 'head.w' has dtype float64, expected float32"
+    )
+    two_bad = _good(**{"enc.w": np.ones(6, dtype=np.float32), "head.w": float64})
+    assert validate_update(two_bad, REF, 10, None) == "key 'enc.w' has shape (6,), expected (2, 3)"  # reference order
+
+
+def test_integer_arrays_are_not_scanned_for_non_finite_values():
+    assert validate_update(_good(steps=np.array([-(2**62)], dtype=np.int64)), REF, 10, None) is None
