@@ -82,7 +82,7 @@ def query(msg: Message, context: Context) -> Message:
     p = rt.plan
     config = msg.content.config_records.get(P.CONFIG_RECORD)
     if config is not None and P.RESTORE_ROUND in config:  # a resumed run: this site's own saved state
-        site_state.restore(context, p.site, record_round(config, P.RESTORE_ROUND))
+        site_state.restore(context, p.site, record_round(config, P.RESTORE_ROUND), rt.cfg.privacy)
     profile = ConfigRecord(
         {
             "site": p.site,

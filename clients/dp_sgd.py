@@ -28,12 +28,13 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, RecordDict
 from opacus import GradSampleModule
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -127,11 +128,38 @@ class PrivacyLedger:
 
     @classmethod
     def load(cls, context: Context) -> PrivacyLedger:
-        record = context.state.config_records.get(STATE_KEY)
+        return cls.from_state(context.state)
+
+    @classmethod
+    def from_state(cls, state: RecordDict) -> PrivacyLedger:
+        record = state.config_records.get(STATE_KEY)
         if record is None:
             return cls()
         raw = json.loads(str(record["ledger"]))
         return cls(raw["history"], raw["noise"], int(raw["stopped_round"]))
+
+    def spent(self, cfg: PrivacyConfig) -> float:
+        """The site's epsilon: the largest of its tasks' (parallel composition); 0 before any step."""
+        return max((self.epsilon(task, cfg) for task in self.history), default=0.0)
+
+
+def keep_highest_ledger(restored: RecordDict, others: Sequence[RecordDict], cfg: PrivacyConfig) -> float | None:
+    """A site's DP ledger never goes back: when one of the `others` states the site holds (its
+    in-memory state, other saved rounds) has spent more epsilon than `restored`, that ledger
+    replaces the restored one (a budget that stopped training stays stopped). Returns the epsilon
+    kept when it replaced the ledger, else None. A server that names an earlier round to restore
+    thus rolls back the model state, never the privacy spent."""
+    own = PrivacyLedger.from_state(restored).spent(cfg)
+    best, best_eps = None, own
+    for state in others:
+        if STATE_KEY in state.config_records:
+            eps = PrivacyLedger.from_state(state).spent(cfg)
+            if eps > best_eps + EPS_TOLERANCE:
+                best, best_eps = state, eps
+    if best is None:
+        return None
+    restored[STATE_KEY] = best.config_records[STATE_KEY]
+    return best_eps
 
 
 def task_plans(data: SiteData, cfg: ExperimentConfig) -> dict[str, TaskPlan]:

@@ -5,13 +5,22 @@ Run config (same for every node): `multimed-config` (the resolved experiment YAM
 `partition-id` (simulation: the i-th site of the plan), and optionally `corpus-path` (a
 hospital's own copy of its data). The site plan is rebuilt from config and seed, so every
 process agrees on it without shipping it around.
+
+Paths a site reads or writes (`corpus-path`, `state-dir`): in simulation (node config with
+`partition-id`) the engine sets them in the run config, and a node config value wins. In
+deployment (node config with `site`) they come only from the site's own node config: a server
+could otherwise point a hospital at data or state files of its choosing, so a value the server
+sends where the node config has none is refused, naming the key; the server's value is ignored
+where the node config has its own.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -26,7 +35,26 @@ from strategies import ClientAlgorithm, client_algorithm
 
 
 class SiteConfigError(ValueError):
-    """The node or run config does not identify a site."""
+    """The node or run config does not identify a site, or sets a path the site must set itself."""
+
+
+def is_deployed(node_config: Mapping[str, Any]) -> bool:
+    """A hospital's own SuperNode names its site; simulated nodes get a partition id."""
+    return "site" in node_config
+
+
+def site_local_path(key: str, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> str:
+    """The path `key` (corpus-path, state-dir) this site uses; "" when none is set. In deployment,
+    only the node config's value counts: a server-sent one alone is refused, with the reason."""
+    own, sent = node_config.get(key), run_config.get(key)
+    if not is_deployed(node_config):
+        return str(own or sent or "")
+    if not own and sent:
+        raise SiteConfigError(
+            f"site {node_config['site']}: the server's run config sets {key}={str(sent)!r} but this site's node "
+            f"config does not; in deployment a site's {key} comes only from its own node config (set {key} there)"
+        )
+    return str(own or "")
 
 
 @dataclass
@@ -87,8 +115,10 @@ def _runtime(config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
 
 
 def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:
-    corpus_path = str(node_config.get(CORPUS_KEY) or run_config.get(CORPUS_KEY) or "")
-    if "site" in node_config:
+    corpus_path = site_local_path(CORPUS_KEY, node_config, run_config)
+    if is_deployed(node_config):
+        if not corpus_path:  # else the corpus would be one the server's config names
+            raise SiteConfigError(f"site {node_config['site']}: node config needs {CORPUS_KEY} (the site's own data)")
         key = str(node_config["site"])
     elif "partition-id" in node_config:
         key = f"#{int(node_config['partition-id'])}"

@@ -2,57 +2,155 @@
 
 Context.state holds what a site carries from round to round (DP-SGD accountants, SCAFFOLD's
 control variate, personal parameters). Flower keeps it in memory; to survive a restart each
-site writes it to `state-dir` (node config, or run config in simulation) at every checkpoint
-round, when it is evaluated (every site is evaluated every round, so every site saves). A
-resumed run's handshake carries `restore-round`; the site loads its state of that round.
-A site never takes its state from the server: a hospital's privacy ledger stays its own.
+site writes it to `state-dir` at every checkpoint round, when it is evaluated (every site is
+evaluated every round, so every site saves). A resumed run's handshake carries `restore-round`;
+the site loads its state of that round. A site never takes its state from the server: a
+hospital's privacy ledger stays its own. In deployment `state-dir` comes only from the site's
+node config (clients/site_runtime.py: site_local_path); simulation engines set it in the run config.
 
-Files: STATE_DIR/<site>/round_00012.pkl, written atomically; the last two are kept.
+Files: STATE_DIR/<site>/round_00012.npz, arrays plus JSON without pickle (federated/core/statefile.py:
+versioned, sha256-checked, written atomically); the last two are kept. A file that is not one
+(a `round_*.pkl` of an earlier release, a foreign or edited file) is refused by name, never run.
+
+The DP ledger is monotone: restoring an earlier round never lowers the epsilon a site has spent.
+When the site holds a state (in memory, or another saved round) whose DP-SGD ledger has spent
+more, that ledger is kept instead of the restored one (clients/dp_sgd.py: keep_highest_ledger)
+and a warning says so. Refusing would make a legitimate resume impossible after a crash between
+the sites' save and the server's checkpoint; keeping the higher ledger counts every release.
 """
 
 from __future__ import annotations
 
-import pickle
+import logging
 from pathlib import Path
+from typing import Any
 
-from flwr.app import Context, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from federated.core.io import atomic_write
+from clients.dp_sgd import keep_highest_ledger
+from clients.site_runtime import site_local_path
+from federated.core.config.schema import PrivacyConfig
 from federated.core.protocol import STATE_DIR_KEY
+from federated.core.statefile import StateFileError, read_state_file, write_state_file
 
 KEEP = 2
+KIND = "site-state"
+FORMAT_VERSION = 1
 
 
 class SiteStateError(RuntimeError):
-    """A site cannot restore the state a resumed run needs."""
+    """A site cannot restore the state a resumed run needs; the message names the file."""
 
 
 def state_dir(context: Context) -> Path | None:
-    value = context.node_config.get(STATE_DIR_KEY) or context.run_config.get(STATE_DIR_KEY)
-    return Path(str(value)) if value else None
+    value = site_local_path(STATE_DIR_KEY, context.node_config, context.run_config)
+    return Path(value) if value else None
+
+
+def state_file(root: Path, site: str, server_round: int) -> Path:
+    return root / site / f"round_{server_round:05d}.npz"
+
+
+def _to_tree(state: RecordDict) -> list[list[Any]]:
+    """Each record as [name, kind, [[key, value], ...]] (lists keep the records' order)."""
+    tree: list[list[Any]] = []
+    for name, record in state.items():
+        if isinstance(record, ArrayRecord):
+            tree.append([name, "arrays", [[k, a.numpy()] for k, a in record.items()]])
+        elif isinstance(record, ConfigRecord):
+            tree.append([name, "config", [[k, v] for k, v in record.items()]])
+        elif isinstance(record, MetricRecord):
+            tree.append([name, "metrics", [[k, v] for k, v in record.items()]])
+        else:
+            raise TypeError(f"site state record {name!r} is a {type(record).__name__}, which is not saved")
+    return tree
+
+
+def _from_tree(tree: Any) -> RecordDict:
+    state = RecordDict()
+    for name, kind, items in tree:
+        values = {str(k): v for k, v in items}
+        if kind == "arrays":
+            if not all(isinstance(v, np.ndarray) for v in values.values()):
+                raise ValueError(f"record {name!r} holds something other than arrays")
+            state[str(name)] = ArrayRecord({k: Array(v) for k, v in values.items()})
+        elif kind == "config":
+            state[str(name)] = ConfigRecord(values)
+        elif kind == "metrics":
+            state[str(name)] = MetricRecord(values)
+        else:
+            raise ValueError(f"record {name!r} has unknown kind {kind!r}")
+    return state
 
 
 def save(context: Context, site: str, server_round: int) -> None:
     root = state_dir(context)
     if root is None:
         return
-    folder = root / site
-    blob = pickle.dumps(context.state, protocol=pickle.HIGHEST_PROTOCOL)
-    atomic_write(folder / f"round_{server_round:05d}.pkl", lambda tmp: tmp.write_bytes(blob))
-    for old in sorted(folder.glob("round_*.pkl"))[:-KEEP]:
+    path = state_file(root, site, server_round)
+    write_state_file(
+        path, KIND, FORMAT_VERSION, {"site": site, "round": server_round, "records": _to_tree(context.state)}
+    )
+    for old in sorted(path.parent.glob("round_*.npz"))[:-KEEP]:
         old.unlink(missing_ok=True)
 
 
-def restore(context: Context, site: str, server_round: int) -> None:
-    """Replace the context's state with the site's saved state of `server_round`."""
+def load(path: Path, site: str, server_round: int) -> RecordDict:
+    """The site state in `path`; SiteStateError naming the file when it is not this site's state
+    of that round or cannot be read (nothing in it is unpickled)."""
+    try:
+        raw = read_state_file(path, KIND, FORMAT_VERSION)
+        if not isinstance(raw, dict) or (raw.get("site"), raw.get("round")) != (site, server_round):
+            held = (raw.get("site"), raw.get("round")) if isinstance(raw, dict) else None
+            raise SiteStateError(
+                f"{path} holds {held!r} (site, round), not site {site}'s state of round {server_round}"
+            )
+        return _from_tree(raw["records"])
+    except StateFileError as e:
+        raise SiteStateError(f"site {site}: {e}") from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise SiteStateError(f"site {site}: {path} is not a MultiMed-FL site state: {e}") from None
+
+
+def _missing(root: Path | None, site: str, server_round: int) -> str:
+    if root is None:
+        return "no state-dir is configured"
+    path = state_file(root, site, server_round)
+    legacy = path.with_suffix(".pkl")
+    if legacy.exists():
+        return f"{legacy} is a pickle of an earlier release: it is not loaded (a pickle runs code when read)"
+    return f"{path} does not exist"
+
+
+def _saved_rounds(root: Path, site: str) -> list[int]:
+    rounds = []
+    for p in (root / site).glob("round_*.npz"):
+        digits = p.stem.removeprefix("round_")
+        if digits.isdigit():
+            rounds.append(int(digits))
+    return sorted(rounds)
+
+
+def restore(context: Context, site: str, server_round: int, privacy: PrivacyConfig | None = None) -> None:
+    """Replace the context's state with the site's saved state of `server_round`, keeping the most
+    spent DP-SGD ledger the site holds (in memory or in another saved round) when `privacy` is given."""
     root = state_dir(context)
-    path = None if root is None else root / site / f"round_{server_round:05d}.pkl"
-    if path is None or not path.is_file():
-        where = "no state-dir is configured" if root is None else f"{path} does not exist"
-        raise SiteStateError(f"site {site} cannot resume at round {server_round}: {where}")
-    state = pickle.loads(path.read_bytes())
-    if not isinstance(state, RecordDict):
-        raise SiteStateError(f"{path} does not hold a site state")
+    if root is None or not state_file(root, site, server_round).is_file():
+        raise SiteStateError(f"site {site} cannot resume at round {server_round}: {_missing(root, site, server_round)}")
+    state = load(state_file(root, site, server_round), site, server_round)
+    if privacy is not None:
+        others = [context.state] + [
+            load(state_file(root, site, r), site, r) for r in _saved_rounds(root, site) if r != server_round
+        ]
+        kept = keep_highest_ledger(state, others, privacy)
+        if kept is not None:
+            logging.getLogger(__name__).warning(
+                "site %s: the restored round %d's DP ledger had spent less than the site has (epsilon %.6g kept)",
+                site,
+                server_round,
+                kept,
+            )
     for key in list(context.state.keys()):
         del context.state[key]
     for key, value in state.items():

@@ -114,6 +114,21 @@ def group_examples(data: SiteData) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+class NonFiniteOutputError(ValueError):
+    """The model's outputs hold NaN or infinity: any score computed from them would be made up."""
+
+
+def check_finite_outputs(site: str, task: str, out: np.ndarray) -> None:
+    """Refuse to score a diverged model: the site's evaluation fails (the server records it as the
+    site's error for the round) instead of reporting a plausible score of clipped outputs."""
+    bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+    if bad:
+        raise NonFiniteOutputError(
+            f"site {site}, task {task}: {bad} of {out.size} model outputs are not finite (NaN or infinite); "
+            "the global model diverged, so no score is reported"
+        )
+
+
 @torch.no_grad()
 def evaluate_site(
     model: MultiMedModel, data: SiteData, split: str = "test", batch_size: int = 256
@@ -130,8 +145,7 @@ def evaluate_site(
             b = part.take(idx)
             outputs.append(model(task, b.inputs, b.present).float())
         out = torch.cat(outputs).numpy()
-        # A diverged model must score as broken, not drop out of the averages as NaN.
-        out = np.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)
+        check_finite_outputs(data.plan.site, task, out)
         target = part.targets.numpy()
         scale = data.scales[task]
         if TASKS.get(task).target == REGRESSION:

@@ -8,7 +8,12 @@ differs per algorithm is three small hooks:
     server_update(current, aggregated)  server-side optimiser step (FedAdam & co.)
 
 Every reply passes `validate_update` first (finite values, the global model's keys, shapes and
-dtypes, a plausible example count against what the site declared in the handshake). Rejected
+dtypes, a plausible example count against what the site declared in the handshake), then the
+checks against what the server knows from the handshake (`know_sites`): a site may move and
+claim only the parameter groups of the modalities and tasks it declared, a site that declared
+more than `strategy.max_site_weight_share` of all training examples has every update refused,
+and an update whose norm exceeds `strategy.max_update_norm` (or `max_update_norm_ratio` x the
+round's median) is refused: finite values of 3e38 pass the finiteness check but not this. Rejected
 replies are logged with their reason and kept in `last_rejections` for the run's metrics. A
 round left with fewer valid replies than `strategy.min_valid_replies` raises
 TooFewValidReplies, or, with `strategy.on_too_few_valid=skip`, returns no model so the round
@@ -18,7 +23,7 @@ loop records the round as skipped: never a silent reuse of the old model.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +45,16 @@ from federated.core.protocol import (
 )
 from federated.core.replies import error_reason
 from strategies.aggregation import groupwise_weighted_mean
-from strategies.validation import Rejection, validate_update
+from strategies.validation import (
+    Rejection,
+    declared_groups,
+    norm_outliers,
+    over_declared,
+    undeclared_claims,
+    undeclared_moves,
+    update_norm,
+    validate_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +94,13 @@ class MultiMedStrategy(FlowerFedAvg):
         self.current: ArrayRecord | None = None
         self.declared_examples: dict[int, int] = {}  # node -> n_train from the handshake
         self.site_names: dict[int, str] = {}
+        self.allowed_groups: dict[int, frozenset[str]] = {}  # node -> groups of its declared modalities, tasks
+        self.handshake_problems: dict[int, str] = {}  # node -> why every update of it is refused
         self.last_rejections: list[Rejection] = []
+        # What the aggregation of the last round could not do as its rule needs (robust rules
+        # over too few trainers), one line each, logged as warnings too.
+        self.last_fallbacks: list[str] = []
+        self.round = 0
 
     # --- hooks ------------------------------------------------------------------------
     def train_config(self, server_round: int) -> dict[str, float | int | str]:
@@ -109,10 +129,27 @@ class MultiMedStrategy(FlowerFedAvg):
         )
 
     # --- Flower Strategy ----------------------------------------------------------------
-    def know_sites(self, node_sites: Mapping[int, str], declared_examples: Mapping[int, int]) -> None:
-        """Called after the handshake: what each site said it holds bounds what it may claim."""
+    def know_sites(
+        self,
+        node_sites: Mapping[int, str],
+        declared_examples: Mapping[int, int],
+        declared_data: Mapping[int, tuple[Sequence[str], Sequence[str]]] | None = None,
+    ) -> None:
+        """Called after the handshake: what each site said it holds bounds what it may send.
+
+        `declared_examples` (the training sites' n_train) caps each site's example count, and is
+        itself bounded: a site declaring more than strategy.max_site_weight_share of all the
+        training sites' examples has every update refused (the server of a deployment holds no
+        data to check a count against; the others' declarations are what it knows).
+        `declared_data` (node -> its modalities, tasks) gives the parameter groups a site may
+        move or claim; a node missing from it is not group-checked.
+        """
         self.site_names = dict(node_sites)
         self.declared_examples = dict(declared_examples)
+        self.allowed_groups = {n: declared_groups(m, t) for n, (m, t) in (declared_data or {}).items()}
+        self.handshake_problems = over_declared(self.declared_examples, self.cfg.max_site_weight_share)
+        for node, why in self.handshake_problems.items():
+            log.warning("handshake: %s %s; its updates will be refused", self.site_names.get(node, node), why)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -128,25 +165,8 @@ class MultiMedStrategy(FlowerFedAvg):
         if self.current is None:
             raise RuntimeError("aggregate_train called before configure_train")
         current = record_to_numpy(self.current)
-        self.last_rejections = []
-        accepted: list[Update] = []
-        idle, failed = 0, []
-        for msg in replies:
-            if msg.has_error():  # a failed site: counted by the round loop, nothing to validate
-                node = msg.metadata.src_node_id
-                failed.append(f"{self.site_names.get(node, str(node))} failed: {error_reason(msg)}")
-                continue
-            if _trained_nothing(msg):
-                idle += 1  # e.g. a site whose privacy budget is spent: it sends no update
-                continue
-            parsed = self.parse(msg, current)
-            if isinstance(parsed, str):
-                node = msg.metadata.src_node_id
-                rejection = Rejection(node, self.site_names.get(node, str(node)), parsed)
-                log.warning("round %d: rejected the update of %s: %s", server_round, rejection.site, parsed)
-                self.last_rejections.append(rejection)
-            else:
-                accepted.append(parsed)
+        self.round, self.last_rejections, self.last_fallbacks = server_round, [], []
+        accepted, idle, failed = self._screen(server_round, replies, current)
         if not accepted and idle and not self.last_rejections:
             log.info("round %d: no site trained (%d idle); the model stays as it was", server_round, idle)
             return self.current, MetricRecord({})
@@ -167,19 +187,59 @@ class MultiMedStrategy(FlowerFedAvg):
             self.train_metrics_aggr_fn(contents, self.weighted_by_key),
         )
 
+    def _screen(
+        self, server_round: int, replies: Iterable[Message], current: Arrays
+    ) -> tuple[list[Update], int, list[str]]:
+        """The round's usable updates, how many sites trained nothing, and which sites failed;
+        every refused update is logged and kept in `last_rejections`."""
+        parsed: list[Update] = []
+        idle, failed = 0, []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():  # a failed site: counted by the round loop, nothing to validate
+                failed.append(f"{self.site_names.get(node, str(node))} failed: {error_reason(msg)}")
+            elif _trained_nothing(msg):
+                idle += 1  # e.g. a site whose privacy budget is spent: it sends no update
+            else:
+                update = self.parse(msg, current)
+                if isinstance(update, str):
+                    self._reject(server_round, node, update)
+                else:
+                    parsed.append(update)
+        norms = {i: update_norm(u.arrays, current) for i, u in enumerate(parsed)}
+        too_large = norm_outliers(norms, self.cfg.max_update_norm, self.cfg.max_update_norm_ratio)
+        for i, why in too_large.items():
+            self._reject(server_round, parsed[i].message.metadata.src_node_id, why)
+        return [u for i, u in enumerate(parsed) if i not in too_large], idle, failed
+
+    def _reject(self, server_round: int, node: int, reason: str) -> None:
+        rejection = Rejection(node, self.site_names.get(node, str(node)), reason)
+        log.warning("round %d: rejected the update of %s: %s", server_round, rejection.site, reason)
+        self.last_rejections.append(rejection)
+
     def parse(self, msg: Message, current: Arrays) -> Update | str:
         """The reply's arrays, example count and per-group examples, or why it is unusable."""
         content = msg.content
         missing = self._missing_record(content)
         if missing:
             return missing
+        node = msg.metadata.src_node_id
+        if node in self.handshake_problems:
+            return self.handshake_problems[node]
         update = record_to_numpy(content.array_records[ARRAYS_RECORD])
         n = record_number(content.metric_records[METRICS_RECORD], self.weighted_by_key)
-        reason = validate_update(update, current, n, self._example_limit(msg.metadata.src_node_id))
+        reason = validate_update(update, current, n, self._example_limit(node))
         if reason:
             return reason
-        groups = _trained_groups(content, update, n)
-        return groups if isinstance(groups, str) else Update(msg, update, n, groups)
+        allowed = self.allowed_groups.get(node)
+        groups = _trained_groups(content, update, n, allowed)
+        if isinstance(groups, str):
+            return groups
+        if allowed is not None:
+            reason = undeclared_claims(groups, allowed) or undeclared_moves(update, current, allowed, group_of)
+            if reason:
+                return reason
+        return Update(msg, update, n, groups)
 
     def _missing_record(self, content: RecordDict) -> str | None:
         """Why the reply lacks what `parse` reads (its arrays, its example count), if it does."""
@@ -196,13 +256,16 @@ class MultiMedStrategy(FlowerFedAvg):
         return declared * self.cfg.max_examples_factor if declared is not None else None
 
 
-def _trained_groups(content: RecordDict, update: Arrays, n: float) -> dict[str, float] | str:
+def _trained_groups(
+    content: RecordDict, update: Arrays, n: float, allowed: frozenset[str] | None = None
+) -> dict[str, float] | str:
     """Examples per parameter group the site trained (what a modality-aware mean weighs each
     group by), or why its 'trained' record is unusable. A reply without that record counts as
-    having trained every group on all its examples."""
+    having trained every group it declared (every group, when it declared none) on all its
+    examples."""
     trained = content.config_records.get(TRAINED_RECORD)
     if trained is None:
-        return {group_of(k): n for k in update}
+        return {g: n for g in dict.fromkeys(map(group_of, update)) if allowed is None or g in allowed}
     names, counts = trained.get(GROUPS), trained.get(GROUP_EXAMPLES)
     if not isinstance(names, list) or not isinstance(counts, list):
         return "malformed 'trained' record (needs a list of groups and a list of their examples)"

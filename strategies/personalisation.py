@@ -80,8 +80,12 @@ class PersonalRound(ClientRound):
         self.site, self.keys = site, keys
 
     def after_train(self, steps: int) -> dict[str, Record]:
-        if self.keys:
-            keep(self.site.model, self.keys, self.site.context)
+        # Only the groups the site trained (its model freezes the others): a stale copy of a
+        # group it does not hold would come back as a move of an undeclared group, and be refused.
+        trained = {name for name, p in self.site.model.named_parameters() if p.requires_grad}
+        keys = [k for k in self.keys if k in trained]
+        if keys:
+            keep(self.site.model, keys, self.site.context)
         return {}
 
 

@@ -4,13 +4,19 @@ The aggregators in strategies.aggregation (like Flower's own) trust their inputs
 poisons a mean, one missing key or a float16 copy breaks a round, and an inflated example
 count lets one site outweigh all others. `validate_update` names the first such problem in
 one line, so a strategy can drop the reply and log why instead of corrupting the model.
+
+What a reply is checked against is what the server knows, not what the site says in it: the
+layout of the global model, the site's handshake (its modalities and tasks give the parameter
+groups it may move or claim, `declared_groups`; its training-set size caps its example count),
+the declared sizes of all training sites (one site may hold at most a configured share of
+them, `over_declared`), and the update norms of the round (`norm_outliers`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,3 +114,101 @@ def _name_keys(keys: list[str]) -> str:
 def _num(x: float) -> str:
     """1200.0 -> '1200': counts read as counts in the log."""
     return str(int(x)) if float(x).is_integer() else f"{float(x):g}"
+
+
+# A share check needs others to compare with: with one or two training sites, one of them may
+# legitimately hold most of the data.
+MIN_SITES_FOR_SHARE = 3
+
+
+def declared_groups(modalities: Iterable[str], tasks: Iterable[str]) -> frozenset[str]:
+    """The parameter groups a site may train: the encoders of its modalities, the heads of its
+    tasks, and the fusion block every task runs through (what the site's model unfreezes)."""
+    return frozenset({"fusion", *(f"encoder/{m}" for m in modalities), *(f"head/{t}" for t in tasks)})
+
+
+def undeclared_claims(claimed: Iterable[str], allowed: Collection[str]) -> str | None:
+    """A 'trained' record naming a group the site did not declare would weigh its update into
+    a group it cannot have trained."""
+    extra = sorted(set(claimed) - set(allowed))
+    if extra:
+        return f"claims to have trained undeclared group(s) {_name_keys(extra)} (declared: {_groups(allowed)})"
+    return None
+
+
+def undeclared_moves(
+    update: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    allowed: Collection[str],
+    group_of: Callable[[str], str],
+) -> str | None:
+    """A site's model freezes the groups it does not hold, so an honest reply carries them
+    exactly as it received them; any change there is a forged update."""
+    moved: dict[str, float] = {}
+    for key, ref in reference.items():
+        group = group_of(key)
+        if group in allowed:
+            continue
+        value = np.asarray(update[key])
+        if not np.array_equal(value, ref):
+            change = float(np.max(np.abs(value.astype(np.float64) - np.asarray(ref, dtype=np.float64))))
+            moved[group] = max(moved.get(group, 0.0), change)
+    if moved:
+        worst = max(moved, key=lambda g: moved[g])
+        return (
+            f"moved undeclared group(s) {_name_keys(sorted(moved))} (largest change {moved[worst]:.6g} in "
+            f"{worst!r}; declared: {_groups(allowed)})"
+        )
+    return None
+
+
+def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of update - reference over every floating-point key, in float64 (a float32
+    difference of 3e38 values would overflow to inf)."""
+    total = 0.0
+    for key, ref in reference.items():
+        value = np.asarray(update[key])
+        if np.issubdtype(value.dtype, np.inexact):
+            diff = value.astype(np.float64) - np.asarray(ref, dtype=np.float64)
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def norm_outliers(norms: Mapping[int, float], max_norm: float, max_ratio: float) -> dict[int, str]:
+    """Which updates (by index) are too large, and why: above `max_norm` (0 = no absolute
+    bound), or above `max_ratio` times the median norm of the round (0 = no relative bound;
+    used only with at least three updates, where the median is one of the honest majority)."""
+    out: dict[int, str] = {}
+    median = float(np.median(list(norms.values()))) if len(norms) >= MIN_SITES_FOR_SHARE else None
+    for i, norm in norms.items():
+        if max_norm and not norm <= max_norm:
+            out[i] = f"update norm {norm:.6g} > strategy.max_update_norm={max_norm:g}"
+        elif max_ratio and median is not None and not norm <= max_ratio * median:
+            out[i] = (
+                f"update norm {norm:.6g} > strategy.max_update_norm_ratio={max_ratio:g} x the round's median "
+                f"update norm {median:.6g}"
+            )
+    return out
+
+
+def over_declared(declared: Mapping[int, float], max_share: float) -> dict[int, str]:
+    """Which sites declared more training examples at the handshake than `max_share` of all the
+    training sites' declared examples (node -> why). A site's example count is capped by what it
+    declared, so an unbounded declaration would let it outweigh every other site. Skipped with
+    fewer than three declaring sites or `max_share` = 1."""
+    positive = {n: float(v) for n, v in declared.items() if v > 0}
+    total = sum(positive.values())
+    if max_share >= 1.0 or len(positive) < MIN_SITES_FOR_SHARE or total <= 0:
+        return {}
+    return {
+        node: (
+            f"declared {_num(v)} training examples at the handshake, {v / total:.1%} of the {_num(total)} declared "
+            f"by all {len(positive)} training sites, above strategy.max_site_weight_share={max_share:g}"
+        )
+        for node, v in positive.items()
+        if v / total > max_share
+    }
+
+
+def _groups(groups: Collection[str]) -> str:
+    return ", ".join(sorted(groups)) or "none"

@@ -26,6 +26,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from federated.engines.deployment import DeploymentError
     from federated.server.checkpoint import CheckpointError
     from federated.server.federation import FederationError
+    from federated.server.run_folder import RunFolderError
     from partitions import PlanError
     from strategies import TooFewValidReplies
 
@@ -33,6 +34,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         *USER_ERRORS,
         PlanError,
         RunError,
+        RunFolderError,
         FederationError,
         SiteConfigError,
         TooFewValidReplies,
@@ -52,7 +54,8 @@ def _quiet_flower() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from federated.app.runner import RunError, run_experiment
-    from federated.server.outputs import print_report
+    from federated.core.config import config_from_yaml
+    from federated.server.outputs import exit_code, print_report
 
     console = Console()
     if args.resume:
@@ -75,17 +78,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         resume=bool(args.resume),
     )
     print_report(summary, Path(out), console)
-    return 0
+    if cfg is None:  # resumed: the run's own config decides
+        cfg = config_from_yaml((Path(out) / "config.yaml").read_text())
+    code = exit_code(summary, cfg.engine.allow_site_failures)
+    if code:
+        console.print(
+            f"exit code {code}: the summary is written, but its scores miss what is listed above "
+            "(engine.allow_site_failures=true accepts that)",
+            markup=False,
+        )
+    return code
 
 
 def cmd_deploy_demo(args: argparse.Namespace) -> int:
+    from federated.core.config import config_from_yaml
     from federated.engines.deployment import deploy_demo
+    from federated.server.run_folder import check_out_dir
 
     def say(line: str) -> None:
         print(f"[deploy] {line}", flush=True)
 
+    check_out_dir(Path(args.out), overwrite=False)  # what the ServerApp would refuse, before anything starts
     try:
-        deploy_demo(
+        result = deploy_demo(
             args.sites,
             args.out,
             args.overrides,
@@ -97,7 +112,11 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("multimed-fl: deploy interrupted; every process it started was stopped", file=sys.stderr)
         return 130
-    return 0
+    problems = [str(p) for p in result.summary.get("problems", [])]
+    for line in problems:
+        say(f"incomplete scores: {line}")
+    cfg = config_from_yaml((Path(result.out_dir) / "config.yaml").read_text())
+    return 1 if problems and not cfg.engine.allow_site_failures else 0
 
 
 def cmd_sites_show(args: argparse.Namespace) -> int:
@@ -220,6 +239,22 @@ def cmd_corpus_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_corpus_check(args: argparse.Namespace) -> int:
+    """Every check of the corpus format, the full-data scans included; exit 1 when any fails."""
+    from federated.data.checks import check_corpus
+    from federated.data.format import Corpus
+
+    problems = check_corpus(args.dir)
+    for problem in problems:
+        print(f"multimed-fl: corpus problem: {problem}", file=sys.stderr)
+    if problems:
+        print(f"multimed-fl: {args.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    corpus = Corpus.open(args.dir)
+    print(f"{args.dir}: ok ({corpus.spec['n_samples']} samples); fingerprint {corpus.fingerprint}")
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from federated.app.studies.study import run_study
 
@@ -244,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (engine.checkpoint_every)"
     )
-    run.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run in an --out that holds an earlier run or other files: the earlier run's files are replaced, "
+        "files multimed-fl did not write are left untouched",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides: group=name (e.g. scale=smoke) or a.b=value"
@@ -324,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = corpus_sub.add_parser("info", help="describe a corpus folder")
     info.add_argument("dir")
     info.set_defaults(func=cmd_corpus_info)
+    check = corpus_sub.add_parser(
+        "check", help="check a corpus folder against its spec (files, shapes, labels, values); exit 1 on a problem"
+    )
+    check.add_argument("dir")
+    check.set_defaults(func=cmd_corpus_check)
     return parser
 
 

@@ -3,29 +3,126 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 
 from clients.site_runtime import apply_torch_threads
-from federated.core.config import ExperimentConfig, config_from_yaml
+from federated.core.config import ConfigError, ExperimentConfig, config_from_yaml
+from federated.core.config.schema import ModelConfig
 from federated.core.io import write_json
-from federated.core.protocol import SITE_STATE_DIR
+from federated.core.models import MultiMedModel
+from federated.core.protocol import Role
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.engines import ENGINES
-from federated.server.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from federated.server.checkpoint import Checkpoint, load_checkpoint
 from federated.server.federation import Callback
 from federated.server.outputs import build_summary, write_config, write_final_model
 from federated.server.results import RunSummary
+from federated.server.run_folder import RunLock, check_out_dir, clear_run_outputs
 from federated.server.tracking import MetricsTable, ProgressBar, TensorBoardLogger
-from partitions import plan_sites
+from partitions import SitePlan, plan_sites
 
 
 class RunError(RuntimeError):
     """The run cannot start as asked (e.g. it would overwrite an earlier run's outputs)."""
+
+
+# Bytes per parameter beyond the weights themselves: its gradient, and the optimiser's state
+# (Adam: two moments; SGD with momentum: one buffer).
+_STATE_COPIES = {"adam": 3, "sgd": 2}
+_WEIGHT_BYTES = 4  # float32
+
+
+def parameter_count(model: ModelConfig) -> int:
+    """The model's parameter count without building it at its size. Every parameter tensor is a
+    constant, dim or dim x dim elements (linear layers, embeddings, norms, convolutions' output
+    channels), so the count is a quadratic in dim: three small models (dim = h, 2h, 3h, h =
+    model.heads) fix it exactly. (torch's meta device would do it too, but costs seconds to start.)"""
+    h = model.heads
+    n1, n2, n3 = (
+        sum(p.numel() for p in MultiMedModel(dataclasses.replace(model, dim=k * h)).parameters()) for k in (1, 2, 3)
+    )
+    # Newton's forward differences on x = dim / h at 1, 2, 3
+    x = model.dim // h
+    d1, d2 = n2 - n1, n3 - 2 * n2 + n1
+    return int(n1 + (x - 1) * d1 + (x - 1) * (x - 2) // 2 * d2)
+
+
+def model_bytes(cfg: ExperimentConfig) -> int:
+    """What one copy of the model needs while training: parameters x 4 bytes x (weights, gradients,
+    optimiser state)."""
+    n = parameter_count(cfg.model)
+    copies = 1 + _STATE_COPIES["adam" if cfg.train.optimizer == "adam" else "sgd"]
+    if cfg.train.optimizer == "sgd" and cfg.train.momentum == 0:
+        copies -= 1
+    return int(n) * _WEIGHT_BYTES * copies
+
+
+def available_memory() -> int:
+    """Memory this machine can give now: /proc/meminfo's MemAvailable (Linux), else physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_model_memory(cfg: ExperimentConfig) -> None:
+    """Refuse a model that cannot fit in memory (a huge model.dim) before anything runs, naming the key."""
+    try:
+        need = model_bytes(cfg)
+    except ValueError as e:  # a model section the model cannot be built from (e.g. a token count)
+        raise ConfigError(f"model: {e} (model.dim={cfg.model.dim}, model.heads={cfg.model.heads})") from None
+    have = available_memory()
+    if need > have:
+        raise ConfigError(
+            f"model.dim={cfg.model.dim}: the model needs about {need / 2**30:.1f} GiB to train "
+            f"(parameters x {_WEIGHT_BYTES} bytes x weights, gradients and {cfg.train.optimizer} state), "
+            f"more than the {have / 2**30:.1f} GiB available"
+        )
+
+
+def _unknown(key: str, given: list[str], valid: list[str], what: str) -> None:
+    unknown = [name for name in given if name not in valid]
+    if unknown:
+        raise ConfigError(f"{key} names {what} in this run's plan: {', '.join(unknown)} (valid: {', '.join(valid)})")
+
+
+def check_plan_names(cfg: ExperimentConfig, plans: list[SitePlan]) -> None:
+    """What only the plan can check: attacked and failing sites must be training sites (both act on
+    training replies), personalised groups must be parameter groups some site trains, Krum's assumed
+    Byzantine sites must be fewer than the trainers. An unknown name used to do nothing, silently. (The
+    strategy itself checks its rule's minimum, e.g. Krum's 2f + 3, when it starts.)"""
+    training = [p.site for p in plans if p.role == Role.TRAIN]
+    if cfg.attack.kind != "none":
+        _unknown("attack.sites", list(cfg.attack.sites), training, "sites that are not training sites")
+    if cfg.faults.kind != "none":
+        _unknown("faults.sites", list(cfg.faults.sites), training, "sites that are not training sites")
+    n_byzantine = getattr(cfg.strategy.settings, "n_byzantine", None)
+    if n_byzantine is not None and n_byzantine >= len(training):
+        raise ConfigError(
+            f"strategy.n_byzantine={n_byzantine}: assumes at least as many Byzantine sites as this plan has "
+            f"training sites ({len(training)}); no honest update would be left to choose"
+        )
+    local = getattr(cfg.strategy.settings, "local_groups", None)
+    if local:
+        groups = sorted(
+            {"fusion"}
+            | {f"encoder/{m}" for p in plans for m in p.modalities}
+            | {f"head/{t}" for p in plans for t in p.tasks}
+        )
+        unmatched = [g for g in local if not any(group.startswith(g) for group in groups)]
+        if unmatched:
+            raise ConfigError(
+                f"strategy.local_groups names parameter groups no site of this plan has: {', '.join(unmatched)} "
+                f"(an entry is a group or a prefix of one, e.g. head/; groups: {', '.join(groups)})"
+            )
 
 
 def run_experiment(
@@ -41,29 +138,41 @@ def run_experiment(
     the run's own config.yaml is used)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    checkpoint = None
-    if resume:
-        if (out_dir / "summary.json").exists():
-            raise RunError(f"{out_dir} holds a finished run (summary.json): nothing to resume")
-        checkpoint = load_checkpoint(out_dir)
-        cfg = config_from_yaml(checkpoint.config_yaml)
-        overwrite = False
-    elif cfg is None:
+    if not resume and cfg is None:
         raise RunError("a new run needs a config (cfg is None only with resume=True)")
-    elif (out_dir / "summary.json").exists() and not overwrite:
-        raise RunError(
-            f"{out_dir} already holds a finished run (summary.json); choose another --out or pass --overwrite"
-        )
+    if cfg is not None:
+        check_model_memory(cfg)  # before the folder or the corpus is touched
+    with RunLock(out_dir):  # a second run into this folder fails here, naming this one's PID
+        checkpoint = None
+        if resume:
+            if (out_dir / "summary.json").exists():
+                raise RunError(f"{out_dir} holds a finished run (summary.json): nothing to resume")
+            checkpoint = load_checkpoint(out_dir)
+            cfg = config_from_yaml(checkpoint.config_yaml)
+            overwrite = False
+        else:
+            check_out_dir(out_dir, overwrite)  # another run's or a user's files: refused unless overwrite
+        assert cfg is not None
+        return _run(cfg, out_dir, checkpoint, overwrite and not resume, progress, console, t0)
+
+
+def _run(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    checkpoint: Checkpoint | None,
+    clear: bool,
+    progress: bool,
+    console: Console | None,
+    t0: float,
+) -> RunSummary:
+    """The run itself, in a folder this process holds the lock of."""
     engine = ENGINES.get(cfg.engine.name)  # fail on a bad engine name before any work
     apply_torch_threads(cfg.engine.torch_threads)
     corpus_path = prepare_corpus(cfg.corpus)
     plans = plan_sites(Corpus.open(corpus_path), cfg)  # a plan that cannot work fails here
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite or (not resume and (out_dir / CHECKPOINT_FILE).exists()):
-        # a fresh run must not mix with an earlier run's logs, checkpoint or site states
-        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
-        shutil.rmtree(out_dir / SITE_STATE_DIR, ignore_errors=True)
-        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    check_plan_names(cfg, plans)
+    if clear:  # --overwrite: a fresh run must not mix with an earlier run's logs, checkpoint or site states
+        clear_run_outputs(out_dir)
     write_config(out_dir, cfg)
     callbacks: list[Callback] = [MetricsTable(out_dir / "metrics.parquet"), TensorBoardLogger(out_dir / "tensorboard")]
     if progress:

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from federated.core.config.schema import CorpusConfig
-from federated.data.format import Corpus, CorpusFormatError
+from federated.data.format import Corpus, CorpusFormatError, remove_stale_builds
 
 
 def cache_root(cfg: CorpusConfig) -> Path:
@@ -46,6 +46,7 @@ def prepare_corpus(cfg: CorpusConfig) -> Path:
     gen = generator_config(cfg)
     key = hashlib.sha256(json.dumps(asdict(gen), sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root(cfg) / "corpora" / f"synthetic-{key}"
+    remove_stale_builds(path, any_name=True)  # leftovers of builds killed before their rename
     if not path.exists():
         try:
             build_synthetic_corpus(path, gen)

@@ -14,14 +14,23 @@ the sample lacks it). Storing each modality once, indexed, keeps a corpus of mix
 small as its data, and lets a site read its rows with np.load(mmap_mode="r") without copies.
 
 Writes are atomic: everything goes to a temporary sibling folder that is renamed into place
-only when complete, so a crash never leaves a half-written corpus.
+only when complete, so a crash never leaves a half-written corpus. The temporary folder's name
+carries this host and the writer's PID (`.<name>.tmp-<host>-<pid>-<random>`): the next write
+beside it removes folders whose writer has died, never those of a build still running.
+
+`Corpus.open` checks what the spec promises before anyone reads the data (federated/data/checks.py:
+files, headers, row counts, manifest columns and values, label ranges); `Corpus.check` adds the
+full-data scans; `Corpus.fingerprint` identifies the corpus's contents for a run to record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,22 +39,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.core.io import temp_dir_beside
 from federated.core.multimed import MODALITIES, TASKS
+from federated.data.checks import check_corpus, open_problems, read_manifest, read_spec, summarise
+from federated.data.layout import (
+    BASE_COLUMNS,
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    SPEC_FILE,
+    SPLITS,
+    CorpusFormatError,
+    array_file,
+    index_column,
+    read_npy_header,
+    target_file,
+)
 
-SCHEMA_VERSION = 1
-SPEC_FILE = "spec.json"
-MANIFEST_FILE = "manifest.parquet"
-BASE_COLUMNS = ("sample_id", "dataset", "task", "patient_id", "origin_site", "split", "label", "target_row")
-SPLITS = ("train", "test")
-
-
-class CorpusFormatError(ValueError):
-    """A corpus folder or the data about to be written does not follow the format."""
-
-
-def index_column(modality: str) -> str:
-    return f"idx_{modality}"
+__all__ = [
+    "BASE_COLUMNS",
+    "MANIFEST_FILE",
+    "SCHEMA_VERSION",
+    "SPEC_FILE",
+    "SPLITS",
+    "Corpus",
+    "CorpusFormatError",
+    "index_column",
+    "remove_stale_builds",
+    "write_corpus",
+]
 
 
 def _check_before_write(manifest: pd.DataFrame, arrays: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> None:
@@ -126,7 +146,8 @@ def write_corpus(
     if out_dir.exists() and not overwrite:
         raise CorpusFormatError(f"{out_dir} already exists; choose another --out or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(out_dir)  # ordinary permissions (mkdtemp would leave the corpus 0700)
+    remove_stale_builds(out_dir)
+    tmp = _build_dir_beside(out_dir)
     try:
         (tmp / "arrays").mkdir()
         (tmp / "targets").mkdir()
@@ -156,6 +177,55 @@ def write_corpus(
     return out_dir
 
 
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # a shared disk: PIDs are per host
+
+
+def _build_dir_beside(out_dir: Path) -> Path:
+    """A new empty folder beside `out_dir` named with this host and PID, so that a later build can
+    tell a dead writer's leftovers from a running one's. Permissions are an ordinary mkdir's
+    (tempfile.mkdtemp would leave the corpus 0700)."""
+    while True:
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir(0o777)
+        except FileExistsError:
+            continue
+        return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_builds(out_dir: str | Path, any_name: bool = False) -> list[Path]:
+    """Remove the temporary folders of killed builds beside `out_dir` (of `out_dir` only, or of any
+    corpus with any_name=True, for a cache folder): only those made on this host by a process that
+    no longer exists. Returns what was removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    prefix = "." if any_name else f".{out_dir.name}.tmp-"
+    removed = []
+    for entry in out_dir.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        _, sep, tag = entry.name.rpartition(".tmp-")
+        host, _, rest = tag.partition("-")
+        pid = rest.partition("-")[0]
+        if not sep or host != _HOST or not pid.isdigit() or entry.is_symlink() or not entry.is_dir():
+            continue
+        if not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def _target_stats(task: str, target: np.ndarray, manifest: pd.DataFrame) -> dict[str, Any]:
     """Per-task facts a reader needs: sample count and, for regression, the target's scale.
 
@@ -180,26 +250,39 @@ class Corpus:
 
     @classmethod
     def open(cls, path: str | Path) -> Corpus:
+        """Open a corpus folder after the cheap checks (checks.open_problems): every problem found
+        is named in one CorpusFormatError, before any site reads a wrong label or a short file."""
         path = Path(path)
-        spec_file = path / SPEC_FILE
-        if not spec_file.is_file():
-            raise CorpusFormatError(f"{path} is not a corpus: {SPEC_FILE} is missing")
-        try:
-            spec = json.loads(spec_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CorpusFormatError(f"{spec_file} is not valid JSON: {e}") from None
-        version = spec.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise CorpusFormatError(f"{spec_file} has schema_version {version!r}; this version reads {SCHEMA_VERSION}")
-        if not (path / MANIFEST_FILE).is_file():
-            raise CorpusFormatError(f"{path / MANIFEST_FILE} is missing")
-        for m in spec["modalities"]:
-            if not (path / "arrays" / f"{m}.npy").is_file():
-                raise CorpusFormatError(f"{path}/arrays/{m}.npy is missing")
-        for t in spec["tasks"]:
-            if not (path / "targets" / f"{t}.npy").is_file():
-                raise CorpusFormatError(f"{path}/targets/{t}.npy is missing")
-        return cls(path, spec)
+        spec = read_spec(path)
+        manifest = read_manifest(path)
+        problems = open_problems(path, spec, manifest)
+        if problems:
+            raise CorpusFormatError(summarise(path, problems))
+        corpus = cls(path, spec)
+        corpus.__dict__["manifest"] = manifest  # read once, for the checks and for planning
+        return corpus
+
+    def check(self) -> list[str]:
+        """Every problem, the full-data scans included (finite inputs, token ids in the vocabulary)."""
+        return check_corpus(self.path)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of what the corpus is: spec.json, the manifest and every targets file byte for
+        byte, and of each input array its header, size and 16 sampled 64 KiB blocks. Any rebuild,
+        relabelling, added or removed sample or reshaped array changes it; so does an edit of the
+        sampled blocks (an in-place edit elsewhere in an input array is what `corpus check`'s scans
+        are for). Cost: reading the small files and 1 MiB per input array."""
+        digest = hashlib.sha256(b"multimed-fl corpus fingerprint v1\0")
+        for rel in [SPEC_FILE, MANIFEST_FILE, *(target_file(t) for t in sorted(self.tasks))]:
+            digest.update(f"{rel}\0".encode())
+            _hash_file(digest, self.path / rel)
+        for m in sorted(self.modalities):
+            file = self.path / array_file(m)
+            header = read_npy_header(file)
+            digest.update(f"{array_file(m)}\0{header.file_size}\0".encode())
+            _hash_samples(digest, file, header.data_offset, header.file_size)
+        return digest.hexdigest()
 
     @classmethod
     def from_manifest(cls, manifest: pd.DataFrame, tasks: list[str]) -> Corpus:
@@ -240,3 +323,25 @@ class Corpus:
 
     def target_stats(self, task: str) -> dict[str, Any]:
         return self.spec["tasks"][task]
+
+
+_SAMPLE_BLOCKS, _SAMPLE_BYTES = 16, 64 << 10
+
+
+def _hash_file(digest: Any, file: Path) -> None:
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def _hash_samples(digest: Any, file: Path, data_offset: int, size: int) -> None:
+    """The header and _SAMPLE_BLOCKS evenly spaced blocks of the data (the whole file when small)."""
+    with open(file, "rb") as f:
+        digest.update(f.read(data_offset))
+        span = size - data_offset
+        if span <= _SAMPLE_BLOCKS * _SAMPLE_BYTES:
+            digest.update(f.read())
+            return
+        for k in range(_SAMPLE_BLOCKS):
+            f.seek(data_offset + k * (span - _SAMPLE_BYTES) // (_SAMPLE_BLOCKS - 1))
+            digest.update(f.read(_SAMPLE_BYTES))

@@ -15,7 +15,8 @@ These are for demos and tests (a CA that lives next to its certificates). A real
 uses certificates from the coordinator's own CA, and each hospital makes its own node key
 pair and sends only the `.pub` file.
 
-Private keys are created with mode 0600 (never world-readable, not even briefly).
+Private keys are created with mode 0600 (never world-readable, not even briefly), in a fresh file
+opened with O_EXCL | O_NOFOLLOW (a symbolic link planted at a key's path is refused, never followed).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,25 +58,44 @@ class DemoPKI:
     nodes: tuple[NodeKey, ...]
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret with mode 0600 from the start (umask cannot widen it)."""
+class KeyWriteError(OSError):
+    """A key or certificate path that must not be written through (a symbolic link)."""
+
+
+def _write_fresh(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` into a new file beside `path` with `mode` from its creation, then rename it
+    onto `path`. The temporary name is random and opened with O_EXCL | O_NOFOLLOW, so a file or
+    symbolic link planted in advance is never written through; a symbolic link at `path` itself
+    is refused (rename would replace it, but a planted link means someone is tampering here)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if path.is_symlink():
+        raise KeyWriteError(f"{path} is a symbolic link; refusing to write a key or certificate through it")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    fd = os.open(tmp, flags, mode)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)  # the umask may have narrowed a public file's mode; never widens a key's
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret with mode 0600 from the start (umask cannot widen it) into a fresh file."""
+    _write_fresh(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    """Write a certificate or public key (mode 0644) the same way: never through a planted link."""
+    _write_fresh(path, data, 0o644)
 
 
 def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:

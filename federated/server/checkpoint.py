@@ -10,32 +10,56 @@ parameters) is not the server's to hold: each site saves its own state next to i
 (clients/site_state.py) at every checkpoint round, and on resume the handshake tells it which
 round to restore. A real hospital's privacy ledger thus never leaves the hospital.
 
-Format: one pickle written atomically (temp file, then rename) as DIR/checkpoint.pkl. Pickle
-runs code when loaded: only resume from checkpoints you wrote. Version 2: round records hold typed
-summaries (federated/server/results.py); a version-1 checkpoint is refused by name.
+Format: DIR/checkpoint.npz, arrays plus JSON without pickle (federated/core/statefile.py: read
+with allow_pickle=False, versioned, a sha256 of the content checked on load), written atomically.
+The loader refuses, by file name, anything else: a `checkpoint.pkl` of an earlier release is never
+opened (a pickle runs code when read), a foreign or edited file is "not a MultiMed-FL checkpoint"
+or a "hash mismatch", another format version is "unsupported". Version 3: the first without pickle.
 
 Saving is a callback (Checkpointer) that the round loop calls like any other side effect.
 """
 
 from __future__ import annotations
 
-import pickle
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord
 
 from federated.core.config.loader import config_to_yaml
 from federated.core.config.schema import ExperimentConfig
-from federated.core.io import atomic_write
+from federated.core.protocol import Role
+from federated.core.statefile import StateFileError, read_state_file, write_state_file
 from federated.server.callbacks import Callback, ServerState
-from federated.server.evaluation import SiteProfile
-from federated.server.records import RoundRecord
+from federated.server.evaluation import SiteEvaluation, SiteProfile
+from federated.server.records import RoundRecord, TrainStats
+from federated.server.results import GroupScores, RoundSummary, WorstSite
+from strategies.aggregation import ServerOptState
 
-CHECKPOINT_FILE = "checkpoint.pkl"
-FORMAT_VERSION = 2
+CHECKPOINT_FILE = "checkpoint.npz"
+LEGACY_PICKLE_FILE = "checkpoint.pkl"  # releases before version 3; never loaded
+FORMAT_VERSION = 3
+KIND = "checkpoint"
+# The only types a checkpoint may hold besides JSON values, tuples and arrays: round records,
+# their summaries, and the strategies' state (server-optimiser moments).
+STATE_TYPES: dict[str, type] = {
+    t.__name__: t
+    for t in (
+        RoundRecord,
+        TrainStats,
+        SiteEvaluation,
+        SiteProfile,
+        RoundSummary,
+        GroupScores,
+        WorstSite,
+        Role,
+        ServerOptState,
+    )
+}
 
 
 class CheckpointError(ValueError):
@@ -47,7 +71,7 @@ class Checkpoint:
     round: int
     arrays: dict[str, Any]  # parameter name -> numpy array
     strategy_state: dict[str, Any]
-    python_rng: Any  # random.getstate()
+    python_rng: Any  # random.getstate(): a tuple of ints, stored as JSON
     initial: RoundRecord
     history: list[RoundRecord]
     config_yaml: str
@@ -60,24 +84,48 @@ class Checkpoint:
 
 
 def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> Path:
-    """Write DIR/checkpoint.pkl atomically: a crash mid-write leaves the previous checkpoint."""
-    path = Path(out_dir) / CHECKPOINT_FILE
-    atomic_write(path, lambda tmp: tmp.write_bytes(pickle.dumps(ckpt, protocol=pickle.HIGHEST_PROTOCOL)))
-    return path
+    """Write DIR/checkpoint.npz atomically: a crash mid-write leaves the previous checkpoint."""
+    state = {f.name: getattr(ckpt, f.name) for f in dataclasses.fields(ckpt) if f.name != "version"}
+    return write_state_file(Path(out_dir) / CHECKPOINT_FILE, KIND, FORMAT_VERSION, state)
 
 
 def load_checkpoint(out_dir: Path) -> Checkpoint:
-    """The checkpoint in DIR; CheckpointError saying why when there is none or it cannot be used."""
+    """The checkpoint in DIR; CheckpointError naming the file and saying why when there is none or
+    it cannot be used. Nothing in DIR is unpickled."""
     path = Path(out_dir) / CHECKPOINT_FILE
+    legacy = Path(out_dir) / LEGACY_PICKLE_FILE
     if not path.is_file():
+        if legacy.exists():
+            raise CheckpointError(
+                f"{legacy} is a pickle checkpoint of an earlier release: it is not loaded (a pickle runs code "
+                f"when read) and this run cannot be resumed; start it again"
+            )
         raise CheckpointError(f"{path} does not exist: nothing to resume (was engine.checkpoint_every > 0?)")
     try:
-        ckpt = pickle.loads(path.read_bytes())
-    except Exception as e:  # truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, Checkpoint) or ckpt.version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a version-{FORMAT_VERSION} MultiMed-FL checkpoint")
+        state = read_state_file(path, KIND, FORMAT_VERSION, STATE_TYPES)
+        ckpt = Checkpoint(**state, version=FORMAT_VERSION)
+    except StateFileError as e:
+        raise CheckpointError(str(e)) from None
+    except TypeError as e:  # fields missing or unknown
+        raise CheckpointError(f"{path} is not a MultiMed-FL checkpoint: {e}") from None
+    _check(path, ckpt)
     return ckpt
+
+
+def _check(path: Path, ckpt: Checkpoint) -> None:
+    """The types resume relies on, so a well-formed but wrong file fails here, naming itself."""
+    ok = (
+        isinstance(ckpt.round, int)
+        and isinstance(ckpt.arrays, dict)
+        and all(isinstance(a, np.ndarray) for a in ckpt.arrays.values())
+        and isinstance(ckpt.strategy_state, dict)
+        and isinstance(ckpt.initial, RoundRecord)
+        and isinstance(ckpt.history, list)
+        and all(isinstance(r, RoundRecord) for r in ckpt.history)
+        and isinstance(ckpt.config_yaml, str)
+    )
+    if not ok:
+        raise CheckpointError(f"{path} is not a MultiMed-FL checkpoint (its fields have the wrong types)")
 
 
 def python_rng_state() -> Any:

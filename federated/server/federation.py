@@ -216,7 +216,11 @@ class TrainOutcome:
 def _strategy(cfg: ExperimentConfig, node_profiles: dict[int, SiteProfile], train_nodes: list[int]) -> Any:
     """The run's strategy, told which node is which site and how much each holds."""
     strategy = build_private_strategy(cfg, len(train_nodes))
-    strategy.know_sites({n: p.site for n, p in node_profiles.items()}, {n: p.n_train for n, p in node_profiles.items()})
+    strategy.know_sites(
+        {n: p.site for n, p in node_profiles.items()},
+        {n: node_profiles[n].n_train for n in train_nodes},
+        {n: (p.modalities, p.tasks) for n, p in node_profiles.items()},
+    )
     return strategy
 
 

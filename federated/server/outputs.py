@@ -18,6 +18,45 @@ from federated.server.records import FederationResult
 from federated.server.results import HistoryRow, Rejection, RunSummary, RunTiming
 
 
+def _site_of(failure_key: str) -> str:
+    """'evaluate:site_03' -> 'site_03' (failure keys are stage:site)."""
+    return failure_key.partition(":")[2]
+
+
+def failing_sites(result: FederationResult) -> list[str]:
+    """Sites that failed (to train or to evaluate) in every round of the run (round 0, its first
+    evaluation, only when no round was trained), each with its last reason: their data never counted,
+    so the scores are of a smaller federation than the one asked for."""
+    records = result.history or [result.initial]
+    problems = []
+    for profile in result.profiles:
+        reasons = [[v for k, v in r.failures.items() if _site_of(k) == profile.site] for r in records]
+        if all(reasons):
+            problems.append(f"site {profile.site} failed in every round ({len(records)}); last: {reasons[-1][-1]}")
+    return problems
+
+
+def lost_tasks(result: FederationResult) -> list[str]:
+    """Tasks scored (ID or OOD) in round 0 but not at the end: the headline's mean over tasks
+    would otherwise improve silently by losing its hardest tasks."""
+    first, last = result.initial, result.final
+    problems = []
+    for label, before, after in (
+        ("ID", first.summary.id.per_task, last.summary.id.per_task),
+        ("OOD", first.summary.ood.per_task, last.summary.ood.per_task),
+    ):
+        problems += [
+            f"task {t} was scored {label} in round {first.round} but not in round {last.round}"
+            for t in sorted(set(before) - set(after))
+        ]
+    return problems
+
+
+def run_problems(result: FederationResult) -> list[str]:
+    """Why a run's scores are incomplete; empty for a clean run."""
+    return failing_sites(result) + lost_tasks(result)
+
+
 def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float) -> RunSummary:
     """A run's summary.json as a typed object (write it with `summary.to_dict()`)."""
     final, records = result.final, [result.initial, *result.history]
@@ -43,6 +82,7 @@ def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float
             aggregate_s=result.timing.aggregate_s,
             evaluate_s=result.timing.evaluate_s,
         ),
+        problems=run_problems(result),
     )
 
 
@@ -108,6 +148,20 @@ def print_report(summary: RunSummary, out_dir: Path, console: Console | None = N
         f"ID-OOD gap {_f(final.gap)} on the {len(final.gap_tasks)} tasks scored both ways"
     )
     console.print(f"{summary.rounds_completed} rounds in {summary.timing.wall_s:.1f} s; outputs in {out_dir}")
+    print_problems(summary, console)
+
+
+def print_problems(summary: RunSummary, console: Console) -> None:
+    """Say, last and loudly, what makes the scores above incomplete."""
+    if summary.problems:
+        console.print(f"[bold red]The scores above are incomplete ({len(summary.problems)} problem(s)):[/bold red]")
+        for line in summary.problems:
+            console.print(f"  - {line}", markup=False)
+
+
+def exit_code(summary: RunSummary, allow_site_failures: bool) -> int:
+    """1 when the run has problems and engine.allow_site_failures is off, else 0."""
+    return 1 if summary.problems and not allow_site_failures else 0
 
 
 def write_final_model(out_dir: Path, arrays: ArrayRecord) -> None:

@@ -3,7 +3,8 @@
 Each dataclass writes itself with `to_dict()` as exactly the JSON it always was (field names and
 their order are what users' scripts read) and reads itself back with `from_dict()`, so a study can
 reuse a finished run's summary.json as the same object a fresh run returns. JSON has no NaN:
-federated.core.io.write_json writes it as null, and `from_dict` reads null back as NaN.
+federated.core.io.write_json writes it as null, and `from_dict` reads null back as NaN. An infinite
+privacy spend is written as the string "inf" with a flag (`epsilon_infinite: true`), never null.
 """
 
 from __future__ import annotations
@@ -25,6 +26,27 @@ PerTaskMetrics = dict[str, dict[str, float]]
 def _num(value: Any) -> float:
     """A float read back from JSON, where NaN was written as null."""
     return math.nan if value is None else float(value)
+
+
+def _report_to_json(report: PrivacyReport) -> dict[str, Any]:
+    """A privacy report as JSON writes it: an infinite value (epsilon without a bound) becomes the
+    string "inf" plus `<key>_infinite: true`, since JSON has no infinity and null reads as "unknown"."""
+    out: dict[str, Any] = {}
+    for key, value in report.items():
+        if isinstance(value, float) and math.isinf(value) and value > 0:
+            out[key], out[f"{key}_infinite"] = "inf", True
+        else:
+            out[key] = value
+    return out
+
+
+def _report_from_json(raw: dict[str, Any]) -> PrivacyReport:
+    """The inverse of _report_to_json: "inf" with its flag is infinity again."""
+    flags = {k for k, v in raw.items() if k.endswith("_infinite") and v is True}
+    out = {k: v for k, v in raw.items() if k not in flags}
+    for flag in flags:
+        out[flag.removesuffix("_infinite")] = math.inf
+    return out
 
 
 def _per_task_metrics(raw: dict[str, dict[str, Any]]) -> PerTaskMetrics:
@@ -250,6 +272,9 @@ class RunSummary:
     timing: RunTiming
     corpus: str | None = None  # the corpus a run read (written when known)
     resumed_from_round: int | None = None  # written only for a resumed run
+    # What makes the run's scores incomplete (a site failing every round, a task no longer
+    # scored at the end): written only when there is any; `multimed-fl run` then exits non-zero.
+    problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -257,6 +282,8 @@ class RunSummary:
             extra["corpus"] = self.corpus
         if self.resumed_from_round is not None:
             extra["resumed_from_round"] = self.resumed_from_round
+        if self.problems:
+            extra["problems"] = list(self.problems)
         return {
             "rounds_completed": self.rounds_completed,
             "seed": self.seed,
@@ -267,7 +294,7 @@ class RunSummary:
             "final": self.final.to_dict(),
             "initial": self.initial.to_dict(),
             "per_site": [row.to_dict() for row in self.per_site],
-            "privacy": {site: dict(report) for site, report in self.privacy.items()},
+            "privacy": {site: _report_to_json(report) for site, report in self.privacy.items()},
             "failures": {str(rnd): dict(reasons) for rnd, reasons in self.failures.items()},
             "rejections": [r.to_dict() for r in self.rejections],
             "skipped_rounds": list(self.skipped_rounds),
@@ -289,7 +316,7 @@ class RunSummary:
             final=RoundSummary.from_dict(raw["final"]),
             initial=Headline.from_dict(raw["initial"]),
             per_site=[SiteRow.from_dict(r) for r in raw["per_site"]],
-            privacy={str(site): dict(report) for site, report in raw["privacy"].items()},
+            privacy={str(site): _report_from_json(report) for site, report in raw["privacy"].items()},
             failures={int(rnd): dict(reasons) for rnd, reasons in raw["failures"].items()},
             rejections=[Rejection.from_dict(r) for r in raw["rejections"]],
             skipped_rounds=[int(r) for r in raw["skipped_rounds"]],
@@ -297,6 +324,7 @@ class RunSummary:
             timing=RunTiming.from_dict(raw["timing"]),
             corpus=raw.get("corpus"),
             resumed_from_round=int(resumed) if resumed is not None else None,
+            problems=[str(p) for p in raw.get("problems", [])],
         )
 
     def max_epsilon(self) -> float | None:

@@ -2,15 +2,19 @@
 
 Run config: `multimed-config` (resolved experiment YAML; empty = conf/ defaults),
 `corpus-path` (where sites read data; empty = build/reuse the synthetic corpus) and
-`out-dir` (where outputs go; empty = runs/flwr-<run id>).
+`out-dir` (where outputs go; empty = runs/flwr-<run id>). The out-dir is checked as
+`multimed-fl run --out` checks its folder (federated/server/run_folder.py): another run's or a
+user's files refuse the run, and a lock keeps a second run out while this one is in it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
@@ -18,6 +22,7 @@ from federated.core.io import write_json
 from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
 from federated.server.federation import run_federation
 from federated.server.outputs import build_summary, write_config, write_final_model
+from federated.server.run_folder import RunLock, check_out_dir
 from federated.server.tracking import MetricsTable, TensorBoardLogger
 
 app = ServerApp()
@@ -43,7 +48,12 @@ def main(grid: Grid, context: Context) -> None:
     text = str(context.run_config.get(CONFIG_KEY, ""))
     cfg = config_from_yaml(text) if text else load_config()
     out_dir = Path(str(context.run_config.get("out-dir", "")) or f"runs/flwr-{grid.run.run_id}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out_dir):  # as `multimed-fl run`: one run per folder, another run's files kept
+        check_out_dir(out_dir, overwrite=False)
+        _run(grid, context, cfg, out_dir)
+
+
+def _run(grid: Grid, context: Context, cfg: ExperimentConfig, out_dir: Path) -> None:
     write_config(out_dir, cfg)
     planned = planned_sites(cfg, str(context.run_config.get(CORPUS_KEY, "")))
     if planned and not cfg.engine.expected_sites:  # wait for, and insist on, every planned site
@@ -65,3 +75,5 @@ def main(grid: Grid, context: Context) -> None:
     )
     write_final_model(out_dir, result.arrays)
     write_json(out_dir / "summary.json", summary.to_dict())
+    for line in summary.problems:  # the run's status stays Flower's; the summary and the log say it
+        log(WARNING, "multimed-fl: incomplete scores: %s", line)

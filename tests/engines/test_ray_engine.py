@@ -28,7 +28,7 @@ def test_ray_and_inprocess_give_the_same_run(tmp_path):
         out = tmp_path / engine
         assert main(["run", "--out", str(out), "--no-progress", f"engine={engine}", *THREE_SITES]) == 0
         runs[engine] = (json.loads((out / "summary.json").read_text()), pd.read_parquet(out / "metrics.parquet"))
-        for name in ("config.yaml", "final_model.npz", "checkpoint.pkl"):
+        for name in ("config.yaml", "final_model.npz", "checkpoint.npz"):
             assert (out / name).is_file(), (engine, name)
         assert any((out / "tensorboard").iterdir())
     (a, ma), (b, mb) = runs["inprocess"], runs["ray"]

@@ -124,7 +124,7 @@ def test_checkpoints_are_a_callback_saving_every_k_rounds_and_the_last(tmp_path)
         state.round, state.arrays = rnd, _arrays(float(rnd))
         state.history.append(_record(rnd))
         saver.on_server_state(state)
-        if (tmp_path / "checkpoint.pkl").exists():
+        if (tmp_path / "checkpoint.npz").exists():
             ckpt = load_checkpoint(tmp_path)
             if ckpt.round == rnd:
                 saved.append(rnd)

@@ -30,9 +30,10 @@ def test_a_site_named_in_node_config(smoke_corpus):
 
     cfg = load_config(["scale=smoke"])
     run_config = {"multimed-config": config_to_yaml(cfg), "corpus-path": str(smoke_corpus)}
-    assert site_runtime(run_config, {"site": "site_03"}).plan.archetype == "genomics_lab"
+    own = {"corpus-path": str(smoke_corpus)}  # deployment: the site's own data, from its node config
+    assert site_runtime(run_config, {"site": "site_03", **own}).plan.archetype == "genomics_lab"
     try:
-        site_runtime(run_config, {"site": "site_99"})
+        site_runtime(run_config, {"site": "site_99", **own})
     except SiteConfigError as e:
         assert "site_99" in str(e) and "site_00" in str(e)
     else:

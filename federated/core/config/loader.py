@@ -20,6 +20,7 @@ it; the loader then splits the section into StrategyConfig(settings=...).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -40,7 +41,7 @@ from federated.core.config.schema import (
 )
 from federated.core.resources import shipped_dir
 
-ATTACK_KINDS = ("none", "sign_flip", "scale", "nan", "inflate_count")
+ATTACK_KINDS = ("none", "sign_flip", "scale", "nan", "inflate_count", "inflate_handshake", "undeclared_group", "huge")
 HOLDOUT_MODES = ("listed", "named", "random", "archetype")  # partitions/holdout.py
 PRIVACY_MODES = ("none", "dp_sgd", "dp_fedavg")
 FAULT_KINDS = ("none", "crash", "stall", "exit")
@@ -278,18 +279,59 @@ def _group_file(root: Path, group: str, name: str) -> dict[str, Any]:
     return {str(k): v for k, v in body.items()}
 
 
+# numpy's SeedSequence refuses negative seeds and torch.manual_seed anything beyond 64 bits; a seed
+# must also fit the int64 columns it is written to (metrics.parquet, studies' tables).
+SEED_LIMIT = 2**63
+
+
+def _float_fields(node: Any, prefix: str) -> list[tuple[str, float]]:
+    """Every float setting under `node` (a config dataclass), keyed as a user types it. A strategy's
+    own settings are flat under `strategy.` as on the command line."""
+    found: list[tuple[str, float]] = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if isinstance(value, StrategySettings):
+            found += _float_fields(value, prefix)
+        elif dataclasses.is_dataclass(value):
+            found += _float_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            found.append((f"{prefix}{f.name}", value))
+    return found
+
+
+def _check_finite(cfg: ExperimentConfig) -> None:
+    """NaN or infinity in any float setting fails here, naming the key, instead of a round later
+    (or as a silently meaningless run: target_epsilon=inf gave noise multiplier 10)."""
+    for key, value in _float_fields(cfg, ""):
+        if math.isfinite(value):
+            continue
+        if key == "privacy.target_epsilon" and value > 0:
+            raise ConfigError(
+                f"privacy.target_epsilon={value}: an infinite epsilon is no privacy at all; use privacy=none"
+            )
+        raise ConfigError(f"{key}={value}: must be a finite number")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Range checks the type system cannot express; each names its key. (The strategy section
     checks itself on construction: StrategyConfig and each strategy's settings dataclass.)"""
+    _check_finite(cfg)
     checks = [
+        ("seed", 0 <= cfg.seed < SEED_LIMIT, "must be in [0, 2**63) (numpy and torch random generators' range)"),
+        (
+            "corpus.seed",
+            0 <= cfg.corpus.seed < SEED_LIMIT,
+            "must be in [0, 2**63) (numpy and torch random generators' range)",
+        ),
         ("rounds", cfg.rounds >= 1, "must be >= 1"),
         ("corpus.samples_per_task_site", cfg.corpus.samples_per_task_site >= 5, "must be >= 5"),
         ("corpus.n_origin_sites", cfg.corpus.n_origin_sites >= 1, "must be >= 1"),
         ("corpus.test_fraction", 0.0 < cfg.corpus.test_fraction < 1.0, "must be in (0, 1)"),
         ("corpus.origin_shift_severity", cfg.corpus.origin_shift_severity >= 0.0, "must be >= 0"),
+        ("model.heads", cfg.model.heads >= 1, "must be >= 1"),
         (
             "model.dim",
-            cfg.model.dim >= 4 and cfg.model.dim % cfg.model.heads == 0,
+            cfg.model.dim >= 4 and cfg.model.heads >= 1 and cfg.model.dim % cfg.model.heads == 0,
             "must be >= 4 and divisible by model.heads",
         ),
         ("model.tokens_per_modality", cfg.model.tokens_per_modality >= 1, "must be >= 1"),
@@ -300,6 +342,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.lr", cfg.train.lr > 0, "must be > 0"),
         ("train.optimizer", cfg.train.optimizer in ("adam", "sgd"), "must be one of: adam, sgd"),
+        ("train.momentum", 0.0 <= cfg.train.momentum < 1.0, "must be in [0, 1)"),
+        ("train.weight_decay", cfg.train.weight_decay >= 0.0, "must be >= 0"),
         ("train.max_steps_per_round", cfg.train.max_steps_per_round >= 0, "must be >= 0"),
         ("sites.train", len(cfg.sites.train) >= 1, "needs at least one training site"),
         ("sites.label_skew_alpha", cfg.sites.label_skew_alpha >= 0, "must be > 0 (or 0 for no skew)"),
@@ -393,11 +437,34 @@ def config_to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(_experiment_schema(name)(**sections)))
 
 
+def _refuse_interpolation(node: Any, where: str) -> None:
+    """A serialised config is resolved already: a `${...}` in it (e.g. `${oc.env:VAR}`, which would
+    read the reader's environment) is refused, naming the key, before anything can resolve it."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_interpolation(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_interpolation(value, f"{where}[{i}]")
+    elif isinstance(node, str) and "${" in node:
+        raise ConfigError(
+            f"{where}: interpolation {node!r} is not allowed in a serialised config "
+            "(configs that travel or are read back from a run folder are taken literally; nothing is resolved)"
+        )
+
+
 def config_from_yaml(text: str) -> ExperimentConfig:
-    """Rebuild a config from `config_to_yaml` output (how it travels to ClientApps)."""
-    data = OmegaConf.create(text)
+    """Rebuild a config from `config_to_yaml` output (how it travels to ClientApps, and how a run
+    folder's config is read back). No resolver or interpolation runs: a `${...}` is refused."""
+    import yaml
+
+    try:
+        data = OmegaConf.create(text)
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"a serialised config is not valid YAML: {e}") from None
     if not isinstance(data, DictConfig):
         raise ConfigError("a serialised config must be a mapping of sections")
+    _refuse_interpolation(OmegaConf.to_container(data, resolve=False), "")
     strategy = str(OmegaConf.select(data, "strategy.name", default=DEFAULT_STRATEGY))
     cfg = _merge(_schema(strategy), data, "serialised config", strategy)
     result = _build(cfg, strategy)

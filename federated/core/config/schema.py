@@ -6,6 +6,7 @@ only these dataclasses travel, never raw dicts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, TypeVar
 
@@ -197,6 +198,15 @@ class StrategyConfig:
     min_valid_replies: int = 1
     on_too_few_valid: str = "fail"  # fail | skip
     max_examples_factor: float = 1.0
+    # What a site declared at the handshake is bounded too: with three or more training sites,
+    # one declaring more than this share of all their training examples has every update
+    # refused (1 = no bound). Generous: quantity skew (sigma 1) gave one site 69% in a clean run.
+    max_site_weight_share: float = 0.9
+    # Update-norm bound, L2 of (reply - global model) over all arrays: refused above
+    # max_update_norm (0 = no absolute bound), or above max_update_norm_ratio x the round's
+    # median update norm (0 = off; used with three or more updates).
+    max_update_norm: float = 1.0e4
+    max_update_norm_ratio: float = 0.0
     # The strategy's own settings: an instance of the class registered under `name`.
     settings: StrategySettings = field(default_factory=StrategySettings)
 
@@ -207,7 +217,14 @@ class StrategyConfig:
             ("min_train_sites", self.min_train_sites >= 1, "must be >= 1"),
             ("min_valid_replies", self.min_valid_replies >= 1, "must be >= 1"),
             ("on_too_few_valid", self.on_too_few_valid in ("fail", "skip"), "must be one of: fail, skip"),
-            ("max_examples_factor", self.max_examples_factor >= 1.0, "must be >= 1"),
+            ("max_examples_factor", 1.0 <= self.max_examples_factor < math.inf, "must be finite and >= 1"),
+            ("max_site_weight_share", 0.0 < self.max_site_weight_share <= 1.0, "must be in (0, 1]"),
+            ("max_update_norm", 0.0 <= self.max_update_norm < math.inf, "must be finite and >= 0 (0 = no bound)"),
+            (
+                "max_update_norm_ratio",
+                self.max_update_norm_ratio == 0.0 or 1.0 <= self.max_update_norm_ratio < math.inf,
+                "must be 0 (off) or finite and >= 1",
+            ),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -258,6 +275,9 @@ class EngineConfig:
     expected_sites: int = 0
     handshake_timeout_s: float = 300.0
     ray_cpus: int = 0  # engine=ray: CPUs Ray may use (one per site at a time); 0 = all
+    # A site that fails in every round, or a task scored in round 0 but not at the end, makes
+    # `multimed-fl run` exit non-zero (the summary is written either way); true accepts them.
+    allow_site_failures: bool = False
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +106,56 @@ def class_folders(
             continue
         out.append((folder, classes.index(name)))
     return out
+
+
+MAX_COLUMNS = 10_000  # far above any clinical table; a wider one is refused from its header
+MAX_HEADER_BYTES = 64 << 20  # a header line longer than this is refused without reading more
+
+
+def column_count_problem(path: Path, limit: int = MAX_COLUMNS) -> str | None:
+    """Why a table is too wide to read (naming its first columns and their count), from its header
+    alone: pandas would otherwise parse and allocate every cell first (a 1M-column CSV took
+    minutes and gigabytes before failing). None when the table is narrow enough."""
+    names: list[str] | None
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            names = list(pq.read_schema(path).names)
+        else:
+            names = _csv_header(path)
+    except Exception:  # an unreadable file is reported by the reader that follows, with its own reason
+        return None
+    if names is None:
+        return f"header line longer than {MAX_HEADER_BYTES >> 20} MiB; not a table this ingest reads"
+    if len(names) <= limit:
+        return None
+    first = ", ".join(map(str, names[:5]))
+    return f"{len(names)} columns (first: {first}, ...), more than the {limit} a table may have"
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    """The column names on a CSV's first line, or None when that line is longer than MAX_HEADER_BYTES."""
+    with open(path, "rb") as f:
+        line = f.readline(MAX_HEADER_BYTES + 1)
+    if len(line) > MAX_HEADER_BYTES:
+        return None
+    text = line.decode("utf-8", errors="replace").lstrip("\ufeff")
+    return next(csv.reader(io.StringIO(text)), [])
+
+
+def read_csv_checked(path: Path, problems: Problems, **kwargs: Any) -> pd.DataFrame | None:
+    """pd.read_csv(path, **kwargs) after the column-count check; None after reporting (naming the
+    file) why it cannot be read, so `on_error: skip` skips it."""
+    too_wide = column_count_problem(path)
+    if too_wide:
+        problems.report(path, too_wide)
+        return None
+    try:
+        return pd.read_csv(path, **kwargs)
+    except Exception as e:  # pandas raises parser, decoding, OS and value errors alike
+        problems.report(path, f"unreadable CSV ({type(e).__name__}: {e})")
+        return None
 
 
 def optional_import(module: str, extra: str):

@@ -40,7 +40,15 @@ import numpy as np
 import pandas as pd
 
 from federated.core.multimed import MODALITIES, TASKS, Task
-from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, class_folders, resolve
+from federated.data.ingest.core import (
+    Problems,
+    SampleSet,
+    adapter,
+    check_classes,
+    class_folders,
+    read_csv_checked,
+    resolve,
+)
 from federated.data.ingest.image_folders import EXTENSIONS, image_modality
 from federated.data.ingest.images_csv import BadItem, cell, read_image, require_columns
 from federated.data.ingest.text import tokenize
@@ -159,10 +167,8 @@ def _reports(task: Task, params: dict[str, Any], base: Path, problems: Problems)
     if not path.is_file():
         problems.report(path, "reports file does not exist")
         return {}
-    try:
-        frame = pd.read_csv(path, dtype=str)
-    except Exception as e:
-        problems.report(path, f"unreadable CSV ({type(e).__name__}: {e})")
+    frame = read_csv_checked(path, problems, dtype=str)
+    if frame is None:
         return {}
     require_columns(frame, list(map(str, columns.values())), path)
     return _report_rows(frame, columns, path, problems)

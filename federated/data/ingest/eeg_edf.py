@@ -39,7 +39,15 @@ import numpy as np
 import pandas as pd
 
 from federated.core.multimed import MODALITIES, TASKS, Task
-from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, optional_import, resolve
+from federated.data.ingest.core import (
+    Problems,
+    SampleSet,
+    adapter,
+    check_classes,
+    optional_import,
+    read_csv_checked,
+    resolve,
+)
 
 EEG = "eeg"
 SITE_FROM = ("origin_site", "subject")
@@ -127,10 +135,8 @@ def _csv_events(path: Path, files: list[Path], problems: Problems) -> dict[str, 
     if not path.is_file():
         problems.report(path, "events_csv does not exist")
         return None
-    try:
-        frame = pd.read_csv(path, dtype={"file": str, "description": str})
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        problems.report(path, f"unreadable CSV ({type(e).__name__}: {e})")
+    frame = read_csv_checked(path, problems, dtype={"file": str, "description": str})
+    if frame is None:
         return None
     missing = [c for c in CSV_COLUMNS if c not in frame.columns]
     if missing:

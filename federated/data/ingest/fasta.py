@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from federated.core.multimed import IGNORE_LABEL, MODALITIES, PAD_TOKEN, REGRESSION, SECONDARY_STRUCTURE, TASKS, Task
-from federated.data.ingest.core import Problems, SampleSet, adapter, resolve
+from federated.data.ingest.core import Problems, SampleSet, adapter, read_csv_checked, resolve
 
 ALPHABETS = {"genomic_sequence": "ACGT", "protein_sequence": "ACDEFGHIKLMNPQRSTVWY"}
 DSSP_TO_3 = {**dict.fromkeys("HGI", "H"), **dict.fromkeys("EB", "E"), **dict.fromkeys("TSCLP- ", "C")}
@@ -155,10 +155,8 @@ def _config(params: dict[str, Any], task: Task) -> dict[str, Any]:
 def read_label_table(path: Path, cfg: dict[str, Any], problems: Problems) -> dict[str, tuple[int, pd.Series]] | None:
     """{record id: (spreadsheet row, row)}, None if unreadable; a duplicate id is reported (the
     later row left out)."""
-    try:
-        frame = pd.read_csv(path, dtype={cfg["id_column"]: str})
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        problems.report(path, f"unreadable CSV ({type(e).__name__}: {e})")
+    frame = read_csv_checked(path, problems, dtype={cfg["id_column"]: str})
+    if frame is None:
         return None
     wanted = [cfg[k] for k in ("id_column", "label_column", "site_column", "patient_column") if cfg[k]]
     missing = [c for c in wanted if c not in frame.columns]

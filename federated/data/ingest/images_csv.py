@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from federated.core.multimed import MODALITIES, MULTILABEL, REGRESSION, TASKS, Task
-from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, resolve
+from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, read_csv_checked, resolve
 from federated.data.ingest.image_folders import image_modality, load_image
 
 LABEL_STYLES = ("label_column", "finding_columns", "findings_column")
@@ -157,11 +157,7 @@ def _read_csv(csv: Path, problems: Problems) -> pd.DataFrame | None:
     if not csv.is_file():
         problems.report(csv, "label file does not exist")
         return None
-    try:
-        return pd.read_csv(csv, dtype=str)  # cells stay text; NA spellings become NaN
-    except Exception as e:
-        problems.report(csv, f"unreadable CSV ({type(e).__name__}: {e})")
-        return None
+    return read_csv_checked(csv, problems, dtype=str)  # cells stay text; NA spellings become NaN
 
 
 def check_findings(samples: SampleSet, where: str, problems: Problems) -> None:

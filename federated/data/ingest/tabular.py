@@ -33,7 +33,15 @@ import numpy as np
 import pandas as pd
 
 from federated.core.multimed import MODALITIES, REGRESSION, TASKS, Task
-from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, resolve, standardise_by_group
+from federated.data.ingest.core import (
+    Problems,
+    SampleSet,
+    adapter,
+    check_classes,
+    column_count_problem,
+    resolve,
+    standardise_by_group,
+)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -215,6 +223,10 @@ def _open_table(path: Path, problems: Problems) -> pd.DataFrame | None:
     """The source's table, or None after reporting why it cannot be read (so on_error: skip skips it)."""
     if not path.is_file():
         problems.report(path, "file does not exist")
+        return None
+    too_wide = column_count_problem(path)
+    if too_wide:
+        problems.report(path, too_wide)
         return None
     try:
         return read_table(path)

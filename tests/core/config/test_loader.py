@@ -80,14 +80,14 @@ def test_a_setting_the_strategy_does_not_read_is_refused_by_name(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"^command line: strategy.proximal_mu is not a setting of strategy 'fedavg' "
-        r"\(its settings: fraction_train, weighting, .*max_examples_factor\); "
+        r"\(its settings: fraction_train, weighting, .*max_examples_factor[^)]*\); "
         r"proximal_mu is read by: fedprox$",
     ):
         load_config(["strategy=fedavg", "strategy.proximal_mu=0.1"])
     with pytest.raises(
         ConfigError,
         match=r"strategy.trim_fraction is not a setting of strategy 'krum' "
-        r"\(its settings: .*groupwise, n_byzantine, krum_selected\)",
+        r"\(its settings: .*groupwise, .*n_byzantine, krum_selected\)",
     ):
         load_config(["strategy=krum", "strategy.trim_fraction=0.25"])
     (tmp_path / "strategy").mkdir()
