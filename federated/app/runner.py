@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from federated.server.checkpoint import Checkpoint, load_checkpoint
 from federated.server.federation import Callback
 from federated.server.outputs import build_summary, write_config, write_final_model
 from federated.server.results import RunSummary
-from federated.server.run_folder import RunLock, check_out_dir, clear_run_outputs
+from federated.server.run_folder import CORPUS_RECORD, RunLock, check_out_dir, clear_run_outputs
 from federated.server.tracking import MetricsTable, ProgressBar, TensorBoardLogger
 from partitions import SitePlan, plan_sites
 
@@ -125,6 +126,26 @@ def check_plan_names(cfg: ExperimentConfig, plans: list[SitePlan]) -> None:
             )
 
 
+def check_same_corpus(out_dir: Path, corpus: Corpus) -> None:
+    """A resumed run must continue on the corpus it started on: a rebuilt, relabelled or swapped
+    corpus under the same path would mix two datasets in one model without a word."""
+    record = out_dir / CORPUS_RECORD
+    try:
+        started = json.loads(record.read_text())
+        started_fp, started_path = str(started["fingerprint"]), str(started.get("path", "?"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(
+            f"{record}: cannot tell which corpus this run started on ({type(e).__name__}: {e}); "
+            "a run can only be resumed on the corpus it started on"
+        ) from None
+    if corpus.fingerprint != started_fp:
+        raise RunError(
+            f"the corpus changed since this run started: {corpus.path} has fingerprint "
+            f"{corpus.fingerprint[:16]}..., the run started on {started_path} with {started_fp[:16]}... "
+            f"({record}); resume it on the same corpus, or start a new run"
+        )
+
+
 def run_experiment(
     cfg: ExperimentConfig | None,
     out_dir: str | Path,
@@ -169,8 +190,13 @@ def _run(
     engine = ENGINES.get(cfg.engine.name)  # fail on a bad engine name before any work
     apply_torch_threads(cfg.engine.torch_threads)
     corpus_path = prepare_corpus(cfg.corpus)
-    plans = plan_sites(Corpus.open(corpus_path), cfg)  # a plan that cannot work fails here
+    corpus = Corpus.open(corpus_path)
+    plans = plan_sites(corpus, cfg)  # a plan that cannot work fails here
     check_plan_names(cfg, plans)
+    if checkpoint is not None:
+        check_same_corpus(out_dir, corpus)
+    else:
+        write_json(out_dir / CORPUS_RECORD, {"path": str(corpus_path), "fingerprint": corpus.fingerprint})
     if clear:  # --overwrite: a fresh run must not mix with an earlier run's logs, checkpoint or site states
         clear_run_outputs(out_dir)
     write_config(out_dir, cfg)

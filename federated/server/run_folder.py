@@ -24,7 +24,16 @@ LOCK_FILE = "run.lock"
 SUMMARY_FILE = "summary.json"
 # What a run writes into its folder (checkpoint files are recognised by their prefix, so the
 # checkpoint format may change without making old run folders look foreign).
-RUN_OUTPUTS = ("config.yaml", "metrics.parquet", "final_model.npz", "tensorboard", SITE_STATE_DIR, SUMMARY_FILE)
+CORPUS_RECORD = "corpus.json"  # the corpus a run started on (path, fingerprint): --resume checks it
+RUN_OUTPUTS = (
+    "config.yaml",
+    CORPUS_RECORD,
+    "metrics.parquet",
+    "final_model.npz",
+    "tensorboard",
+    SITE_STATE_DIR,
+    SUMMARY_FILE,
+)
 CHECKPOINT_PREFIX = "checkpoint"
 # Written before the run itself starts: the deployment demo's keys, logs and run config.
 SETUP_ENTRIES = ("deploy",)
