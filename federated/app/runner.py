@@ -23,7 +23,13 @@ from federated.server.checkpoint import Checkpoint, load_checkpoint
 from federated.server.federation import Callback
 from federated.server.outputs import build_summary, write_config, write_final_model
 from federated.server.results import RunSummary
-from federated.server.run_folder import CORPUS_RECORD, RunLock, check_out_dir, clear_run_outputs
+from federated.server.run_folder import (
+    CORPUS_RECORD,
+    RunLock,
+    check_out_dir,
+    clear_run_outputs,
+    remove_stale_temps,
+)
 from federated.server.tracking import MetricsTable, ProgressBar, TensorBoardLogger
 from partitions import SitePlan, plan_sites
 
@@ -164,6 +170,7 @@ def run_experiment(
     if cfg is not None:
         check_model_memory(cfg)  # before the folder or the corpus is touched
     with RunLock(out_dir):  # a second run into this folder fails here, naming this one's PID
+        remove_stale_temps(out_dir)  # half-written files of a run killed mid-write
         checkpoint = None
         if resume:
             if (out_dir / "summary.json").exists():

@@ -100,6 +100,28 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def remove_stale_temps(out_dir: Path) -> list[str]:
+    """Remove the temporary files and folders of a write that was killed half-way (a checkpoint, a
+    site state, the summary: federated.core.io writes beside the target, then renames). Called with
+    the folder's lock held, so no live write of this run folder can own one. Returns what it removed,
+    relative to out_dir."""
+    state = out_dir / SITE_STATE_DIR
+    folders = [out_dir, state, *(sorted(p for p in state.iterdir() if p.is_dir()) if state.is_dir() else [])]
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if not _is_temp(entry.name):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(str(entry.relative_to(out_dir)))
+    return removed
+
+
 def clear_run_outputs(out_dir: Path) -> None:
     """Remove an earlier run's logs, checkpoint and site states (a fresh run must not mix with them);
     only entries the framework writes, never anything else in the folder."""

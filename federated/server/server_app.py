@@ -22,7 +22,7 @@ from federated.core.io import write_json
 from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
 from federated.server.federation import run_federation
 from federated.server.outputs import build_summary, write_config, write_final_model
-from federated.server.run_folder import RunLock, check_out_dir
+from federated.server.run_folder import RunLock, check_out_dir, remove_stale_temps
 from federated.server.tracking import MetricsTable, TensorBoardLogger
 
 app = ServerApp()
@@ -49,6 +49,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_from_yaml(text) if text else load_config()
     out_dir = Path(str(context.run_config.get("out-dir", "")) or f"runs/flwr-{grid.run.run_id}")
     with RunLock(out_dir):  # as `multimed-fl run`: one run per folder, another run's files kept
+        remove_stale_temps(out_dir)
         check_out_dir(out_dir, overwrite=False)
         _run(grid, context, cfg, out_dir)
 

@@ -262,3 +262,25 @@ def test_the_server_app_refuses_a_folder_in_use(tmp_path, smoke_corpus):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_killed_writes_temporary_files_are_removed_at_the_next_start_and_nothing_else(tmp_path):
+    from federated.server.run_folder import remove_stale_temps
+
+    out = tmp_path / "run"
+    site = out / "site_state" / "site_00"
+    site.mkdir(parents=True)
+    (out / ".checkpoint.npz.tmp-1a2b").write_bytes(b"half a checkpoint")
+    (site / ".round_00001.npz.tmp-3c4d").write_bytes(b"half a site state")
+    (out / ".corpus.tmp-dir").mkdir()
+    (site / "round_00001.npz").write_bytes(b"a finished site state")
+    (out / "notes.txt").write_text("a user's file")
+    removed = remove_stale_temps(out)
+    assert sorted(removed) == [
+        ".checkpoint.npz.tmp-1a2b",
+        ".corpus.tmp-dir",
+        "site_state/site_00/.round_00001.npz.tmp-3c4d",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "site_state"]
+    assert [p.name for p in site.iterdir()] == ["round_00001.npz"]
+    assert remove_stale_temps(tmp_path / "absent") == []
