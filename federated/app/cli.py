@@ -24,6 +24,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from federated.app.studies.spec import StudyError
     from federated.data.ingest import IngestError
     from federated.engines.deployment import DeploymentError
+    from federated.engines.pki import KeyWriteError
     from federated.server.checkpoint import CheckpointError
     from federated.server.federation import FederationError
     from federated.server.run_folder import RunFolderError
@@ -40,6 +41,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         TooFewValidReplies,
         CheckpointError,
         DeploymentError,
+        KeyWriteError,
         StudyError,
         IngestError,
     )

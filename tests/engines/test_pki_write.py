@@ -41,3 +41,11 @@ def test_keys_replace_earlier_regular_files_with_mode_0600(tmp_path):
     for key in (again.ca_key, again.server_key, again.nodes[0].private):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.is_file() and not key.is_symlink()
     assert stat.S_IMODE(again.ca_cert.stat().st_mode) == 0o644
+
+
+def test_a_refused_key_write_is_a_user_error_at_the_command_line():
+    """`deploy demo` reports it as an error line with exit code 2, not a traceback."""
+    from federated.app.cli import _user_errors
+    from federated.engines.pki import KeyWriteError
+
+    assert issubclass(KeyWriteError, _user_errors())
