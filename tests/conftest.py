@@ -22,3 +22,30 @@ def smoke_corpus(tmp_path_factory: pytest.TempPathFactory):
 
     path = tmp_path_factory.mktemp("corpus") / "smoke"
     return build_synthetic_corpus(path, GeneratorConfig(samples_per_task_site=20))
+
+
+@pytest.fixture
+def tiny_frames():
+    """write_corpus's smallest input: a two-sample cell_type corpus as (manifest, arrays, targets).
+    A factory, so each call gives fresh frames a test may change."""
+    import numpy as np
+    import pandas as pd
+
+    def make():
+        manifest = pd.DataFrame(
+            {
+                "sample_id": ["a", "b"],
+                "dataset": ["d", "d"],
+                "task": ["cell_type", "cell_type"],
+                "patient_id": ["p1", "p2"],
+                "origin_site": ["s0", "s1"],
+                "split": ["train", "test"],
+                "label": [0.0, 1.0],
+                "target_row": [0, 1],
+                "idx_scrna": [0, 1],
+            }
+        )
+        arrays = {"scrna": np.zeros((2, 256), dtype=np.float32)}
+        return manifest, arrays, {"cell_type": np.array([0, 1], dtype=np.int64)}
+
+    return make

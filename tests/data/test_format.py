@@ -3,37 +3,17 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from federated.data.format import Corpus, CorpusFormatError, _check_before_write, write_corpus
-
-
-def _tiny():
-    manifest = pd.DataFrame(
-        {
-            "sample_id": ["a", "b"],
-            "dataset": ["d", "d"],
-            "task": ["cell_type", "cell_type"],
-            "patient_id": ["p1", "p2"],
-            "origin_site": ["s0", "s1"],
-            "split": ["train", "test"],
-            "label": [0.0, 1.0],
-            "target_row": [0, 1],
-            "idx_scrna": [0, 1],
-        }
-    )
-    arrays = {"scrna": np.zeros((2, 256), dtype=np.float32)}
-    targets = {"cell_type": np.array([0, 1], dtype=np.int64)}
-    return manifest, arrays, targets
 
 
 def _write(path, manifest, arrays, targets, **kw):
     return write_corpus(path, manifest, arrays, targets, name="tiny", provenance={"test": True}, **kw)
 
 
-def test_round_trip_and_memory_mapping(tmp_path):
-    path = _write(tmp_path / "c", *_tiny())
+def test_round_trip_and_memory_mapping(tmp_path, tiny_frames):
+    path = _write(tmp_path / "c", *tiny_frames())
     c = Corpus.open(path)
     assert c.spec["n_samples"] == 2 and c.tasks == ["cell_type"] and c.spec["origin_sites"] == ["s0", "s1"]
     assert isinstance(c.array("scrna"), np.memmap)
@@ -51,25 +31,25 @@ def test_round_trip_and_memory_mapping(tmp_path):
         (lambda m, a, t: m.__setitem__("target_row", [0, 5]), "target_row"),
     ],
 )
-def test_bad_data_is_refused_and_nothing_is_left_behind(tmp_path, mutate, pattern):
-    manifest, arrays, targets = _tiny()
+def test_bad_data_is_refused_and_nothing_is_left_behind(tmp_path, mutate, pattern, tiny_frames):
+    manifest, arrays, targets = tiny_frames()
     mutate(manifest, arrays, targets)
     with pytest.raises(CorpusFormatError, match=pattern):
         _write(tmp_path / "c", manifest, arrays, targets)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_corpus_is_not_overwritten_by_default(tmp_path):
-    path = _write(tmp_path / "c", *_tiny())
+def test_existing_corpus_is_not_overwritten_by_default(tmp_path, tiny_frames):
+    path = _write(tmp_path / "c", *tiny_frames())
     with pytest.raises(CorpusFormatError, match="already exists"):
-        _write(path, *_tiny())
-    _write(path, *_tiny(), overwrite=True)
+        _write(path, *tiny_frames())
+    _write(path, *tiny_frames(), overwrite=True)
 
 
-def test_open_names_what_is_wrong(tmp_path):
+def test_open_names_what_is_wrong(tmp_path, tiny_frames):
     with pytest.raises(CorpusFormatError, match="spec.json is missing"):
         Corpus.open(tmp_path)
-    path = _write(tmp_path / "c", *_tiny())
+    path = _write(tmp_path / "c", *tiny_frames())
     spec = json.loads((path / "spec.json").read_text())
     (path / "spec.json").write_text(json.dumps(dict(spec, schema_version=99)))
     with pytest.raises(CorpusFormatError, match="schema_version 99"):
@@ -105,16 +85,16 @@ def _drop(frame, column):
         (lambda m, a, t: m.__setitem__("idx_ct", [0, -1]), "idx_ct has rows but there is no arrays/ct.npy"),
     ],
 )
-def test_each_check_names_its_column_or_file(tmp_path, mutate, pattern):
-    manifest, arrays, targets = _tiny()
+def test_each_check_names_its_column_or_file(tmp_path, mutate, pattern, tiny_frames):
+    manifest, arrays, targets = tiny_frames()
     mutate(manifest, arrays, targets)
     with pytest.raises(CorpusFormatError, match=pattern):
         _write(tmp_path / "c", manifest, arrays, targets)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_manifest_is_checked_before_the_tasks_and_the_tasks_before_the_arrays(tmp_path):
-    manifest, arrays, targets = _tiny()
+def test_the_manifest_is_checked_before_the_tasks_and_the_tasks_before_the_arrays(tmp_path, tiny_frames):
+    manifest, arrays, targets = tiny_frames()
     manifest["split"] = ["train", "validation"]  # manifest rows
     targets.pop("cell_type")  # task targets
     arrays["scrna"] = arrays["scrna"].astype(np.float64)  # modality arrays
@@ -125,9 +105,9 @@ def test_the_manifest_is_checked_before_the_tasks_and_the_tasks_before_the_array
         _write(tmp_path / "c", manifest, arrays, targets)
 
 
-def test_an_array_without_its_index_column_is_refused():
+def test_an_array_without_its_index_column_is_refused(tiny_frames):
     # write_corpus adds every missing idx_ column (as -1), so only a direct caller can get here
-    manifest, arrays, targets = _tiny()
+    manifest, arrays, targets = tiny_frames()
     _drop(manifest, "idx_scrna")
     with pytest.raises(CorpusFormatError, match="manifest lacks column idx_scrna for array scrna"):
         _check_before_write(manifest, arrays, targets)

@@ -226,23 +226,6 @@ def test_fingerprint_changes_with_the_manifest_and_the_spec(corpus):
 
 
 # ------------------------------------------------------------------ temp folders of killed builds
-def _tiny_frames():
-    manifest = pd.DataFrame(
-        {
-            "sample_id": ["a", "b"],
-            "dataset": ["d", "d"],
-            "task": ["cell_type", "cell_type"],
-            "patient_id": ["p1", "p2"],
-            "origin_site": ["s0", "s1"],
-            "split": ["train", "test"],
-            "label": [0.0, 1.0],
-            "target_row": [0, 1],
-            "idx_scrna": [0, 1],
-        }
-    )
-    return manifest, {"scrna": np.zeros((2, 256), dtype=np.float32)}, {"cell_type": np.array([0, 1])}
-
-
 KILLED_BUILD = """
 import os, sys
 from pathlib import Path
@@ -255,7 +238,7 @@ os._exit(9)  # dies as a killed process does: no cleanup runs
 """
 
 
-def test_the_next_build_removes_a_killed_builds_folder_only(tmp_path):
+def test_the_next_build_removes_a_killed_builds_folder_only(tmp_path, tiny_frames):
     target = tmp_path / "corpus"
     done = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(target)], capture_output=True, text=True)
     assert done.returncode == 9, done.stderr
@@ -268,7 +251,7 @@ def test_the_next_build_removes_a_killed_builds_folder_only(tmp_path):
         folder.mkdir()
     user = tmp_path / ".corpus.notes"
     user.write_text("mine")
-    manifest, arrays, targets = _tiny_frames()
+    manifest, arrays, targets = tiny_frames()
     write_corpus(target, manifest, arrays, targets, name="tiny", provenance={})
     assert not dead.exists()
     assert live.is_dir() and all(f.is_dir() for f in foreign) and user.read_text() == "mine"
