@@ -22,7 +22,6 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from federated.core.arrays import record_to_numpy
 from federated.core.models import group_of
-from federated.core.multimed import MODALITIES
 from federated.core.protocol import (
     ARRAYS_RECORD,
     GROUP_EXAMPLES,
@@ -75,9 +74,9 @@ def shift_group(update: dict[str, np.ndarray], group: str, by: float) -> dict[st
     }
 
 
-def foreign_encoder(modalities: tuple[str, ...] | list[str]) -> str:
-    """The encoder group of the first modality (in vocabulary order) a site does not hold."""
-    return next(f"encoder/{m}" for m in MODALITIES.names() if m not in modalities)
+def foreign_encoder(modalities: tuple[str, ...] | list[str], model_modalities: list[str]) -> str:
+    """The encoder group of the first modality of the model (in schema order) a site does not hold."""
+    return next(f"encoder/{m}" for m in model_modalities if m not in modalities)
 
 
 def _inflate_profile(reply: Message, factor: float) -> Message:
@@ -120,7 +119,7 @@ def attack_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         own = {"fusion"} | {f"encoder/{m}" for m in rt.plan.modalities} | {f"head/{t}" for t in rt.plan.tasks}
         corrupted = fill_groups(trained, own, f)
     elif attack.kind == "undeclared_group":
-        group = foreign_encoder(rt.plan.modalities)
+        group = foreign_encoder(rt.plan.modalities, rt.model.modality_names)
         corrupted = shift_group(trained, group, f)
         _claim_group(content, group)
     else:

@@ -13,6 +13,7 @@ evaluate -> per-task metrics of the global model on the site's test split, and o
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 
 import torch
@@ -93,6 +94,7 @@ def query(msg: Message, context: Context) -> Message:
             "tasks": list(p.tasks),
             "n_train": p.n_train,
             "n_test": p.n_test,
+            P.SCHEMA_KEY: json.dumps(rt.data.schema.to_dict()),
         }
     )
     return Message(RecordDict({P.PROFILE_RECORD: profile}), reply_to=msg)

@@ -46,8 +46,9 @@ from opacus.validators import ModuleValidator
 from clients.site_data import SiteData, TaskSplit
 from clients.trainer import TrainResult, group_examples, make_optimizer, task_loss
 from federated.core.config.schema import ExperimentConfig, PrivacyConfig
+from federated.core.corpus_schema import Task
 from federated.core.models import MultiMedModel, group_of
-from federated.core.multimed import IGNORE_LABEL, PER_RESIDUE, TASKS
+from federated.core.targets import IGNORE_LABEL, PER_RESIDUE
 from strategies.client_side import GradientHook
 
 STATE_KEY = "dp-sgd-accountants"
@@ -58,11 +59,11 @@ class PrivacyConfigError(ValueError):
     """A model or setting DP-SGD cannot work with; the message says what to change."""
 
 
-def per_sample_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def per_sample_loss(task: Task, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The batch mean of per-sample losses. The per-residue task averages over each sample's
     own residues first: a batch-wide average would scale each sample's gradient by the other
     samples' lengths and break the clipping bound."""
-    if TASKS.get(task).target == PER_RESIDUE:
+    if task.target == PER_RESIDUE:
         tok = F.cross_entropy(output.transpose(1, 2), target, ignore_index=IGNORE_LABEL, reduction="none")
         return (tok.sum(1) / (target != IGNORE_LABEL).sum(1).clamp(min=1)).mean()
     return task_loss(task, output, target)
@@ -250,7 +251,7 @@ def per_sample_module(model: MultiMedModel, mode: str) -> AbstractGradSampleModu
 
 
 def private_gradient(
-    gsm: AbstractGradSampleModule, optimizer: DPOptimizer, task: str, batch: TaskSplit | None
+    gsm: AbstractGradSampleModule, optimizer: DPOptimizer, task: Task, batch: TaskSplit | None
 ) -> float | None:
     """Leave the privatised gradient in p.grad: per-sample gradients clipped to
     max_grad_norm, summed, plus N(0, (sigma * C)^2) noise, divided by the expected batch size.
@@ -264,9 +265,9 @@ def private_gradient(
             warnings.filterwarnings("ignore", message="Full backward hook is firing")  # grad;
             warnings.filterwarnings("ignore", message="In CPU autocast")  # functorch's autocast probe
             if isinstance(gsm, GradSampleModuleExpandedWeights):
-                output = gsm(batch.targets, task, batch.inputs, batch.present)
+                output = gsm(batch.targets, task.name, batch.inputs, batch.present)
             else:
-                output = gsm(task, batch.inputs, batch.present)
+                output = gsm(task.name, batch.inputs, batch.present)
             out = per_sample_loss(task, output, batch.targets)
             out.backward()
         loss = float(out.detach())
@@ -314,7 +315,7 @@ def train_private(
             assert split is not None
             optimizer.noise_multiplier = tp.noise_multiplier
             optimizer.expected_batch_size = max(1, round(tp.sample_rate * tp.n))
-            loss = private_gradient(gsm, optimizer, task, poisson_batch(split, tp.sample_rate, gen))
+            loss = private_gradient(gsm, optimizer, data.schema.task(task), poisson_batch(split, tp.sample_rate, gen))
             if loss is not None:
                 losses.append(loss)
             for hook in hooks:  # FedProx / SCAFFOLD corrections act on the privatised gradient
@@ -358,7 +359,7 @@ def step_order(plans: dict[str, TaskPlan], gen: torch.Generator) -> list[str]:
 def use_task_groups(model: MultiMedModel, task: str, site_groups: set[str]) -> None:
     """Make trainable only the site's groups that `task` uses (its encoders, fusion, its head):
     Opacus refuses a trainable parameter that gets no per-sample gradient in a step."""
-    keep = {"fusion", f"head/{task}"} | {f"encoder/{m}" for m in TASKS.get(task).inputs}
+    keep = {"fusion", f"head/{task}"} | {f"encoder/{m}" for m in model.schema.task(task).inputs}
     for name, p in model.named_parameters():
         p.requires_grad_(group_of(name) in site_groups and group_of(name) in keep)
 

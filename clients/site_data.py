@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from federated.core.multimed import MODALITIES, REGRESSION, TASKS
+from federated.core.targets import REGRESSION
 from federated.data.format import Corpus, index_column
 from partitions.acquisition_shift import shift_array
 from partitions.site_plan import SitePlan
@@ -45,13 +45,14 @@ class TargetScale:
 class SiteData:
     def __init__(self, corpus: Corpus, plan: SitePlan) -> None:
         self.plan = plan
+        self.schema = corpus.schema
         self.scales: dict[str, TargetScale] = {}
         self.splits: dict[tuple[str, str], TaskSplit] = {}
         manifest = corpus.manifest
         tasks = manifest["task"].to_numpy()
         for t in plan.tasks:
             stats = corpus.target_stats(t)
-            if TASKS.get(t).target == REGRESSION:
+            if self.schema.task(t).target == REGRESSION:
                 self.scales[t] = TargetScale(stats["mean"], max(stats["std"], 1e-8), stats["mad"])
             else:
                 self.scales[t] = TargetScale()
@@ -63,8 +64,8 @@ class SiteData:
     def _load(self, corpus: Corpus, task: str, split: str, rows: np.ndarray) -> TaskSplit:
         manifest = corpus.manifest
         inputs, present = {}, {}
-        for m in TASKS.get(task).inputs:
-            spec = MODALITIES.get(m)
+        for m in self.schema.task(task).inputs:
+            spec = self.schema.modality(m)
             idx = manifest[index_column(m)].to_numpy()[rows]
             has = idx >= 0
             if m in self.plan.masked:  # the site lacks it for these samples (or entirely)
@@ -74,7 +75,7 @@ class SiteData:
                 arr[has] = corpus.array(m)[idx[has]]
                 if self.plan.shift.get(m):  # this site's scanner/protocol, applied on load
                     arr[has] = shift_array(
-                        m, arr[has], self.plan.shift[m], self.plan.site, self.plan.shift_seed, key=f"{task}/{split}"
+                        spec, arr[has], self.plan.shift[m], self.plan.site, self.plan.shift_seed, key=f"{task}/{split}"
                     )
             inputs[m] = torch.from_numpy(arr)
             present[m] = torch.from_numpy(has)
@@ -86,7 +87,7 @@ class SiteData:
                 lookup = dict(zip(noisy_rows.tolist(), noisy_labels.tolist(), strict=True))
                 target[hit] = [lookup[r] for r in rows[hit].tolist()]
         scale = self.scales[task]
-        if TASKS.get(task).target == REGRESSION:
+        if self.schema.task(task).target == REGRESSION:
             targets = torch.from_numpy(((target - scale.mean) / scale.std).astype(np.float32))
         else:
             targets = torch.from_numpy(target.astype(np.int64))

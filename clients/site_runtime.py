@@ -26,6 +26,7 @@ import torch
 
 from clients.site_data import SiteData
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
+from federated.core.corpus_schema import CorpusSchema
 from federated.core.models import MultiMedModel, build_model
 from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
 from federated.data.cache import prepare_corpus
@@ -71,17 +72,18 @@ class SiteRuntime:
         process runs. Every message loads the global weights into it first (and a site's
         personal parameters from its Context), so no site sees another's weights; sharing it
         saves 1,000 copies and 1,000 constructions in a 1,000-site in-process run."""
-        return _thread_model(self.config_yaml, self.cfg)
+        return _thread_model(self.config_yaml, self.cfg, self.data.schema)
 
 
 _local = threading.local()
 
 
-def _thread_model(config_yaml: str, cfg: ExperimentConfig) -> MultiMedModel:
+def _thread_model(config_yaml: str, cfg: ExperimentConfig, schema: CorpusSchema) -> MultiMedModel:
     models = _local.__dict__.setdefault("models", {})
-    if config_yaml not in models:
-        models[config_yaml] = build_model(cfg.model, cfg.seed)
-    return models[config_yaml]
+    model = models.get(config_yaml)
+    if model is None or (model.schema is not schema and model.schema != schema):
+        model = models[config_yaml] = build_model(cfg.model, schema, cfg.seed)
+    return model
 
 
 def apply_torch_threads(n: int) -> None:

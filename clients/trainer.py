@@ -25,13 +25,13 @@ from federated.core.multimed import (
     MULTILABEL,
     PER_RESIDUE,
     REGRESSION,
-    TASKS,
+    Task,
 )
 from strategies.client_side import GradientHook
 
 
-def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    kind = TASKS.get(task).target
+def task_loss(task: Task, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    kind = task.target
     if kind in (MULTICLASS, CLOSED_SET):
         return F.cross_entropy(output, target)
     if kind == BINARY:
@@ -84,7 +84,7 @@ def train_local(
         task, idx = batches[i]
         batch = data.split(task, "train").take(idx)  # type: ignore[union-attr]  # batches come from existing splits
         optimizer.zero_grad(set_to_none=True)
-        loss = task_loss(task, model(task, batch.inputs, batch.present), batch.targets)
+        loss = task_loss(data.schema.task(task), model(task, batch.inputs, batch.present), batch.targets)
         loss.backward()
         for hook in hooks:
             hook.after_backward(model)
@@ -148,11 +148,12 @@ def evaluate_site(
         check_finite_outputs(data.plan.site, task, out)
         target = part.targets.numpy()
         scale = data.scales[task]
-        if TASKS.get(task).target == REGRESSION:
+        spec = data.schema.task(task)
+        if spec.target == REGRESSION:
             out = out * scale.std + scale.mean
             target = target * scale.std + scale.mean
-        metrics = task_metrics(TASKS.get(task), out, target)
-        metrics["score"] = unit_score(TASKS.get(task), metrics, scale.mad)
+        metrics = task_metrics(spec, out, target)
+        metrics["score"] = unit_score(spec, metrics, scale.mad)
         metrics["n"] = float(len(part))
         results[task] = metrics
     return results

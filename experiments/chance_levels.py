@@ -23,10 +23,10 @@ from federated.core.multimed import (
     CLOSED_SET,
     MULTICLASS,
     MULTILABEL,
+    MULTIMED,
     MULTIMED_TASKS,
     PER_RESIDUE,
     REGRESSION,
-    TASKS,
 )
 from federated.core.protocol import Role
 from federated.data.cache import prepare_corpus
@@ -78,7 +78,7 @@ def main(overrides: list[str]) -> None:
             test = site.split(t, "test")
             if test is None:
                 continue
-            task = TASKS.get(t)
+            task = MULTIMED.task(t)
             scale = site.scales[t]
             train = np.concatenate(
                 [data[q.site].split(t, "train").targets.numpy() for q in plans if q.role == Role.TRAIN and t in q.tasks]
@@ -111,7 +111,7 @@ def main(overrides: list[str]) -> None:
     }
     for t in MULTIMED_TASKS:
         vals = [summary[k][g].per_task.get(t, float("nan")) for g in ("id", "ood") for k in ("constant", "random")]
-        print(f"{t:32s} {TASKS.get(t).primary_metric:11s} " + " ".join(f"{v:9.3f}" for v in vals))
+        print(f"{t:32s} {MULTIMED.task(t).primary_metric:11s} " + " ".join(f"{v:9.3f}" for v in vals))
 
 
 if __name__ == "__main__":

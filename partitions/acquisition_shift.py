@@ -34,7 +34,8 @@ import dataclasses
 
 import numpy as np
 
-from federated.core.multimed import IMAGE, MODALITIES, PAD_TOKEN, SIGNAL, TOKENS, VECTOR
+from federated.core.corpus_schema import Modality
+from federated.core.targets import IMAGE, PAD_TOKEN, SIGNAL, TOKENS, VECTOR
 from partitions.site_plan import STEPS, PlanError, SitePlan, Step
 from partitions.steps import step_rng
 
@@ -53,11 +54,10 @@ def site_severities(plans: list[SitePlan], severity: float, seed: int) -> list[S
     return [dataclasses.replace(p, shift={m: draw(p.site, m) for m in p.modalities}, shift_seed=seed) for p in plans]
 
 
-def shift_params(modality: str, severity: float, site: str, seed: int) -> dict:
+def shift_params(spec: Modality, severity: float, site: str, seed: int) -> dict:
     """The transform of (site, modality) at this severity: floats, and per-feature arrays
     ("offset", "scale" for vectors; "probs" over tokens 1..vocab-1 for tokens)."""
-    spec = MODALITIES.get(modality)
-    rng, s = step_rng(seed, "shift-params", site, modality), float(severity)
+    rng, s = step_rng(seed, "shift-params", site, spec.name), float(severity)
     if spec.kind == IMAGE:
         sigma, contrast, offset = rng.uniform(0.25, 1), rng.uniform(-1, 1), rng.uniform(-1, 1)
         noise = rng.uniform(0.25, 1)
@@ -80,16 +80,15 @@ def shift_params(modality: str, severity: float, site: str, seed: int) -> dict:
     if spec.kind == TOKENS:
         rate, probs = rng.uniform(0.25, 1), rng.dirichlet(np.full(spec.vocab_size - 1, 0.5))
         return {"rate": min(0.1 * s * rate, MAX_DRIFT), "probs": probs}
-    raise ValueError(f"no acquisition shift for modality kind {spec.kind!r} ({modality})")
+    raise ValueError(f"no acquisition shift for modality kind {spec.kind!r} ({spec.name})")
 
 
-def shift_array(modality: str, x: np.ndarray, severity: float, site: str, seed: int, key: str = "") -> np.ndarray:
+def shift_array(spec: Modality, x: np.ndarray, severity: float, site: str, seed: int, key: str = "") -> np.ndarray:
     """The batch x (n, *shape) as this site acquires it: a new array, same dtype and shape."""
     if not severity:
         return x.copy()
-    spec = MODALITIES.get(modality)
-    p = shift_params(modality, severity, site, seed)
-    rng = step_rng(seed, "shift-draw", site, modality, key)
+    p = shift_params(spec, severity, site, seed)
+    rng = step_rng(seed, "shift-draw", site, spec.name, key)
     if spec.kind == IMAGE:
         y = _affine(_blur(x, p["blur_sigma"]), p["contrast"], p["offset"])
         return _noise(y, p["noise_std"], rng)

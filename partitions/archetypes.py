@@ -9,7 +9,6 @@ holds out, after the training sites (partitions/holdout.py merges a held-out sit
 from __future__ import annotations
 
 from federated.core.config.schema import ExperimentConfig
-from federated.core.multimed import TASKS, modalities_of
 from federated.core.protocol import Role
 from federated.data.format import Corpus
 from partitions.site_plan import PLANNERS, PlanError, SitePlan, rows_of
@@ -23,8 +22,10 @@ def _archetype_tasks(cfg: ExperimentConfig, name: str, corpus: Corpus) -> tuple[
         )
     tasks = tuple(archetypes[name])
     for t in tasks:
-        if t not in TASKS:
-            raise PlanError(f"archetype {name!r} names unknown task {t!r}; valid tasks: {', '.join(TASKS.names())}")
+        if t not in corpus.schema.tasks:
+            raise PlanError(
+                f"archetype {name!r} names unknown task {t!r}; tasks of the corpus: {', '.join(corpus.schema.tasks)}"
+            )
         if t not in corpus.tasks:
             raise PlanError(
                 f"archetype {name!r} needs task {t!r}, which the corpus at "
@@ -55,7 +56,7 @@ def plan_archetypes(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
                 archetype=archetype,
                 origin_site=origins[i],
                 tasks=tasks,
-                modalities=tuple(modalities_of(tasks)),
+                modalities=tuple(corpus.schema.modalities_of(tasks)),
                 train_rows=rows["train"],
                 test_rows=rows["test"],
             )

@@ -37,7 +37,7 @@ def apply_label_noise(plans: list[SitePlan], corpus: Corpus, rate: float, seed: 
     def relabel(p: SitePlan) -> SitePlan:
         noisy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for t in p.tasks:
-            n_classes = class_count(t)
+            n_classes = class_count(corpus.schema.task(t))
             if n_classes is None:
                 continue
             rng = step_rng(seed, "noise", p.site, t)

@@ -49,7 +49,7 @@ def apply_label_skew(plans: list[SitePlan], corpus: Corpus, alpha: float, seed: 
         keep_train = np.ones(len(plan.train_rows), dtype=bool)
         keep_test = np.ones(len(plan.test_rows), dtype=bool)
         for t in plan.tasks:
-            n_classes = class_count(t)
+            n_classes = class_count(corpus.schema.task(t))
             if n_classes is None:
                 continue
             frac = keep_fractions(alpha, n_classes, _rng(seed, plan.site, t))
@@ -76,7 +76,7 @@ def apply_pathological_skew(plans: list[SitePlan], corpus: Corpus, k: int, seed:
         for split, rows in (("train", plan.train_rows), ("test", plan.test_rows)):
             keep = np.ones(len(rows), dtype=bool)
             for t in plan.tasks:
-                n_classes = class_count(t)
+                n_classes = class_count(corpus.schema.task(t))
                 if n_classes is None or n_classes <= k:
                     continue
                 chosen = step_rng(seed, "pathological", plan.site, t).choice(n_classes, size=k, replace=False)

@@ -19,7 +19,6 @@ import dataclasses
 
 import numpy as np
 
-from federated.core.multimed import TASKS
 from federated.data.format import Corpus
 from partitions.index import manifest_index
 from partitions.site_plan import STEPS, SitePlan, Step
@@ -35,7 +34,7 @@ def apply_missing_modalities(
         masked: dict[str, list[np.ndarray]] = {}
         rows = np.concatenate([p.train_rows, p.test_rows])
         for t in p.tasks:
-            inputs = TASKS.get(t).inputs
+            inputs = corpus.schema.task(t).inputs
             if len(inputs) < 2:
                 continue
             rng = step_rng(seed, "missing", p.site, t)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from federated.core.config.schema import ExperimentConfig
-from federated.core.multimed import modalities_of
 from federated.core.protocol import Role
 from federated.data.format import Corpus
 from partitions.index import manifest_index
@@ -75,7 +74,7 @@ def plan_natural(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
                 archetype="natural",
                 origin_site="+".join(members),
                 tasks=tuple(tasks),
-                modalities=tuple(modalities_of(tasks)),
+                modalities=tuple(corpus.schema.modalities_of(tasks)),
                 train_rows=np.sort(np.concatenate(rows["train"])),
                 test_rows=np.sort(np.concatenate(rows["test"])),
             )

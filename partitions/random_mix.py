@@ -15,7 +15,6 @@ from collections import defaultdict
 import numpy as np
 
 from federated.core.config.schema import ExperimentConfig
-from federated.core.multimed import modalities_of
 from federated.core.protocol import Role
 from federated.data.format import Corpus
 from partitions.index import SPLITS, manifest_index
@@ -72,7 +71,7 @@ def plan_random_mix(corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
                 archetype="mix:" + "+".join(ordered),
                 origin_site=origins[i % len(origins)],
                 tasks=ordered,
-                modalities=tuple(modalities_of(ordered)),
+                modalities=tuple(corpus.schema.modalities_of(ordered)),
                 train_rows=np.sort(np.concatenate(rows[i]["train"])),
                 test_rows=np.sort(np.concatenate(rows[i]["test"])),
             )

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from federated.core.config.schema import ExperimentConfig
+from federated.core.corpus_schema import CorpusSchema
 from federated.core.io import atomic_write
-from federated.core.multimed import MODALITIES, TASKS
 from federated.data.format import Corpus
 from partitions.site_plan import SitePlan
 
@@ -25,7 +25,7 @@ def plan_frame(corpus: Corpus, plans: list[SitePlan], cfg: ExperimentConfig) -> 
         for t in p.tasks:
             lab = labels[rows_all[tasks[rows_all] == t]]
             lab = lab[~np.isnan(lab)]
-            if len(lab) and TASKS.get(t).is_classification:
+            if len(lab) and corpus.schema.task(t).is_classification:
                 counts = np.bincount(lab.astype(int))
                 mix.append(f"{t}: {counts.max() / counts.sum():.0%} top class")
         rows.append(
@@ -52,14 +52,14 @@ def plan_frame(corpus: Corpus, plans: list[SitePlan], cfg: ExperimentConfig) -> 
     return pd.DataFrame(rows)
 
 
-def write_heatmap(frame: pd.DataFrame, path: Path) -> None:
+def write_heatmap(frame: pd.DataFrame, path: Path, schema: CorpusSchema) -> None:
     """Sites (rows) x modalities and tasks (columns): which site holds what."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = MODALITIES.names() + TASKS.names()
+    cols = schema.modality_names + schema.task_names
     grid = np.array([[float(c in set(r.modalities) | set(r.tasks)) for c in cols] for r in frame.itertuples()])
     fig, ax = plt.subplots(figsize=(12, 0.45 * len(frame) + 2.5))
     ax.imshow(grid, cmap="Blues", vmin=0, vmax=1, aspect="auto")
@@ -69,7 +69,7 @@ def write_heatmap(frame: pd.DataFrame, path: Path) -> None:
         [f"{r.site} {r.archetype} ({'OOD' if r.role != 'train' else 'ID'})" for r in frame.itertuples()],
         fontsize=8,
     )
-    ax.axvline(len(MODALITIES) - 0.5, color="black", linewidth=1)
+    ax.axvline(len(schema.modalities) - 0.5, color="black", linewidth=1)
     ax.set_title("Sites x modalities | tasks")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -19,7 +19,6 @@ import dataclasses
 import numpy as np
 
 from federated.core.config.schema import ExperimentConfig
-from federated.core.multimed import TASKS, modalities_of
 from federated.core.protocol import Role
 from federated.data.format import Corpus
 from partitions.index import manifest_index
@@ -36,7 +35,7 @@ def _keep_tasks(plan: SitePlan, tasks: tuple[str, ...], corpus: Corpus) -> SiteP
     return dataclasses.replace(
         plan,
         tasks=tasks,
-        modalities=tuple(modalities_of(tasks)),
+        modalities=tuple(corpus.schema.modalities_of(tasks)),
         train_rows=rows(plan.train_rows),
         test_rows=rows(plan.test_rows),
     )
@@ -44,9 +43,11 @@ def _keep_tasks(plan: SitePlan, tasks: tuple[str, ...], corpus: Corpus) -> SiteP
 
 def tasks_only(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     wanted = list(cfg.sites.tasks_only)
-    unknown = [t for t in wanted if t not in TASKS]
+    unknown = [t for t in wanted if t not in corpus.schema.tasks]
     if unknown:
-        raise PlanError(f"sites.tasks_only names unknown tasks {unknown}; valid: {', '.join(TASKS.names())}")
+        raise PlanError(
+            f"sites.tasks_only names unknown tasks {unknown}; tasks of the corpus: {', '.join(corpus.schema.tasks)}"
+        )
     out = [_keep_tasks(p, tuple(t for t in p.tasks if t in wanted), corpus) for p in plans]
     return [p for p in out if p.tasks]
 
@@ -65,14 +66,14 @@ def train_only(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> 
 
 def pool(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> list[SitePlan]:
     train = [p for p in plans if p.role == Role.TRAIN]
-    tasks = tuple(t for t in TASKS.names() if any(t in p.tasks for p in train))
+    tasks = tuple(t for t in corpus.schema.tasks if any(t in p.tasks for p in train))
     pooled = SitePlan(
         site="pooled",
         role=Role.TRAIN,
         archetype="pooled",
         origin_site="+".join(p.origin_site for p in train),
         tasks=tasks,
-        modalities=tuple(modalities_of(tasks)),
+        modalities=tuple(corpus.schema.modalities_of(tasks)),
         train_rows=np.sort(np.concatenate([p.train_rows for p in train])),
         test_rows=np.sort(np.concatenate([p.test_rows for p in train])),
     )
@@ -86,9 +87,9 @@ def unimodal(plans: list[SitePlan], corpus: Corpus, cfg: ExperimentConfig) -> li
         masked = {m: [r] for m, r in p.masked.items()}
         rows = np.concatenate([p.train_rows, p.test_rows])
         for t in p.tasks:
-            for m in TASKS.get(t).inputs[1:]:
+            for m in corpus.schema.task(t).inputs[1:]:
                 masked.setdefault(m, []).append(rows[index.task_rows(rows, t)])
-        used = {TASKS.get(t).inputs[0] for t in p.tasks}
+        used = {corpus.schema.task(t).inputs[0] for t in p.tasks}
         out.append(
             dataclasses.replace(
                 p,

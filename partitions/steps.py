@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from federated.core.multimed import BINARY, CLOSED_SET, MULTICLASS, TASKS
+from federated.core.corpus_schema import Task
 from federated.core.protocol import Role
+from federated.core.targets import BINARY, CLOSED_SET, MULTICLASS
 from partitions.site_plan import SitePlan
 
 
@@ -18,9 +19,8 @@ def step_rng(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(digest, "little")])
 
 
-def class_count(task: str) -> int | None:
+def class_count(spec: Task) -> int | None:
     """Number of classes of a task with one class label per sample, else None."""
-    spec = TASKS.get(task)
     if spec.target == BINARY:
         return 2
     if spec.target in (MULTICLASS, CLOSED_SET):

@@ -27,7 +27,7 @@ from clients.site_data import SiteData
 from federated.app.bench import write_result
 from federated.core.config import load_config
 from federated.core.models import build_model, group_of
-from federated.core.multimed import TASKS
+from federated.core.multimed import MULTIMED
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from partitions import plan_sites
@@ -51,8 +51,8 @@ def task_batches(cfg, batch_size: int) -> dict[str, object]:
 
 
 def _model_for(cfg, task: str):
-    model = build_model(cfg.model, 0)
-    keep = {"fusion", f"head/{task}"} | {f"encoder/{m}" for m in TASKS.get(task).inputs}
+    model = build_model(cfg.model, MULTIMED, 0)
+    keep = {"fusion", f"head/{task}"} | {f"encoder/{m}" for m in MULTIMED.task(task).inputs}
     for name, p in model.named_parameters():
         p.requires_grad_(group_of(name) in keep)
     model.train()
@@ -70,7 +70,7 @@ def make_steps(cfg, task: str, batch, mode: str | None):
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            per_sample_loss(task, model(task, batch.inputs, batch.present), batch.targets).backward()
+            per_sample_loss(MULTIMED.task(task), model(task, batch.inputs, batch.present), batch.targets).backward()
             opt.step()
 
         return step
@@ -84,7 +84,7 @@ def make_steps(cfg, task: str, batch, mode: str | None):
     )
 
     def private_step() -> None:
-        private_gradient(gsm, dp, task, batch)
+        private_gradient(gsm, dp, MULTIMED.task(task), batch)
         dp.original_optimizer.step()
 
     return private_step
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch_size": cfg.train.batch_size,
             "repeats": args.repeats,
             "tasks": list(batches),
-            "model_parameters": sum(p.numel() for p in build_model(cfg.model, 0).parameters()),
+            "model_parameters": sum(p.numel() for p in build_model(cfg.model, MULTIMED, 0).parameters()),
             "quick": args.quick,
         },
         "per_task": per_task,

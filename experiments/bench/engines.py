@@ -66,8 +66,8 @@ def plain_loop(overrides: list[str]) -> float:
 
     cfg = load_config(overrides)
     corpus = Corpus.open(prepare_corpus(cfg.corpus))
-    sites = [(p, SiteData(corpus, p), build_model(cfg.model, cfg.seed)) for p in plan_sites(corpus, cfg)]
-    global_state = {k: v.clone() for k, v in build_model(cfg.model, cfg.seed).state_dict().items()}
+    sites = [(p, SiteData(corpus, p), build_model(cfg.model, corpus.schema, cfg.seed)) for p in plan_sites(corpus, cfg)]
+    global_state = {k: v.clone() for k, v in build_model(cfg.model, corpus.schema, cfg.seed).state_dict().items()}
     t0 = time.perf_counter()
     for _, data, model in sites:  # round 0 evaluation, as the engines do
         model.load_state_dict(global_state)

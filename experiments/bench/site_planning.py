@@ -29,7 +29,7 @@ import pandas as pd
 
 from federated.app.bench import write_result
 from federated.core.config import load_config
-from federated.core.multimed import MODALITIES, MULTIMED_TASKS, TASKS
+from federated.core.multimed import MULTIMED, MULTIMED_TASKS
 from federated.data.format import Corpus
 from partitions import plan_sites
 from partitions.site_plan import SitePlan
@@ -50,7 +50,7 @@ def make_manifest(n_rows: int, n_origins: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     tasks = np.array(MULTIMED_TASKS)
     task_idx = rng.integers(0, len(tasks), size=n_rows)
-    n_classes = np.array([max(len(TASKS.get(t).classes), 1) for t in tasks])
+    n_classes = np.array([max(len(MULTIMED.task(t).classes), 1) for t in tasks])
     labels = np.floor(rng.random(n_rows) * n_classes[task_idx])
     origins = np.array([f"origin_{i:04d}" for i in range(n_origins)])
     return pd.DataFrame(
@@ -73,8 +73,8 @@ def copy_bytes(manifest: pd.DataFrame, plans: list[SitePlan]) -> int:
     """What the sites' samples would take as copies: each row's task inputs at corpus shape."""
     per_task = {
         t: sum(
-            int(np.prod(MODALITIES.get(m).shape)) * np.dtype(MODALITIES.get(m).dtype).itemsize
-            for m in TASKS.get(t).inputs
+            int(np.prod(MULTIMED.modality(m).shape)) * np.dtype(MULTIMED.modality(m).dtype).itemsize
+            for m in MULTIMED.task(t).inputs
         )
         for t in MULTIMED_TASKS
     }

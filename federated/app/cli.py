@@ -11,11 +11,19 @@ from rich.console import Console
 from rich.table import Table
 
 from federated.core.config import ConfigError, config_to_yaml, load_config
+from federated.core.corpus_schema import SchemaError, Task
+from federated.core.models.init_weights import WeightsFileError
 from federated.core.protocol import Role
 from federated.core.registry import UnknownNameError
 from federated.data.format import CorpusFormatError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CorpusFormatError, UnknownNameError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    CorpusFormatError,
+    SchemaError,
+    UnknownNameError,
+    WeightsFileError,
+)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -162,9 +170,16 @@ def cmd_sites_show(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "sites.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
-    write_heatmap(frame, out / "sites_heatmap.png")
+    write_heatmap(frame, out / "sites_heatmap.png", corpus.schema)
     print(f"wrote {out / 'sites.parquet'} and {out / 'sites_heatmap.png'}")
     return 0
+
+
+def _classes_or_unit(task: Task) -> str:
+    if not task.classes:
+        return task.unit or "-"
+    shown = ", ".join(task.classes[:4])
+    return shown + (f", ... ({len(task.classes)})" if len(task.classes) > 4 else "")
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -208,17 +223,17 @@ def cmd_corpus_info(args: argparse.Namespace) -> int:
         mods.add_row(name, "x".join(map(str, s["shape"])), s["dtype"], str(s["n"]))
     console.print(mods)
     tasks = Table(title="tasks")
-    for col in ("task", "inputs", "target", "train", "test", "sites"):
-        tasks.add_column(col)
-    from federated.core.multimed import TASKS
-
-    for name in spec["tasks"]:
+    for col in ("task", "inputs", "target", "classes / unit", "metrics", "train", "test", "sites"):
+        tasks.add_column(col, no_wrap=col == "task", overflow="fold")
+    for name in corpus.tasks:
         rows = m[m["task"] == name]
-        t = TASKS.get(name)
+        t = corpus.schema.task(name)
         tasks.add_row(
             name,
             "+".join(t.inputs),
             t.target,
+            _classes_or_unit(t),
+            ", ".join(t.metrics),
             str(int((rows["split"] == "train").sum())),
             str(int((rows["split"] == "test").sum())),
             str(rows["origin_site"].nunique()),
@@ -265,6 +280,19 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 1 if df["error"].astype(bool).any() else 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """The architectures `model.name` chooses from."""
+    from federated.core.models import ARCHITECTURES
+
+    table = Table(title="Models (model.name=NAME)")
+    table.add_column("name")
+    table.add_column("encoders")
+    for name in ARCHITECTURES.names():
+        table.add_row(name, ARCHITECTURES.get(name).description)
+    Console(width=160).print(table)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from federated.app.bench import run_benchmarks
 
@@ -300,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--processes", type=int, default=None, help="runs in parallel (default: the study's, 2)")
     study.add_argument("overrides", nargs="*", help="key=value settings added to every run (e.g. corpus.path=DIR)")
     study.set_defaults(func=cmd_study)
+
+    models = sub.add_parser("models", help="list the model architectures (model.name=NAME)")
+    models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="run every benchmark in experiments/bench/; write bench.json and bench.md")
     bench.add_argument("--out", required=True)

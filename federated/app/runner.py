@@ -13,9 +13,12 @@ from rich.console import Console
 from clients.site_runtime import apply_torch_threads
 from federated.core.config import ConfigError, ExperimentConfig, config_from_yaml
 from federated.core.config.schema import ModelConfig
+from federated.core.corpus_schema import CorpusSchema
 from federated.core.io import write_json
 from federated.core.models import MultiMedModel
+from federated.core.models.init_weights import WeightsFileError, read_weights
 from federated.core.protocol import Role
+from federated.core.registry import UnknownNameError
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.engines import ENGINES
@@ -44,14 +47,15 @@ _STATE_COPIES = {"adam": 3, "sgd": 2}
 _WEIGHT_BYTES = 4  # float32
 
 
-def parameter_count(model: ModelConfig) -> int:
+def parameter_count(model: ModelConfig, schema: CorpusSchema) -> int:
     """The model's parameter count without building it at its size. Every parameter tensor is a
     constant, dim or dim x dim elements (linear layers, embeddings, norms, convolutions' output
     channels), so the count is a quadratic in dim: three small models (dim = h, 2h, 3h, h =
     model.heads) fix it exactly. (torch's meta device would do it too, but costs seconds to start.)"""
     h = model.heads
     n1, n2, n3 = (
-        sum(p.numel() for p in MultiMedModel(dataclasses.replace(model, dim=k * h)).parameters()) for k in (1, 2, 3)
+        sum(p.numel() for p in MultiMedModel(dataclasses.replace(model, dim=k * h), schema).parameters())
+        for k in (1, 2, 3)
     )
     # Newton's forward differences on x = dim / h at 1, 2, 3
     x = model.dim // h
@@ -59,10 +63,10 @@ def parameter_count(model: ModelConfig) -> int:
     return int(n1 + (x - 1) * d1 + (x - 1) * (x - 2) // 2 * d2)
 
 
-def model_bytes(cfg: ExperimentConfig) -> int:
+def model_bytes(cfg: ExperimentConfig, schema: CorpusSchema) -> int:
     """What one copy of the model needs while training: parameters x 4 bytes x (weights, gradients,
     optimiser state)."""
-    n = parameter_count(cfg.model)
+    n = parameter_count(cfg.model, schema)
     copies = 1 + _STATE_COPIES["adam" if cfg.train.optimizer == "adam" else "sgd"]
     if cfg.train.optimizer == "sgd" and cfg.train.momentum == 0:
         copies -= 1
@@ -80,12 +84,21 @@ def available_memory() -> int:
     return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
 
 
-def check_model_memory(cfg: ExperimentConfig) -> None:
-    """Refuse a model that cannot fit in memory (a huge model.dim) before anything runs, naming the key."""
+def check_model(cfg: ExperimentConfig, schema: CorpusSchema) -> None:
+    """Refuse, before anything runs and naming the key, a model that cannot be built (an unknown
+    model.name, a token count the encoders cannot pool to), that cannot fit in memory (a huge
+    model.dim), or whose model.init_weights file is missing or unreadable."""
     try:
-        need = model_bytes(cfg)
+        need = model_bytes(cfg, schema)
+    except UnknownNameError as e:
+        raise ConfigError(f"model.name: {e}") from None
     except ValueError as e:  # a model section the model cannot be built from (e.g. a token count)
         raise ConfigError(f"model: {e} (model.dim={cfg.model.dim}, model.heads={cfg.model.heads})") from None
+    if cfg.model.init_weights:
+        try:
+            read_weights(cfg.model.init_weights)
+        except WeightsFileError as e:
+            raise ConfigError(str(e)) from None
     have = available_memory()
     if need > have:
         raise ConfigError(
@@ -167,8 +180,6 @@ def run_experiment(
     out_dir = Path(out_dir)
     if not resume and cfg is None:
         raise RunError("a new run needs a config (cfg is None only with resume=True)")
-    if cfg is not None:
-        check_model_memory(cfg)  # before the folder or the corpus is touched
     with RunLock(out_dir):  # a second run into this folder fails here, naming this one's PID
         remove_stale_temps(out_dir)  # half-written files of a run killed mid-write
         checkpoint = None
@@ -198,6 +209,7 @@ def _run(
     apply_torch_threads(cfg.engine.torch_threads)
     corpus_path = prepare_corpus(cfg.corpus)
     corpus = Corpus.open(corpus_path)
+    check_model(cfg, corpus.schema)  # before anything is written into the folder
     plans = plan_sites(corpus, cfg)  # a plan that cannot work fails here
     check_plan_names(cfg, plans)
     if checkpoint is not None:

@@ -58,6 +58,7 @@ CONTROL_DELTA_RECORD = "control-delta"  # SCAFFOLD: the site's change of its con
 # Keys inside records.
 SERVER_ROUND = "server-round"
 RESTORE_ROUND = "restore-round"  # handshake: restore your own saved state of this round
+SCHEMA_KEY = "schema"  # handshake profile: the site's corpus schema, as JSON
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train_loss"
 STEPS = "steps"

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.core.multimed import BINARY, IGNORE_LABEL, MODALITIES, MULTILABEL, PER_RESIDUE, REGRESSION, TASKS
+from federated.core.corpus_schema import CorpusSchema, SchemaError, Task
+from federated.core.multimed import CATALOGUE
+from federated.core.targets import BINARY, IGNORE_LABEL, MULTILABEL, PER_RESIDUE, REGRESSION
 from federated.data.layout import (
     BASE_COLUMNS,
     MANIFEST_FILE,
@@ -51,7 +53,7 @@ def read_spec(path: Path) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise CorpusFormatError(f"{spec_file} is not a JSON object")
     version = spec.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in (1, SCHEMA_VERSION):
         raise CorpusFormatError(f"{spec_file} has schema_version {version!r}; this version reads {SCHEMA_VERSION}")
     for key, kind in SPEC_KEYS.items():
         if not isinstance(spec.get(key), kind):
@@ -60,7 +62,41 @@ def read_spec(path: Path) -> dict[str, Any]:
         for name, entry in spec[section].items():
             if not isinstance(entry, dict):
                 raise CorpusFormatError(f"{spec_file}: {section}.{name} must be a JSON object")
+    if version == 1:
+        spec["schema"] = _catalogue_schema(spec, spec_file).to_dict()
+        spec["schema_version"] = SCHEMA_VERSION
+    spec_schema(spec, spec_file)
     return spec
+
+
+def spec_schema(spec: dict[str, Any], where: Path | str = SPEC_FILE) -> CorpusSchema:
+    """The schema a spec declares, checked (a schema naming a path or a made-up kind is refused here)."""
+    try:
+        return CorpusSchema.from_dict(spec.get("schema"), f"{where}: schema")
+    except SchemaError as e:
+        raise CorpusFormatError(str(e)) from None
+
+
+def _catalogue_schema(spec: dict[str, Any], spec_file: Path) -> CorpusSchema:
+    """Migrate a version-1 corpus (written before corpora declared their schema, when every task
+    and shape came from the MultiMed catalogue): its schema is the catalogue's for its tasks, if
+    its arrays have the catalogue's shapes; otherwise it is refused with the command to rebuild."""
+    rebuild = (
+        "rebuild it with this version (`multimed-fl corpus build --out DIR` for a synthetic corpus, "
+        "`multimed-fl ingest SPEC --out DIR --overwrite` for an ingested one)"
+    )
+    unknown = [t for t in spec["tasks"] if t not in CATALOGUE.tasks]
+    if unknown:
+        raise CorpusFormatError(
+            f"{spec_file}: a version-1 corpus with task(s) {unknown} outside the catalogue; {rebuild}"
+        )
+    schema = CATALOGUE.restrict(spec["tasks"])
+    for m, entry in spec["modalities"].items():
+        if m not in schema.modalities or list(entry.get("shape", [])) != list(schema.modality(m).shape):
+            raise CorpusFormatError(
+                f"{spec_file}: a version-1 corpus whose modality {m!r} does not match the catalogue's; {rebuild}"
+            )
+    return schema
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
@@ -76,30 +112,29 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 def open_problems(path: Path, spec: dict[str, Any], manifest: pd.DataFrame) -> list[str]:
     """The cheap checks (no input array data read); an empty list for a sound corpus."""
-    problems = spec_problems(path, spec)
-    problems += manifest_problems(path, spec, manifest)
+    schema = spec_schema(spec, path / SPEC_FILE)
+    problems = spec_problems(path, spec, schema)
+    problems += manifest_problems(path, spec, schema, manifest)
     if problems:  # array and target checks index the manifest by the columns checked above
         return problems
-    problems += array_problems(path, spec, manifest)
-    problems += target_problems(path, spec, manifest)
+    problems += array_problems(path, spec, schema, manifest)
+    problems += target_problems(path, spec, schema, manifest)
     return problems
 
 
-def spec_problems(path: Path, spec: dict[str, Any]) -> list[str]:
-    """Names the spec lists that this version does not know (a renamed task, a made-up modality)."""
+def spec_problems(path: Path, spec: dict[str, Any], schema: CorpusSchema) -> list[str]:
+    """Arrays and tasks the spec lists but its schema does not declare (or the reverse)."""
     where = path / SPEC_FILE
     problems = [
-        f"{where}: modality {m!r} is not a MultiMed modality (valid: {', '.join(MODALITIES.names())})"
+        f"{where}: modality {m!r} has an array but is not in the schema (schema modalities: "
+        f"{', '.join(schema.modalities)})"
         for m in spec["modalities"]
-        if m not in MODALITIES
+        if m not in schema.modalities
     ]
-    problems += [
-        f"{where}: task {t!r} is not a known task (valid: {', '.join(TASKS.names())})"
-        for t in spec["tasks"]
-        if t not in TASKS
-    ]
+    if set(spec["tasks"]) != set(schema.tasks):
+        problems.append(f"{where}: tasks {sorted(spec['tasks'])} differ from the schema's tasks {sorted(schema.tasks)}")
     for t in spec["tasks"]:
-        if t in TASKS and TASKS.get(t).target == REGRESSION:
+        if t in schema.tasks and schema.tasks[t].target == REGRESSION:
             stats = spec["tasks"][t]
             bad = [k for k in ("mean", "std", "mad") if not _finite_number(stats.get(k))]
             if bad or stats["mad"] < 0 or stats["std"] < 0:
@@ -111,10 +146,10 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
-def manifest_problems(path: Path, spec: dict[str, Any], manifest: pd.DataFrame) -> list[str]:
+def manifest_problems(path: Path, spec: dict[str, Any], schema: CorpusSchema, manifest: pd.DataFrame) -> list[str]:
     """Columns, their types, row count, split and task values of the manifest, each named with a row."""
     where = path / MANIFEST_FILE
-    columns = [*BASE_COLUMNS, *(index_column(m) for m in spec["modalities"] if m in MODALITIES)]
+    columns = [*BASE_COLUMNS, *(index_column(m) for m in spec["modalities"] if m in schema.modalities)]
     missing = [c for c in columns if c not in manifest.columns]
     if missing:
         return [f"{where}: lacks columns {missing}"]
@@ -187,10 +222,11 @@ def _header(path: Path, rel: str, problems: list[str]) -> NpyHeader | None:
         return None
 
 
-def array_problems(path: Path, spec: dict[str, Any], manifest: pd.DataFrame) -> list[str]:
-    """Each input array's header against the registry and the spec; each index column inside its array."""
+def array_problems(path: Path, spec: dict[str, Any], schema: CorpusSchema, manifest: pd.DataFrame) -> list[str]:
+    """Each input array's header against the schema and the spec; each index column inside its array."""
     problems: list[str] = []
-    for m in MODALITIES.names():
+    undeclared = [c.removeprefix("idx_") for c in manifest.columns if c.startswith("idx_")]
+    for m in [*schema.modalities, *(m for m in undeclared if m not in schema.modalities)]:
         col = index_column(m)
         idx = manifest[col].to_numpy() if col in manifest.columns else np.full(len(manifest), -1)
         if m not in spec["modalities"]:
@@ -200,7 +236,7 @@ def array_problems(path: Path, spec: dict[str, Any], manifest: pd.DataFrame) -> 
         header = _header(path, array_file(m), problems)
         if header is None:
             continue
-        registered, file = MODALITIES.get(m), path / array_file(m)
+        registered, file = schema.modality(m), path / array_file(m)
         if header.shape[1:] != registered.shape:
             problems.append(f"{file}: per-sample shape {header.shape[1:]}, expected {registered.shape}")
         if header.dtype != np.dtype(registered.dtype):
@@ -214,19 +250,19 @@ def array_problems(path: Path, spec: dict[str, Any], manifest: pd.DataFrame) -> 
     return problems
 
 
-def target_problems(path: Path, spec: dict[str, Any], manifest: pd.DataFrame) -> list[str]:
+def target_problems(path: Path, spec: dict[str, Any], schema: CorpusSchema, manifest: pd.DataFrame) -> list[str]:
     """Each task's targets: header (dtype, label shape), target rows inside it, labels in the task's range."""
     problems: list[str] = []
     codes, names = pd.factorize(manifest["task"])
     code_of = {name: k for k, name in enumerate(names)}
     target_rows = manifest["target_row"].to_numpy()
     for t in spec["tasks"]:
-        if t not in TASKS:
+        if t not in schema.tasks:
             continue
         header = _header(path, target_file(t), problems)
         if header is None:
             continue
-        task, file = TASKS.get(t), path / target_file(t)
+        task, file = schema.task(t), path / target_file(t)
         kind = "f" if task.target == REGRESSION else "iu"
         if header.shape[1:] != task.label_shape or header.dtype.kind not in kind:
             what = "floats" if kind == "f" else "integers"
@@ -241,15 +277,14 @@ def target_problems(path: Path, spec: dict[str, Any], manifest: pd.DataFrame) ->
             where = f"is outside {file} ({n} rows)"
             problems.append(_rows(path / MANIFEST_FILE, "target_row", outside, manifest["target_row"], where))
         data = np.fromfile(file, dtype=header.dtype, count=math.prod(header.shape), offset=header.data_offset)
-        label = label_problem(t, data.reshape(header.shape), file)
+        label = label_problem(task, data.reshape(header.shape), file)
         if label:
             problems.append(label)
     return problems
 
 
-def label_range(task_name: str) -> str:
+def label_range(task: Task) -> str:
     """The labels a task's targets may hold, in words."""
-    task = TASKS.get(task_name)
     k = len(task.classes)
     if task.target == REGRESSION:
         return "finite numbers"
@@ -259,9 +294,8 @@ def label_range(task_name: str) -> str:
     return f"{classes} or {IGNORE_LABEL} (padding)" if task.target == PER_RESIDUE else classes
 
 
-def label_problem(task_name: str, targets: np.ndarray, file: Path) -> str | None:
+def label_problem(task: Task, targets: np.ndarray, file: Path) -> str | None:
     """The first row of `targets` outside the task's label range, named with the file and task."""
-    task = TASKS.get(task_name)
     flat = np.asarray(targets).reshape(len(targets), -1)
     if task.target == REGRESSION:
         ok = np.isfinite(flat)
@@ -276,8 +310,8 @@ def label_problem(task_name: str, targets: np.ndarray, file: Path) -> str | None
     row = int(np.flatnonzero(bad_rows)[0])
     value = flat[row][~ok[row]][0]
     return (
-        f"{file}: row {row} holds label {value.item()!r}, outside task {task_name}'s labels: "
-        f"{label_range(task_name)} ({_n_rows(int(bad_rows.sum()))} in all)"
+        f"{file}: row {row} holds label {value.item()!r}, outside task {task.name}'s labels: "
+        f"{label_range(task)} ({_n_rows(int(bad_rows.sum()))} in all)"
     )
 
 
@@ -292,10 +326,11 @@ def _blocks(arr: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 def scan_problems(path: Path, spec: dict[str, Any]) -> list[str]:
     """Every input value read once: floats finite, token ids inside the modality's vocabulary."""
     problems: list[str] = []
+    schema = spec_schema(spec, path / SPEC_FILE)
     for m in spec["modalities"]:
-        if m not in MODALITIES:
+        if m not in schema.modalities:
             continue
-        registered, file = MODALITIES.get(m), path / array_file(m)
+        registered, file = schema.modality(m), path / array_file(m)
         try:
             header = read_npy_header(file)
         except CorpusFormatError:

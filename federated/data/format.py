@@ -1,7 +1,9 @@
 """The corpus format on disk: a spec, a Parquet manifest and memory-mappable arrays.
 
-    DIR/spec.json              schema_version, name, counts, modality shapes, task target stats,
-                               origin sites, provenance (generator config or ingest spec)
+    DIR/spec.json              schema_version, name, the schema (every modality's kind, shape and
+                               dtype; every task's inputs, target type, classes and metrics),
+                               counts, task target stats, origin sites, provenance (generator
+                               config or ingest spec)
     DIR/manifest.parquet       one row per sample (columns below)
     DIR/arrays/<modality>.npy  [n_with_modality, *shape]; only samples that have the modality
     DIR/targets/<task>.npy     [n_task_samples, *label_shape]; the full target of each sample
@@ -39,8 +41,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.core.multimed import MODALITIES, TASKS
-from federated.data.checks import check_corpus, open_problems, read_manifest, read_spec, summarise
+from federated.core.corpus_schema import CorpusSchema
+from federated.core.multimed import CATALOGUE
+from federated.core.targets import REGRESSION
+from federated.data.checks import check_corpus, open_problems, read_manifest, read_spec, spec_schema, summarise
 from federated.data.layout import (
     BASE_COLUMNS,
     MANIFEST_FILE,
@@ -68,14 +72,16 @@ __all__ = [
 ]
 
 
-def _check_before_write(manifest: pd.DataFrame, arrays: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> None:
+def _check_before_write(
+    schema: CorpusSchema, manifest: pd.DataFrame, arrays: dict[str, np.ndarray], targets: dict[str, np.ndarray]
+) -> None:
     """Refuse bad data before anything touches the disk, naming the first problem found."""
     _check_manifest_rows(manifest)
     for t in manifest["task"].unique():
-        _check_task_targets(manifest, t, targets)
+        _check_task_targets(schema, manifest, t, targets)
     for m, arr in arrays.items():
-        _check_modality_array(manifest, m, arr)
-    for m in MODALITIES:
+        _check_modality_array(schema, manifest, m, arr)
+    for m in schema.modalities:
         col = index_column(m)
         if col in manifest.columns and (manifest[col] >= 0).any() and m not in arrays:
             raise CorpusFormatError(f"{col} has rows but there is no arrays/{m}.npy")
@@ -94,23 +100,27 @@ def _check_manifest_rows(manifest: pd.DataFrame) -> None:
         raise CorpusFormatError(f"manifest split values {sorted(bad_split)} not in {SPLITS}")
 
 
-def _check_task_targets(manifest: pd.DataFrame, task: str, targets: dict[str, np.ndarray]) -> None:
+def _check_task_targets(
+    schema: CorpusSchema, manifest: pd.DataFrame, task: str, targets: dict[str, np.ndarray]
+) -> None:
     """A task's rows point inside its targets array, whose per-sample shape is the task's label shape."""
-    if task not in TASKS:
-        raise CorpusFormatError(f"manifest task {task!r} is not a MultiMed task")
+    if task not in schema.tasks:
+        raise CorpusFormatError(f"manifest task {task!r} is not a task of the schema ({', '.join(schema.tasks)})")
     if task not in targets:
         raise CorpusFormatError(f"no targets array for task {task!r}")
     rows = manifest.loc[manifest["task"] == task, "target_row"].to_numpy()
     if rows.min() < 0 or rows.max() >= len(targets[task]):
         raise CorpusFormatError(f"target_row of task {task!r} outside targets/{task}.npy")
-    shape = TASKS.get(task).label_shape
+    shape = schema.task(task).label_shape
     if targets[task].shape[1:] != shape:
         raise CorpusFormatError(f"targets/{task}.npy has per-sample shape {targets[task].shape[1:]}, expected {shape}")
 
 
-def _check_modality_array(manifest: pd.DataFrame, modality: str, arr: np.ndarray) -> None:
-    """A modality's array has the registered shape and dtype, finite values, and an index column inside it."""
-    spec = MODALITIES.get(modality)
+def _check_modality_array(schema: CorpusSchema, manifest: pd.DataFrame, modality: str, arr: np.ndarray) -> None:
+    """A modality's array has the schema's shape and dtype, finite values, and an index column inside it."""
+    if modality not in schema.modalities:
+        raise CorpusFormatError(f"array {modality!r} is not a modality of the schema ({', '.join(schema.modalities)})")
+    spec = schema.modality(modality)
     if arr.shape[1:] != spec.shape:
         raise CorpusFormatError(f"arrays/{modality}.npy has per-sample shape {arr.shape[1:]}, expected {spec.shape}")
     if arr.dtype != np.dtype(spec.dtype):
@@ -132,17 +142,31 @@ def write_corpus(
     targets: dict[str, np.ndarray],
     name: str,
     provenance: dict[str, Any],
+    schema: CorpusSchema,
     overwrite: bool = False,
 ) -> Path:
-    """Write a corpus atomically: to a temporary sibling folder, then rename into place."""
+    """Write a corpus atomically: to a temporary sibling folder, then rename into place.
+    `schema` declares the tasks (it may declare more than the corpus holds: what is written is
+    the schema of the tasks present, with their input modalities)."""
     out_dir = Path(out_dir)
     manifest = manifest.reset_index(drop=True).copy()
-    for m in MODALITIES:  # every corpus has every idx column, so readers need no special case
+    unknown = sorted(set(manifest["task"].unique()) - set(schema.tasks)) if "task" in manifest.columns else []
+    if unknown:
+        raise CorpusFormatError(f"manifest task(s) {unknown} are not tasks of the schema ({', '.join(schema.tasks)})")
+    if "task" in manifest.columns:
+        schema = schema.restrict(t for t in schema.tasks if t in set(manifest["task"].unique()))
+    for col in [
+        c for c in manifest.columns if c.startswith("idx_") and c.removeprefix("idx_") not in schema.modalities
+    ]:
+        if (manifest[col] >= 0).any():
+            raise CorpusFormatError(f"{col} has rows, but {col.removeprefix('idx_')!r} is not a modality of the schema")
+        manifest = manifest.drop(columns=col)
+    for m in schema.modalities:  # every corpus has an idx column per modality, so readers need no special case
         col = index_column(m)
         if col not in manifest.columns:
             manifest[col] = -1
         manifest[col] = manifest[col].astype("int64")
-    _check_before_write(manifest, arrays, targets)
+    _check_before_write(schema, manifest, arrays, targets)
     if out_dir.exists() and not overwrite:
         raise CorpusFormatError(f"{out_dir} already exists; choose another --out or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +187,8 @@ def write_corpus(
             "modalities": {
                 m: {"shape": list(a.shape[1:]), "dtype": str(a.dtype), "n": len(a)} for m, a in arrays.items()
             },
-            "tasks": {t: _target_stats(t, targets[t], manifest) for t in targets},
+            "tasks": {t: _target_stats(schema.task(t).target, t, targets[t], manifest) for t in targets},
+            "schema": schema.to_dict(),
             "origin_sites": sorted(manifest["origin_site"].unique().tolist()),
             "provenance": provenance,
         }
@@ -226,7 +251,7 @@ def remove_stale_builds(out_dir: str | Path, any_name: bool = False) -> list[Pat
     return removed
 
 
-def _target_stats(task: str, target: np.ndarray, manifest: pd.DataFrame) -> dict[str, Any]:
+def _target_stats(target_type: str, task: str, target: np.ndarray, manifest: pd.DataFrame) -> dict[str, Any]:
     """Per-task facts a reader needs: sample count and, for regression, the target's scale.
 
     `mad` (mean absolute deviation from the mean, over the train split) is the MAE of always
@@ -234,7 +259,7 @@ def _target_stats(task: str, target: np.ndarray, manifest: pd.DataFrame) -> dict
     """
     rows = manifest[manifest["task"] == task]
     stats: dict[str, Any] = {"n": len(rows)}
-    if TASKS.get(task).target == "regression":
+    if target_type == REGRESSION:
         train = target[rows.loc[rows["split"] == "train", "target_row"].to_numpy()].astype(float)
         mean = float(train.mean())
         stats.update(mean=mean, std=float(train.std()), mad=float(np.abs(train - mean).mean()))
@@ -285,13 +310,16 @@ class Corpus:
         return digest.hexdigest()
 
     @classmethod
-    def from_manifest(cls, manifest: pd.DataFrame, tasks: list[str]) -> Corpus:
+    def from_manifest(
+        cls, manifest: pd.DataFrame, tasks: list[str] | tuple[str, ...], schema: CorpusSchema = CATALOGUE
+    ) -> Corpus:
         """A corpus of a manifest only, without arrays: enough to plan sites (benchmarks, tests)."""
         spec = {
             "schema_version": SCHEMA_VERSION,
             "tasks": {t: {} for t in tasks},
             "modalities": [],
             "origin_sites": sorted(manifest["origin_site"].unique().tolist()),
+            "schema": schema.restrict(tasks).to_dict(),
         }
         corpus = cls(Path("<manifest only>"), spec)
         corpus.__dict__["manifest"] = manifest
@@ -301,13 +329,20 @@ class Corpus:
     def manifest(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / MANIFEST_FILE)
 
+    @cached_property
+    def schema(self) -> CorpusSchema:
+        """The modalities and tasks this corpus declares (what the model, metrics and plans read)."""
+        return spec_schema(self.spec, self.path)
+
     @property
     def tasks(self) -> list[str]:
-        return list(self.spec["tasks"])
+        """The tasks, in schema order."""
+        return [t for t in self.schema.tasks if t in self.spec["tasks"]]
 
     @property
     def modalities(self) -> list[str]:
-        return list(self.spec["modalities"])
+        """The modalities with an array, in schema order."""
+        return [m for m in self.schema.modalities if m in self.spec["modalities"]]
 
     def array(self, modality: str) -> np.ndarray:
         return self._mmaps(f"arrays/{modality}.npy")

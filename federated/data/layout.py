@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: spec.json declares the schema; 1 is migrated on open (checks.read_spec)
 SPEC_FILE = "spec.json"
 MANIFEST_FILE = "manifest.parquet"
 BASE_COLUMNS = ("sample_id", "dataset", "task", "patient_id", "origin_site", "split", "label", "target_row")

@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord
 
 from federated.core.config.loader import config_to_yaml
 from federated.core.config.schema import ExperimentConfig
+from federated.core.corpus_schema import CorpusSchema, Modality, Task
 from federated.core.protocol import Role
 from federated.core.statefile import StateFileError, read_state_file, write_state_file
 from federated.server.callbacks import Callback, ServerState
@@ -53,6 +54,9 @@ STATE_TYPES: dict[str, type] = {
         TrainStats,
         SiteEvaluation,
         SiteProfile,
+        CorpusSchema,  # a profile's schema (checked again by its own __post_init__ when read)
+        Modality,
+        Task,
         RoundSummary,
         GroupScores,
         WorstSite,

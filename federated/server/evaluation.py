@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from federated.core.corpus_schema import CorpusSchema
 from federated.core.protocol import Role
 from federated.server.results import GroupScores, PerTaskMetrics, RoundSummary, SiteRow, WorstSite
 
@@ -33,6 +34,8 @@ class SiteProfile:
     n_train: int
     n_test: int
     origin_site: str = ""
+    # The schema of the site's corpus (what the model is built for); None for profiles from a plan.
+    schema: CorpusSchema | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)  # a plan's or a reply's spelling becomes the one enum

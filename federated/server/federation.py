@@ -10,21 +10,26 @@ invoked once per round (federated/server/callbacks.py).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 
 from federated.core.arrays import record_to_numpy
 from federated.core.config.schema import ExperimentConfig
+from federated.core.corpus_schema import CorpusSchema, SchemaError
 from federated.core.models import build_model
+from federated.core.models.init_weights import load_init_weights
 from federated.core.protocol import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -34,6 +39,7 @@ from federated.core.protocol import (
     PRIVACY_RECORD,
     PROFILE_RECORD,
     RESTORE_ROUND,
+    SCHEMA_KEY,
     SERVER_ROUND,
     STEPS,
     TRAIN_LOSS,
@@ -136,6 +142,7 @@ def handshake(
             n_train=int(p["n_train"]),
             n_test=int(p["n_test"]),
             origin_site=str(p["origin_site"]),
+            schema=_profile_schema(p, f"handshake: node {node} (site {p['site']})"),
         )
     missing = set(nodes) - set(profiles)
     if missing:
@@ -148,6 +155,47 @@ def handshake(
             "each node must run a different site (node config 'site')"
         )
     return dict(sorted(profiles.items(), key=lambda kv: kv[1].site))
+
+
+def _profile_schema(profile: dict[str, Any], where: str) -> CorpusSchema:
+    """The corpus schema a site sent, checked like one read from disk (a peer is not trusted)."""
+    raw = profile.get(SCHEMA_KEY)
+    if not isinstance(raw, str):
+        raise FederationError(f"{where}: the profile carries no corpus schema ({SCHEMA_KEY!r})")
+    try:
+        return CorpusSchema.from_dict(json.loads(raw), f"{where}: schema")
+    except json.JSONDecodeError as e:
+        raise FederationError(f"{where}: the schema is not JSON ({e})") from None
+    except SchemaError as e:
+        raise FederationError(str(e)) from None
+
+
+def federation_schema(profiles: Iterable[SiteProfile]) -> CorpusSchema:
+    """The one schema every site's corpus declares: the model is built for it, so sites whose
+    corpora declare different tasks or shapes cannot share a model and the run stops, naming them."""
+    by_site = {p.site: p.schema for p in profiles if p.schema is not None}
+    if not by_site:
+        raise FederationError("handshake: no site sent its corpus schema")
+    first_site, first = next(iter(by_site.items()))
+    for site, schema in by_site.items():
+        if schema != first:
+            raise FederationError(
+                f"handshake: sites {first_site} and {site} hold corpora with different schemas "
+                f"({_schema_difference(first, schema)}); every site must ingest with the same spec"
+            )
+    return first
+
+
+def _schema_difference(a: CorpusSchema, b: CorpusSchema) -> str:
+    for kind, x, y in (("modality", a.modalities, b.modalities), ("task", a.tasks, b.tasks)):
+        for name in sorted(x.keys() | y.keys()):
+            if x.get(name) != y.get(name):
+                return f"{kind} {name!r}: {_entry(x.get(name))} vs {_entry(y.get(name))}"
+    return "order of modalities or tasks"
+
+
+def _entry(item: Any) -> str:
+    return "absent" if item is None else json.dumps(item.to_dict(), sort_keys=True)
 
 
 def _parse_metrics(record: Any, into: dict[str, dict[str, float]]) -> None:
@@ -344,7 +392,12 @@ def run_federation(
     profiles = list(node_profiles.values())
     for cb in hooks:
         cb.on_start(cfg, profiles)
-    arrays = ArrayRecord(build_model(cfg.model, cfg.seed).state_dict())
+    schema = federation_schema(profiles)
+    model = build_model(cfg.model, schema, cfg.seed)
+    init_report = load_init_weights(model, cfg.model.init_weights) if cfg.model.init_weights and not resume else None
+    if init_report:
+        log(INFO, init_report.summary_line())
+    arrays = ArrayRecord(model.state_dict())
     fed = Federation(
         grid,
         cfg,
@@ -357,7 +410,15 @@ def run_federation(
     for rnd in range(state.round + 1, cfg.rounds + 1):
         run_round(fed, state, rnd, hooks)
     fed.timing.wall_s = time.perf_counter() - t_start
-    result = FederationResult(profiles, state.initial, state.history, state.arrays, fed.timing)
+    result = FederationResult(
+        profiles,
+        state.initial,
+        state.history,
+        state.arrays,
+        fed.timing,
+        init_report.as_dict() if init_report else None,
+        schema,
+    )
     for cb in hooks:
         cb.on_end(result)
     return result

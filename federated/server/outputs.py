@@ -12,7 +12,6 @@ from rich.table import Table
 
 from federated.core.config import ExperimentConfig, config_to_yaml
 from federated.core.io import atomic_write, atomic_write_text
-from federated.core.multimed import TASKS
 from federated.server.evaluation import per_site_rows
 from federated.server.records import FederationResult
 from federated.server.results import HistoryRow, Rejection, RunSummary, RunTiming
@@ -83,6 +82,8 @@ def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float
             evaluate_s=result.timing.evaluate_s,
         ),
         problems=run_problems(result),
+        init_weights=result.init_weights,
+        tasks=dict(result.schema.to_dict()["tasks"]) if result.schema else {},
     )
 
 
@@ -103,14 +104,14 @@ def _task_table(summary: RunSummary) -> Table:
     )
     for col in ("task", "primary metric", "ID", "OOD", "ID sites", "OOD sites"):
         tasks.add_column(col, justify="left" if col in ("task", "primary metric") else "right")
-    for t in TASKS.names():
+    for t, spec in summary.tasks.items():
         id_sites = sum(t in r.tasks for r in sites if r.role.scored_id)
         ood_sites = sum(t in r.tasks for r in sites if not r.role.scored_id)
         if id_sites + ood_sites == 0:
             continue
         tasks.add_row(
             t,
-            TASKS.get(t).primary_metric,
+            spec["metrics"][0],
             _f(final.id.per_task.get(t)),
             _f(final.ood.per_task.get(t)),
             str(id_sites),

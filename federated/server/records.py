@@ -6,9 +6,11 @@ These stay in memory (and in checkpoints); federated/server/outputs.py turns the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord
 
+from federated.core.corpus_schema import CorpusSchema
 from federated.server.evaluation import SiteEvaluation, SiteProfile
 from federated.server.results import PrivacyReport, RoundSummary
 
@@ -55,6 +57,9 @@ class FederationResult:
     history: list[RoundRecord]
     arrays: ArrayRecord
     timing: FederationTiming
+    # What model.init_weights loaded into the initial model (InitReport.as_dict()); None without it.
+    init_weights: dict[str, Any] | None = None
+    schema: CorpusSchema | None = None  # the schema the sites agreed on in the handshake
 
     @property
     def final(self) -> RoundRecord:

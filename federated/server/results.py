@@ -275,9 +275,17 @@ class RunSummary:
     # What makes the run's scores incomplete (a site failing every round, a task no longer
     # scored at the end): written only when there is any; `multimed-fl run` then exits non-zero.
     problems: list[str] = field(default_factory=list)
+    init_weights: dict[str, Any] | None = None  # what model.init_weights loaded; written only with it
+    # The run's tasks as its corpus declares them (inputs, target, classes, metrics: the primary
+    # first), so a summary can be read without the corpus.
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
+        if self.init_weights is not None:
+            extra["init_weights"] = self.init_weights
+        if self.tasks:
+            extra["tasks"] = self.tasks
         if self.corpus is not None:
             extra["corpus"] = self.corpus
         if self.resumed_from_round is not None:
@@ -325,6 +333,8 @@ class RunSummary:
             corpus=raw.get("corpus"),
             resumed_from_round=int(resumed) if resumed is not None else None,
             problems=[str(p) for p in raw.get("problems", [])],
+            init_weights=raw.get("init_weights"),
+            tasks=dict(raw.get("tasks", {})),
         )
 
     def max_epsilon(self) -> float | None:

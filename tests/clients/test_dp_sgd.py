@@ -29,7 +29,6 @@ from clients.dp_sgd import (
 from clients.site_data import SiteData
 from federated.core.config import load_config
 from federated.core.models import build_model, group_of
-from federated.core.multimed import TASKS
 from federated.data.format import Corpus
 from partitions import plan_sites
 
@@ -45,9 +44,9 @@ def site(smoke_corpus):
 
 
 def _wrapped(cfg, data, sigma, clip, batch_size, mode="ew"):
-    model = build_model(cfg.model, 0)
+    model = build_model(cfg.model, data.schema, 0)
     groups = set(model.train_only(data.plan.modalities, data.plan.tasks))
-    keep = {"fusion", f"head/{TASK}"} | {f"encoder/{m}" for m in TASKS.get(TASK).inputs}
+    keep = {"fusion", f"head/{TASK}"} | {f"encoder/{m}" for m in data.schema.task(TASK).inputs}
     for name, p in model.named_parameters():
         p.requires_grad_(group_of(name) in groups & keep)
     reference = copy.deepcopy(model)
@@ -70,7 +69,7 @@ def _sample_grads(reference, batch, n):
     for i in range(n):
         reference.zero_grad(set_to_none=True)
         one = batch.take(torch.tensor([i]))
-        per_sample_loss(TASK, reference(TASK, one.inputs, one.present), one.targets).backward()
+        per_sample_loss(reference.schema.task(TASK), reference(TASK, one.inputs, one.present), one.targets).backward()
         out.append(torch.cat([p.grad.reshape(-1) for p in params]))
     return torch.stack(out)
 
@@ -81,7 +80,7 @@ def test_per_sample_gradients_are_exact_with_missing_modalities(site, mode):
     batch = data.split(TASK, "train").take(torch.arange(12))
     assert not bool(batch.present["text"].all()) or not bool(batch.present["ct"].all())  # some masked
     _, reference, gsm, opt = _wrapped(cfg, data, 0.0, 1e6, 12, mode)
-    private_gradient(gsm, opt, TASK, batch)  # computes p.grad_sample (and the private gradient)
+    private_gradient(gsm, opt, data.schema.task(TASK), batch)  # computes p.grad_sample (and the private gradient)
     got = torch.cat([p.grad_sample.reshape(12, -1) for p in opt.params], dim=1)
     want = _sample_grads(reference, batch, 12)
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
@@ -95,7 +94,7 @@ def test_every_clipped_per_sample_gradient_is_within_the_norm(site):
     want = _sample_grads(reference, batch, 10)
     norms = want.norm(dim=1)
     assert (norms > clip).all()  # the bound is exercised, not vacuous
-    private_gradient(gsm, opt, TASK, batch)
+    private_gradient(gsm, opt, data.schema.task(TASK), batch)
     got = torch.cat([p.grad.reshape(-1) for p in opt.params])
     clipped = want * torch.clamp(clip / (norms + 1e-6), max=1.0)[:, None]
     assert (clipped.norm(dim=1) <= clip + 1e-6).all()
@@ -107,7 +106,7 @@ def test_noise_std_matches_sigma_c_over_b(site):
     cfg, data = site
     sigma, clip, b = 1.3, 0.7, 16
     _, _, gsm, opt = _wrapped(cfg, data, sigma, clip, b)
-    private_gradient(gsm, opt, TASK, None)  # an empty Poisson draw: noise only
+    private_gradient(gsm, opt, data.schema.task(TASK), None)  # an empty Poisson draw: noise only
     noise = torch.cat([p.grad.reshape(-1) for p in opt.params]).numpy()
     assert noise.size > 10_000
     assert abs(noise.std() / (sigma * clip / b) - 1) < 0.15
@@ -118,10 +117,10 @@ def test_without_noise_and_clipping_the_gradient_is_the_plain_one(site):
     cfg, data = site
     batch = data.split(TASK, "train").take(torch.arange(8))
     _, reference, gsm, opt = _wrapped(cfg, data, 0.0, 1e9, 8)
-    private_gradient(gsm, opt, TASK, batch)
+    private_gradient(gsm, opt, data.schema.task(TASK), batch)
     got = torch.cat([p.grad.reshape(-1) for p in opt.params])
     reference.zero_grad(set_to_none=True)
-    per_sample_loss(TASK, reference(TASK, batch.inputs, batch.present), batch.targets).backward()
+    per_sample_loss(reference.schema.task(TASK), reference(TASK, batch.inputs, batch.present), batch.targets).backward()
     want = torch.cat([p.grad.reshape(-1) for p in reference.parameters() if p.requires_grad])
     assert torch.allclose(got, want, atol=1e-6)
 
@@ -139,7 +138,7 @@ def _context():
 def test_cumulative_epsilon_over_rounds_equals_one_accountant_over_all_steps(site):
     cfg, data = site
     cfg = load_config(["scale=smoke", "privacy=dp_sgd", "rounds=3", "privacy.target_epsilon=4"])
-    model, ctx = build_model(cfg.model, 0), _context()
+    model, ctx = build_model(cfg.model, data.schema, 0), _context()
     reports = [train_private(model, data, cfg, r, ctx, r)[1] for r in (1, 2, 3)]
     eps = [r["epsilon"] for r in reports]
     assert eps[0] < eps[1] < eps[2] <= 4.0 + 1e-6  # cumulative, and the plan spends the target
@@ -167,7 +166,7 @@ def test_the_budget_stops_training_and_the_site_says_so(site):
     cfg = load_config(
         ["scale=smoke", "privacy=dp_sgd", "rounds=10", "privacy.noise_multiplier=2", "privacy.target_epsilon=5"]
     )
-    model, ctx = build_model(cfg.model, 0), _context()
+    model, ctx = build_model(cfg.model, data.schema, 0), _context()
     stopped_at, eps = None, []
     for r in range(1, 11):
         before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -207,7 +206,7 @@ def test_a_poisson_batch_draws_each_sample_with_the_sample_rate(site):
 
 def test_a_step_trains_only_the_site_groups_its_task_uses(site):
     cfg, data = site
-    model = build_model(cfg.model, 0)
+    model = build_model(cfg.model, data.schema, 0)
     site_groups = set(model.train_only(data.plan.modalities, data.plan.tasks))
     uses = {"fusion", f"head/{TASK}", "encoder/ct", "encoder/text"}
 

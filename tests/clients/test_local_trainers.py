@@ -26,7 +26,7 @@ def _job(corpus, overrides: list[str]) -> LocalJob:
     cfg = load_config(["scale=smoke", *overrides])
     data = SiteData(corpus, plan_sites(corpus, cfg)[2])
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    return LocalJob(build_model(cfg.model, cfg.seed), data, cfg, seed=3, context=context, server_round=1)
+    return LocalJob(build_model(cfg.model, data.schema, cfg.seed), data, cfg, seed=3, context=context, server_round=1)
 
 
 def test_every_privacy_mode_has_a_local_trainer():
@@ -37,7 +37,7 @@ def test_every_privacy_mode_has_a_local_trainer():
 def test_without_sample_level_dp_a_site_trains_as_train_local_does(corpus, mode):
     job = _job(corpus, [f"privacy={mode}", "strategy=fedavg"])
     trained = LOCAL_TRAINERS.get(mode)(job)
-    reference = build_model(job.cfg.model, job.cfg.seed)
+    reference = build_model(job.cfg.model, job.data.schema, job.cfg.seed)
     expected = train_local(reference, job.data, job.cfg.train, job.seed)
     assert trained.result == expected and trained.records == {}
     for (name, p), q in zip(job.model.state_dict().items(), reference.state_dict().values(), strict=True):

@@ -22,7 +22,12 @@ def test_shift_is_applied_on_load_and_the_corpus_is_untouched(smoke_corpus):
     rows = shifted.train_rows[corpus.manifest["task"].to_numpy()[shifted.train_rows] == "brain_tumor_classification"]
     stored = np.asarray(corpus.array("mri"))[corpus.manifest[index_column("mri")].to_numpy()[rows]]
     expected = shift_array(
-        "mri", stored, shifted.shift["mri"], shifted.site, shifted.shift_seed, key="brain_tumor_classification/train"
+        corpus.schema.modality("mri"),
+        stored,
+        shifted.shift["mri"],
+        shifted.site,
+        shifted.shift_seed,
+        key="brain_tumor_classification/train",
     )
     assert np.allclose(b.inputs["mri"].numpy(), expected)
     assert np.allclose(a.inputs["mri"].numpy(), stored)

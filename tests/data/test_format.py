@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from federated.core.multimed import MULTIMED
 from federated.data.format import Corpus, CorpusFormatError, _check_before_write, write_corpus
 
 
 def _write(path, manifest, arrays, targets, **kw):
-    return write_corpus(path, manifest, arrays, targets, name="tiny", provenance={"test": True}, **kw)
+    return write_corpus(path, manifest, arrays, targets, name="tiny", provenance={"test": True}, schema=MULTIMED, **kw)
 
 
 def test_round_trip_and_memory_mapping(tmp_path, tiny_frames):
@@ -17,7 +18,9 @@ def test_round_trip_and_memory_mapping(tmp_path, tiny_frames):
     c = Corpus.open(path)
     assert c.spec["n_samples"] == 2 and c.tasks == ["cell_type"] and c.spec["origin_sites"] == ["s0", "s1"]
     assert isinstance(c.array("scrna"), np.memmap)
-    assert (c.manifest["idx_ct"] == -1).all()  # every modality gets an index column
+    # the schema written is that of the tasks present: cell_type and its one input, so one index column
+    assert c.schema == MULTIMED.restrict(["cell_type"]) and c.modalities == ["scrna"]
+    assert [col for col in c.manifest.columns if col.startswith("idx_")] == ["idx_scrna"]
 
 
 @pytest.mark.parametrize(
@@ -25,7 +28,10 @@ def test_round_trip_and_memory_mapping(tmp_path, tiny_frames):
     [
         (lambda m, a, t: a.__setitem__("scrna", np.full((2, 256), np.nan, dtype=np.float32)), "NaN"),
         (lambda m, a, t: a.__setitem__("scrna", np.zeros((2, 100), dtype=np.float32)), r"shape \(100,\)"),
-        (lambda m, a, t: m.__setitem__("task", ["cell_type", "astrology"]), "'astrology' is not a MultiMed task"),
+        (
+            lambda m, a, t: m.__setitem__("task", ["cell_type", "astrology"]),
+            r"task\(s\) \['astrology'\] are not tasks of the schema",
+        ),
         (lambda m, a, t: m.__setitem__("split", ["train", "validation"]), "split values"),
         (lambda m, a, t: m.__setitem__("sample_id", ["a", "a"]), "duplicate sample_id 'a'"),
         (lambda m, a, t: m.__setitem__("target_row", [0, 5]), "target_row"),
@@ -82,7 +88,11 @@ def _drop(frame, column):
         ),
         (lambda m, a, t: m.__setitem__("idx_scrna", [0, 2]), "idx_scrna points past the end of arrays/scrna.npy"),
         # index columns without an array
-        (lambda m, a, t: m.__setitem__("idx_ct", [0, -1]), "idx_ct has rows but there is no arrays/ct.npy"),
+        (lambda m, a, t: a.pop("scrna"), "idx_scrna has rows but there is no arrays/scrna.npy"),
+        (
+            lambda m, a, t: m.__setitem__("idx_ct", [0, -1]),
+            "idx_ct has rows, but 'ct' is not a modality of the schema",  # no task of this corpus reads ct
+        ),
     ],
 )
 def test_each_check_names_its_column_or_file(tmp_path, mutate, pattern, tiny_frames):
@@ -110,4 +120,27 @@ def test_an_array_without_its_index_column_is_refused(tiny_frames):
     manifest, arrays, targets = tiny_frames()
     _drop(manifest, "idx_scrna")
     with pytest.raises(CorpusFormatError, match="manifest lacks column idx_scrna for array scrna"):
-        _check_before_write(manifest, arrays, targets)
+        _check_before_write(MULTIMED, manifest, arrays, targets)
+
+
+def test_a_version_1_corpus_is_migrated_to_the_catalogue_schema_on_open(tmp_path, tiny_frames):
+    """Corpora written before they declared a schema took every task and shape from the catalogue."""
+    path = _write(tmp_path / "c", *tiny_frames())
+    spec = json.loads((path / "spec.json").read_text())
+    old = {k: v for k, v in spec.items() if k != "schema"} | {"schema_version": 1}
+    (path / "spec.json").write_text(json.dumps(old))
+    c = Corpus.open(path)
+    assert c.spec["schema_version"] == 2 and c.schema == MULTIMED.restrict(["cell_type"])
+    assert c.check() == []
+    (path / "spec.json").write_text(json.dumps(old | {"modalities": {"scrna": {"shape": [100], "dtype": "float32"}}}))
+    with pytest.raises(CorpusFormatError, match="version-1 corpus whose modality 'scrna' does not match"):
+        Corpus.open(path)
+
+
+def test_a_schema_naming_a_path_is_refused_on_open(tmp_path, tiny_frames):
+    path = _write(tmp_path / "c", *tiny_frames())
+    spec = json.loads((path / "spec.json").read_text())
+    spec["schema"]["modalities"]["../scrna"] = spec["schema"]["modalities"].pop("scrna")
+    (path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(CorpusFormatError, match=r"spec.json: schema: modality name '\.\./scrna'"):
+        Corpus.open(path)

@@ -232,7 +232,11 @@ def test_imputation_uses_the_site_own_median_and_names_a_site_with_nothing_to_im
         ("  - {adapter: tabular}", r"sources\[0\]: each source needs `adapter` and `task`"),
         ("  - just a string", r"sources\[0\]: each source needs `adapter` and `task`"),
         ("  - {adapter: dicom, task: bone_age}", r"sources\[0\]: unknown adapter 'dicom'; valid: .*tabular"),
-        ("  - {adapter: tabular, task: astrology}", r"sources\[0\]: unknown task 'astrology'; valid: .*bone_age"),
+        (
+            "  - {adapter: tabular, task: astrology}",
+            r"sources\[0\]: task 'astrology' is not declared; declare it under `tasks:` or use a catalogue task "
+            r"\(.*bone_age",
+        ),
         (
             "  - {adapter: tabular, task: bone_age, path: x.csv, on_error: ignore}",
             r"sources\[0\]: on_error must be stop or skip \(got 'ignore'\)",
@@ -256,6 +260,7 @@ def test_tabular_settings_are_refused_by_key(tmp_path, expect_failure, extra, me
 
 
 def test_an_absent_or_unreadable_table_is_reported_and_skipped(tmp_path):
+    from federated.core.multimed import CATALOGUE
     from federated.data.ingest.core import ADAPTERS, Problems
 
     params = {
@@ -265,16 +270,17 @@ def test_an_absent_or_unreadable_table_is_reported_and_skipped(tmp_path):
         "label_column": "diagnosis",
     }
     problems = Problems("skip")
-    assert len(ADAPTERS.get("tabular")(params, tmp_path, problems)) == 0
+    assert len(ADAPTERS.get("tabular")(params, tmp_path, problems, CATALOGUE)) == 0
     (tmp_path / "wdbc.parquet").write_bytes(b"not parquet")
-    assert len(ADAPTERS.get("tabular")(params, tmp_path, problems)) == 0
+    assert len(ADAPTERS.get("tabular")(params, tmp_path, problems, CATALOGUE)) == 0
     reasons = [s["reason"] for s in problems.skipped]
     assert reasons[0] == "file does not exist" and reasons[1].startswith("unreadable table (")
 
 
 def test_a_task_without_samples_is_refused_before_writing(tmp_path):
+    from federated.core.multimed import CATALOGUE
     from federated.data.ingest.core import SampleSet, ingest
 
     with pytest.raises(IngestError, match="task bone_age: no sample was ingested"):
-        ingest([SampleSet("bone_age")], tmp_path / "c", "x", {})
+        ingest([SampleSet("bone_age", CATALOGUE)], tmp_path / "c", "x", {}, CATALOGUE)
     assert not (tmp_path / "c").exists()

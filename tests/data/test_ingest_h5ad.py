@@ -181,6 +181,7 @@ def test_a_damaged_block_inside_a_readable_file_is_named(tmp_path):
 
 
 def test_obs_keys_and_class_mapping_are_checked_before_the_matrix_is_read(tmp_path, monkeypatch):
+    from federated.core.multimed import CATALOGUE
     from federated.data.ingest import h5ad
 
     _h5ad(tmp_path / "cells.h5ad")
@@ -197,4 +198,4 @@ def test_obs_keys_and_class_mapping_are_checked_before_the_matrix_is_read(tmp_pa
     ]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
-            h5ad.h5ad({**base, **change}, tmp_path, h5ad.Problems())
+            h5ad.h5ad({**base, **change}, tmp_path, h5ad.Problems(), CATALOGUE)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from federated.core.multimed import TASKS
+from federated.core.multimed import CATALOGUE
 from federated.data.format import Corpus
 from federated.data.ingest.ct_slices import natural_key
 from federated.data.ingest.image_folders import load_image
@@ -444,18 +444,18 @@ def test_vqa_on_error_skip(tmp_path):
 def test_images_csv_label_style_must_fit_the_task(tmp_path, task_name, params, message):
     frame = pd.DataFrame({"f": ["0.png"], "y": ["30"], "Finding Labels": ["Nodule"]})
     with pytest.raises(ValueError, match=message):
-        labeler(TASKS.get(task_name), params, frame, tmp_path / "y.csv")
+        labeler(CATALOGUE.task(task_name), params, frame, tmp_path / "y.csv")
 
 
 def test_images_csv_label_column_reads_a_regression_value_or_a_class(tmp_path):
     frame = pd.DataFrame({"f": ["0.png"], "y": ["30"]})
-    months, declared = labeler(TASKS.get("bone_age"), {"label_column": "y"}, frame, tmp_path / "y.csv")
+    months, declared = labeler(CATALOGUE.task("bone_age"), {"label_column": "y"}, frame, tmp_path / "y.csv")
     assert months({"y": "30"}) == 30.0 and declared == set()
     tumour, declared = labeler(
-        TASKS.get("brain_tumor_classification"),
+        CATALOGUE.task("brain_tumor_classification"),
         {"label_column": "y", "classes": {"G": "glioma"}},
         frame,
         tmp_path / "y.csv",
     )
-    assert tumour({"y": "G"}) == TASKS.get("brain_tumor_classification").classes.index("glioma")
+    assert tumour({"y": "G"}) == CATALOGUE.task("brain_tumor_classification").classes.index("glioma")
     assert declared == {"glioma"}

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from federated.core.multimed import CATALOGUE
 from federated.data.format import Corpus
 from federated.data.ingest.core import ADAPTERS, Problems
 from federated.data.ingest.spec import run_spec
@@ -359,7 +360,7 @@ def test_fasta_on_error_skip_and_config_mistakes(tmp_path, expect_failure):
 @pytest.mark.parametrize(
     "task_name, change, message",
     [
-        ("bone_age", {}, r"task bone_age has no eeg input \(its inputs: xray\)"),
+        ("bone_age", {}, r"task bone_age has no signal input \(its inputs: xray\)"),
         ("motor_imagery", {"events": None}, r"missing key 'events' \(annotation description -> task class\)"),
         ("motor_imagery", {"epoch_s": 0}, r"epoch_s must be > 0 \(got 0\.0\)"),
         ("motor_imagery", {"site_from": "clinic"}, r"site_from must be one of origin_site, subject \(got 'clinic'\)"),
@@ -377,7 +378,7 @@ def test_eeg_settings_are_refused_by_key_before_any_file_is_read(tmp_path, task_
         **change,
     }
     with pytest.raises(ValueError, match=message):
-        ADAPTERS.get("eeg_edf")(params, tmp_path, Problems())
+        ADAPTERS.get("eeg_edf")(params, tmp_path, Problems(), CATALOGUE)
 
 
 def test_every_unreadable_fasta_side_file_is_reported_at_once(tmp_path):
@@ -391,7 +392,7 @@ def test_every_unreadable_fasta_side_file_is_reported_at_once(tmp_path):
         "label_column": "log_tpm",
     }
     problems = Problems("skip")
-    assert len(ADAPTERS.get("fasta")(params, tmp_path, problems)) == 0
+    assert len(ADAPTERS.get("fasta")(params, tmp_path, problems, CATALOGUE)) == 0
     assert [(s["item"].rsplit("/", 1)[-1], s["reason"].split(" (")[0]) for s in problems.skipped] == [
         ("promoters.fa", "unreadable text file"),
         ("expression.csv", "unreadable CSV"),

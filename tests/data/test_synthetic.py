@@ -14,14 +14,12 @@ import torch
 from federated.core.multimed import (
     CLOSED_SET,
     IGNORE_LABEL,
-    MODALITIES,
     MULTILABEL,
+    MULTIMED,
     MULTIMED_TASKS,
     PAD_TOKEN,
     PER_RESIDUE,
     REGRESSION,
-    modality,
-    task,
 )
 from federated.data.format import BASE_COLUMNS, Corpus, CorpusFormatError, index_column
 from federated.data.synthetic import GeneratorConfig, build_synthetic_corpus, generate
@@ -40,9 +38,9 @@ def small() -> Generated:
 # ----------------------------------------------------------------------------- format
 def test_every_modality_at_registry_shape_and_dtype(small: Generated) -> None:
     _, arrays, _ = small
-    assert set(arrays) == set(MODALITIES.names())
+    assert set(arrays) == set(MULTIMED.modality_names)
     for m, arr in arrays.items():
-        spec = modality(m)
+        spec = MULTIMED.modality(m)
         assert arr.shape[1:] == spec.shape, m
         assert arr.dtype == np.dtype(spec.dtype), m
         if spec.is_tokens:
@@ -56,7 +54,7 @@ def test_every_task_target_has_its_type(small: Generated) -> None:
     manifest, _, targets = small
     assert set(targets) == set(MULTIMED_TASKS)
     for t, y in targets.items():
-        spec = task(t)
+        spec = MULTIMED.task(t)
         rows = manifest[manifest["task"] == t].sort_values("target_row")
         assert y.shape == (len(rows), *spec.label_shape), t
         label = rows["label"].to_numpy()
@@ -76,7 +74,7 @@ def test_every_task_target_has_its_type(small: Generated) -> None:
 
 def test_manifest_columns_counts_and_splits(small: Generated) -> None:
     manifest, arrays, targets = small
-    for col in (*BASE_COLUMNS, *(index_column(m) for m in MODALITIES)):
+    for col in (*BASE_COLUMNS, *(index_column(m) for m in MULTIMED.modalities)):
         assert col in manifest.columns, col
     assert len(manifest) == len(MULTIMED_TASKS) * SMALL.n_origin_sites * SMALL.samples_per_task_site
     assert manifest["sample_id"].is_unique and manifest["patient_id"].is_unique
@@ -89,9 +87,9 @@ def test_manifest_columns_counts_and_splits(small: Generated) -> None:
     for t in MULTIMED_TASKS:
         rows = manifest[manifest["task"] == t]
         assert sorted(rows["target_row"]) == list(range(len(targets[t])))
-        for m in MODALITIES:
+        for m in MULTIMED.modalities:
             has = rows[index_column(m)].to_numpy() >= 0
-            assert has.all() if m in task(t).inputs else not has.any(), (t, m)
+            assert has.all() if m in MULTIMED.task(t).inputs else not has.any(), (t, m)
     for m, arr in arrays.items():  # every array row belongs to exactly one sample
         idx = manifest[index_column(m)]
         assert sorted(idx[idx >= 0]) == list(range(len(arr))), m
@@ -107,7 +105,7 @@ def test_rows_are_laid_out_task_by_task_then_site_by_site(small: Generated) -> N
         rows = manifest[manifest["task"] == t]
         assert rows["target_row"].tolist() == list(range(len(sites) * n))
         assert rows["sample_id"].iloc[n] == f"syn-{t}-{sites[1]}-00000"
-    for m in MODALITIES:  # each modality's rows follow the manifest's order
+    for m in MULTIMED.modalities:  # each modality's rows follow the manifest's order
         idx = manifest[index_column(m)].to_numpy()
         assert idx[idx >= 0].tolist() == list(range(int((idx >= 0).sum()))), m
 
@@ -135,7 +133,7 @@ def test_vqa_answers_match_question_type(small: Generated) -> None:
     asks_presence = np.isin(questions, presence).any(axis=1)
     yes_no = np.isin(answers, [0, 1])
     np.testing.assert_array_equal(asks_presence, yes_no)
-    assert len(task("medical_vqa").classes) == 7 and task("medical_vqa").target == CLOSED_SET
+    assert len(MULTIMED.task("medical_vqa").classes) == 7 and MULTIMED.task("medical_vqa").target == CLOSED_SET
 
 
 # ------------------------------------------------------------------------ determinism
@@ -207,6 +205,7 @@ def test_build_and_open_round_trip(tmp_path: Path) -> None:
     for t in targets:
         np.testing.assert_array_equal(corpus.targets(t), targets[t])
     assert corpus.spec["name"] == "synthetic-multimed"
+    assert corpus.schema == MULTIMED and corpus.spec["schema"] == MULTIMED.to_dict()  # the corpus declares it
     config = {**dataclasses.asdict(cfg), "tasks": list(cfg.tasks)}  # JSON: lists, not tuples
     assert corpus.spec["provenance"] == {"generator": "synthetic", "config": config}
     assert corpus.spec["origin_sites"] == ["site_00", "site_01"]
@@ -228,7 +227,7 @@ def _negation_marked_bow(tokens: np.ndarray) -> np.ndarray:
     negations = [voc.concept_token("negation", s) for s in range(voc.N_SYNONYMS)]
     negated = np.zeros_like(tokens, dtype=bool)
     negated[:, 1:] = np.isin(tokens[:, :-1], negations)
-    vocab = modality("text").vocab_size
+    vocab = MULTIMED.modality("text").vocab_size
     out = np.zeros((len(tokens), 2 * vocab))
     np.add.at(out, (np.repeat(np.arange(len(tokens)), tokens.shape[1]), (tokens + vocab * negated).ravel()), 1.0)
     out[:, PAD_TOKEN] = 0.0
@@ -294,7 +293,7 @@ def test_fusing_the_modalities_beats_each_alone(
     feats = {m: f(arrays[m][rows[index_column(m)].to_numpy()]) for m, f in views.items()}
     single = {m: _logistic_balanced_accuracy(x, y, train) for m, x in feats.items()}
     fused = _logistic_balanced_accuracy(np.concatenate(list(feats.values()), axis=1), y, train)
-    chance = 1.0 / len(task(task_name).classes)
+    chance = 1.0 / len(MULTIMED.task(task_name).classes)
     assert all(acc > chance + 0.1 for acc in single.values()), single  # each view carries signal
     assert fused > max(single.values()) + margin, (single, fused)
 
@@ -329,7 +328,7 @@ SITE_STATISTICS = {  # name -> (task, modality, per-sample statistic or feature 
     "text words": (
         "disease_classification",
         "text",
-        lambda a: _negation_marked_bow(a)[:, : modality("text").vocab_size],
+        lambda a: _negation_marked_bow(a)[:, : MULTIMED.modality("text").vocab_size],
     ),
     "gc content": ("expression_prediction", "genomic_sequence", lambda a: np.isin(a, [2, 3]).mean(axis=1)),
     "residues": (

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 
 import partitions.acquisition_shift as acq
-from federated.core.multimed import IMAGE, MODALITIES, PAD_TOKEN, SIGNAL, TOKENS, VECTOR
+from federated.core.multimed import IMAGE, MULTIMED, PAD_TOKEN, SIGNAL, TOKENS, VECTOR
 from federated.core.protocol import Role
 from partitions.site_plan import STEPS, PlanError, SitePlan
 
 SEED = 7
-ALL = list(MODALITIES)
+ALL = MULTIMED.modality_names
 SITES = ["site_0", "site_5"]
 
 
 def batch(modality: str, n: int, seed: int = 0) -> np.ndarray:
     """Standard-normal data, or uniform tokens 1..vocab-1 with the last quarter padded."""
-    spec = MODALITIES.get(modality)
+    spec = MULTIMED.modality(modality)
     rng = np.random.default_rng(seed)
     if spec.kind == TOKENS:
         x = rng.integers(1, spec.vocab_size, size=(n, *spec.shape))
@@ -29,7 +29,7 @@ def batch(modality: str, n: int, seed: int = 0) -> np.ndarray:
 
 
 def _of_kind(kind):
-    return [m for m in ALL if MODALITIES.get(m).kind == kind]
+    return [m for m in ALL if MULTIMED.modality(m).kind == kind]
 
 
 # --- identity, determinism, site specificity ------------------------------------------------
@@ -38,7 +38,7 @@ def _of_kind(kind):
 @pytest.mark.parametrize("modality", ALL)
 def test_severity_zero_is_the_identity(modality):
     x = batch(modality, 50)
-    y = acq.shift_array(modality, x, 0.0, "site_0", SEED, key="train")
+    y = acq.shift_array(MULTIMED.modality(modality), x, 0.0, "site_0", SEED, key="train")
     assert y is not x and y.dtype == x.dtype
     np.testing.assert_array_equal(y, x)
 
@@ -46,14 +46,14 @@ def test_severity_zero_is_the_identity(modality):
 @pytest.mark.parametrize("modality", ALL)
 def test_same_call_repeats_sites_differ_dtype_and_shape_kept(modality):
     x = batch(modality, 200)
-    a = acq.shift_array(modality, x, 1.0, "site_0", SEED, key="train")
-    b = acq.shift_array(modality, x, 1.0, "site_0", SEED, key="train")
-    other = acq.shift_array(modality, x, 1.0, "site_1", SEED, key="train")
+    a = acq.shift_array(MULTIMED.modality(modality), x, 1.0, "site_0", SEED, key="train")
+    b = acq.shift_array(MULTIMED.modality(modality), x, 1.0, "site_0", SEED, key="train")
+    other = acq.shift_array(MULTIMED.modality(modality), x, 1.0, "site_1", SEED, key="train")
     assert a.dtype == x.dtype and a.shape == x.shape
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, other)
-    if MODALITIES.get(modality).kind != VECTOR:  # vectors have no per-sample randomness
-        assert not np.array_equal(a, acq.shift_array(modality, x, 1.0, "site_0", SEED, key="test"))
+    if MULTIMED.modality(modality).kind != VECTOR:  # vectors have no per-sample randomness
+        assert not np.array_equal(a, acq.shift_array(MULTIMED.modality(modality), x, 1.0, "site_0", SEED, key="test"))
 
 
 @pytest.mark.parametrize("modality", ALL)
@@ -62,7 +62,7 @@ def test_larger_severity_moves_data_further(modality, site):
     x = batch(modality, 300)
     distance = []
     for s in (0.25, 0.5, 1.0, 2.0):
-        y = acq.shift_array(modality, x, s, site, SEED)
+        y = acq.shift_array(MULTIMED.modality(modality), x, s, site, SEED)
         if x.dtype.kind == "i":
             distance.append(float((y != x).mean()))
         else:
@@ -74,7 +74,7 @@ def test_larger_severity_moves_data_further(modality, site):
 
 
 def _params(modality, site, severity=1.0):
-    return acq.shift_params(modality, severity, site, SEED)
+    return acq.shift_params(MULTIMED.modality(modality), severity, site, SEED)
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -107,7 +107,7 @@ def test_noise_adds_its_variance():
 @pytest.mark.parametrize("modality", _of_kind(IMAGE))
 def test_whole_image_shift_matches_its_parameters(modality):
     p, x = _params(modality, "site_3"), batch(modality, 2000)
-    y = acq.shift_array(modality, x, 1.0, "site_3", SEED).astype(np.float64)
+    y = acq.shift_array(MULTIMED.modality(modality), x, 1.0, "site_3", SEED).astype(np.float64)
     r = len(acq.gaussian_kernel(p["blur_sigma"])) // 2
     interior = y[..., r:-r, r:-r]
     k = (acq.gaussian_kernel(p["blur_sigma"]) ** 2).sum() ** 2
@@ -140,7 +140,7 @@ def test_dead_channel_share_matches_drop_probability(site):
 
 def test_whole_eeg_shift_matches_its_parameters():
     p, x = _params("eeg", "site_3"), batch("eeg", 2000)
-    y = acq.shift_array("eeg", x, 1.0, "site_3", SEED).astype(np.float64)
+    y = acq.shift_array(MULTIMED.modality("eeg"), x, 1.0, "site_3", SEED).astype(np.float64)
     live = ~(y == 0).all(axis=-1)
     n = live.size
     assert abs((1 - live.mean()) - p["drop_prob"]) < 3 * np.sqrt(p["drop_prob"] * (1 - p["drop_prob"]) / n)
@@ -158,8 +158,8 @@ def test_whole_eeg_shift_matches_its_parameters():
 def test_batch_effect_shifts_and_scales_each_feature(modality, site):
     p, x = _params(modality, site), batch(modality, 2000)
     x = (x - x.mean(axis=0)) / x.std(axis=0)  # exactly standardised per feature
-    y = acq.shift_array(modality, x, 1.0, site, SEED).astype(np.float64)
-    assert p["offset"].shape == p["scale"].shape == MODALITIES.get(modality).shape
+    y = acq.shift_array(MULTIMED.modality(modality), x, 1.0, site, SEED).astype(np.float64)
+    assert p["offset"].shape == p["scale"].shape == MULTIMED.modality(modality).shape
     assert np.abs(y.mean(axis=0) - p["offset"]).max() < 0.05
     assert np.abs(y.std(axis=0) / p["scale"] - 1).max() < 0.02
     assert p["offset"].std() > 0.1  # a real, per-feature effect at severity 1
@@ -171,9 +171,9 @@ def test_batch_effect_shifts_and_scales_each_feature(modality, site):
 @pytest.mark.parametrize("modality", _of_kind(TOKENS))
 @pytest.mark.parametrize("site", SITES)
 def test_token_drift_rate_and_site_skew(modality, site):
-    spec = MODALITIES.get(modality)
+    spec = MULTIMED.modality(modality)
     p, x = _params(modality, site), batch(modality, 20000)
-    y = acq.shift_array(modality, x, 1.0, site, SEED)
+    y = acq.shift_array(MULTIMED.modality(modality), x, 1.0, site, SEED)
     pad = x == PAD_TOKEN
     np.testing.assert_array_equal(y[pad], PAD_TOKEN)  # padding never changes
     assert (y[~pad] >= 1).all() and (y[~pad] < spec.vocab_size).all()

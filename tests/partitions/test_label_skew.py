@@ -67,3 +67,17 @@ def test_pathological_skew_keeps_k_classes_per_training_site(smoke_corpus):
     assert checked >= 5
     with pytest.raises(PlanError, match="two kinds of label skew"):
         plan_sites(corpus, load_config(["scale=smoke", "sites.label_skew_classes=2", "sites.label_skew_alpha=1"]))
+
+
+def test_class_count_reads_the_task_declaration():
+    """Label skew needs a count of scalar classes: from the corpus's declaration, whatever the task's name."""
+    from federated.core.multimed import MULTIMED, Task
+    from partitions.steps import class_count
+
+    assert class_count(MULTIMED.task("brain_tumor_classification")) == 4
+    assert class_count(MULTIMED.task("breast_cancer_classification")) == 2
+    assert class_count(MULTIMED.task("medical_vqa")) == 7
+    for t in ("bone_age", "radiographic_findings", "protein_structure"):  # no one class per sample
+        assert class_count(MULTIMED.task(t)) is None
+    own = Task("triage", ("vitals",), "multiclass", ("accuracy",), ("green", "yellow", "orange", "red", "black"))
+    assert class_count(own) == 5

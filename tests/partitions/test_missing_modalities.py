@@ -5,7 +5,6 @@ import pytest
 
 from clients.site_data import SiteData
 from federated.core.config import ConfigError, load_config
-from federated.core.multimed import TASKS
 from federated.data.format import Corpus
 from partitions import plan_sites
 
@@ -26,11 +25,11 @@ def _present(corpus, plans):
     for p in plans:
         data = SiteData(corpus, p)
         for (task, _), split in data.splits.items():
-            if len(TASKS.get(task).inputs) < 2:
+            if len(corpus.schema.task(task).inputs) < 2:
                 continue
-            stack = np.stack([split.present[m].numpy() for m in TASKS.get(task).inputs], axis=1)
+            stack = np.stack([split.present[m].numpy() for m in corpus.schema.task(task).inputs], axis=1)
             empty |= bool((~stack.any(axis=1)).any())
-            for j, m in enumerate(TASKS.get(task).inputs):
+            for j, m in enumerate(corpus.schema.task(task).inputs):
                 shares.setdefault(m, []).append(stack[:, j])
     return {m: float(np.concatenate(v).mean()) for m, v in shares.items()}, empty
 
@@ -50,7 +49,7 @@ def test_site_rate_one_drops_one_modality_per_multimodal_task_at_every_site(corp
     for p in plans:
         data = SiteData(corpus, p)
         for t in p.tasks:
-            inputs = TASKS.get(t).inputs
+            inputs = corpus.schema.task(t).inputs
             if len(inputs) < 2:
                 continue
             split = data.split(t, "test")

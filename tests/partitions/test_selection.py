@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from federated.core.config import load_config
-from federated.core.multimed import TASKS
 from federated.data.format import Corpus
 from partitions import PlanError, plan_sites
 
@@ -52,7 +51,7 @@ def test_unimodal_masks_every_input_but_the_first(smoke_corpus):
     for p in plans:
         rows = np.concatenate([p.train_rows, p.test_rows])
         for t in p.tasks:
-            inputs = TASKS.get(t).inputs
+            inputs = corpus.schema.task(t).inputs
             of_task = rows[tasks[rows] == t]
             for m in inputs[1:]:
                 assert np.isin(of_task, p.masked[m]).all()

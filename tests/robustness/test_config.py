@@ -11,9 +11,10 @@ import math
 import pytest
 
 from federated.app.cli import main
-from federated.app.runner import check_model_memory, check_plan_names, model_bytes
+from federated.app.runner import check_model, check_plan_names, model_bytes
 from federated.core.config import ConfigError, load_config
 from federated.core.config.loader import SEED_LIMIT
+from federated.core.multimed import MULTIMED
 
 
 def _refused(tmp_path, capsys, corpus, *overrides: str) -> str:
@@ -82,16 +83,26 @@ def test_the_memory_estimate_counts_parameters_and_optimiser_state():
     adam = load_config(["scale=smoke"])
     sgd = load_config(["scale=smoke", "train.optimizer=sgd", "train.momentum=0"])
     with_momentum = load_config(["scale=smoke", "train.optimizer=sgd"])
-    params = model_bytes(sgd) // (4 * 2)  # weights and gradients
+    params = model_bytes(sgd, MULTIMED) // (4 * 2)  # weights and gradients
     assert params > 100_000
-    assert model_bytes(adam) == params * 4 * 4 and model_bytes(with_momentum) == params * 4 * 3
-    check_model_memory(adam)  # the default model fits
+    assert model_bytes(adam, MULTIMED) == params * 4 * 4 and model_bytes(with_momentum, MULTIMED) == params * 4 * 3
+    check_model(adam, MULTIMED)  # the default model fits
+    # a corpus of one unimodal task needs one encoder and one head: far fewer parameters
+    assert model_bytes(sgd, MULTIMED.restrict(["bone_age"])) < model_bytes(sgd, MULTIMED) // 2
 
 
 def test_the_default_model_passes_every_check():
     cfg = load_config([])
-    check_model_memory(cfg)
+    check_model(cfg, MULTIMED)
     assert math.isfinite(cfg.train.lr)
+
+
+def test_check_model_names_an_unknown_architecture_and_a_missing_weights_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model.name: unknown model 'vit'; valid names: .*resnet18"):
+        check_model(load_config(["scale=smoke", "model.name=vit"]), MULTIMED)
+    missing = tmp_path / "w.pt"
+    with pytest.raises(ConfigError, match=f"^model.init_weights: no such file {missing}$"):
+        check_model(load_config(["scale=smoke", f"model.init_weights={missing}"]), MULTIMED)
 
 
 def test_unknown_attacked_sites_are_named_with_the_valid_ones(tmp_path, capsys, smoke_corpus):
@@ -157,7 +168,9 @@ def test_the_parameter_count_is_exact(overrides):
     from federated.core.models import MultiMedModel
 
     cfg = load_config(overrides)
-    assert parameter_count(cfg.model) == sum(p.numel() for p in MultiMedModel(cfg.model).parameters())
+    for schema in (MULTIMED, MULTIMED.restrict(["medical_vqa", "cell_type"])):
+        want = sum(p.numel() for p in MultiMedModel(cfg.model, schema).parameters())
+        assert parameter_count(cfg.model, schema) == want
 
 
 def test_zero_heads_is_refused_by_key():

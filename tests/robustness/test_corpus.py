@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from federated.app.cli import main
+from federated.core.multimed import MULTIMED
 from federated.data.checks import check_corpus
 from federated.data.format import Corpus, CorpusFormatError, remove_stale_builds, write_corpus
 
@@ -107,7 +108,7 @@ CASES = {
     ),
     "task renamed in the spec": (
         lambda p: _spec_edit(p, _rename_task_in_spec),
-        r"spec.json: task 'cell_kind' is not a known task",
+        r"spec.json: tasks \[[^]]*'cell_kind'[^]]*\] differ from the schema's tasks \[[^]]*'cell_type'",
     ),
     "truncated array": (
         lambda p: _truncate(p / "arrays" / "xray.npy"),
@@ -252,7 +253,7 @@ def test_the_next_build_removes_a_killed_builds_folder_only(tmp_path, tiny_frame
     user = tmp_path / ".corpus.notes"
     user.write_text("mine")
     manifest, arrays, targets = tiny_frames()
-    write_corpus(target, manifest, arrays, targets, name="tiny", provenance={})
+    write_corpus(target, manifest, arrays, targets, name="tiny", provenance={}, schema=MULTIMED)
     assert not dead.exists()
     assert live.is_dir() and all(f.is_dir() for f in foreign) and user.read_text() == "mine"
     assert Corpus.open(target).spec["n_samples"] == 2

@@ -47,7 +47,7 @@ def test_a_diverged_model_gets_no_score(smoke_corpus):
     cfg = load_config(["scale=smoke"])
     plan = plan_sites(corpus, cfg)[0]
     data = SiteData(corpus, plan)
-    model = build_model(cfg.model, cfg.seed)
+    model = build_model(cfg.model, data.schema, cfg.seed)
     clean = evaluate_site(model, data)  # the same model, finite: scored as before
     assert set(clean) == set(plan.tasks) and all(0.0 <= m["score"] <= 1.0 for m in clean.values())
     with torch.no_grad():
@@ -195,7 +195,7 @@ def test_a_diverged_global_model_is_an_evaluation_failure_with_the_count(smoke_c
     run_config = {"multimed-config": config_to_yaml(cfg), "corpus-path": str(smoke_corpus)}
     grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(10)], run_config)
     profiles = handshake(grid)
-    weights = build_model(cfg.model, cfg.seed).state_dict()
+    weights = build_model(cfg.model, Corpus.open(smoke_corpus).schema, cfg.seed).state_dict()
     for k, v in weights.items():
         if k.startswith("heads."):
             v.fill_(math.nan)

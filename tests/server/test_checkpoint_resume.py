@@ -17,6 +17,7 @@ import pytest
 from federated.app.cli import main
 from federated.app.runner import run_experiment
 from federated.core.config import load_config
+from federated.core.corpus_schema import CorpusSchema, Modality, Task
 from federated.core.protocol import Role
 from federated.server.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from federated.server.evaluation import SiteEvaluation, SiteProfile
@@ -115,10 +116,17 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     assert "bad/checkpoint.npz is not a MultiMed-FL checkpoint" in capsys.readouterr().err
 
 
+# The schema a site's handshake profile carries (what the server builds the model for).
+ICU = CorpusSchema(
+    {"ehr": Modality("ehr", "vector", (12,))},
+    {"mortality": Task("mortality", ("ehr",), "binary", ("auroc", "accuracy"), ("alive", "dead"))},
+)
+
+
 def _checkpoint() -> Checkpoint:
     """A checkpoint holding every kind of value resume relies on: NaN scores, a personal summary,
     server-optimiser moments, site-level DP's numpy RNG state and Python's RNG state."""
-    profile = SiteProfile("site_a", Role.TRAIN, "icu", ["ehr"], ["mortality"], 10, 5, "h1")
+    profile = SiteProfile("site_a", Role.TRAIN, "icu", ["ehr"], ["mortality"], 10, 5, "h1", schema=ICU)
     nan_scores = GroupScores(math.nan, {"mortality": math.nan})
     summary = RoundSummary(
         GroupScores(0.25, {"mortality": 0.25}),
@@ -178,6 +186,7 @@ def test_a_checkpoint_reads_back_exactly_without_pickle(tmp_path):
     assert back.initial.summary.to_dict().__repr__() == ckpt.initial.summary.to_dict().__repr__()
     rec, orig = back.history[0], ckpt.history[0]
     assert rec.evaluations[0].profile == orig.evaluations[0].profile and rec.evaluations[0].profile.role is Role.TRAIN
+    assert rec.evaluations[0].profile.schema == ICU  # compare=False: the profile's == does not look at it
     assert (rec.train, rec.failures, rec.rejections, rec.train_s) == (
         orig.train,
         orig.failures,

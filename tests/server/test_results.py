@@ -15,6 +15,7 @@ from rich.console import Console
 
 from federated.core.config import load_config
 from federated.core.io import write_json
+from federated.core.multimed import MULTIMED, CorpusSchema
 from federated.core.protocol import Role
 from federated.server.evaluation import SiteEvaluation, SiteProfile, summarize
 from federated.server.outputs import build_summary, print_report
@@ -22,6 +23,7 @@ from federated.server.records import FederationResult, FederationTiming, RoundRe
 from federated.server.results import RunSummary
 from federated.server.tracking import MetricsTable
 
+SCHEMA = MULTIMED.restrict(["bone_age", "cell_type"])
 # Written by the code before this change (dict summaries) for exactly the input built below.
 GOLDEN = Path(__file__).parent / "data" / "summary_before_typing.json"
 
@@ -106,8 +108,10 @@ def _result() -> FederationResult:
     )
 
 
-def _summary() -> RunSummary:
-    summary = build_summary(load_config(["scale=smoke", "seed=3"]), _result(), 5.5)
+def _summary(schema: CorpusSchema | None = None) -> RunSummary:
+    """The golden summary; with `schema`, as a run whose sites agreed on it (a `tasks` section)."""
+    result = dataclasses.replace(_result(), schema=schema)
+    summary = build_summary(load_config(["scale=smoke", "seed=3"]), result, 5.5)
     return dataclasses.replace(summary, corpus="/data/corpus", resumed_from_round=1)
 
 
@@ -137,12 +141,35 @@ def test_optional_fields_are_left_out_not_written_as_null():
 
 def test_every_role_is_labelled_as_the_summary_scores_it():
     buf = io.StringIO()
-    print_report(_summary(), Path("/out"), Console(file=buf, width=200))
+    print_report(_summary(SCHEMA), Path("/out"), Console(file=buf, width=200))
     lines = {line.split("│")[1].strip(): line for line in buf.getvalue().splitlines() if line.startswith("│ site_")}
     assert "│ ID        │" in lines["site_a"] and "│ ID (eval) │" in lines["site_d"] and "│ OOD " in lines["site_c"]
     cell_type = next(line for line in buf.getvalue().splitlines() if line.startswith("│ cell_type"))
     assert cell_type.split("│")[5].strip() == "3"  # the id_eval site counts as an ID site
     assert Role.ID_EVAL.scored_id and not Role.HELD_OUT.scored_id
+
+
+def test_the_summary_carries_the_tasks_of_the_schema_and_reads_them_back():
+    summary = _summary(SCHEMA)
+    out = json.loads(json.dumps(summary.to_dict()))
+    assert list(out["tasks"]) == ["bone_age", "cell_type"]  # schema order
+    assert out["tasks"]["bone_age"] == {
+        "inputs": ["xray"],
+        "target": "regression",
+        "metrics": ["mae"],
+        "classes": [],
+        "label_shape": [],
+        "unit": "months",
+        "description": "images + CSV",
+        "multimed": True,
+    }
+    assert CorpusSchema.from_dict({"modalities": SCHEMA.to_dict()["modalities"], "tasks": out["tasks"]}) == SCHEMA
+    assert RunSummary.from_dict(out).tasks == out["tasks"]
+    # the task table reads the primary metric from the summary, not from a global catalogue
+    buf = io.StringIO()
+    print_report(summary, Path("/out"), Console(file=buf, width=200))
+    bone_age = next(line for line in buf.getvalue().splitlines() if line.startswith("│ bone_age"))
+    assert bone_age.split("│")[2].strip() == "mae"
 
 
 def test_metrics_table_rows_from_typed_records(tmp_path):

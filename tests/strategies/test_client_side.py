@@ -12,6 +12,7 @@ from federated.core.config import load_config
 from federated.core.config.loader import strategy_config
 from federated.core.config.schema import ModelConfig, TrainConfig
 from federated.core.models import build_model, group_of
+from federated.core.multimed import MULTIMED
 from federated.core.protocol import CONFIG_RECORD, CONTROL_DELTA_RECORD, CONTROL_RECORD, PROXIMAL_MU
 from federated.data.format import Corpus
 from partitions import plan_sites
@@ -43,16 +44,16 @@ def _distance(model, start) -> float:
 
 def test_proximal_term_keeps_the_site_closer_to_the_global_model(site):
     cfg = TrainConfig(local_epochs=3, lr=0.01, optimizer="sgd")
-    free = build_model(ModelConfig(), 0)
+    free = build_model(ModelConfig(), site.schema, 0)
     start = {k: v.clone() for k, v in free.state_dict().items()}
     train_local(free, site, cfg, seed=1)
-    pulled = build_model(ModelConfig(), 0)
+    pulled = build_model(ModelConfig(), site.schema, 0)
     train_local(pulled, site, cfg, seed=1, hooks=(ProximalTerm(start, mu=50.0),))
     assert _distance(pulled, start) < 0.5 * _distance(free, start)
 
 
 def test_fedprox_site_uses_the_mu_the_server_sent():
-    model = build_model(ModelConfig(), 0)
+    model = build_model(ModelConfig(), MULTIMED, 0)
     client = FedProxClient(strategy_config("fedprox", {"proximal_mu": 0.01}))
     sent = client.before_train(_round(model, RecordDict({CONFIG_RECORD: ConfigRecord({PROXIMAL_MU: 0.5})}), _context()))
     (hook,) = sent.hooks
@@ -63,7 +64,7 @@ def test_fedprox_site_uses_the_mu_the_server_sent():
 
 
 def test_scaffold_control_variate_follows_option_two(site):
-    model = build_model(ModelConfig(), 0)
+    model = build_model(ModelConfig(), site.schema, 0)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     server = {k: torch.full_like(v, 0.01) for k, v in start.items()}
     context = _context()
@@ -83,7 +84,7 @@ def test_scaffold_control_variate_follows_option_two(site):
 
 
 def test_scaffold_site_round_corrects_gradients_and_sends_its_control_change(site):
-    model = build_model(ModelConfig(), 0)
+    model = build_model(ModelConfig(), site.schema, 0)
     server = ArrayRecord({k: torch.full_like(v, 0.01) for k, v in model.state_dict().items()})
     content = RecordDict({CONFIG_RECORD: ConfigRecord({}), CONTROL_RECORD: server})
     context = _context()
@@ -102,7 +103,7 @@ def test_scaffold_site_round_corrects_gradients_and_sends_its_control_change(sit
 
 
 def test_local_keys_for_fedbn_and_fedper():
-    model = build_model(ModelConfig(), 0)
+    model = build_model(ModelConfig(), MULTIMED, 0)
     norms = local_keys(model, FedBNSettings())
     norm_params = {
         f"{m}.{p}"
@@ -118,7 +119,7 @@ def test_local_keys_for_fedbn_and_fedper():
 
 
 def test_personal_parameters_stay_at_the_site_across_rounds():
-    model = build_model(ModelConfig(), 0)
+    model = build_model(ModelConfig(), MULTIMED, 0)
     client = PersonalClient(strategy_config("fedper", {}))
     context = _context()
     assert not client.load_personal(model, context)  # no personal model before the first round
@@ -141,7 +142,7 @@ def test_each_strategy_gets_its_registered_site_side():
     assert type(client_algorithm(strategy_config("fedbn", {}))) is PersonalClient
     base = client_algorithm(strategy_config("median", {}))
     assert type(base) is ClientAlgorithm  # server-only: the site side does nothing
-    model = build_model(ModelConfig(), 0)
+    model = build_model(ModelConfig(), MULTIMED, 0)
     this_round = base.before_train(_round(model, RecordDict(), _context()))
     assert this_round.hooks == () and this_round.after_train(5) == {}
     assert not base.load_personal(model, _context())

@@ -15,6 +15,7 @@ from federated.core.config import ConfigError
 from federated.core.config.loader import strategy_config
 from federated.core.config.schema import StrategyConfig
 from federated.core.models import group_of
+from federated.core.multimed import MULTIMED
 from federated.engines.inprocess import InProcessGrid, claim_server_identity
 from strategies import build_strategy
 from strategies.robust import TooFewTrainers
@@ -298,9 +299,7 @@ def test_attack_helpers_touch_only_the_named_groups():
     assert huge["fusion.w"].tolist() == [float(np.float32(HUGE))] * 2 and huge["encoders.ct.w"].tolist() == [1.0, 1.0]
     moved = shift_group(update, "encoder/eeg", 1000.0)
     assert moved["encoders.eeg.w"].tolist() == [1001.0, 1001.0] and moved["fusion.w"].tolist() == [1.0, 1.0]
-    assert foreign_encoder(["ct", "mri", "xray", "oct"]) not in {
-        "encoder/ct",
-        "encoder/mri",
-        "encoder/xray",
-        "encoder/oct",
-    }
+    foreign = foreign_encoder(["ct", "mri", "xray", "oct"], MULTIMED.modality_names)
+    assert foreign not in {"encoder/ct", "encoder/mri", "encoder/xray", "encoder/oct"}
+    assert foreign == "encoder/pathology"  # the first the site lacks, in the model's (schema) order
+    assert foreign_encoder(["vitals"], ["vitals", "notes", "ecg"]) == "encoder/notes"

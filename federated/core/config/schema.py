@@ -121,7 +121,7 @@ class SitesConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "default"
+    name: str = "default"  # an architecture of federated/core/models/architectures.py (`multimed-fl models`)
     dim: int = 64  # token width shared by every encoder and the fusion block
     tokens_per_modality: int = 4
     fusion_layers: int = 1
@@ -130,6 +130,9 @@ class ModelConfig:
     # A sample's missing modality: "mask" (left out of fusion) or "zeros" (its zero input
     # fused as if it were data; the ablation that shows what masking is worth).
     missing: str = "mask"
+    # A local weights file to start the global model from (final_model.npz of an earlier run, a
+    # torch state dict, or .safetensors): matching keys load, the summary lists the rest.
+    init_weights: str = ""
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from federated.core.multimed import IMAGE, SIGNAL, TOKENS, VECTOR, Modality
-
 
 def _groups(channels: int) -> int:
     return 8 if channels % 8 == 0 else 1
@@ -95,15 +93,3 @@ class VectorEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.net(x).view(x.shape[0], self.k, self.dim), None
-
-
-def build_encoder(spec: Modality, dim: int, k: int) -> nn.Module:
-    if spec.kind == IMAGE:
-        return ImageEncoder(spec.shape[0], dim, k)
-    if spec.kind == SIGNAL:
-        return SignalEncoder(spec.shape[0], dim, k)
-    if spec.kind == TOKENS:
-        return TokenEncoder(spec.vocab_size, spec.shape[0], dim, k)
-    if spec.kind == VECTOR:
-        return VectorEncoder(spec.shape[0], dim, k)
-    raise ValueError(f"modality {spec.name!r} has unknown kind {spec.kind!r}")

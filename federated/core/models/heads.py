@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from federated.core.multimed import PER_RESIDUE, Task
+from federated.core.corpus_schema import Task
+from federated.core.targets import PER_RESIDUE
 
 
 class PooledHead(nn.Module):

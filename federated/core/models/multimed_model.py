@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from federated.core.config.schema import ModelConfig
-from federated.core.models.encoders import build_encoder
+from federated.core.corpus_schema import CorpusSchema
+from federated.core.models.architectures import build_encoder
 from federated.core.models.fusion import Fusion
 from federated.core.models.heads import build_head
-from federated.core.multimed import MODALITIES, PER_RESIDUE, TASKS
+from federated.core.targets import PER_RESIDUE
 
 _PREFIX_TO_GROUP = {"encoders": "encoder", "heads": "head"}
 
@@ -30,17 +31,18 @@ def group_of(param_name: str) -> str:
 
 
 class MultiMedModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """An encoder per modality of the schema, one fusion block, a head per task of the schema."""
+
+    def __init__(self, cfg: ModelConfig, schema: CorpusSchema) -> None:
         super().__init__()
         self.cfg = cfg
-        self.modality_names = MODALITIES.names()
-        self.encoders = nn.ModuleDict(
-            {m: build_encoder(MODALITIES.get(m), cfg.dim, cfg.tokens_per_modality) for m in self.modality_names}
-        )
+        self.schema = schema
+        self.modality_names = schema.modality_names
+        self.encoders = nn.ModuleDict({m: build_encoder(schema.modality(m), cfg) for m in self.modality_names})
         self.fusion = Fusion(
             len(self.modality_names), cfg.tokens_per_modality, cfg.dim, cfg.heads, cfg.fusion_layers, cfg.dropout
         )
-        self.heads = nn.ModuleDict({t: build_head(TASKS.get(t), cfg.dim) for t in TASKS.names()})
+        self.heads = nn.ModuleDict({t: build_head(schema.task(t), cfg.dim) for t in schema.task_names})
 
     def forward(
         self, task: str, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None
@@ -51,7 +53,7 @@ class MultiMedModel(nn.Module):
         present[m]: [B] bool, False where the sample lacks m (masked out of fusion).
         Modalities absent from `inputs` are treated as missing for the whole batch.
         """
-        spec = TASKS.get(task)
+        spec = self.schema.task(task)
         used = [m for m in spec.inputs if m in inputs]
         if not used:
             raise ValueError(f"task {task!r} needs at least one of {spec.inputs}; got {list(inputs)}")
@@ -89,11 +91,11 @@ class MultiMedModel(nn.Module):
         return sorted(keep)
 
 
-def build_model(cfg: ModelConfig, seed: int) -> MultiMedModel:
-    """Same config and seed -> the same initial weights, in any process."""
+def build_model(cfg: ModelConfig, schema: CorpusSchema, seed: int) -> MultiMedModel:
+    """Same config, schema and seed -> the same initial weights, in any process."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return MultiMedModel(cfg)
+        return MultiMedModel(cfg, schema)
     finally:
         torch.random.set_rng_state(gen_state)

@@ -1,7 +1,9 @@
 """Ingest: turn datasets in the formats they ship in into the corpus format.
 
 `multimed-fl corpus ingest SPEC.yaml --out DIR` reads a spec (federated/data/ingest/spec.py),
-runs one adapter per source (ADAPTERS; each format its own module), and writes one corpus,
+settles the corpus's schema (MultiMed's catalogue plus the spec's own `modalities:`, `tasks:`
+and shapes: federated/data/ingest/declare.py), runs one adapter per source (ADAPTERS; each
+format its own module, filling each modality at its declared shape), and writes one corpus,
 atomically (federated/data/format.write_corpus: a temporary folder renamed at the end, so a
 failed ingest leaves nothing behind). Every problem is checked in the manner of nnU-Net's
 dataset check and reported naming the file (and row): missing or unreadable files, labels

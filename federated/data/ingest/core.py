@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.core.multimed import MODALITIES, REGRESSION, TASKS
+from federated.core.corpus_schema import CorpusSchema, Task
 from federated.core.registry import Registry
+from federated.core.targets import KINDS, REGRESSION
 from federated.data.format import index_column, write_corpus
 
 
@@ -36,9 +37,11 @@ class Problems:
 
 @dataclass
 class SampleSet:
-    """Samples of one task, as adapters produce them (inputs at the corpus's shapes)."""
+    """Samples of one task, as adapters produce them: inputs at the shapes `schema` declares,
+    checked as they are added, so an adapter that resizes wrongly fails at its first sample."""
 
     task: str
+    schema: CorpusSchema
     # None where a sample lacks that input (its idx_ column is -1)
     inputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
     targets: list[np.ndarray] = field(default_factory=list)
@@ -48,18 +51,18 @@ class SampleSet:
     notes: dict[str, Any] = field(default_factory=dict)  # what a reader of the corpus should know
 
     def add(self, inputs: dict[str, np.ndarray], target: Any, origin_site: str, patient_id: str, source: str) -> None:
-        spec = TASKS.get(self.task)
+        spec = self.schema.task(self.task)
         for m, x in inputs.items():
             if m not in spec.inputs:
                 raise ValueError(f"task {self.task} has no input {m!r}")
-            shape = MODALITIES.get(m).shape
+            shape = self.schema.modality(m).shape
             if tuple(x.shape) != tuple(shape):
                 raise ValueError(f"{m} sample of shape {tuple(x.shape)}, expected {tuple(shape)}")
         n = len(self.targets)
         for m in spec.inputs:  # None: this sample lacks the input (its idx_ column is -1)
             given = inputs.get(m)
             self.inputs.setdefault(m, [None] * n).append(
-                None if given is None else given.astype(MODALITIES.get(m).dtype)
+                None if given is None else given.astype(self.schema.modality(m).dtype)
             )
         self.targets.append(np.asarray(target))
         self.origin_sites.append(origin_site)
@@ -70,22 +73,43 @@ class SampleSet:
         return len(self.targets)
 
 
-Adapter = Callable[[dict[str, Any], Path, Problems], SampleSet]
+Adapter = Callable[[dict[str, Any], Path, Problems, CorpusSchema], SampleSet]
 ADAPTERS: Registry[Adapter] = Registry("ingest adapter")
 # Keys every source may have, whatever its adapter (read by spec.py, not by adapters).
-COMMON_KEYS = frozenset({"adapter", "task", "on_error", "simulated_sites"})
+COMMON_KEYS = frozenset({"adapter", "task", "on_error", "simulated_sites", "shape"})
 # adapter name -> the keys its sources may have besides COMMON_KEYS
 ADAPTER_KEYS: dict[str, frozenset[str]] = {}
+# adapter name -> the kind of the modality a source's `shape:` sets (its main input)
+ADAPTER_FILLS: dict[str, str] = {}
 
 
-def adapter(name: str, keys: set[str] | frozenset[str]) -> Callable[[Adapter], Adapter]:
-    """Register an adapter and the source keys it reads, so a misspelt key is refused by name."""
+def adapter(name: str, keys: set[str] | frozenset[str], fills: str) -> Callable[[Adapter], Adapter]:
+    """Register an adapter, the source keys it reads (so a misspelt key is refused by name) and
+    the kind of modality it fills (so the spec can settle a source's `shape:` before reading)."""
+    if fills not in KINDS:
+        raise ValueError(f"adapter {name}: fills {fills!r} is not one of {', '.join(KINDS)}")
 
     def deco(fn: Adapter) -> Adapter:
         ADAPTER_KEYS[name] = frozenset(keys)
+        ADAPTER_FILLS[name] = fills
         return ADAPTERS.add(name, fn)
 
     return deco
+
+
+def filled_modality(task: Task, schema: CorpusSchema, kind: str, params: dict[str, Any]) -> str:
+    """The modality of `kind` a source fills: its `modality` key, else the task's first input of
+    that kind. The spec and the adapter both ask this, so a source's `shape:` sets the very
+    modality its adapter writes."""
+    of_kind = [m for m in task.inputs if schema.modality(m).kind == kind]
+    name = params.get("modality")
+    if not name:
+        if not of_kind:
+            raise ValueError(f"task {task.name} has no {kind} input (its inputs: {', '.join(task.inputs)})")
+        return of_kind[0]
+    if name not in of_kind:
+        raise ValueError(f"task {task.name} has no {kind} input {name!r} (its {kind} inputs: {of_kind})")
+    return str(name)
 
 
 def class_folders(
@@ -194,7 +218,7 @@ def assign_simulated_sites(samples: SampleSet, k: int, seed: int) -> None:
 def check_classes(samples: SampleSet, declared: set[str], where: str, problems: Problems) -> None:
     """Every class the source declares must have samples (nnU-Net-style empty-class check);
     a source may cover only some of a task's classes (e.g. tumour yes/no)."""
-    spec = TASKS.get(samples.task)
+    spec = samples.schema.task(samples.task)
     if not spec.is_classification:
         return
     seen = {spec.classes[int(t)] for t in samples.targets}
@@ -238,16 +262,22 @@ def ingest(
     out_dir: Path,
     name: str,
     provenance: dict[str, Any],
+    schema: CorpusSchema,
     test_fraction: float = 0.2,
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
-    """Write the samples as one corpus. The split is by patient (a patient's samples stay on
-    one side, across tasks too), drawn with `seed`; `dataset` is the source of each sample."""
+    """Write the samples as one corpus declaring `schema` (restricted to the tasks present).
+    The split is by patient (a patient's samples stay on one side, across tasks too), drawn
+    with `seed`; `dataset` is the source of each sample."""
     rows: list[dict[str, Any]] = []
-    arrays: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES.names()}
+    arrays: dict[str, list[np.ndarray]] = {m: [] for m in schema.modalities}
     targets: dict[str, list[np.ndarray]] = {}
     for s in sets:
+        if s.task not in schema.tasks:
+            raise IngestError(f"task {s.task}: not a task of the corpus schema ({', '.join(schema.tasks)})")
+        if s.schema.task(s.task) != schema.task(s.task):
+            raise IngestError(f"task {s.task}: its samples were read for another definition of the task")
         if not len(s):
             raise IngestError(f"task {s.task}: no sample was ingested (every item was skipped?)")
     test = draw_test_patients(sets, test_fraction, seed)
@@ -256,13 +286,22 @@ def ingest(
         targets.setdefault(s.task, []).extend(s.targets)
         for i in range(len(s)):
             row = _manifest_row(s, i, target_offset + i, test)
-            row.update(_index_inputs(s, i, arrays))
+            row.update(_index_inputs(s, i, arrays, schema))
             rows.append(row)
     manifest = pd.DataFrame(rows)
     for col in [c for c in manifest if c.startswith("idx_")]:  # tasks differ in their inputs
         manifest[col] = manifest[col].fillna(-1).astype("int64")
     out_arrays = {m: np.stack(v) for m, v in arrays.items() if v}
-    return write_corpus(out_dir, manifest, out_arrays, _stack_targets(targets), name, provenance, overwrite=overwrite)
+    return write_corpus(
+        out_dir,
+        manifest,
+        out_arrays,
+        _stack_targets(targets, schema),
+        name,
+        provenance,
+        schema=schema,
+        overwrite=overwrite,
+    )
 
 
 def _manifest_row(s: SampleSet, i: int, target_row: int, test: set[str]) -> dict[str, Any]:
@@ -279,10 +318,10 @@ def _manifest_row(s: SampleSet, i: int, target_row: int, test: set[str]) -> dict
     }
 
 
-def _index_inputs(s: SampleSet, i: int, arrays: dict[str, list[np.ndarray]]) -> dict[str, int]:
+def _index_inputs(s: SampleSet, i: int, arrays: dict[str, list[np.ndarray]], schema: CorpusSchema) -> dict[str, int]:
     """Append sample i's inputs to the per-modality arrays; its idx_ columns (-1 where it lacks one)."""
     columns: dict[str, int] = {}
-    for m in TASKS.get(s.task).inputs:
+    for m in schema.task(s.task).inputs:
         x = s.inputs[m][i] if m in s.inputs else None
         if x is not None:
             columns[index_column(m)] = len(arrays[m])
@@ -292,10 +331,10 @@ def _index_inputs(s: SampleSet, i: int, arrays: dict[str, list[np.ndarray]]) -> 
     return columns
 
 
-def _stack_targets(targets: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+def _stack_targets(targets: dict[str, list[np.ndarray]], schema: CorpusSchema) -> dict[str, np.ndarray]:
     """One array per task, float32 for regression and int64 for class targets (the format's dtypes)."""
     out: dict[str, np.ndarray] = {}
     for t, v in targets.items():
-        dtype = np.float32 if TASKS.get(t).target == REGRESSION else np.int64
+        dtype = np.float32 if schema.task(t).target == REGRESSION else np.int64
         out[t] = np.stack(v).astype(dtype)
     return out

@@ -14,7 +14,7 @@
       modality: ct                    # default: the task's first image input
 
 Slices are ordered by the number in their file name (natural sort: 2.png before 10.png).
-`per: scan` makes one 32x32 image of a scan: each of its `central_slices` central slices is
+`per: scan` makes one image of a scan, at the modality's declared shape: each of its `central_slices` central slices is
 standardised (as image_folders does), the slices are averaged, and the average is standardised
 again. Averaging a few neighbouring slices keeps the mid-volume anatomy a single slice shows
 while damping slice noise, at the size of one slice; only those slices are read, so a corrupt
@@ -23,7 +23,8 @@ sample; its patient_id stays the patient's, so the by-patient split keeps all of
 slices (and scans) on one side. Patient ids are `<class folder>/<patient folder>`, since
 CC-CCII numbers patients within each class.
 
-A report's text is tokenised into the `text` modality (federated/data/ingest/text.py); a
+A report's text is tokenised into the task's text input (`text`, or a tokens modality the spec
+declares; federated/data/ingest/text.py), at its declared length and vocabulary; a
 scan without a report (no row, or an empty text) has no text input, which the corpus records as
 missing. Problems reported: an unknown class folder, a class folder with no patients, a patient
 folder with no scan folders, a scan folder with no slice images, a corrupt slice, a report row
@@ -39,7 +40,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.core.multimed import MODALITIES, TASKS, Task
+from federated.core.corpus_schema import CorpusSchema, Modality
+from federated.core.targets import IMAGE
 from federated.data.ingest.core import (
     Problems,
     SampleSet,
@@ -51,7 +53,7 @@ from federated.data.ingest.core import (
 )
 from federated.data.ingest.image_folders import EXTENSIONS, image_modality
 from federated.data.ingest.images_csv import BadItem, cell, read_image, require_columns
-from federated.data.ingest.text import tokenize
+from federated.data.ingest.text import text_modality, tokenize
 
 REPORT_COLUMNS = {"patient": "patient_id", "scan": "scan_id", "text": "report"}
 ReportKey = tuple[str, ...]
@@ -69,24 +71,28 @@ def _subfolders(folder: Path) -> list[Path]:
 @adapter(
     "ct_slices",
     keys={"path", "classes", "per", "central_slices", "reports", "report_columns", "origin_site", "modality"},
+    fills=IMAGE,
 )
-def ct_slices(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
-    task = TASKS.get(params["task"])
-    modality = image_modality(task, params)
+def ct_slices(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
+    task = schema.task(params["task"])
+    modality = image_modality(task, schema, params)
     root = resolve(base, params, "path")
     per, k = _options(params)
     mapping = {str(a): str(b) for a, b in dict(params.get("classes") or {}).items()}
     unknown = sorted(set(mapping.values()) - set(task.classes))
     if unknown:
         raise ValueError(f"classes: {unknown} are not classes of {task.name} ({', '.join(task.classes)})")
-    reports = _reports(task, params, base, problems)
-    samples = SampleSet(task.name)
+    text = text_modality(task, schema) if params.get("reports") is not None else None
+    reports = _reports(text, params, base, problems)
+    samples = SampleSet(task.name, schema)
     if not root.is_dir():
         problems.report(root, "CT folder does not exist")
         return samples
     ctx = {
         "task": task,
         "modality": modality,
+        "shape": schema.modality(modality).shape,
+        "text": text.name if text else "",
         "per": per,
         "k": k,
         "reports": reports,
@@ -135,8 +141,8 @@ def _scan(scan: Path, label: int, ctx: dict[str, Any], samples: SampleSet, probl
     inputs: dict[str, np.ndarray] = {}
     for key in ((patient, scan.name), (cls, patient, scan.name)):  # without / with a class column
         if key in ctx["reports"]:
-            inputs["text"] = ctx["reports"][key]
-    shape = MODALITIES.get(ctx["modality"]).shape
+            inputs[ctx["text"]] = ctx["reports"][key]
+    shape = ctx["shape"]
     if ctx["per"] == "slice":
         for s in slices:
             x = read_image(s, shape, problems)
@@ -153,12 +159,12 @@ def _scan(scan: Path, label: int, ctx: dict[str, Any], samples: SampleSet, probl
     samples.add({ctx["modality"]: x, **inputs}, label, ctx["site"], f"{cls}/{patient}", ctx["source"])
 
 
-def _reports(task: Task, params: dict[str, Any], base: Path, problems: Problems) -> dict[ReportKey, np.ndarray]:
-    """(patient, scan) -- or (class folder, patient, scan) -- -> the report's tokens."""
-    if params.get("reports") is None:
+def _reports(
+    text: Modality | None, params: dict[str, Any], base: Path, problems: Problems
+) -> dict[ReportKey, np.ndarray]:
+    """(patient, scan) -- or (class folder, patient, scan) -- -> the report's tokens in `text`."""
+    if text is None:
         return {}
-    if "text" not in task.inputs:
-        raise ValueError(f"task {task.name} has no text input for reports")
     columns = {**REPORT_COLUMNS, **dict(params.get("report_columns") or {})}
     unknown = sorted(set(columns) - {*REPORT_COLUMNS, "class"})
     if unknown:
@@ -171,11 +177,11 @@ def _reports(task: Task, params: dict[str, Any], base: Path, problems: Problems)
     if frame is None:
         return {}
     require_columns(frame, list(map(str, columns.values())), path)
-    return _report_rows(frame, columns, path, problems)
+    return _report_rows(frame, columns, path, problems, text)
 
 
 def _report_rows(
-    frame: pd.DataFrame, columns: dict[str, str], path: Path, problems: Problems
+    frame: pd.DataFrame, columns: dict[str, str], path: Path, problems: Problems, modality: Modality
 ) -> dict[ReportKey, np.ndarray]:
     key_parts = [p for p in ("class", "patient", "scan") if p in columns]
     out: dict[ReportKey, np.ndarray] = {}
@@ -191,5 +197,5 @@ def _report_rows(
             continue
         text = row.get(str(columns["text"]))
         if isinstance(text, str) and text.strip():
-            out[key] = tokenize(text)
+            out[key] = tokenize(text, modality)
     return out

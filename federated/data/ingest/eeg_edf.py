@@ -7,17 +7,21 @@
                                      # annotations not listed are ignored ("769": left_hand, ...)
       events_csv: events.csv         # optional: columns file, onset_s, description, for recordings
                                      # whose events are not in the EDF (then the EDF's are unused)
-      channels: [C3, Cz, C4, FC3, FC4, CP3, CPz, CP4]   # 8 labels; default: the first 8 signals
+      channels: [C3, Cz, C4, FC3, FC4, CP3, CPz, CP4]   # as many labels as the modality has
+                                     # channels (catalogue eeg: 8); default: the first signals
       epoch_s: 2.0                   # window length (default 2.0)
       offset_s: 0.5                  # window start after the event onset (default 0.0)
       subject_pattern: '^(S\\d+)'    # regex on the file stem: the subject (its `subject` group,
                                      # else its first group, else the whole match); default: the stem
       site_from: subject             # each subject its own site; default: origin_site
       origin_site: lab_a             # the fixed site name (default: the folder's name)
+      modality: eeg                  # default: the task's first signal input
 
-Each matched event becomes one epoch: the selected channels from onset + offset_s for epoch_s
-seconds, resampled to the eeg modality's 128 samples (output sample j lies at onset + offset_s +
-j * epoch_s / 128 s, so the rate becomes 128 / epoch_s Hz). When that lowers the rate, the
+The signal modality's declared shape [channels, samples] (catalogue eeg: [8, 128];
+`modalities: {eeg: {channels: 22, samples: 512}}` changes it) sets how many channels are read
+and how many samples an epoch has. Each matched event becomes one epoch: the selected channels
+from onset + offset_s for epoch_s seconds, resampled to the modality's S samples (output sample
+j lies at onset + offset_s + j * epoch_s / S s, so the rate becomes S / epoch_s Hz). When that lowers the rate, the
 recording is first low-passed at 0.4 x the new rate (a Hamming-windowed sinc FIR, zero phase):
 without it, power above the new Nyquist folds back (PhysioNet's 160 Hz recordings cut to 2 s
 epochs become 64 Hz, and 60 Hz mains noise would land at 4 Hz). Then linear interpolation, and
@@ -38,18 +42,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.core.multimed import MODALITIES, TASKS, Task
+from federated.core.corpus_schema import CorpusSchema, Task
+from federated.core.targets import SIGNAL
 from federated.data.ingest.core import (
     Problems,
     SampleSet,
     adapter,
     check_classes,
+    filled_modality,
     optional_import,
     read_csv_checked,
     resolve,
 )
 
-EEG = "eeg"
 SITE_FROM = ("origin_site", "subject")
 CSV_COLUMNS = ("file", "onset_s", "description")
 
@@ -58,17 +63,20 @@ class _Bad(Exception):
     """A problem with one recording or event; the caller reports it, naming the place."""
 
 
-def _config(params: dict[str, Any], task: Task) -> dict[str, Any]:
+def _config(params: dict[str, Any], task: Task, schema: CorpusSchema) -> dict[str, Any]:
     """The source's settings, checked in the order a user fixes them, each refused by its key."""
-    if EEG not in task.inputs:
-        raise ValueError(f"task {task.name} has no eeg input (its inputs: {', '.join(task.inputs)})")
+    modality = filled_modality(task, schema, SIGNAL, params)
+    n_channels, length = schema.modality(modality).shape
     events = _events(params, task)
-    channels = _channels(params)
+    channels = _channels(params, modality, n_channels)
     epoch_s, offset_s = float(params.get("epoch_s", 2.0)), float(params.get("offset_s", 0.0))
     if not epoch_s > 0:
         raise ValueError(f"epoch_s must be > 0 (got {epoch_s})")
     site_from = _site_from(params)
     return {
+        "modality": modality,
+        "n_channels": n_channels,
+        "length": length,
         "events": events,
         "channels": channels,
         "epoch_s": epoch_s,
@@ -89,12 +97,11 @@ def _events(params: dict[str, Any], task: Task) -> dict[str, str]:
     return events
 
 
-def _channels(params: dict[str, Any]) -> list[str] | None:
+def _channels(params: dict[str, Any], modality: str, n_channels: int) -> list[str] | None:
     """The channel labels to select (None: the first signals): exactly the modality's count, no repeats."""
-    n_channels = MODALITIES.get(EEG).shape[0]
     channels = params.get("channels")
     if channels is not None and len(channels) != n_channels:
-        raise ValueError(f"channels lists {len(channels)} labels; the eeg modality has {n_channels}")
+        raise ValueError(f"channels lists {len(channels)} labels; the {modality} modality has {n_channels}")
     if channels is not None and len({str(c) for c in channels}) != len(channels):
         raise ValueError(f"channels lists a label twice: {channels}")
     return [str(c) for c in channels] if channels else None
@@ -154,11 +161,12 @@ def _csv_events(path: Path, files: list[Path], problems: Problems) -> dict[str, 
     return events
 
 
-def _match_channels(labels: list[str], wanted: list[str] | None, n: int) -> list[int]:
+def _match_channels(labels: list[str], wanted: list[str] | None, n: int, modality: str) -> list[int]:
     if wanted is None:
         if len(labels) < n:
             raise _Bad(
-                f"has {len(labels)} signal channels, the eeg modality needs {n} (its channels: {', '.join(labels)})"
+                f"has {len(labels)} signal channels, the {modality} modality needs {n} "
+                f"(its channels: {', '.join(labels)})"
             )
         return list(range(n))
     exact = {lab.strip(): i for i, lab in enumerate(labels)}
@@ -170,14 +178,14 @@ def _match_channels(labels: list[str], wanted: list[str] | None, n: int) -> list
     return [i for i in picked if i is not None]
 
 
-def _read(path: Path, pyedflib, wanted: list[str] | None) -> tuple[np.ndarray, float, list[tuple[float, str]]]:
-    """(selected signals [8, n_samples], sampling rate, annotations [(onset_s, description)])."""
+def _read(path: Path, pyedflib, cfg: dict[str, Any]) -> tuple[np.ndarray, float, list[tuple[float, str]]]:
+    """(selected signals [channels, n_samples], sampling rate, annotations [(onset_s, description)])."""
     try:
         reader = pyedflib.EdfReader(str(path))
     except Exception as e:  # pyedflib raises OSError for truncated and corrupt files
         raise _Bad(f"unreadable, truncated or corrupt EDF ({type(e).__name__}: {e})") from None
     with reader:
-        picked = _match_channels(reader.getSignalLabels(), wanted, MODALITIES.get(EEG).shape[0])
+        picked = _match_channels(reader.getSignalLabels(), cfg["channels"], cfg["n_channels"], cfg["modality"])
         rates = [float(reader.getSampleFrequency(i)) for i in picked]
         if len(set(rates)) > 1:
             raise _Bad(f"the selected channels have different sampling rates ({sorted(set(rates))} Hz)")
@@ -249,13 +257,13 @@ def _add_epochs(
     problems: Problems,
 ) -> None:
     """One sample per listed event; meta is (origin site, patient, source)."""
-    task = TASKS.get(samples.task)
+    task = samples.schema.task(samples.task)
     matched = [(t, d) for t, d in events if d in cfg["events"]]
     if not matched:
         seen = sorted({d for _, d in events})
         problems.report(path, f"no event among {sorted(cfg['events'])} (its events: {seen or 'none'})")
         return
-    length = MODALITIES.get(EEG).shape[1]
+    length = cfg["length"]
     new_rate = length / cfg["epoch_s"]
     if rate > new_rate:
         signals = low_pass(signals, rate, 0.4 * new_rate)
@@ -265,7 +273,7 @@ def _add_epochs(
         except _Bad as e:
             problems.report(f"{path} event {desc!r} at onset {onset:g} s", str(e))
             continue
-        samples.add({EEG: x}, task.classes.index(cfg["events"][desc]), *meta)
+        samples.add({cfg["modality"]: x}, task.classes.index(cfg["events"][desc]), *meta)
 
 
 @adapter(
@@ -280,14 +288,16 @@ def _add_epochs(
         "origin_site",
         "site_from",
         "subject_pattern",
+        "modality",
     },
+    fills=SIGNAL,
 )
-def eeg_edf(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
-    task = TASKS.get(params["task"])
-    cfg = _config(params, task)
+def eeg_edf(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
+    task = schema.task(params["task"])
+    cfg = _config(params, task, schema)
     pyedflib = optional_import("pyedflib", "edf")
     root = resolve(base, params)
-    samples = SampleSet(task.name)
+    samples = SampleSet(task.name, schema)
     files = _recordings(root, problems)
     csv_events = _csv_events(resolve(base, params, "events_csv"), files, problems) if params.get("events_csv") else {}
     if csv_events is None:
@@ -296,7 +306,7 @@ def eeg_edf(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet
     for path in files:
         try:
             subject = _subject(path, cfg["pattern"])
-            signals, rate, annotations = _read(path, pyedflib, cfg["channels"])
+            signals, rate, annotations = _read(path, pyedflib, cfg)
         except _Bad as e:
             problems.report(path, str(e))
             continue

@@ -1,7 +1,8 @@
 """`fasta`: FASTA sequences with a label table (expression) or per-residue structure (proteins).
 
     - adapter: fasta
-      task: expression_prediction    # genomic_sequence: 128 bases, ACGT = tokens 1-4
+      task: expression_prediction    # genomic_sequence: its declared length (catalogue: 128 bases),
+                                     # ACGT = tokens 1-4
       path: promoters.fa
       labels: expression.csv         # one row per record: its id and its regression target
       id_column: id                  # default: id
@@ -12,12 +13,15 @@
       crop: center                   # longer sequences: keep the centre (default) or the start
 
     - adapter: fasta
-      task: protein_structure        # protein_sequence: 64 residues, ACDEFGHIKLMNPQRSTVWY = 1-20
+      task: protein_structure        # protein_sequence: its declared length (catalogue: 64 residues),
+                                     # ACDEFGHIKLMNPQRSTVWY = 1-20
       path: chains.fa
       structure: chains.dssp.fa      # same record ids, one state letter per residue
 
 The record id is the first word of its '>' header. Letters may be lower case; whitespace
-inside sequence lines is ignored and one trailing '*' (stop) is dropped from a protein. Shorter
+inside sequence lines is ignored and one trailing '*' (stop) is dropped from a protein. The
+sequence modality's declared length (`modalities: {protein_sequence: {length: 256}}` changes it,
+and protein_structure's per-residue label shape with it) is the sample length: shorter
 sequences are padded with token 0 (PAD_TOKEN), longer ones cropped; per-residue labels are
 cropped the same way and are IGNORE_LABEL (-1) at padded positions. Structure letters are DSSP's
 8 states reduced to 3: H, G, I -> H; E, B -> E; T, S, C, L, P, '-' and space -> C (a structure
@@ -39,7 +43,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.core.multimed import IGNORE_LABEL, MODALITIES, PAD_TOKEN, REGRESSION, SECONDARY_STRUCTURE, TASKS, Task
+from federated.core.corpus_schema import CorpusSchema, Task
+from federated.core.multimed import SECONDARY_STRUCTURE
+from federated.core.targets import IGNORE_LABEL, PAD_TOKEN, REGRESSION, TOKENS
 from federated.data.ingest.core import Problems, SampleSet, adapter, read_csv_checked, resolve
 
 ALPHABETS = {"genomic_sequence": "ACGT", "protein_sequence": "ACDEFGHIKLMNPQRSTVWY"}
@@ -126,12 +132,16 @@ def fit(x: np.ndarray, length: int, crop: str, fill: int) -> np.ndarray:
     return np.concatenate([x, np.full(length - len(x), fill, dtype=x.dtype)])
 
 
-def _config(params: dict[str, Any], task: Task) -> dict[str, Any]:
+def _config(params: dict[str, Any], task: Task, schema: CorpusSchema) -> dict[str, Any]:
     """The source's settings, checked before any file is read, so a wrong key fails before a long read."""
     modality = next((m for m in task.inputs if m in ALPHABETS), None)
     if modality is None or len(task.inputs) != 1:
+        raise ValueError(f"task {task.name} has no sequence input the fasta adapter reads ({', '.join(ALPHABETS)})")
+    declared = schema.modality(modality)
+    if declared.vocab_size <= len(ALPHABETS[modality]):
         raise ValueError(
-            f"task {task.name} has no sequence input the fasta adapter reads (expression_prediction, protein_structure)"
+            f"modality {modality} has vocab_size {declared.vocab_size}; its letters need "
+            f"{len(ALPHABETS[modality]) + 1} ids (padding and {ALPHABETS[modality]})"
         )
     crop = str(params.get("crop", "center"))
     if crop not in CROPS:
@@ -143,6 +153,7 @@ def _config(params: dict[str, Any], task: Task) -> dict[str, Any]:
         raise ValueError(f"task {task.name} needs `structure` (per-residue states, FASTA-style)")
     return {
         "modality": modality,
+        "length": declared.shape[0],
         "crop": crop,
         "regression": regression,
         "id_column": str(params.get("id_column", "id")),
@@ -214,7 +225,7 @@ def _structure_target(structure: str, n_residues: int, cfg: dict[str, Any], wher
         labels = states(structure)
     except ValueError as e:
         raise _Bad(where, str(e)) from None
-    return fit(labels, MODALITIES.get(cfg["modality"]).shape[0], cfg["crop"], IGNORE_LABEL)
+    return fit(labels, cfg["length"], cfg["crop"], IGNORE_LABEL)
 
 
 def _sample(
@@ -245,7 +256,7 @@ def _sample(
     site, patient = (
         _row_value(row[1], cfg[k], where_row) if row and cfg[k] else None for k in ("site_column", "patient_column")
     )
-    return fit(toks, MODALITIES.get(cfg["modality"]).shape[0], cfg["crop"], PAD_TOKEN), target, site, patient
+    return fit(toks, cfg["length"], cfg["crop"], PAD_TOKEN), target, site, patient
 
 
 def _side_files(params: dict[str, Any], base: Path, problems: Problems) -> dict[str, Path] | None:
@@ -270,12 +281,13 @@ def _side_files(params: dict[str, Any], base: Path, problems: Problems) -> dict[
         "patient_column",
         "origin_site",
     },
+    fills=TOKENS,
 )
-def fasta(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
+def fasta(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
     """One sample per FASTA record that every named file agrees on; the rest are reported by file and id."""
-    task = TASKS.get(params["task"])
-    cfg = _config(params, task)
-    samples = SampleSet(task.name)
+    task = schema.task(params["task"])
+    cfg = _config(params, task, schema)
+    samples = SampleSet(task.name, schema)
     files = _side_files(params, base, problems)
     if files is None:
         return samples

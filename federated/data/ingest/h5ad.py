@@ -10,17 +10,20 @@
       scale: false                    # true: standardise each selected gene, per site
       site_key: donor                 # obs column -> origin_site (natural sites); optional
       patient_key: donor              # obs column -> patient_id; default: the cell's barcode
+      modality: scrna                 # default: the task's first vector input
 
-The `scrna` modality holds 256 genes: `top_variance` keeps the 256 most variable genes of the
-chosen layer, `highly_variable` the file's var['highly_variable'] genes (at most 256, by
-variance), a list keeps those genes in that order. Fewer than 256 genes are zero-padded (the
+The vector modality holds as many genes as its declared shape says (the catalogue's `scrna`:
+256; `modalities: {scrna: {features: 2000}}` changes it): `top_variance` keeps that many most
+variable genes of the chosen layer, `highly_variable` the file's var['highly_variable'] genes
+(at most that many, by variance), a list keeps those genes in that order. Fewer genes than
+the width are zero-padded (the
 corpus spec records which genes fill the columns in provenance). Gene selection looks at every
 cell of the file (all sites must share the same columns); `scale: true` standardises each site's
 cells with that site's own means and SDs, so no statistic of one hospital's cells shapes another's.
 
 The file is opened backed (anndata's read-only mode) and X (or raw.X) is read in blocks of rows:
 one pass for the gene variances, one for the chosen genes, so an atlas-size file needs memory for
-one block and the cells x 256 result, not for the whole matrix. Backed mode keeps only X and raw.X
+one block and the cells x width result, not for the whole matrix. Backed mode keeps only X and raw.X
 on disk: anndata 0.12 loads `layers` (and obsm, uns) into memory, so `layer: NAME` holds that
 layer, and any file with large layers pays for them. Read with anndata (extra `h5ad`).
 """
@@ -32,12 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from federated.core.multimed import MODALITIES, TASKS, Task
+from federated.core.corpus_schema import CorpusSchema, Task
+from federated.core.targets import VECTOR
 from federated.data.ingest.core import (
     Problems,
     SampleSet,
     adapter,
     check_classes,
+    filled_modality,
     optional_import,
     resolve,
     standardise_by_group,
@@ -89,7 +94,7 @@ def _variances(matrix: Any, block_values: int) -> np.ndarray:
 
 
 def _select_genes(
-    matrix: Any, genes: list[str], data: Any, how: Any, width: int, path: Path, block_values: int
+    matrix: Any, genes: list[str], data: Any, how: Any, width: int, path: Path, block_values: int, modality: str
 ) -> list[int]:
     if isinstance(how, (list, tuple)):
         index = {g: i for i, g in enumerate(genes)}
@@ -97,7 +102,7 @@ def _select_genes(
         if missing:
             raise ValueError(f"{path}: genes not in the file: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
         if len(how) > width:
-            raise ValueError(f"{len(how)} genes listed; the scrna modality holds {width}")
+            raise ValueError(f"{len(how)} genes listed; the {modality} modality holds {width}")
         return [index[g] for g in how]
     if how not in GENE_MODES:
         raise ValueError(f"genes must be one of {GENE_MODES} or a list of gene names (got {how!r})")
@@ -120,15 +125,27 @@ def _columns(matrix: Any, columns: list[int], block_values: int) -> np.ndarray:
 
 
 @adapter(
-    "h5ad", keys={"path", "label_key", "classes", "layer", "genes", "scale", "site_key", "patient_key", "origin_site"}
+    "h5ad",
+    keys={
+        "path",
+        "label_key",
+        "classes",
+        "layer",
+        "genes",
+        "scale",
+        "site_key",
+        "patient_key",
+        "origin_site",
+        "modality",
+    },
+    fills=VECTOR,
 )
-def h5ad(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
-    task = TASKS.get(params["task"])
-    if "scrna" not in task.inputs:
-        raise ValueError(f"task {task.name} has no scrna input (its inputs: {', '.join(task.inputs)})")
+def h5ad(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
+    task = schema.task(params["task"])
+    modality = filled_modality(task, schema, VECTOR, params)
     anndata = optional_import("anndata", "h5ad")
     path = resolve(base, params)
-    samples = SampleSet(task.name)
+    samples = SampleSet(task.name, schema)
     if not path.is_file():
         problems.report(path, "file does not exist")
         return samples
@@ -138,21 +155,29 @@ def h5ad(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
         problems.report(path, f"unreadable or corrupt .h5ad ({type(e).__name__}: {e})")
         return samples
     try:
-        return _cells(data, params, task, path, samples, problems)
+        return _cells(data, params, task, modality, path, samples, problems)
     finally:
         data.file.close()
 
 
 def _cells(
-    data: Any, params: dict[str, Any], task: Task, path: Path, samples: SampleSet, problems: Problems
+    data: Any,
+    params: dict[str, Any],
+    task: Task,
+    modality: str,
+    path: Path,
+    samples: SampleSet,
+    problems: Problems,
 ) -> SampleSet:
-    """The file's cells as samples: checked obs keys and classes, the chosen genes, one row per usable cell."""
+    """The file's cells as samples filling `modality`: checked obs keys and classes, the chosen
+    genes, one row per usable cell."""
     label_key = _obs_keys(data, params, path)
     mapping = _class_mapping(params, task)
-    width = MODALITIES.get("scrna").shape[0]
+    width = samples.schema.modality(modality).shape[0]
     matrix, genes = _matrix(data, str(params.get("layer", "X")), path)
     try:
-        columns = _select_genes(matrix, genes, data, params.get("genes", "top_variance"), width, path, BLOCK_VALUES)
+        how = params.get("genes", "top_variance")
+        columns = _select_genes(matrix, genes, data, how, width, path, BLOCK_VALUES, modality)
         x = _columns(matrix, columns, BLOCK_VALUES)
     except (OSError, RuntimeError, KeyError) as e:  # h5py's errors for a damaged block
         problems.report(path, f"unreadable expression matrix ({type(e).__name__}: {e})")
@@ -174,7 +199,7 @@ def _cells(
         row = np.zeros(width, dtype=np.float32)
         row[: len(columns)] = x[i]
         site = sites[i] if sites else default_site
-        samples.add({"scrna": row}, task.classes.index(str(names[i])), site, patients[i], f"h5ad:{path.name}")
+        samples.add({modality: row}, task.classes.index(str(names[i])), site, patients[i], f"h5ad:{path.name}")
     check_classes(samples, {str(v) for v in mapping.values()}, str(path), problems)
     samples.notes["genes"] = [genes[j] for j in columns]
     return samples

@@ -7,8 +7,10 @@
       modality: mri                  # default: the task's first image input
       origin_site: hospital_a        # default: the folder's name
 
-Each image is converted to the modality's channels (grey or RGB), resized to its 32x32 corpus
-shape and standardised per image (mean 0, sd 1), so scanners' intensity scales do not leak in.
+Each image is converted to the modality's channels (1: grey, 3: RGB), resized to the modality's
+declared shape (the catalogue's 32x32, or what the spec's `modalities:` block or the source's
+`shape:` sets, e.g. [1, 128, 128]) and standardised per image (mean 0, sd 1), so scanners'
+intensity scales do not leak in.
 """
 
 from __future__ import annotations
@@ -18,10 +20,20 @@ from typing import Any
 
 import numpy as np
 
-from federated.core.multimed import IMAGE, MODALITIES, TASKS, Task
-from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, class_folders, resolve
+from federated.core.corpus_schema import CorpusSchema, Task
+from federated.core.targets import IMAGE
+from federated.data.ingest.core import (
+    Problems,
+    SampleSet,
+    adapter,
+    check_classes,
+    class_folders,
+    filled_modality,
+    resolve,
+)
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
+IMAGE_CHANNELS = (1, 3)  # grey or RGB: what a JPEG/PNG converts to without inventing channels
 
 
 def load_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -36,27 +48,27 @@ def load_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return (x - x.mean()) / (x.std() + 1e-6)
 
 
-def image_modality(task: Task, params: dict[str, Any]) -> str:
-    """The `modality` key, or the task's first image input."""
-    images = [m for m in task.inputs if MODALITIES.get(m).kind == IMAGE]
-    name = params.get("modality") or (images[0] if images else None)
-    if name not in images:
-        raise ValueError(f"task {task.name} has no image input {name!r} (its image inputs: {images})")
-    return str(name)
+def image_modality(task: Task, schema: CorpusSchema, params: dict[str, Any]) -> str:
+    """The `modality` key, or the task's first image input; its channels must be grey or RGB."""
+    name = filled_modality(task, schema, IMAGE, params)
+    channels = schema.modality(name).shape[0]
+    if channels not in IMAGE_CHANNELS:
+        raise ValueError(f"modality {name} has {channels} channels; images are read as 1 (grey) or 3 (RGB) channels")
+    return name
 
 
-@adapter("image_folders", keys={"path", "classes", "modality", "origin_site"})
-def image_folders(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
-    task = TASKS.get(params["task"])
-    modality = image_modality(task, params)
+@adapter("image_folders", keys={"path", "classes", "modality", "origin_site"}, fills=IMAGE)
+def image_folders(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
+    task = schema.task(params["task"])
+    modality = image_modality(task, schema, params)
     root = resolve(base, params)
+    samples = SampleSet(task.name, schema)
     if not root.is_dir():
         problems.report(root, "image folder does not exist")
-        return SampleSet(task.name)
+        return samples
     mapping = dict(params.get("classes") or {})
     site = str(params.get("origin_site") or root.name)
-    shape = MODALITIES.get(modality).shape
-    samples = SampleSet(task.name)
+    shape = schema.modality(modality).shape
     for folder, label in class_folders(root, mapping, task.name, task.classes, problems):
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
         if not files:

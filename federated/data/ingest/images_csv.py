@@ -32,7 +32,7 @@ does not label a finding cannot say it is absent) ...
 
 A listed finding that the task lacks is an error unless it is in ignore_findings, so that no
 finding is dropped by accident; a finding with no positive image is an error too. Images are
-read as in image_folders (the modality's channels, 32x32, standardised per image). A missing
+read as in image_folders (the modality's declared shape, standardised per image). A missing
 image is reported at its CSV row (row i + 2, as a spreadsheet shows it), a corrupt one by its
 path. The helpers read_image and cell are shared with ct_slices and vqa.
 """
@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.core.multimed import MODALITIES, MULTILABEL, REGRESSION, TASKS, Task
+from federated.core.corpus_schema import CorpusSchema, Task
+from federated.core.targets import IMAGE, MULTILABEL, REGRESSION
 from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, read_csv_checked, resolve
 from federated.data.ingest.image_folders import image_modality, load_image
 
@@ -67,7 +68,7 @@ class BadItem(Exception):
 
 
 def read_image(path: Path, shape: tuple[int, ...], problems: Problems, listed_at: str = "") -> np.ndarray | None:
-    """The image at the corpus shape, or None after reporting why it cannot be used
+    """The image at the modality's declared shape, or None after reporting why it cannot be used
     (a missing file at `listed_at`, the row or record naming it; a bad one by its path)."""
     suffix = f"; listed at {listed_at}" if listed_at else ""
     if not path.is_file():
@@ -116,12 +117,13 @@ def require_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> None
         "origin_site",
         "modality",
     },
+    fills=IMAGE,
 )
-def images_csv(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
-    task = TASKS.get(params["task"])
-    modality = image_modality(task, params)
+def images_csv(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
+    task = schema.task(params["task"])
+    modality = image_modality(task, schema, params)
     root, csv = resolve(base, params, "path"), resolve(base, params, "labels")
-    samples = SampleSet(task.name)
+    samples = SampleSet(task.name, schema)
     if not root.is_dir():
         problems.report(root, "image folder does not exist")
         return samples
@@ -133,7 +135,7 @@ def images_csv(params: dict[str, Any], base: Path, problems: Problems) -> Sample
     if not columns["image_column"]:
         raise ValueError("missing key 'image_column'")
     require_columns(frame, [c for c in columns.values() if c], csv)
-    shape = MODALITIES.get(modality).shape
+    shape = schema.modality(modality).shape
     site = str(params.get("origin_site") or root.name)
     for i, row in enumerate(frame.to_dict("records")):
         where = f"{csv} row {i + 2}"  # 1-based, after the header, as a spreadsheet shows it
@@ -162,7 +164,7 @@ def _read_csv(csv: Path, problems: Problems) -> pd.DataFrame | None:
 
 def check_findings(samples: SampleSet, where: str, problems: Problems) -> None:
     """Multi-label: every finding of the task needs a positive sample (else no AUROC)."""
-    task = TASKS.get(samples.task)
+    task = samples.schema.task(samples.task)
     if task.target != MULTILABEL or not len(samples):
         return
     positives = np.stack(samples.targets).sum(axis=0)

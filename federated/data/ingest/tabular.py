@@ -13,9 +13,12 @@
                                          # (default: none, a missing value is an error)
       statistics: per_site               # where medians, means and SDs come from: per_site
                                          # (default) or file
+      modality: tabular                  # default: the task's first vector input
 
-The `tabular` modality holds 16 features (after one-hot encoding): fewer are zero-padded, more
-are refused (choose them with feature_columns / categorical_columns). Features are standardised
+The vector modality holds the number of features its declared shape says (the catalogue's
+`tabular`: 16; `modalities: {tabular: {features: 40}}` or a new `{kind: vector, features: 24}`
+changes it), counted after one-hot encoding: fewer are zero-padded, more are refused (choose
+them with feature_columns / categorical_columns, or declare a wider modality). Features are standardised
 per column. By default each site's rows are imputed and standardised with that site's own
 statistics (the file is one site when there is no site column): a hospital prepares its own
 data, so no statistic crosses hospitals and a held-out hospital's values never shape the
@@ -32,13 +35,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.core.multimed import MODALITIES, REGRESSION, TASKS, Task
+from federated.core.corpus_schema import CorpusSchema, Task
+from federated.core.targets import REGRESSION, VECTOR
 from federated.data.ingest.core import (
     Problems,
     SampleSet,
     adapter,
     check_classes,
     column_count_problem,
+    filled_modality,
     resolve,
     standardise_by_group,
 )
@@ -76,10 +81,10 @@ def one_hot(column: pd.Series) -> tuple[np.ndarray, list[str]]:
 
 
 def feature_matrix(
-    frame: pd.DataFrame, params: dict[str, Any], exclude: set[str], path: Path
+    frame: pd.DataFrame, params: dict[str, Any], exclude: set[str], path: Path, width: int, modality: str = "tabular"
 ) -> tuple[np.ndarray, list[str], int]:
     """Numeric feature columns (NaN where missing), then one-hot categorical ones; and how many
-    of the columns are numeric."""
+    of the columns are numeric. More than `width` (the modality's features) is refused."""
     categorical = list(params.get("categorical_columns") or [])
     numeric = list(
         params.get("feature_columns")
@@ -104,11 +109,11 @@ def feature_matrix(
         block, block_names = one_hot(frame[col])
         values = np.concatenate([values, block], axis=1)
         names += block_names
-    width = MODALITIES.get("tabular").shape[0]
     if len(names) > width:
         raise ValueError(
-            f"{path}: {len(names)} features after encoding ({', '.join(names)}); the tabular "
-            f"modality holds {width}: choose columns with feature_columns / categorical_columns"
+            f"{path}: {len(names)} features after encoding ({', '.join(names)}); the {modality} "
+            f"modality holds {width}: choose columns with feature_columns / categorical_columns, "
+            f"or declare more under `modalities: {{{modality}: {{features: {len(names)}}}}}`"
         )
     return values, names, len(numeric)
 
@@ -154,15 +159,17 @@ def _finite_or_nan(a: np.ndarray) -> np.ndarray:
         "origin_site",
         "impute",
         "statistics",
+        "modality",
     },
+    fills=VECTOR,
 )
-def tabular(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
+def tabular(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
     """One sample per labelled row with complete features, imputed and standardised per site."""
-    task = TASKS.get(params["task"])
+    task = schema.task(params["task"])
     path = resolve(base, params)
-    samples = SampleSet(task.name)
-    if "tabular" not in task.inputs:
-        raise ValueError(f"task {task.name} has no tabular input (its inputs: {', '.join(task.inputs)})")
+    samples = SampleSet(task.name, schema)
+    modality = filled_modality(task, schema, VECTOR, params)
+    width = schema.modality(modality).shape[0]
     frame = _open_table(path, problems)
     if frame is None:
         return samples
@@ -171,7 +178,7 @@ def tabular(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet
     for col in [label_col, *(c for c in (site_col, patient_col) if c)]:
         _require_column(frame, col, path)
     exclude = {c for c in (label_col, site_col, patient_col) if c}
-    values, features, n_numeric = feature_matrix(frame, params, exclude, path)
+    values, features, n_numeric = feature_matrix(frame, params, exclude, path, width, modality)
     groups, per_site = _statistics_groups(frame, site_col, params.get("statistics", "per_site"))
     # labels first, so that only rows that become samples shape the medians, means and SDs
     mapping = dict(params.get("labels") or {})
@@ -191,7 +198,7 @@ def tabular(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet
     default_site = str(params.get("origin_site", "site_0"))
     for i, x in zip(kept, values, strict=True):
         site, patient = _row_identity(frame, i, site_col, patient_col, default_site)
-        samples.add({"tabular": _padded(x)}, labels[i], site, patient, f"tabular:{path.name}")
+        samples.add({modality: _padded(x, width)}, labels[i], site, patient, f"tabular:{path.name}")
     check_classes(samples, {v for v in mapping.values() if v in task.classes}, str(path), problems)
     samples.notes["features"] = features
     return samples
@@ -212,9 +219,9 @@ def _row_identity(
     return site, patient
 
 
-def _padded(x: np.ndarray) -> np.ndarray:
-    """A row's features zero-padded to the tabular modality's fixed width, as float32."""
-    feats = np.zeros(MODALITIES.get("tabular").shape[0], dtype=np.float32)
+def _padded(x: np.ndarray, width: int) -> np.ndarray:
+    """A row's features zero-padded to the modality's declared width, as float32."""
+    feats = np.zeros(width, dtype=np.float32)
     feats[: len(x)] = x
     return feats
 

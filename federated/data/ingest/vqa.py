@@ -13,8 +13,9 @@
       origin_site: vqa_rad            # without site_key; default: the file's name, less its suffix
       modality: xray                  # default: the task's first image input
 
-The image is read as in image_folders (the modality's channels, 32x32, standardised); the
-question is tokenised into `text` (federated/data/ingest/text.py); the answer is matched
+The image is read as in image_folders (the modality's declared shape, standardised); the
+question is tokenised into the task's text input (`text`, or a tokens modality the spec declares;
+federated/data/ingest/text.py) at its declared length and vocabulary; the answer is matched
 case-insensitively against the task's closed answer set (medical_vqa: no, yes, 0..4), so an
 open-ended answer outside it is an error: keep closed questions only, or map the answers.
 The default patient is the image, so all questions about one image land on the same side of
@@ -32,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from federated.core.multimed import CLOSED_SET, MODALITIES, TASKS, Task
+from federated.core.corpus_schema import CorpusSchema, Modality, Task
+from federated.core.targets import CLOSED_SET, IMAGE
 from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, resolve
 from federated.data.ingest.image_folders import image_modality
 from federated.data.ingest.images_csv import BadItem, read_image
-from federated.data.ingest.text import tokenize, words
+from federated.data.ingest.text import text_modality, tokenize, words
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 DEFAULT_KEYS = {"image": "image", "question": "question", "answer": "answer"}
@@ -56,26 +58,28 @@ DEFAULT_KEYS = {"image": "image", "question": "question", "answer": "answer"}
         "origin_site",
         "modality",
     },
+    fills=IMAGE,
 )
-def vqa(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
-    task = TASKS.get(params["task"])
-    if task.target != CLOSED_SET or "text" not in task.inputs:
+def vqa(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
+    task = schema.task(params["task"])
+    if task.target != CLOSED_SET:
         raise ValueError(f"vqa needs a closed-set task with a text input, not {task.name}")
-    modality = image_modality(task, params)
-    shape = MODALITIES.get(modality).shape
+    text = text_modality(task, schema)
+    modality = image_modality(task, schema, params)
+    shape = schema.modality(modality).shape
     path = resolve(base, params, "path")
     images = resolve(base, params, "images") if params.get("images") is not None else path.parent
     keys = {role: str(params.get(f"{role}_key") or k) for role, k in DEFAULT_KEYS.items()}
     keys.update({role: str(params[f"{role}_key"]) for role in ("patient", "site") if params.get(f"{role}_key")})
     lookup = _answer_lookup(task, params.get("answers"))
     site = str(params.get("origin_site") or path.stem)
-    samples = SampleSet(task.name)
+    samples = SampleSet(task.name, schema)
     cache: dict[str, np.ndarray | None] = {}
     for where, record in _records(path, problems):
         try:
             fields = _fields(record, keys)
             label = _answer(fields["answer"], lookup, task)
-            question = _question(fields["question"])
+            question = _question(fields["question"], text)
         except BadItem as e:
             problems.report(where, str(e))
             continue
@@ -86,7 +90,7 @@ def vqa(params: dict[str, Any], base: Path, problems: Problems) -> SampleSet:
         if x is None:
             continue
         samples.add(
-            {modality: x, "text": question},
+            {modality: x, text.name: question},
             label,
             fields.get("site", site),
             fields.get("patient", fields["image"]),
@@ -123,10 +127,10 @@ def _answer(value: Any, lookup: dict[str, str], task: Task) -> int:
     return task.classes.index(lookup[answer.lower()])
 
 
-def _question(value: Any) -> np.ndarray:
+def _question(value: Any, text: Modality) -> np.ndarray:
     if not isinstance(value, str) or not words(value):
         raise BadItem(f"question {value!r} is empty or not text")
-    return tokenize(value)
+    return tokenize(value, text)
 
 
 def _fields(record: Any, keys: dict[str, str]) -> dict[str, Any]:

@@ -25,12 +25,12 @@ from functools import lru_cache
 
 import numpy as np
 
-from federated.core.multimed import IMAGE, MODALITIES, modality
+from federated.core.multimed import IMAGE, MULTIMED
 from federated.data.synthetic import vocabulary
 from federated.data.synthetic.basis import CENTER, SIZE, coordinates
 from federated.data.synthetic.seeding import rng_for
 
-IMAGE_MODALITIES: tuple[str, ...] = tuple(m for m in MODALITIES if modality(m).kind == IMAGE)
+IMAGE_MODALITIES: tuple[str, ...] = tuple(m for m in MULTIMED.modalities if MULTIMED.modality(m).kind == IMAGE)
 EEG_FS = 128.0  # Hz: the 128 samples of an EEG trial are one second
 
 
@@ -117,7 +117,10 @@ class SiteAcquisition:
 def site_acquisition(seed: int, site: str, severity: float) -> SiteAcquisition:
     """The acquisition of one origin site; cached because every task of the site reads it."""
     s = float(severity)
-    images = {m: _image_acquisition(rng_for(seed, "site", site, m), s, modality(m).shape[0]) for m in IMAGE_MODALITIES}
+    images = {
+        m: _image_acquisition(rng_for(seed, "site", site, m), s, MULTIMED.modality(m).shape[0])
+        for m in IMAGE_MODALITIES
+    }
     return SiteAcquisition(
         site=site,
         images=images,
@@ -147,7 +150,7 @@ def _image_acquisition(rng: np.random.Generator, s: float, channels: int) -> Ima
 
 
 def _eeg_acquisition(rng: np.random.Generator, s: float) -> EEGAcquisition:
-    channels = modality("eeg").shape[0]
+    channels = MULTIMED.modality("eeg").shape[0]
     z = rng.standard_normal(4)
     zc = rng.standard_normal(channels)
     return EEGAcquisition(
@@ -160,7 +163,7 @@ def _eeg_acquisition(rng: np.random.Generator, s: float) -> EEGAcquisition:
 
 
 def _expression_acquisition(rng: np.random.Generator, s: float) -> ExpressionAcquisition:
-    genes = modality("scrna").shape[0]
+    genes = MULTIMED.modality("scrna").shape[0]
     z = rng.standard_normal(genes + 1)
     return ExpressionAcquisition(gene_log_shift=0.35 * s * z[:genes], library_factor=float(np.exp(0.5 * s * z[genes])))
 
@@ -185,7 +188,7 @@ def _sequence_acquisition(rng: np.random.Generator, s: float) -> SequenceAcquisi
 
 
 def _tabular_acquisition(rng: np.random.Generator, s: float) -> TabularAcquisition:
-    features = modality("tabular").shape[0]
+    features = MULTIMED.modality("tabular").shape[0]
     z = rng.standard_normal((2, features))
     return TabularAcquisition(offset=0.5 * s * z[0], scale=np.exp(0.3 * s * z[1]))
 

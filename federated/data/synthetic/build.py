@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from federated.core.multimed import MODALITIES, modality, task
+from federated.core.multimed import MULTIMED
 from federated.data.format import index_column, write_corpus
 from federated.data.synthetic.acquisition import site_acquisition
 from federated.data.synthetic.config import GeneratorConfig
@@ -30,10 +30,10 @@ class _Assembly:
     """The corpus' columns, modality rows and targets, gathered one (task, site) batch at a time."""
 
     columns: dict[str, list[np.ndarray]] = field(default_factory=lambda: {c: [] for c in _COLUMNS})
-    index_chunks: dict[str, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in MODALITIES})
-    array_chunks: dict[str, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in MODALITIES})
+    index_chunks: dict[str, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in MULTIMED.modalities})
+    array_chunks: dict[str, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in MULTIMED.modalities})
     target_chunks: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    n_rows: dict[str, int] = field(default_factory=lambda: {m: 0 for m in MODALITIES})
+    n_rows: dict[str, int] = field(default_factory=lambda: {m: 0 for m in MULTIMED.modalities})
 
     def add(self, task_name: str, site: str, k: int, batch: TaskBatch, split: np.ndarray) -> None:
         """Append the batch of the k-th site of a task; its targets follow the earlier sites' rows."""
@@ -52,7 +52,7 @@ class _Assembly:
 
     def _add_inputs(self, batch: TaskBatch, n: int) -> None:
         """Each modality is stored once: the batch's rows go after the earlier ones, -1 where it lacks one."""
-        for m in MODALITIES:
+        for m in MULTIMED.modalities:
             if m in batch.inputs:
                 self.index_chunks[m].append(np.arange(self.n_rows[m], self.n_rows[m] + n, dtype=np.int64))
                 self.array_chunks[m].append(batch.inputs[m])
@@ -63,7 +63,7 @@ class _Assembly:
     def result(self) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(manifest, arrays, targets) in the shape `write_corpus` takes."""
         manifest = pd.DataFrame({c: np.concatenate(v) for c, v in self.columns.items()})
-        for m in MODALITIES:
+        for m in MULTIMED.modalities:
             manifest[index_column(m)] = np.concatenate(self.index_chunks[m])
         arrays = {m: np.concatenate(chunks) for m, chunks in self.array_chunks.items() if chunks}
         targets = {t: np.concatenate(chunks) for t, chunks in self.target_chunks.items()}
@@ -97,19 +97,22 @@ def build_synthetic_corpus(out_dir: str | Path, cfg: GeneratorConfig, overwrite:
         targets,
         name=CORPUS_NAME,
         provenance={"generator": "synthetic", "config": asdict(cfg)},
+        schema=MULTIMED,
         overwrite=overwrite,
     )
 
 
 def _check_batch(task_name: str, batch: TaskBatch, n: int) -> None:
     """A generator bug must fail here, naming the task, not later in the format check."""
-    spec = task(task_name)
+    spec = MULTIMED.task(task_name)
     if set(batch.inputs) != set(spec.inputs):
         raise RuntimeError(f"{task_name}: generated {sorted(batch.inputs)}, task reads {sorted(spec.inputs)}")
     for m, arr in batch.inputs.items():
-        want = (n, *modality(m).shape)
-        if arr.shape != want or arr.dtype != np.dtype(modality(m).dtype):
-            raise RuntimeError(f"{task_name}: {m} is {arr.shape} {arr.dtype}, expected {want} {modality(m).dtype}")
+        want = (n, *MULTIMED.modality(m).shape)
+        if arr.shape != want or arr.dtype != np.dtype(MULTIMED.modality(m).dtype):
+            raise RuntimeError(
+                f"{task_name}: {m} is {arr.shape} {arr.dtype}, expected {want} {MULTIMED.modality(m).dtype}"
+            )
     if batch.target.shape != (n, *spec.label_shape) or batch.label.shape != (n,):
         raise RuntimeError(
             f"{task_name}: target {batch.target.shape} / label "

@@ -16,12 +16,12 @@ from functools import lru_cache
 
 import numpy as np
 
-from federated.core.multimed import modality, task
+from federated.core.multimed import MULTIMED
 from federated.data.synthetic.acquisition import ExpressionAcquisition
 from federated.data.synthetic.seeding import rng_for
 
-N_GENES = modality("scrna").shape[0]
-N_TYPES = len(task("cell_type").classes)
+N_GENES = MULTIMED.modality("scrna").shape[0]
+N_TYPES = len(MULTIMED.task("cell_type").classes)
 LINEAGE_OF_TYPE = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
 MEAN_LIBRARY = 1000.0
 NORMALISED_DEPTH = 1000.0

@@ -23,12 +23,12 @@ from functools import lru_cache
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from federated.core.multimed import IGNORE_LABEL, PAD_TOKEN, SECONDARY_STRUCTURE, modality
+from federated.core.multimed import IGNORE_LABEL, MULTIMED, PAD_TOKEN, SECONDARY_STRUCTURE
 from federated.data.synthetic.acquisition import SequenceAcquisition
 from federated.data.synthetic.seeding import rng_for
 
-GENOMIC_LEN = modality("genomic_sequence").shape[0]
-PROTEIN_LEN = modality("protein_sequence").shape[0]
+GENOMIC_LEN = MULTIMED.modality("genomic_sequence").shape[0]
+PROTEIN_LEN = MULTIMED.modality("protein_sequence").shape[0]
 BASES = "ACGT"
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 MOTIF_SIGNS = np.array([1.0, 1.0, 1.0, -1.0, -1.0, 1.0])

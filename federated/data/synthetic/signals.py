@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from federated.core.multimed import modality
+from federated.core.multimed import MULTIMED
 from federated.data.synthetic.acquisition import EEG_FS
 
 CHANNELS: tuple[str, ...] = ("FC3", "FCz", "FC4", "C3", "Cz", "C4", "CP3", "CP4")
@@ -25,7 +25,7 @@ CLASS_MODULATION = np.array([[1.0, 1.0, 0.35], [0.35, 1.0, 1.0], [1.0, 0.35, 1.0
 MU_AMPLITUDE = 0.8
 BACKGROUND_STD = 0.6
 
-if len(CHANNELS) != modality("eeg").shape[0]:
+if len(CHANNELS) != MULTIMED.modality("eeg").shape[0]:
     raise RuntimeError("EEG channel list does not match the registry's eeg shape")
 
 
@@ -41,7 +41,7 @@ def pink_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 def render_motor_imagery(rng: np.random.Generator, imagined: np.ndarray) -> np.ndarray:
     """Clean [n, 8, 128] trials for class indices `imagined` (before the site's amplifier)."""
     n = len(imagined)
-    channels, t = modality("eeg").shape
+    channels, t = MULTIMED.modality("eeg").shape
     time = np.arange(t) / EEG_FS
     freq = rng.uniform(8.5, 12.5, size=(n, 3, 1))
     phase = rng.uniform(0.0, 2.0 * np.pi, size=(n, 3, 1))

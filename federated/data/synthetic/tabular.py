@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from federated.core.multimed import modality
+from federated.core.multimed import MULTIMED
 
 FEATURES: tuple[str, ...] = (
     "tumor_radius",
@@ -54,7 +54,7 @@ LOADINGS = np.array(
 )
 FEATURE_NOISE = 0.5
 
-if len(FEATURES) != modality("tabular").shape[0]:
+if len(FEATURES) != MULTIMED.modality("tabular").shape[0]:
     raise RuntimeError("tabular feature list does not match the registry's tabular shape")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from federated.core.multimed import task
+from federated.core.multimed import MULTIMED
 from federated.core.registry import Registry
 from federated.data.synthetic.acquisition import SiteAcquisition
 from federated.data.synthetic.expression import expression_world, sample_cells
@@ -62,7 +62,7 @@ def _balanced(rng: np.random.Generator, n: int, n_classes: int) -> np.ndarray:
 
 
 def _classes(name: str) -> int:
-    return len(task(name).classes)
+    return len(MULTIMED.task(name).classes)
 
 
 def _image(ctx: SiteContext, modality: str, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -9,9 +9,9 @@ between them, and a site's word-use habits (which synonym, which fillers) apply 
 
 from __future__ import annotations
 
-from federated.core.multimed import PAD_TOKEN, TASKS, modality
+from federated.core.multimed import MULTIMED, PAD_TOKEN
 
-FINDINGS: tuple[str, ...] = TASKS.get("radiographic_findings").classes
+FINDINGS: tuple[str, ...] = MULTIMED.task("radiographic_findings").classes
 
 CONCEPTS: dict[str, tuple[str, ...]] = {
     # radiographic findings (VQA questions name them)
@@ -125,11 +125,11 @@ _FIRST_CONCEPT_TOKEN = PAD_TOKEN + 1
 QUESTION_MARK_TOKEN = _FIRST_CONCEPT_TOKEN + N_SYNONYMS * len(CONCEPTS)
 FIRST_FILLER_TOKEN = QUESTION_MARK_TOKEN + 1
 N_FILLERS = len(FILLERS)
-MAX_LEN = modality("text").shape[0]
+MAX_LEN = MULTIMED.modality("text").shape[0]
 
-if len(TOKEN_NAMES) != modality("text").vocab_size:  # the layout must fill the registry's vocab
+if len(TOKEN_NAMES) != MULTIMED.modality("text").vocab_size:  # the layout must fill the registry's vocab
     raise RuntimeError(
-        f"text vocabulary has {len(TOKEN_NAMES)} tokens, the registry says {modality('text').vocab_size}"
+        f"text vocabulary has {len(TOKEN_NAMES)} tokens, the registry says {MULTIMED.modality('text').vocab_size}"
     )
 if any(len(s) != N_SYNONYMS for s in CONCEPTS.values()):
     raise RuntimeError(f"every concept needs exactly {N_SYNONYMS} synonyms")
