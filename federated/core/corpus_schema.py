@@ -265,9 +265,12 @@ class CorpusSchema:
         return CorpusSchema({**self.modalities, **other.modalities}, {**self.tasks, **other.tasks})
 
     def to_dict(self) -> dict[str, Any]:
+        """Lists, not name -> entry mappings: the order is part of the schema (it is the order the
+        model builds its encoders and heads in, so their initial weights), and JSON writers sort
+        object keys (spec.json is written with sort_keys)."""
         return {
-            "modalities": {n: m.to_dict() for n, m in self.modalities.items()},
-            "tasks": {n: t.to_dict() for n, t in self.tasks.items()},
+            "modalities": [{"name": n, **m.to_dict()} for n, m in self.modalities.items()],
+            "tasks": [{"name": n, **t.to_dict()} for n, t in self.tasks.items()],
         }
 
     @classmethod
@@ -275,15 +278,23 @@ class CorpusSchema:
         """Parse and check a schema read from disk or the network; errors name `where` and the entry."""
         if not isinstance(raw, dict) or set(raw) != {"modalities", "tasks"}:
             raise SchemaError(f"{where}: must be a mapping with exactly `modalities` and `tasks`")
-        mods_raw, tasks_raw = raw["modalities"], raw["tasks"]
-        if not isinstance(mods_raw, dict) or not isinstance(tasks_raw, dict):
-            raise SchemaError(f"{where}: `modalities` and `tasks` must be mappings of name -> definition")
         try:
-            mods = {n: modality_from_dict(n, d) for n, d in mods_raw.items()}
-            tasks = {n: task_from_dict(n, d) for n, d in tasks_raw.items()}
+            mods = {n: modality_from_dict(n, d) for n, d in _entries(raw["modalities"], "modalities")}
+            tasks = {n: task_from_dict(n, d) for n, d in _entries(raw["tasks"], "tasks")}
             return cls(mods, tasks)
         except SchemaError as e:
             raise SchemaError(f"{where}: {e}") from None
+
+
+def _entries(raw: object, section: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, definition) of each entry of a schema section: a list of mappings with a `name`."""
+    if not isinstance(raw, list) or not all(isinstance(e, dict) and "name" in e for e in raw):
+        raise SchemaError(f"`{section}` must be a list of definitions, each with a `name`")
+    names = [e["name"] for e in raw]
+    twice = sorted({str(n) for n in names if names.count(n) > 1})
+    if twice:
+        raise SchemaError(f"`{section}` defines {twice} more than once")
+    return [(e["name"], {k: v for k, v in e.items() if k != "name"}) for e in raw]
 
 
 def _dict(item: Modality | Task) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float
         ),
         problems=run_problems(result),
         init_weights=result.init_weights,
-        tasks=dict(result.schema.to_dict()["tasks"]) if result.schema else {},
+        tasks={t.pop("name"): t for t in result.schema.to_dict()["tasks"]} if result.schema else {},
     )
 
 

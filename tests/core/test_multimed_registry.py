@@ -121,9 +121,16 @@ def _sepsis() -> dict:
     }
 
 
+def _lists(raw: dict) -> dict:
+    """The on-disk form of a schema written here as name -> definition mappings (easier to edit)."""
+    if not isinstance(raw.get("modalities"), dict) or not isinstance(raw.get("tasks"), dict):
+        return raw
+    return {section: [{"name": n, **d} for n, d in raw[section].items()] for section in ("modalities", "tasks")}
+
+
 def _refusal(raw: dict) -> str:
     with pytest.raises(SchemaError) as err:
-        CorpusSchema.from_dict(raw, where="spec.json")
+        CorpusSchema.from_dict(_lists(raw), where="spec.json")
     return str(err.value)
 
 
@@ -132,14 +139,14 @@ def test_round_trip_through_json_keeps_every_field():
         back = CorpusSchema.from_dict(json.loads(json.dumps(schema.to_dict())))
         assert back == schema
         assert back.task_names == schema.task_names and back.modality_names == schema.modality_names
-    own = CorpusSchema.from_dict(_sepsis())
+    own = CorpusSchema.from_dict(_lists(_sepsis()))
     assert own.modality("vitals") == Modality("vitals", "vector", (13,), "float32")
     assert own.task("sepsis") == Task(
         "sepsis", ("vitals",), BINARY, ("auroc", "accuracy"), ("no", "yes"), description="ICU stays"
     )
-    assert own.to_dict()["modalities"]["vitals"] == {"kind": "vector", "shape": [13], "dtype": "float32"}
+    assert own.to_dict()["modalities"] == [{"name": "vitals", "kind": "vector", "shape": [13], "dtype": "float32"}]
     # only the catalogue's own tasks carry the multimed flag through the round trip
-    flagged = {n for n, t in CATALOGUE.to_dict()["tasks"].items() if t.get("multimed")}
+    flagged = {t["name"] for t in CATALOGUE.to_dict()["tasks"] if t.get("multimed")}
     assert flagged == set(MULTIMED_TASKS)
 
 
@@ -202,7 +209,7 @@ def test_a_per_residue_label_has_one_class_per_token_position():
             }
         },
     }
-    assert CorpusSchema.from_dict(copy.deepcopy(raw)).task("structure").n_outputs == 3
+    assert CorpusSchema.from_dict(_lists(copy.deepcopy(raw))).task("structure").n_outputs == 3
     raw["tasks"]["structure"]["label_shape"] = [32]
     assert (
         "task 'structure': a per_residue label has one class per position of protein, label_shape [64], not [32]"
@@ -223,23 +230,34 @@ def test_restrict_keeps_the_tasks_and_their_inputs_in_schema_order():
 
 
 def test_merged_adds_new_entries_and_refuses_a_name_defined_two_ways():
-    own = CorpusSchema.from_dict(_sepsis())
+    own = CorpusSchema.from_dict(_lists(_sepsis()))
     both = MULTIMED.restrict(["bone_age"]).merged(own)
     assert both.modality_names == ["xray", "vitals"] and both.task_names == ["bone_age", "sepsis"]
     assert own.merged(own) == own  # the same definition twice is no conflict
     other = _sepsis()
     other["modalities"]["vitals"]["shape"] = [12]
     with pytest.raises(SchemaError, match="modality 'vitals' is defined two ways") as err:
-        own.merged(CorpusSchema.from_dict(other))
+        own.merged(CorpusSchema.from_dict(_lists(other)))
     assert "[13]" in str(err.value) and "[12]" in str(err.value)
     renamed = _sepsis()
     renamed["tasks"]["sepsis"]["classes"] = ["negative", "positive"]
     with pytest.raises(SchemaError, match="task 'sepsis' is defined two ways"):
-        own.merged(CorpusSchema.from_dict(renamed))
+        own.merged(CorpusSchema.from_dict(_lists(renamed)))
 
 
 def test_the_top_level_shape_is_checked():
     with pytest.raises(SchemaError, match="spec.json: must be a mapping with exactly `modalities` and `tasks`"):
         CorpusSchema.from_dict({"modalities": {}}, where="spec.json")
-    with pytest.raises(SchemaError, match="`modalities` and `tasks` must be mappings"):
+    with pytest.raises(SchemaError, match="`tasks` must be a list of definitions, each with a `name`"):
         CorpusSchema.from_dict({"modalities": [], "tasks": {}})
+    twice = {"modalities": [{"name": "v", "kind": "vector", "shape": [2]}] * 2, "tasks": []}
+    with pytest.raises(SchemaError, match=r"`modalities` defines \['v'\] more than once"):
+        CorpusSchema.from_dict(twice)
+
+
+def test_the_order_survives_a_json_writer_that_sorts_keys():
+    """spec.json is written with sort_keys: the schema's order (the order the model builds its
+    encoders and heads in, hence their initial weights) must not depend on it."""
+    back = CorpusSchema.from_dict(json.loads(json.dumps(MULTIMED.to_dict(), sort_keys=True)))
+    assert back.modality_names == MULTIMED.modality_names and back.task_names == MULTIMED.task_names
+    assert back.modality_names != sorted(back.modality_names)

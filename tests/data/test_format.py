@@ -140,7 +140,9 @@ def test_a_version_1_corpus_is_migrated_to_the_catalogue_schema_on_open(tmp_path
 def test_a_schema_naming_a_path_is_refused_on_open(tmp_path, tiny_frames):
     path = _write(tmp_path / "c", *tiny_frames())
     spec = json.loads((path / "spec.json").read_text())
-    spec["schema"]["modalities"]["../scrna"] = spec["schema"]["modalities"].pop("scrna")
+    for entry in spec["schema"]["modalities"]:
+        if entry["name"] == "scrna":
+            entry["name"] = "../scrna"
     (path / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(CorpusFormatError, match=r"spec.json: schema: modality name '\.\./scrna'"):
         Corpus.open(path)

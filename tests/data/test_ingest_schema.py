@@ -99,7 +99,7 @@ def test_a_new_binary_task_over_a_new_vector_modality(tmp_path):
     provenance = corpus.spec["provenance"]
     assert provenance["declared"]["tasks"]["sepsis"]["classes"] == ["no_sepsis", "sepsis"]
     assert provenance["declared"]["modalities"] == {"clinical": {"kind": "vector", "features": 24}}
-    assert corpus.spec["schema"]["tasks"]["sepsis"]["metrics"] == ["auroc", "accuracy"]
+    assert next(t for t in corpus.spec["schema"]["tasks"] if t["name"] == "sepsis")["metrics"] == ["auroc", "accuracy"]
 
 
 def test_a_catalogue_vector_modality_can_be_widened(tmp_path):
@@ -148,7 +148,7 @@ def test_image_size_is_a_spec_setting(tmp_path, header, size):
     x = corpus.array("mri")
     assert x.shape == (8, 1, size, size)
     assert corpus.schema.modality("mri").shape == (1, size, size)
-    assert corpus.spec["schema"]["modalities"]["mri"]["shape"] == [1, size, size]
+    assert next(m for m in corpus.spec["schema"]["modalities"] if m["name"] == "mri")["shape"] == [1, size, size]
     left, right = x[:, 0, :, 0], x[:, 0, :, -1]
     assert np.all(left == left.min()) and left.min() == pytest.approx(x.min()) and left.min() < -0.9
     np.testing.assert_allclose(right, -left, atol=1e-5)

@@ -163,7 +163,8 @@ def test_the_summary_carries_the_tasks_of_the_schema_and_reads_them_back():
         "description": "images + CSV",
         "multimed": True,
     }
-    assert CorpusSchema.from_dict({"modalities": SCHEMA.to_dict()["modalities"], "tasks": out["tasks"]}) == SCHEMA
+    listed = [{"name": name, **task} for name, task in out["tasks"].items()]
+    assert CorpusSchema.from_dict({"modalities": SCHEMA.to_dict()["modalities"], "tasks": listed}) == SCHEMA
     assert RunSummary.from_dict(out).tasks == out["tasks"]
     # the task table reads the primary metric from the summary, not from a global catalogue
     buf = io.StringIO()
