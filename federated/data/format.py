@@ -194,8 +194,13 @@ def write_corpus(
         }
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
         if out_dir.exists():
+            if not overwrite:  # another build of it finished meanwhile: keep that one, never delete it
+                raise CorpusFormatError(f"{out_dir} already exists; choose another --out or remove it")
             shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as e:  # it appeared between the check and the rename
+            raise CorpusFormatError(f"{out_dir} already exists ({e.strerror})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -146,3 +146,24 @@ def test_a_schema_naming_a_path_is_refused_on_open(tmp_path, tiny_frames):
     (path / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(CorpusFormatError, match=r"spec.json: schema: modality name '\.\./scrna'"):
         Corpus.open(path)
+
+
+def test_a_build_finished_meanwhile_is_kept_not_replaced(tmp_path, tiny_frames, monkeypatch):
+    """Two processes building one cached corpus: the one that renames second must not delete the
+    first one's folder (which a run may already be reading); it gives up with the usual error."""
+    import federated.data.format as fmt
+
+    other = tmp_path / "c"
+    real_np_save = np.save
+
+    def save_then_other_build_finishes(file, arr, *args, **kwargs):
+        real_np_save(file, arr, *args, **kwargs)
+        if not other.exists():  # the other process's rename lands while this one writes
+            other.mkdir()
+            (other / "spec.json").write_text("{}")
+
+    monkeypatch.setattr(fmt.np, "save", save_then_other_build_finishes)
+    with pytest.raises(CorpusFormatError, match="already exists"):
+        _write(other, *tiny_frames())
+    assert (other / "spec.json").read_text() == "{}"  # the other build's folder, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # and no temporary folder left behind
