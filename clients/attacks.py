@@ -17,10 +17,10 @@ global model the site received and y what it trained:
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from federated.core.arrays import record_to_numpy
+from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.models import group_of
 from federated.core.protocol import (
     ARRAYS_RECORD,
@@ -124,5 +124,5 @@ def attack_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         _claim_group(content, group)
     else:
         corrupted = corrupt(attack.kind, attack.factor, sent, trained)
-    content[ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in corrupted.items()})
+    content[ARRAYS_RECORD] = pack_arrays(corrupted)
     return reply

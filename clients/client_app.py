@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -26,10 +27,12 @@ from clients.faults import fault_mod
 from clients.local_trainers import LOCAL_TRAINERS, LocalJob
 from clients.site_runtime import SiteRuntime, site_runtime
 from clients.trainer import evaluate_site
+from federated import __version__
 from federated.core import protocol as P
-from federated.core.arrays import record_to_torch
+from federated.core.arrays import pack_arrays, record_to_torch
 from federated.core.models import MultiMedModel
 from federated.core.protocol import Role, record_round
+from partitions.site_local import SITE_LOCAL
 from strategies.client_side import SiteRound
 
 app = ClientApp(mods=[fault_mod, attack_mod])
@@ -77,11 +80,51 @@ def round_seed(seed: int, site: str, server_round: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def _statistics(rt: SiteRuntime, config: ConfigRecord) -> MetricRecord | None:
+    """The federated statistics round (federated/server/federated_stats.py): aggregates of this
+    site's regression training targets, never a row; None when the query asks for none."""
+    if P.STATS_REQUEST in config:
+        tasks = _json(config, P.STATS_REQUEST, list)
+        values: dict[str, int | float | list[int] | list[float]] = {}
+        for t in (t for t in tasks if t in rt.data.regression_tasks):
+            n, mean, m2 = rt.data.target_moments(t)
+            values |= {f"{t}/n": float(n), f"{t}/mean": mean, f"{t}/m2": m2}
+        return MetricRecord(values)
+    if P.STATS_CENTRE in config:
+        centres = _json(config, P.STATS_CENTRE, dict)
+        held = [t for t in centres if t in rt.data.regression_tasks]
+        return MetricRecord({f"{t}/absdev": rt.data.abs_deviation(t, float(centres[t])) for t in held})
+    return None
+
+
+def _json(config: ConfigRecord, key: str, kind: type) -> Any:
+    try:
+        value = json.loads(str(config[key]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{key}: not JSON ({e})") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{key}: expected a JSON {kind.__name__}")
+    return value
+
+
+def _site_local(rt: SiteRuntime, msg: Message) -> None:
+    """Site-local mode: the federation's schema and target scales ride on every message."""
+    if rt.cfg.sites.planner != SITE_LOCAL:
+        return
+    config = msg.content.config_records.get(P.CONFIG_RECORD) or ConfigRecord()
+    if P.SCHEMA_KEY not in config or P.TARGET_SCALES not in config:
+        raise ValueError(f"site {rt.plan.site}: a site-local message without the federation's schema and scales")
+    rt.apply_site_local(str(config[P.SCHEMA_KEY]), str(config[P.TARGET_SCALES]))
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
     p = rt.plan
     config = msg.content.config_records.get(P.CONFIG_RECORD)
+    stats = _statistics(rt, config) if config is not None else None
+    if stats is not None:
+        return Message(RecordDict({P.METRICS_RECORD: stats}), reply_to=msg)
     if config is not None and P.RESTORE_ROUND in config:  # a resumed run: this site's own saved state
         site_state.restore(context, p.site, record_round(config, P.RESTORE_ROUND), rt.cfg.privacy)
     profile = ConfigRecord(
@@ -95,6 +138,7 @@ def query(msg: Message, context: Context) -> Message:
             "n_train": p.n_train,
             "n_test": p.n_test,
             P.SCHEMA_KEY: json.dumps(rt.data.schema.to_dict()),
+            P.VERSION_KEY: __version__,
         }
     )
     return Message(RecordDict({P.PROFILE_RECORD: profile}), reply_to=msg)
@@ -103,6 +147,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
+    _site_local(rt, msg)
     start = load_global(rt.model, msg.content.array_records[P.ARRAYS_RECORD])
     _forget_weights(rt.model)
     this_round = rt.algorithm.before_train(SiteRound(rt.model, start, msg.content, context, rt.cfg.train))
@@ -113,7 +158,7 @@ def train(msg: Message, context: Context) -> Message:
     result = trained.result
     reply = RecordDict(
         {
-            P.ARRAYS_RECORD: ArrayRecord(rt.model.state_dict()),
+            P.ARRAYS_RECORD: pack_arrays(rt.model.state_dict()),
             P.METRICS_RECORD: MetricRecord(
                 {P.NUM_EXAMPLES: result.num_examples, P.TRAIN_LOSS: result.mean_loss, P.STEPS: result.steps}
             ),
@@ -138,6 +183,7 @@ def _flat(results: dict[str, dict[str, float]], n_test: int) -> MetricRecord:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
+    _site_local(rt, msg)
     server_round = record_round(msg.content.config_records[P.CONFIG_RECORD])
     every = rt.cfg.engine.checkpoint_every
     if every and server_round and (server_round % every == 0 or server_round == rt.cfg.rounds):

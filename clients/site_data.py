@@ -43,23 +43,65 @@ class TargetScale:
 
 
 class SiteData:
-    def __init__(self, corpus: Corpus, plan: SitePlan) -> None:
+    """own_scales=True (simulation): regression targets are standardised with the corpus's
+    statistics. False (site-local mode): the corpus is one site's, so its statistics are not the
+    federation's; the targets stay unscaled until `use_scales` gives the federated ones."""
+
+    def __init__(self, corpus: Corpus, plan: SitePlan, own_scales: bool = True) -> None:
         self.plan = plan
         self.schema = corpus.schema
         self.scales: dict[str, TargetScale] = {}
         self.splits: dict[tuple[str, str], TaskSplit] = {}
+        self.raw_targets: dict[tuple[str, str], np.ndarray] = {}  # regression targets as stored
         manifest = corpus.manifest
         tasks = manifest["task"].to_numpy()
         for t in plan.tasks:
-            stats = corpus.target_stats(t)
-            if self.schema.task(t).target == REGRESSION:
-                self.scales[t] = TargetScale(stats["mean"], max(stats["std"], 1e-8), stats["mad"])
-            else:
-                self.scales[t] = TargetScale()
+            self.scales[t] = TargetScale()
             for split, rows in (("train", plan.train_rows), ("test", plan.test_rows)):
                 rows = rows[tasks[rows] == t]
                 if len(rows):
                     self.splits[(t, split)] = self._load(corpus, t, split, rows)
+        if own_scales:
+            self.use_scales(
+                {
+                    t: TargetScale(s["mean"], max(s["std"], 1e-8), s["mad"])
+                    for t in self.regression_tasks
+                    for s in [corpus.target_stats(t)]
+                }
+            )
+
+    @property
+    def regression_tasks(self) -> list[str]:
+        return [t for t in self.plan.tasks if self.schema.task(t).target == REGRESSION]
+
+    def use_scales(self, scales: dict[str, TargetScale]) -> None:
+        """Standardise the regression targets with these scales (mean, std; mad for the score)."""
+        missing = [t for t in self.regression_tasks if t not in scales]
+        if missing:
+            raise ValueError(f"site {self.plan.site}: no target scale for regression task(s) {missing}")
+        for t in self.regression_tasks:
+            if self.scales[t] == scales[t]:
+                continue
+            scale = self.scales[t] = scales[t]
+            for split in ("train", "test"):
+                if (t, split) in self.splits:
+                    scaled = (self.raw_targets[(t, split)] - scale.mean) / scale.std
+                    self.splits[(t, split)].targets = torch.from_numpy(scaled.astype(np.float32))
+
+    def target_moments(self, task: str) -> tuple[int, float, float]:
+        """(n, mean, sum of squared deviations from that mean) of a regression task's training
+        targets: what a federated statistics round combines (Chan et al.'s pairwise update)."""
+        part = self.raw_targets.get((task, "train"))
+        if part is None or not len(part):
+            return 0, 0.0, 0.0
+        values = part.astype(np.float64)
+        mean = float(values.mean())
+        return len(values), mean, float(((values - mean) ** 2).sum())
+
+    def abs_deviation(self, task: str, centre: float) -> float:
+        """Sum over the training targets of |y - centre|: the MAD's numerator, centred on the federation's mean."""
+        part = self.raw_targets.get((task, "train"))
+        return 0.0 if part is None else float(np.abs(part.astype(np.float64) - centre).sum())
 
     def _load(self, corpus: Corpus, task: str, split: str, rows: np.ndarray) -> TaskSplit:
         manifest = corpus.manifest
@@ -86,9 +128,9 @@ class SiteData:
             if hit.any():
                 lookup = dict(zip(noisy_rows.tolist(), noisy_labels.tolist(), strict=True))
                 target[hit] = [lookup[r] for r in rows[hit].tolist()]
-        scale = self.scales[task]
         if self.schema.task(task).target == REGRESSION:
-            targets = torch.from_numpy(((target - scale.mean) / scale.std).astype(np.float32))
+            self.raw_targets[(task, split)] = target
+            targets = torch.from_numpy(target.astype(np.float32))  # scaled by use_scales
         else:
             targets = torch.from_numpy(target.astype(np.int64))
         return TaskSplit(inputs, present, targets)

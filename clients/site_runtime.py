@@ -16,22 +16,26 @@ where the node config has its own.
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from clients.site_data import SiteData
+from clients.site_data import SiteData, TargetScale
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
-from federated.core.corpus_schema import CorpusSchema
+from federated.core.corpus_schema import CorpusSchema, SchemaError
 from federated.core.models import MultiMedModel, build_model
 from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from partitions import SitePlan, plan_sites
+from partitions.site_local import SITE_LOCAL, plan_own_site, site_corpus_folders
 from strategies import ClientAlgorithm, client_algorithm
 
 
@@ -65,6 +69,37 @@ class SiteRuntime:
     data: SiteData
     config_yaml: str
     algorithm: ClientAlgorithm  # the site side of the run's strategy
+    # Site-local mode: the schema the server built the model for (the union of the sites'), as
+    # received; None in simulation, where every site's corpus schema is the federation's.
+    federation_schema: CorpusSchema | None = None
+    _received: tuple[str, str] = ("", "")  # the last (schema, scales) JSON applied
+
+    def apply_site_local(self, schema_json: str, scales_json: str) -> None:
+        """Take the federation's schema and target scales a site-local message carries, after
+        checking them as untrusted input: the site's own tasks must be defined exactly as in its
+        corpus (else the model's shapes or classes would not be its data's)."""
+        if (schema_json, scales_json) == self._received:
+            return
+        where = f"site {self.plan.site}: the server's"
+        try:
+            schema = CorpusSchema.from_dict(json.loads(schema_json), f"{where} schema")
+            raw = json.loads(scales_json)
+        except (json.JSONDecodeError, SchemaError) as e:
+            raise SiteConfigError(f"{where} schema or target scales: {e}") from None
+        own = self.data.schema
+        for t in self.plan.tasks:
+            mine = [own.task(t), *(own.modality(m) for m in own.task(t).inputs)]
+            theirs = [schema.tasks.get(t), *(schema.modalities.get(m) for m in own.task(t).inputs)]
+            if mine != theirs:
+                raise SiteConfigError(f"{where} schema defines task {t} or its inputs unlike this site's corpus")
+        if not isinstance(raw, dict) or not all(
+            isinstance(v, list) and len(v) == 3 and all(isinstance(x, int | float) and math.isfinite(x) for x in v)
+            for v in raw.values()
+        ):
+            raise SiteConfigError(f"{where} target scales are not {{task: [mean, std, mad]}} of finite numbers")
+        self.data.use_scales({t: TargetScale(float(m), max(float(s), 1e-8), float(d)) for t, (m, s, d) in raw.items()})
+        self.federation_schema = schema
+        self._received = (schema_json, scales_json)
 
     @property
     def model(self) -> MultiMedModel:
@@ -72,7 +107,7 @@ class SiteRuntime:
         process runs. Every message loads the global weights into it first (and a site's
         personal parameters from its Context), so no site sees another's weights; sharing it
         saves 1,000 copies and 1,000 constructions in a 1,000-site in-process run."""
-        return _thread_model(self.config_yaml, self.cfg, self.data.schema)
+        return _thread_model(self.config_yaml, self.cfg, self.federation_schema or self.data.schema)
 
 
 _local = threading.local()
@@ -102,6 +137,9 @@ def _plans(config_yaml: str, corpus_path: str) -> tuple[ExperimentConfig, Corpus
 
 @cache
 def _runtime(config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
+    cfg = config_from_yaml(config_yaml) if config_yaml else load_config()
+    if cfg.sites.planner == SITE_LOCAL:
+        return _own_site_runtime(cfg, config_yaml, corpus_path, site_key)
     cfg, corpus, plans = _plans(config_yaml, corpus_path)
     if site_key.startswith("#"):
         pid = int(site_key[1:])
@@ -114,6 +152,24 @@ def _runtime(config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
             raise SiteConfigError(f"node config names site {site_key!r}; the plan has {', '.join(by_name)}")
         plan = by_name[site_key]
     return SiteRuntime(cfg, plan, SiteData(corpus, plan), config_yaml, client_algorithm(cfg.strategy))
+
+
+def _own_site_runtime(cfg: ExperimentConfig, config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
+    """Site-local mode: this site's own corpus is all it opens. Deployed (a site name), the
+    corpus is the node config's; simulated (a partition id), the i-th corpus folder of
+    corpus.site_corpora, named after its site."""
+    apply_torch_threads(cfg.engine.torch_threads)
+    if site_key.startswith("#"):
+        folders = site_corpus_folders(corpus_path)
+        pid = int(site_key[1:])
+        if not 0 <= pid < len(folders):
+            raise SiteConfigError(f"partition-id {pid} is outside the {len(folders)} site corpora of {corpus_path}")
+        site, path = list(folders.items())[pid]
+    else:
+        site, path = site_key, Path(corpus_path)
+    corpus = Corpus.open(path)
+    plan = plan_own_site(corpus, site, cfg)
+    return SiteRuntime(cfg, plan, SiteData(corpus, plan, own_scales=False), config_yaml, client_algorithm(cfg.strategy))
 
 
 def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:

@@ -27,11 +27,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from federated.core.arrays import record_to_numpy
+from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.config.schema import StrategyConfig
 from federated.core.models import group_of
 from federated.core.protocol import (
@@ -183,7 +183,7 @@ class MultiMedStrategy(FlowerFedAvg):
         new = self.server_update(current, self.aggregate_updates(current, accepted))
         contents = [u.message.content for u in accepted]
         return (
-            ArrayRecord({k: Array(np.asarray(v)) for k, v in new.items()}),
+            pack_arrays({k: np.asarray(v) for k, v in new.items()}),
             self.train_metrics_aggr_fn(contents, self.weighted_by_key),
         )
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 
-from federated.core.arrays import record_to_numpy
+from federated.core.arrays import pack_arrays, record_to_numpy, record_to_torch
 from federated.core.config.schema import ExperimentConfig, StrategyConfig, StrategySettings
 from federated.core.models import MultiMedModel, group_of
 from federated.core.protocol import CONTROL_DELTA_RECORD, CONTROL_RECORD
@@ -114,7 +114,7 @@ class ScaffoldRound(ClientRound):
     def after_train(self, steps: int) -> dict[str, Record]:
         site = self.site
         delta = self.control.update(site.model, site.start, steps, site.train.lr)
-        return {CONTROL_DELTA_RECORD: ArrayRecord(delta)}
+        return {CONTROL_DELTA_RECORD: pack_arrays(delta)}
 
 
 class ScaffoldClient(ClientAlgorithm):
@@ -125,7 +125,7 @@ class ScaffoldClient(ClientAlgorithm):
                 f"strategy=scaffold: the training message has no '{CONTROL_RECORD}' record "
                 "(the server's control variate)"
             )
-        return ScaffoldRound(site, SiteControl(site.context, record.to_torch_state_dict()))
+        return ScaffoldRound(site, SiteControl(site.context, record_to_torch(record)))
 
 
 # --- server side ---------------------------------------------------------------------------
@@ -145,9 +145,9 @@ class Scaffold(MultiMedStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.control is None:
-            self.control = {k: np.zeros_like(a.numpy()) for k, a in arrays.items()}
+            self.control = {k: np.zeros_like(a) for k, a in record_to_numpy(arrays).items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        record = ArrayRecord({k: Array(v) for k, v in self.control.items()})
+        record = pack_arrays(self.control)
         for m in messages:
             m.content[CONTROL_RECORD] = record
         return messages

@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from federated.core.arrays import pack_arrays, plain_record, record_to_numpy
 from federated.core.config.schema import ExperimentConfig
 from strategies.base import MultiMedStrategy
 from strategies.registry import build_strategy
@@ -105,11 +106,24 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
             )
             self.strategy.last_rejections = []
             return self.strategy.current, MetricRecord({})
+        # Flower's wrapper clips each Array of every reply record against the current model's:
+        # it must see one Array per tensor, not pack_arrays' single buffer.
+        self.current_arrays = plain_record(self.current_arrays)
+        for reply in replies:
+            if reply.has_content():
+                for name, record in list(reply.content.array_records.items()):
+                    reply.content[name] = plain_record(record)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             self.ledger.step(noise_multiplier=self.sigma, sample_rate=1.0)
             self.released += 1
         return arrays, metrics
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        """Flower's noise, drawn per tensor in the model's order (as for an ordinary record); the
+        noised model then travels packed again."""
+        noised = super()._add_noise_to_aggregated_arrays(plain_record(aggregated_arrays))
+        return pack_arrays(record_to_numpy(noised))
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -205,6 +205,29 @@ def cmd_corpus_ingest(args: argparse.Namespace) -> int:
     return cmd_corpus_info(argparse.Namespace(dir=str(path)))
 
 
+def cmd_corpus_split(args: argparse.Namespace) -> int:
+    """One corpus per site of a plan (by default one per origin site), each with only its rows."""
+    import numpy as np
+
+    from federated.core.config.loader import simulation_only_settings
+    from federated.data.format import Corpus
+    from federated.data.split import split_corpus
+    from partitions import plan_sites
+
+    keys = {o.split("=", 1)[0] for o in args.overrides}
+    cfg = load_config([*([] if "sites.planner" in keys else ["sites.planner=natural"]), *args.overrides])
+    reshaping = simulation_only_settings(cfg)
+    if reshaping:
+        raise ConfigError(f"corpus split writes each site's rows as stored; {', '.join(reshaping)} would be lost")
+    corpus = Corpus.open(args.dir)
+    plans = plan_sites(corpus, cfg)
+    rows = {p.site: np.concatenate([p.train_rows, p.test_rows]) for p in plans}
+    written = split_corpus(corpus, rows, args.out, overwrite=args.overwrite)
+    for p in plans:
+        print(f"{written[p.site]}: {len(rows[p.site])} samples of {p.origin_site} ({', '.join(p.tasks)})")
+    return 0
+
+
 def cmd_corpus_info(args: argparse.Namespace) -> int:
     from federated.data.format import Corpus
 
@@ -402,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("dir")
     check.set_defaults(func=cmd_corpus_check)
+    split = corpus_sub.add_parser(
+        "split",
+        help="write one corpus per planned site (OUT/<site>/, only that site's rows): the site corpora of "
+        "site-local mode (sites.planner=site_local with corpus.site_corpora=OUT)",
+    )
+    split.add_argument("dir", help="the corpus to split")
+    split.add_argument("--out", required=True, help="a new folder for the site corpora")
+    split.add_argument("--overwrite", action="store_true")
+    split.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="the plan to split by (default: sites.planner=natural)"
+    )
+    split.set_defaults(func=cmd_corpus_split)
     return parser
 
 

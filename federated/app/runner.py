@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -35,6 +37,7 @@ from federated.server.run_folder import (
 )
 from federated.server.tracking import MetricsTable, ProgressBar, TensorBoardLogger
 from partitions import SitePlan, plan_sites
+from partitions.site_local import SITE_LOCAL, plan_local_sites
 
 
 class RunError(RuntimeError):
@@ -145,7 +148,43 @@ def check_plan_names(cfg: ExperimentConfig, plans: list[SitePlan]) -> None:
             )
 
 
-def check_same_corpus(out_dir: Path, corpus: Corpus) -> None:
+@dataclass(frozen=True)
+class SiteCorpora:
+    """Site-local mode in simulation: a folder of per-site corpora, planned and fingerprinted as one."""
+
+    path: Path
+    plans: list[SitePlan]
+    schema: CorpusSchema
+    fingerprint: str
+
+    @classmethod
+    def open(cls, folder: str | Path, cfg: ExperimentConfig) -> SiteCorpora:
+        planned = plan_local_sites(folder, cfg)
+        digest = hashlib.sha256(b"multimed-fl site corpora v1\0")
+        for plan, corpus in planned:
+            digest.update(f"{plan.site}\0{corpus.fingerprint}\0".encode())
+        # the model-size check's schema: the first site's (the server settles the federation's
+        # schema, and which sites disagree with it, in the handshake)
+        first_plan, first = planned[0]
+        merged = first.schema.restrict(first_plan.tasks)
+        return cls(Path(folder), [p for p, _ in planned], merged, digest.hexdigest())
+
+
+def _open_corpus(cfg: ExperimentConfig) -> tuple[Path, Corpus | SiteCorpora]:
+    """(the path the engine hands the sites, the corpus or, in site-local mode, the site corpora)."""
+    if cfg.sites.planner == SITE_LOCAL:
+        if not cfg.corpus.site_corpora:
+            raise ConfigError(
+                "sites.planner=site_local in simulation needs corpus.site_corpora (a folder with one corpus per "
+                "site; `multimed-fl corpus split` makes one); in deployment each site's node config names its own"
+            )
+        corpora = SiteCorpora.open(cfg.corpus.site_corpora, cfg)
+        return corpora.path, corpora
+    corpus_path = prepare_corpus(cfg.corpus)
+    return Path(corpus_path), Corpus.open(corpus_path)
+
+
+def check_same_corpus(out_dir: Path, corpus: Corpus | SiteCorpora) -> None:
     """A resumed run must continue on the corpus it started on: a rebuilt, relabelled or swapped
     corpus under the same path would mix two datasets in one model without a word."""
     record = out_dir / CORPUS_RECORD
@@ -207,10 +246,10 @@ def _run(
     """The run itself, in a folder this process holds the lock of."""
     engine = ENGINES.get(cfg.engine.name)  # fail on a bad engine name before any work
     apply_torch_threads(cfg.engine.torch_threads)
-    corpus_path = prepare_corpus(cfg.corpus)
-    corpus = Corpus.open(corpus_path)
+    corpus_path, corpus = _open_corpus(cfg)
     check_model(cfg, corpus.schema)  # before anything is written into the folder
-    plans = plan_sites(corpus, cfg)  # a plan that cannot work fails here
+    # a plan that cannot work fails here
+    plans = corpus.plans if isinstance(corpus, SiteCorpora) else plan_sites(corpus, cfg)
     check_plan_names(cfg, plans)
     if checkpoint is not None:
         check_same_corpus(out_dir, corpus)

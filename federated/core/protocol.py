@@ -58,7 +58,12 @@ CONTROL_DELTA_RECORD = "control-delta"  # SCAFFOLD: the site's change of its con
 # Keys inside records.
 SERVER_ROUND = "server-round"
 RESTORE_ROUND = "restore-round"  # handshake: restore your own saved state of this round
-SCHEMA_KEY = "schema"  # handshake profile: the site's corpus schema, as JSON
+SCHEMA_KEY = "schema"  # handshake profile: the site's corpus schema, as JSON; site-local train/evaluate
+# config: the federation's schema the site builds its model for
+VERSION_KEY = "version"  # handshake profile: the site's multimed-fl version
+STATS_REQUEST = "stats-request"  # statistics round: JSON list of regression tasks -> <task>/n, /mean, /m2
+STATS_CENTRE = "stats-centre"  # statistics round: JSON {task: mean} -> <task>/absdev
+TARGET_SCALES = "target-scales"  # site-local train/evaluate config: JSON {task: [mean, std, mad]}
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train_loss"
 STEPS = "steps"

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 
+from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.config.loader import config_to_yaml
 from federated.core.config.schema import ExperimentConfig
 from federated.core.corpus_schema import CorpusSchema, Modality, Task
@@ -82,9 +83,7 @@ class Checkpoint:
     version: int = FORMAT_VERSION
 
     def array_record(self) -> ArrayRecord:
-        import torch
-
-        return ArrayRecord({k: torch.from_numpy(v.copy()) for k, v in self.arrays.items()})
+        return pack_arrays(self.arrays)
 
 
 def save_checkpoint(out_dir: Path, ckpt: Checkpoint) -> Path:
@@ -157,7 +156,7 @@ class Checkpointer(Callback):
             self.out_dir,
             Checkpoint(
                 round=state.round,
-                arrays={k: a.numpy() for k, a in state.arrays.items()},
+                arrays={k: a.copy() for k, a in record_to_numpy(state.arrays).items()},
                 strategy_state=state.strategy.state_dict(),
                 python_rng=python_rng_state(),
                 initial=state.initial,

@@ -36,6 +36,7 @@ class SiteProfile:
     origin_site: str = ""
     # The schema of the site's corpus (what the model is built for); None for profiles from a plan.
     schema: CorpusSchema | None = field(default=None, repr=False, compare=False)
+    version: str = field(default="", repr=False, compare=False)  # the site's multimed-fl version
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)  # a plan's or a reply's spelling becomes the one enum

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 
-from federated.core.arrays import record_to_numpy
+from federated import __version__
+from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.config.schema import ExperimentConfig
 from federated.core.corpus_schema import CorpusSchema, SchemaError
 from federated.core.models import build_model
@@ -42,23 +43,25 @@ from federated.core.protocol import (
     SCHEMA_KEY,
     SERVER_ROUND,
     STEPS,
+    TARGET_SCALES,
     TRAIN_LOSS,
+    VERSION_KEY,
     Role,
     report_from_record,
 )
 from federated.core.replies import attribute, error_reason
+from federated.core.targets import REGRESSION
 from federated.server.callbacks import Callback, ServerState
 from federated.server.checkpoint import Checkpoint, checkpointers, restore_python_rng
 from federated.server.evaluation import SiteEvaluation, SiteProfile, summarize
+from federated.server.federated_stats import target_scales
 from federated.server.records import FederationResult, FederationTiming, RoundRecord, TrainStats
 from federated.server.results import PrivacyReport
+from federated.server.site_agreement import FederationError, agree, exact_schema
+from partitions.site_local import SITE_LOCAL
 from strategies.site_dp import build_private_strategy, server_privacy_report
 
 __all__ = ["Callback", "FederationError", "FederationResult", "RoundRecord", "run_federation"]
-
-
-class FederationError(RuntimeError):
-    """A run that cannot continue; the message names the round and the sites involved."""
 
 
 class NodeSubsetGrid(Grid):
@@ -143,6 +146,7 @@ def handshake(
             n_test=int(p["n_test"]),
             origin_site=str(p["origin_site"]),
             schema=_profile_schema(p, f"handshake: node {node} (site {p['site']})"),
+            version=str(p.get(VERSION_KEY, "")),
         )
     missing = set(nodes) - set(profiles)
     if missing:
@@ -170,34 +174,6 @@ def _profile_schema(profile: dict[str, Any], where: str) -> CorpusSchema:
         raise FederationError(str(e)) from None
 
 
-def federation_schema(profiles: Iterable[SiteProfile]) -> CorpusSchema:
-    """The one schema every site's corpus declares: the model is built for it, so sites whose
-    corpora declare different tasks or shapes cannot share a model and the run stops, naming them."""
-    by_site = {p.site: p.schema for p in profiles if p.schema is not None}
-    if not by_site:
-        raise FederationError("handshake: no site sent its corpus schema")
-    first_site, first = next(iter(by_site.items()))
-    for site, schema in by_site.items():
-        if schema != first:
-            raise FederationError(
-                f"handshake: sites {first_site} and {site} hold corpora with different schemas "
-                f"({_schema_difference(first, schema)}); every site must ingest with the same spec"
-            )
-    return first
-
-
-def _schema_difference(a: CorpusSchema, b: CorpusSchema) -> str:
-    for kind, x, y in (("modality", a.modalities, b.modalities), ("task", a.tasks, b.tasks)):
-        for name in sorted(x.keys() | y.keys()):
-            if x.get(name) != y.get(name):
-                return f"{kind} {name!r}: {_entry(x.get(name))} vs {_entry(y.get(name))}"
-    return "order of modalities or tasks"
-
-
-def _entry(item: Any) -> str:
-    return "absent" if item is None else json.dumps(item.to_dict(), sort_keys=True)
-
-
 def _parse_metrics(record: Any, into: dict[str, dict[str, float]]) -> None:
     """A site's "<task>/<metric>" values into task -> metric -> value."""
     for key, value in record.items():
@@ -207,10 +183,16 @@ def _parse_metrics(record: Any, into: dict[str, dict[str, float]]) -> None:
 
 
 def evaluate_all(
-    grid: Grid, arrays: ArrayRecord, server_round: int, profiles: dict[int, SiteProfile], timeout: float | None = None
+    grid: Grid,
+    arrays: ArrayRecord,
+    server_round: int,
+    profiles: dict[int, SiteProfile],
+    timeout: float | None = None,
+    extra: dict[str, str] | None = None,
 ) -> tuple[list[SiteEvaluation], dict[str, str]]:
     """Every site evaluates `arrays`: their evaluations (in site order) and site -> why one failed."""
-    content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: ConfigRecord({SERVER_ROUND: server_round})})
+    config = ConfigRecord({SERVER_ROUND: server_round, **(extra or {})})
+    content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: config})
     replies = exchange(
         grid, [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in profiles], timeout
     )
@@ -243,6 +225,7 @@ class Federation:
     training_grid: NodeSubsetGrid  # the training sites only, so the strategy samples among them
     timeout: float | None  # engine.round_timeout_s, None for no limit
     timing: FederationTiming = field(default_factory=FederationTiming)
+    site_config: dict[str, str] = field(default_factory=dict)  # what every train/evaluate message carries
 
     def site(self, node: int) -> str:
         return self.profiles[node].site
@@ -298,7 +281,7 @@ def _collect_replies(fed: Federation, messages: list[Message], replies: list[Mes
 def train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainOutcome:
     """One training round: configure, exchange with the training sites, aggregate, collect."""
     t0 = time.perf_counter()
-    messages = list(fed.strategy.configure_train(rnd, arrays, ConfigRecord(), fed.training_grid))
+    messages = list(fed.strategy.configure_train(rnd, arrays, ConfigRecord(dict(fed.site_config)), fed.training_grid))
     replies = exchange(fed.grid, messages, fed.timeout)
     t1 = time.perf_counter()
     new_arrays, _ = fed.strategy.aggregate_train(rnd, replies)
@@ -332,7 +315,7 @@ def evaluate_round(
 ) -> RoundRecord:
     """Every site evaluates `arrays`; the round's record goes to every callback."""
     t0 = time.perf_counter()
-    evals, failures = evaluate_all(fed.grid, arrays, rnd, fed.profiles, fed.timeout)
+    evals, failures = evaluate_all(fed.grid, arrays, rnd, fed.profiles, fed.timeout, fed.site_config)
     fed.timing.evaluate_s += time.perf_counter() - t0
     record = RoundRecord(rnd, evals, summarize(evals))
     if outcome is not None:
@@ -368,6 +351,38 @@ def run_round(fed: Federation, state: ServerState, rnd: int, callbacks: Sequence
         cb.on_server_state(state)
 
 
+def _agreed_schema(cfg: ExperimentConfig, profiles: dict[int, SiteProfile]) -> tuple[CorpusSchema, dict[str, str]]:
+    """The schema the model is built for, and the sites left out (engine.on_incompatible_site=exclude)."""
+    if cfg.sites.planner != SITE_LOCAL:
+        versions = {p.site: p.version for p in profiles.values() if p.version != __version__}
+        if versions:
+            raise FederationError(
+                f"handshake: sites run other multimed-fl versions than the server's {__version__}: {versions}"
+            )
+        return exact_schema(profiles.values()), {}
+    agreement = agree(profiles.values(), __version__, per_site_tasks=True)
+    if agreement.incompatible and cfg.engine.on_incompatible_site == "fail":
+        reasons = "; ".join(f"site {s}: {why}" for s, why in sorted(agreement.incompatible.items()))
+        raise FederationError(
+            f"handshake: incompatible site(s) ({reasons}); engine.on_incompatible_site=exclude runs without them"
+        )
+    for site, why in sorted(agreement.incompatible.items()):
+        log(WARNING, "site %s left out: %s", site, why)
+    return agreement.schema, agreement.incompatible
+
+
+def _site_local_config(
+    grid: Grid, cfg: ExperimentConfig, schema: CorpusSchema, train_nodes: list[int]
+) -> dict[str, str]:
+    """Site-local mode: what every train and evaluate message carries, the federation's schema and
+    the regression targets' scales from a federated statistics round; nothing in simulation."""
+    if cfg.sites.planner != SITE_LOCAL:
+        return {}
+    regression = [t for t, task in schema.tasks.items() if task.target == REGRESSION]
+    scales = target_scales(lambda messages: exchange(grid, messages), train_nodes, regression)
+    return {SCHEMA_KEY: json.dumps(schema.to_dict()), TARGET_SCALES: json.dumps(scales)}
+
+
 def run_federation(
     grid: Grid,
     cfg: ExperimentConfig,
@@ -385,6 +400,8 @@ def run_federation(
         expected=cfg.engine.expected_sites,
         timeout_s=cfg.engine.handshake_timeout_s,
     )
+    schema, excluded = _agreed_schema(cfg, node_profiles)
+    node_profiles = {n: p for n, p in node_profiles.items() if p.site not in excluded}
     train_nodes = [n for n, p in node_profiles.items() if p.role == Role.TRAIN]
     if not train_nodes:
         raise FederationError("no training sites answered the handshake")
@@ -392,12 +409,12 @@ def run_federation(
     profiles = list(node_profiles.values())
     for cb in hooks:
         cb.on_start(cfg, profiles)
-    schema = federation_schema(profiles)
+    site_config = _site_local_config(grid, cfg, schema, train_nodes)
     model = build_model(cfg.model, schema, cfg.seed)
     init_report = load_init_weights(model, cfg.model.init_weights) if cfg.model.init_weights and not resume else None
     if init_report:
         log(INFO, init_report.summary_line())
-    arrays = ArrayRecord(model.state_dict())
+    arrays = pack_arrays(model.state_dict())  # one object per message, not two per tensor
     fed = Federation(
         grid,
         cfg,
@@ -405,6 +422,7 @@ def run_federation(
         _strategy(cfg, node_profiles, train_nodes),
         NodeSubsetGrid(grid, train_nodes),
         cfg.engine.round_timeout_s or None,
+        site_config=site_config,
     )
     state = _first_state(fed, arrays, resume, hooks)
     for rnd in range(state.round + 1, cfg.rounds + 1):
@@ -418,6 +436,8 @@ def run_federation(
         fed.timing,
         init_report.as_dict() if init_report else None,
         schema,
+        excluded,
+        json.loads(site_config.get(TARGET_SCALES, "{}")),
     )
     for cb in hooks:
         cb.on_end(result)

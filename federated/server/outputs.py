@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord
 from rich.console import Console
 from rich.table import Table
 
+from federated.core.arrays import record_to_numpy
 from federated.core.config import ExperimentConfig, config_to_yaml
 from federated.core.io import atomic_write, atomic_write_text
 from federated.server.evaluation import per_site_rows
@@ -84,6 +85,8 @@ def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float
         problems=run_problems(result),
         init_weights=result.init_weights,
         tasks={t.pop("name"): t for t in result.schema.to_dict()["tasks"]} if result.schema else {},
+        excluded_sites=dict(result.excluded_sites),
+        target_scales={t: dict(zip(("mean", "std", "mad"), s, strict=True)) for t, s in result.target_scales.items()},
     )
 
 
@@ -167,7 +170,7 @@ def exit_code(summary: RunSummary, allow_site_failures: bool) -> int:
 
 def write_final_model(out_dir: Path, arrays: ArrayRecord) -> None:
     """The final global model as final_model.npz (parameter name -> array)."""
-    data = {k: a.numpy() for k, a in arrays.items()}
+    data = record_to_numpy(arrays)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:

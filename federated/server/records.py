@@ -60,6 +60,9 @@ class FederationResult:
     # What model.init_weights loaded into the initial model (InitReport.as_dict()); None without it.
     init_weights: dict[str, Any] | None = None
     schema: CorpusSchema | None = None  # the schema the sites agreed on in the handshake
+    excluded_sites: dict[str, str] = field(default_factory=dict)  # site -> why (engine.on_incompatible_site=exclude)
+    # Site-local mode: the regression targets' scales from the federated statistics round.
+    target_scales: dict[str, list[float]] = field(default_factory=dict)  # task -> [mean, std, mad]
 
     @property
     def final(self) -> RoundRecord:

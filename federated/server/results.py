@@ -279,6 +279,10 @@ class RunSummary:
     # The run's tasks as its corpus declares them (inputs, target, classes, metrics: the primary
     # first), so a summary can be read without the corpus.
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Sites left out as incompatible (engine.on_incompatible_site=exclude): site -> why.
+    excluded_sites: dict[str, str] = field(default_factory=dict)
+    # Site-local mode: each regression task's scale from the federated statistics round.
+    target_scales: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -286,6 +290,10 @@ class RunSummary:
             extra["init_weights"] = self.init_weights
         if self.tasks:
             extra["tasks"] = self.tasks
+        if self.excluded_sites:
+            extra["excluded_sites"] = self.excluded_sites
+        if self.target_scales:
+            extra["target_scales"] = self.target_scales
         if self.corpus is not None:
             extra["corpus"] = self.corpus
         if self.resumed_from_round is not None:
@@ -335,6 +343,10 @@ class RunSummary:
             problems=[str(p) for p in raw.get("problems", [])],
             init_weights=raw.get("init_weights"),
             tasks=dict(raw.get("tasks", {})),
+            excluded_sites={str(k): str(v) for k, v in raw.get("excluded_sites", {}).items()},
+            target_scales={
+                str(t): {k: float(v) for k, v in s.items()} for t, s in raw.get("target_scales", {}).items()
+            },
         )
 
     def max_epsilon(self) -> float | None:

@@ -34,7 +34,10 @@ def planned_sites(cfg: ExperimentConfig, corpus_path: str) -> int:
     from federated.data.cache import prepare_corpus
     from federated.data.format import Corpus
     from partitions import plan_sites
+    from partitions.site_local import SITE_LOCAL
 
+    if cfg.sites.planner == SITE_LOCAL:  # each site holds its own corpus; the server none
+        return 0
     try:
         path = corpus_path or prepare_corpus(cfg.corpus)
         return len(plan_sites(Corpus.open(path), cfg))

@@ -4,6 +4,7 @@ federated/engines/deployment/)."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import shutil
@@ -19,6 +20,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
 
 from federated.app.cli import main
+from federated.app.runner import run_experiment
+from federated.core.config import config_from_yaml
 from federated.engines.deployment import (
     DeploymentError,
     LoopbackFederation,
@@ -289,3 +292,38 @@ def test_demo_with_three_supernodes_over_tls(tmp_path):
     assert len(result.pids) >= 7
     alive = [pid for pid, start in result.pids.items() if pid_alive(pid, start)]
     assert alive == [], f"still running: {alive}"
+    _same_scores_in_process(out, summary, tmp_path / "inprocess")
+
+
+def _same_scores_in_process(out, summary, inprocess_out):
+    """Site-local deployment: each SuperNode was given only its own corpus folder (no site's node
+    config names another's), and the same experiment in-process on the same folders scores the
+    same to 1e-6."""
+    sites = out / "deploy" / "sites"
+    assert sorted(p.name for p in sites.iterdir()) == ["site_00", "site_01", "site_02"]
+    for site in ("site_00", "site_01", "site_02"):
+        log = (out / "deploy" / "logs" / f"supernode-{site}.log").read_text()
+        others = [s for s in ("site_00", "site_01", "site_02") if s != site]
+        assert not any(str(sites / other) in log for other in others)
+    cfg = config_from_yaml((out / "config.yaml").read_text())
+    assert cfg.sites.planner == "site_local"
+    cfg = dataclasses.replace(
+        cfg,
+        corpus=dataclasses.replace(cfg.corpus, site_corpora=str(sites)),
+        engine=dataclasses.replace(cfg.engine, name="inprocess", expected_sites=0),
+    )
+    local = run_experiment(cfg, inprocess_out, progress=False).to_dict()
+    assert local.get("target_scales", {}).keys() == summary.get("target_scales", {}).keys()
+    for task, scale in summary.get("target_scales", {}).items():
+        assert local["target_scales"][task] == pytest.approx(scale, abs=1e-9)
+    by_site = {r["site"]: r for r in local["per_site"]}
+    for row in summary["per_site"]:
+        theirs = by_site[row["site"]]
+        assert theirs["role"] == row["role"]
+        for task, metrics in row["per_task"].items():
+            for name, value in metrics.items():
+                assert theirs["per_task"][task][name] == pytest.approx(value, abs=1e-6, nan_ok=True), (
+                    row["site"],
+                    task,
+                    name,
+                )

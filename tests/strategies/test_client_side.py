@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from clients.site_data import SiteData
 from clients.trainer import train_local
+from federated.core.arrays import record_to_torch
 from federated.core.config import load_config
 from federated.core.config.loader import strategy_config
 from federated.core.config.schema import ModelConfig, TrainConfig
@@ -95,7 +96,7 @@ def test_scaffold_site_round_corrects_gradients_and_sends_its_control_change(sit
     result = train_local(model, site, train, seed=0, hooks=this_round.hooks)
     records = this_round.after_train(result.steps)
     assert set(records) == {CONTROL_DELTA_RECORD} and CONTROL_STATE in context.state.array_records
-    sent = records[CONTROL_DELTA_RECORD].to_torch_state_dict()
+    sent = record_to_torch(records[CONTROL_DELTA_RECORD])
     kept = context.state[CONTROL_STATE].to_torch_state_dict()
     torch.testing.assert_close(sent["fusion.norm.weight"], kept["fusion.norm.weight"])  # c started at 0
     with pytest.raises(ValueError, match="no 'control' record"):

@@ -11,6 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients.attacks import HUGE, fill_groups, foreign_encoder, shift_group
+from federated.core.arrays import record_to_numpy
 from federated.core.config import ConfigError
 from federated.core.config.loader import strategy_config
 from federated.core.config.schema import StrategyConfig
@@ -62,7 +63,7 @@ def _start(name: str, n_sites: int = 3, declared: dict | None = None, data: dict
 
 
 def _out(arrays: ArrayRecord) -> dict:
-    return {k: a.numpy().tolist() for k, a in arrays.items()}
+    return {k: a.tolist() for k, a in record_to_numpy(arrays).items()}
 
 
 def _same(v: float) -> dict:

@@ -396,6 +396,12 @@ def validate(cfg: ExperimentConfig) -> None:
         ("engine.round_timeout_s", cfg.engine.round_timeout_s >= 0, "must be >= 0 (0 = wait for all)"),
         ("engine.expected_sites", cfg.engine.expected_sites >= 0, "must be >= 0"),
         ("engine.handshake_timeout_s", cfg.engine.handshake_timeout_s > 0, "must be > 0"),
+        (
+            "engine.on_incompatible_site",
+            cfg.engine.on_incompatible_site in ("fail", "exclude"),
+            "must be one of: fail, exclude",
+        ),
+        *site_local_checks(cfg),
         ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),
         ("attack.factor", cfg.attack.factor >= 0, "must be >= 0"),
         ("faults.kind", cfg.faults.kind in FAULT_KINDS, f"must be one of: {', '.join(FAULT_KINDS)}"),
@@ -412,6 +418,36 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key} {why} (got {_get(cfg, key)!r})")
+
+
+# Planner steps that change what a site holds: a simulation can, a hospital's data is what it is.
+SIMULATION_ONLY = {
+    "sites.label_skew_alpha": "skews labels by dropping a site's rows",
+    "sites.label_skew_classes": "drops a site's classes",
+    "sites.quantity_skew_sigma": "resizes sites",
+    "sites.label_noise_rate": "corrupts labels",
+    "sites.missing_site_rate": "hides a site's modalities",
+    "sites.missing_sample_rate": "hides samples' modalities",
+    "sites.load_shift_severity": "adds a simulated scanner shift",
+    "sites.pooled": "pools every site's rows in one place",
+    "sites.unimodal": "drops modalities a site holds",
+}
+
+
+def simulation_only_settings(cfg: ExperimentConfig) -> list[str]:
+    """The SIMULATION_ONLY settings this config turns on."""
+    return [key for key in SIMULATION_ONLY if _get(cfg, key)]
+
+
+def site_local_checks(cfg: ExperimentConfig) -> list[tuple[str, bool, str]]:
+    """sites.planner=site_local: each site is its own corpus, so the steps that reshape a site's
+    data in simulation are refused by name, with what they would do."""
+    if cfg.sites.planner != "site_local":
+        return []
+    return [
+        (key, not _get(cfg, key), f"is simulation-only ({why}); with sites.planner=site_local a site is its own data")
+        for key, why in SIMULATION_ONLY.items()
+    ]
 
 
 def _get(cfg: Any, dotted: str) -> Any:

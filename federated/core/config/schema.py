@@ -27,6 +27,10 @@ class CorpusConfig:
     origin_shift_severity: float = 1.0
     # Where synthetic corpora are cached; "" = $MULTIMED_FL_CACHE or ~/.cache/multimed-fl.
     cache_dir: str = ""
+    # sites.planner=site_local in simulation: a folder holding one corpus folder per site, named
+    # after the site (`multimed-fl corpus split` writes one). In deployment each site's node
+    # config names its own corpus instead.
+    site_corpora: Optional[str] = None
 
 
 def _default_archetypes() -> Dict[str, List[str]]:
@@ -281,6 +285,10 @@ class EngineConfig:
     # A site that fails in every round, or a task scored in round 0 but not at the end, makes
     # `multimed-fl run` exit non-zero (the summary is written either way); true accepts them.
     allow_site_failures: bool = False
+    # A site whose corpus schema disagrees with the federation's (other shapes, classes or task
+    # definitions) or that runs another multimed-fl version: stop the run (fail), or run without
+    # it (exclude; summary.json lists it under excluded_sites with the reason).
+    on_incompatible_site: str = "fail"
 
 
 @dataclass(frozen=True)

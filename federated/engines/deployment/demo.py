@@ -5,6 +5,7 @@ before it returns; plus what that run needs from the app folder (the Flower app 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -13,15 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from federated.core.config import config_to_yaml, load_config
+from federated.core.config.loader import simulation_only_settings
 from federated.core.config.schema import ExperimentConfig
-from federated.core.protocol import CORPUS_KEY, SITE_STATE_DIR, STATE_DIR_KEY
+from federated.core.protocol import CORPUS_KEY, SITE_STATE_DIR, STATE_DIR_KEY, Role
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
+from federated.data.split import split_corpus
 from federated.engines.deployment.environment import HOST, DeploymentError, check_binaries, check_port_free, flower_env
 from federated.engines.deployment.federation import CLIENTAPP_MODES, LoopbackFederation, RunResult
 from federated.engines.deployment.processes import sigterm_as_interrupt
 from partitions import SitePlan, plan_sites
+from partitions.site_local import SITE_LOCAL
 
 MAX_SITES = 32
 
@@ -136,8 +142,13 @@ def deploy_demo(
     if deploy.exists():  # a previous, unfinished attempt: its keys and logs are stale
         shutil.rmtree(deploy)
     deploy.mkdir(parents=True)
+    site_folders = split_corpus(
+        Corpus.open(corpus_path), {p.site: np.concatenate([p.train_rows, p.test_rows]) for p in plans}, deploy / "sites"
+    )
+    say(f"split the corpus into one folder per site under {deploy / 'sites'}: each SuperNode reads only its own")
+    cfg = site_local_config(cfg, plans)
     run_config = deploy / "run_config.toml"
-    run_config.write_text(run_config_toml(config_to_yaml(cfg), str(corpus_path), str(out)))
+    run_config.write_text(run_config_toml(config_to_yaml(cfg), "", str(out)))
 
     seconds: dict[str, float] = {}
     fed = LoopbackFederation(deploy, n_sites, superlink_port=superlink_port, say=say, grace_s=grace_s)
@@ -145,7 +156,7 @@ def deploy_demo(
         with sigterm_as_interrupt():
             fed.start_superlink()
             seconds["superlink_s"] = time.perf_counter() - t0
-            _start_sites(fed, plans, corpus_path, out, clientapp, say)
+            _start_sites(fed, plans, site_folders, out, clientapp, say)
             seconds["nodes_online_s"] = time.perf_counter() - t0
             run_id, result = _run_to_completion(fed, root, run_config, deploy, timeout_s, seconds, say)
     finally:
@@ -187,19 +198,39 @@ def _demo_plan(n_sites: int, overrides: Sequence[str]) -> tuple[ExperimentConfig
     return cfg, corpus_path, plans
 
 
+def site_local_config(cfg: ExperimentConfig, plans: Sequence[SitePlan]) -> ExperimentConfig:
+    """The demo's experiment as the coordinator of real hospitals states it: each site is its own
+    corpus folder (sites.planner=site_local), the plan's held-out sites held out by name."""
+    reshaping = simulation_only_settings(cfg)
+    if reshaping:
+        raise DeploymentError(
+            f"{', '.join(reshaping)} reshape a simulated site's data; the demo's sites each hold their own "
+            "rows as stored (site-local mode), so these settings cannot apply"
+        )
+    held = [p.site for p in plans if p.role == Role.HELD_OUT]
+    sites = dataclasses.replace(
+        cfg.sites, planner=SITE_LOCAL, holdout="named" if held else "listed", holdout_sites=held
+    )
+    return dataclasses.replace(cfg, sites=sites)
+
+
 def _start_sites(
     fed: LoopbackFederation,
     plans: Sequence[Any],
-    corpus_path: Path,
+    site_folders: dict[str, Path],
     out: Path,
     clientapp: str,
     say: Callable[[str], None],
 ) -> None:
-    """Register every site's key, start its SuperNode and wait until all are online."""
+    """Register every site's key, start its SuperNode on its own corpus folder and wait until all are online."""
     for plan, key in zip(plans, fed.pki.nodes, strict=True):
         fed.register(key, plan.site)
     for plan, key in zip(plans, fed.pki.nodes, strict=True):  # state-dir: as `multimed-fl run` lays it out
-        node_config = {"site": plan.site, CORPUS_KEY: str(corpus_path), STATE_DIR_KEY: str(out / SITE_STATE_DIR)}
+        node_config = {
+            "site": plan.site,
+            CORPUS_KEY: str(site_folders[plan.site]),
+            STATE_DIR_KEY: str(out / SITE_STATE_DIR),
+        }
         fed.start_supernode(plan.site, key, node_config, clientapp=clientapp)
     fed.wait_online(len(plans))
     processes = (

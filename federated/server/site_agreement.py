@@ -1,0 +1,111 @@
+"""What the sites must agree on before the first round: one schema for the model, one version.
+
+Every site sends its corpus schema and its multimed-fl version in the handshake. In simulation
+all sites read one corpus, so they agree by construction. In site-local mode each hospital
+ingested its own corpus: the federation's schema is the union of what the sites declare for
+the tasks they hold, and where sites define one modality or task differently (another shape,
+other classes, another target) the definition most sites hold wins (ties: the first site by
+name) and each other site is incompatible, named with the difference. A site running another
+version is incompatible too: the two sides would read messages differently.
+`engine.on_incompatible_site` decides: fail (stop, naming every site and reason) or exclude
+(run without them; summary.json lists them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from federated.core.corpus_schema import CorpusSchema, Modality, Task
+from federated.server.evaluation import SiteProfile
+
+
+class FederationError(RuntimeError):
+    """The federation cannot run as configured (no training sites, a node that fails the handshake, ...)."""
+
+
+@dataclass
+class Agreement:
+    schema: CorpusSchema
+    incompatible: dict[str, str] = field(default_factory=dict)  # site -> why
+
+
+def _canonical(item: Modality | Task) -> str:
+    return json.dumps(item.to_dict(), sort_keys=True)
+
+
+def agree(profiles: Iterable[SiteProfile], version: str, per_site_tasks: bool) -> Agreement:
+    """The federation's schema and the sites that cannot join it. per_site_tasks (site-local
+    mode): each site contributes only the tasks it holds (and their inputs), so a definition it
+    does not use cannot exclude it; otherwise every site contributes its whole corpus schema."""
+    profiles = [p for p in profiles if p.schema is not None]
+    if not profiles:
+        raise FederationError("handshake: no site sent its corpus schema")
+    incompatible = {
+        p.site: f"runs multimed-fl {p.version}, the server {version}" for p in profiles if p.version != version
+    }
+    schemas = {
+        p.site: p.schema.restrict(t for t in p.schema.tasks if t in p.tasks) if per_site_tasks else p.schema
+        for p in profiles
+        if p.site not in incompatible and p.schema is not None
+    }
+    chosen: dict[str, dict[str, Modality | Task]] = {"modality": {}, "task": {}}
+    for kind, section in (("modality", "modalities"), ("task", "tasks")):
+        votes: dict[str, Counter[str]] = {}
+        first: dict[tuple[str, str], Modality | Task] = {}
+        for schema in schemas.values():
+            for name, item in getattr(schema, section).items():
+                key = _canonical(item)
+                votes.setdefault(name, Counter())[key] += 1
+                first.setdefault((name, key), item)
+        for name, counter in votes.items():
+            top = max(counter.values())
+            winner = next(k for k in counter if counter[k] == top)  # insertion order: site-name order
+            chosen[kind][name] = first[(name, winner)]
+    for site, schema in schemas.items():
+        for kind, section in (("modality", "modalities"), ("task", "tasks")):
+            for name, item in getattr(schema, section).items():
+                want = chosen[kind][name]
+                if item != want and site not in incompatible:
+                    incompatible[site] = (
+                        f"its {kind} {name!r} is {_canonical(item)}, the federation's (held by most sites) "
+                        f"is {_canonical(want)}"
+                    )
+    order = [s for s in sorted(schemas) if s not in incompatible]
+    if not order:
+        raise FederationError(f"handshake: no site is compatible with another: {incompatible}")
+    merged = schemas[order[0]]
+    for site in order[1:]:
+        merged = merged.merged(schemas[site])
+    return Agreement(merged, incompatible)
+
+
+def exact_schema(profiles: Iterable[SiteProfile]) -> CorpusSchema:
+    """Simulation: every site reads one corpus, so their schemas are equal; a difference is a bug
+    or a misconfigured site and stops the run, naming the two sites and the first difference."""
+    by_site = {p.site: p.schema for p in profiles if p.schema is not None}
+    if not by_site:
+        raise FederationError("handshake: no site sent its corpus schema")
+    first_site, first = next(iter(by_site.items()))
+    for site, schema in by_site.items():
+        if schema != first:
+            raise FederationError(
+                f"handshake: sites {first_site} and {site} hold corpora with different schemas "
+                f"({schema_difference(first, schema)}); every site must ingest with the same spec"
+            )
+    return first
+
+
+def schema_difference(a: CorpusSchema, b: CorpusSchema) -> str:
+    for kind, x, y in (("modality", a.modalities, b.modalities), ("task", a.tasks, b.tasks)):
+        for name in sorted(x.keys() | y.keys()):
+            if x.get(name) != y.get(name):
+                return f"{kind} {name!r}: {_entry(x.get(name))} vs {_entry(y.get(name))}"
+    return "order of modalities or tasks"
+
+
+def _entry(item: Any) -> str:
+    return "absent" if item is None else json.dumps(item.to_dict(), sort_keys=True)
