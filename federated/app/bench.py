@@ -19,7 +19,7 @@ from typing import Any
 from federated.core.io import atomic_write_text, write_json
 from federated.core.resources import shipped_dir
 
-ORDER = ["aggregation", "site_planning", "dp_step", "ingest", "engines"]
+ORDER = ["aggregation", "site_planning", "dp_step", "ingest", "engines", "deployment"]
 
 
 def environment() -> dict[str, Any]:
@@ -107,6 +107,11 @@ def headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 )
             )
         return rows
+    if name == "deployment":
+        return [
+            (f"3 TLS SuperNodes / Ray, round after start-up ({size})", f"{v['ratio']:.2f}x", "<= 1.5x")
+            for size, v in r["sizes"].items()
+        ]
     return [(f"{name}: {k}", str(v), "") for k, v in r.items() if isinstance(v, (int, float))][:4]
 
 

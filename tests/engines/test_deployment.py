@@ -327,3 +327,22 @@ def _same_scores_in_process(out, summary, inprocess_out):
                     task,
                     name,
                 )
+
+
+def test_the_supernode_launcher_shortens_flower_s_fixed_timers_only(monkeypatch):
+    from flwr.supernode import start_client_internal as loop
+
+    from federated.engines.deployment.clientapp_worker import shorten_flower_timers, supernode_argv
+
+    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    slept: list[float] = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    assert shorten_flower_timers(0.2)
+    for seconds in (3, 0.5, 1.25):
+        loop.time.sleep(seconds)
+    assert slept == [0.2, 0.05, 1.25]  # idle poll and reply check shortened; any other wait as it was
+    assert loop.time.monotonic is __import__("time").monotonic
+    assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
+    argv = supernode_argv()
+    assert argv[2:] == ["supernode", "--idle-poll-s", "0.2", "--"] and argv[1].endswith("clientapp_worker.py")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from federated.engines.deployment.clientapp_worker import worker_argv
+from federated.engines.deployment.clientapp_worker import supernode_argv, worker_argv
 from federated.engines.deployment.environment import (
     HOST,
     DeploymentError,
@@ -242,7 +242,7 @@ class LoopbackFederation:
             raise DeploymentError(f"clientapp must be one of {', '.join(CLIENTAPP_MODES)} (got {clientapp!r})")
         self.logs.mkdir(parents=True, exist_ok=True)
         port = free_port(self.host)
-        argv: list[Any] = [self.binaries["flower-supernode"], "--superlink", self.address]
+        argv: list[Any] = [*supernode_argv(), "--superlink", self.address]
         argv += ["--insecure"] if insecure else ["--root-certificates", self.pki.ca_cert]
         if key is not None:
             argv += ["--auth-supernode-private-key", key.private]

@@ -1,0 +1,119 @@
+"""Deployment overhead: a round of 3 TLS SuperNodes on loopback against the same round under Ray.
+
+Workload: `multimed-fl deploy demo --sites 3` (site-local mode, one long-lived ClientApp worker
+per SuperNode) and the Ray engine on the same sites' corpora (`sites.planner=site_local`), both
+at the default model size (and at smoke size with --quick), R rounds. Measured side by side in
+one run, interleaved (Ray, deployment, Ray, ...):
+  round time after start-up = (train + aggregate + evaluate seconds of rounds 1..R) / R, from each
+  run's summary.json timing (the handshake, the statistics round and round 0's evaluation, and
+  for the deployment the SuperLink, SuperNodes and ServerApp start-up, are excluded)
+  deployment round / Ray round                            target <= 1.5
+and, from the ClientApp workers' logs, every message's pull / app / push seconds.
+The floor a deployed message cannot go under is Flower's: a SuperNode that polls and finds no
+message sleeps 3 s before it polls again (flwr/supernode/start_client_internal.py), so a message
+waits up to 3 s to be picked up; the ServerApp's replies are pulled on
+federation.PULL_WAITS_S (Flower's own loop sleeps 3 s).
+
+    python experiments/bench/deployment.py [--quick] [--rounds R] [--repeats N] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from federated.app.bench import write_result
+
+MESSAGE = re.compile(r"(\w+) message: completed in ([\d.]+) s \(pull ([\d.]+) s, app ([\d.]+) s, push ([\d.]+) s\)")
+
+
+def round_seconds(summary: dict[str, Any]) -> float:
+    """Seconds per round after start-up, from the summary's timing (round 0 is evaluation only)."""
+    t = summary["timing"]
+    rounds = int(summary["rounds_completed"])
+    first_eval = t["evaluate_s"] / (rounds + 1)  # round 0's evaluation, counted out
+    return (t["train_s"] + t["aggregate_s"] + t["evaluate_s"] - first_eval) / rounds
+
+
+def message_times(logs: Path) -> dict[str, dict[str, float]]:
+    """kind -> median total/pull/app/push seconds over every worker's messages (query excluded)."""
+    rows: dict[str, list[tuple[float, ...]]] = {}
+    for log in sorted(logs.glob("clientapp-*.log")):
+        for kind, *values in MESSAGE.findall(log.read_text()):
+            rows.setdefault(kind, []).append(tuple(float(v) for v in values))
+    return {
+        kind: {k: statistics.median(v[i] for v in vs) for i, k in enumerate(("total", "pull", "app", "push"))}
+        for kind, vs in rows.items()
+        if kind != "query"
+    }
+
+
+def deployed(out: Path, overrides: list[str]) -> tuple[dict[str, Any], Path]:
+    from federated.engines.deployment import deploy_demo
+
+    result = deploy_demo(3, out, overrides, say=lambda line: None, timeout_s=1800, grace_s=5)
+    return result.summary, out / "deploy"
+
+
+def ray_run(sites: Path, out: Path, config_yaml: str) -> dict[str, Any]:
+    import dataclasses
+
+    from federated.app.runner import run_experiment
+    from federated.core.config import config_from_yaml
+
+    cfg = config_from_yaml(config_yaml)
+    cfg = dataclasses.replace(
+        cfg,
+        corpus=dataclasses.replace(cfg.corpus, site_corpora=str(sites)),
+        engine=dataclasses.replace(cfg.engine, name="ray", expected_sites=0),
+    )
+    return run_experiment(cfg, out, progress=False).to_dict()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke size only, 1 repeat")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    sizes = {"smoke": ["scale=smoke"]} if args.quick else {"default": [], "smoke": ["scale=smoke"]}
+    repeats = 1 if args.quick else args.repeats
+    report: dict[str, Any] = {"rounds": args.rounds, "sizes": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
+        for size, extra in sizes.items():
+            overrides = [*extra, f"rounds={args.rounds}"]
+            dep_rounds, ray_rounds, messages = [], [], []
+            for r in range(repeats):
+                summary, deploy = deployed(Path(tmp) / f"{size}-dep-{r}", overrides)
+                config_yaml = (Path(tmp) / f"{size}-dep-{r}" / "config.yaml").read_text()
+                ray = ray_run(deploy / "sites", Path(tmp) / f"{size}-ray-{r}", config_yaml)
+                dep_rounds.append(round_seconds(summary))
+                ray_rounds.append(round_seconds(ray))
+                messages.append(message_times(deploy / "logs"))
+            dep, ray_s = statistics.median(dep_rounds), statistics.median(ray_rounds)
+            report["sizes"][size] = {
+                "deployment_round_s": dep_rounds,
+                "ray_round_s": ray_rounds,
+                "ratio": dep / ray_s,
+                "messages": messages[-1],
+            }
+            per = ", ".join(
+                f"{k} {v['total']:.2f} s (pull {v['pull']:.2f} / app {v['app']:.2f} / push {v['push']:.2f})"
+                for k, v in messages[-1].items()
+            )
+            print(
+                f"{size}: deployed round {dep:.2f} s, Ray round {ray_s:.2f} s, ratio {dep / ray_s:.2f} "
+                f"(target <= 1.5); per message (median): {per}"
+            )
+    write_result(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
