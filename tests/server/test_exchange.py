@@ -1,0 +1,60 @@
+"""exchange() against a SuperLink (HttpGrid): replies pulled on short waits, and a reply that came
+in while a pull was blocked still counts."""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.superlink.grid.http_grid import HttpGrid
+
+from federated.engines.inprocess import claim_server_identity
+from federated.server import federation
+from federated.server.federation import exchange
+
+
+class FakeSuperLink(HttpGrid):
+    """An HttpGrid whose first pull blocks past the round's deadline (as Flower's pull does while
+    it retries a reply whose objects never arrive) and returns nothing; the healthy site's reply
+    is there on the next pull."""
+
+    def __init__(self, block_s: float) -> None:  # no connection: push and pull are faked
+        self.block_s, self.pulls, self.sent = block_s, 0, []
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent.append(msg)
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        if self.pulls == 1:
+            if self.block_s:
+                time.sleep(self.block_s)
+            return []
+        return [Message(RecordDict(), reply_to=m) for m in self.sent if m.metadata.message_id in set(message_ids)]
+
+
+def _messages(n: int) -> list[Message]:
+    claim_server_identity(run_id=1)  # Flower builds messages only inside a run
+    content = RecordDict({"config": ConfigRecord({"x": 1})})
+    return [Message(content, dst_node_id=i + 1, message_type=MessageType.EVALUATE) for i in range(n)]
+
+
+def test_a_reply_that_arrived_during_a_blocked_pull_is_kept() -> None:
+    grid = FakeSuperLink(block_s=0.3)
+    replies = exchange(grid, _messages(2), timeout=0.1)  # the first pull outlasts the deadline
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert grid.pulls == 2  # one more pull at the deadline, not a wait-and-poll loop
+
+
+def test_replies_are_pulled_on_short_waits_not_flower_s_3_s(monkeypatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(federation.time, "sleep", waits.append)
+    grid = FakeSuperLink(block_s=0.0)
+    replies = exchange(grid, _messages(3))
+    assert len(replies) == 3 and waits == [federation.PULL_WAITS_S[0]]
+    assert max(federation.PULL_WAITS_S) < 3
