@@ -346,3 +346,72 @@ def test_the_supernode_launcher_shortens_flower_s_fixed_timers_only(monkeypatch)
     assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
     argv = supernode_argv()
     assert argv[2:] == ["supernode", "--idle-poll-s", "0.2", "--"] and argv[1].endswith("clientapp_worker.py")
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_and_restarted_rejoins(tmp_path):
+    """Chaos: a training site's SuperNode and ClientApp worker are killed after its second
+    training message and started again with the same key and folder. With engine.round_timeout_s
+    the rounds go on without it (each failure recorded against it). Flower's SuperLink refuses to
+    activate the same node again until its old session has missed two heartbeats (2 x 30 s), so
+    the restart is retried, as a service manager would (Restart=on-failure); once back, the site
+    trains and is evaluated again under the same node id and site name."""
+    import signal
+    import time
+
+    import numpy as np
+
+    from federated.core.config import config_to_yaml
+    from federated.data.format import Corpus
+    from federated.data.split import split_corpus
+    from federated.engines.deployment.demo import _demo_plan, _start_sites, app_dir, site_local_config
+
+    out = tmp_path / "chaos"
+    deploy = out / "deploy"
+    rounds = 30
+    cfg, corpus_path, plans = _demo_plan(3, ["scale=smoke", f"rounds={rounds}", "engine.round_timeout_s=10"])
+    rows = {p.site: np.concatenate([p.train_rows, p.test_rows]) for p in plans}
+    folders = split_corpus(Corpus.open(corpus_path), rows, deploy / "sites")
+    cfg = site_local_config(cfg, plans)
+    run_config = deploy / "run_config.toml"
+    run_config.write_text(run_config_toml(config_to_yaml(cfg), "", str(out)))
+    victim = next(p.site for p in plans if p.role == "train")
+    fed = LoopbackFederation(deploy, 3, grace_s=5)
+    deadline = time.monotonic() + 900
+    try:
+        fed.start_superlink()
+        _start_sites(fed, plans, folders, out, "worker", lambda line: None)
+        run_id = fed.submit(app_dir(), run_config)
+        log = deploy / "logs" / f"clientapp-{victim}.log"
+        while log.read_text().count("train message: completed") < 2:
+            assert time.monotonic() < deadline, "the victim never trained twice"
+            time.sleep(0.5)
+        handle = next(h for h in fed.nodes if h.name == victim)
+        handle.node.signal(signal.SIGKILL)
+        assert handle.worker is not None
+        handle.worker.stop(grace_s=1)
+        handle.node.wait(10)
+        fed.nodes.remove(handle)
+        key = fed.pki.nodes[[p.site for p in plans].index(victim)]
+        node_config = {"site": victim, "corpus-path": str(folders[victim]), "state-dir": str(out / "site_state")}
+        while True:  # until the SuperLink lets the node activate again
+            restarted = fed.start_supernode(victim, key, node_config)
+            time.sleep(8)
+            if restarted.node.alive():
+                break
+            fed.nodes.remove(restarted)
+            if restarted.worker is not None:
+                restarted.worker.stop(grace_s=1)
+            assert time.monotonic() < deadline, "the SuperNode never activated again"
+        while not (status := str(fed.run_info(run_id).get("status", ""))).startswith("finished:"):
+            assert time.monotonic() < deadline, f"run still {status}"
+            time.sleep(2)
+        assert status == "finished:completed", fed.run_info(run_id).get("status-details")
+    finally:
+        fed.close()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == rounds
+    failed = sorted(int(r) for r, reasons in summary["failures"].items() if any(victim in k for k in reasons))
+    assert failed, summary["failures"]  # the kill is recorded, against the victim
+    assert failed[-1] < rounds, failed  # and it answered again before the end
+    assert next(r for r in summary["per_site"] if r["site"] == victim)["per_task"]
