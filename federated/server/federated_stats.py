@@ -61,6 +61,7 @@ def target_scales(exchange: Exchange, train_nodes: Sequence[int], tasks: Sequenc
         return {}
     moments = _ask(exchange, train_nodes, {STATS_REQUEST: json.dumps(list(tasks))}, "statistics round")
     scales: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
     for t in tasks:
         parts = []
         for reply in moments:
@@ -71,13 +72,12 @@ def target_scales(exchange: Exchange, train_nodes: Sequence[int], tasks: Sequenc
         n, mean, m2 = combine_moments(parts)
         if n == 0:
             raise FederationError(f"statistics round: no training site holds training targets of task {t}")
-        scales[t] = [mean, math.sqrt(m2 / n)]
+        scales[t], counts[t] = [mean, math.sqrt(m2 / n)], n
     centres = {t: s[0] for t, s in scales.items()}
     deviations = _ask(exchange, train_nodes, {STATS_CENTRE: json.dumps(centres)}, "statistics round (MAD)")
     for t, scale in scales.items():
-        n = sum(int(r.get(f"{t}/n", 0)) for r in moments)
         total = sum(r.get(f"{t}/absdev", 0.0) for r in deviations)
         if total < 0:
             raise FederationError(f"statistics round: task {t}: a negative sum of absolute deviations")
-        scale.append(total / n)
+        scale.append(total / counts[t])
     return scales

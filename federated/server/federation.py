@@ -10,6 +10,7 @@ invoked once per round (federated/server/callbacks.py).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -432,7 +433,9 @@ def run_federation(
         timeout_s=cfg.engine.handshake_timeout_s,
     )
     schema, excluded = _agreed_schema(cfg, node_profiles)
-    node_profiles = {n: p for n, p in node_profiles.items() if p.site not in excluded}
+    # Agreed: the profiles no longer need their schemas, which every round record (and so every
+    # checkpoint) would otherwise carry once per site per round.
+    node_profiles = {n: dataclasses.replace(p, schema=None) for n, p in node_profiles.items() if p.site not in excluded}
     train_nodes = [n for n, p in node_profiles.items() if p.role == Role.TRAIN]
     if not train_nodes:
         raise FederationError("no training sites answered the handshake")
