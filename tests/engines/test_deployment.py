@@ -28,6 +28,7 @@ from federated.engines.deployment import (
     check_binaries,
     demo_overrides,
     deploy_demo,
+    free_port,
     pid_alive,
     run_config_toml,
 )
@@ -175,6 +176,18 @@ def test_missing_flower_binaries_are_named(tmp_path):
         check_binaries({"PATH": str(tmp_path)})
 
 
+def test_free_ports_lie_below_the_range_outgoing_connections_draw_from():
+    from federated.engines.deployment.environment import _ephemeral_range
+
+    lo, hi = _ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1
+    for port in ports:
+        assert not lo <= port <= hi or lo <= 21000, (port, lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))  # and nobody holds it
+
+
 def test_deploy_refuses_bad_sites_busy_port_and_a_plan_of_another_size(tmp_path, capsys):
     assert main(["deploy", "demo", "--sites", "0", "--out", str(tmp_path / "a")]) == 2
     assert "--sites must be between 1 and" in capsys.readouterr().err
@@ -258,6 +271,30 @@ def test_supernode_with_an_unregistered_key_is_refused(superlink):
         "[code: 2004] Failed to activate SuperNode.",
     )
     assert "No SuperNode found with the given public key" in superlink.superlink.log_text()
+
+
+@pytest.mark.slow
+def test_a_supernode_whose_port_was_taken_starts_again_on_another(superlink, monkeypatch):
+    # free_port checks a port, the SuperNode binds it a moment later: another process can
+    # take it in between (CI saw "SuperNode Runtime HTTP API failed to start").
+    from federated.engines.deployment import federation
+
+    superlink.nodes.clear()  # the refused SuperNodes above have exited
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind((superlink.host, 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports = iter([taken])
+        monkeypatch.setattr(federation, "free_port", lambda host: next(ports, None) or free_port(host))
+        superlink.start_supernode("site_00", superlink.pki.nodes[0], {"site": "site_00"}, clientapp=None)
+        try:
+            assert len(superlink.wait_online(1, timeout_s=120)) == 1
+            (handle,) = [h for h in superlink.nodes if h.name == "site_00"]
+            assert handle.port != taken and handle.node.alive()
+        finally:
+            for h in list(superlink.nodes):
+                h.node.stop(grace_s=5)
+                superlink.nodes.remove(h)
 
 
 # ----------------------------------------------------------------------- the demo (slow) ----

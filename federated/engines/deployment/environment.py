@@ -5,6 +5,7 @@ the check that Flower's binaries are there, and TCP ports (pick a free one, refu
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 from collections.abc import Mapping
@@ -56,8 +57,33 @@ def check_binaries(env: Mapping[str, str]) -> dict[str, str]:
     return {k: str(v) for k, v in found.items()}
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the OS hands out as the source of outgoing connections (Linux's
+    ip_local_port_range; the IANA range elsewhere)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port(host: str = HOST) -> int:
-    """A TCP port nobody listens on right now (the OS picks it: bind to port 0)."""
+    """A TCP port nobody listens on right now, outside the OS's ephemeral range.
+
+    A port the OS picked with bind(0) comes from the ephemeral range, so between our check
+    and the server's bind any outgoing connection on this machine (gRPC, the `flwr` CLI) may
+    take it as its source port, and the server fails to start. Ports below that range are
+    only ever taken by a process that asks for them by number."""
+    lo, _ = _ephemeral_range()
+    candidates = list(range(20000, lo)) if lo > 21000 else []
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -40,6 +40,7 @@ class SuperNodeHandle:
     port: int
     node: ManagedProcess
     worker: ManagedProcess | None = None
+    restart: Callable[[], SuperNodeHandle] | None = None  # the same start, on a fresh port
 
 
 @dataclass
@@ -260,7 +261,9 @@ class LoopbackFederation:
         node = self._track(
             ManagedProcess(f"supernode-{name}", argv, self.logs / f"supernode-{name}.log", self.env, self.dir)
         )
-        handle = SuperNodeHandle(name, port, node)
+        handle = SuperNodeHandle(
+            name, port, node, restart=lambda: self.start_supernode(name, key, node_config, clientapp, insecure, extra)
+        )
         if clientapp == "worker":
             handle.worker = self._track(
                 ManagedProcess(
@@ -277,6 +280,8 @@ class LoopbackFederation:
     def wait_online(self, n: int, timeout_s: float = 180.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout_s
         while True:
+            for h in [h for h in self.nodes if not h.node.alive() and _lost_its_port(h.node) and h.restart]:
+                self._restart_on_fresh_port(h)
             dead = [h.node for h in self.nodes if not h.node.alive()]
             dead += [h.worker for h in self.nodes if h.worker is not None and not h.worker.alive()]
             if dead:
@@ -291,6 +296,18 @@ class LoopbackFederation:
                     f"only {len(online)} of {n} SuperNodes came online within {timeout_s:.0f} s (logs: {self.logs})"
                 )
             time.sleep(1.0)
+
+    def _restart_on_fresh_port(self, h: SuperNodeHandle) -> None:
+        """Another process took the port chosen for this SuperNode before it could bind it;
+        start it again on another (once: `restart` is not carried over)."""
+        assert h.restart is not None
+        self.nodes.remove(h)
+        if h.worker is not None:
+            h.worker.stop(grace_s=1)
+        h.node.close_log()
+        self.say(f"{h.node.name}: port {h.port} was taken before it could listen; starting it on another")
+        fresh = h.restart()
+        fresh.restart = None
 
     def supervise(self) -> None:
         """Fail if the SuperLink or a SuperNode exited; restart a ClientApp worker that exited
@@ -363,3 +380,8 @@ def node_config_string(node_config: Mapping[str, Any]) -> str:
                 )
             parts.append(f"{k}='{s}'")
     return " ".join(parts)
+
+
+def _lost_its_port(p: ManagedProcess) -> bool:
+    text = p.log_text().lower()
+    return "address already in use" in text or "runtime http api failed to start" in text
