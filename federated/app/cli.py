@@ -129,6 +129,60 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
     return 1 if problems and not cfg.engine.allow_site_failures else 0
 
 
+def cmd_deploy_certificates(args: argparse.Namespace) -> int:
+    from federated.engines.deployment import DeploymentError
+    from federated.engines.pki import write_server_pki
+
+    out = Path(args.out)
+    existing = [n for n in ("ca.crt", "ca.key", "server.pem", "server.key") if (out / n).exists()]
+    if existing:  # hospitals may already trust this CA: never replace it silently
+        raise DeploymentError(f"{out} already holds {', '.join(existing)}; choose another --out or remove them")
+    pki = write_server_pki(out, args.host, days=args.days)
+    print(f"CA certificate (send to every hospital): {pki.ca_cert}")
+    print(f"SuperLink certificate for {', '.join(args.host)}: {pki.server_cert} (key {pki.server_key})")
+    print(f"CA key (keep it offline; it signs certificates hospitals trust): {pki.ca_key}")
+    return 0
+
+
+def cmd_deploy_submit(args: argparse.Namespace) -> int:
+    from federated.app.api import load_summary
+    from federated.app.runner import RunError
+    from federated.core.config import config_from_yaml, config_to_yaml
+    from federated.engines.deployment import submit_and_wait
+    from federated.server.outputs import exit_code, print_report
+
+    if args.resume and (args.out_dir or args.overrides):
+        raise RunError("--resume DIR continues the run in DIR with its own config; give no --out-dir or overrides")
+    if not args.resume and not args.out_dir:
+        raise RunError("deploy submit needs --out-dir DIR (or --resume DIR)")
+    out_dir = args.resume or args.out_dir
+    if args.resume:  # the sites read the run config's config: it must be the interrupted run's own
+        own = Path(args.resume) / "config.yaml"
+        if not own.is_file():
+            raise RunError(f"--resume {args.resume}: {own} is not readable here; run this on the SuperLink's machine")
+        config_yaml = config_to_yaml(config_from_yaml(own.read_text()))
+    else:
+        config_yaml = config_to_yaml(load_config(args.overrides))
+    result = submit_and_wait(
+        args.connection,
+        out_dir,
+        config_yaml,
+        resume=bool(args.resume),
+        timeout_s=args.timeout,
+        say=lambda line: print(f"[deploy] {line}", flush=True),
+    )
+    if not result.completed:
+        return 1
+    out = Path(out_dir)
+    if not (out / "summary.json").is_file():  # the ServerApp ran on another machine
+        print(f"[deploy] run {result.run_id} completed; its outputs are in {out_dir} on the SuperLink's machine")
+        return 0
+    summary = load_summary(out)
+    print_report(summary, out, Console())
+    cfg = config_from_yaml((out / "config.yaml").read_text())
+    return exit_code(summary, cfg.engine.allow_site_failures)
+
+
 def cmd_sites_show(args: argparse.Namespace) -> int:
     from federated.core.io import atomic_write
     from federated.data.cache import prepare_corpus
@@ -386,6 +440,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides (default plan: random_mix of --sites sites, one held out)",
     )
     demo.set_defaults(func=cmd_deploy_demo)
+    certs = deploy_sub.add_parser(
+        "certificates",
+        help="a CA and a SuperLink TLS certificate for the names hospitals dial (for a coordinator without a CA)",
+    )
+    certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
+    certs.add_argument(
+        "--host", required=True, action="append", help="a name or IP the hospitals dial (repeat for more)"
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity in days")
+    certs.set_defaults(func=cmd_deploy_certificates)
+    submit = deploy_sub.add_parser(
+        "submit",
+        help="submit a run to a running SuperLink, wait until it ends, exit 1 unless it completed with complete scores",
+    )
+    submit.add_argument("--connection", required=True, help="a [superlink.NAME] connection in $FLWR_HOME/config.toml")
+    submit.add_argument("--out-dir", help="output folder, on the SuperLink's machine")
+    submit.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
+    submit.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to wait for the run")
+    submit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    submit.set_defaults(func=cmd_deploy_submit)
 
     config = sub.add_parser("config", help="inspect the resolved configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)

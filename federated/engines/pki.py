@@ -243,3 +243,9 @@ def write_demo_pki(
     write_public(pki.server_cert, _pem(srv_cert))
     write_private(pki.server_key, _pkcs8(srv_key))
     return pki
+
+
+def write_server_pki(directory: str | Path, hosts: Sequence[str], days: int = 365) -> DemoPKI:
+    """A CA and a SuperLink certificate for `hosts` (the names hospitals dial), for a
+    coordinator without a CA of its own; no node keys (each hospital makes its own)."""
+    return write_demo_pki(directory, 0, hosts, days)

@@ -99,19 +99,67 @@ class NodeSubsetGrid(Grid):
 
 
 # Waits between pulls for replies from a SuperLink: short at first (an evaluation reply comes in
-# tenths of a second), longer while sites train. Flower's HttpGrid.send_and_receive sleeps 3 s
-# between pulls (flwr/superlink/grid/http_grid.py), which made every round trip up to 3 s longer.
-PULL_WAITS_S = (0.05, 0.1, 0.2, 0.3, 0.5)
+# tenths of a second), then every 0.2 s while sites train. Flower's HttpGrid.send_and_receive
+# sleeps 3 s between pulls (flwr/superlink/grid/http_grid.py), which made every round trip up to
+# 3 s longer; a 0.5 s cap still cost a train reply 0.25 s on average (a pull is ~10-40 ms).
+PULL_WAITS_S = (0.05, 0.05, 0.1, 0.1, 0.2)
+
+# Retries of a reply's objects that are not on the SuperLink yet: initial, cap (seconds).
+# The SuperLink hands out a reply as soon as its SuperNode has pushed the message header, before
+# the SuperNode has uploaded its objects (tenths of a second later), so the first PullObject of a
+# fresh reply often finds them missing; HttpGrid.pull_messages then retries after 1, 2, 4 .. 10 s
+# (flwr.supercore.constant.PULL_INITIAL_BACKOFF / PULL_BACKOFF_CAP). Profiled in a deployed round
+# (3 TLS SuperNodes on loopback), that first 1 s back-off was most of the ~1.5 s per exchange that
+# no site accounted for.
+REPLY_OBJECT_BACKOFF_S = (0.05, 0.5)
+# Flower's 500 tries per object still bound a pull that never completes (a site killed mid-upload)
+# at ~250 s at this cap; no try limit would block the round for Flower's 2 h.
+_REPLY_PULL_KEYWORDS: dict[str, Any] = {
+    "initial_backoff": REPLY_OBJECT_BACKOFF_S[0],
+    "backoff_cap": REPLY_OBJECT_BACKOFF_S[1],
+}
+
+
+def shorten_reply_object_pulls() -> bool:
+    """Make HttpGrid.pull_messages retry a reply's missing objects on REPLY_OBJECT_BACKOFF_S
+    instead of Flower's 1 s -> 10 s (Flower's try limit kept). Only where this Flower's pull_messages
+    is 1.42's (one call of the module's `pull_objects`, on its default back-off); False (nothing
+    changed) otherwise. Idempotent; it changes the back-off in this process only (the ServerApp's)."""
+    import functools
+    import inspect
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import http_grid
+
+    current: Any = http_grid.pull_objects
+    if isinstance(current, functools.partial) and current.func is inflatable_utils.pull_objects:
+        return current.keywords == _REPLY_PULL_KEYWORDS  # ours already (or someone else's: leave it)
+    if current is not inflatable_utils.pull_objects:
+        return False  # someone else's pull_objects: leave it
+    source = inspect.getsource(http_grid.HttpGrid.pull_messages)
+    params = inspect.signature(current).parameters
+    if (
+        source.count("pull_objects(") != 1
+        or "backoff" in source
+        or "max_tries_per_object" in source
+        or not all(k in params for k in _REPLY_PULL_KEYWORDS)
+        or params["initial_backoff"].default != 1
+    ):
+        return False
+    http_grid.pull_objects = functools.partial(current, **_REPLY_PULL_KEYWORDS)
+    return True
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float | None = None) -> list[Message]:
     """send_and_receive, with every reply charged to the node its message went to; against a
-    SuperLink, replies are pulled on PULL_WAITS_S instead of Flower's fixed 3 s."""
+    SuperLink, replies are pulled on PULL_WAITS_S instead of Flower's fixed 3 s, and a reply's
+    objects still being uploaded are retried on REPLY_OBJECT_BACKOFF_S (shorten_reply_object_pulls)."""
     inner = grid
     while isinstance(inner, NodeSubsetGrid):
         inner = inner._grid
     if not isinstance(inner, HttpGrid):
         return attribute(messages, grid.send_and_receive(messages, timeout=timeout))
+    shorten_reply_object_pulls()
     pending = set(grid.push_messages(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
@@ -355,6 +403,8 @@ def evaluate_round(
         record.skipped, record.privacy = outcome.arrays is None, outcome.privacy
         record.train_s, record.aggregate_s = outcome.train_s, outcome.aggregate_s
     record.failures.update({f"evaluate:{k}": v for k, v in failures.items()})
+    for what, reason in sorted(record.failures.items()):  # in the run's log too (`flwr log`), not only the summary
+        log(INFO, "round %d: %s failed: %s", rnd, what, reason)
     for cb in callbacks:
         cb.on_round_end(record)
     return record

@@ -1,8 +1,9 @@
 """The Flower ServerApp: the same federation logic under `flwr run` (Ray or a SuperLink).
 
 Run config: `multimed-config` (resolved experiment YAML; empty = conf/ defaults),
-`corpus-path` (where sites read data; empty = build/reuse the synthetic corpus) and
-`out-dir` (where outputs go; empty = runs/flwr-<run id>). The out-dir is checked as
+`corpus-path` (where sites read data; empty = build/reuse the synthetic corpus),
+`out-dir` (where outputs go; empty = runs/flwr-<run id>) and `resume` (true: continue the
+interrupted run in out-dir from its last checkpoint, with that run's config). The out-dir is checked as
 `multimed-fl run --out` checks its folder (federated/server/run_folder.py): another run's or a
 user's files refuse the run, and a lock keeps a second run out while this one is in it.
 """
@@ -19,10 +20,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
 from federated.core.io import write_json
-from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, RESUME_KEY
+from federated.server.checkpoint import Checkpoint, load_checkpoint
 from federated.server.federation import run_federation
 from federated.server.outputs import build_summary, write_config, write_final_model
-from federated.server.run_folder import RunLock, check_out_dir, remove_stale_temps
+from federated.server.run_folder import SUMMARY_FILE, RunFolderError, RunLock, check_out_dir, remove_stale_temps
 from federated.server.tracking import MetricsTable, TensorBoardLogger
 
 app = ServerApp()
@@ -47,17 +49,38 @@ def planned_sites(cfg: ExperimentConfig, corpus_path: str) -> int:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation of the run config and write its outputs."""
+    """Run (or resume) the federation of the run config and write its outputs."""
     text = str(context.run_config.get(CONFIG_KEY, ""))
     cfg = config_from_yaml(text) if text else load_config()
     out_dir = Path(str(context.run_config.get("out-dir", "")) or f"runs/flwr-{grid.run.run_id}")
+    resume = context.run_config.get(RESUME_KEY, False) is True
     with RunLock(out_dir):  # as `multimed-fl run`: one run per folder, another run's files kept
         remove_stale_temps(out_dir)
-        check_out_dir(out_dir, overwrite=False)
-        _run(grid, context, cfg, out_dir)
+        checkpoint = None
+        if resume:  # as `multimed-fl run --resume`: the run's own config, from its checkpoint
+            if (out_dir / SUMMARY_FILE).exists():
+                raise RunFolderError(f"{out_dir} holds a finished run ({SUMMARY_FILE}): nothing to resume")
+            checkpoint = load_checkpoint(out_dir)
+            cfg = _resumed_config(text, checkpoint, out_dir)
+        else:
+            check_out_dir(out_dir, overwrite=False)
+        _run(grid, context, cfg, out_dir, checkpoint)
 
 
-def _run(grid: Grid, context: Context, cfg: ExperimentConfig, out_dir: Path) -> None:
+def _resumed_config(text: str, checkpoint: Checkpoint, out_dir: Path) -> ExperimentConfig:
+    """The interrupted run's config. The sites read the run config's, so it must be the same one:
+    sites planning or training under another config would continue a different experiment."""
+    cfg = config_from_yaml(checkpoint.config_yaml)
+    if not text or config_from_yaml(text) != cfg:
+        raise RunFolderError(
+            f"resuming {out_dir}: the run config's {CONFIG_KEY} is "
+            f"{'empty' if not text else 'not the config of the run being resumed'}; submit the run's own "
+            f"{out_dir / 'config.yaml'} (`multimed-fl deploy submit --resume` does)"
+        )
+    return cfg
+
+
+def _run(grid: Grid, context: Context, cfg: ExperimentConfig, out_dir: Path, checkpoint: Checkpoint | None) -> None:
     write_config(out_dir, cfg)
     planned = planned_sites(cfg, str(context.run_config.get(CORPUS_KEY, "")))
     if planned and not cfg.engine.expected_sites:  # wait for, and insist on, every planned site
@@ -72,10 +95,13 @@ def _run(grid: Grid, context: Context, cfg: ExperimentConfig, out_dir: Path) -> 
         cfg,
         [MetricsTable(out_dir / "metrics.parquet"), TensorBoardLogger(out_dir / "tensorboard")],
         checkpoint_dir=out_dir,
+        resume=checkpoint,
     )
     # the engine is `flwr run`, not the config's in-process default
     summary = dataclasses.replace(
-        build_summary(cfg, result, result.timing.wall_s), engine=f"flwr run ({type(grid).__name__})"
+        build_summary(cfg, result, result.timing.wall_s),
+        engine=f"flwr run ({type(grid).__name__})",
+        resumed_from_round=checkpoint.round if checkpoint is not None else None,
     )
     write_final_model(out_dir, result.arrays)
     write_json(out_dir / "summary.json", summary.to_dict())

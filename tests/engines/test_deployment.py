@@ -366,6 +366,14 @@ def _same_scores_in_process(out, summary, inprocess_out):
                 )
 
 
+def test_a_failed_pull_is_not_charged_to_the_push():
+    from federated.engines.deployment.clientapp_worker import _stage_times
+
+    assert _stage_times(10.0, None, None, 12.5) == "pull failed after 2.50 s"
+    assert _stage_times(10.0, 10.5, None, 12.0) == "pull 0.50 s, app failed after 1.50 s"
+    assert _stage_times(10.0, 10.5, 11.0, 11.25) == "pull 0.50 s, app 0.50 s, push 0.25 s"
+
+
 def test_the_supernode_launcher_shortens_flower_s_fixed_timers_only(monkeypatch):
     from flwr.supernode import start_client_internal as loop
 
@@ -452,3 +460,50 @@ def test_a_supernode_killed_mid_run_and_restarted_rejoins(tmp_path):
     assert failed, summary["failures"]  # the kill is recorded, against the victim
     assert failed[-1] < rounds, failed  # and it answered again before the end
     assert next(r for r in summary["per_site"] if r["site"] == victim)["per_task"]
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_by_a_superlink_restart_resumes_from_its_checkpoint(tmp_path):
+    # The SuperLink killed mid-run (its ServerApp with it) and started again on its database: the
+    # SuperNodes reconnect by themselves, the interrupted run is marked failed once it misses its
+    # heartbeats, and a run submitted with `resume = true` continues it from the last checkpoint.
+    import time
+
+    import numpy as np
+
+    from federated.core.config import config_to_yaml
+    from federated.data.format import Corpus
+    from federated.data.split import split_corpus
+    from federated.engines.deployment.demo import _demo_plan, _start_sites, app_dir, site_local_config
+
+    out, rounds = tmp_path / "restart", 8
+    deploy = out / "deploy"
+    overrides = ["scale=smoke", f"rounds={rounds}", "engine.round_timeout_s=20", "engine.checkpoint_every=1"]
+    cfg, corpus_path, plans = _demo_plan(3, overrides)
+    rows = {p.site: np.concatenate([p.train_rows, p.test_rows]) for p in plans}
+    folders = split_corpus(Corpus.open(corpus_path), rows, deploy / "sites")
+    cfg = site_local_config(cfg, plans)
+    first, again = deploy / "run_config.toml", deploy / "resume.toml"
+    first.write_text(run_config_toml(config_to_yaml(cfg), "", str(out)))
+    again.write_text(run_config_toml(config_to_yaml(cfg), "", str(out), resume=True))
+    deadline = time.monotonic() + 600
+    with LoopbackFederation(deploy, 3, grace_s=5) as fed:
+        fed.start_superlink()
+        _start_sites(fed, plans, folders, out, "worker", lambda line: None)
+        interrupted = fed.submit(app_dir(), first)
+        while not (out / "checkpoint.npz").exists():
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.5)
+        fed.stop_superlink(kill=True)
+        fed.start_superlink()
+        while not (status := str(fed.run_info(interrupted).get("status", ""))).startswith("finished:"):
+            assert time.monotonic() < deadline, f"the interrupted run is still {status}"
+            time.sleep(2)
+        assert status == "finished:failed"
+        assert not (out / "summary.json").exists()
+        resumed = fed.wait_run(fed.submit(app_dir(), again), timeout_s=deadline - time.monotonic(), poll_s=2)
+        assert resumed.completed, resumed.details
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == rounds
+    assert 1 <= summary["resumed_from_round"] < rounds
+    assert [h["round"] for h in summary["history"]] == list(range(rounds + 1))

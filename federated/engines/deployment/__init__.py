@@ -12,6 +12,9 @@ it was from the single module this package replaced:
   SuperExec and ClientApps); `stop_all`, `pid_alive`, `sigterm_as_interrupt`.
 - `federation`: `LoopbackFederation`, a context manager owning a demo PKI, a private
   FLWR_HOME, the SuperLink, SuperNodes and their ClientApp workers; leaving it stops all of them.
+- `flwr_cli`: `FlwrCli`, the `flwr` CLI against one connection (register, submit, wait, log).
+- `submit`: `submit_and_wait` (`multimed-fl deploy submit`), a run on a running SuperLink,
+  waited for; the run config file and the app folder it needs.
 - `demo`: `deploy_demo`, the whole demo flow, and what it needs from the app folder.
 - `clientapp_worker`: the long-lived ClientApp process (why, and what it saves: its docstring).
   It runs as a script by path, importing nothing of the project; `python -m
@@ -33,10 +36,8 @@ from federated.engines.deployment.demo import (
     MAX_SITES,
     DemoResult,
     _check_out_dir,
-    app_dir,
     demo_overrides,
     deploy_demo,
-    run_config_toml,
 )
 from federated.engines.deployment.environment import (
     FLOWER_BINARIES,
@@ -52,10 +53,10 @@ from federated.engines.deployment.federation import (
     CLIENTAPP_MODES,
     CONNECTION,
     LoopbackFederation,
-    RunResult,
     SuperNodeHandle,
     node_config_string,
 )
+from federated.engines.deployment.flwr_cli import FlwrCli, RunResult
 from federated.engines.deployment.processes import (
     _ANSI,
     ManagedProcess,
@@ -66,6 +67,7 @@ from federated.engines.deployment.processes import (
     sigterm_as_interrupt,
     stop_all,
 )
+from federated.engines.deployment.submit import app_dir, run_config_toml, submit_and_wait
 
 __all__ = [
     "CLIENTAPP_MODES",
@@ -81,6 +83,7 @@ __all__ = [
     "_ANSI",
     "DemoResult",
     "DeploymentError",
+    "FlwrCli",
     "LoopbackFederation",
     "ManagedProcess",
     "RunResult",
@@ -107,6 +110,7 @@ __all__ = [
     "run_config_toml",
     "sigterm_as_interrupt",
     "stop_all",
+    "submit_and_wait",
     "venv_bin",
     "worker_argv",
 ]

@@ -139,7 +139,9 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-    t0 = t_pulled = t_ran = time.perf_counter()
+    t0 = time.perf_counter()
+    t_pulled: float | None = None  # None: the pull did not finish (its time is not the push's)
+    t_ran: float | None = None
     retry = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
@@ -205,18 +207,37 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
         client.close()
     kind = message.metadata.message_type if message is not None else "?"
     t1 = time.perf_counter()
-    print(
-        f"{kind} message: {sub_status} in {t1 - t0:.2f} s (pull {t_pulled - t0:.2f} s, "
-        f"app {max(0.0, t_ran - t_pulled):.2f} s, push {t1 - max(t_ran, t_pulled):.2f} s)",
-        flush=True,
-    )
+    print(f"{kind} message: {sub_status} in {t1 - t0:.2f} s ({_stage_times(t0, t_pulled, t_ran, t1)})", flush=True)
     return not load_failed
 
 
+def _stage_times(t0: float, t_pulled: float | None, t_ran: float | None, t1: float) -> str:
+    """Where a message's time went; a stage that did not finish is named as failed, so a failed
+    pull's wait is not charged to the push."""
+    if t_pulled is None:
+        return f"pull failed after {t1 - t0:.2f} s"
+    if t_ran is None:
+        return f"pull {t_pulled - t0:.2f} s, app failed after {t1 - t_pulled:.2f} s"
+    return f"pull {t_pulled - t0:.2f} s, app {t_ran - t_pulled:.2f} s, push {t1 - t_ran:.2f} s"
+
+
+# Retries of a message's objects that its SuperNode is still pulling from the SuperLink: initial,
+# cap (seconds). The worker claims a task as soon as the SuperNode has the message header, so it
+# nearly always asks for the model before the SuperNode has it; each retry is one local HTTP call
+# of a few ms. Profiled in a deployed round, a 0.5 s cap left the model on the SuperNode for up to
+# 0.4 s (pull 0.9 s of an evaluate message that took 1 s).
+TASK_OBJECT_BACKOFF_S = (0.02, 0.1)
+# How long the worker waits for a message's objects, in all: bounded well below Flower's 2 h, since
+# a message of a run that ended meanwhile (a SuperLink restarted mid-round) never completes, and the
+# worker must be free for the next run's messages.
+TASK_PULL_MAX_TIME_S = 120.0
+
+
 def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
-    """flwr's run_clientapp.pull_task_input, polling the SuperNode's object store every
-    0.05-0.5 s instead of backing off 1 s -> 10 s: the task exists as soon as the SuperNode
-    has the message header, and its content (the model, 247 objects) arrives after it."""
+    """flwr's run_clientapp.pull_task_input, polling the SuperNode's object store on
+    TASK_OBJECT_BACKOFF_S instead of backing off 1 s -> 10 s: the task exists as soon as the
+    SuperNode has the message header, and its content (the model) arrives after it. It gives up
+    after TASK_PULL_MAX_TIME_S, not on a try count that short waits use up sooner."""
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
@@ -242,8 +263,10 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
         make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message,
-        initial_backoff=0.05,
-        backoff_cap=0.5,
+        initial_backoff=TASK_OBJECT_BACKOFF_S[0],
+        backoff_cap=TASK_OBJECT_BACKOFF_S[1],
+        max_tries_per_object=None,
+        max_time=TASK_PULL_MAX_TIME_S,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # as flwr-clientapp does
     return message, context, run, fab

@@ -24,39 +24,14 @@ from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.data.split import split_corpus
 from federated.engines.deployment.environment import HOST, DeploymentError, check_binaries, check_port_free, flower_env
-from federated.engines.deployment.federation import CLIENTAPP_MODES, LoopbackFederation, RunResult
+from federated.engines.deployment.federation import CLIENTAPP_MODES, LoopbackFederation
+from federated.engines.deployment.flwr_cli import RunResult
 from federated.engines.deployment.processes import sigterm_as_interrupt
+from federated.engines.deployment.submit import app_dir, run_config_toml
 from partitions import SitePlan, plan_sites
 from partitions.site_local import SITE_LOCAL
 
 MAX_SITES = 32
-
-
-def run_config_toml(config_yaml: str, corpus_path: str, out_dir: str) -> str:
-    """The `flwr run --run-config FILE.toml` text: the resolved YAML as a ''' literal
-    (byte-for-byte), or as an escaped basic string if it contains '''."""
-    import tomllib
-
-    if "'''" in config_yaml or any(ord(c) < 32 and c not in "\t\n" for c in config_yaml):
-        value = json.dumps(config_yaml)  # a JSON string is a valid TOML basic string
-    else:
-        value = "'''\n" + config_yaml + "'''"
-    text = f"multimed-config = {value}\ncorpus-path = {json.dumps(corpus_path)}\nout-dir = {json.dumps(out_dir)}\n"
-    parsed = tomllib.loads(text)
-    assert parsed["multimed-config"] == config_yaml and parsed["out-dir"] == out_dir
-    return text
-
-
-def app_dir() -> Path:
-    """The Flower app folder (the repository root with pyproject.toml's [tool.flwr.app])."""
-    root = Path(__file__).resolve().parents[3]  # federated/engines/deployment/demo.py
-    pyproject = root / "pyproject.toml"
-    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
-        raise DeploymentError(
-            f"{root} is not the multimed-fl app folder (no pyproject.toml with "
-            "[tool.flwr.app]); deploy needs a source checkout (pip install -e .)"
-        )
-    return root
 
 
 def _check_out_dir(out: Path, root: Path) -> None:

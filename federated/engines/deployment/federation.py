@@ -5,13 +5,11 @@ SuperLink and misbehaving SuperNodes); `deploy_demo` (demo.py) drives it for a w
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import subprocess
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +23,8 @@ from federated.engines.deployment.environment import (
     flower_env,
     free_port,
 )
-from federated.engines.deployment.processes import _ANSI, ManagedProcess, stop_all
+from federated.engines.deployment.flwr_cli import FlwrCli, RunResult
+from federated.engines.deployment.processes import ManagedProcess, stop_all
 
 if TYPE_CHECKING:  # annotations only; pki (cryptography) is imported when a federation is made
     from federated.engines.pki import DemoPKI, NodeKey
@@ -41,14 +40,6 @@ class SuperNodeHandle:
     node: ManagedProcess
     worker: ManagedProcess | None = None
     restart: Callable[[], SuperNodeHandle] | None = None  # the same start, on a fresh port
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    status: str
-    details: str
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class LoopbackFederation:
@@ -85,6 +76,7 @@ class LoopbackFederation:
         self.nodes: list[SuperNodeHandle] = []
         self._processes: list[ManagedProcess] = []
         self._write_connection()
+        self.cli = FlwrCli(self.binaries["flwr"], CONNECTION, self.env, self.dir, self.logs / "flwr-cli.log")
 
     # -- lifecycle
     def __enter__(self) -> LoopbackFederation:
@@ -124,47 +116,6 @@ class LoopbackFederation:
             f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n'
             f"root-certificates = {json.dumps(str(self.pki.ca_cert))}\n"
         )
-
-    def flwr(
-        self, *args: str, timeout: float = 120.0, check: bool = True, cwd: Path | None = None, polling: bool = False
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the flwr CLI against our connection. polling=True: at low CPU priority (each
-        call is a Python start, ~1.5 CPU-s, that must not slow the run it watches)."""
-        argv = [self.binaries["flwr"], *args]
-        try:
-            res = subprocess.run(
-                argv,
-                env=self.env,
-                cwd=cwd or self.dir,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=(lambda: os.nice(10)) if polling and hasattr(os, "nice") else None,
-            )
-        except subprocess.TimeoutExpired:
-            raise DeploymentError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from None
-        with open(self.logs / "flwr-cli.log", "a") as log:
-            log.write(f"$ flwr {' '.join(args)}\n[exit {res.returncode}]\n{res.stdout}{res.stderr}\n")
-        if check and res.returncode != 0:
-            raise DeploymentError(
-                f"`flwr {' '.join(args)}` failed (exit {res.returncode}): "
-                f"{_ANSI.sub('', (res.stdout + res.stderr).strip())[-2000:]}"
-            )
-        return res
-
-    def flwr_json(self, *args: str, timeout: float = 120.0, polling: bool = False) -> dict[str, Any]:
-        res = self.flwr(*args, "--format", "json", timeout=timeout, check=False, polling=polling)
-        try:
-            data = json.loads(res.stdout)
-        except json.JSONDecodeError:
-            raise DeploymentError(
-                f"`flwr {' '.join(args)}` gave no JSON (exit {res.returncode}): "
-                f"{_ANSI.sub('', (res.stdout + res.stderr).strip())[-2000:]}"
-            ) from None
-        if not data.get("success", False):
-            raise DeploymentError(f"`flwr {' '.join(args)}` failed: {data.get('error-message', data)}")
-        return data
 
     # -- SuperLink
     def start_superlink(self, timeout_s: float = 120.0) -> ManagedProcess:
@@ -218,13 +169,22 @@ class LoopbackFederation:
         self.say(f"started SuperLink on https://{self.address} (TLS, SuperNode auth on, pid {self.superlink.pid})")
         return self.superlink
 
+    def stop_superlink(self, kill: bool = False) -> None:
+        """Stop the SuperLink and what it started (its SuperExec, a running ServerApp): SIGTERM
+        as a service manager stops it, or kill=True, SIGKILL as a crash does. Its database stays."""
+        assert self.superlink is not None, "no SuperLink was started"
+        self.superlink.note_descendants()
+        if kill:
+            self.superlink.signal(signal.SIGKILL)
+        self.superlink.stop(self.grace_s)
+        self.superlink.close_log()
+
     def register(self, key: NodeKey, name: str) -> None:
         """Register a SuperNode's public key (`flwr supernode register`)."""
-        self.flwr("supernode", "register", str(key.public), CONNECTION, "--name", name)
+        self.cli.register(key.public, name)
 
     def online_nodes(self) -> list[dict[str, Any]]:
-        data = self.flwr_json("supernode", "ls", CONNECTION, polling=True)
-        return [n for n in data.get("nodes", []) if n.get("status") == "online"]
+        return self.cli.online_nodes()
 
     # -- SuperNodes
     def start_supernode(
@@ -325,42 +285,24 @@ class LoopbackFederation:
 
     # -- runs
     def submit(self, app_dir: Path, run_config: Path) -> str:
-        data = self.flwr_json("run", str(app_dir), CONNECTION, "--run-config", str(run_config), timeout=300.0)
-        return str(data["run-id"])
+        return self.cli.submit(app_dir, run_config)
 
     def run_info(self, run_id: str) -> dict[str, Any]:
-        runs = self.flwr_json("ls", CONNECTION, "--run-id", run_id, polling=True).get("runs", [])
-        if not runs:
-            raise DeploymentError(f"the SuperLink does not know run {run_id}")
-        return dict(runs[0])
+        return self.cli.run_info(run_id)
 
     def wait_run(
         self, run_id: str, timeout_s: float, on_status: Callable[[str], None] = lambda s: None, poll_s: float = 5.0
     ) -> RunResult:
-        deadline = time.monotonic() + timeout_s
-        last = None
-        while True:
+        """Wait for the run; a SuperLink or SuperNode that exits fails it at once (supervise)."""
+
+        def check() -> None:
             self.supervise()
-            info = self.run_info(run_id)
-            status = str(info.get("status", ""))
-            if status != last:
-                on_status(status)
-                last = status
-            if status.startswith("finished:"):
-                return RunResult(run_id, status, str(info.get("status-details", "")), info)
             self.note_descendants()
-            if time.monotonic() > deadline:
-                with contextlib.suppress(DeploymentError):
-                    self.flwr("stop", run_id, CONNECTION, timeout=60, check=False)
-                raise DeploymentError(
-                    f"run {run_id} did not finish within {timeout_s:.0f} s (last status {status!r}); stopped it"
-                )
-            time.sleep(poll_s)
+
+        return self.cli.wait(run_id, timeout_s, on_status, poll_s, each_poll=check)
 
     def save_run_log(self, run_id: str, path: Path) -> None:
-        with contextlib.suppress(DeploymentError):
-            res = self.flwr("log", run_id, CONNECTION, "--show", timeout=60, check=False)
-            path.write_text(_ANSI.sub("", res.stdout + res.stderr))
+        path.write_text(self.cli.run_log(run_id))
 
 
 def node_config_string(node_config: Mapping[str, Any]) -> str:

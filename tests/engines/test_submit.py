@@ -1,0 +1,66 @@
+"""`multimed-fl deploy certificates` and `deploy submit`'s checks, and the ServerApp's resume of a
+deployed run (which config it continues with). The submit itself, against a real SuperLink, runs
+in test_multihost_guide.py and test_deployment.py (slow)."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from cryptography import x509
+
+from federated.app.cli import main
+from federated.core.config import config_to_yaml, load_config
+from federated.engines.deployment import run_config_toml
+from federated.server.run_folder import RunFolderError
+from federated.server.server_app import _resumed_config
+
+
+def test_a_resume_run_config_says_so_and_keeps_the_config_byte_for_byte() -> None:
+    text = config_to_yaml(load_config(["rounds=7"]))
+    parsed = tomllib.loads(run_config_toml(text, "", "/srv/runs/a", resume=True))
+    assert parsed == {"multimed-config": text, "corpus-path": "", "out-dir": "/srv/runs/a", "resume": True}
+    assert "resume" not in tomllib.loads(run_config_toml(text, "", "/srv/runs/a"))
+
+
+def test_certificates_name_the_hosts_and_never_replace_a_ca(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "pki"
+    assert main(["deploy", "certificates", "--out", str(out), "--host", "coord.example.org", "--host", "10.0.0.5"]) == 0
+    cert = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["coord.example.org"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+    assert (out / "ca.key").stat().st_mode & 0o777 == 0o600
+    ca = (out / "ca.crt").read_bytes()
+    capsys.readouterr()
+    assert main(["deploy", "certificates", "--out", str(out), "--host", "other"]) == 2
+    assert "already holds ca.crt, ca.key, server.pem, server.key" in capsys.readouterr().err
+    assert (out / "ca.crt").read_bytes() == ca
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--resume", "r", "--out-dir", "o"], "give no --out-dir or overrides"),
+        (["--resume", "r", "rounds=3"], "give no --out-dir or overrides"),
+        ([], "needs --out-dir DIR (or --resume DIR)"),
+        (["--resume", "{tmp}/gone"], "gone/config.yaml is not readable here"),
+    ],
+)
+def test_submit_refuses_what_cannot_be_submitted_before_calling_flwr(tmp_path, capsys, args, message) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["deploy", "submit", "--connection", "nowhere", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_deployed_resume_continues_with_the_interrupted_run_s_config_only(tmp_path: Path) -> None:
+    own = config_to_yaml(load_config(["rounds=7"]))
+    checkpoint = SimpleNamespace(config_yaml=own)
+    assert _resumed_config(own, checkpoint, tmp_path).rounds == 7  # type: ignore[arg-type]
+    with pytest.raises(RunFolderError, match="not the config of the run being resumed"):
+        _resumed_config(config_to_yaml(load_config(["rounds=8"])), checkpoint, tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(RunFolderError, match="is empty"):
+        _resumed_config("", checkpoint, tmp_path)  # type: ignore[arg-type]
