@@ -117,6 +117,7 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
             clientapp=args.clientapp,
             superlink_port=args.superlink_port,
             timeout_s=args.timeout,
+            superlink_database=not args.in_memory,
             say=say,
         )
     except KeyboardInterrupt:
@@ -433,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--superlink-port", type=int, default=0, help="SuperLink port (default: a free one)")
     demo.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    demo.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="the SuperLink keeps its state in memory, not in OUT/deploy/superlink.db (faster rounds; "
+        "a restarted SuperLink would know no nodes or runs)",
+    )
     demo.add_argument(
         "overrides",
         nargs="*",

@@ -99,9 +99,12 @@ def deploy_demo(
     timeout_s: float = 3600.0,
     say: Callable[[str], None] = print,
     grace_s: float = 10.0,
+    superlink_database: bool = True,
 ) -> DemoResult:
     """Run one experiment as a TLS + node-auth deployment on loopback; outputs go to out_dir,
-    logs and keys to out_dir/deploy. Every process started is stopped before returning."""
+    logs and keys to out_dir/deploy. Every process started is stopped before returning.
+    superlink_database=False: the SuperLink keeps its state in memory (faster; a restarted
+    SuperLink then knows no nodes and no runs)."""
     t0 = time.perf_counter()
     _check_demo_args(n_sites, clientapp, superlink_port)
     root = app_dir()
@@ -126,7 +129,9 @@ def deploy_demo(
     run_config.write_text(run_config_toml(config_to_yaml(cfg), "", str(out)))
 
     seconds: dict[str, float] = {}
-    fed = LoopbackFederation(deploy, n_sites, superlink_port=superlink_port, say=say, grace_s=grace_s)
+    fed = LoopbackFederation(
+        deploy, n_sites, superlink_port=superlink_port, say=say, grace_s=grace_s, database=superlink_database
+    )
     try:
         with sigterm_as_interrupt():
             fed.start_superlink()

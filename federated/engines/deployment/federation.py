@@ -57,9 +57,10 @@ class LoopbackFederation:
         superlink_port: int = 0,
         say: Callable[[str], None] = lambda s: None,
         grace_s: float = 10.0,
+        database: bool = True,
     ) -> None:
         self.dir = Path(workdir).resolve()
-        self.host, self.say, self.grace_s = host, say, grace_s
+        self.host, self.say, self.grace_s, self.database = host, say, grace_s, database
         self.logs = self.dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.dir / "flwr_home"
@@ -136,8 +137,7 @@ class LoopbackFederation:
                     self.host,
                     "--port",
                     str(self.port),
-                    "--database",
-                    str(self.dir / "superlink.db"),
+                    *(["--database", str(self.dir / "superlink.db")] if self.database else []),
                 ],
                 self.logs / "superlink.log",
                 self.env,
