@@ -64,3 +64,27 @@ def test_a_deployed_resume_continues_with_the_interrupted_run_s_config_only(tmp_
         _resumed_config(config_to_yaml(load_config(["rounds=8"])), checkpoint, tmp_path)  # type: ignore[arg-type]
     with pytest.raises(RunFolderError, match="is empty"):
         _resumed_config("", checkpoint, tmp_path)  # type: ignore[arg-type]
+
+
+def test_waiting_asks_flower_rarely_until_the_summary_says_the_run_ended(monkeypatch, tmp_path: Path) -> None:
+    # Each `flwr ls` is a Python start (~1.5 CPU-s) competing with the run it watches.
+    from federated.engines.deployment import flwr_cli
+
+    monkeypatch.setattr(flwr_cli, "HINTED_POLL_S", 0.0)
+    cli = flwr_cli.FlwrCli("flwr", "c", {}, tmp_path)
+    asked: list[str] = []
+    summary = tmp_path / "summary.json"
+
+    def run_info(run_id: str) -> dict[str, str]:
+        asked.append(run_id)
+        return {"status": "finished:completed" if summary.exists() else "running"}
+
+    monkeypatch.setattr(cli, "run_info", run_info)
+    ticks = iter(range(10**6))
+
+    def each_poll() -> None:  # the run ends after a few half-second ticks
+        if next(ticks) == 3:
+            summary.write_text("{}")
+
+    result = cli.wait("7", timeout_s=60, poll_s=3600, each_poll=each_poll, finished_hint=summary.exists)
+    assert result.completed and asked == ["7", "7"]  # once at the start, once when the summary appeared

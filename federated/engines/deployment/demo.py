@@ -232,7 +232,13 @@ def _run_to_completion(
     run_id = fed.submit(root, run_config)
     t_submit = time.perf_counter()
     say(f"submitted run {run_id}")
-    result = fed.wait_run(run_id, timeout_s, on_status=lambda s: say(f"run {run_id}: {s}"))
+    result = fed.wait_run(  # the ServerApp writes summary.json last: then ask Flower how the run ended
+        run_id,
+        timeout_s,
+        on_status=lambda s: say(f"run {run_id}: {s}"),
+        poll_s=30.0,
+        finished_hint=(deploy.parent / "summary.json").exists,
+    )
     seconds["run_s"] = time.perf_counter() - t_submit
     fed.save_run_log(run_id, deploy / "logs" / "run.log")
     if result.status != "finished:completed":

@@ -291,15 +291,23 @@ class LoopbackFederation:
         return self.cli.run_info(run_id)
 
     def wait_run(
-        self, run_id: str, timeout_s: float, on_status: Callable[[str], None] = lambda s: None, poll_s: float = 5.0
+        self,
+        run_id: str,
+        timeout_s: float,
+        on_status: Callable[[str], None] = lambda s: None,
+        poll_s: float = 5.0,
+        finished_hint: Callable[[], bool] = lambda: False,
     ) -> RunResult:
         """Wait for the run; a SuperLink or SuperNode that exits fails it at once (supervise)."""
+        noted = [time.monotonic()]
 
         def check() -> None:
             self.supervise()
-            self.note_descendants()
+            if time.monotonic() - noted[0] >= 5.0:  # a /proc scan: not every half second
+                self.note_descendants()
+                noted[0] = time.monotonic()
 
-        return self.cli.wait(run_id, timeout_s, on_status, poll_s, each_poll=check)
+        return self.cli.wait(run_id, timeout_s, on_status, poll_s, each_poll=check, finished_hint=finished_hint)
 
     def save_run_log(self, run_id: str, path: Path) -> None:
         path.write_text(self.cli.run_log(run_id))

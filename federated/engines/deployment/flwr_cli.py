@@ -35,6 +35,9 @@ class RunResult:
         return self.status == "finished:completed"
 
 
+HINTED_POLL_S = 2.0  # `flwr ls` at most this often once the run has probably ended
+
+
 class FlwrCli:
     """`flwr` calls against `connection` (a [superlink.<name>] in $FLWR_HOME/config.toml)."""
 
@@ -109,27 +112,33 @@ class FlwrCli:
         on_status: Callable[[str], None] = lambda s: None,
         poll_s: float = 5.0,
         each_poll: Callable[[], None] = lambda: None,
+        finished_hint: Callable[[], bool] = lambda: False,
     ) -> RunResult:
         """Poll until the run is finished (any way); past timeout_s, stop it and raise.
-        each_poll runs before every poll (the demo checks its processes there)."""
+        each_poll runs every 0.5 s (the demo checks its processes there). Each `flwr ls` is a
+        Python start (~1.5 CPU-s) that competes with the run it watches, so it runs every poll_s,
+        or at once when finished_hint() says the run has probably ended (its summary.json is there)."""
         deadline = time.monotonic() + timeout_s
-        last = None
+        last, polled = None, -float("inf")
         while True:
             each_poll()
-            info = self.run_info(run_id)
-            status = str(info.get("status", ""))
-            if status != last:
-                on_status(status)
-                last = status
-            if status.startswith("finished:"):
-                return RunResult(run_id, status, str(info.get("status-details", "")), info)
+            since = time.monotonic() - polled
+            if since >= poll_s or (since >= HINTED_POLL_S and finished_hint()):
+                polled = time.monotonic()
+                info = self.run_info(run_id)
+                status = str(info.get("status", ""))
+                if status != last:
+                    on_status(status)
+                    last = status
+                if status.startswith("finished:"):
+                    return RunResult(run_id, status, str(info.get("status-details", "")), info)
             if time.monotonic() > deadline:
                 with contextlib.suppress(DeploymentError):
                     self.call("stop", run_id, self.connection, timeout=60, check=False)
                 raise DeploymentError(
-                    f"run {run_id} did not finish within {timeout_s:.0f} s (last status {status!r}); stopped it"
+                    f"run {run_id} did not finish within {timeout_s:.0f} s (last status {last!r}); stopped it"
                 )
-            time.sleep(poll_s)
+            time.sleep(0.5)
 
     def run_log(self, run_id: str) -> str:
         """What the run's ServerApp logged (`flwr log --show`); empty if Flower has none."""

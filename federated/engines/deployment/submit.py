@@ -62,7 +62,7 @@ def submit_and_wait(
     config_yaml: str,
     resume: bool = False,
     timeout_s: float = 24 * 3600.0,
-    poll_s: float = 5.0,
+    poll_s: float = 15.0,
     say: Callable[[str], None] = lambda s: None,
 ) -> RunResult:
     """Submit the run (or, resume=True, the continuation of the run in out_dir), wait until it
@@ -74,7 +74,10 @@ def submit_and_wait(
         run_config.write_text(run_config_toml(config_yaml, "", out_dir, resume=resume))
         run_id = cli.submit(app_dir(), run_config)
     say(f"submitted run {run_id} to `{connection}`" + (f", resuming {out_dir}" if resume else ""))
-    result = cli.wait(run_id, timeout_s, on_status=lambda s: say(f"run {run_id}: {s}"), poll_s=poll_s)
+    summary = Path(out_dir) / "summary.json"  # where the ServerApp runs on this machine: written last
+    result = cli.wait(
+        run_id, timeout_s, on_status=lambda s: say(f"run {run_id}: {s}"), poll_s=poll_s, finished_hint=summary.exists
+    )
     if not result.completed:
         tail = "\n".join(cli.run_log(run_id).strip().splitlines()[-15:])
         say(f"run {run_id} ended {result.status}: {result.details or 'no details'}\n{tail}")
