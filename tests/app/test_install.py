@@ -212,6 +212,27 @@ def test_every_library_the_tests_import_is_declared() -> None:
     assert not missing, missing
 
 
+def test_the_metadata_leaves_the_torch_build_and_the_python_version_to_the_user() -> None:
+    """torch has a lower bound only and Python no cap; the CPU wheel for CI and the README's
+    commands comes from constraints-cpu.txt, which pins the torch these tests run on."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    (torch,) = [Requirement(r) for r in PYPROJECT["project"]["dependencies"] if Requirement(r).name == "torch"]
+    assert {s.operator for s in torch.specifier} == {">="}, torch
+    python = SpecifierSet(PYPROJECT["project"]["requires-python"])
+    assert {s.operator for s in python} == {">="} and "3.11" in python and "3.13" in python
+    pins = [
+        Requirement(line) for line in (ROOT / "constraints-cpu.txt").read_text().splitlines() if line and line[0] != "#"
+    ]
+    assert [str(p) for p in pins] == [f"torch=={version('torch').split('+')[0]}"]
+    readme = (ROOT / "README.md").read_text()
+    setup = [line for line in readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines() if "pip install" in line]
+    assert len(setup) == 2 and all("-c constraints-cpu.txt" in line for line in setup), setup
+
+
 # --- the wheel, installed in a fresh venv ------------------------------------------------------
 
 
