@@ -1,7 +1,8 @@
 """The Ray simulation engine: the same ServerApp logic and ClientApp under Flower's Ray backend.
 
 `multimed-fl run engine=ray` calls flwr.simulation.run_simulation: every site is a SuperNode in
-Ray's actor pool (one CPU each, `engine.ray_cpus` CPUs in all), the federation loop runs in
+Ray's actor pool (`engine.cpus_per_site` / `engine.gpus_per_site` each; `engine.ray_cpus` CPUs in
+all, or the cluster at `engine.ray_address` / $RAY_ADDRESS, joined as it is), the federation loop runs in
 this process with the same callbacks as in-process, and `flwr run .` from the repository root
 runs the very same apps through a local SuperLink. Ray is shut down when the run returns.
 
@@ -17,6 +18,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -74,7 +76,6 @@ def run_ray(
             errors.append(e)
 
     before = ray_processes()
-    cpus = cfg.engine.ray_cpus or os.cpu_count() or 1
     logging.getLogger("flwr").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
@@ -89,8 +90,13 @@ def run_ray(
             # One retry: a site that dies twice on the same message is a failure.
             # Flower passes client_resources to the actors' .options().
             backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": -1, "max_task_retries": 1},
-                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
+                "client_resources": {
+                    "num_cpus": cfg.engine.cpus_per_site,
+                    "num_gpus": cfg.engine.gpus_per_site,
+                    "max_restarts": -1,
+                    "max_task_retries": 1,
+                },
+                "init_args": ray_init_args(cfg),
             },
         )
     finally:
@@ -100,6 +106,23 @@ def run_ray(
     if not results:
         raise RuntimeError("the Ray simulation ended without a result (see the log above)")
     return results[0]
+
+
+def ray_address(cfg: ExperimentConfig) -> str:
+    """The running cluster to join: engine.ray_address, else $RAY_ADDRESS; "" = start Ray here."""
+    return cfg.engine.ray_address or os.environ.get("RAY_ADDRESS", "")
+
+
+def ray_init_args(cfg: ExperimentConfig) -> dict[str, Any]:
+    """ray.init's arguments. A running cluster refuses num_cpus/num_gpus (its nodes declared
+    them), so only a Ray started here is sized, by engine.ray_cpus. Without an address, "local":
+    ray.init would otherwise join the cluster `ray start` last recorded on this machine
+    (/tmp/ray/ray_current_cluster), even one that has stopped since."""
+    args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR}
+    address = ray_address(cfg)
+    if address:
+        return {**args, "address": address}
+    return {**args, "address": "local", "num_cpus": cfg.engine.ray_cpus or os.cpu_count() or 1}
 
 
 def ray_processes() -> set[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pandas as pd
@@ -57,3 +58,56 @@ def test_a_site_killed_mid_round_is_counted_and_the_run_goes_on(tmp_path):
     assert set(trained[trained["round"] == 1]["site"]) == {"site_00"}
     assert set(trained[trained["round"] == 2]["site"]) == {"site_00", "site_01"}
     assert not ray_processes()
+
+
+def test_a_run_joins_a_running_ray_cluster_and_scores_as_in_process(tmp_path):
+    """engine.ray_address: a Ray head started on loopback plays the cluster; the run joins it
+    without sizing it, gives the in-process scores, and leaves the cluster running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from federated.engines.deployment import free_port
+    from federated.engines.deployment.environment import _port_open
+
+    port = free_port()
+    ray = Path(sys.executable).parent / "ray"
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # `ray start` notes its head here
+    recorded = record.read_bytes() if record.is_file() else None
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - the head writes here until it is killed
+    head = subprocess.Popen(
+        [str(ray), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats", "--block"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not _port_open("127.0.0.1", port):
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(0.5)
+        scores = {}
+        for engine, extra in (("inprocess", []), ("ray", [f"engine.ray_address=127.0.0.1:{port}"])):
+            out = tmp_path / engine
+            assert main(["run", "--out", str(out), "--no-progress", f"engine={engine}", *extra, *THREE_SITES]) == 0
+            scores[engine] = json.loads((out / "summary.json").read_text())["final"]
+        for group in ("id", "ood"):
+            assert scores["ray"][group]["per_task"] == pytest.approx(scores["inprocess"][group]["per_task"], abs=1e-6)
+        assert head.poll() is None, "the run stopped the cluster it joined"
+        assert not ray_processes()  # nothing of Ray's left in this process group
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+        log.close()
+        if recorded is None:  # leave no pointer to the stopped head for a later ray.init to follow
+            record.unlink(missing_ok=True)
+        else:
+            record.write_bytes(recorded)

@@ -396,6 +396,14 @@ def validate(cfg: ExperimentConfig) -> None:
         ("engine.round_timeout_s", cfg.engine.round_timeout_s >= 0, "must be >= 0 (0 = wait for all)"),
         ("engine.expected_sites", cfg.engine.expected_sites >= 0, "must be >= 0"),
         ("engine.handshake_timeout_s", cfg.engine.handshake_timeout_s > 0, "must be > 0"),
+        ("engine.ray_cpus", cfg.engine.ray_cpus >= 0, "must be >= 0 (0 = all of this machine's)"),
+        ("engine.cpus_per_site", cfg.engine.cpus_per_site > 0, "must be > 0 (Ray needs a share of a CPU per site)"),
+        ("engine.gpus_per_site", cfg.engine.gpus_per_site >= 0, "must be >= 0 (0.25: four sites share a GPU)"),
+        (
+            "engine.ray_cpus",
+            not (cfg.engine.ray_cpus and cfg.engine.ray_address),
+            "cannot be set with engine.ray_address: a running cluster has the CPUs its nodes gave it",
+        ),
         (
             "engine.on_incompatible_site",
             cfg.engine.on_incompatible_site in ("fail", "exclude"),

@@ -281,7 +281,14 @@ class EngineConfig:
     # the nodes connected when the run starts, as simulation engines register all up front).
     expected_sites: int = 0
     handshake_timeout_s: float = 300.0
-    ray_cpus: int = 0  # engine=ray: CPUs Ray may use (one per site at a time); 0 = all
+    ray_cpus: int = 0  # engine=ray: CPUs a Ray started here may use; 0 = all (not with ray_address)
+    # engine=ray: join a running Ray cluster at this address ("auto", "HOST:6379", "ray://HOST:10001";
+    # empty = $RAY_ADDRESS, else start Ray here). A cluster is sized by its own nodes, not by us.
+    ray_address: str = ""
+    # engine=ray: what one site's process reserves (Flower's client resources). Fractional GPUs let
+    # several sites share one GPU (0.25: four per GPU); CPUs per site bound how many run at once.
+    cpus_per_site: float = 1.0
+    gpus_per_site: float = 0.0
     # A site that fails in every round, or a task scored in round 0 but not at the end, makes
     # `multimed-fl run` exit non-zero (the summary is written either way); true accepts them.
     allow_site_failures: bool = False
