@@ -30,6 +30,7 @@ from clients.trainer import evaluate_site
 from federated import __version__
 from federated.core import protocol as P
 from federated.core.arrays import pack_arrays, record_to_torch
+from federated.core.compute import model_device
 from federated.core.models import MultiMedModel
 from federated.core.protocol import Role, record_round
 from partitions.site_local import SITE_LOCAL
@@ -67,6 +68,14 @@ def load_global(model: MultiMedModel, record: ArrayRecord) -> dict[str, torch.Te
         model.load_state_dict(weights)
         model.__dict__[_HOLDS] = record
     return weights
+
+
+def on_device(weights: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The round's global weights where the model is, for the strategy's site side (FedProx's
+    proximal term, SCAFFOLD's start point); the decoded host tensors themselves on CPU."""
+    if device.type == "cpu":
+        return weights
+    return {k: v.to(device) for k, v in weights.items()}
 
 
 def _forget_weights(model: MultiMedModel) -> None:
@@ -148,7 +157,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
     _site_local(rt, msg)
-    start = load_global(rt.model, msg.content.array_records[P.ARRAYS_RECORD])
+    start = on_device(load_global(rt.model, msg.content.array_records[P.ARRAYS_RECORD]), model_device(rt.model))
     _forget_weights(rt.model)
     this_round = rt.algorithm.before_train(SiteRound(rt.model, start, msg.content, context, rt.cfg.train))
     server_round = record_round(msg.content.config_records[P.CONFIG_RECORD])
@@ -189,8 +198,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     if every and server_round and (server_round % every == 0 or server_round == rt.cfg.rounds):
         site_state.save(context, rt.plan.site, server_round)
     load_global(rt.model, msg.content.array_records[P.ARRAYS_RECORD])
-    reply = RecordDict({P.METRICS_RECORD: _flat(evaluate_site(rt.model, rt.data, "test"), rt.plan.n_test)})
+    precision = rt.cfg.train.precision
+    reply = RecordDict(
+        {P.METRICS_RECORD: _flat(evaluate_site(rt.model, rt.data, "test", precision=precision), rt.plan.n_test)}
+    )
     if rt.plan.role == Role.TRAIN and rt.algorithm.load_personal(rt.model, context):
         _forget_weights(rt.model)  # it holds this site's personal parameters now
-        reply[P.PERSONAL_RECORD] = _flat(evaluate_site(rt.model, rt.data, "test"), rt.plan.n_test)
+        personal = evaluate_site(rt.model, rt.data, "test", precision=precision)
+        reply[P.PERSONAL_RECORD] = _flat(personal, rt.plan.n_test)
     return Message(reply, reply_to=msg)

@@ -31,7 +31,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import ConfigRecord, Context, RecordDict
@@ -45,6 +44,7 @@ from opacus.validators import ModuleValidator
 
 from clients.site_data import SiteData, TaskSplit
 from clients.trainer import TrainResult, group_examples, make_optimizer, task_loss
+from federated.core.compute import autocast, model_device
 from federated.core.config.schema import ExperimentConfig, PrivacyConfig
 from federated.core.corpus_schema import Task
 from federated.core.models import MultiMedModel, group_of
@@ -251,11 +251,18 @@ def per_sample_module(model: MultiMedModel, mode: str) -> AbstractGradSampleModu
 
 
 def private_gradient(
-    gsm: AbstractGradSampleModule, optimizer: DPOptimizer, task: Task, batch: TaskSplit | None
-) -> float | None:
+    gsm: AbstractGradSampleModule,
+    optimizer: DPOptimizer,
+    task: Task,
+    batch: TaskSplit | None,
+    precision: str = "fp32",
+) -> torch.Tensor | None:
     """Leave the privatised gradient in p.grad: per-sample gradients clipped to
     max_grad_norm, summed, plus N(0, (sigma * C)^2) noise, divided by the expected batch size.
-    batch=None (an empty Poisson draw) is a noise-only step. Returns the batch loss."""
+    batch=None (an empty Poisson draw) is a noise-only step. Returns the batch loss (on the
+    device). Under bf16 autocast some per-sample gradients come out in bf16; they are cast to
+    the parameter's fp32 before Opacus clips them, so the norms, the clipping bound and the
+    noise are all fp32 arithmetic on the values that are summed."""
     optimizer.zero_grad(set_to_none=True)
     for p in gsm.parameters():  # also those switched off this step (zero_grad skips them)
         p.grad_sample = None
@@ -264,13 +271,17 @@ def private_gradient(
         with warnings.catch_warnings():  # harmless: hooks on a first layer whose inputs need no
             warnings.filterwarnings("ignore", message="Full backward hook is firing")  # grad;
             warnings.filterwarnings("ignore", message="In CPU autocast")  # functorch's autocast probe
-            if isinstance(gsm, GradSampleModuleExpandedWeights):
-                output = gsm(batch.targets, task.name, batch.inputs, batch.present)
-            else:
-                output = gsm(task.name, batch.inputs, batch.present)
-            out = per_sample_loss(task, output, batch.targets)
+            with autocast(batch.targets.device, precision):
+                if isinstance(gsm, GradSampleModuleExpandedWeights):
+                    output = gsm(batch.targets, task.name, batch.inputs, batch.present)
+                else:
+                    output = gsm(task.name, batch.inputs, batch.present)
+                out = per_sample_loss(task, output, batch.targets)
             out.backward()
-        loss = float(out.detach())
+        loss = out.detach()
+        for p in optimizer.params:
+            if isinstance(getattr(p, "grad_sample", None), torch.Tensor) and p.grad_sample.dtype != p.dtype:
+                p.grad_sample = p.grad_sample.to(p.dtype)
     else:
         for p in optimizer.params:
             p.grad_sample = p.new_zeros((0, *p.shape))
@@ -299,11 +310,12 @@ def train_private(
         return TrainResult(0, 0, math.nan, {}), privacy_report(plans, cfg.privacy, ledger)
 
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # Poisson draws: on the host, the same on every device
+    device = model_device(model)
     site_groups = set(model.train_only(data.plan.modalities, data.plan.tasks))  # before wrapping
     trainable = [p for p in model.parameters() if p.requires_grad]
     gsm = per_sample_module(model, cfg.privacy.grad_sample_mode)
-    optimizer = dp_optimizer(trainable, next(iter(plans.values())), cfg, seed)
+    optimizer = dp_optimizer(trainable, next(iter(plans.values())), cfg, seed, device)
     order = step_order(plans, gen)
     losses, taken = [], {t: 0 for t in plans}
     model.train()
@@ -315,7 +327,14 @@ def train_private(
             assert split is not None
             optimizer.noise_multiplier = tp.noise_multiplier
             optimizer.expected_batch_size = max(1, round(tp.sample_rate * tp.n))
-            loss = private_gradient(gsm, optimizer, data.schema.task(task), poisson_batch(split, tp.sample_rate, gen))
+            batch = poisson_batch(split, tp.sample_rate, gen)
+            loss = private_gradient(
+                gsm,
+                optimizer,
+                data.schema.task(task),
+                batch.to(device) if batch is not None else None,
+                cfg.train.precision,
+            )
             if loss is not None:
                 losses.append(loss)
             for hook in hooks:  # FedProx / SCAFFOLD corrections act on the privatised gradient
@@ -330,22 +349,24 @@ def train_private(
     result = TrainResult(
         num_examples=data.n("train"),
         steps=len(order),
-        mean_loss=float(np.mean(losses)) if losses else math.nan,
+        mean_loss=float(torch.stack(losses).cpu().double().mean()) if losses else math.nan,
         group_examples=group_examples(data),
     )
     return result, privacy_report(plans, cfg.privacy, ledger)
 
 
-def dp_optimizer(trainable: list[torch.nn.Parameter], first: TaskPlan, cfg: ExperimentConfig, seed: int) -> DPOptimizer:
+def dp_optimizer(
+    trainable: list[torch.nn.Parameter], first: TaskPlan, cfg: ExperimentConfig, seed: int, device: torch.device
+) -> DPOptimizer:
     """Opacus' clipping-and-noise optimizer around the configured one. Its sigma and expected
     batch size are set again before each step (tasks differ in both); its noise comes from its
-    own generator, so noise draws and batch draws are separate streams."""
+    own generator on the parameters' device, so noise draws and batch draws are separate streams."""
     return DPOptimizer(
         make_optimizer(trainable, cfg.train),
         noise_multiplier=first.noise_multiplier,
         max_grad_norm=cfg.privacy.max_grad_norm,
         expected_batch_size=cfg.train.batch_size,
-        generator=torch.Generator().manual_seed(seed + 1),
+        generator=torch.Generator(device=device).manual_seed(seed + 1),
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from federated.core.compute import to_device
 from federated.core.targets import REGRESSION
 from federated.data.format import Corpus, index_column
 from partitions.acquisition_shift import shift_array
@@ -30,6 +31,16 @@ class TaskSplit:
     def take(self, idx: torch.Tensor) -> TaskSplit:
         return TaskSplit(
             {m: x[idx] for m, x in self.inputs.items()}, {m: p[idx] for m, p in self.present.items()}, self.targets[idx]
+        )
+
+    def to(self, device: torch.device) -> TaskSplit:
+        """This batch on the device (itself on the host's CPU): splits stay on the host, batches move."""
+        if device.type == "cpu":
+            return self
+        return TaskSplit(
+            {m: to_device(x, device) for m, x in self.inputs.items()},
+            {m: to_device(p, device) for m, p in self.present.items()},
+            to_device(self.targets, device),
         )
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from clients.site_data import SiteData, TargetScale
+from federated.core.compute import resolve_device
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
 from federated.core.corpus_schema import CorpusSchema, SchemaError
 from federated.core.models import MultiMedModel, build_model
@@ -117,7 +118,8 @@ def _thread_model(config_yaml: str, cfg: ExperimentConfig, schema: CorpusSchema)
     models = _local.__dict__.setdefault("models", {})
     model = models.get(config_yaml)
     if model is None or (model.schema is not schema and model.schema != schema):
-        model = models[config_yaml] = build_model(cfg.model, schema, cfg.seed)
+        # Built on the host (the same initial weights on every device), then moved to the site's device.
+        model = models[config_yaml] = build_model(cfg.model, schema, cfg.seed).to(resolve_device(cfg.engine.device))
     return model
 
 

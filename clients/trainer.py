@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from clients.site_data import SiteData
+from federated.core.compute import autocast, grad_scaler, model_device
 from federated.core.config.schema import TrainConfig
 from federated.core.metrics import task_metrics, unit_score
 from federated.core.models import MultiMedModel
@@ -63,10 +64,14 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 def train_local(
     model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: int, hooks: tuple[GradientHook, ...] = ()
 ) -> TrainResult:
-    torch.manual_seed(seed)  # dropout and any other torch randomness
-    gen = torch.Generator().manual_seed(seed)
+    """One round of local steps on the model's device, in cfg.precision. Losses stay on the
+    device until the round ends (a per-step .item() would make the host wait for every step)."""
+    torch.manual_seed(seed)  # dropout and any other torch randomness (every device's generator)
+    gen = torch.Generator().manual_seed(seed)  # batch order: on the host, the same on every device
+    device = model_device(model)
     model.train_only(data.plan.modalities, data.plan.tasks)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scaler = grad_scaler(device, cfg.precision)
     model.train()
     batches: list[tuple[str, torch.Tensor]] = []
     for _ in range(cfg.local_epochs):
@@ -79,23 +84,41 @@ def train_local(
     order = torch.randperm(len(batches), generator=gen).tolist()
     if cfg.max_steps_per_round:
         order = order[: cfg.max_steps_per_round]
-    losses = []
+    losses: list[torch.Tensor] = []
+    steps = 0
     for i in order:
         task, idx = batches[i]
-        batch = data.split(task, "train").take(idx)  # type: ignore[union-attr]  # batches come from existing splits
+        batch = data.split(task, "train").take(idx).to(device)  # type: ignore[union-attr]  # from existing splits
         optimizer.zero_grad(set_to_none=True)
-        loss = task_loss(data.schema.task(task), model(task, batch.inputs, batch.present), batch.targets)
-        loss.backward()
+        with autocast(device, cfg.precision):
+            loss = task_loss(data.schema.task(task), model(task, batch.inputs, batch.present), batch.targets)
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # the hooks add unscaled terms to the gradients
         for hook in hooks:
             hook.after_backward(model)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        steps += scaled_step(scaler, optimizer)
+        losses.append(loss.detach())
     return TrainResult(
         num_examples=data.n("train"),
-        steps=len(order),
-        mean_loss=float(np.mean(losses)) if losses else math.nan,
+        steps=steps,
+        mean_loss=float(torch.stack(losses).cpu().double().mean()) if losses else math.nan,
         group_examples=group_examples(data),
     )
+
+
+def scaled_step(scaler: torch.amp.GradScaler | None, optimizer: torch.optim.Optimizer) -> int:
+    """Take the optimiser step; 1 if it was taken. fp16's scaler skips a step whose gradients
+    overflowed (and then lowers its scale), so such a step is not counted (SCAFFOLD divides by it)."""
+    if scaler is None:
+        optimizer.step()
+        return 1
+    before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return int(scaler.get_scale() >= before)
 
 
 def group_examples(data: SiteData) -> dict[str, int]:
@@ -131,10 +154,12 @@ def check_finite_outputs(site: str, task: str, out: np.ndarray) -> None:
 
 @torch.no_grad()
 def evaluate_site(
-    model: MultiMedModel, data: SiteData, split: str = "test", batch_size: int = 256
+    model: MultiMedModel, data: SiteData, split: str = "test", batch_size: int = 256, precision: str = "fp32"
 ) -> dict[str, dict[str, float]]:
-    """Per task: every metric of the task, its [0, 1] score, and the sample count."""
+    """Per task: every metric of the task, its [0, 1] score, and the sample count; the model runs
+    on its device, in the precision it trains in."""
     model.eval()
+    device = model_device(model)
     results: dict[str, dict[str, float]] = {}
     for task in data.plan.tasks:
         part = data.split(task, split)
@@ -142,9 +167,10 @@ def evaluate_site(
             continue
         outputs = []
         for idx in torch.arange(len(part)).split(batch_size):
-            b = part.take(idx)
-            outputs.append(model(task, b.inputs, b.present).float())
-        out = torch.cat(outputs).numpy()
+            b = part.take(idx).to(device)
+            with autocast(device, precision):
+                outputs.append(model(task, b.inputs, b.present).float())
+        out = torch.cat(outputs).cpu().numpy()
         check_finite_outputs(data.plan.site, task, out)
         target = part.targets.numpy()
         scale = data.scales[task]

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 
 from federated.core.arrays import pack_arrays, record_to_numpy, record_to_torch
+from federated.core.compute import model_device
 from federated.core.config.schema import ExperimentConfig, StrategyConfig, StrategySettings
 from federated.core.models import MultiMedModel, group_of
 from federated.core.protocol import CONTROL_DELTA_RECORD, CONTROL_RECORD
@@ -78,14 +79,17 @@ class ControlVariateCorrection:
 class SiteControl:
     """A site's control variate c_site, kept in its Context, against the server's c."""
 
-    def __init__(self, context: Context, server_control: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, context: Context, server_control: dict[str, torch.Tensor], device: torch.device | None = None
+    ) -> None:
+        """Both variates on the model's device (`device`; None keeps them where they are)."""
         self.context = context
-        self.server = server_control
+        self.server = {k: v.to(device) for k, v in server_control.items()} if device else server_control
         record = context.state.array_records.get(CONTROL_STATE)
         self.site = (
-            record.to_torch_state_dict()
+            {k: v.to(device) if device else v for k, v in record.to_torch_state_dict().items()}
             if record is not None
-            else {k: torch.zeros_like(v) for k, v in server_control.items()}
+            else {k: torch.zeros_like(v) for k, v in self.server.items()}
         )
 
     def correction(self) -> ControlVariateCorrection:
@@ -125,7 +129,7 @@ class ScaffoldClient(ClientAlgorithm):
                 f"strategy=scaffold: the training message has no '{CONTROL_RECORD}' record "
                 "(the server's control variate)"
             )
-        return ScaffoldRound(site, SiteControl(site.context, record_to_torch(record)))
+        return ScaffoldRound(site, SiteControl(site.context, record_to_torch(record), model_device(site.model)))
 
 
 # --- server side ---------------------------------------------------------------------------

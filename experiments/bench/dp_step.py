@@ -33,6 +33,7 @@ from federated.data.format import Corpus
 from partitions import plan_sites
 
 TARGET = 2.0
+CPU = torch.device("cpu")
 MODES = ("hooks", "functorch", "ew")
 
 
@@ -50,8 +51,8 @@ def task_batches(cfg, batch_size: int) -> dict[str, object]:
     return batches
 
 
-def _model_for(cfg, task: str):
-    model = build_model(cfg.model, MULTIMED, 0)
+def _model_for(cfg, task: str, device: torch.device):
+    model = build_model(cfg.model, MULTIMED, 0).to(device)
     keep = {"fusion", f"head/{task}"} | {f"encoder/{m}" for m in MULTIMED.task(task).inputs}
     for name, p in model.named_parameters():
         p.requires_grad_(group_of(name) in keep)
@@ -59,11 +60,12 @@ def _model_for(cfg, task: str):
     return model
 
 
-def make_steps(cfg, task: str, batch, mode: str | None):
-    """A closure taking one training step of `task` on `batch`."""
+def make_steps(cfg, task: str, batch, mode: str | None, device: torch.device = CPU):
+    """A closure taking one training step of `task` on `batch`, on `device` (gpu.py times it on CUDA)."""
     from opacus.optimizers import DPOptimizer
 
-    model = _model_for(cfg, task)
+    model = _model_for(cfg, task, device)
+    batch = batch.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.train.lr)
     if mode is None:
@@ -80,7 +82,7 @@ def make_steps(cfg, task: str, batch, mode: str | None):
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         expected_batch_size=len(batch),
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(device=device).manual_seed(0),
     )
 
     def private_step() -> None:

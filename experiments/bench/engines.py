@@ -54,8 +54,8 @@ class Stopwatch(Callback):
         self.end = time.perf_counter()
 
 
-def plain_loop(overrides: list[str]) -> float:
-    """The same rounds with no framework: seconds from the first round to the last."""
+def plain_loop(overrides: list[str], device: str = "cpu") -> float:
+    """The same rounds with no framework, on `device`: seconds from the first round to the last."""
     from clients.site_data import SiteData
     from clients.trainer import evaluate_site, train_local
     from federated.core.config import load_config
@@ -66,8 +66,12 @@ def plain_loop(overrides: list[str]) -> float:
 
     cfg = load_config(overrides)
     corpus = Corpus.open(prepare_corpus(cfg.corpus))
-    sites = [(p, SiteData(corpus, p), build_model(cfg.model, corpus.schema, cfg.seed)) for p in plan_sites(corpus, cfg)]
-    global_state = {k: v.clone() for k, v in build_model(cfg.model, corpus.schema, cfg.seed).state_dict().items()}
+    initial = build_model(cfg.model, corpus.schema, cfg.seed)
+    sites = [
+        (p, SiteData(corpus, p), build_model(cfg.model, corpus.schema, cfg.seed).to(device))
+        for p in plan_sites(corpus, cfg)
+    ]
+    global_state = {k: v.clone().to(device) for k, v in initial.state_dict().items()}
     t0 = time.perf_counter()
     for _, data, model in sites:  # round 0 evaluation, as the engines do
         model.load_state_dict(global_state)
@@ -76,8 +80,8 @@ def plain_loop(overrides: list[str]) -> float:
         states, weights = [], []
         for i, (_plan, data, model) in enumerate(sites):
             model.load_state_dict(global_state)
-            result = train_local(model, data, cfg.train, seed=1000 * rnd + i)
-            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            result = train_local(model, data, cfg.train, seed=1000 * rnd + i)  # ends with a host read
+            states.append({k: v.detach().clone() for k, v in initial.state_dict().items()})
             weights.append(result.num_examples)
         w = np.asarray(weights, dtype=np.float64) / sum(weights)
         global_state = {k: sum(float(wi) * s[k] for wi, s in zip(w, states, strict=True)) for k in global_state}

@@ -19,7 +19,7 @@ from typing import Any
 from federated.core.io import atomic_write_text, write_json
 from federated.core.resources import shipped_dir
 
-ORDER = ["aggregation", "site_planning", "dp_step", "ingest", "engines", "deployment"]
+ORDER = ["aggregation", "site_planning", "dp_step", "ingest", "engines", "deployment", "gpu"]
 
 
 def environment() -> dict[str, Any]:
@@ -113,7 +113,42 @@ def headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
             rows.append((f"3 TLS SuperNodes / Ray, round after start-up ({size})", f"{v['ratio']:.2f}x", "<= 1.5x"))
             rows.append((f"  the same, SuperLink state in memory ({size})", f"{v['ratio_in_memory']:.2f}x", "<= 1.5x"))
         return rows
+    if name == "gpu":
+        return gpu_headline(r)
     return [(f"{name}: {k}", str(v), "") for k, v in r.items() if isinstance(v, (int, float))][:4]
+
+
+def gpu_headline(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    if "skipped" in r:
+        return [("GPU figures", f"skipped: {r['skipped']}", "")]
+    on = f"on {r['device']} ({r['device_name']})"
+    rows = [
+        (f"in-process engine / plain loop, {on}", f"{r['engine']['ratio']:.2f}x", f"<= {r['engine']['target']:g}x"),
+        (
+            f"DP-SGD step / plain step ({r['dp_step']['mode']}), {on}",
+            f"{r['dp_step']['ratio']:.2f}x",
+            f"<= {r['dp_step']['target']:g}x",
+        ),
+    ]
+    for model, t in r["throughput"].items():
+        rows.append(
+            (
+                f"{model} training, {on}",
+                f"{t['fp32_samples_per_s']:,.0f} / {t['bf16_samples_per_s']:,.0f} samples/s fp32 / bf16",
+                "",
+            )
+        )
+    if r.get("ray"):
+        q = r["ray"]
+        rows.append(
+            (
+                "Ray, engine.gpus_per_site=0.25",
+                f"{q['0.25']['max_processes_on_gpu']} processes on the GPU at once, "
+                f"{q['speedup_0.25_over_1']:.2f}x one site per GPU",
+                "",
+            )
+        )
+    return rows
 
 
 def run_benchmarks(out: Path, quick: bool = False, names: list[str] | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from clients.site_runtime import apply_torch_threads
+from federated.core.compute import DeviceError, resolve_device
 from federated.core.config import ConfigError, ExperimentConfig, config_from_yaml
 from federated.core.config.schema import ModelConfig
 from federated.core.corpus_schema import CorpusSchema
@@ -24,6 +25,7 @@ from federated.core.registry import UnknownNameError
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.engines import ENGINES
+from federated.engines.ray_engine import ray_address
 from federated.server.checkpoint import Checkpoint, load_checkpoint
 from federated.server.federation import Callback
 from federated.server.outputs import build_summary, write_config, write_final_model
@@ -109,6 +111,17 @@ def check_model(cfg: ExperimentConfig, schema: CorpusSchema) -> None:
             f"(parameters x {_WEIGHT_BYTES} bytes x weights, gradients and {cfg.train.optimizer} state), "
             f"more than the {have / 2**30:.1f} GiB available"
         )
+
+
+def check_device(cfg: ExperimentConfig) -> None:
+    """Sites that run on this machine (in-process, or a Ray started here) need engine.device to
+    exist here; refused before anything runs. A Ray cluster's or a hospital's sites resolve it on
+    their own machines."""
+    if cfg.engine.name == "inprocess" or (cfg.engine.name == "ray" and not ray_address(cfg)):
+        try:
+            resolve_device(cfg.engine.device)
+        except DeviceError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _unknown(key: str, given: list[str], valid: list[str], what: str) -> None:
@@ -248,6 +261,7 @@ def _run(
     apply_torch_threads(cfg.engine.torch_threads)
     corpus_path, corpus = _open_corpus(cfg)
     check_model(cfg, corpus.schema)  # before anything is written into the folder
+    check_device(cfg)
     # a plan that cannot work fails here
     plans = corpus.plans if isinstance(corpus, SiteCorpora) else plan_sites(corpus, cfg)
     check_plan_names(cfg, plans)

@@ -153,8 +153,13 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
     return names(list(tree.body)), names(list(ast.walk(tree)))
 
 
+def _local_modules() -> set[str]:
+    """The project's packages, and the benchmark scripts (gpu.py imports its siblings by name)."""
+    return set(CODE_PACKAGES) | {p.stem for p in (ROOT / SHIPPED["_bench"]).glob("*.py")} | {"__future__"}
+
+
 def _third_party(names: set[str]) -> set[str]:
-    return {n for n in names if n not in sys.stdlib_module_names and n not in CODE_PACKAGES and n != "__future__"}
+    return {n for n in names if n not in sys.stdlib_module_names and n not in _local_modules()}
 
 
 @functools.cache

@@ -33,11 +33,14 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from federated.core.config.schema import (
     DEFAULT_STRATEGY,
+    DEVICE_CHOICES,
+    PRECISION_NAMES,
     STRATEGY_SETTINGS,
     ConfigError,
     ExperimentConfig,
     StrategyConfig,
     StrategySettings,
+    valid_device_spec,
 )
 from federated.core.resources import shipped_dir
 
@@ -345,6 +348,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("train.momentum", 0.0 <= cfg.train.momentum < 1.0, "must be in [0, 1)"),
         ("train.weight_decay", cfg.train.weight_decay >= 0.0, "must be >= 0"),
         ("train.max_steps_per_round", cfg.train.max_steps_per_round >= 0, "must be >= 0"),
+        ("train.precision", cfg.train.precision in PRECISION_NAMES, f"must be one of: {', '.join(PRECISION_NAMES)}"),
+        *precision_privacy_checks(cfg),
         ("sites.train", len(cfg.sites.train) >= 1, "needs at least one training site"),
         ("sites.label_skew_alpha", cfg.sites.label_skew_alpha >= 0, "must be > 0 (or 0 for no skew)"),
         ("sites.quantity_skew_sigma", cfg.sites.quantity_skew_sigma >= 0, "must be > 0 (or 0 for none)"),
@@ -391,6 +396,14 @@ def validate(cfg: ExperimentConfig) -> None:
             "must be fedavg with privacy=dp_fedavg (its noise is calibrated for an unweighted mean "
             "over every sampled site)",
         ),
+        ("engine.device", valid_device_spec(cfg.engine.device), f"must be one of: {DEVICE_CHOICES}"),
+        # Ray hides every GPU from an actor that reserves none (CUDA_VISIBLE_DEVICES is set empty)
+        (
+            "engine.gpus_per_site",
+            not (cfg.engine.name == "ray" and cfg.engine.device.startswith("cuda") and cfg.engine.gpus_per_site == 0),
+            f"must be > 0 with engine=ray and engine.device={cfg.engine.device}: Ray shows a site no GPU "
+            "unless it reserves a share of one (0.25: four sites per GPU)",
+        ),
         ("engine.torch_threads", cfg.engine.torch_threads >= 0, "must be >= 0"),
         ("engine.checkpoint_every", cfg.engine.checkpoint_every >= 0, "must be >= 0 (0 = off)"),
         ("engine.round_timeout_s", cfg.engine.round_timeout_s >= 0, "must be >= 0 (0 = wait for all)"),
@@ -426,6 +439,28 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key} {why} (got {_get(cfg, key)!r})")
+
+
+def precision_privacy_checks(cfg: ExperimentConfig) -> list[tuple[str, bool, str]]:
+    """Mixed precision with sample-level DP: only where the clipping bound still holds exactly."""
+    if cfg.privacy.name != "dp_sgd":
+        return []
+    return [
+        (
+            "train.precision",
+            cfg.train.precision != "fp16",
+            "cannot be fp16 with privacy=dp_sgd: fp16 needs loss scaling, which multiplies every per-sample "
+            "gradient before Opacus clips it (the clipping bound would apply to scaled gradients), and a step "
+            "the scaler skips on overflow would still be charged to the privacy accountant; use bf16 or fp32",
+        ),
+        (
+            "train.precision",
+            cfg.train.precision != "bf16" or cfg.privacy.grad_sample_mode != "ew",
+            "cannot be bf16 with privacy.grad_sample_mode=ew: PyTorch's ExpandedWeights computes per-sample "
+            "gradients in the weights' dtype and fails on autocast's bf16 activations; use "
+            "privacy.grad_sample_mode=hooks or functorch (their per-sample gradients are clipped in fp32)",
+        ),
+    ]
 
 
 # Planner steps that change what a site holds: a simulation can, a hospital's data is what it is.

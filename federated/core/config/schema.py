@@ -7,6 +7,7 @@ only these dataclasses travel, never raw dicts.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, TypeVar
 
@@ -149,6 +150,20 @@ class TrainConfig:
     weight_decay: float = 0.0
     # 0 = no cap; otherwise a site takes at most this many local steps per round.
     max_steps_per_round: int = 0
+    # fp32 | bf16 | fp16: autocast's dtype for the forward pass (weights and optimiser stay fp32;
+    # fp16 adds loss scaling). With DP-SGD: fp32, or bf16 with grad_sample_mode hooks/functorch.
+    precision: str = "fp32"
+
+
+# The values of engine.device and train.precision (resolved to torch in federated/core/compute.py;
+# the config layer does not import torch).
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+
+
+def valid_device_spec(spec: str) -> bool:
+    return DEVICE_PATTERN.fullmatch(spec) is not None
 
 
 class ConfigError(ValueError):
@@ -267,6 +282,9 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     name: str = "inprocess"
+    # Where sites train and evaluate: auto (CUDA if this machine has it, else CPU) | cpu | cuda |
+    # cuda:N | mps. Each site resolves it on its own machine (federated/core/compute.py).
+    device: str = "auto"
     # Torch intra-op threads per process. The models are small, so one thread is fastest
     # (2 threads ran 60x slower here when the other core was busy) and leaves cores for
     # other clients; 0 keeps torch's default.
