@@ -6,8 +6,9 @@ train    -> load the global arrays, train locally, reply with arrays + example c
             control variates, FedBN/FedPer's local parameters) wraps the local training; the
             privacy mode picks the trainer (clients/local_trainers.py: DP-SGD adds a 'privacy'
             record with the site's cumulative epsilon and whether its budget stopped it)
-evaluate -> per-task metrics of the global model on the site's test split, and of the site's
-            personalised model when its strategy keeps one
+evaluate -> per-task metrics of the global model on the site's test split, of the site's
+            personalised model when its strategy keeps one, and at a held-out site in the last
+            round, of the model adapted to its unlabelled inputs (ood.adapt, clients/test_time.py)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from clients.attacks import attack_mod
 from clients.faults import fault_mod
 from clients.local_trainers import LOCAL_TRAINERS, LocalJob
 from clients.site_runtime import SiteRuntime, site_runtime
+from clients.test_time import adapt_site_model
 from clients.trainer import evaluate_site
 from federated import __version__
 from federated.core import protocol as P
@@ -206,4 +208,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         _forget_weights(rt.model)  # it holds this site's personal parameters now
         personal = evaluate_site(rt.model, rt.data, "test", precision=precision)
         reply[P.PERSONAL_RECORD] = _flat(personal, rt.plan.n_test)
+    if rt.plan.role == Role.HELD_OUT and rt.cfg.ood.adapt != "none" and server_round == rt.cfg.rounds:
+        seed = round_seed(rt.cfg.seed, rt.plan.site, server_round)
+        adapted = adapt_site_model(rt.model, rt.data, rt.cfg.ood, seed)  # a copy: the global model stays
+        reply[P.ADAPTED_RECORD] = _flat(evaluate_site(adapted, rt.data, "test", precision=precision), rt.plan.n_test)
     return Message(reply, reply_to=msg)

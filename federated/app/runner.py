@@ -13,12 +13,13 @@ from pathlib import Path
 from rich.console import Console
 
 from clients.site_runtime import apply_torch_threads
+from clients.test_time import NothingToAdaptError, check_adaptable
 from federated.core.compute import DeviceError, resolve_device
 from federated.core.config import ConfigError, ExperimentConfig, config_from_yaml
 from federated.core.config.schema import ModelConfig
 from federated.core.corpus_schema import CorpusSchema
 from federated.core.io import write_json
-from federated.core.models import MultiMedModel
+from federated.core.models import MultiMedModel, build_model
 from federated.core.models.init_weights import WeightsFileError, read_weights
 from federated.core.protocol import Role
 from federated.core.registry import UnknownNameError
@@ -122,6 +123,21 @@ def check_device(cfg: ExperimentConfig) -> None:
             resolve_device(cfg.engine.device)
         except DeviceError as e:
             raise ConfigError(str(e)) from None
+
+
+def check_adaptation(cfg: ExperimentConfig, schema: CorpusSchema, plans: list[SitePlan]) -> None:
+    """ood.adapt needs a held-out site to adapt at and something in the model to adapt."""
+    if cfg.ood.adapt == "none":
+        return
+    if not any(p.role == Role.HELD_OUT for p in plans):
+        raise ConfigError(
+            f"ood.adapt={cfg.ood.adapt}: this run holds out no site (sites.held_out, sites.holdout), "
+            "so no site adapts the model"
+        )
+    try:
+        check_adaptable(build_model(cfg.model, schema, cfg.seed), cfg.ood.adapt)
+    except NothingToAdaptError as e:
+        raise ConfigError(f"{e} (model.name={cfg.model.name})") from None
 
 
 def _unknown(key: str, given: list[str], valid: list[str], what: str) -> None:
@@ -265,6 +281,7 @@ def _run(
     # a plan that cannot work fails here
     plans = corpus.plans if isinstance(corpus, SiteCorpora) else plan_sites(corpus, cfg)
     check_plan_names(cfg, plans)
+    check_adaptation(cfg, corpus.schema, plans)
     if checkpoint is not None:
         check_same_corpus(out_dir, corpus)
     else:

@@ -12,7 +12,9 @@ train              server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND, algorithm
                            algorithm records (e.g. CONTROL_DELTA_RECORD)
 evaluate           server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND}
                    site:   METRICS_RECORD {NUM_EXAMPLES, "<task>/<metric>"...},
-                           PERSONAL_RECORD (the site's personalised model, same keys)
+                           PERSONAL_RECORD (the site's personalised model, same keys),
+                           ADAPTED_RECORD (a held-out site's test-time-adapted model, last
+                           round, same keys)
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ METRICS_RECORD = "metrics"
 PROFILE_RECORD = "profile"
 TRAINED_RECORD = "trained"
 PERSONAL_RECORD = "personal"
+ADAPTED_RECORD = "adapted"
 PRIVACY_RECORD = "privacy"
 CONTROL_RECORD = "control"  # SCAFFOLD: the server's control variate
 CONTROL_DELTA_RECORD = "control-delta"  # SCAFFOLD: the site's change of its control variate

@@ -50,6 +50,8 @@ class SiteEvaluation:
     per_task: PerTaskMetrics = field(default_factory=dict)  # task -> metric -> value (and "n")
     # The site's personalised model (strategies that keep parameters local), training sites only.
     personal: PerTaskMetrics | None = None
+    # A held-out site's test-time-adapted model (ood.adapt), last round only.
+    adapted: PerTaskMetrics | None = None
 
     @property
     def score(self) -> float:
@@ -85,6 +87,14 @@ def _personal_scores(evals: list[SiteEvaluation]) -> GroupScores | None:
     return group_scores(personal) if personal else None
 
 
+def _adapted_scores(evals: list[SiteEvaluation]) -> GroupScores | None:
+    """OOD scores of the held-out sites' adapted models; None when no site adapted."""
+    adapted = [
+        SiteEvaluation(e.profile, e.adapted) for e in evals if e.profile.role == Role.HELD_OUT and e.adapted is not None
+    ]
+    return group_scores(adapted) if adapted else None
+
+
 def _worst_site(evals: list[SiteEvaluation]) -> WorstSite | None:
     scored = [e for e in evals if not math.isnan(e.score)]
     if not scored:
@@ -99,7 +109,9 @@ def summarize(evals: list[SiteEvaluation]) -> RoundSummary:
     ood_scores = group_scores([e for e in evals if not e.profile.role.scored_id])
     shared = sorted(set(id_scores.per_task) & set(ood_scores.per_task))
     gap = _nanmean([id_scores.per_task[t] - ood_scores.per_task[t] for t in shared])
-    return RoundSummary(id_scores, ood_scores, gap, shared, _worst_site(evals), _personal_scores(evals))
+    return RoundSummary(
+        id_scores, ood_scores, gap, shared, _worst_site(evals), _personal_scores(evals), _adapted_scores(evals)
+    )
 
 
 def _without_counts(per_task: PerTaskMetrics) -> PerTaskMetrics:
@@ -123,6 +135,8 @@ def site_row(e: SiteEvaluation) -> SiteRow:
         _without_counts(e.per_task),
         SiteEvaluation(p, personal).score if personal is not None else None,
         _without_counts(personal) if personal is not None else None,
+        SiteEvaluation(p, e.adapted).score if e.adapted is not None else None,
+        _without_counts(e.adapted) if e.adapted is not None else None,
     )
 
 

@@ -35,6 +35,7 @@ from federated.core.corpus_schema import CorpusSchema, SchemaError
 from federated.core.models import build_model
 from federated.core.models.init_weights import load_init_weights
 from federated.core.protocol import (
+    ADAPTED_RECORD,
     ARRAYS_RECORD,
     CONFIG_RECORD,
     METRICS_RECORD,
@@ -290,6 +291,9 @@ def evaluate_all(
         if PERSONAL_RECORD in msg.content.metric_records:
             ev.personal = {}
             _parse_metrics(msg.content[PERSONAL_RECORD], ev.personal)
+        if ADAPTED_RECORD in msg.content.metric_records:
+            ev.adapted = {}
+            _parse_metrics(msg.content[ADAPTED_RECORD], ev.adapted)
         evals[node] = ev
     return [evals[n] for n in profiles if n in evals], failures
 

@@ -94,12 +94,15 @@ class RoundSummary:
     gap_tasks: list[str]
     worst_site: WorstSite | None
     id_personal: GroupScores | None = None  # strategies that keep a personal model per site
+    ood_adapted: GroupScores | None = None  # held-out sites' test-time-adapted models (ood.adapt)
 
     def to_dict(self) -> dict[str, Any]:
         personal = {"id_personal": self.id_personal.to_dict()} if self.id_personal is not None else {}
+        adapted = {"ood_adapted": self.ood_adapted.to_dict()} if self.ood_adapted is not None else {}
         return {
             "id": self.id.to_dict(),
             "ood": self.ood.to_dict(),
+            **adapted,
             **personal,
             "gap": self.gap,
             "gap_tasks": list(self.gap_tasks),
@@ -108,7 +111,7 @@ class RoundSummary:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RoundSummary:
-        personal, worst = raw.get("id_personal"), raw.get("worst_site")
+        personal, worst, adapted = raw.get("id_personal"), raw.get("worst_site"), raw.get("ood_adapted")
         return cls(
             GroupScores.from_dict(raw["id"]),
             GroupScores.from_dict(raw["ood"]),
@@ -116,6 +119,7 @@ class RoundSummary:
             [str(t) for t in raw["gap_tasks"]],
             WorstSite.from_dict(worst) if worst else None,
             GroupScores.from_dict(personal) if personal else None,
+            GroupScores.from_dict(adapted) if adapted else None,
         )
 
     def headline(self) -> Headline:
@@ -154,6 +158,8 @@ class SiteRow:
     per_task: PerTaskMetrics  # without the sample counts
     personal_score: float | None = None  # the site's personalised model, when the strategy keeps one
     personal_per_task: PerTaskMetrics | None = None
+    adapted_score: float | None = None  # a held-out site's test-time-adapted model (ood.adapt)
+    adapted_per_task: PerTaskMetrics | None = None
 
     def to_dict(self) -> dict[str, Any]:
         personal = (
@@ -161,6 +167,8 @@ class SiteRow:
             if self.personal_per_task is not None
             else {}
         )
+        if self.adapted_per_task is not None:
+            personal |= {"adapted_score": self.adapted_score, "adapted_per_task": self.adapted_per_task}
         return {
             "site": self.site,
             "role": self.role.value,
@@ -177,7 +185,7 @@ class SiteRow:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SiteRow:
-        personal = raw.get("personal_per_task")
+        personal, adapted = raw.get("personal_per_task"), raw.get("adapted_per_task")
         return cls(
             str(raw["site"]),
             Role(raw["role"]),
@@ -191,6 +199,8 @@ class SiteRow:
             _per_task_metrics(raw["per_task"]),
             _num(raw.get("personal_score")) if personal is not None else None,
             _per_task_metrics(personal) if personal is not None else None,
+            _num(raw.get("adapted_score")) if adapted is not None else None,
+            _per_task_metrics(adapted) if adapted is not None else None,
         )
 
 

@@ -161,6 +161,7 @@ def test_finished_runs_are_read_back_as_typed_rows_with_the_columns_results_csv_
             "worst_site": "site_c",
             "worst_site_score": 0.225,
             "id_personal": 0.5972222222222222,
+            "ood_adapted": None,
             "max_epsilon": 2.5,
             "rounds": 2,
             "wall_s": 5.5,

@@ -92,11 +92,13 @@ class RunScores:
     worst_site: str | None
     worst_site_score: float | None
     id_personal: float | None
+    ood_adapted: float | None  # the held-out sites' test-time-adapted models (ood.adapt)
     max_epsilon: float | None
     rounds: int
     wall_s: float
     per_task: dict[str, dict[str, float]] = field(default_factory=dict)  # "id"/"ood" -> task -> score
     ood_sites: dict[str, float] = field(default_factory=dict)  # held-out site -> its score
+    ood_adapted_sites: dict[str, float] = field(default_factory=dict)  # held-out site -> its adapted score
 
     @classmethod
     def of(cls, summary: RunSummary) -> RunScores:
@@ -108,15 +110,22 @@ class RunScores:
             worst_site=worst.site if worst else None,
             worst_site_score=worst.score if worst else None,
             id_personal=final.id_personal.score if final.id_personal else None,
+            ood_adapted=final.ood_adapted.score if final.ood_adapted else None,
             max_epsilon=summary.max_epsilon(),
             rounds=summary.rounds_completed,
             wall_s=summary.timing.wall_s,
             per_task={"id": dict(final.id.per_task), "ood": dict(final.ood.per_task)},
             ood_sites={s.site: s.score for s in summary.per_site if s.role == Role.HELD_OUT},
+            ood_adapted_sites={
+                s.site: s.adapted_score
+                for s in summary.per_site
+                if s.role == Role.HELD_OUT and s.adapted_score is not None
+            },
         )
 
     def columns(self) -> dict[str, Any]:
-        """id, ood, ..., wall_s, then "id/<task>", "ood/<task>" and "ood_site/<site>" columns."""
+        """id, ood, ..., wall_s, then "id/<task>", "ood/<task>", "ood_site/<site>" and (with
+        ood.adapt) "ood_adapted_site/<site>" columns."""
         cols: dict[str, Any] = {
             "id": self.id,
             "ood": self.ood,
@@ -124,6 +133,7 @@ class RunScores:
             "worst_site": self.worst_site,
             "worst_site_score": self.worst_site_score,
             "id_personal": self.id_personal,
+            "ood_adapted": self.ood_adapted,
             "max_epsilon": self.max_epsilon,
             "rounds": self.rounds,
             "wall_s": self.wall_s,
@@ -131,6 +141,7 @@ class RunScores:
         for group, scores in self.per_task.items():
             cols.update({f"{group}/{task}": value for task, value in scores.items()})
         cols.update({f"ood_site/{site}": score for site, score in self.ood_sites.items()})
+        cols.update({f"ood_adapted_site/{site}": score for site, score in self.ood_adapted_sites.items()})
         return cols
 
 

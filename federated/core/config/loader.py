@@ -34,6 +34,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from federated.core.config.schema import (
     DEFAULT_STRATEGY,
     DEVICE_CHOICES,
+    OOD_ADAPT_METHODS,
     PRECISION_NAMES,
     STRATEGY_SETTINGS,
     ConfigError,
@@ -423,6 +424,10 @@ def validate(cfg: ExperimentConfig) -> None:
             "must be one of: fail, exclude",
         ),
         *site_local_checks(cfg),
+        ("ood.adapt", cfg.ood.adapt in OOD_ADAPT_METHODS, f"must be one of: {', '.join(OOD_ADAPT_METHODS)}"),
+        ("ood.adapt_steps", cfg.ood.adapt_steps >= 1, "must be >= 1"),
+        ("ood.adapt_lr", math.isfinite(cfg.ood.adapt_lr) and cfg.ood.adapt_lr > 0, "must be finite and > 0"),
+        ("ood.adapt_batch_size", cfg.ood.adapt_batch_size >= 1, "must be >= 1"),
         ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),
         ("attack.factor", cfg.attack.factor >= 0, "must be >= 0"),
         ("faults.kind", cfg.faults.kind in FAULT_KINDS, f"must be one of: {', '.join(FAULT_KINDS)}"),

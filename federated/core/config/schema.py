@@ -316,6 +316,20 @@ class EngineConfig:
     on_incompatible_site: str = "fail"
 
 
+OOD_ADAPT_METHODS = ("none", "tent", "bn_stats")  # clients/test_time.py
+
+
+@dataclass(frozen=True)
+class OODConfig:
+    """Test-time adaptation at held-out sites (clients/test_time.py): at the last round each
+    held-out site also scores the global model adapted to its own unlabelled inputs."""
+
+    adapt: str = "none"  # none | tent | bn_stats
+    adapt_steps: int = 10  # TENT's gradient steps (one batch each)
+    adapt_lr: float = 0.001  # TENT's Adam learning rate (the paper's)
+    adapt_batch_size: int = 64
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     """Simulated bad sites, for robustness studies: what they do to their training replies."""
@@ -347,5 +361,6 @@ class ExperimentConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    ood: OODConfig = field(default_factory=OODConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
