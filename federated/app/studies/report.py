@@ -1,4 +1,4 @@
-"""A study's summary (mean +- sd over seeds per condition), its plots and report.md."""
+"""A study's summary (mean +- sd over seeds per condition), paired comparisons, its plots and report.md."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from federated.app.studies import statistics
 from federated.app.studies.spec import Study
 from federated.core.io import atomic_write, atomic_write_text
 
-METRICS = ["id", "ood", "gap", "worst_site_score", "id_personal", "max_epsilon"]
+METRICS = ["id", "ood", "ood_adapted", "gap", "worst_site_score", "id_personal", "max_epsilon"]
 NAMES = {
     "id": "ID score",
     "ood": "OOD score",
+    "ood_adapted": "OOD, adapted (ood.adapt)",
     "gap": "ID-OOD gap",
     "worst_site_score": "worst site",
     "id_personal": "ID, personalised",
@@ -198,12 +200,101 @@ def _extra_tables(study: Study, df: pd.DataFrame, axes: list[str], out: Path) ->
     return lines + (per_task_section(df, axes[0], out) if study.per_task_table else [])
 
 
+def _number(x: float, signed: bool = False) -> str:
+    return "-" if pd.isna(x) else f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def _p(p: float) -> str:
+    return "-" if pd.isna(p) else f"{p:.3g}"
+
+
+def comparisons_table(comparisons: pd.DataFrame) -> list[str]:
+    """Markdown rows of comparisons.csv; a distinguishable difference's mean carries a `*`."""
+    lines = [
+        "| condition | metric | pairs | mean difference | 95% CI | p (sign-flip) | distinguishable |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in comparisons.itertuples():
+        ci = f"[{_number(r.ci_low, True)}, {_number(r.ci_high, True)}]" if not pd.isna(r.ci_low) else "-"
+        ci += f" ({r.note})" if r.note and ci == "-" else ""
+        mean = _number(r.mean_diff, True) + (" *" if r.distinguishable else "")
+        metric = NAMES[str(r.metric)] + (", per held-out site" if r.per_site else "")
+        lines.append(
+            f"| {r.condition} | {metric} | {r.n} | {mean} | {ci} | {_p(r.p_value)} | "
+            f"{'yes' if r.distinguishable else 'no'} |"
+        )
+    return lines
+
+
+def spread_table(spread: pd.DataFrame) -> list[str]:
+    """Markdown rows of the OOD score across held-out sites per condition."""
+    lines = [
+        "| condition | OOD score | mean over sites | held-out sites | worst site | its OOD score | sd across sites |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.condition} | {_number(r.ood_mean)} | {_number(r.site_mean)} | {r.n_sites} | {r.worst_site} "
+        f"| {_number(r.worst_site_ood)} | {_number(r.site_sd)} |"
+        for r in spread.itertuples()
+    ]
+    return lines
+
+
+def _pairing(axes: list[str], ref: str) -> str:
+    """What the two runs of a pair share, in words, for the section's note."""
+    shared = ", ".join(["seed", *(f"{a} label" for a in axes[1:])])
+    if axes[0] == statistics.HELD_OUT_AXIS:  # the conditions are the sites: no site is shared
+        return f"Each held-out site minus {ref}, in pairs of runs with the same {shared}."
+    return (
+        f"Each {axes[0]} condition minus {ref}, in pairs of runs with the same {shared}; "
+        "rows marked per held-out site pair each held-out site's OOD score, each site weighing equally."
+    )
+
+
+def comparison_section(study: Study, df: pd.DataFrame, axes: list[str], out: Path) -> list[str]:
+    """comparisons.csv and the "Paired differences" lines of report.md and summary.md: each
+    condition of the first axis against the study's reference, paired over seeds, the other axes
+    and held-out sites; then how evenly each condition scores the held-out sites."""
+    if not axes or not len(df) or axes[0] not in df:
+        return []
+    comparisons = statistics.compare(df, axes, study.reference)
+    atomic_write(out / "comparisons.csv", lambda tmp: comparisons.to_csv(tmp, index=False))
+    ref = statistics.resolve_reference(list(dict.fromkeys(df[axes[0]].astype(str))), study.reference)
+    lines = [f"## Paired differences vs {ref}", ""]
+    if study.reference is not None and ref != study.reference:
+        lines += [f"The study's reference {study.reference} did not run; the first condition stands in.", ""]
+    if len(comparisons):
+        lines += [
+            f"{_pairing(axes, ref)} 95% CI: percentile bootstrap of the mean difference "
+            f"({statistics.N_RESAMPLES} resamples, seed {statistics.SEED}); p: two-sided sign-flip permutation "
+            "test of the mean (exact up to 13 pairs); `*`: distinguishable from zero (CI excludes 0 and "
+            f"p < {statistics.ALPHA}). comparisons.csv also has the Wilcoxon signed-rank p-value.",
+            "",
+            *comparisons_table(comparisons),
+            "",
+        ]
+    else:
+        lines += [f"No other {axes[0]} condition has scores to compare with {ref}.", ""]
+    spread = statistics.ood_spread(df, axes[0])
+    if len(spread):
+        lines += [
+            "OOD score across held-out sites: each site's mean over runs, the worst of them and their sd "
+            "(how evenly a condition serves hospitals it never saw).",
+            "",
+            *spread_table(spread),
+            "",
+        ]
+    return lines
+
+
 def write_report(study: Study, df: pd.DataFrame, axes: list[str], out: Path, command: str) -> pd.DataFrame:
-    """summary.csv, summary.md, the plots, the per-task tables and report.md; returns the summary."""
+    """summary.csv, summary.md, comparisons.csv, the plots, the per-task tables and report.md; returns
+    the summary."""
     summary = summarize(df, axes)
     atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
     table = markdown_table(summary, axes)
-    atomic_write_text(out / "summary.md", table + "\n")
+    paired = comparison_section(study, df, axes, out)
+    atomic_write_text(out / "summary.md", "\n".join([table, "", *paired]).rstrip("\n") + "\n")
     plots = _plots(study, summary, df, axes, out)
     extra_tables = _extra_tables(study, df, axes, out)
     failed = df[df["error"].astype(bool)] if "error" in df else df.iloc[0:0]
@@ -220,6 +311,7 @@ def write_report(study: Study, df: pd.DataFrame, axes: list[str], out: Path, com
         "",
         table,
         "",
+        *paired,
         *extra_tables,
     ]
     for name, caption in plots:

@@ -12,8 +12,11 @@
         "0.5": [sites.missing_sample_rate=0.5]
     generated_axes: [leave_one_site_out]                  # axes built from the site plan
     setup: experiments/real_mini/setup.sh                 # builds corpus.path (real-data studies)
+    reference: "0"                                        # what the report compares the others to
 
 Axis values are labels mapped to override lists. Unknown keys fail with the key's name.
+`reference` names a label of the first axis (default: its first label); the report's paired
+differences are each other label of that axis minus it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ KEYS = {
     "per_task_arms",
     "setup",
     "per_task_table",
+    "reference",
 }
 GENERATORS = ("leave_one_site_out", "local_sites")
 
@@ -81,6 +85,8 @@ class Study:
     per_task_table: bool = False
     # The command that builds the study's corpus (real data), named when the corpus is missing.
     setup: str = ""
+    # The first axis's label the report compares every other label to; None: its first label.
+    reference: str | None = None
     path: Path | None = None
 
     def runs(self, quick: bool = False, generated: dict[str, dict[str, list[str]]] | None = None) -> list[Run]:
@@ -161,6 +167,7 @@ def load_study(name_or_path: str) -> Study:
         per_task_arms=bool(raw.get("per_task_arms", False)),
         setup=str(raw.get("setup", "")),
         per_task_table=bool(raw.get("per_task_table", False)),
+        reference=_reference(raw.get("reference"), axes, path),
         path=path,
     )
 
@@ -192,3 +199,16 @@ def _axes(raw_axes: dict[Any, Any], path: Path) -> dict[str, dict[str, list[str]
             raise StudyError(f"{path}: axes.{axis} must map labels to override lists")
         axes[str(axis)] = {str(k): _overrides(v, f"axes.{axis}.{k}", path) for k, v in values.items()}
     return axes
+
+
+def _reference(value: Any, axes: dict[str, dict[str, list[str]]], path: Path) -> str | None:
+    """A label of the first static axis (string, as labels are); generated labels are unknown until
+    the corpus is planned, so they cannot be named."""
+    if value is None:
+        return None
+    if not axes:
+        raise StudyError(f"{path}: reference {value!r} needs an axes: entry to name a label of")
+    first, labels = next(iter(axes.items()))
+    if str(value) not in labels:
+        raise StudyError(f"{path}: reference {value!r} is not a label of axis {first}; choices: {', '.join(labels)}")
+    return str(value)
