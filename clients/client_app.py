@@ -28,7 +28,7 @@ from clients.faults import fault_mod
 from clients.local_trainers import LOCAL_TRAINERS, LocalJob
 from clients.site_runtime import SiteRuntime, site_runtime
 from clients.test_time import adapt_site_model
-from clients.trainer import evaluate_site
+from clients.trainer import evaluate_site, mean_train_loss
 from federated import __version__
 from federated.core import protocol as P
 from federated.core.arrays import pack_arrays, record_to_torch
@@ -161,11 +161,16 @@ def train(msg: Message, context: Context) -> Message:
     _site_local(rt, msg)
     start = on_device(load_global(rt.model, msg.content.array_records[P.ARRAYS_RECORD]), model_device(rt.model))
     _forget_weights(rt.model)
-    this_round = rt.algorithm.before_train(SiteRound(rt.model, start, msg.content, context, rt.cfg.train))
+    precision = rt.cfg.train.precision
+    site_round = SiteRound(
+        rt.model, start, msg.content, context, rt.cfg.train, lambda: mean_train_loss(rt.model, rt.data, precision)
+    )
+    this_round = rt.algorithm.before_train(site_round)
     server_round = record_round(msg.content.config_records[P.CONFIG_RECORD])
     seed = round_seed(rt.cfg.seed, rt.plan.site, server_round)
     trainer = LOCAL_TRAINERS.get(rt.cfg.privacy.name)
-    trained = trainer(LocalJob(rt.model, rt.data, rt.cfg, seed, context, server_round, this_round.hooks))
+    objective = this_round.objective if this_round.changes_objective else None
+    trained = trainer(LocalJob(rt.model, rt.data, rt.cfg, seed, context, server_round, this_round.hooks, objective))
     result = trained.result
     reply = RecordDict(
         {

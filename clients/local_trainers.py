@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Context
 
-from clients.dp_sgd import train_private
+from clients.dp_sgd import PrivacyConfigError, train_private
 from clients.site_data import SiteData
 from clients.trainer import TrainResult, train_local
 from federated.core.config.schema import ExperimentConfig
 from federated.core.models import MultiMedModel
 from federated.core.protocol import PRIVACY_RECORD
 from federated.core.registry import Registry
-from strategies.client_side import GradientHook
+from strategies.client_side import GradientHook, Objective
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class LocalJob:
     context: Context  # the site's state across rounds (e.g. its DP-SGD accountants)
     server_round: int
     hooks: tuple[GradientHook, ...] = ()  # the strategy's gradient corrections
+    objective: Objective | None = None  # the strategy's loss, where it changes it (FedSR, risk objectives)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ LOCAL_TRAINERS: Registry[LocalTrainer] = Registry("privacy mode")
 
 @LOCAL_TRAINERS.register("none")
 def plain(job: LocalJob) -> Trained:
-    return Trained(train_local(job.model, job.data, job.cfg.train, job.seed, job.hooks))
+    return Trained(train_local(job.model, job.data, job.cfg.train, job.seed, job.hooks, job.objective))
 
 
 LOCAL_TRAINERS.add("dp_fedavg", plain)  # site-level DP clips and adds noise at the server
@@ -59,5 +60,10 @@ LOCAL_TRAINERS.add("dp_fedavg", plain)  # site-level DP clips and adds noise at 
 def dp_sgd(job: LocalJob) -> Trained:
     """DP-SGD; its report (the site's cumulative epsilon, whether its budget stopped it) goes with
     every reply, also when the budget stops the site."""
+    if job.objective is not None:  # the strategy's settings refuse dp_sgd first; this guards the trainer
+        raise PrivacyConfigError(
+            f"strategy={job.cfg.strategy.name} changes the training objective, which DP-SGD's per-sample "
+            "clipping does not support"
+        )
     result, report = train_private(job.model, job.data, job.cfg, job.seed, job.context, job.server_round, job.hooks)
     return Trained(result, {PRIVACY_RECORD: ConfigRecord(report)})

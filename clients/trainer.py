@@ -28,7 +28,7 @@ from federated.core.multimed import (
     REGRESSION,
     Task,
 )
-from strategies.client_side import GradientHook
+from strategies.client_side import GradientHook, Objective
 
 
 def task_loss(task: Task, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,12 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
 
 def train_local(
-    model: MultiMedModel, data: SiteData, cfg: TrainConfig, seed: int, hooks: tuple[GradientHook, ...] = ()
+    model: MultiMedModel,
+    data: SiteData,
+    cfg: TrainConfig,
+    seed: int,
+    hooks: tuple[GradientHook, ...] = (),
+    objective: Objective | None = None,
 ) -> TrainResult:
     """One round of local steps on the model's device, in cfg.precision. Losses stay on the
     device until the round ends (a per-step .item() would make the host wait for every step)."""
@@ -92,6 +97,8 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, cfg.precision):
             loss = task_loss(data.schema.task(task), model(task, batch.inputs, batch.present), batch.targets)
+            if objective is not None:
+                loss = objective(task, loss, batch.targets)
         if scaler is None:
             loss.backward()
         else:
@@ -107,6 +114,25 @@ def train_local(
         mean_loss=float(torch.stack(losses).cpu().double().mean()) if losses else math.nan,
         group_examples=group_examples(data),
     )
+
+
+@torch.no_grad()
+def mean_train_loss(model: MultiMedModel, data: SiteData, precision: str = "fp32", batch_size: int = 256) -> float:
+    """The model's loss on the site's training data, averaged over samples (all tasks)."""
+    model.eval()
+    device = model_device(model)
+    total, n = 0.0, 0
+    for task in data.plan.tasks:
+        part = data.split(task, "train")
+        if part is None:
+            continue
+        for idx in torch.arange(len(part)).split(batch_size):
+            b = part.take(idx).to(device)
+            with autocast(device, precision):
+                loss = task_loss(data.schema.task(task), model(task, b.inputs, b.present), b.targets)
+            total += float(loss) * len(idx)
+            n += len(idx)
+    return total / n if n else math.nan
 
 
 def scaled_step(scaler: torch.amp.GradScaler | None, optimizer: torch.optim.Optimizer) -> int:

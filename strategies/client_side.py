@@ -9,7 +9,8 @@ what a server-only strategy needs.
 One training round at a site:
 
     round = algorithm.before_train(SiteRound(...))   the model holds the global weights
-    local training with round.hooks                   (the trainer of the privacy mode)
+    local training with round.hooks and               (the trainer of the privacy mode)
+      round.objective(task, loss, targets)            each step's loss, before backward
     records = round.after_train(steps)                extra records for the reply
 
 and at evaluation, `load_personal` puts the site's own parameters into the model to score its
@@ -19,7 +20,7 @@ with the site's checkpoints, clients/site_state.py), never in these objects.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +31,10 @@ from federated.core.config.schema import StrategyConfig, TrainConfig
 from federated.core.models import MultiMedModel
 
 Record = ArrayRecord | ConfigRecord
+
+
+# (task, the batch's task loss, the batch's targets) -> the loss to minimise
+Objective = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class GradientHook(Protocol):
@@ -47,6 +52,9 @@ class SiteRound:
     content: RecordDict  # the server's training message: its config and algorithm records
     context: Context  # the site's Flower Context: its state across rounds
     train: TrainConfig
+    # The received global model's mean training loss on this site's training data (computed on
+    # call, so call it before training): what FedDG-GA's gap and q-FFL's weights start from.
+    global_loss: Callable[[], float] = field(default=lambda: float("nan"), compare=False)
 
 
 @dataclass
@@ -54,6 +62,14 @@ class ClientRound:
     """One round of an algorithm at a site: hooks for local training, then records to send."""
 
     hooks: tuple[GradientHook, ...] = field(default=())
+    # Whether objective() changes the loss: the DP-SGD trainer refuses a round that does, as its
+    # per-sample clipping needs a loss that is a mean of per-sample losses it computes itself.
+    changes_objective: bool = False
+
+    def objective(self, task: str, loss: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss one local step minimises, from the batch's task loss (FedSR's regularisers,
+        a risk reweighting); the task loss itself by default."""
+        return loss
 
     def after_train(self, steps: int) -> dict[str, Record]:
         """Records to add to the training reply, after `steps` local steps."""
