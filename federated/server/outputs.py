@@ -151,6 +151,8 @@ def print_report(summary: RunSummary, out_dir: Path, console: Console | None = N
         f"OOD score {_f(final.ood.score)} (initial {_f(initial.ood.score)})   "
         f"ID-OOD gap {_f(final.gap)} on the {len(final.gap_tasks)} tasks scored both ways"
     )
+    if final.ood_adapted is not None:
+        console.print(f"OOD score after test-time adaptation {_f(final.ood_adapted.score)} (ood.adapt)")
     console.print(f"{summary.rounds_completed} rounds in {summary.timing.wall_s:.1f} s; outputs in {out_dir}")
     print_problems(summary, console)
 
