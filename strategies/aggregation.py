@@ -26,7 +26,7 @@ _CHUNK = 1 << 16
 _BLOCK = 1 << 20
 
 
-def _layout(
+def same_layout(
     updates: Sequence[Update], who: str, reference: Update | None = None, names: Sequence[str] | None = None
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Each key's shape and dtype, after checking that all updates share keys and shapes.
@@ -52,7 +52,7 @@ def _layout(
     return layout
 
 
-def _normalised_weights(weights: Sequence[float], n: int) -> np.ndarray:
+def normalised_weights(weights: Sequence[float], n: int) -> np.ndarray:
     """Weights summing to one; zero, negative or non-finite weights are refused, not dropped."""
     if len(weights) != n:
         raise ValueError(f"{n} updates but {len(weights)} weights")
@@ -135,8 +135,8 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
     """
     if not updates:
         raise ValueError("weighted_mean needs at least one update")
-    w = _normalised_weights(weights, len(updates))
-    layout = _layout(updates, "weighted_mean")
+    w = normalised_weights(weights, len(updates))
+    layout = same_layout(updates, "weighted_mean")
     out: dict[str, np.ndarray] = {}
     for key, (shape, dtype) in layout.items():
         result = np.empty(math.prod(shape), dtype=dtype)
@@ -151,7 +151,7 @@ def coordinate_median(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequ
     Robust to any minority of arbitrary updates per coordinate. A NaN in any update makes
     that coordinate NaN (numpy's median propagates NaN).
     """
-    layout = _layout(updates, "coordinate_median")
+    layout = same_layout(updates, "coordinate_median")
     _check_count(weights, len(updates))
     return _coordinatewise(updates, layout, lambda block: np.median(block, axis=0, overwrite_input=True))
 
@@ -169,7 +169,7 @@ def trimmed_mean(
     """
     if not 0.0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
-    layout = _layout(updates, "trimmed_mean")
+    layout = same_layout(updates, "trimmed_mean")
     n = len(updates)
     _check_count(weights, n)
     k = math.floor(trim_fraction * n)
@@ -195,7 +195,7 @@ def krum_select(updates: Sequence[Mapping[str, np.ndarray]], n_byzantine: int, n
     infinitely far from every other: its score is inf, so it is picked only when n_selected
     exceeds the number of finite-score updates.
     """
-    layout = _layout(updates, "krum_select")
+    layout = same_layout(updates, "krum_select")
     n, f = len(updates), int(n_byzantine)
     if f < 0:
         raise ValueError(f"n_byzantine must be >= 0, got {n_byzantine}")
@@ -228,7 +228,7 @@ def krum(
     updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], n_byzantine: int, n_selected: int = 1
 ) -> dict[str, np.ndarray]:
     """Weighted mean of the (multi-)Krum selection; with n_selected=1 that is the chosen update."""
-    w = _normalised_weights(weights, len(updates))
+    w = normalised_weights(weights, len(updates))
     chosen = krum_select(updates, n_byzantine, n_selected)
     return weighted_mean([updates[i] for i in chosen], [float(w[i]) for i in chosen])
 
@@ -250,7 +250,7 @@ def groupwise_aggregate(
     if len(updates) != len(group_weights):
         raise ValueError(f"{len(updates)} updates but {len(group_weights)} group weight maps")
     if updates:
-        _layout(updates, "groupwise_aggregate", reference=current)
+        same_layout(updates, "groupwise_aggregate", reference=current)
     by_group: dict[str, list[str]] = {}
     for key in current:
         by_group.setdefault(group_of(key), []).append(key)
@@ -320,7 +320,7 @@ def server_opt_step(
         raise ValueError(f"beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}")
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau must be positive and finite, got {tau}")
-    layout = _layout([aggregated], "server_opt_step", reference=current)
+    layout = same_layout([aggregated], "server_opt_step", reference=current)
     if state is None:
         state = ServerOptState(
             m={k: np.zeros(s) for k, (s, _) in layout.items()},
@@ -328,7 +328,7 @@ def server_opt_step(
             step=0,
         )
     else:
-        _layout([state.m, state.v], "server_opt_step", reference=current, names=["state.m", "state.v"])
+        same_layout([state.m, state.v], "server_opt_step", reference=current, names=["state.m", "state.v"])
     new: dict[str, np.ndarray] = {}
     m_new: dict[str, np.ndarray] = {}
     v_new: dict[str, np.ndarray] = {}
@@ -366,12 +366,12 @@ def scaffold_server_step(
     which calls this per parameter group, gives the numbers its recorded runs had). Returns
     (x_new in `current`'s dtypes, c_new in `control`'s dtypes).
     """
-    layout = _layout(updates, "scaffold_server_step", reference=current)
+    layout = same_layout(updates, "scaffold_server_step", reference=current)
     n = len(updates)
     if len(control_deltas) != n:
         raise ValueError(f"{n} updates but {len(control_deltas)} control deltas")
-    _layout([control], "scaffold_server_step", reference=current, names=["control"])
-    control_layout = _layout(
+    same_layout([control], "scaffold_server_step", reference=current, names=["control"])
+    control_layout = same_layout(
         control_deltas, "scaffold_server_step", reference=control, names=[f"control delta {i}" for i in range(n)]
     )
     if not n <= n_total_clients:

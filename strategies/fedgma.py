@@ -35,7 +35,7 @@ import numpy as np
 
 from federated.core.config.schema import StrategyConfig, StrategySettings
 from federated.core.models import group_of
-from strategies.aggregation import _layout, _normalised_weights, groupwise_aggregate
+from strategies.aggregation import groupwise_aggregate, normalised_weights, same_layout
 from strategies.base import Arrays, MultiMedStrategy
 from strategies.registry import register_strategy
 
@@ -86,8 +86,8 @@ def gma_step(
     """
     if not (math.isfinite(server_lr) and server_lr > 0):
         raise ValueError(f"server_lr must be positive and finite, got {server_lr}")
-    layout = _layout(updates, "gma_step", reference=current)
-    p = _normalised_weights(weights, len(updates))
+    layout = same_layout(updates, "gma_step", reference=current)
+    p = normalised_weights(weights, len(updates))
     out: dict[str, np.ndarray] = {}
     for key, (_, dtype) in layout.items():
         w = np.asarray(current[key], dtype=np.float64)
