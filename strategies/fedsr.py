@@ -80,13 +80,12 @@ from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.compute import model_device
 from federated.core.config.schema import ExperimentConfig, StrategyConfig, StrategySettings
 from federated.core.models import MultiMedModel
+from federated.core.protocol import REFERENCE_RECORD, STATISTICS_RECORD
 from federated.core.targets import BINARY, CLASS_TARGETS
 from strategies.base import Arrays, MultiMedStrategy, Update
 from strategies.client_side import ClientAlgorithm, ClientRound, Record, SiteRound
 from strategies.registry import register_strategy
 
-REFERENCE_RECORD = "fedsr-reference"  # server -> site: the pooled r(z|y), "<task>/mean|var|known"
-STATISTICS_RECORD = "fedsr-statistics"  # site -> server: its r after the round, "<task>/mean|var|freq"
 FREQ_TOLERANCE = 1e-4  # a site's class frequencies of one task must sum to 1 within this
 
 TorchReference = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean [C, D], var [C, D], known [C]

@@ -75,6 +75,22 @@ GROUPS = "groups"
 GROUP_EXAMPLES = "examples"
 PROXIMAL_MU = "proximal-mu"  # FedProx: the config key Flower's own FedProx uses
 
+# Domain-generalisation strategies' records and keys (strategies/feddg_ga.py, qffl.py, risk_objectives.py,
+# fedsr.py)
+GLOBAL_LOSS = "global-loss"  # L_k of the global model received this round
+GA_RECORD = "feddg-ga"
+LOCAL_LOSS = "local-loss"  # L_k of the site's local model after its last training
+LOCAL_ROUND = "local-round"  # the round that local model was trained in
+QFFL_RECORD = "qffl"  # site -> server
+LIPSCHITZ = "lipschitz"  # 1 / the site's train.lr
+REX_BETA = "rex-beta"
+REX_MEAN_RISK = "rex-mean-risk"  # absent before the first aggregated round
+RISK_RECORD = "rex-risk"  # the site's reply: a ConfigRecord {RISK: R_k}
+RISK = "risk"
+DRO_ETA = "dro-eta"
+REFERENCE_RECORD = "fedsr-reference"  # server -> site: the pooled r(z|y), "<task>/mean|var|known"
+STATISTICS_RECORD = "fedsr-statistics"  # site -> server: its r after the round, "<task>/mean|var|freq"
+
 
 def report_from_record(record: Any) -> dict[str, Any]:
     """A ConfigRecord's values as plain JSON-able Python values (e.g. a site's privacy report)."""

@@ -43,6 +43,9 @@ from strategies.risk_objectives import (
 KEYS = ("encoders.eeg.w", "fusion.w")
 TARGETS = torch.zeros(1)
 
+# fedrex needs plain SGD steps (Adam ignores a constant loss weight); groupdro accepts it too
+SGD = ["train.optimizer=sgd", "train.lr=0.05", "train.momentum=0"]
+
 
 def _arrays(values: dict) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in values.items()})
@@ -238,7 +241,16 @@ def test_groupdro_server_sends_eta_and_averages_like_modality_fedavg():
 @pytest.mark.parametrize("name", ["fedrex", "groupdro"])
 def test_changed_objectives_refuse_dp_sgd(name):
     with pytest.raises(ConfigError, match=rf"privacy.name cannot be dp_sgd with strategy={name}: it reweights"):
-        load_config(["scale=smoke", f"strategy={name}", "privacy=dp_sgd"])
+        load_config(["scale=smoke", f"strategy={name}", "privacy=dp_sgd", *SGD])
+
+
+def test_fedrex_refuses_adam_whose_normalised_steps_ignore_a_loss_weight():
+    with pytest.raises(
+        ConfigError, match="train.optimizer must be sgd with strategy=fedrex: it scales each site's loss"
+    ):
+        load_config(["scale=smoke", "strategy=fedrex"])
+    load_config(["scale=smoke", "strategy=fedrex", *SGD])
+    load_config(["scale=smoke", "strategy=groupdro"])  # GroupDRO's weights differ from step to step
 
 
 @pytest.mark.parametrize(
@@ -251,14 +263,14 @@ def test_changed_objectives_refuse_dp_sgd(name):
 def test_settings_refuse_bad_values(override, pattern):
     name = "fedrex" if "beta" in override else "groupdro"
     with pytest.raises(ConfigError, match=pattern):
-        load_config(["scale=smoke", f"strategy={name}", override])
+        load_config(["scale=smoke", f"strategy={name}", override, *SGD])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fedrex", "groupdro"])
 def test_end_to_end(tmp_path, name):
     out = tmp_path / "r"
-    assert main(["run", "--out", str(out), "--no-progress", "scale=smoke", "rounds=2", f"strategy={name}"]) == 0
+    assert main(["run", "--out", str(out), "--no-progress", "scale=smoke", "rounds=2", f"strategy={name}", *SGD]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
     assert math.isfinite(summary["final"]["ood"]["score"])
@@ -290,7 +302,7 @@ class _TableThenKill(Callback):
 @pytest.mark.parametrize("name", ["fedrex", "groupdro"])
 def test_a_resumed_run_ends_with_the_uninterrupted_model(tmp_path, monkeypatch, name):
     """fedrex's mean risk (server STATE) and groupdro's task weights (site Context) survive a resume."""
-    overrides = ["scale=smoke", "rounds=4", "engine.checkpoint_every=2", f"strategy={name}"]
+    overrides = ["scale=smoke", "rounds=4", "engine.checkpoint_every=2", f"strategy={name}", *SGD]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["run", "--out", str(full), "--no-progress", *overrides]) == 0
     import federated.app.runner as runner
