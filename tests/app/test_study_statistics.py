@@ -73,6 +73,9 @@ def test_few_or_equal_differences_give_a_reason_not_a_crash():
         two = statistics.paired_test(np.array([0.1, 0.3]))
         equal = statistics.paired_test(np.array([0.1] * 4))
         zeros = statistics.paired_test(np.zeros(5))
+        one = statistics.paired_test(np.array([0.3]))  # a quick study: one seed, one pair
+    assert one.n == 1 and one.mean == pytest.approx(0.3) and one.p_value == 1.0 and not one.distinguishable
+    assert (one.ci_low, one.ci_high) == (0.3, 0.3) and one.note == "all differences equal"
     assert empty.n == 0 and np.isnan([empty.mean, empty.ci_low, empty.p_value]).all() and empty.note == "no pairs"
     assert two.n == 2 and two.mean == pytest.approx(0.2) and np.isnan(two.ci_low) and np.isnan(two.ci_high)
     assert two.note == "fewer than 3 pairs" and two.p_value == pytest.approx(0.5)  # 2 of 4 patterns

@@ -92,6 +92,8 @@ def sign_flip_p(diffs: np.ndarray) -> float:
     d = np.asarray(diffs, dtype=float)
     if d.size == 0:
         return np.nan
+    if d.size == 1:  # its two sign patterns have the same |mean| (scipy needs two observations)
+        return 1.0
     res = stats.permutation_test(
         (d,),
         _mean,
