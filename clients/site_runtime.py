@@ -3,8 +3,9 @@
 Run config (same for every node): `multimed-config` (the resolved experiment YAML) and
 `corpus-path`. Node config (per node): `site` (deployment: a hospital names itself) or
 `partition-id` (simulation: the i-th site of the plan), and optionally `corpus-path` (a
-hospital's own copy of its data). The site plan is rebuilt from config and seed, so every
-process agrees on it without shipping it around.
+hospital's own copy of its data) and `device` (where it computes; wins over engine.device).
+The site plan is rebuilt from config and seed, so every process agrees on it without shipping it
+around.
 
 Paths a site reads or writes (`corpus-path`, `state-dir`): in simulation (node config with
 `partition-id`) the engine sets them in the run config, and a node config value wins. In
@@ -30,9 +31,10 @@ import torch
 from clients.site_data import SiteData, TargetScale
 from federated.core.compute import resolve_device
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
+from federated.core.config.schema import DEVICE_CHOICES, valid_device_spec
 from federated.core.corpus_schema import CorpusSchema, SchemaError
 from federated.core.models import MultiMedModel, build_model
-from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, DEVICE_KEY
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from partitions import SitePlan, plan_sites
@@ -74,6 +76,9 @@ class SiteRuntime:
     # received; None in simulation, where every site's corpus schema is the federation's.
     federation_schema: CorpusSchema | None = None
     _received: tuple[str, str] = ("", "")  # the last (schema, scales) JSON applied
+    # The node config's `device`, which wins over the run's engine.device: a hospital knows its
+    # own hardware (e.g. device='cuda:1' to keep GPU 0 for the scanner's software). "" = the run's.
+    device: str = ""
 
     def apply_site_local(self, schema_json: str, scales_json: str) -> None:
         """Take the federation's schema and target scales a site-local message carries, after
@@ -108,18 +113,19 @@ class SiteRuntime:
         process runs. Every message loads the global weights into it first (and a site's
         personal parameters from its Context), so no site sees another's weights; sharing it
         saves 1,000 copies and 1,000 constructions in a 1,000-site in-process run."""
-        return _thread_model(self.config_yaml, self.cfg, self.federation_schema or self.data.schema)
+        device = self.device or self.cfg.engine.device
+        return _thread_model(self.config_yaml, self.cfg, self.federation_schema or self.data.schema, device)
 
 
 _local = threading.local()
 
 
-def _thread_model(config_yaml: str, cfg: ExperimentConfig, schema: CorpusSchema) -> MultiMedModel:
+def _thread_model(config_yaml: str, cfg: ExperimentConfig, schema: CorpusSchema, device: str) -> MultiMedModel:
     models = _local.__dict__.setdefault("models", {})
-    model = models.get(config_yaml)
+    model = models.get((config_yaml, device))
     if model is None or (model.schema is not schema and model.schema != schema):
         # Built on the host (the same initial weights on every device), then moved to the site's device.
-        model = models[config_yaml] = build_model(cfg.model, schema, cfg.seed).to(resolve_device(cfg.engine.device))
+        model = models[(config_yaml, device)] = build_model(cfg.model, schema, cfg.seed).to(resolve_device(device))
     return model
 
 
@@ -184,4 +190,9 @@ def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:
         key = f"#{int(node_config['partition-id'])}"
     else:
         raise SiteConfigError("node config needs 'site' (deployment) or 'partition-id' (simulation)")
-    return _runtime(str(run_config.get(CONFIG_KEY, "")), corpus_path, key)
+    rt = _runtime(str(run_config.get(CONFIG_KEY, "")), corpus_path, key)
+    device = str(node_config.get(DEVICE_KEY, ""))
+    if device and not valid_device_spec(device):
+        raise SiteConfigError(f"node config {DEVICE_KEY}={device!r}: must be one of {DEVICE_CHOICES}")
+    rt.device = device
+    return rt

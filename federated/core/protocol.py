@@ -43,6 +43,7 @@ class Role(StrEnum):
 # Run config (Flower run config, or a SuperNode's node config).
 CONFIG_KEY = "multimed-config"  # the whole resolved experiment config as one YAML string
 CORPUS_KEY = "corpus-path"
+DEVICE_KEY = "device"  # node config: where this site computes; wins over the run's engine.device
 RESUME_KEY = "resume"  # run config: true = continue the run in out-dir from its checkpoint
 STATE_DIR_KEY = "state-dir"  # where a site saves its state for resumed runs
 SITE_STATE_DIR = "site_state"  # its folder inside a run's output folder

@@ -27,6 +27,7 @@ from federated.app.cli import main
 from federated.core.compute import DeviceError, autocast, resolve_device
 from federated.core.config import ConfigError, config_to_yaml, load_config
 from federated.core.models import build_model, group_of
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, DEVICE_KEY
 from federated.data.format import Corpus
 from partitions import plan_sites
 from strategies.scaffold import CONTROL_STATE, SiteControl
@@ -150,16 +151,22 @@ def test_evaluation_runs_on_the_device_and_reads_back_only_the_outputs(site):
 
 
 def test_the_shared_site_model_is_built_on_the_configured_device(monkeypatch, smoke_corpus):
-    cfg = load_config(["scale=smoke", "engine.device=cpu"])
+    """engine.device, or the node config's `device` where a site sets one (a hospital knows its
+    hardware); the model is built on the host, then moved."""
     asked: list[str] = []
     monkeypatch.setattr(site_runtime, "resolve_device", lambda spec: asked.append(spec) or META)
-    corpus = Corpus.open(smoke_corpus)
-    model = site_runtime._thread_model(config_to_yaml(cfg) + "# meta\n", cfg, corpus.schema)
-    assert asked == ["cpu"] and {p.device for p in model.parameters()} == {META}
-    reference = build_model(cfg.model, corpus.schema, cfg.seed)  # built on the host: same shapes
+    cfg = load_config(["scale=smoke", "engine.device=cuda:7"])
+    run_config = {CONFIG_KEY: config_to_yaml(cfg) + "# placement test\n", CORPUS_KEY: str(smoke_corpus)}
+    model = site_runtime.site_runtime(run_config, {"partition-id": 0}).model
+    assert asked == ["cuda:7"] and {p.device for p in model.parameters()} == {META}
+    reference = build_model(cfg.model, Corpus.open(smoke_corpus).schema, cfg.seed)  # same shapes
     assert {k: v.shape for k, v in model.state_dict().items()} == {
         k: v.shape for k, v in reference.state_dict().items()
     }
+    own = site_runtime.site_runtime(run_config, {"partition-id": 1, DEVICE_KEY: "cpu"}).model
+    assert asked == ["cuda:7", "cpu"] and own is not model
+    with pytest.raises(site_runtime.SiteConfigError, match="node config device='gpu0': must be one of"):
+        site_runtime.site_runtime(run_config, {"partition-id": 1, DEVICE_KEY: "gpu0"})
 
 
 def test_scaffold_control_variates_follow_the_model_to_its_device():
