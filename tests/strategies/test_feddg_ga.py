@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from federated.app.cli import main
 from federated.core.arrays import record_to_numpy
 from federated.core.config import load_config
 from federated.core.config.loader import strategy_config
@@ -261,11 +259,3 @@ def test_site_reports_the_global_loss_and_its_last_local_loss_and_keeps_the_new_
 
 
 # --- end to end ----------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_feddg_ga_runs_end_to_end(tmp_path):
-    out = tmp_path / "r"
-    assert main(["run", "--out", str(out), "--no-progress", "scale=smoke", "rounds=2", "strategy=feddg_ga"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert math.isfinite(summary["final"]["ood"]["score"])

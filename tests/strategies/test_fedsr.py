@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -12,7 +11,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from clients.site_data import SiteData
 from clients.trainer import task_loss, train_local
-from federated.app.cli import main
 from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.config import ConfigError, load_config
 from federated.core.config.loader import strategy_config
@@ -293,12 +291,3 @@ def test_settings_are_checked_and_dp_sgd_is_refused():
     assert cfg.strategy.settings == FedSRSettings(alpha_l2=0.02)
     with pytest.raises(ConfigError, match="dp_sgd with strategy=fedsr"):
         load_config(["strategy=fedsr", "privacy=dp_sgd"])
-
-
-@pytest.mark.slow
-def test_fedsr_runs_end_to_end(tmp_path):
-    out = tmp_path / "r"
-    assert main(["run", "--out", str(out), "--no-progress", "scale=smoke", "rounds=2", "strategy=fedsr"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds_completed"] == 2
-    assert math.isfinite(summary["final"]["ood"]["score"])

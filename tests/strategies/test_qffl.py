@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -11,7 +10,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.qfedavg import compute_delta_and_h
 
-from federated.app.cli import main
 from federated.core.arrays import record_to_numpy
 from federated.core.config import load_config
 from federated.core.config.loader import strategy_config
@@ -221,15 +219,6 @@ def test_site_sends_the_global_models_loss_measured_before_training_and_one_over
 
 
 # --- end to end ----------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_qffl_runs_end_to_end(tmp_path):
-    out = tmp_path / "r"
-    sgd = ["train.optimizer=sgd", "train.lr=0.05", "train.momentum=0"]
-    assert main(["run", "--out", str(out), "--no-progress", "scale=smoke", "rounds=2", "strategy=qffl", *sgd]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert math.isfinite(summary["final"]["ood"]["score"])
 
 
 def test_qffl_refuses_adam_whose_steps_are_not_lr_times_the_gradient():
