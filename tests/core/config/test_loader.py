@@ -114,7 +114,7 @@ def test_a_conf_file_without_a_registered_strategy_is_reported(tmp_path):
 
 @pytest.mark.parametrize("name", STRATEGIES.names())
 def test_every_strategy_round_trips_with_typed_settings(name):
-    sgd = ["train.optimizer=sgd", "train.momentum=0"] if name == "scaffold" else []
+    sgd = ["train.optimizer=sgd", "train.momentum=0"] if name in ("scaffold", "fedrex", "qffl") else []
     cfg = load_config([f"strategy={name}", "scale=smoke", *sgd])
     assert cfg.strategy.name == name and type(cfg.strategy.settings) is STRATEGIES.get(name).settings
     text = config_to_yaml(cfg)
