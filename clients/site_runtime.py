@@ -144,10 +144,10 @@ def _plans(config_yaml: str, corpus_path: str) -> tuple[ExperimentConfig, Corpus
 
 
 @cache
-def _runtime(config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
+def _runtime(config_yaml: str, corpus_path: str, site_key: str, device: str) -> SiteRuntime:
     cfg = config_from_yaml(config_yaml) if config_yaml else load_config()
     if cfg.sites.planner == SITE_LOCAL:
-        return _own_site_runtime(cfg, config_yaml, corpus_path, site_key)
+        return _own_site_runtime(cfg, config_yaml, corpus_path, site_key, device)
     cfg, corpus, plans = _plans(config_yaml, corpus_path)
     if site_key.startswith("#"):
         pid = int(site_key[1:])
@@ -159,10 +159,12 @@ def _runtime(config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
         if site_key not in by_name:
             raise SiteConfigError(f"node config names site {site_key!r}; the plan has {', '.join(by_name)}")
         plan = by_name[site_key]
-    return SiteRuntime(cfg, plan, SiteData(corpus, plan), config_yaml, client_algorithm(cfg.strategy))
+    return SiteRuntime(cfg, plan, SiteData(corpus, plan), config_yaml, client_algorithm(cfg.strategy), device=device)
 
 
-def _own_site_runtime(cfg: ExperimentConfig, config_yaml: str, corpus_path: str, site_key: str) -> SiteRuntime:
+def _own_site_runtime(
+    cfg: ExperimentConfig, config_yaml: str, corpus_path: str, site_key: str, device: str
+) -> SiteRuntime:
     """Site-local mode: this site's own corpus is all it opens. Deployed (a site name), the
     corpus is the node config's; simulated (a partition id), the i-th corpus folder of
     corpus.site_corpora, named after its site."""
@@ -177,7 +179,8 @@ def _own_site_runtime(cfg: ExperimentConfig, config_yaml: str, corpus_path: str,
         site, path = site_key, Path(corpus_path)
     corpus = Corpus.open(path)
     plan = plan_own_site(corpus, site, cfg)
-    return SiteRuntime(cfg, plan, SiteData(corpus, plan, own_scales=False), config_yaml, client_algorithm(cfg.strategy))
+    data = SiteData(corpus, plan, own_scales=False)
+    return SiteRuntime(cfg, plan, data, config_yaml, client_algorithm(cfg.strategy), device=device)
 
 
 def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:
@@ -190,9 +193,7 @@ def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:
         key = f"#{int(node_config['partition-id'])}"
     else:
         raise SiteConfigError("node config needs 'site' (deployment) or 'partition-id' (simulation)")
-    rt = _runtime(str(run_config.get(CONFIG_KEY, "")), corpus_path, key)
     device = str(node_config.get(DEVICE_KEY, ""))
     if device and not valid_device_spec(device):
         raise SiteConfigError(f"node config {DEVICE_KEY}={device!r}: must be one of {DEVICE_CHOICES}")
-    rt.device = device
-    return rt
+    return _runtime(str(run_config.get(CONFIG_KEY, "")), corpus_path, key, device)

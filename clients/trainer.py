@@ -121,7 +121,7 @@ def mean_train_loss(model: MultiMedModel, data: SiteData, precision: str = "fp32
     """The model's loss on the site's training data, averaged over samples (all tasks)."""
     model.eval()
     device = model_device(model)
-    total, n = 0.0, 0
+    total, n = torch.zeros((), dtype=torch.float32, device=device), 0
     for task in data.plan.tasks:
         part = data.split(task, "train")
         if part is None:
@@ -130,9 +130,9 @@ def mean_train_loss(model: MultiMedModel, data: SiteData, precision: str = "fp32
             b = part.take(idx).to(device)
             with autocast(device, precision):
                 loss = task_loss(data.schema.task(task), model(task, b.inputs, b.present), b.targets)
-            total += float(loss) * len(idx)
+            total += loss.float() * len(idx)
             n += len(idx)
-    return total / n if n else math.nan
+    return float(total) / n if n else math.nan  # one host read, as in train_local
 
 
 def scaled_step(scaler: torch.amp.GradScaler | None, optimizer: torch.optim.Optimizer) -> int:

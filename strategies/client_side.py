@@ -52,9 +52,10 @@ class SiteRound:
     content: RecordDict  # the server's training message: its config and algorithm records
     context: Context  # the site's Flower Context: its state across rounds
     train: TrainConfig
-    # The received global model's mean training loss on this site's training data (computed on
-    # call, so call it before training): what FedDG-GA's gap and q-FFL's weights start from.
-    global_loss: Callable[[], float] = field(default=lambda: float("nan"), compare=False)
+    # The model's mean loss on this site's training data as the model is now: called before
+    # training, the received global model's (FedDG-GA's gap, q-FFL's and V-REx's risks); after
+    # training, the site's local model's (FedDG-GA).
+    training_loss: Callable[[], float] = field(default=lambda: float("nan"), compare=False)
 
 
 @dataclass

@@ -5,7 +5,7 @@ site's generalisation gap, so that sites the global model fits worst get more sa
 
 Gap (paper Eq. 7): G_k = L_k(theta) - L_k(theta_k), on site k's own training data, with theta the
 global model and theta_k the site's local model trained from the previous global model. Here the
-site computes L_k(theta^{r-1}) of the global model it receives in round r (`SiteRound.global_loss`,
+site computes L_k(theta^{r-1}) of the global model it receives in round r (`SiteRound.training_loss`,
 in before_train) and, after its training in round r-1, L_k(theta_k^{r-1}) of its local model,
 kept in its Flower Context until the next round (saved with the site's state, so a resumed run
 continues exactly). theta^{r-1} was aggregated from exactly those theta_k^{r-1}: the pair the
@@ -49,7 +49,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Message
 
 from federated.core.config.schema import StrategyConfig, StrategySettings
@@ -151,12 +150,6 @@ def site_group_weights(
 # --- site side -----------------------------------------------------------------------------
 
 
-def _loss_now(site: SiteRound) -> float:
-    """The mean training loss of the model as it is now (no graph kept)."""
-    with torch.no_grad():
-        return float(site.global_loss())
-
-
 class FedDGGARound(ClientRound):
     def __init__(self, site: SiteRound, server_round: int, global_loss: float) -> None:
         super().__init__()
@@ -170,7 +163,7 @@ class FedDGGARound(ClientRound):
             values[LOCAL_ROUND] = int(record_number(self.previous, LOCAL_ROUND))
         if steps > 0:  # the model now holds this round's local model
             self.site.context.state[GA_STATE] = ConfigRecord(
-                {LOCAL_LOSS: _loss_now(self.site), LOCAL_ROUND: self.server_round}
+                {LOCAL_LOSS: self.site.training_loss(), LOCAL_ROUND: self.server_round}
             )
         return {GA_RECORD: values}
 
@@ -180,7 +173,7 @@ class FedDGGAClient(ClientAlgorithm):
 
     def before_train(self, site: SiteRound) -> ClientRound:
         server_round = record_round(site.content.config_records[CONFIG_RECORD])
-        return FedDGGARound(site, server_round, _loss_now(site))
+        return FedDGGARound(site, server_round, site.training_loss())
 
 
 # --- server side ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Algorithm 3) turns each site's local run into a gradient estimate and takes one 
     w_new   = w - sum_k p_k (F_k + eps)^q Delta_k / sum_k p_k h_k
 
 with F_k = F_k(w), the loss of the *received global model* on site k's training data (the
-paper's; `SiteRound.global_loss`, measured before local training and sent in the 'qffl'
+paper's; `SiteRound.training_loss`, measured before local training and sent in the 'qffl'
 record). eps = 1e-10 as in Flower's QFedAvg, whose maths `qffl_delta_and_h` reproduces
 (tests/strategies/test_qffl.py checks it against flwr.serverapp.strategy.qfedavg).
 
@@ -191,7 +191,7 @@ class QFFLClient(ClientAlgorithm):
 
     def before_train(self, site: SiteRound) -> ClientRound:
         with torch.no_grad():
-            loss = float(site.global_loss())
+            loss = float(site.training_loss())
         return QFFLRound(loss, 1.0 / site.train.lr)
 
 

@@ -16,7 +16,7 @@ dVar/dR_k, so
 Each site therefore minimises its own risk times the constant weight a_k = 1 + 2 beta (R_k - R̄)
 (held fixed during the round: it multiplies the gradient, it is not differentiated), and the
 server's average supplies the 1/n. What crosses the wire: each site sends R_k, the mean training
-loss of the global model it received (SiteRound.global_loss, computed before it trains), in its
+loss of the global model it received (SiteRound.training_loss, computed before it trains), in its
 reply (record `rex-risk`); the server keeps R̄, the unweighted mean of the accepted sites' R_k of
 the round just aggregated (`mean_risk`, saved in checkpoints), and sends it and beta in the next
 round's training config. `strategy.beta` = 0 is modality_fedavg.
@@ -172,7 +172,7 @@ class FedRexClient(ClientAlgorithm):
         if REX_BETA not in config:
             raise ValueError(f"strategy=fedrex: the training config has no '{REX_BETA}' (the server's beta)")
         beta = record_number(config, REX_BETA)
-        risk = float(site.global_loss())
+        risk = float(site.training_loss())
         weight = 1.0
         if REX_MEAN_RISK in config and math.isfinite(risk):  # a non-finite risk is refused by the server
             weight = rex_risk_weight(risk, record_number(config, REX_MEAN_RISK), beta)

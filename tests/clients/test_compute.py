@@ -22,7 +22,7 @@ from opacus.optimizers import DPOptimizer
 import clients.site_runtime as site_runtime
 from clients.dp_sgd import per_sample_loss, per_sample_module, private_gradient
 from clients.site_data import SiteData
-from clients.trainer import evaluate_site, scaled_step, train_local
+from clients.trainer import evaluate_site, make_optimizer, scaled_step, train_local
 from federated.app.cli import main
 from federated.core.compute import DeviceError, autocast, resolve_device
 from federated.core.config import ConfigError, config_to_yaml, load_config
@@ -129,8 +129,7 @@ def test_training_keeps_model_batches_and_optimiser_state_on_the_device(site, mo
     model = build_model(cfg.model, data.schema, 0).to(META)
     seen = _record_input_devices(model)
     made: list[torch.optim.Optimizer] = []
-    real = __import__("clients.trainer", fromlist=["make_optimizer"]).make_optimizer
-    monkeypatch.setattr("clients.trainer.make_optimizer", lambda p, c: made.append(real(p, c)) or made[-1])
+    monkeypatch.setattr("clients.trainer.make_optimizer", lambda p, c: made.append(make_optimizer(p, c)) or made[-1])
     with pytest.raises(NotImplementedError, match=NO_DATA) as err:
         train_local(model, data, dataclasses.replace(cfg.train, max_steps_per_round=3), seed=0)
     last = err.traceback[-1]  # where the host read happened: the round's mean loss, after every step
