@@ -1,7 +1,8 @@
 """The Flower ClientApp every site runs, under every engine.
 
 query    -> the site's profile (the server's handshake)
-train    -> load the global arrays, train locally, reply with arrays + example counts. The
+train    -> load the global arrays, train locally, reply with arrays + example counts (under
+            secure aggregation, masked: clients/secure_aggregation.py). The
             strategy's site side (strategies/client_side.py: FedProx's proximal term, SCAFFOLD's
             control variates, FedBN/FedPer's local parameters) wraps the local training; the
             privacy mode picks the trainer (clients/local_trainers.py: DP-SGD adds a 'privacy'
@@ -26,6 +27,7 @@ from clients import site_state
 from clients.attacks import attack_mod
 from clients.faults import fault_mod
 from clients.local_trainers import LOCAL_TRAINERS, LocalJob
+from clients.secure_aggregation import masked_update_mod, secure_aggregation_gate
 from clients.site_runtime import SiteRuntime, site_runtime
 from clients.test_time import adapt_site_model
 from clients.trainer import evaluate_site, mean_train_loss
@@ -38,7 +40,8 @@ from federated.core.protocol import Role, record_round
 from partitions.site_local import SITE_LOCAL
 from strategies.client_side import SiteRound
 
-app = ClientApp(mods=[fault_mod, attack_mod])
+# Outermost first; clients/secure_aggregation.py says why in this order.
+app = ClientApp(mods=[secure_aggregation_gate, fault_mod, masked_update_mod, attack_mod])
 
 
 def _runtime(context: Context) -> SiteRuntime:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -45,6 +46,7 @@ from federated.core.protocol import (
 )
 from federated.core.replies import error_reason
 from strategies.aggregation import groupwise_weighted_mean
+from strategies.secure_sums import Layout, apply_sums
 from strategies.validation import (
     Rejection,
     declared_groups,
@@ -79,6 +81,9 @@ class MultiMedStrategy(FlowerFedAvg):
     # Attributes that carry state across rounds (server-optimiser moments, control variates):
     # what a checkpoint must hold for a resumed run to continue exactly.
     STATE: tuple[str, ...] = ()
+    # Under secure aggregation the server sees only sums: the vector layout whose sums this
+    # strategy's aggregation needs (strategies/secure_sums.py), or None when it needs more.
+    SECURE_SUMS: ClassVar[str | None] = None
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.STATE}
@@ -186,6 +191,33 @@ class MultiMedStrategy(FlowerFedAvg):
             pack_arrays({k: np.asarray(v) for k, v in new.items()}),
             self.train_metrics_aggr_fn(contents, self.weighted_by_key),
         )
+
+    def aggregate_masked_sum(
+        self, server_round: int, summed: np.ndarray, layout: Layout, min_weight: float, n_sites: int
+    ) -> ArrayRecord | None:
+        """Secure aggregation: the new model from the sum of `n_sites` sites' vectors (the server
+        never saw one of them, so nothing is screened: the sites clipped their own updates). Each
+        group moves by its weighted mean difference, then the server update (FedAdam & co.) runs
+        as on a plain round. Too few sites: as `aggregate_train` (raise, or None to skip)."""
+        if self.current is None:
+            raise RuntimeError("aggregate_masked_sum called before configure_train")
+        self.round, self.last_rejections, self.last_fallbacks = server_round, [], []
+        if n_sites < max(1, self.cfg.min_valid_replies):
+            text = (
+                f"round {server_round}: {n_sites} sites in the secure sum, fewer than "
+                f"strategy.min_valid_replies={self.cfg.min_valid_replies}"
+            )
+            if self.cfg.on_too_few_valid == "skip":
+                log.warning("%s; skipping the round (strategy.on_too_few_valid=skip)", text)
+                return None
+            raise TooFewValidReplies(text)
+        current = record_to_numpy(self.current)
+        mean, totals = apply_sums(layout, current, summed, min_weight)
+        if all(t < min_weight for t in totals.values()):
+            log.info("round %d: no site trained; the model stays as it was", server_round)
+            return self.current
+        new = self.server_update(current, mean)
+        return pack_arrays({k: np.asarray(v) for k, v in new.items()})
 
     def _screen(
         self, server_round: int, replies: Iterable[Message], current: Arrays

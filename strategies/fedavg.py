@@ -12,10 +12,13 @@ from __future__ import annotations
 from strategies.aggregation import weighted_mean
 from strategies.base import Arrays, MultiMedStrategy
 from strategies.registry import register_strategy
+from strategies.secure_sums import GROUPED, SINGLE
 
 
 @register_strategy("fedavg")
 class FedAvg(MultiMedStrategy):
+    SECURE_SUMS = SINGLE
+
     def aggregate(
         self, current: Arrays, updates: list[Arrays], weights: list[float], group_weights: list[dict[str, float]]
     ) -> Arrays:
@@ -25,3 +28,5 @@ class FedAvg(MultiMedStrategy):
 @register_strategy("modality_fedavg")
 class ModalityFedAvg(MultiMedStrategy):
     """The base template's default aggregation, named."""
+
+    SECURE_SUMS = GROUPED

@@ -14,6 +14,7 @@ from federated.core.config.schema import StrategyConfig, StrategySettings
 from strategies.aggregation import ServerOptState, server_opt_step
 from strategies.base import Arrays, MultiMedStrategy
 from strategies.registry import register_strategy
+from strategies.secure_sums import GROUPED
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class FedOptSettings(StrategySettings):
 
 class FedOpt(MultiMedStrategy):
     STATE = ("state",)
+    SECURE_SUMS = GROUPED  # the server step needs only the group-wise mean
     variant = ""  # adam | yogi | adagrad (strategies.aggregation.SERVER_OPT_VARIANTS)
 
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:

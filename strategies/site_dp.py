@@ -34,8 +34,9 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from federated.core.arrays import pack_arrays, plain_record, record_to_numpy
 from federated.core.config.schema import ExperimentConfig
-from strategies.base import MultiMedStrategy
+from strategies.base import MultiMedStrategy, TooFewValidReplies
 from strategies.registry import build_strategy
+from strategies.secure_sums import Layout
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,7 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        budget = self.privacy.target_epsilon
-        if self.stopped_round or (budget is not None and self.epsilon(1) > budget + EPS_TOLERANCE):
-            self.stopped_round = self.stopped_round or server_round
-            log.warning(
-                "round %d: site-level privacy budget epsilon=%s would be exceeded; the model is not updated",
-                server_round,
-                budget,
-            )
-            self.strategy.last_rejections = []
+        if self._budget_spent(server_round):
             return self.strategy.current, MetricRecord({})
         # Flower's wrapper clips each Array of every reply record against the current model's:
         # it must see one Array per tensor, not pack_arrays' single buffer.
@@ -118,6 +111,50 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
             self.ledger.step(noise_multiplier=self.sigma, sample_rate=1.0)
             self.released += 1
         return arrays, metrics
+
+    def _budget_spent(self, server_round: int) -> bool:
+        """Would releasing this round exceed privacy.target_epsilon? (Then the model stays.)"""
+        budget = self.privacy.target_epsilon
+        if self.stopped_round or (budget is not None and self.epsilon(1) > budget + EPS_TOLERANCE):
+            self.stopped_round = self.stopped_round or server_round
+            log.warning(
+                "round %d: site-level privacy budget epsilon=%s would be exceeded; the model is not updated",
+                server_round,
+                budget,
+            )
+            self.strategy.last_rejections = []
+            return True
+        return False
+
+    def aggregate_masked_sum(
+        self, server_round: int, summed: np.ndarray, layout: Layout, min_weight: float, n_sites: int
+    ) -> ArrayRecord | None:
+        """Secure aggregation with site-level DP: the sites clipped their own updates to
+        privacy.clipping_norm before masking (clients/secure_aggregation.py), the inner FedAvg
+        takes the unweighted mean from the sum, and the server adds the same noise as without
+        masking, sigma*C/n, after unmasking. The accountant's assumption is unchanged, plus one: the
+        server adds the noise honestly (it sees the noiseless sum, never one site's update). A round
+        with fewer sites than the noise was calibrated for is not released, as Flower's wrapper
+        drops a round with a failure."""
+        if self._budget_spent(server_round):
+            return self.strategy.current
+        if n_sites < self.num_sampled_clients:
+            self.strategy.last_rejections = []
+            text = (
+                f"round {server_round}: {n_sites} of {self.num_sampled_clients} sites in the secure sum; "
+                "the site-level DP noise is calibrated for all of them"
+            )
+            if self.strategy.cfg.on_too_few_valid == "skip":
+                log.warning("%s; skipping the round (strategy.on_too_few_valid=skip)", text)
+                return None
+            raise TooFewValidReplies(text)
+        arrays = self.strategy.aggregate_masked_sum(server_round, summed, layout, min_weight, n_sites)
+        if arrays is None:
+            return None
+        noised = self._add_noise_to_aggregated_arrays(arrays)
+        self.ledger.step(noise_multiplier=self.sigma, sample_rate=1.0)
+        self.released += 1
+        return noised
 
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
         """Flower's noise, drawn per tensor in the model's order (as for an ordinary record); the

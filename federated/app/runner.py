@@ -41,6 +41,8 @@ from federated.server.run_folder import (
 from federated.server.tracking import MetricsTable, ProgressBar, TensorBoardLogger
 from partitions import SitePlan, plan_sites
 from partitions.site_local import SITE_LOCAL, plan_local_sites
+from strategies.registry import STRATEGIES
+from strategies.secure_sums import check_secure_strategy
 
 
 class RunError(RuntimeError):
@@ -123,6 +125,12 @@ def check_device(cfg: ExperimentConfig) -> None:
             resolve_device(cfg.engine.device)
         except DeviceError as e:
             raise ConfigError(str(e)) from None
+
+
+def check_secure_aggregation(cfg: ExperimentConfig) -> None:
+    """A strategy that needs each site's own update cannot run on masked sums: refused up front
+    (the server checks again, for a deployment it runs alone)."""
+    check_secure_strategy(cfg, getattr(STRATEGIES.get(cfg.strategy.name).server, "SECURE_SUMS", None))
 
 
 def check_adaptation(cfg: ExperimentConfig, schema: CorpusSchema, plans: list[SitePlan]) -> None:
@@ -278,6 +286,7 @@ def _run(
     corpus_path, corpus = _open_corpus(cfg)
     check_model(cfg, corpus.schema)  # before anything is written into the folder
     check_device(cfg)
+    check_secure_aggregation(cfg)
     # a plan that cannot work fails here
     plans = corpus.plans if isinstance(corpus, SiteCorpora) else plan_sites(corpus, cfg)
     check_plan_names(cfg, plans)

@@ -10,6 +10,11 @@ train              server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND, algorithm
                    site:   ARRAYS_RECORD, METRICS_RECORD {NUM_EXAMPLES, TRAIN_LOSS, STEPS},
                            TRAINED_RECORD {GROUPS, GROUP_EXAMPLES}, PRIVACY_RECORD (DP-SGD),
                            algorithm records (e.g. CONTROL_DELTA_RECORD)
+train, secure      four messages per round (SecAgg+ stages: setup, share keys, collect, unmask),
+(secure_aggregation=secaggplus)  each with Flower's "secaggplus_configs" record; the collect
+                           stage is the train message above plus SECURE_* config keys, and the
+                           site's reply holds its masked vector, METRICS_RECORD and
+                           PRIVACY_RECORD only (clients/secure_aggregation.py)
 evaluate           server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND}
                    site:   METRICS_RECORD {NUM_EXAMPLES, "<task>/<metric>"...},
                            PERSONAL_RECORD (the site's personalised model, same keys),
@@ -75,6 +80,13 @@ STEPS = "steps"
 GROUPS = "groups"
 GROUP_EXAMPLES = "examples"
 PROXIMAL_MU = "proximal-mu"  # FedProx: the config key Flower's own FedProx uses
+# Secure aggregation (federated/server/secure_round.py): how a site builds the one vector it masks,
+# in the collect stage's CONFIG_RECORD (strategies/secure_sums.py)
+SECURE_LAYOUT = "secure-layout"  # grouped | single
+SECURE_MAX_WEIGHT = "secure-max-weight"  # W: a site's weight per group is min(1, examples / W)
+SECURE_UNIFORM = "secure-uniform"  # 1: every group a site trained weighs 1 (strategy.weighting=uniform)
+SECURE_CLIP = "secure-clip"  # c: each entry of the update is clipped to [-c, c]
+SECURE_CLIP_NORM = "secure-clip-norm"  # site-level DP: the update is first scaled to this L2 norm
 
 # Domain-generalisation strategies' records and keys (strategies/feddg_ga.py, qffl.py, risk_objectives.py,
 # fedsr.py)

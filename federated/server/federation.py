@@ -45,6 +45,11 @@ from federated.core.protocol import (
     PROFILE_RECORD,
     RESTORE_ROUND,
     SCHEMA_KEY,
+    SECURE_CLIP,
+    SECURE_CLIP_NORM,
+    SECURE_LAYOUT,
+    SECURE_MAX_WEIGHT,
+    SECURE_UNIFORM,
     SERVER_ROUND,
     STEPS,
     TARGET_SCALES,
@@ -61,8 +66,10 @@ from federated.server.evaluation import SiteEvaluation, SiteProfile, summarize
 from federated.server.federated_stats import target_scales
 from federated.server.records import FederationResult, FederationTiming, RoundRecord, TrainStats
 from federated.server.results import PrivacyReport
+from federated.server.secure_round import secure_sum
 from federated.server.site_agreement import FederationError, agree, exact_schema
 from partitions.site_local import SITE_LOCAL
+from strategies.secure_sums import Layout, check_secure_strategy
 from strategies.site_dp import build_private_strategy, server_privacy_report
 
 __all__ = ["Callback", "FederationError", "FederationResult", "RoundRecord", "run_federation"]
@@ -331,6 +338,7 @@ class TrainOutcome:
 def _strategy(cfg: ExperimentConfig, node_profiles: dict[int, SiteProfile], train_nodes: list[int]) -> Any:
     """The run's strategy, told which node is which site and how much each holds."""
     strategy = build_private_strategy(cfg, len(train_nodes))
+    check_secure_strategy(cfg, strategy.SECURE_SUMS)
     strategy.know_sites(
         {n: p.site for n, p in node_profiles.items()},
         {n: node_profiles[n].n_train for n in train_nodes},
@@ -362,8 +370,60 @@ def _collect_replies(fed: Federation, messages: list[Message], replies: list[Mes
     into.rejections = {r.site: r.reason for r in fed.strategy.last_rejections}
 
 
+def secure_keys(fed: Federation) -> dict[str, Any]:
+    """What a site needs to build its vector (strategies/secure_sums.py): the layout, the weight
+    cap W (the largest declared training set x strategy.max_examples_factor; 1 for uniform
+    weights), the clip, and with site-level DP the norm each site clips its update to."""
+    uniform = fed.strategy.cfg.weighting == "uniform"
+    declared = max(fed.strategy.declared_examples.values(), default=1)
+    keys: dict[str, Any] = {
+        SECURE_LAYOUT: fed.strategy.SECURE_SUMS,
+        SECURE_MAX_WEIGHT: 1.0 if uniform else float(declared * fed.cfg.strategy.max_examples_factor),
+        SECURE_UNIFORM: int(uniform),
+        SECURE_CLIP: float(fed.cfg.secure_aggregation.clipping_range),
+    }
+    if fed.cfg.privacy.name == "dp_fedavg":
+        keys[SECURE_CLIP_NORM] = float(fed.cfg.privacy.clipping_norm)
+    return keys
+
+
+def secure_train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainOutcome:
+    """A training round under SecAgg+ (federated/server/secure_round.py): the server gets the sum of
+    the sites' masked vectors and the scalar metrics, never one site's update. A site refused at the
+    handshake (its declared weight share) is not asked: once inside the sum it could not be refused."""
+    t0 = time.perf_counter()
+    keys = secure_keys(fed)
+    config = ConfigRecord({**fed.site_config, **keys})
+    messages = list(fed.strategy.configure_train(rnd, arrays, config, fed.training_grid))
+    refused = {m.metadata.dst_node_id for m in messages} & set(fed.strategy.handshake_problems)
+    messages = [m for m in messages if m.metadata.dst_node_id not in refused]
+    result = secure_sum(
+        lambda ms: exchange(fed.grid, ms, fed.timeout), messages, fed.cfg.secure_aggregation, fed.cfg.seed + rnd
+    )
+    t1 = time.perf_counter()
+    new_arrays = None
+    if result.summed is not None:
+        layout = Layout.of(record_to_numpy(arrays), str(keys[SECURE_LAYOUT]))
+        min_weight = 0.5 / float(keys[SECURE_MAX_WEIGHT])  # half the least weight a site that trained has
+        new_arrays = fed.strategy.aggregate_masked_sum(rnd, result.summed, layout, min_weight, len(result.survivors))
+    t2 = time.perf_counter()
+    fed.timing.train_s += t1 - t0
+    fed.timing.aggregate_s += t2 - t1
+    outcome = TrainOutcome(new_arrays, train_s=t1 - t0, aggregate_s=t2 - t1)
+    _collect_replies(fed, [m for m in messages if m.metadata.dst_node_id in result.survivors], result.replies, outcome)
+    for node, why in result.failures.items():
+        outcome.failures[f"train:{fed.site(node)}"] = why
+    if result.reason:
+        outcome.failures["secure_aggregation"] = result.reason
+    for node in sorted(refused):
+        outcome.rejections[fed.site(node)] = fed.strategy.handshake_problems[node]
+    return outcome
+
+
 def train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainOutcome:
     """One training round: configure, exchange with the training sites, aggregate, collect."""
+    if fed.cfg.secure_aggregation.name != "none":
+        return secure_train_round(fed, rnd, arrays)
     t0 = time.perf_counter()
     messages = list(fed.strategy.configure_train(rnd, arrays, ConfigRecord(dict(fed.site_config)), fed.training_grid))
     replies = exchange(fed.grid, messages, fed.timeout)

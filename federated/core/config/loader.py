@@ -36,6 +36,7 @@ from federated.core.config.schema import (
     DEVICE_CHOICES,
     OOD_ADAPT_METHODS,
     PRECISION_NAMES,
+    SECURE_AGGREGATION_MODES,
     STRATEGY_SETTINGS,
     ConfigError,
     ExperimentConfig,
@@ -49,7 +50,7 @@ ATTACK_KINDS = ("none", "sign_flip", "scale", "nan", "inflate_count", "inflate_h
 HOLDOUT_MODES = ("listed", "named", "random", "archetype")  # partitions/holdout.py
 PRIVACY_MODES = ("none", "dp_sgd", "dp_fedavg")
 FAULT_KINDS = ("none", "crash", "stall", "exit")
-SECTION_GROUPS = ("corpus", "sites", "model", "strategy", "privacy", "engine")
+SECTION_GROUPS = ("corpus", "sites", "model", "strategy", "privacy", "engine", "secure_aggregation")
 PRESET_GROUP = "scale"
 GROUPS = (*SECTION_GROUPS, PRESET_GROUP)
 # The strategy keys every strategy reads, beside its own settings.
@@ -428,6 +429,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("ood.adapt_steps", cfg.ood.adapt_steps >= 1, "must be >= 1"),
         ("ood.adapt_lr", math.isfinite(cfg.ood.adapt_lr) and cfg.ood.adapt_lr > 0, "must be finite and > 0"),
         ("ood.adapt_batch_size", cfg.ood.adapt_batch_size >= 1, "must be >= 1"),
+        *secure_aggregation_checks(cfg),
         ("attack.kind", cfg.attack.kind in ATTACK_KINDS, f"must be one of: {', '.join(ATTACK_KINDS)}"),
         ("attack.factor", cfg.attack.factor >= 0, "must be >= 0"),
         ("faults.kind", cfg.faults.kind in FAULT_KINDS, f"must be one of: {', '.join(FAULT_KINDS)}"),
@@ -464,6 +466,58 @@ def precision_privacy_checks(cfg: ExperimentConfig) -> list[tuple[str, bool, str
             "cannot be bf16 with privacy.grad_sample_mode=ew: PyTorch's ExpandedWeights computes per-sample "
             "gradients in the weights' dtype and fails on autocast's bf16 activations; use "
             "privacy.grad_sample_mode=hooks or functorch (their per-sample gradients are clipped in fp32)",
+        ),
+    ]
+
+
+def secure_aggregation_checks(cfg: ExperimentConfig) -> list[tuple[str, bool, str]]:
+    """SecAgg+'s own ranges (Flower's rules) and what it cannot compose with. Which strategies can
+    aggregate masked sums is the strategies' to say (strategies/secure_sums.py)."""
+    sa = cfg.secure_aggregation
+    checks = [
+        (
+            "secure_aggregation.name",
+            sa.name in SECURE_AGGREGATION_MODES,
+            f"must be one of: {', '.join(SECURE_AGGREGATION_MODES)}",
+        ),
+    ]
+    if sa.name == "none":
+        return checks
+    return [
+        *checks,
+        ("secure_aggregation.clipping_range", sa.clipping_range > 0, "must be > 0"),
+        (
+            "secure_aggregation.quantization_range",
+            1 <= sa.quantization_range < 2**31,
+            "must be in [1, 2**31) (Flower's stochastic rounding casts to int32)",
+        ),
+        (
+            "secure_aggregation.modulus_range",
+            sa.modulus_range > sa.quantization_range and sa.modulus_range & (sa.modulus_range - 1) == 0,
+            "must be a power of 2 above secure_aggregation.quantization_range",
+        ),
+        (
+            "secure_aggregation.modulus_range",
+            sa.modulus_range <= 2**32,
+            "must be <= 2**32 (masked sums are int64: a sum of sites' vectors must not overflow)",
+        ),
+        (
+            "secure_aggregation.num_shares",
+            0 < sa.num_shares <= 1 or (sa.num_shares > 2 and float(sa.num_shares).is_integer()),
+            "must be a fraction in (0, 1] of the round's sites or a whole number > 2",
+        ),
+        (
+            "secure_aggregation.reconstruction_threshold",
+            0 < sa.reconstruction_threshold <= 1
+            or (sa.reconstruction_threshold >= 2 and float(sa.reconstruction_threshold).is_integer()),
+            "must be a fraction in (0, 1] of num_shares or a whole number >= 2",
+        ),
+        # Updates of individual sites are what attacks and faults act on; the server cannot see them
+        (
+            "attack.kind",
+            cfg.attack.kind in ("none", "inflate_handshake"),
+            "cannot be simulated with secure_aggregation=secaggplus except inflate_handshake: the server "
+            "sees only the sum of masked updates, so no update could be screened (run attacks without it)",
         ),
     ]
 

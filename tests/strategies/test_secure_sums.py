@@ -1,0 +1,166 @@
+"""Modality-aware sums under secure aggregation (strategies/secure_sums.py), against numbers by hand."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from federated.core.config import load_config
+from federated.core.config.schema import ConfigError
+from federated.core.models import group_of
+from strategies.aggregation import groupwise_weighted_mean, weighted_mean
+from strategies.fedavg import FedAvg, ModalityFedAvg
+from strategies.secure_sums import (
+    GROUPED,
+    SECURE_STRATEGIES,
+    SINGLE,
+    WHOLE_MODEL,
+    Layout,
+    apply_sums,
+    check_secure_strategy,
+    quantisation_bound,
+    site_vector,
+    site_weights,
+    sites_capacity,
+)
+
+# Two groups: encoder/ct (3 + 1 entries) and head/bone_age (2 entries), in this key order.
+GLOBAL = {
+    "encoders.ct.w": np.array([1.0, 2.0, 3.0], np.float32),
+    "heads.bone_age.w": np.array([0.0, 0.0], np.float32),
+    "encoders.ct.b": np.array([5.0], np.float32),
+}
+
+
+def test_the_layout_groups_keys_in_first_appearance_order_with_a_weight_entry_after_each_group():
+    layout = Layout.of(GLOBAL, GROUPED)
+    assert [(s.group, s.keys, s.start, s.size) for s in layout.segments] == [
+        ("encoder/ct", ("encoders.ct.w", "encoders.ct.b"), 0, 4),
+        ("head/bone_age", ("heads.bone_age.w",), 5, 2),
+    ]
+    assert [s.weight_index for s in layout.segments] == [4, 7]
+    assert layout.length == 8
+    single = Layout.of(GLOBAL, SINGLE)
+    assert [(s.group, s.size, s.weight_index) for s in single.segments] == [(WHOLE_MODEL, 6, 6)]
+
+
+def test_integer_buffers_stay_out_of_the_vector_and_keep_their_value():
+    arrays = {**GLOBAL, "encoders.ct.steps": np.array([7], np.int64)}
+    layout = Layout.of(arrays, GROUPED)
+    assert "encoders.ct.steps" not in layout.segments[0].keys
+    new, _ = apply_sums(layout, arrays, np.ones(layout.length), 0.5)
+    assert new["encoders.ct.steps"].tolist() == [7]
+
+
+def test_a_site_vector_by_hand():
+    # ct trained on 30 examples, the head on 10; W = 60: a_ct = 0.5, a_head = 1/6
+    trained = {
+        "encoders.ct.w": np.array([1.5, 1.0, 3.0], np.float32),  # delta 0.5, -1, 0
+        "heads.bone_age.w": np.array([3.0, -0.6], np.float32),  # delta 3 (clipped to 2), -0.6
+        "encoders.ct.b": np.array([5.25], np.float32),  # delta 0.25
+    }
+    layout = Layout.of(GLOBAL, GROUPED)
+    vector, clipped = site_vector(layout, GLOBAL, trained, {"encoder/ct": 30, "head/bone_age": 10}, 60.0, 2.0)
+    # ct: 0.5 x (0.5, -1, 0, 0.25), weight 0.5; head: 1/6 x (2, -0.6), weight 1/6
+    np.testing.assert_allclose(vector, [0.25, -0.5, 0.0, 0.125, 0.5, 2 / 6, -0.1, 1 / 6], rtol=1e-6)
+    assert clipped == 1
+
+
+def test_a_group_the_site_did_not_train_is_all_zeros_and_weights_cap_at_one():
+    trained = {k: v + 1 for k, v in GLOBAL.items()}
+    layout = Layout.of(GLOBAL, GROUPED)
+    vector, _ = site_vector(layout, GLOBAL, trained, {"encoder/ct": 500}, 60.0, 2.0)
+    np.testing.assert_array_equal(vector, [1, 1, 1, 1, 1, 0, 0, 0])  # a_ct = min(1, 500/60)
+
+
+def test_site_level_dp_clips_the_whole_difference_to_its_norm_first():
+    trained = {"encoders.ct.w": np.array([4.0, 2.0, 3.0]), "heads.bone_age.w": np.array([0.0, 4.0])}
+    base = {"encoders.ct.w": np.array([1.0, 2.0, 3.0]), "heads.bone_age.w": np.array([0.0, 0.0])}
+    layout = Layout.of(base, SINGLE)  # delta (3, 0, 0, 0, 4): norm 5, scaled to norm 1
+    vector, _ = site_vector(layout, base, trained, {WHOLE_MODEL: 1.0}, 1.0, 1.0, clip_norm=1.0)
+    np.testing.assert_allclose(vector, [0.6, 0, 0, 0, 0.8, 1.0])
+
+
+def test_sums_equal_the_groupwise_weighted_mean_of_the_strategies():
+    rng = np.random.default_rng(0)
+    sites = [{k: v + rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in GLOBAL.items()} for _ in range(3)]
+    examples = [{"encoder/ct": 30.0, "head/bone_age": 10.0}, {"encoder/ct": 50.0}, {"head/bone_age": 20.0}]
+    layout = Layout.of(GLOBAL, GROUPED)
+    vectors = [site_vector(layout, GLOBAL, s, w, 60.0, 1.0)[0] for s, w in zip(sites, examples, strict=True)]
+    new, totals = apply_sums(layout, GLOBAL, np.sum(vectors, axis=0), 0.5 / 60)
+    expected = groupwise_weighted_mean(GLOBAL, sites, examples, group_of)
+    for k in GLOBAL:
+        np.testing.assert_allclose(new[k], expected[k], atol=1e-6)
+        assert new[k].dtype == GLOBAL[k].dtype
+    assert totals == pytest.approx({"encoder/ct": 80 / 60, "head/bone_age": 30 / 60})
+
+
+def test_the_single_layout_is_fedavg_weighted_by_examples():
+    sites = [{k: v + i for k, v in GLOBAL.items()} for i in (1.0, 0.5)]
+    layout = Layout.of(GLOBAL, SINGLE)
+    vectors = [
+        site_vector(layout, GLOBAL, s, {WHOLE_MODEL: n}, 100.0, 1.0)[0] for s, n in zip(sites, (30, 10), strict=True)
+    ]
+    new, _ = apply_sums(layout, GLOBAL, np.sum(vectors, axis=0), 0.5 / 100)
+    expected = weighted_mean(sites, [30.0, 10.0])
+    for k in GLOBAL:
+        np.testing.assert_allclose(new[k], expected[k], atol=1e-6)  # every entry moved by 0.875
+
+
+def test_a_group_nobody_trained_keeps_its_value():
+    layout = Layout.of(GLOBAL, GROUPED)
+    summed = np.array([1, 1, 1, 1, 2.0, 1e-7, 1e-7, 1e-7])  # only quantisation noise for the head
+    new, _ = apply_sums(layout, GLOBAL, summed, 0.5 / 60)
+    np.testing.assert_array_equal(new["heads.bone_age.w"], GLOBAL["heads.bone_age.w"])
+    np.testing.assert_allclose(new["encoders.ct.w"], [1.5, 2.5, 3.5])
+
+
+def test_site_weights_by_layout_and_weighting():
+    assert site_weights({"a": 10, "b": 0}, 12, GROUPED, uniform=False) == {"a": 10.0}
+    assert site_weights({"a": 10, "b": 0}, 12, GROUPED, uniform=True) == {"a": 1.0}
+    assert site_weights({"a": 10}, 12, SINGLE, uniform=False) == {WHOLE_MODEL: 12.0}
+    assert site_weights({}, 0, SINGLE, uniform=True) == {}  # trained nothing: weighs nothing
+
+
+def test_overflow_and_quantisation_bounds():
+    assert sites_capacity(1023, 2**22, 2**32) is None
+    assert "1024 sites" in sites_capacity(1024, 2**22, 2**32)
+    assert quantisation_bound(3, 1.0, 2**22) == pytest.approx(3 * 2 / 2**22)
+
+
+def test_strategies_say_which_sums_they_need():
+    from strategies.registry import STRATEGIES
+
+    assert FedAvg.SECURE_SUMS == SINGLE and ModalityFedAvg.SECURE_SUMS == GROUPED
+    able = tuple(n for n in STRATEGIES.names() if STRATEGIES.get(n).server.SECURE_SUMS is not None)
+    assert sorted(able) == sorted(SECURE_STRATEGIES)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "reason"),
+    [
+        ("median", "coordinate-wise median"),
+        ("krum", "distance to the others"),
+        ("trimmed_mean", "trims"),
+        ("scaffold", "control-variate"),
+        ("fedsr", "more than a (group-wise) weighted mean"),
+    ],
+)
+def test_strategies_that_need_individual_updates_are_refused_with_the_reason(strategy, reason):
+    from strategies.registry import STRATEGIES
+
+    overrides = [f"strategy={strategy}", "secure_aggregation=secaggplus"]
+    if strategy == "scaffold":
+        overrides += ["train.optimizer=sgd", "train.momentum=0"]
+    cfg = load_config(overrides)
+    with pytest.raises(ConfigError, match=re.escape(reason)) as e:
+        check_secure_strategy(cfg, STRATEGIES.get(strategy).server.SECURE_SUMS)
+    assert f"strategy={strategy}" in str(e.value)
+
+
+def test_a_clip_below_one_is_refused_because_weights_travel_in_it():
+    cfg = load_config(["secure_aggregation=secaggplus", "secure_aggregation.clipping_range=0.5"])
+    with pytest.raises(ConfigError, match="clipping_range must be >= 1"):
+        check_secure_strategy(cfg, GROUPED)
