@@ -86,3 +86,106 @@ def test_secure_aggregation_settings_are_checked_by_name():
         load_config(["secure_aggregation=secagg"])
     with pytest.raises(ConfigError, match="attack.kind cannot be simulated with secure_aggregation"):
         load_config(["secure_aggregation=secaggplus", "attack.kind=sign_flip", "attack.sites=[site_00]"])
+
+
+# ------------------------------------------------- engines, resume, a killed site (slow) ----
+
+FOUR_ROUNDS = ["scale=smoke", "rounds=4", "engine.checkpoint_every=2", "secure_aggregation=secaggplus"]
+
+
+def _model(out):
+    with np.load(out / "final_model.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.slow
+def test_ray_runs_the_same_secure_run_as_in_process(tmp_path):
+    from federated.app.cli import main
+    from federated.engines.ray_engine import ray_processes
+
+    for engine in ("inprocess", "ray"):
+        assert (
+            main(
+                [
+                    "run",
+                    "--out",
+                    str(tmp_path / engine),
+                    "--no-progress",
+                    f"engine={engine}",
+                    *BASE,
+                    "secure_aggregation=secaggplus",
+                ]
+            )
+            == 0
+        )
+    a, b = _model(tmp_path / "inprocess"), _model(tmp_path / "ray")
+    # the masks differ (os.urandom), the sum does not: rounding is seeded by site and round
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-6
+    assert not ray_processes()
+
+
+@pytest.mark.slow
+def test_a_site_process_killed_while_training_is_recovered_from_the_others_shares(tmp_path):
+    from federated.app.cli import main
+
+    out = tmp_path / "kill"
+    overrides = ["engine=ray", "faults.kind=exit", "faults.sites=[site_01]", "faults.rounds=[1]"]
+    assert main(["run", "--out", str(out), "--no-progress", *BASE, "secure_aggregation=secaggplus", *overrides]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rounds_completed"] == 2
+    assert "collect_masked_vectors stage" in s["failures"]["1"]["train:site_01"]
+    assert "train:site_01" not in s["failures"].get("2", {})  # back in round 2
+
+
+@pytest.mark.slow
+def test_a_secure_run_resumes_from_its_checkpoint_to_the_same_model(tmp_path, monkeypatch):
+    import federated.app.runner as runner
+    from federated.app.cli import main
+    from federated.server.checkpoint import load_checkpoint
+    from federated.server.federation import Callback
+
+    class Killed(Exception):
+        pass
+
+    class KillAfter3(Callback):
+        def on_round_end(self, record) -> None:
+            if record.round == 3:
+                raise Killed
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["run", "--out", str(full), "--no-progress", *FOUR_ROUNDS]) == 0
+    monkeypatch.setattr(runner, "ProgressBar", lambda console: KillAfter3())
+    with pytest.raises(Killed):
+        run_experiment(load_config(FOUR_ROUNDS), cut, progress=True)
+    monkeypatch.undo()
+    assert load_checkpoint(cut).round == 2
+    assert main(["run", "--resume", str(cut), "--no-progress"]) == 0
+    a, b = _model(full), _model(cut)
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_deployed_secure_run_over_tls_scores_as_in_process(tmp_path):
+    import dataclasses
+
+    from federated.core.config import config_from_yaml
+    from federated.engines.deployment import deploy_demo
+
+    out = tmp_path / "demo"
+    result = deploy_demo(
+        3, out, [*BASE, "secure_aggregation=secaggplus"], say=lambda line: None, timeout_s=900, grace_s=5
+    )
+    assert result.status == "finished:completed"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and not summary.get("failures")
+    cfg = config_from_yaml((out / "config.yaml").read_text())
+    cfg = dataclasses.replace(
+        cfg,
+        corpus=dataclasses.replace(cfg.corpus, site_corpora=str(out / "deploy" / "sites")),
+        engine=dataclasses.replace(cfg.engine, name="inprocess", expected_sites=0),
+    )
+    local = run_experiment(cfg, tmp_path / "inprocess", progress=False).to_dict()
+    a, b = _model(out), _model(tmp_path / "inprocess")
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-6
+    for group in ("id", "ood"):
+        assert summary["final"][group]["score"] == pytest.approx(local["final"][group]["score"], abs=1e-6)
