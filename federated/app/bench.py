@@ -19,7 +19,7 @@ from typing import Any
 from federated.core.io import atomic_write_text, write_json
 from federated.core.resources import shipped_dir
 
-ORDER = ["aggregation", "site_planning", "dp_step", "ingest", "engines", "deployment", "gpu"]
+ORDER = ["aggregation", "site_planning", "dp_step", "ingest", "engines", "deployment", "secure_aggregation", "gpu"]
 
 
 def environment() -> dict[str, Any]:
@@ -113,6 +113,16 @@ def headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
             rows.append((f"3 TLS SuperNodes / Ray, round after start-up ({size})", f"{v['ratio']:.2f}x", "<= 1.5x"))
             rows.append((f"  the same, SuperLink state in memory ({size})", f"{v['ratio_in_memory']:.2f}x", "<= 1.5x"))
         return rows
+    if name == "secure_aggregation":
+        return [
+            (
+                f"SecAgg+ round / plain round, {n} sites",
+                f"{v['ratio']:.2f}x (+{v['added_s_per_round']:.2f} s), "
+                f"update {v['masked_bytes'] / v['plain_bytes']:.1f}x bytes",
+                "",
+            )
+            for n, v in r["sites"].items()
+        ]
     if name == "gpu":
         return gpu_headline(r)
     return [(f"{name}: {k}", str(v), "") for k, v in r.items() if isinstance(v, (int, float))][:4]

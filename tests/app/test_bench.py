@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -26,8 +27,16 @@ def test_quick_bench_runs_every_benchmark(tmp_path):
         "DP-SGD step / plain step (ew)",
         "in-process engine / plain PyTorch loop",
         "plan 100 sites (natural)",
+        "SecAgg+ round / plain round, 10 sites",
     ):
         assert figure in table
+    secure = results["secure_aggregation"]["result"]["sites"]
+    assert set(secure) == {"3", "10"}
+    for v in secure.values():  # the masked vector: int64, one entry per parameter, group weight and factor
+        assert v["plain_bytes"] == 4 * v["parameters"] and v["masked_bytes"] > 8 * v["parameters"]
+        assert v["ratio"] == pytest.approx(
+            statistics.median(v["secure_round_s"]) / statistics.median(v["plain_round_s"])
+        )
 
 
 GPU = bench_dir() / "gpu.py"

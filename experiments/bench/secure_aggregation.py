@@ -1,0 +1,123 @@
+"""Secure aggregation's cost: a SecAgg+ training round against a plain one, 3, 10 and 50 sites.
+
+Workload: the default model, N sites of the random_mix planner (2 tasks each, none held out),
+in-process, R rounds of `train.max_steps_per_round=2` local steps (short, so that the protocol's
+own cost is not hidden behind training). Measured side by side in one run, interleaved (plain,
+secure, plain, secure ...) on the same corpus and plan:
+  training round = (train + aggregate seconds) / rounds, from each run's summary.json timing
+  (evaluation is the same in both and left out)
+  secure round / plain round, and the seconds the protocol adds per round
+and, per site, what its update weighs on the wire: a plain reply carries float32 parameters, a
+masked one an int64 vector (parameters + one weight per group + Flower's weight factor).
+Where the time goes at many sites: each site draws one pairwise mask per neighbour
+(secure_aggregation.num_shares: all sites by default, so N^2 masks a round), and Shamir-shares and
+encrypts its secrets for each neighbour; the server removes one self mask per site.
+
+    python experiments/bench/secure_aggregation.py [--quick] [--rounds R] [--sites 3,10,50] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from federated.app.bench import write_result
+
+
+def overrides(n_sites: int, rounds: int, quick: bool) -> list[str]:
+    return [
+        "sites.planner=random_mix",
+        f"sites.n_sites={n_sites}",
+        "sites.tasks_per_site=2",
+        "sites.holdout=listed",
+        "sites.held_out=[]",
+        "sites.min_samples=2",
+        f"rounds={rounds}",
+        "train.max_steps_per_round=2",
+        f"strategy.min_train_sites={n_sites}",
+        *(["scale=smoke"] if quick else []),
+    ]
+
+
+def round_seconds(summary: dict[str, Any]) -> float:
+    t = summary["timing"]
+    return (t["train_s"] + t["aggregate_s"]) / int(summary["rounds_completed"])
+
+
+def one_run(out: Path, settings: list[str]) -> dict[str, Any]:
+    from federated.app.runner import run_experiment
+    from federated.core.config import load_config
+
+    run_experiment(load_config(settings), out, progress=False)
+    return json.loads((out / "summary.json").read_text())
+
+
+def update_bytes(settings: list[str]) -> dict[str, int]:
+    """Bytes of one site's update: plain (float32 parameters) and masked (the int64 vector)."""
+    import numpy as np
+
+    from federated.core.config import load_config
+    from federated.core.models import build_model
+    from federated.data.cache import prepare_corpus
+    from federated.data.format import Corpus
+    from strategies.secure_sums import GROUPED, Layout
+
+    cfg = load_config(settings)
+    model = build_model(cfg.model, Corpus.open(prepare_corpus(cfg.corpus)).schema, cfg.seed)
+    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    params = sum(int(np.prod(v.shape)) for v in arrays.values())
+    vector = Layout.of(arrays, GROUPED).length + 1  # + Flower's weight factor
+    return {"parameters": params, "plain_bytes": 4 * params, "masked_bytes": 8 * vector}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke-size model, 3 and 10 sites, 1 repeat")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="plain/secure pairs per site count")
+    p.add_argument("--sites", default="3,10,50")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    counts = [3, 10] if args.quick else [int(n) for n in args.sites.split(",")]
+    repeats = 1 if args.quick else args.repeats
+    report: dict[str, Any] = {"rounds": args.rounds, "max_steps_per_round": 2, "sites": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
+        # warm-up, not counted: the first run in a process pays for imports, the corpus and torch's start
+        one_run(Path(tmp) / "warm-up", [*overrides(counts[0], 1, args.quick), "secure_aggregation=secaggplus"])
+        for n in counts:
+            base = overrides(n, args.rounds, args.quick)
+            plain, secure = [], []
+            for r in range(repeats):
+                plain.append(round_seconds(one_run(Path(tmp) / f"{n}-plain-{r}", base)))
+                summary = one_run(Path(tmp) / f"{n}-secure-{r}", [*base, "secure_aggregation=secaggplus"])
+                if summary.get("failures"):
+                    raise SystemExit(f"{n} sites: the secure run had failures: {summary['failures']}")
+                secure.append(round_seconds(summary))
+            ps, ss = statistics.median(plain), statistics.median(secure)
+            entry = {
+                "plain_round_s": plain,
+                "secure_round_s": secure,
+                "ratio": ss / ps,
+                "added_s_per_round": ss - ps,
+                **update_bytes(base),
+            }
+            report["sites"][str(n)] = entry
+            print(
+                f"{n} sites: plain round {ps:.2f} s, secure round {ss:.2f} s, ratio {ss / ps:.2f} "
+                f"(+{ss - ps:.2f} s per round); a site's update {entry['plain_bytes'] / 2**20:.2f} MB plain, "
+                f"{entry['masked_bytes'] / 2**20:.2f} MB masked ({entry['parameters']:,} parameters)",
+                flush=True,
+            )
+    write_result(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
