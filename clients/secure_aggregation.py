@@ -13,8 +13,10 @@ arrays, `fitres.num_examples`), masks those arrays, and returns every other reco
                               group's weighted, clipped difference from the global model and
                               its weight), and forwards only the scalar metrics and the DP report;
                               the model, the per-group examples and any algorithm record are not
-                              forwarded. A site whose run asks for secure aggregation refuses to
-                              answer a plain training message: it never sends an unmasked update.
+                              forwarded. The checks the server would make on the update (finite,
+                              strategy.max_update_norm) the site makes first: it cannot see it.
+                              A site whose run asks for secure aggregation refuses to answer a
+                              plain training message: it never sends an unmasked update.
 
 Order in the ClientApp: [secure_aggregation_gate, fault_mod, masked_update_mod, attack_mod]: a
 simulated fault then strikes in the collect stage (the training), the one a real site can die in
@@ -35,6 +37,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from federated.core import protocol as P
 from federated.core.arrays import record_to_numpy
 from strategies.secure_sums import Layout, site_vector, site_weights
+from strategies.validation import update_norm
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,23 @@ FITRES_STATUS = "fitres.status"
 
 class UnmaskedUpdateRefused(RuntimeError):
     """A site whose run asks for secure aggregation was asked for a plain training reply."""
+
+
+class UpdateRefusedAtSite(RuntimeError):
+    """The site's own update fails a check the server cannot make on masked data."""
+
+
+def _check_at_the_site(trained: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], max_norm: float) -> None:
+    """The server's checks that need one update, made by the site on its own before masking (the
+    server sees only the sum): finite values, and strategy.max_update_norm. A site that fails them
+    raises, so it leaves the round as a dropout and its masks are removed by its neighbours' shares,
+    as the server would have refused its update."""
+    bad = [k for k, v in trained.items() if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()]
+    if bad:
+        raise UpdateRefusedAtSite(f"the update has non-finite values in {bad[:3]}; not sent")
+    norm = update_norm(trained, global_arrays)
+    if max_norm > 0 and norm > max_norm:
+        raise UpdateRefusedAtSite(f"update norm {norm:.4g} exceeds strategy.max_update_norm={max_norm:g}; not sent")
 
 
 def _secure(msg: Message) -> bool:
@@ -116,6 +136,7 @@ def masked_update_mod(msg: Message, context: Context, call_next: ClientAppCallab
         if groups is not None
         else {}
     )
+    _check_at_the_site(trained, global_arrays, P.record_number(config, P.SECURE_MAX_NORM, default=0.0))
     kind = str(config[P.SECURE_LAYOUT])
     layout = Layout.of(global_arrays, kind)
     weights = site_weights(group_examples, num_examples, kind, bool(config.get(P.SECURE_UNIFORM, 0)))

@@ -87,6 +87,7 @@ SECURE_MAX_WEIGHT = "secure-max-weight"  # W: a site's weight per group is min(1
 SECURE_UNIFORM = "secure-uniform"  # 1: every group a site trained weighs 1 (strategy.weighting=uniform)
 SECURE_CLIP = "secure-clip"  # c: each entry of the update is clipped to [-c, c]
 SECURE_CLIP_NORM = "secure-clip-norm"  # site-level DP: the update is first scaled to this L2 norm
+SECURE_MAX_NORM = "secure-max-norm"  # strategy.max_update_norm, checked by the site itself (0 = none)
 
 # Domain-generalisation strategies' records and keys (strategies/feddg_ga.py, qffl.py, risk_objectives.py,
 # fedsr.py)

@@ -48,6 +48,7 @@ from federated.core.protocol import (
     SECURE_CLIP,
     SECURE_CLIP_NORM,
     SECURE_LAYOUT,
+    SECURE_MAX_NORM,
     SECURE_MAX_WEIGHT,
     SECURE_UNIFORM,
     SERVER_ROUND,
@@ -381,6 +382,7 @@ def secure_keys(fed: Federation) -> dict[str, Any]:
         SECURE_MAX_WEIGHT: 1.0 if uniform else float(declared * fed.cfg.strategy.max_examples_factor),
         SECURE_UNIFORM: int(uniform),
         SECURE_CLIP: float(fed.cfg.secure_aggregation.clipping_range),
+        SECURE_MAX_NORM: float(fed.cfg.strategy.max_update_norm),
     }
     if fed.cfg.privacy.name == "dp_fedavg":
         keys[SECURE_CLIP_NORM] = float(fed.cfg.privacy.clipping_norm)

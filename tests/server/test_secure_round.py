@@ -54,8 +54,9 @@ class Sites:
     """A toy federation: node i replies to a training message with _site_update(i); some nodes
     fail in a chosen SecAgg+ stage."""
 
-    def __init__(self, fail: dict[str, set[int]] | None = None) -> None:
+    def __init__(self, fail: dict[str, set[int]] | None = None, boost: dict[int, float] | None = None) -> None:
         self.fail = fail or {}
+        self.boost = boost or {}  # site -> a factor on its update (its difference from the global model)
         app = ClientApp(mods=[self.faults, secure_aggregation_gate, masked_update_mod])
         app.train()(self.train)
         self.grid = InProcessGrid(app, [{} for _ in range(N_SITES)], {})
@@ -73,7 +74,9 @@ class Sites:
         return call_next(msg, context)
 
     def train(self, msg: Message, context: Context) -> Message:
-        trained, groups = _site_update(self.index(context.node_id))
+        i = self.index(context.node_id)
+        trained, groups = _site_update(i)
+        trained = {k: GLOBAL[k] + self.boost.get(i, 1.0) * (v - GLOBAL[k]) for k, v in trained.items()}
         n = max(groups.values())
         return Message(
             RecordDict(
@@ -91,8 +94,9 @@ class Sites:
         self.received += replies
         return replies
 
-    def round(self, layout: str, sa: SecureAggregationConfig = SA):
+    def round(self, layout: str, sa: SecureAggregationConfig = SA, max_norm: float = 0.0):
         config = {
+            P.SECURE_MAX_NORM: max_norm,
             P.SERVER_ROUND: 1,
             P.SECURE_LAYOUT: layout,
             P.SECURE_MAX_WEIGHT: W,
@@ -202,6 +206,17 @@ def test_sites_lost_in_the_unmask_stage_are_still_in_the_sum_while_enough_shares
     assert "unmask stage" in result.failures[sites.nodes[0]]
     secure, plain = _secure_model(SINGLE, result.summed), _plain(SINGLE, list(range(N_SITES)))
     assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(SINGLE, list(range(N_SITES)))
+
+
+def test_the_site_checks_the_norm_bound_itself_and_leaves_the_round_when_it_fails_it():
+    """strategy.max_update_norm, which the server cannot check on a masked update."""
+    sites = Sites(boost={2: 100.0})
+    result = sites.round(GROUPED, max_norm=50.0)
+    assert result.reason == ""
+    assert "exceeds strategy.max_update_norm=50; not sent" in result.failures[sites.nodes[2]]
+    rest = [0, 1, 3, 4]
+    secure, plain = _secure_model(GROUPED, result.summed), _plain(GROUPED, rest)
+    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(GROUPED, rest)
 
 
 def test_below_the_threshold_the_round_fails_with_the_stage_and_the_counts():

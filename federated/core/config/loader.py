@@ -512,6 +512,12 @@ def secure_aggregation_checks(cfg: ExperimentConfig) -> list[tuple[str, bool, st
             or (sa.reconstruction_threshold >= 2 and float(sa.reconstruction_threshold).is_integer()),
             "must be a fraction in (0, 1] of num_shares or a whole number >= 2",
         ),
+        (
+            "strategy.max_update_norm_ratio",
+            cfg.strategy.max_update_norm_ratio == 0,
+            "must be 0 with secure_aggregation=secaggplus: it compares each update's norm with the round's "
+            "median, which needs every update; strategy.max_update_norm is checked by each site on its own",
+        ),
         # Updates of individual sites are what attacks and faults act on; the server cannot see them
         (
             "attack.kind",
