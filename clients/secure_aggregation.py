@@ -11,7 +11,8 @@ arrays, `fitres.num_examples`), masks those arrays, and returns every other reco
     masked_update_mod         inside the gate, around the training: turns our reply into that
                               FitRes shape, holding ONE vector (strategies/secure_sums.py: each
                               group's weighted, clipped difference from the global model and
-                              its weight), and forwards only the scalar metrics and the DP report;
+                              its weight), and forwards only the scalar metrics, the names of
+                              the groups it sent a weight for, and the DP report;
                               the model, the per-group examples and any algorithm record are not
                               forwarded. The checks the server would make on the update (finite,
                               strategy.max_update_norm) the site makes first: it cannot see it.
@@ -26,6 +27,7 @@ after the keys are shared, and an attack corrupts the reply before it is masked.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 
 import numpy as np
@@ -139,7 +141,8 @@ def masked_update_mod(msg: Message, context: Context, call_next: ClientAppCallab
     _check_at_the_site(trained, global_arrays, P.record_number(config, P.SECURE_MAX_NORM, default=0.0))
     kind = str(config[P.SECURE_LAYOUT])
     layout = Layout.of(global_arrays, kind)
-    weights = site_weights(group_examples, num_examples, kind, bool(config.get(P.SECURE_UNIFORM, 0)))
+    withheld = frozenset(json.loads(str(config.get(P.SECURE_WITHHELD, "[]"))))
+    weights = site_weights(group_examples, num_examples, kind, bool(config.get(P.SECURE_UNIFORM, 0)), withheld)
     clip_norm = config.get(P.SECURE_CLIP_NORM)
     vector, clipped = site_vector(
         layout,
@@ -160,6 +163,8 @@ def masked_update_mod(msg: Message, context: Context, call_next: ClientAppCallab
             FITRES_METRICS: ConfigRecord({}),
             FITRES_STATUS: ConfigRecord({"code": 0, "message": ""}),
             P.METRICS_RECORD: metrics,
+            # which groups it sent a weight for (names only): the server unmasks no group one site alone sent
+            P.SECURE_GROUPS_RECORD: ConfigRecord({P.GROUPS: json.dumps(sorted(weights))}),
         }
     )
     if P.PRIVACY_RECORD in content.config_records:

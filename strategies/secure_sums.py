@@ -142,13 +142,18 @@ def apply_sums(
 
 
 def site_weights(
-    group_examples: Mapping[str, float], num_examples: float, layout_kind: str, uniform: bool
+    group_examples: Mapping[str, float],
+    num_examples: float,
+    layout_kind: str,
+    uniform: bool,
+    withheld: frozenset[str] = frozenset(),
 ) -> dict[str, float]:
     """What a site weighs each segment by: its examples per group (grouped) or in all (single);
-    1 for every group it trained under `strategy.weighting=uniform`."""
+    1 for every group it trained under `strategy.weighting=uniform`; nothing for a withheld group."""
     if layout_kind == SINGLE:
-        return {WHOLE_MODEL: 1.0 if uniform else float(num_examples)} if num_examples > 0 else {}
-    return {g: (1.0 if uniform else float(x)) for g, x in group_examples.items() if x > 0}
+        trained = num_examples > 0 and WHOLE_MODEL not in withheld
+        return {WHOLE_MODEL: 1.0 if uniform else float(num_examples)} if trained else {}
+    return {g: (1.0 if uniform else float(x)) for g, x in group_examples.items() if x > 0 and g not in withheld}
 
 
 # The strategies with a secure-sum layout (their SECURE_SUMS; a test keeps this list in step)
@@ -194,18 +199,59 @@ def check_secure_strategy(cfg: ExperimentConfig, layout_kind: str | None) -> Non
         )
 
 
+def quantization_levels(n_sites: int, quantization_range: int, modulus_range: int) -> int:
+    """T: the configured one, or (0) the finest the field allows: the largest power of 2 with
+    n_sites x T < modulus_range, at most 2**30 (Flower's stochastic rounding casts to int32)."""
+    if quantization_range:
+        return quantization_range
+    levels = 2**30
+    while levels > 1 and n_sites * levels >= modulus_range:
+        levels //= 2
+    return levels
+
+
 def sites_capacity(n_sites: int, quantization_range: int, modulus_range: int) -> str | None:
     """Why `n_sites` quantised vectors could overflow the field (each entry is in [0, T], their sum
     must stay below M), or None."""
     if n_sites * quantization_range >= modulus_range:
         return (
             f"{n_sites} sites x quantization_range {quantization_range} >= modulus_range {modulus_range}: "
-            "the sum of their vectors would wrap around; lower secure_aggregation.quantization_range"
+            "the sum of their vectors would wrap around; lower secure_aggregation.quantization_range "
+            "(0 picks the finest that fits)"
         )
     return None
 
 
+def weight_resolution(n_sites: int, clip: float, levels: int, max_weight: float) -> str | None:
+    """Why the least weight a training site can have (1 example of W) could not be told from the
+    rounding error of a sum of n sites' weights, or None."""
+    if n_sites * 2.0 * clip / levels >= 0.25 / max_weight:
+        return (
+            f"a site's least weight 1/{max_weight:g} is within the rounding error of {n_sites} sites at "
+            f"{levels} levels: raise secure_aggregation.quantization_range (or modulus_range)"
+        )
+    return None
+
+
+def withheld_groups(groups: list[str], holders: list[frozenset[str] | None], min_sites: int) -> list[str]:
+    """The groups fewer than `min_sites` of the round's sites declared (a site that declared
+    nothing counts for every group): their sum would be one site's update, so no site sends them."""
+    counts = {g: sum(1 for h in holders if h is None or g in h) for g in groups}
+    return [g for g in groups if counts[g] < min_sites]
+
+
+def lone_contributions(contributed: Mapping[str, list[str]], min_sites: int) -> dict[str, list[str]]:
+    """group -> the sites that contributed to it, for every group with contributions from fewer than
+    `min_sites` sites (`contributed`: site -> the groups it sent a non-zero weight for)."""
+    by_group: dict[str, list[str]] = {}
+    for site, groups in contributed.items():
+        for g in groups:
+            by_group.setdefault(g, []).append(site)
+    return {g: sorted(sites) for g, sites in by_group.items() if len(sites) < min_sites}
+
+
 def quantisation_bound(n_sites: int, clip: float, quantization_range: int) -> float:
     """The most the secure sum of n sites' entries can differ from the exact sum: stochastic
-    rounding moves each site's entry by less than one step 2c/T."""
+    rounding moves each site's entry by less than one step 2c/T. A group's mean divides that sum
+    by the group's total weight, so its entries are off by up to about this over sum(a)."""
     return n_sites * 2.0 * clip / quantization_range

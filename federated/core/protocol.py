@@ -13,8 +13,9 @@ train              server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND, algorithm
 train, secure      four messages per round (SecAgg+ stages: setup, share keys, collect, unmask),
 (secure_aggregation=secaggplus)  each with Flower's "secaggplus_configs" record; the collect
                            stage is the train message above plus SECURE_* config keys, and the
-                           site's reply holds its masked vector, METRICS_RECORD and
-                           PRIVACY_RECORD only (clients/secure_aggregation.py)
+                           site's reply holds its masked vector, METRICS_RECORD,
+                           SECURE_GROUPS_RECORD and PRIVACY_RECORD only
+                           (clients/secure_aggregation.py)
 evaluate           server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND}
                    site:   METRICS_RECORD {NUM_EXAMPLES, "<task>/<metric>"...},
                            PERSONAL_RECORD (the site's personalised model, same keys),
@@ -88,6 +89,9 @@ SECURE_UNIFORM = "secure-uniform"  # 1: every group a site trained weighs 1 (str
 SECURE_CLIP = "secure-clip"  # c: each entry of the update is clipped to [-c, c]
 SECURE_CLIP_NORM = "secure-clip-norm"  # site-level DP: the update is first scaled to this L2 norm
 SECURE_MAX_NORM = "secure-max-norm"  # strategy.max_update_norm, checked by the site itself (0 = none)
+SECURE_WITHHELD = "secure-withheld"  # JSON list: groups too few of the round's sites hold; no site sends them
+SECURE_GROUPS_RECORD = "secure-groups"  # site -> server, in the clear: {GROUPS: JSON list of the groups it
+# sent a non-zero weight for}, so the server can refuse to unmask a group's sum that is one site's update
 
 # Domain-generalisation strategies' records and keys (strategies/feddg_ga.py, qffl.py, risk_objectives.py,
 # fedsr.py)

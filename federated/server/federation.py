@@ -32,12 +32,13 @@ from federated import __version__
 from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.config.schema import ExperimentConfig
 from federated.core.corpus_schema import CorpusSchema, SchemaError
-from federated.core.models import build_model
+from federated.core.models import build_model, group_of
 from federated.core.models.init_weights import load_init_weights
 from federated.core.protocol import (
     ADAPTED_RECORD,
     ARRAYS_RECORD,
     CONFIG_RECORD,
+    GROUPS,
     METRICS_RECORD,
     NUM_EXAMPLES,
     PERSONAL_RECORD,
@@ -47,10 +48,12 @@ from federated.core.protocol import (
     SCHEMA_KEY,
     SECURE_CLIP,
     SECURE_CLIP_NORM,
+    SECURE_GROUPS_RECORD,
     SECURE_LAYOUT,
     SECURE_MAX_NORM,
     SECURE_MAX_WEIGHT,
     SECURE_UNIFORM,
+    SECURE_WITHHELD,
     SERVER_ROUND,
     STEPS,
     TARGET_SCALES,
@@ -67,10 +70,18 @@ from federated.server.evaluation import SiteEvaluation, SiteProfile, summarize
 from federated.server.federated_stats import target_scales
 from federated.server.records import FederationResult, FederationTiming, RoundRecord, TrainStats
 from federated.server.results import PrivacyReport
-from federated.server.secure_round import secure_sum
+from federated.server.secure_round import SecureSum, secure_sum
 from federated.server.site_agreement import FederationError, agree, exact_schema
 from partitions.site_local import SITE_LOCAL
-from strategies.secure_sums import Layout, check_secure_strategy
+from strategies.secure_sums import (
+    GROUPED,
+    Layout,
+    check_secure_strategy,
+    lone_contributions,
+    quantization_levels,
+    weight_resolution,
+    withheld_groups,
+)
 from strategies.site_dp import build_private_strategy, server_privacy_report
 
 __all__ = ["Callback", "FederationError", "FederationResult", "RoundRecord", "run_federation"]
@@ -318,6 +329,8 @@ class Federation:
     timeout: float | None  # engine.round_timeout_s, None for no limit
     timing: FederationTiming = field(default_factory=FederationTiming)
     site_config: dict[str, str] = field(default_factory=dict)  # what every train/evaluate message carries
+    model_keys: list[str] = field(default_factory=list)  # the global model's arrays, in order
+    secure_withheld: str = "[]"  # secure aggregation: the groups left out in the last round (JSON)
 
     def site(self, node: int) -> str:
         return self.profiles[node].site
@@ -371,22 +384,49 @@ def _collect_replies(fed: Federation, messages: list[Message], replies: list[Mes
     into.rejections = {r.site: r.reason for r in fed.strategy.last_rejections}
 
 
-def secure_keys(fed: Federation) -> dict[str, Any]:
-    """What a site needs to build its vector (strategies/secure_sums.py): the layout, the weight
-    cap W (the largest declared training set x strategy.max_examples_factor; 1 for uniform
-    weights), the clip, and with site-level DP the norm each site clips its update to."""
+def secure_keys(fed: Federation, nodes: list[int]) -> dict[str, Any]:
+    """What the round's sites (`nodes`) need to build their vectors (strategies/secure_sums.py): the
+    layout; the weight cap W, the largest training set they declared x strategy.max_examples_factor
+    (1 for uniform weights); the clip; the norm bound each checks itself; with site-level DP, the
+    norm each clips its update to; and the groups fewer than secure_aggregation.min_sites_per_group
+    of them declared, which none sends (their sum would be one site's update)."""
     uniform = fed.strategy.cfg.weighting == "uniform"
-    declared = max(fed.strategy.declared_examples.values(), default=1)
+    declared = max((fed.strategy.declared_examples.get(n, 1) for n in nodes), default=1)
+    layout = str(fed.strategy.SECURE_SUMS)
     keys: dict[str, Any] = {
-        SECURE_LAYOUT: fed.strategy.SECURE_SUMS,
+        SECURE_LAYOUT: layout,
         SECURE_MAX_WEIGHT: 1.0 if uniform else float(declared * fed.cfg.strategy.max_examples_factor),
         SECURE_UNIFORM: int(uniform),
         SECURE_CLIP: float(fed.cfg.secure_aggregation.clipping_range),
         SECURE_MAX_NORM: float(fed.cfg.strategy.max_update_norm),
+        SECURE_WITHHELD: "[]",
     }
+    if layout == GROUPED:
+        groups = list(dict.fromkeys(group_of(k) for k in fed.model_keys))
+        holders = [fed.strategy.allowed_groups.get(n) for n in nodes]
+        keys[SECURE_WITHHELD] = json.dumps(
+            withheld_groups(groups, holders, fed.cfg.secure_aggregation.min_sites_per_group)
+        )
     if fed.cfg.privacy.name == "dp_fedavg":
         keys[SECURE_CLIP_NORM] = float(fed.cfg.privacy.clipping_norm)
     return keys
+
+
+def _lone_groups(fed: Federation, collected: dict[int, RecordDict]) -> str | None:
+    """Why the sum must not be unmasked: a group fewer than min_sites_per_group sites sent a weight
+    for (the sites say which, in the clear), whose sum would be those sites' own update."""
+    contributed = {
+        fed.site(node): list(json.loads(str(content.config_records[SECURE_GROUPS_RECORD][GROUPS])))
+        for node, content in collected.items()
+    }
+    lone = lone_contributions(contributed, fed.cfg.secure_aggregation.min_sites_per_group)
+    if not lone:
+        return None
+    detail = "; ".join(f"group {g} was sent by {', '.join(sites)} only" for g, sites in sorted(lone.items()))
+    return (
+        f"{detail}: its sum would be that site's own update "
+        f"(secure_aggregation.min_sites_per_group={fed.cfg.secure_aggregation.min_sites_per_group})"
+    )
 
 
 def secure_train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainOutcome:
@@ -394,19 +434,43 @@ def secure_train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainO
     the sites' masked vectors and the scalar metrics, never one site's update. A site refused at the
     handshake (its declared weight share) is not asked: once inside the sum it could not be refused."""
     t0 = time.perf_counter()
-    keys = secure_keys(fed)
-    config = ConfigRecord({**fed.site_config, **keys})
-    messages = list(fed.strategy.configure_train(rnd, arrays, config, fed.training_grid))
-    refused = {m.metadata.dst_node_id for m in messages} & set(fed.strategy.handshake_problems)
-    messages = [m for m in messages if m.metadata.dst_node_id not in refused]
-    result = secure_sum(
-        lambda ms: exchange(fed.grid, ms, fed.timeout), messages, fed.cfg.secure_aggregation, fed.cfg.seed + rnd
+    sampled = list(fed.strategy.configure_train(rnd, arrays, ConfigRecord(dict(fed.site_config)), fed.training_grid))
+    refused = {m.metadata.dst_node_id for m in sampled} & set(fed.strategy.handshake_problems)
+    nodes = [m.metadata.dst_node_id for m in sampled if m.metadata.dst_node_id not in refused]
+    keys = secure_keys(fed, nodes)
+    if keys[SECURE_WITHHELD] != fed.secure_withheld:
+        fed.secure_withheld = str(keys[SECURE_WITHHELD])
+        log(
+            WARNING, "round %d: secure aggregation leaves out groups too few sites hold: %s", rnd, keys[SECURE_WITHHELD]
+        )
+    messages = [
+        Message(
+            RecordDict({**m.content, CONFIG_RECORD: ConfigRecord({**m.content.config_records[CONFIG_RECORD], **keys})}),
+            dst_node_id=m.metadata.dst_node_id,
+            message_type=MessageType.TRAIN,
+        )
+        for m in sampled
+        if m.metadata.dst_node_id in nodes
+    ]
+    sa = fed.cfg.secure_aggregation
+    levels = quantization_levels(len(nodes), sa.quantization_range, sa.modulus_range)
+    unresolved = weight_resolution(len(nodes), sa.clipping_range, levels, float(keys[SECURE_MAX_WEIGHT]))
+    result = (
+        SecureSum(None, [], [], reason=unresolved)
+        if unresolved
+        else secure_sum(
+            lambda ms: exchange(fed.grid, ms, fed.timeout),
+            messages,
+            sa,
+            fed.cfg.seed + rnd,
+            lambda collected: _lone_groups(fed, collected),
+        )
     )
     t1 = time.perf_counter()
     new_arrays = None
     if result.summed is not None:
         layout = Layout.of(record_to_numpy(arrays), str(keys[SECURE_LAYOUT]))
-        min_weight = 0.5 / float(keys[SECURE_MAX_WEIGHT])  # half the least weight a site that trained has
+        min_weight = 0.5 / float(keys[SECURE_MAX_WEIGHT])  # half the least weight of a site that trained
         new_arrays = fed.strategy.aggregate_masked_sum(rnd, result.summed, layout, min_weight, len(result.survivors))
     t2 = time.perf_counter()
     fed.timing.train_s += t1 - t0
@@ -415,6 +479,8 @@ def secure_train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainO
     _collect_replies(fed, [m for m in messages if m.metadata.dst_node_id in result.survivors], result.replies, outcome)
     for node, why in result.failures.items():
         outcome.failures[f"train:{fed.site(node)}"] = why
+    for node, why in result.late.items():  # its update is in the aggregate: not a training failure
+        outcome.failures[f"unmask:{fed.site(node)}"] = f"{why} (its masked update is in the aggregate)"
     if result.reason:
         outcome.failures["secure_aggregation"] = result.reason
     for node in sorted(refused):
@@ -573,6 +639,7 @@ def run_federation(
         NodeSubsetGrid(grid, train_nodes),
         cfg.engine.round_timeout_s or None,
         site_config=site_config,
+        model_keys=list(model.state_dict()),
     )
     state = _first_state(fed, arrays, resume, hooks)
     for rnd in range(state.round + 1, cfg.rounds + 1):

@@ -51,9 +51,12 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from federated.core.config.schema import SecureAggregationConfig
 from federated.core.protocol import CONFIG_RECORD
 from federated.core.replies import error_reason
-from strategies.secure_sums import sites_capacity
+from strategies.secure_sums import quantization_levels, sites_capacity
 
 Send = Callable[[list[Message]], list[Message]]  # push messages, return the replies that came
+# Called with the collect stage's replies (node -> content) before any share is asked for: a reason
+# not to unmask this sum (e.g. a group only one site sent), or None.
+BeforeUnmask = Callable[[dict[int, RecordDict]], str | None]
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,24 @@ class SecureSum:
     replies: list[Message]  # collect stage: metrics and DP reports, no update
     failures: dict[int, str] = field(default_factory=dict)  # node -> the stage it left in, and why
     reason: str = ""  # why no sum could be formed
+    levels: int = 0  # T, the quantisation levels the round used
+    late: dict[int, str] = field(default_factory=dict)  # survivors lost in the unmask stage (still in the sum)
 
 
 class _Round:
-    def __init__(self, send: Send, train: Sequence[Message], sa: SecureAggregationConfig, seed: int) -> None:
-        self.send, self.sa = send, sa
+    def __init__(
+        self,
+        send: Send,
+        train: Sequence[Message],
+        sa: SecureAggregationConfig,
+        seed: int,
+        before_unmask: BeforeUnmask | None = None,
+    ) -> None:
+        self.send, self.sa, self.before_unmask = send, sa, before_unmask
         self.train = {m.metadata.dst_node_id: m for m in train}
         nodes = list(self.train)
         self.sizes = ProtocolSizes.for_round(len(nodes), sa)
+        self.levels = quantization_levels(len(nodes), sa.quantization_range, sa.modulus_range)
         random.Random(seed).shuffle(nodes)  # neighbours on a ring, as Flower's; seeded: reproducible
         half = self.sizes.num_shares // 2
         self.neighbours = {
@@ -153,7 +166,7 @@ class _Round:
         n, sa = len(self.train), self.sa
         if n < 2:
             return SecureSum(None, [], [], reason=f"secure aggregation needs at least 2 sites in a round, got {n}")
-        overflow = sites_capacity(n, sa.quantization_range, sa.modulus_range)
+        overflow = sites_capacity(n, self.levels, sa.modulus_range)
         if overflow:
             return SecureSum(None, [], [], reason=overflow)
         u2, forward = self.share_keys(self.setup())
@@ -164,10 +177,16 @@ class _Round:
                 f"collect stage: {len(u3)} of {n} sites sent a masked vector, fewer than the threshold "
                 f"{self.sizes.threshold} (secure_aggregation.reconstruction_threshold)",
             )
+        if self.before_unmask is not None:
+            veto = self.before_unmask({m.metadata.src_node_id: m.content for m in self.collected})
+            if veto:
+                return self.failed(u3, f"not unmasked: {veto}")
         summed = self.unmask(u3, u2 - u3, total)
         if isinstance(summed, str):
             return self.failed(u3, summed)
-        return SecureSum(summed, sorted(u3), self.collected, dict(self.failures))
+        late = {nid: why for nid, why in self.failures.items() if nid in u3}
+        failures = {nid: why for nid, why in self.failures.items() if nid not in u3}
+        return SecureSum(summed, sorted(u3), self.collected, failures, levels=self.levels, late=late)
 
     def setup(self) -> set[int]:
         """Stage 0: the protocol's sizes out, two public keys back from each node."""
@@ -178,7 +197,7 @@ class _Round:
             Key.SHARE_NUMBER: sizes.num_shares,
             Key.THRESHOLD: sizes.threshold,
             Key.CLIPPING_RANGE: float(sa.clipping_range),
-            Key.TARGET_RANGE: int(sa.quantization_range),
+            Key.TARGET_RANGE: int(self.levels),
             Key.MOD_RANGE: int(sa.modulus_range),
             # every site's Flower weight is 1 (its own weights travel inside its vector), so the mod
             # neither scales the vector nor adds a weight factor other than T
@@ -273,20 +292,27 @@ class _Round:
         except ValueError as e:  # combine_shares / key loading on bad shares
             return f"unmask stage: a secret could not be recovered from its shares ({e})"
         factor, (quantised,) = factor_extract(parameters_mod(total, sa.modulus_range))
-        if factor != len(u3) * sa.quantization_range:
+        if factor != len(u3) * self.levels:
             return (
                 f"unmask stage: the unmasked weight factor is {factor}, not {len(u3)} sites x "
-                f"{sa.quantization_range}: a site's vector or a share is corrupt"
+                f"{self.levels}: a site's vector or a share is corrupt"
             )
         # each site's entry was x + c scaled to [0, T]: the sum of n sites is S * 2c / T - n * c
-        (summed,) = dequantize([quantised], sa.clipping_range, sa.quantization_range)
+        (summed,) = dequantize([quantised], sa.clipping_range, self.levels)
         return summed - (len(u3) - 1) * sa.clipping_range
 
     def failed(self, u3: set[int], reason: str) -> SecureSum:
-        return SecureSum(None, sorted(u3), self.collected, dict(self.failures), reason)
+        return SecureSum(None, sorted(u3), self.collected, dict(self.failures), reason, self.levels)
 
 
-def secure_sum(send: Send, train: Sequence[Message], sa: SecureAggregationConfig, seed: int) -> SecureSum:
+def secure_sum(
+    send: Send,
+    train: Sequence[Message],
+    sa: SecureAggregationConfig,
+    seed: int,
+    before_unmask: BeforeUnmask | None = None,
+) -> SecureSum:
     """Run the four SecAgg+ stages for the round's training messages (one per sampled node, as the
-    strategy made them, their config carrying the SECURE_* keys); `seed` places the neighbours."""
-    return _Round(send, train, sa, seed).run()
+    strategy made them, their config carrying the SECURE_* keys); `seed` places the neighbours.
+    `before_unmask` may veto unmasking once the masked vectors are in (the sum is then never read)."""
+    return _Round(send, train, sa, seed, before_unmask).run()

@@ -7,6 +7,8 @@ plain one, and what the server receives is checked for anything unmasked.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -34,6 +36,8 @@ GLOBAL = {
     "fusion.w": RNG.normal(0, 1, (20,)).astype(np.float32),
     "heads.bone_age.w": RNG.normal(0, 1, (20, 3)).astype(np.float32),
 }
+# Both models end in float32: each entry is also rounded to float32 (half an ulp each side)
+FLOAT32_ROUNDING = float(np.finfo(np.float32).eps) * max(float(np.abs(v).max()) for v in GLOBAL.values())
 # Sites hold different groups: ct only, mri only, both, ...; every site trains the fusion block.
 HOLDS = [("encoder/ct",), ("encoder/mri",), ("encoder/ct", "encoder/mri"), ("encoder/ct",), ("encoder/mri",)]
 EXAMPLES = [120, 40, 300, 75, 210]
@@ -94,18 +98,27 @@ class Sites:
         self.received += replies
         return replies
 
-    def round(self, layout: str, sa: SecureAggregationConfig = SA, max_norm: float = 0.0):
+    def round(
+        self,
+        layout: str,
+        sa: SecureAggregationConfig = SA,
+        max_norm: float = 0.0,
+        withheld: tuple[str, ...] = (),
+        max_weight: float = W,
+        before_unmask=None,
+    ):
         config = {
             P.SECURE_MAX_NORM: max_norm,
             P.SERVER_ROUND: 1,
             P.SECURE_LAYOUT: layout,
-            P.SECURE_MAX_WEIGHT: W,
+            P.SECURE_MAX_WEIGHT: max_weight,
             P.SECURE_UNIFORM: 0,
             P.SECURE_CLIP: sa.clipping_range,
+            P.SECURE_WITHHELD: json.dumps(list(withheld)),
         }
         content = RecordDict({P.ARRAYS_RECORD: pack_arrays(GLOBAL), P.CONFIG_RECORD: ConfigRecord(config)})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in self.nodes]
-        return secure_sum(self.send, messages, sa, seed=1)
+        return secure_sum(self.send, messages, sa, seed=1, before_unmask=before_unmask)
 
 
 def _plain(layout: str, sites: list[int]) -> dict[str, np.ndarray]:
@@ -115,18 +128,18 @@ def _plain(layout: str, sites: list[int]) -> dict[str, np.ndarray]:
     return groupwise_weighted_mean(GLOBAL, [u for u, _ in updates], [g for _, g in updates], group_of)
 
 
-def _secure_model(layout: str, summed: np.ndarray) -> dict[str, np.ndarray]:
-    return apply_sums(Layout.of(GLOBAL, layout), GLOBAL, summed, 0.5 / W)[0]
+def _secure_model(layout: str, summed: np.ndarray, max_weight: float = W) -> dict[str, np.ndarray]:
+    return apply_sums(Layout.of(GLOBAL, layout), GLOBAL, summed, 0.5 / max_weight)[0]
 
 
-def _bound(layout: str, sites: list[int]) -> float:
+def _bound(layout: str, sites: list[int], levels: int, max_weight: float = W) -> float:
     """The quantisation bound on the aggregate: the bound on the sum of the sites' entries, over the
-    least total weight of a group (every entry of the mean is sum(a*delta)/sum(a))."""
+    least total weight of a group (every entry of the mean is sum(a*delta)/sum(a)), doubled: the
+    total weight carries the same rounding error (first order)."""
     kind = Layout.of(GLOBAL, layout)
     weights = [site_weights(_site_update(i)[1], max(_site_update(i)[1].values()), layout, False) for i in sites]
-    least = min(sum(min(1.0, w.get(s.group, 0) / W) for w in weights) for s in kind.segments)
-    # the total weight itself carries the same error: first order, (1 + |mean delta| / ...) ~ 2x
-    return 2 * quantisation_bound(len(sites), SA.clipping_range, SA.quantization_range) / least
+    least = min(sum(min(1.0, w.get(s.group, 0) / max_weight) for w in weights) for s in kind.segments)
+    return 2 * quantisation_bound(len(sites), SA.clipping_range, levels) / least + FLOAT32_ROUNDING
 
 
 @pytest.mark.parametrize("layout", [GROUPED, SINGLE])
@@ -137,7 +150,7 @@ def test_the_secure_aggregate_equals_the_plain_one_within_the_quantisation_bound
     assert result.survivors == sites.nodes
     secure, plain = _secure_model(layout, result.summed), _plain(layout, list(range(N_SITES)))
     error = max(float(np.max(np.abs(secure[k].astype(np.float64) - plain[k]))) for k in GLOBAL)
-    assert error <= _bound(layout, list(range(N_SITES)))
+    assert error <= _bound(layout, list(range(N_SITES)), result.levels)
     moved = max(float(np.max(np.abs(plain[k] - GLOBAL[k]))) for k in GLOBAL)
     assert moved > 100 * error  # the rounds did move the model, far beyond the error
 
@@ -168,9 +181,6 @@ def test_the_server_receives_no_unmasked_update():
         assert abs(r) < 0.1, r
         assert vector.min() >= 0 and vector.max() < SA.modulus_range
         assert np.mean(vector) == pytest.approx(SA.modulus_range / 2, rel=0.05)
-        # while the same vector quantised but unmasked is the update, to the step: the check can fail
-        quantised = np.round((plain + 1.0) * SA.quantization_range / 2)
-        assert np.corrcoef(quantised, plain)[0, 1] > 0.999
         # the scalar metrics do travel in the clear (documented): the site's loss and example count
         assert P.METRICS_RECORD in msg.content.metric_records
 
@@ -185,7 +195,7 @@ def test_a_site_that_drops_after_sharing_keys_is_recovered_and_left_out_of_the_a
     assert "site 3 died" in result.failures[sites.nodes[3]]
     secure, plain = _secure_model(GROUPED, result.summed), _plain(GROUPED, rest)
     error = max(float(np.max(np.abs(secure[k].astype(np.float64) - plain[k]))) for k in GLOBAL)
-    assert error <= _bound(GROUPED, rest)
+    assert error <= _bound(GROUPED, rest, result.levels)
 
 
 def test_a_site_that_drops_before_sharing_keys_is_simply_not_in_the_sum():
@@ -195,7 +205,7 @@ def test_a_site_that_drops_before_sharing_keys_is_simply_not_in_the_sum():
     assert result.reason == ""
     assert result.survivors == [sites.nodes[i] for i in (0, 3, 4)]
     secure, plain = _secure_model(GROUPED, result.summed), _plain(GROUPED, [0, 3, 4])
-    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(GROUPED, [0, 3, 4])
+    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(GROUPED, [0, 3, 4], result.levels)
 
 
 def test_sites_lost_in_the_unmask_stage_are_still_in_the_sum_while_enough_shares_remain():
@@ -203,9 +213,12 @@ def test_sites_lost_in_the_unmask_stage_are_still_in_the_sum_while_enough_shares
     result = sites.round(SINGLE)
     assert result.reason == ""
     assert result.survivors == sites.nodes  # their vectors are in; their masks came off by the others' shares
-    assert "unmask stage" in result.failures[sites.nodes[0]]
+    assert "unmask stage" in result.late[sites.nodes[0]] and "unmask stage" in result.late[sites.nodes[4]]
+    assert result.failures == {}  # not failures: their updates are in the aggregate
     secure, plain = _secure_model(SINGLE, result.summed), _plain(SINGLE, list(range(N_SITES)))
-    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(SINGLE, list(range(N_SITES)))
+    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(
+        SINGLE, list(range(N_SITES)), result.levels
+    )
 
 
 def test_the_site_checks_the_norm_bound_itself_and_leaves_the_round_when_it_fails_it():
@@ -216,7 +229,7 @@ def test_the_site_checks_the_norm_bound_itself_and_leaves_the_round_when_it_fail
     assert "exceeds strategy.max_update_norm=50; not sent" in result.failures[sites.nodes[2]]
     rest = [0, 1, 3, 4]
     secure, plain = _secure_model(GROUPED, result.summed), _plain(GROUPED, rest)
-    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(GROUPED, rest)
+    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(GROUPED, rest, result.levels)
 
 
 def test_below_the_threshold_the_round_fails_with_the_stage_and_the_counts():
@@ -276,3 +289,66 @@ def test_a_site_whose_run_asks_for_secure_aggregation_refuses_a_plain_training_m
     )
     with pytest.raises(UnmaskedUpdateRefused, match="sends its update only masked"):
         masked_update_mod(msg, context, lambda m, c: pytest.fail("the site trained for a plain message"))
+
+
+def test_a_withheld_group_keeps_its_value_and_the_others_are_averaged():
+    sites = Sites()
+    result = sites.round(GROUPED, withheld=("encoder/mri",))
+    secure, plain = _secure_model(GROUPED, result.summed), _plain(GROUPED, list(range(N_SITES)))
+    np.testing.assert_array_equal(secure["encoders.mri.w"], GLOBAL["encoders.mri.w"])
+    bound = _bound(GROUPED, list(range(N_SITES)), result.levels)
+    assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL if k != "encoders.mri.w") <= bound
+    sent = [json.loads(m.content.config_records[P.SECURE_GROUPS_RECORD][P.GROUPS]) for m in result.replies]
+    assert all("encoder/mri" not in groups for groups in sent)  # what each site says it sent, in the clear
+
+
+def test_a_veto_before_unmasking_means_no_share_is_asked_for():
+    sites = Sites()
+    seen = {}
+
+    def veto(collected):
+        seen.update(collected)
+        return "group encoder/mri was sent by site 2 only"
+
+    result = sites.round(GROUPED, before_unmask=veto)
+    assert result.summed is None and result.reason == "not unmasked: group encoder/mri was sent by site 2 only"
+    assert sorted(seen) == sorted(sites.nodes)
+    stages = [m.content.config_records[RECORD_KEY_CONFIGS] for m in sites.received]
+    assert not any(Key.SHARE_LIST in c for c in stages)  # no unmask stage: the sum was never read
+    assert len(sites.received) == 3 * N_SITES
+
+
+def test_secagg_plus_with_ring_neighbourhoods_recovers_dropouts_in_every_stage():
+    """num_shares < 1: each site shares its secrets with a ring of neighbours only (SecAgg+ proper)."""
+    global N_SITES, HOLDS, EXAMPLES
+    saved = N_SITES, HOLDS, EXAMPLES
+    N_SITES, HOLDS, EXAMPLES = 9, [*HOLDS, *HOLDS[:4]], [*EXAMPLES, 90, 33, 150, 60]
+    try:
+        sa = SecureAggregationConfig(name="secaggplus", num_shares=0.6, reconstruction_threshold=0.6)
+        assert ProtocolSizes.for_round(9, sa) == ProtocolSizes(5, 3)
+        fail = {Stage.SHARE_KEYS: {0}, Stage.COLLECT_MASKED_VECTORS: {5}, Stage.UNMASK: {7}}
+        sites = Sites(fail=fail)
+        result = sites.round(GROUPED, sa)
+        rest = [1, 2, 3, 4, 6, 7, 8]
+        assert result.reason == "" and result.survivors == [sites.nodes[i] for i in rest]
+        assert set(result.late) == {sites.nodes[7]}  # lost in the unmask stage, its update still in
+        secure, plain = _secure_model(GROUPED, result.summed), _plain(GROUPED, rest)
+        assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL) <= _bound(GROUPED, rest, result.levels)
+    finally:
+        N_SITES, HOLDS, EXAMPLES = saved
+
+
+@pytest.mark.parametrize("levels", [2**22, 0])
+def test_the_bound_holds_when_a_group_weighs_little_against_the_cap(levels):
+    """W far above the sites' examples: every weight a = n/W is small and the mean divides the sum's
+    rounding error by sum(a). Flower's 2**22 levels then leave errors of ~1e-4; the finest levels the
+    field allows (0, the default) keep them ~1e-7."""
+    sites = Sites()
+    sa = SecureAggregationConfig(name="secaggplus", quantization_range=levels)
+    result = sites.round(GROUPED, sa, max_weight=50_000.0)
+    assert result.levels == (levels or 2**29)  # 5 sites: 5 x 2**29 < 2**32
+    secure, plain = _secure_model(GROUPED, result.summed, 50_000.0), _plain(GROUPED, list(range(N_SITES)))
+    error = max(float(np.max(np.abs(secure[k].astype(np.float64) - plain[k]))) for k in GLOBAL)
+    assert error <= _bound(GROUPED, list(range(N_SITES)), result.levels, 50_000.0)
+    if levels == 0:
+        assert error < 1e-5

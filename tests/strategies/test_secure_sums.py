@@ -20,10 +20,14 @@ from strategies.secure_sums import (
     Layout,
     apply_sums,
     check_secure_strategy,
+    lone_contributions,
     quantisation_bound,
+    quantization_levels,
     site_vector,
     site_weights,
     sites_capacity,
+    weight_resolution,
+    withheld_groups,
 )
 
 # Two groups: encoder/ct (3 + 1 entries) and head/bone_age (2 entries), in this key order.
@@ -128,6 +132,47 @@ def test_overflow_and_quantisation_bounds():
     assert sites_capacity(1023, 2**22, 2**32) is None
     assert "1024 sites" in sites_capacity(1024, 2**22, 2**32)
     assert quantisation_bound(3, 1.0, 2**22) == pytest.approx(3 * 2 / 2**22)
+
+
+@pytest.mark.parametrize(
+    ("sites", "configured", "levels"),
+    [
+        (3, 0, 2**30),
+        (5, 0, 2**29),
+        (8, 0, 2**28),
+        (9, 0, 2**28),
+        (1023, 0, 2**22),
+        (1024, 0, 2**21),
+        (50, 2**22, 2**22),
+    ],
+)
+def test_quantisation_levels_are_the_finest_the_field_holds_unless_set(sites, configured, levels):
+    assert quantization_levels(sites, configured, 2**32) == levels
+    assert sites_capacity(sites, levels, 2**32) is None
+
+
+def test_a_weight_cap_too_fine_for_the_levels_is_refused_with_what_to_raise():
+    assert weight_resolution(8, 1.0, 2**28, 1e6) is None  # 8 x 2/2**28 = 6e-8 < 0.25e-6
+    assert "raise secure_aggregation.quantization_range" in weight_resolution(8, 1.0, 2**22, 1e6)
+
+
+def test_groups_too_few_sites_hold_are_withheld_and_lone_contributions_named():
+    holders = [frozenset({"encoder/ct", "fusion"}), frozenset({"encoder/mri", "fusion"}), None]
+    # ct: site 0 and the site that declared nothing (counted for every group); mri likewise; eeg: only that one
+    assert withheld_groups(["encoder/ct", "encoder/mri", "encoder/eeg", "fusion"], holders, 2) == ["encoder/eeg"]
+    assert withheld_groups(["fusion"], holders, 4) == ["fusion"]
+    sent = {"site_a": ["encoder/ct", "fusion"], "site_b": ["fusion"], "site_c": ["fusion", "head/x"]}
+    assert lone_contributions(sent, 2) == {"encoder/ct": ["site_a"], "head/x": ["site_c"]}
+    assert lone_contributions(sent, 4) == {
+        "encoder/ct": ["site_a"],
+        "fusion": ["site_a", "site_b", "site_c"],
+        "head/x": ["site_c"],
+    }
+
+
+def test_a_withheld_group_gets_no_weight_from_a_site():
+    assert site_weights({"a": 10, "b": 5}, 12, GROUPED, False, frozenset({"b"})) == {"a": 10.0}
+    assert site_weights({}, 12, SINGLE, False, frozenset({WHOLE_MODEL})) == {}
 
 
 def test_strategies_say_which_sums_they_need():

@@ -488,8 +488,13 @@ def secure_aggregation_checks(cfg: ExperimentConfig) -> list[tuple[str, bool, st
         ("secure_aggregation.clipping_range", sa.clipping_range > 0, "must be > 0"),
         (
             "secure_aggregation.quantization_range",
-            1 <= sa.quantization_range < 2**31,
-            "must be in [1, 2**31) (Flower's stochastic rounding casts to int32)",
+            0 <= sa.quantization_range < 2**31,
+            "must be 0 (the finest the field allows) or in [1, 2**31) (Flower's stochastic rounding casts to int32)",
+        ),
+        (
+            "secure_aggregation.min_sites_per_group",
+            sa.min_sites_per_group >= 2,
+            "must be >= 2: the sum of one site's update is that update",
         ),
         (
             "secure_aggregation.modulus_range",

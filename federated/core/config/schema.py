@@ -343,13 +343,21 @@ class SecureAggregationConfig:
     # are sent as differences from the global model, so a small c loses nothing; the quantisation
     # step is 2c / quantization_range.
     clipping_range: float = 1.0
-    quantization_range: int = 4194304  # 2**22: integer levels per entry (below 2**31)
+    # Integer levels per entry, below 2**31; 0 = the most the field allows for the round's sites (the
+    # largest power of 2 with sites x levels < modulus_range, at most 2**30: 2**29 for 8 sites).
+    # Flower's default is 2**22; finer levels matter because a group's mean divides the summed
+    # rounding error by the group's total weight, small when only small sites hold it.
+    quantization_range: int = 0
     modulus_range: int = 4294967296  # 2**32: the masks' field; a power of 2 above sites x quantization_range
     # How many neighbours hold shares of each site's secrets: a fraction (<= 1) of the round's sites,
     # or a number (> 1). Flower's default, 1.0, is every site.
     num_shares: float = 1.0
     # Shares needed to recover a dropped site's masks: a fraction (<= 1) of num_shares, or a number.
     reconstruction_threshold: float = 0.6
+    # A group's sum is unmasked only when at least this many sites contributed to it: one site's sum
+    # is its update. A group fewer sampled sites declared is left out of the round (it keeps its
+    # value); if dropouts leave fewer contributors, the round is not unmasked.
+    min_sites_per_group: int = 2
 
 
 @dataclass(frozen=True)
