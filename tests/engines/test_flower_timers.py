@@ -24,7 +24,7 @@ from flwr.superlink.grid import http_grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from federated.engines.inprocess import claim_server_identity
-from federated.server import federation
+from federated.server import transport
 
 # The module, not the function of the same name that federated.engines.deployment exports.
 clientapp_worker = importlib.import_module("federated.engines.deployment.clientapp_worker")
@@ -111,25 +111,25 @@ def test_a_reply_being_uploaded_is_pulled_on_short_retries_through_flower_s_pull
     backoffs: list[float],
 ) -> None:
     reply = _reply(run_id=5)
-    assert federation.shorten_reply_object_pulls()
-    assert federation.shorten_reply_object_pulls()  # idempotent
+    assert transport.shorten_reply_object_pulls()
+    assert transport.shorten_reply_object_pulls()  # idempotent
     assert http_grid.pull_objects.keywords == {  # type: ignore[attr-defined]
-        "initial_backoff": federation.REPLY_OBJECT_BACKOFF_S[0],
-        "backoff_cap": federation.REPLY_OBJECT_BACKOFF_S[1],
+        "initial_backoff": transport.REPLY_OBJECT_BACKOFF_S[0],
+        "backoff_cap": transport.REPLY_OBJECT_BACKOFF_S[1],
     }
     runtime = FakeRuntime(reply)
     (got,) = _grid(runtime, 5).pull_messages(["m0"])
     assert not got.has_error() and got.metadata.reply_to_message_id == "m0"
     np.testing.assert_array_equal(got.content["arrays"].to_numpy_ndarrays()[0], np.arange(12, dtype=np.float32))
     assert min(runtime.tries.values()) == UNAVAILABLE_TRIES + 1
-    _assert_backoff(backoffs, *federation.REPLY_OBJECT_BACKOFF_S)  # Flower's: 1 s -> 10 s
+    _assert_backoff(backoffs, *transport.REPLY_OBJECT_BACKOFF_S)  # Flower's: 1 s -> 10 s
 
 
 def test_exchange_against_a_superlink_shortens_the_reply_object_retries() -> None:
     from tests.server.test_exchange import FakeSuperLink, _messages
 
     assert not isinstance(http_grid.pull_objects, __import__("functools").partial)
-    federation.exchange(FakeSuperLink(block_s=0.0), _messages(2))
+    transport.exchange(FakeSuperLink(block_s=0.0), _messages(2))
     assert http_grid.pull_objects.func is inflatable_utils.pull_objects  # type: ignore[attr-defined]
 
 
@@ -138,7 +138,7 @@ def test_a_pull_objects_that_is_not_flower_1_42_s_is_left_alone(monkeypatch: pyt
         return {}
 
     monkeypatch.setattr(http_grid, "pull_objects", theirs)
-    assert not federation.shorten_reply_object_pulls()
+    assert not transport.shorten_reply_object_pulls()
     assert http_grid.pull_objects is theirs
 
 
@@ -147,7 +147,7 @@ def test_a_pull_messages_with_its_own_back_off_is_left_alone(monkeypatch: pytest
         return http_grid.pull_objects([], lambda i: b"", initial_backoff=2.0)
 
     monkeypatch.setattr(HttpGrid, "pull_messages", pull_messages)
-    assert not federation.shorten_reply_object_pulls()
+    assert not transport.shorten_reply_object_pulls()
     assert http_grid.pull_objects is inflatable_utils.pull_objects
 
 

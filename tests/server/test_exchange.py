@@ -9,8 +9,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from federated.engines.inprocess import claim_server_identity
-from federated.server import federation
-from federated.server.federation import exchange
+from federated.server import transport
+from federated.server.transport import exchange
 
 
 class FakeSuperLink(HttpGrid):
@@ -53,8 +53,8 @@ def test_a_reply_that_arrived_during_a_blocked_pull_is_kept() -> None:
 
 def test_replies_are_pulled_on_short_waits_not_flower_s_3_s(monkeypatch) -> None:
     waits: list[float] = []
-    monkeypatch.setattr(federation.time, "sleep", waits.append)
+    monkeypatch.setattr(transport.time, "sleep", waits.append)
     grid = FakeSuperLink(block_s=0.0)
     replies = exchange(grid, _messages(3))
-    assert len(replies) == 3 and waits == [federation.PULL_WAITS_S[0]]
-    assert max(federation.PULL_WAITS_S) < 3
+    assert len(replies) == 3 and waits == [transport.PULL_WAITS_S[0]]
+    assert max(transport.PULL_WAITS_S) < 3

@@ -21,8 +21,8 @@ from federated.core.arrays import pack_arrays
 from federated.core.config.schema import SecureAggregationConfig
 from federated.core.models import group_of
 from federated.engines.inprocess import InProcessGrid
-from federated.server.federation import exchange
 from federated.server.secure_round import ProtocolSizes, secure_sum
+from federated.server.transport import exchange
 from strategies.aggregation import groupwise_weighted_mean, weighted_mean
 from strategies.secure_sums import GROUPED, SINGLE, Layout, apply_sums, quantisation_bound, site_vector, site_weights
 
