@@ -116,7 +116,9 @@ def headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
     if name == "secure_aggregation":
         return [
             (
-                f"SecAgg+ round / plain round, {n} sites",
+                f"SecAgg+ round / plain round, {n}"
+                if "neighbours" in n
+                else f"SecAgg+ round / plain round, {n} sites (every site a neighbour)",
                 f"{v['ratio']:.2f}x (+{v['added_s_per_round']:.2f} s), "
                 f"update {v['masked_bytes'] / v['plain_bytes']:.1f}x bytes",
                 "",

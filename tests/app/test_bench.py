@@ -27,7 +27,7 @@ def test_quick_bench_runs_every_benchmark(tmp_path):
         "DP-SGD step / plain step (ew)",
         "in-process engine / plain PyTorch loop",
         "plan 100 sites (natural)",
-        "SecAgg+ round / plain round, 10 sites",
+        "SecAgg+ round / plain round, 10 sites (every site a neighbour)",
     ):
         assert figure in table
     secure = results["secure_aggregation"]["result"]["sites"]
