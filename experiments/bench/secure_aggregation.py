@@ -105,8 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             base = overrides(n, args.rounds, args.quick)
             plain, secure = [], []
             for r in range(repeats):
-                plain.append(round_seconds(one_run(Path(tmp) / f"{n}-plain-{r}", base)))
-                summary = one_run(Path(tmp) / f"{n}-secure-{r}", [*base, "secure_aggregation=secaggplus", *extra])
+                slug = name.replace(" ", "_").replace(",", "")
+                plain.append(round_seconds(one_run(Path(tmp) / f"{slug}-plain-{r}", base)))
+                summary = one_run(Path(tmp) / f"{slug}-secure-{r}", [*base, "secure_aggregation=secaggplus", *extra])
                 if summary.get("failures"):
                     raise SystemExit(f"{name} sites: the secure run had failures: {summary['failures']}")
                 secure.append(round_seconds(summary))
