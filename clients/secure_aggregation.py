@@ -39,7 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from federated.core import protocol as P
 from federated.core.arrays import record_to_numpy
 from strategies.secure_sums import Layout, site_vector, site_weights
-from strategies.validation import update_norm
+from strategies.validation import update_norm, validate_update
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,19 @@ class UpdateRefusedAtSite(RuntimeError):
     """The site's own update fails a check the server cannot make on masked data."""
 
 
-def _check_at_the_site(trained: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], max_norm: float) -> None:
+def _check_at_the_site(
+    trained: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], num_examples: float, max_norm: float
+) -> None:
     """The server's checks that need one update, made by the site on its own before masking (the
-    server sees only the sum): finite values, and strategy.max_update_norm. A site that fails them
-    raises, so it leaves the round as a dropout and its masks are removed by its neighbours' shares,
-    as the server would have refused its update."""
-    bad = [k for k, v in trained.items() if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()]
-    if bad:
-        raise UpdateRefusedAtSite(f"the update has non-finite values in {bad[:3]}; not sent")
+    server sees only the sum): the server's own `validate_update` (keys, shapes, dtypes, finite
+    values) and strategy.max_update_norm. A site that fails them raises, so it leaves the round as a
+    dropout and its masks are removed by its neighbours' shares, as the server would have refused
+    its update. A site that trained nothing sends zeros, and the server would skip it: no check."""
+    if num_examples == 0:
+        return
+    reason = validate_update(trained, global_arrays, num_examples, None)
+    if reason:
+        raise UpdateRefusedAtSite(f"{reason}; not sent")
     norm = update_norm(trained, global_arrays)
     if max_norm > 0 and norm > max_norm:
         raise UpdateRefusedAtSite(f"update norm {norm:.4g} exceeds strategy.max_update_norm={max_norm:g}; not sent")
@@ -138,7 +143,7 @@ def masked_update_mod(msg: Message, context: Context, call_next: ClientAppCallab
         if groups is not None
         else {}
     )
-    _check_at_the_site(trained, global_arrays, P.record_number(config, P.SECURE_MAX_NORM, default=0.0))
+    _check_at_the_site(trained, global_arrays, num_examples, P.record_number(config, P.SECURE_MAX_NORM, default=0.0))
     kind = str(config[P.SECURE_LAYOUT])
     layout = Layout.of(global_arrays, kind)
     withheld = frozenset(json.loads(str(config.get(P.SECURE_WITHHELD, "[]"))))
