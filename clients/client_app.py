@@ -9,7 +9,9 @@ train    -> load the global arrays, train locally, reply with arrays + example c
             record with the site's cumulative epsilon and whether its budget stopped it)
 evaluate -> per-task metrics of the global model on the site's test split, of the site's
             personalised model when its strategy keeps one, and at a held-out site in the last
-            round, of the model adapted to its unlabelled inputs (ood.adapt, clients/test_time.py)
+            round, of the model adapted to its unlabelled inputs (ood.adapt, clients/test_time.py);
+            in a deployment a train message may ask for this first, of the model it brings
+            (engine.evaluate_with_train)
 """
 
 from __future__ import annotations
@@ -162,6 +164,12 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
     _site_local(rt, msg)
+    config = msg.content.config_records[P.CONFIG_RECORD]
+    # engine.evaluate_with_train: the model received is the one the server would send next in an
+    # evaluate message; scored here first, before training changes anything, it saves a round trip.
+    evaluated = RecordDict()
+    if P.EVALUATE_ROUND in config:
+        evaluated = _evaluation(rt, msg, context, record_round(config, P.EVALUATE_ROUND))
     start = on_device(load_global(rt.model, msg.content.array_records[P.ARRAYS_RECORD]), model_device(rt.model))
     _forget_weights(rt.model)
     precision = rt.cfg.train.precision
@@ -169,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
         rt.model, start, msg.content, context, rt.cfg.train, lambda: mean_train_loss(rt.model, rt.data, precision)
     )
     this_round = rt.algorithm.before_train(site_round)
-    server_round = record_round(msg.content.config_records[P.CONFIG_RECORD])
+    server_round = record_round(config)
     seed = round_seed(rt.cfg.seed, rt.plan.site, server_round)
     trainer = LOCAL_TRAINERS.get(rt.cfg.privacy.name)
     objective = this_round.objective if this_round.changes_objective else None
@@ -188,6 +196,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     for name, record in {**trained.records, **this_round.after_train(result.steps)}.items():
         reply[name] = record
+    for name, scored in evaluated.items():
+        reply[P.EVALUATED + name] = scored
     return Message(reply, reply_to=msg)
 
 
@@ -204,6 +214,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
     _site_local(rt, msg)
     server_round = record_round(msg.content.config_records[P.CONFIG_RECORD])
+    return Message(_evaluation(rt, msg, context, server_round), reply_to=msg)
+
+
+def _evaluation(rt: SiteRuntime, msg: Message, context: Context, server_round: int) -> RecordDict:
+    """The site's evaluation of the message's arrays as round `server_round`'s global model (and
+    its saved state, at a checkpoint round): the records of an evaluate reply."""
     every = rt.cfg.engine.checkpoint_every
     if every and server_round and (server_round % every == 0 or server_round == rt.cfg.rounds):
         site_state.save(context, rt.plan.site, server_round)
@@ -220,4 +236,4 @@ def evaluate(msg: Message, context: Context) -> Message:
         seed = round_seed(rt.cfg.seed, rt.plan.site, server_round)
         adapted = adapt_site_model(rt.model, rt.data, rt.cfg.ood, seed)  # a copy: the global model stays
         reply[P.ADAPTED_RECORD] = _flat(evaluate_site(adapted, rt.data, "test", precision=precision), rt.plan.n_test)
-    return Message(reply, reply_to=msg)
+    return reply

@@ -5,11 +5,15 @@ per SuperNode), with the SuperLink's state in its SQLite database (as the multi-
 it; a restart keeps nodes and runs) and in memory (`deploy demo --in-memory`), and the Ray engine
 on the same sites' corpora (`sites.planner=site_local`), at the default model size and at smoke
 size (--quick: smoke only), R rounds. Measured side by side in one run, interleaved:
-  round time after start-up = (train + aggregate + evaluate seconds of rounds 1..R) / R, from each
-  run's summary.json timing (the handshake, the statistics round and round 0's evaluation, and
-  for the deployment the SuperLink, SuperNodes and ServerApp start-up, are excluded)
+  round time after start-up = (train + aggregate + evaluate seconds of the round loop) / R, from
+  each run's summary.json timing (round 0's evaluation of the initial model included; the
+  handshake, the statistics round and, for the deployment, the SuperLink, SuperNodes and
+  ServerApp start-up excluded)
   deployment round / Ray round                            target <= 1.5
-and, from the ClientApp workers' logs (database run), every message's pull / app / push seconds.
+for the deployment as it runs (a training site scores the model it receives in its train
+message, engine.evaluate_with_train) and, with a database, as it ran before (evaluation in an
+exchange of its own, engine.evaluate_with_train=false); and, from the ClientApp workers' logs
+(database runs, both ways), every message's pull / app / push seconds.
 The per-message floor is Flower's path: the ServerApp pushes the message to the SuperLink, a
 SuperNode polling every 0.2 s (Flower's 3 s, shortened) pulls it and its objects, its ClientApp
 process pulls them from the SuperNode, and the reply goes back the same way; each hop is an
@@ -34,11 +38,11 @@ MESSAGE = re.compile(r"(\w+) message: completed in ([\d.]+) s \(pull ([\d.]+) s,
 
 
 def round_seconds(summary: dict[str, Any]) -> float:
-    """Seconds per round after start-up, from the summary's timing (round 0 is evaluation only)."""
+    """Seconds per round after start-up, from the summary's timing: the round loop's seconds (round
+    0's evaluation of the initial model included: a deployment scores it in round 1's exchange,
+    engine.evaluate_with_train) over the rounds."""
     t = summary["timing"]
-    rounds = int(summary["rounds_completed"])
-    first_eval = t["evaluate_s"] / (rounds + 1)  # round 0's evaluation, counted out
-    return (t["train_s"] + t["aggregate_s"] + t["evaluate_s"] - first_eval) / rounds
+    return (t["train_s"] + t["aggregate_s"] + t["evaluate_s"]) / int(summary["rounds_completed"])
 
 
 def message_times(logs: Path) -> dict[str, dict[str, float]]:
@@ -81,7 +85,7 @@ def ray_run(sites: Path, out: Path, config_yaml: str) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke size only, 1 repeat")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -91,33 +95,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         for size, extra in sizes.items():
             overrides = [*extra, f"rounds={args.rounds}"]
-            dep_rounds, mem_rounds, ray_rounds, messages = [], [], [], []
+            dep_rounds, mem_rounds, sep_rounds, ray_rounds, messages, before = [], [], [], [], [], []
             for r in range(repeats):
                 summary, deploy = deployed(Path(tmp) / f"{size}-dep-{r}", overrides, database=True)
                 in_memory, _ = deployed(Path(tmp) / f"{size}-mem-{r}", overrides, database=False)
+                separate, separate_deploy = deployed(
+                    Path(tmp) / f"{size}-sep-{r}", [*overrides, "engine.evaluate_with_train=false"], database=True
+                )
                 config_yaml = (Path(tmp) / f"{size}-dep-{r}" / "config.yaml").read_text()
                 ray = ray_run(deploy / "sites", Path(tmp) / f"{size}-ray-{r}", config_yaml)
                 dep_rounds.append(round_seconds(summary))
                 mem_rounds.append(round_seconds(in_memory))
+                sep_rounds.append(round_seconds(separate))
                 ray_rounds.append(round_seconds(ray))
                 messages.append(message_times(deploy / "logs"))
-            dep, mem, ray_s = (statistics.median(x) for x in (dep_rounds, mem_rounds, ray_rounds))
+                before.append(message_times(separate_deploy / "logs"))
+            dep, mem, sep, ray_s = (statistics.median(x) for x in (dep_rounds, mem_rounds, sep_rounds, ray_rounds))
             report["sizes"][size] = {
                 "deployment_round_s": dep_rounds,
                 "deployment_in_memory_round_s": mem_rounds,
+                "deployment_separate_evaluation_round_s": sep_rounds,
                 "ray_round_s": ray_rounds,
                 "ratio": dep / ray_s,
                 "ratio_in_memory": mem / ray_s,
+                "ratio_separate_evaluation": sep / ray_s,
                 "messages": messages[-1],
+                "messages_separate_evaluation": before[-1],
             }
             per = ", ".join(
                 f"{k} {v['total']:.2f} s (pull {v['pull']:.2f} / app {v['app']:.2f} / push {v['push']:.2f})"
                 for k, v in messages[-1].items()
             )
             print(
-                f"{size}: deployed round {dep:.2f} s (SuperLink state in memory: {mem:.2f} s), Ray round "
-                f"{ray_s:.2f} s, ratio {dep / ray_s:.2f} (in memory {mem / ray_s:.2f}; target <= 1.5); "
-                f"per message (median): {per}"
+                f"{size}: deployed round {dep:.2f} s (SuperLink state in memory: {mem:.2f} s; evaluation in "
+                f"its own exchange: {sep:.2f} s), Ray round {ray_s:.2f} s, ratio {dep / ray_s:.2f} (in memory "
+                f"{mem / ray_s:.2f}, evaluation apart {sep / ray_s:.2f}; target <= 1.5); per message (median): {per}"
             )
     write_result(report, args.out)
     return 0

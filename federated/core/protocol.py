@@ -10,6 +10,10 @@ train              server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND, algorithm
                    site:   ARRAYS_RECORD, METRICS_RECORD {NUM_EXAMPLES, TRAIN_LOSS, STEPS},
                            TRAINED_RECORD {GROUPS, GROUP_EXAMPLES}, PRIVACY_RECORD (DP-SGD),
                            algorithm records (e.g. CONTROL_DELTA_RECORD)
+train, evaluating  (engine.evaluate_with_train, deployment) the train message's CONFIG_RECORD also
+                           holds EVALUATE_ROUND: the site first evaluates the model it received, as
+                           that round's evaluation, and its reply also holds the evaluate reply's
+                           records below, each named EVALUATED + its name
 train, secure      four messages per round (SecAgg+ stages: setup, share keys, collect, unmask),
 (secure_aggregation=secaggplus)  each with Flower's "secaggplus_configs" record; the collect
                            stage is the train message above plus SECURE_* config keys, and the
@@ -68,6 +72,8 @@ CONTROL_DELTA_RECORD = "control-delta"  # SCAFFOLD: the site's change of its con
 
 # Keys inside records.
 SERVER_ROUND = "server-round"
+EVALUATE_ROUND = "evaluate-round"  # train config: evaluate the model received first, as this round's
+EVALUATED = "evaluated-"  # train reply: the prefix of that evaluation's records
 RESTORE_ROUND = "restore-round"  # handshake: restore your own saved state of this round
 SCHEMA_KEY = "schema"  # handshake profile: the site's corpus schema, as JSON; site-local train/evaluate
 # config: the federation's schema the site builds its model for

@@ -30,6 +30,20 @@ class ServerState:
     strategy: StatefulStrategy
     initial: RoundRecord
     history: list[RoundRecord]
+    # Python's RNG (Flower's node sampling) after the round; None: as it is now. Set where the
+    # next round was configured before this state reached the callbacks (evaluate_with_train).
+    python_rng: Any = None
+
+
+@dataclass
+class SavedStrategyState:
+    """A strategy's state as it was at some point (a deep copy), for a ServerState handed to the
+    callbacks after the live strategy has moved on."""
+
+    state: dict[str, Any]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
 
 
 class Callback:

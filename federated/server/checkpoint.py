@@ -158,7 +158,7 @@ class Checkpointer(Callback):
                 round=state.round,
                 arrays={k: a.copy() for k, a in record_to_numpy(state.arrays).items()},
                 strategy_state=state.strategy.state_dict(),
-                python_rng=python_rng_state(),
+                python_rng=python_rng_state() if state.python_rng is None else state.python_rng,
                 initial=state.initial,
                 history=state.history,
                 config_yaml=self.config_yaml,

@@ -11,6 +11,7 @@ invoked once per round (federated/server/callbacks.py).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -36,6 +37,8 @@ from federated.core.protocol import (
     ADAPTED_RECORD,
     ARRAYS_RECORD,
     CONFIG_RECORD,
+    EVALUATE_ROUND,
+    EVALUATED,
     GROUPS,
     METRICS_RECORD,
     NUM_EXAMPLES,
@@ -62,7 +65,7 @@ from federated.core.protocol import (
 )
 from federated.core.replies import error_reason
 from federated.core.targets import REGRESSION
-from federated.server.callbacks import Callback, ServerState
+from federated.server.callbacks import Callback, SavedStrategyState, ServerState
 from federated.server.checkpoint import Checkpoint, checkpointers, restore_python_rng
 from federated.server.evaluation import SiteEvaluation, SiteProfile, summarize
 from federated.server.federated_stats import target_scales
@@ -70,7 +73,7 @@ from federated.server.records import FederationResult, FederationTiming, RoundRe
 from federated.server.results import PrivacyReport
 from federated.server.secure_round import SecureSum, secure_sum
 from federated.server.site_agreement import FederationError, agree, exact_schema
-from federated.server.transport import NodeSubsetGrid, exchange, wait_for_nodes
+from federated.server.transport import NodeSubsetGrid, exchange, over_superlink, wait_for_nodes
 from partitions.site_local import SITE_LOCAL
 from strategies.secure_sums import (
     GROUPED,
@@ -159,11 +162,24 @@ def evaluate_all(
     extra: dict[str, str] | None = None,
 ) -> tuple[list[SiteEvaluation], dict[str, str]]:
     """Every site evaluates `arrays`: their evaluations (in site order) and site -> why one failed."""
+    replies = exchange(grid, evaluate_messages(list(profiles), arrays, server_round, extra), timeout)
+    return site_evaluations(replies, profiles, timeout)
+
+
+def evaluate_messages(
+    nodes: Sequence[int], arrays: ArrayRecord, server_round: int, extra: dict[str, str] | None = None
+) -> list[Message]:
+    """Messages asking each node to evaluate `arrays` as round `server_round`'s global model."""
     config = ConfigRecord({SERVER_ROUND: server_round, **(extra or {})})
     content = RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: config})
-    replies = exchange(
-        grid, [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in profiles], timeout
-    )
+    return [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+
+
+def site_evaluations(
+    replies: list[Message], profiles: dict[int, SiteProfile], timeout: float | None, prefix: str = ""
+) -> tuple[list[SiteEvaluation], dict[str, str]]:
+    """The evaluations in `replies` (records named `prefix` + the evaluate reply's record names),
+    in site order, and site -> why a site's is missing (an error reply, or no reply)."""
     evals: dict[int, SiteEvaluation] = {}
     answered = {m.metadata.src_node_id for m in replies}
     failures: dict[str, str] = {profiles[n].site: f"no reply within {timeout} s" for n in profiles if n not in answered}
@@ -173,14 +189,18 @@ def evaluate_all(
         if msg.has_error():
             failures[profile.site] = error_reason(msg)
             continue
+        records = msg.content.metric_records
+        if prefix + METRICS_RECORD not in records:
+            failures[profile.site] = f"the reply holds no {prefix + METRICS_RECORD!r} record"
+            continue
         ev = SiteEvaluation(profile)
-        _parse_metrics(msg.content[METRICS_RECORD], ev.per_task)
-        if PERSONAL_RECORD in msg.content.metric_records:
+        _parse_metrics(records[prefix + METRICS_RECORD], ev.per_task)
+        if prefix + PERSONAL_RECORD in records:
             ev.personal = {}
-            _parse_metrics(msg.content[PERSONAL_RECORD], ev.personal)
-        if ADAPTED_RECORD in msg.content.metric_records:
+            _parse_metrics(records[prefix + PERSONAL_RECORD], ev.personal)
+        if prefix + ADAPTED_RECORD in records:
             ev.adapted = {}
-            _parse_metrics(msg.content[ADAPTED_RECORD], ev.adapted)
+            _parse_metrics(records[prefix + ADAPTED_RECORD], ev.adapted)
         evals[node] = ev
     return [evals[n] for n in profiles if n in evals], failures
 
@@ -363,6 +383,59 @@ def train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainOutcome:
     t0 = time.perf_counter()
     messages = list(fed.strategy.configure_train(rnd, arrays, ConfigRecord(dict(fed.site_config)), fed.training_grid))
     replies = exchange(fed.grid, messages, fed.timeout)
+    return _aggregated(fed, rnd, messages, replies, t0)
+
+
+def evaluating_with_train(fed: Federation) -> bool:
+    """Whether engine.evaluate_with_train applies: in a deployment (a SuperLink), and not under
+    secure aggregation, whose train messages are four stages around a masked update."""
+    return fed.cfg.engine.evaluate_with_train and fed.cfg.secure_aggregation.name == "none" and over_superlink(fed.grid)
+
+
+def train_round_evaluating(
+    fed: Federation, rnd: int, arrays: ArrayRecord, scored_round: int
+) -> tuple[TrainOutcome, list[SiteEvaluation], dict[str, str]]:
+    """Round `rnd`'s training and, in the same exchange, round `scored_round`'s evaluation of
+    `arrays` (the model round `rnd` starts from): a training site scores it before it trains
+    (EVALUATE_ROUND in its train message), every other site gets an evaluate message. Where the
+    strategy sends a site other arrays, the evaluation goes first in an exchange of its own (a
+    site still scores the model before it trains). Returns the training outcome, the evaluations
+    in site order and site -> why one is missing."""
+    t0 = time.perf_counter()
+    config = ConfigRecord({**fed.site_config, EVALUATE_ROUND: scored_round})
+    messages = list(fed.strategy.configure_train(rnd, arrays, config, fed.training_grid))
+    if any(m.content.array_records.get(ARRAYS_RECORD) is not arrays for m in messages):
+        for m in messages:
+            m.content.config_records[CONFIG_RECORD].pop(EVALUATE_ROUND, None)
+        evals, failures = evaluate_all(fed.grid, arrays, scored_round, fed.profiles, fed.timeout, fed.site_config)
+        t_evaluated = time.perf_counter()
+        fed.timing.evaluate_s += t_evaluated - t0
+        replies = exchange(fed.grid, messages, fed.timeout)
+        return _aggregated(fed, rnd, messages, replies, t_evaluated), evals, failures
+    training = {m.metadata.dst_node_id for m in messages}
+    others = [n for n in fed.profiles if n not in training]
+    replies = exchange(
+        fed.grid, [*evaluate_messages(others, arrays, scored_round, fed.site_config), *messages], fed.timeout
+    )
+    # Each node got one message; a reply is charged to its node (a SuperLink-made error stub too,
+    # whose message type is not the message's).
+    trained = [m for m in replies if m.metadata.src_node_id in training]
+    evaluated = [m for m in replies if m.metadata.src_node_id not in training]
+    by_training = {n: p for n, p in fed.profiles.items() if n in training}
+    evals, failures = site_evaluations(evaluated, {n: fed.profiles[n] for n in others}, fed.timeout)
+    riding, riding_failures = site_evaluations(trained, by_training, fed.timeout, prefix=EVALUATED)
+    failures.update(riding_failures)
+    rank = {p.site: i for i, p in enumerate(fed.profiles.values())}
+    evals = sorted([*evals, *riding], key=lambda e: rank[e.profile.site])
+    for m in trained:  # what the strategy aggregates is a train reply like any other
+        if not m.has_error():
+            for name in [k for k in m.content if k.startswith(EVALUATED)]:
+                del m.content[name]
+    return _aggregated(fed, rnd, messages, trained, t0), evals, failures
+
+
+def _aggregated(fed: Federation, rnd: int, messages: list[Message], replies: list[Message], t0: float) -> TrainOutcome:
+    """Aggregate a round's train replies (their exchange began at t0) and collect what sites reported."""
     t1 = time.perf_counter()
     new_arrays, _ = fed.strategy.aggregate_train(rnd, replies)
     t2 = time.perf_counter()
@@ -397,6 +470,17 @@ def evaluate_round(
     t0 = time.perf_counter()
     evals, failures = evaluate_all(fed.grid, arrays, rnd, fed.profiles, fed.timeout, fed.site_config)
     fed.timing.evaluate_s += time.perf_counter() - t0
+    return round_record(rnd, evals, failures, callbacks, outcome)
+
+
+def round_record(
+    rnd: int,
+    evals: list[SiteEvaluation],
+    failures: dict[str, str],
+    callbacks: Sequence[Callback],
+    outcome: TrainOutcome | None = None,
+) -> RoundRecord:
+    """Round `rnd`'s record from its evaluations and its training outcome; every callback gets it."""
     record = RoundRecord(rnd, evals, summarize(evals))
     if outcome is not None:
         record.train, record.failures, record.rejections = outcome.train, outcome.failures, outcome.rejections
@@ -431,6 +515,77 @@ def run_round(fed: Federation, state: ServerState, rnd: int, callbacks: Sequence
     state.round = rnd
     for cb in callbacks:
         cb.on_server_state(state)
+
+
+@dataclass
+class _Unscored:
+    """A round whose model the sites have not scored yet (engine.evaluate_with_train): its
+    evaluation rides on the next round's training, and the server's state after it, copied
+    before the next round configures anything, goes to the callbacks once its record is complete."""
+
+    round: int
+    arrays: ArrayRecord
+    outcome: TrainOutcome | None  # None for round 0
+    strategy: SavedStrategyState
+    python_rng: Any
+
+    @classmethod
+    def after(cls, rnd: int, arrays: ArrayRecord, outcome: TrainOutcome | None, strategy: Any) -> _Unscored:
+        return cls(rnd, arrays, outcome, SavedStrategyState(copy.deepcopy(strategy.state_dict())), random.getstate())
+
+
+def _scored(
+    unscored: _Unscored,
+    evals: list[SiteEvaluation],
+    failures: dict[str, str],
+    history: list[RoundRecord],
+    initial: RoundRecord | None,
+    callbacks: Sequence[Callback],
+) -> RoundRecord:
+    """An unscored round's record, now that its evaluations came; after a training round, the
+    callbacks then get the server's state as it was after that round."""
+    record = round_record(unscored.round, evals, failures, callbacks, unscored.outcome)
+    if unscored.outcome is not None:
+        history.append(record)
+        assert initial is not None  # round 0 is scored in round 1's exchange, before any other
+        state = ServerState(
+            unscored.round, unscored.arrays, unscored.strategy, initial, list(history), unscored.python_rng
+        )
+        for cb in callbacks:
+            cb.on_server_state(state)
+    return record
+
+
+def run_rounds_evaluating_with_train(
+    fed: Federation, arrays: ArrayRecord, resume: Checkpoint | None, callbacks: Sequence[Callback]
+) -> ServerState:
+    """The round loop with engine.evaluate_with_train: round r's model is scored in round r+1's
+    exchange (the last round's on its own), so a deployed round is one exchange, not two. The
+    records, checkpoints and scores are those of the plain loop; they reach the callbacks one
+    exchange later."""
+    if resume is None:
+        initial, history, start = None, [], 0
+        unscored: _Unscored | None = _Unscored.after(0, arrays, None, fed.strategy)
+    else:
+        state = _first_state(fed, arrays, resume, callbacks)
+        initial, history, start, arrays, unscored = state.initial, state.history, state.round, state.arrays, None
+    for rnd in range(start + 1, fed.cfg.rounds + 1):
+        if unscored is None:
+            outcome = train_round(fed, rnd, arrays)
+        else:
+            outcome, evals, failures = train_round_evaluating(fed, rnd, arrays, unscored.round)
+            record = _scored(unscored, evals, failures, history, initial, callbacks)
+            initial = record if unscored.outcome is None else initial
+        arrays = accepted_model(fed.cfg, rnd, outcome, arrays)
+        unscored = _Unscored.after(rnd, arrays, outcome, fed.strategy)
+    if unscored is not None:
+        t0 = time.perf_counter()
+        evals, failures = evaluate_all(fed.grid, arrays, unscored.round, fed.profiles, fed.timeout, fed.site_config)
+        fed.timing.evaluate_s += time.perf_counter() - t0
+        record = _scored(unscored, evals, failures, history, initial, callbacks)
+        initial = record if unscored.outcome is None else initial
+    assert initial is not None
+    return ServerState(fed.cfg.rounds, arrays, fed.strategy, initial, history)
 
 
 def _agreed_schema(cfg: ExperimentConfig, profiles: dict[int, SiteProfile]) -> tuple[CorpusSchema, dict[str, str]]:
@@ -509,9 +664,12 @@ def run_federation(
         site_config=site_config,
         model_keys=list(model.state_dict()),
     )
-    state = _first_state(fed, arrays, resume, hooks)
-    for rnd in range(state.round + 1, cfg.rounds + 1):
-        run_round(fed, state, rnd, hooks)
+    if evaluating_with_train(fed):
+        state = run_rounds_evaluating_with_train(fed, arrays, resume, hooks)
+    else:
+        state = _first_state(fed, arrays, resume, hooks)
+        for rnd in range(state.round + 1, cfg.rounds + 1):
+            run_round(fed, state, rnd, hooks)
     fed.timing.wall_s = time.perf_counter() - t_start
     result = FederationResult(
         profiles,

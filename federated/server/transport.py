@@ -100,14 +100,19 @@ def shorten_reply_object_pulls() -> bool:
     return True
 
 
+def over_superlink(grid: Grid) -> bool:
+    """Whether messages to these nodes go through a SuperLink (a deployment), where every
+    exchange costs network round trips, rather than to simulated sites."""
+    while isinstance(grid, NodeSubsetGrid):
+        grid = grid._grid
+    return isinstance(grid, HttpGrid)
+
+
 def exchange(grid: Grid, messages: list[Message], timeout: float | None = None) -> list[Message]:
     """send_and_receive, with every reply charged to the node its message went to; against a
     SuperLink, replies are pulled on PULL_WAITS_S instead of Flower's fixed 3 s, and a reply's
     objects still being uploaded are retried on REPLY_OBJECT_BACKOFF_S (shorten_reply_object_pulls)."""
-    inner = grid
-    while isinstance(inner, NodeSubsetGrid):
-        inner = inner._grid
-    if not isinstance(inner, HttpGrid):
+    if not over_superlink(grid):
         return attribute(messages, grid.send_and_receive(messages, timeout=timeout))
     shorten_reply_object_pulls()
     pending = set(grid.push_messages(messages))

@@ -314,6 +314,11 @@ class EngineConfig:
     # definitions) or that runs another multimed-fl version: stop the run (fail), or run without
     # it (exclude; summary.json lists it under excluded_sites with the reason).
     on_incompatible_site: str = "fail"
+    # Deployment (a SuperLink): a training site evaluates the model it receives before training
+    # on it and replies with both, so a round is one exchange of messages instead of two (train,
+    # then evaluate). The scores are the same; a site whose training fails loses that evaluation
+    # too. Simulation engines, where a message costs nothing, always evaluate on their own.
+    evaluate_with_train: bool = True
 
 
 OOD_ADAPT_METHODS = ("none", "tent", "bn_stats")  # clients/test_time.py
