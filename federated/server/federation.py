@@ -407,9 +407,8 @@ def train_round_evaluating(
     if any(m.content.array_records.get(ARRAYS_RECORD) is not arrays for m in messages):
         for m in messages:
             m.content.config_records[CONFIG_RECORD].pop(EVALUATE_ROUND, None)
-        evals, failures = evaluate_all(fed.grid, arrays, scored_round, fed.profiles, fed.timeout, fed.site_config)
+        evals, failures = timed_evaluation(fed, arrays, scored_round)
         t_evaluated = time.perf_counter()
-        fed.timing.evaluate_s += t_evaluated - t0
         replies = exchange(fed.grid, messages, fed.timeout)
         return _aggregated(fed, rnd, messages, replies, t_evaluated), evals, failures
     training = {m.metadata.dst_node_id for m in messages}
@@ -467,10 +466,16 @@ def evaluate_round(
     fed: Federation, rnd: int, arrays: ArrayRecord, callbacks: Sequence[Callback], outcome: TrainOutcome | None = None
 ) -> RoundRecord:
     """Every site evaluates `arrays`; the round's record goes to every callback."""
+    evals, failures = timed_evaluation(fed, arrays, rnd)
+    return round_record(rnd, evals, failures, callbacks, outcome)
+
+
+def timed_evaluation(fed: Federation, arrays: ArrayRecord, rnd: int) -> tuple[list[SiteEvaluation], dict[str, str]]:
+    """evaluate_all in an exchange of its own, its time counted as the run's evaluation time."""
     t0 = time.perf_counter()
     evals, failures = evaluate_all(fed.grid, arrays, rnd, fed.profiles, fed.timeout, fed.site_config)
     fed.timing.evaluate_s += time.perf_counter() - t0
-    return round_record(rnd, evals, failures, callbacks, outcome)
+    return evals, failures
 
 
 def round_record(
@@ -542,18 +547,18 @@ def _scored(
     initial: RoundRecord | None,
     callbacks: Sequence[Callback],
 ) -> RoundRecord:
-    """An unscored round's record, now that its evaluations came; after a training round, the
-    callbacks then get the server's state as it was after that round."""
+    """An unscored round's record, now that its evaluations came, to the callbacks; after a
+    training round, the callbacks then get the server's state as it was after that round.
+    Returns the run's initial record: this one for round 0, else `initial`."""
     record = round_record(unscored.round, evals, failures, callbacks, unscored.outcome)
-    if unscored.outcome is not None:
-        history.append(record)
-        assert initial is not None  # round 0 is scored in round 1's exchange, before any other
-        state = ServerState(
-            unscored.round, unscored.arrays, unscored.strategy, initial, list(history), unscored.python_rng
-        )
-        for cb in callbacks:
-            cb.on_server_state(state)
-    return record
+    if unscored.outcome is None:
+        return record
+    history.append(record)
+    assert initial is not None  # round 0 is scored in round 1's exchange, before any other
+    state = ServerState(unscored.round, unscored.arrays, unscored.strategy, initial, list(history), unscored.python_rng)
+    for cb in callbacks:
+        cb.on_server_state(state)
+    return initial
 
 
 def run_rounds_evaluating_with_train(
@@ -574,16 +579,11 @@ def run_rounds_evaluating_with_train(
             outcome = train_round(fed, rnd, arrays)
         else:
             outcome, evals, failures = train_round_evaluating(fed, rnd, arrays, unscored.round)
-            record = _scored(unscored, evals, failures, history, initial, callbacks)
-            initial = record if unscored.outcome is None else initial
+            initial = _scored(unscored, evals, failures, history, initial, callbacks)
         arrays = accepted_model(fed.cfg, rnd, outcome, arrays)
         unscored = _Unscored.after(rnd, arrays, outcome, fed.strategy)
     if unscored is not None:
-        t0 = time.perf_counter()
-        evals, failures = evaluate_all(fed.grid, arrays, unscored.round, fed.profiles, fed.timeout, fed.site_config)
-        fed.timing.evaluate_s += time.perf_counter() - t0
-        record = _scored(unscored, evals, failures, history, initial, callbacks)
-        initial = record if unscored.outcome is None else initial
+        initial = _scored(unscored, *timed_evaluation(fed, arrays, unscored.round), history, initial, callbacks)
     assert initial is not None
     return ServerState(fed.cfg.rounds, arrays, fed.strategy, initial, history)
 
