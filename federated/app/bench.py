@@ -112,6 +112,9 @@ def headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
         for size, v in r["sizes"].items():
             rows.append((f"3 TLS SuperNodes / Ray, round after start-up ({size})", f"{v['ratio']:.2f}x", "<= 1.5x"))
             rows.append((f"  the same, SuperLink state in memory ({size})", f"{v['ratio_in_memory']:.2f}x", "<= 1.5x"))
+            rows.append(
+                (f"  before: evaluation apart, Flower's own SuperLink ({size})", f"{v['ratio_before']:.2f}x", "")
+            )
         return rows
     if name == "secure_aggregation":
         return [

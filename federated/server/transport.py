@@ -3,7 +3,6 @@ every reply charged to its node and, against a SuperLink, Flower's fixed 3 s wai
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -48,8 +47,9 @@ class NodeSubsetGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
-# Waits between pulls for replies from a SuperLink: short at first (an evaluation reply comes in
-# tenths of a second), then every 0.2 s while sites train. Flower's HttpGrid.send_and_receive
+# Waits between pulls for replies from a SuperLink: short at first and again after each reply (an
+# evaluation reply comes in tenths of a second, the other sites' often soon after the first), then
+# every 0.2 s while sites train. Flower's HttpGrid.send_and_receive
 # sleeps 3 s between pulls (flwr/superlink/grid/http_grid.py), which made every round trip up to
 # 3 s longer; a 0.5 s cap still cost a train reply 0.25 s on average (a pull is ~10-40 ms).
 PULL_WAITS_S = (0.05, 0.05, 0.1, 0.1, 0.2)
@@ -119,7 +119,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float | None = None) 
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     last_call = False
-    for k in itertools.count():
+    k = 0  # pulls since the last reply came in
+    while True:
         got = list(grid.pull_messages(pending))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
@@ -131,7 +132,10 @@ def exchange(grid: Grid, messages: list[Message], timeout: float | None = None) 
             # meanwhile are in time; without it a healthy site's reply was counted as missing.
             last_call = True
             continue
+        if got:  # replies come in bunches (sites that finish together): wait short again
+            k = 0
         time.sleep(PULL_WAITS_S[min(k, len(PULL_WAITS_S) - 1)])
+        k += 1
     return attribute(messages, replies)
 
 

@@ -377,7 +377,7 @@ def test_a_failed_pull_is_not_charged_to_the_push():
 def test_the_supernode_launcher_shortens_flower_s_fixed_timers_only(monkeypatch):
     from flwr.supernode import start_client_internal as loop
 
-    from federated.engines.deployment.clientapp_worker import shorten_flower_timers, supernode_argv
+    from federated.engines.deployment.flower_services import shorten_flower_timers, supernode_argv
 
     monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
     monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
@@ -390,7 +390,7 @@ def test_the_supernode_launcher_shortens_flower_s_fixed_timers_only(monkeypatch)
     assert loop.time.monotonic is __import__("time").monotonic
     assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
     argv = supernode_argv()
-    assert argv[2:] == ["supernode", "--idle-poll-s", "0.2", "--"] and argv[1].endswith("clientapp_worker.py")
+    assert argv[2:] == ["supernode", "--idle-poll-s", "0.2", "--"] and argv[1].endswith("flower_services.py")
 
 
 @pytest.mark.slow

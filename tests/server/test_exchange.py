@@ -58,3 +58,30 @@ def test_replies_are_pulled_on_short_waits_not_flower_s_3_s(monkeypatch) -> None
     replies = exchange(grid, _messages(3))
     assert len(replies) == 3 and waits == [transport.PULL_WAITS_S[0]]
     assert max(transport.PULL_WAITS_S) < 3
+
+
+class OneReplyAtATime(FakeSuperLink):
+    """Replies come in one by one: the first after 7 empty pulls, the next after 2 more."""
+
+    def __init__(self, empty_before: list[int]) -> None:
+        super().__init__(block_s=0.0)
+        self.empty_before = empty_before
+
+    def pull_messages(self, message_ids):
+        if self.empty_before[0]:
+            self.empty_before[0] -= 1
+            return []
+        self.empty_before.pop(0)
+        wanted = set(message_ids)
+        return [Message(RecordDict(), reply_to=m) for m in self.sent if m.metadata.message_id in wanted][:1]
+
+
+def test_the_waits_start_short_again_after_each_reply(monkeypatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(transport.time, "sleep", waits.append)
+    replies = exchange(OneReplyAtATime([7, 2]), _messages(2))
+    assert len(replies) == 2
+    w = transport.PULL_WAITS_S
+    ramp = [w[min(k, len(w) - 1)] for k in range(7)]
+    # 7 empty pulls on the ramp up to its cap, the first reply, then the ramp from its start again
+    assert waits == [*ramp, w[0], w[1], w[2]]

@@ -19,6 +19,10 @@ it was from the single module this package replaced:
 - `clientapp_worker`: the long-lived ClientApp process (why, and what it saves: its docstring).
   It runs as a script by path, importing nothing of the project; `python -m
   federated.engines.deployment clientapp-worker ...` (`__main__.py`) restarts as that script.
+- `flower_services`: `flower-superlink` and `flower-supernode` as we run them, with what Flower
+  1.42 hard-codes set for a deployment (the SuperNode's timers; the SuperLink's SQLite state
+  with message objects in memory and its token sweep at most once a second); a script too
+  (`python -m federated.engines.deployment superlink|supernode -- FLOWER-ARGS`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,17 @@
-"""`python -m federated.engines.deployment clientapp-worker ...` (the command the README gives
-hospitals): the ClientApp worker's command line. Having been started with -m, it restarts
-itself as the clientapp_worker.py script, which imports nothing of the project."""
+"""`python -m federated.engines.deployment COMMAND ...` (the commands the README gives the
+coordinator and the hospitals): `superlink` and `supernode` run Flower's own, tuned
+(flower_services.py); `clientapp-worker` runs the long-lived ClientApp process, which, having
+been started with -m, restarts itself as the clientapp_worker.py script (it must import nothing
+of the project before loading the app)."""
 
 import sys
 
-from federated.engines.deployment.clientapp_worker import main
+from federated.engines.deployment import flower_services
+from federated.engines.deployment.clientapp_worker import main as clientapp_worker_main
 
-sys.exit(main())
+USAGE = "usage: python -m federated.engines.deployment {superlink,supernode,clientapp-worker} ... (-h for each)"
+
+if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+    print(USAGE)
+    sys.exit(0 if len(sys.argv) >= 2 else 2)
+sys.exit(flower_services.main() if sys.argv[1] in ("superlink", "supernode") else clientapp_worker_main())

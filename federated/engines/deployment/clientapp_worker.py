@@ -27,7 +27,7 @@ the first message: project import and site plan). The rest of each message used 
 moving the ~2 MB model as 331 objects (an Array and a chunk per tensor, one HTTPS request each,
 with 1-10 s retry back-offs): 13-28 s per message. Since the model travels as one packed
 buffer (federated/core/arrays.py) a model message is 7 objects and its pull takes 0.1-1 s; what
-is left is Flower's fixed timers, which `supernode` below shortens for the SuperNodes it starts.
+is left is Flower's fixed timers, which flower_services.py shortens for the SuperNodes we start.
 
 The worker runs one app bundle (FAB) per process: a task of another bundle is handed to
 `flwr-clientapp` and the worker then restarts itself (same PID), as it does after an app that
@@ -292,79 +292,18 @@ def worker_argv(
     return argv + [a for m in preload for a in ("--preload", m)]
 
 
-# Flower 1.42's SuperNode waits on fixed timers (flwr/supernode/start_client_internal.py, no option
-# to change them): 3 s after every poll that finds no message, 0.5 s between checks for its
-# ClientApp's reply, and, when a message's objects are not yet on the SuperLink, pull retries
-# after 1, 2, 4, 8 s. With a model in one packed buffer, these timers were most of a round.
-FLOWER_IDLE_SLEEP_S = 3
-FLOWER_REPLY_SLEEP_S = 0.5
-REPLY_POLL_S = 0.05
-PULL_BACKOFF_S = (0.05, 0.5)  # initial, cap
-
-
-def shorten_flower_timers(idle_poll_s: float) -> bool:
-    """Shorten the SuperNode loop's fixed timers in this process: idle polls to idle_poll_s,
-    reply checks to REPLY_POLL_S, object pull retries to PULL_BACKOFF_S. False (nothing changed)
-    where this Flower's loop does not have the 1.42 timers."""
-    import functools
-    import inspect
-    import types
-
-    from flwr.supernode import start_client_internal as loop
-
-    if f"time.sleep({FLOWER_IDLE_SLEEP_S})" not in inspect.getsource(loop) or not hasattr(loop, "pull_objects"):
-        return False
-    real_sleep = time.sleep
-    waits: dict[float, float] = {FLOWER_IDLE_SLEEP_S: idle_poll_s, FLOWER_REPLY_SLEEP_S: REPLY_POLL_S}
-    shim = types.ModuleType("time")
-    shim.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
-
-    def sleep(seconds: float) -> None:
-        real_sleep(waits.get(seconds, seconds))
-
-    shim.sleep = sleep  # type: ignore[attr-defined]  # a module's attribute, set at run time
-    loop.time = shim  # Flower's loop reads `time.sleep` from its module global `time`
-    initial, cap = PULL_BACKOFF_S
-    loop.pull_objects = functools.partial(loop.pull_objects, initial_backoff=initial, backoff_cap=cap)
-    return True
-
-
-def supernode(flower_args: Sequence[str], idle_poll_s: float) -> int:
-    """`flower-supernode` with its fixed timers shortened (shorten_flower_timers)."""
-    from flwr.supernode.cli import flower_supernode
-
-    if not shorten_flower_timers(idle_poll_s):
-        print("supernode: this Flower's loop has not the 1.42 timers; running flower-supernode unchanged")
-    sys.argv = ["flower-supernode", *flower_args]
-    flower_supernode()
-    return 0
-
-
-def supernode_argv(idle_poll_s: float = 0.2) -> list[str]:
-    """The command that starts a SuperNode with a short idle poll (supernode()); its own
-    arguments follow. Run as a script, like the worker, so it imports nothing of the project."""
-    return [sys.executable, str(Path(__file__).resolve()), "supernode", "--idle-poll-s", str(idle_poll_s), "--"]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m federated.engines.deployment")
-    sub = parser.add_subparsers(dest="command", required=True)
-    node = sub.add_parser(
-        "supernode",
-        help="flower-supernode, with its idle poll (3 s in Flower 1.42) shortened: "
-        "python -m federated.engines.deployment supernode [--idle-poll-s S] -- FLOWER-SUPERNODE-ARGS",
+    parser = argparse.ArgumentParser(
+        prog="python -m federated.engines.deployment",
+        description="run a SuperNode's ClientApp tasks in this long-lived process "
+        "(flower-supernode --isolation process)",
     )
-    node.add_argument("--idle-poll-s", type=float, default=0.2, help="seconds between polls that find no message")
-    node.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-supernode's own arguments, after --")
-    worker = sub.add_parser(
-        "clientapp-worker",
-        help="run a SuperNode's ClientApp tasks in this long-lived process (flower-supernode --isolation process)",
-    )
-    worker.add_argument(
+    parser.add_argument("command", choices=["clientapp-worker"])
+    parser.add_argument(
         "--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT (its --host/--port)"
     )
-    worker.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) exits")
-    worker.add_argument(
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) exits")
+    parser.add_argument(
         "--preload",
         action="append",
         default=[],
@@ -372,10 +311,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="import this (third-party) module at start, e.g. torch",
     )
     args = parser.parse_args(argv)
-    if args.command == "supernode":
-        if not 0 < args.idle_poll_s <= FLOWER_IDLE_SLEEP_S:
-            parser.error(f"--idle-poll-s must be in (0, {FLOWER_IDLE_SLEEP_S}]")
-        return supernode([a for a in args.flower_args if a != "--"], args.idle_poll_s)
     if "federated.engines" in sys.modules:  # started with -m: restart clean, as a script
         os.execv(sys.executable, worker_argv(args.runtime_api_address, args.parent_pid, args.preload))
     for module in args.preload:

@@ -100,11 +100,13 @@ def deploy_demo(
     say: Callable[[str], None] = print,
     grace_s: float = 10.0,
     superlink_database: bool = True,
+    flower_superlink: bool = False,
 ) -> DemoResult:
     """Run one experiment as a TLS + node-auth deployment on loopback; outputs go to out_dir,
     logs and keys to out_dir/deploy. Every process started is stopped before returning.
     superlink_database=False: the SuperLink keeps its state in memory (faster; a restarted
-    SuperLink then knows no nodes and no runs)."""
+    SuperLink then knows no nodes and no runs). flower_superlink=True: Flower's own
+    `flower-superlink`, without flower_services' lighter SQLite state (the bench's before)."""
     t0 = time.perf_counter()
     _check_demo_args(n_sites, clientapp, superlink_port)
     root = app_dir()
@@ -130,7 +132,13 @@ def deploy_demo(
 
     seconds: dict[str, float] = {}
     fed = LoopbackFederation(
-        deploy, n_sites, superlink_port=superlink_port, say=say, grace_s=grace_s, database=superlink_database
+        deploy,
+        n_sites,
+        superlink_port=superlink_port,
+        say=say,
+        grace_s=grace_s,
+        database=superlink_database,
+        flower_superlink=flower_superlink,
     )
     try:
         with sigterm_as_interrupt():

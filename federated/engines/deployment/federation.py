@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from federated.engines.deployment.clientapp_worker import supernode_argv, worker_argv
+from federated.engines.deployment.clientapp_worker import worker_argv
 from federated.engines.deployment.environment import (
     HOST,
     DeploymentError,
@@ -23,6 +23,7 @@ from federated.engines.deployment.environment import (
     flower_env,
     free_port,
 )
+from federated.engines.deployment.flower_services import superlink_argv, supernode_argv
 from federated.engines.deployment.flwr_cli import FlwrCli, RunResult
 from federated.engines.deployment.processes import ManagedProcess, stop_all
 
@@ -58,9 +59,13 @@ class LoopbackFederation:
         say: Callable[[str], None] = lambda s: None,
         grace_s: float = 10.0,
         database: bool = True,
+        flower_superlink: bool = False,
     ) -> None:
+        """database: the SuperLink's state in superlink.db (else in memory); flower_superlink:
+        start Flower's `flower-superlink` as it is, not flower_services' lightened one."""
         self.dir = Path(workdir).resolve()
         self.host, self.say, self.grace_s, self.database = host, say, grace_s, database
+        self.flower_superlink = flower_superlink
         self.logs = self.dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.dir / "flwr_home"
@@ -125,7 +130,7 @@ class LoopbackFederation:
             ManagedProcess(
                 "superlink",
                 [
-                    self.binaries["flower-superlink"],
+                    *([self.binaries["flower-superlink"]] if self.flower_superlink else superlink_argv()),
                     "--ssl-ca-certfile",
                     str(self.pki.ca_cert),
                     "--ssl-certfile",

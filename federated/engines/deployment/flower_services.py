@@ -1,0 +1,185 @@
+"""`flower-supernode` and `flower-superlink`, each with what Flower 1.42 hard-codes for every
+deployment set for ours, in the process that runs it:
+
+- the SuperNode's fixed timers (a 3 s idle poll, 0.5 s reply checks, 1-8 s object retries),
+  shortened (`shorten_flower_timers`);
+- the SuperLink's SQLite state (`--database`, which keeps nodes and runs over a restart): the
+  objects in flight (the model, each message) kept in memory instead of in SQLite, and the
+  expired-token sweep that Flower runs on every ServerApp request run at most once a second
+  (`lighten_superlink_state`).
+
+This file is its own module because it is started as a script, by path (`supernode_argv`,
+`superlink_argv`), like the ClientApp worker: it imports nothing of the project (stdlib at the
+top, flwr inside functions). `python -m federated.engines.deployment supernode|superlink -- ...`
+(`__main__.py`) ends up in `main` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+# Flower 1.42's SuperNode waits on fixed timers (flwr/supernode/start_client_internal.py, no option
+# to change them): 3 s after every poll that finds no message, 0.5 s between checks for its
+# ClientApp's reply, and, when a message's objects are not yet on the SuperLink, pull retries
+# after 1, 2, 4, 8 s. With a model in one packed buffer, these timers were most of a round.
+FLOWER_IDLE_SLEEP_S = 3
+FLOWER_REPLY_SLEEP_S = 0.5
+REPLY_POLL_S = 0.05
+PULL_BACKOFF_S = (0.05, 0.5)  # initial, cap
+
+
+def shorten_flower_timers(idle_poll_s: float) -> bool:
+    """Shorten the SuperNode loop's fixed timers in this process: idle polls to idle_poll_s,
+    reply checks to REPLY_POLL_S, object pull retries to PULL_BACKOFF_S. False (nothing changed)
+    where this Flower's loop does not have the 1.42 timers."""
+    import functools
+    import inspect
+    import types
+
+    from flwr.supernode import start_client_internal as loop
+
+    if f"time.sleep({FLOWER_IDLE_SLEEP_S})" not in inspect.getsource(loop) or not hasattr(loop, "pull_objects"):
+        return False
+    real_sleep = time.sleep
+    waits: dict[float, float] = {FLOWER_IDLE_SLEEP_S: idle_poll_s, FLOWER_REPLY_SLEEP_S: REPLY_POLL_S}
+    shim = types.ModuleType("time")
+    shim.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
+
+    def sleep(seconds: float) -> None:
+        real_sleep(waits.get(seconds, seconds))
+
+    shim.sleep = sleep  # type: ignore[attr-defined]  # a module's attribute, set at run time
+    loop.time = shim  # Flower's loop reads `time.sleep` from its module global `time`
+    initial, cap = PULL_BACKOFF_S
+    loop.pull_objects = functools.partial(loop.pull_objects, initial_backoff=initial, backoff_cap=cap)
+    return True
+
+
+def supernode(flower_args: Sequence[str], idle_poll_s: float) -> int:
+    """`flower-supernode` with its fixed timers shortened (shorten_flower_timers)."""
+    from flwr.supernode.cli import flower_supernode
+
+    if not shorten_flower_timers(idle_poll_s):
+        print("supernode: this Flower's loop has not the 1.42 timers; running flower-supernode unchanged")
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+    return 0
+
+
+# Flower 1.42's SQL state (flwr/supercore/corestate/sql_corestate.py) runs its expired-token sweep
+# (two UPDATEs and a DELETE) at the start of every run-status and task lookup, i.e. on every
+# ServerApp and Fleet request; profiled in deployed rounds it was the SuperLink's largest single SQL
+# cost. A token lives for minutes (heartbeats), so sweeping at most this often changes nothing but
+# when an expired claim is noticed, by under this many seconds.
+TOKEN_SWEEP_EVERY_S = 1.0
+
+
+def lighten_superlink_state() -> bool:
+    """For a SuperLink with an SQLite `--database`: keep message objects in Flower's in-memory
+    object store under the SQL link state, and sweep expired task tokens at most every
+    TOKEN_SWEEP_EVERY_S. The link state (nodes, runs, messages, push sessions) stays in the
+    database, so a restarted SuperLink still knows its SuperNodes and runs; objects in flight at
+    a restart are lost, as are the ServerApp and the run that were sending them (a run resumes
+    from its checkpoint as a new run, `multimed-fl deploy submit --resume`). False (nothing
+    changed) where this Flower is not shaped as 1.42 is."""
+    import inspect
+
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink import config_loader
+    from flwr.superlink import main as superlink_main
+    from flwr.superlink.federation import FederationManager
+
+    factories = getattr(superlink_main, "get_objectstore_linkstate_factories", None)
+    sweep = getattr(SqlCoreState, "_cleanup_expired_task_tokens", None)
+    if (
+        factories is not config_loader.get_objectstore_linkstate_factories
+        or list(inspect.signature(factories).parameters) != ["database", "federation_manager"]
+        or sweep is None
+        or list(inspect.signature(sweep).parameters) != ["self"]
+    ):
+        return False
+
+    def objects_in_memory(
+        database: str, federation_manager: FederationManager
+    ) -> tuple[ObjectStoreFactory, LinkStateFactory]:
+        objects, state = factories(database, federation_manager)
+        if type(objects) is not ObjectStoreFactory or objects.database == ObjectStoreFactory().database:
+            return objects, state  # another backend's store, or already in memory: as Flower makes it
+        in_memory = ObjectStoreFactory()
+        return in_memory, LinkStateFactory(database, federation_manager, in_memory)
+
+    def sweep_at_most_every_second(self: SqlCoreState) -> None:
+        now = time.monotonic()
+        if now - self.__dict__.get("_multimed_last_sweep", float("-inf")) >= TOKEN_SWEEP_EVERY_S:
+            self.__dict__["_multimed_last_sweep"] = now
+            sweep(self)
+
+    superlink_main.get_objectstore_linkstate_factories = objects_in_memory
+    SqlCoreState._cleanup_expired_task_tokens = sweep_at_most_every_second  # type: ignore[method-assign]
+    return True
+
+
+def superlink(flower_args: Sequence[str]) -> int:
+    """`flower-superlink` with its SQLite state lightened (lighten_superlink_state)."""
+    from flwr.superlink.cli.flower_superlink import flower_superlink
+
+    if lighten_superlink_state():
+        print(
+            "superlink: with --database, message objects are kept in memory and expired task tokens "
+            f"swept at most every {TOKEN_SWEEP_EVERY_S:g} s (python -m federated.engines.deployment superlink)",
+            flush=True,
+        )
+    else:
+        print("superlink: this Flower's state is not shaped as 1.42's; running flower-superlink unchanged", flush=True)
+    sys.argv = ["flower-superlink", *flower_args]
+    flower_superlink()
+    return 0
+
+
+def supernode_argv(idle_poll_s: float = 0.2) -> list[str]:
+    """The command that starts a SuperNode with a short idle poll (supernode()); its own
+    arguments follow. Run as a script, so it imports nothing of the project."""
+    return [sys.executable, str(Path(__file__).resolve()), "supernode", "--idle-poll-s", str(idle_poll_s), "--"]
+
+
+def superlink_argv() -> list[str]:
+    """The command that starts a SuperLink with a lightened SQLite state (superlink()); its own
+    arguments follow."""
+    return [sys.executable, str(Path(__file__).resolve()), "superlink", "--"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m federated.engines.deployment")
+    sub = parser.add_subparsers(dest="command", required=True)
+    node = sub.add_parser(
+        "supernode",
+        help="flower-supernode, with its idle poll (3 s in Flower 1.42) shortened: "
+        "python -m federated.engines.deployment supernode [--idle-poll-s S] -- FLOWER-SUPERNODE-ARGS",
+    )
+    node.add_argument("--idle-poll-s", type=float, default=0.2, help="seconds between polls that find no message")
+    node.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-supernode's own arguments, after --")
+    link = sub.add_parser(
+        "superlink",
+        help="flower-superlink, with message objects in memory under its --database and the expired-token "
+        "sweep at most once a second: python -m federated.engines.deployment superlink -- FLOWER-SUPERLINK-ARGS",
+    )
+    link.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-superlink's own arguments, after --")
+    args = parser.parse_args(argv)
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    if args.command == "superlink":
+        return superlink(flower_args)
+    if not 0 < args.idle_poll_s <= FLOWER_IDLE_SLEEP_S:
+        parser.error(f"--idle-poll-s must be in (0, {FLOWER_IDLE_SLEEP_S}]")
+    return supernode(flower_args, args.idle_poll_s)
+
+
+if __name__ == "__main__":
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)  # run as a script: its folder must not shadow top-level modules
+    sys.exit(main())
