@@ -49,9 +49,9 @@ class NodeSubsetGrid(Grid):
 
 # Waits between pulls for replies from a SuperLink: short at first and again after each reply (an
 # evaluation reply comes in tenths of a second, the other sites' often soon after the first), then
-# every 0.2 s while sites train. Flower's HttpGrid.send_and_receive
-# sleeps 3 s between pulls (flwr/superlink/grid/http_grid.py), which made every round trip up to
-# 3 s longer; a 0.5 s cap still cost a train reply 0.25 s on average (a pull is ~10-40 ms).
+# every 0.2 s while sites train. Flower's HttpGrid.send_and_receive sleeps 3 s between pulls
+# (flwr/superlink/grid/http_grid.py), which made every round trip up to 3 s longer; a 0.5 s cap
+# still cost a train reply 0.25 s on average (a pull is ~10-40 ms).
 PULL_WAITS_S = (0.05, 0.05, 0.1, 0.1, 0.2)
 
 # Retries of a reply's objects that are not on the SuperLink yet: initial, cap (seconds).
