@@ -106,3 +106,12 @@ def test_the_superlink_command_passes_flower_s_own_arguments_through() -> None:
         [sys.executable, "-m", "federated.engines.deployment", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "superlink" in listed and "clientapp-worker" in listed
+
+
+def test_an_unknown_command_is_named_with_every_valid_one() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "federated.engines.deployment", "superlnk"], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert "unknown command 'superlnk'" in done.stderr
+    assert "superlink, supernode, clientapp-worker" in done.stderr

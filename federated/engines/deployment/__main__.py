@@ -9,9 +9,13 @@ import sys
 from federated.engines.deployment import flower_services
 from federated.engines.deployment.clientapp_worker import main as clientapp_worker_main
 
-USAGE = "usage: python -m federated.engines.deployment {superlink,supernode,clientapp-worker} ... (-h for each)"
+COMMANDS = ("superlink", "supernode", "clientapp-worker")
+USAGE = f"usage: python -m federated.engines.deployment {{{','.join(COMMANDS)}}} ... (-h for each)"
 
-if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help"):
     print(USAGE)
-    sys.exit(0 if len(sys.argv) >= 2 else 2)
+    sys.exit(0)
+if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    got = f"unknown command {sys.argv[1]!r}" if len(sys.argv) >= 2 else "no command"
+    sys.exit(f"{USAGE}\nerror: {got}; the commands are {', '.join(COMMANDS)}")
 sys.exit(flower_services.main() if sys.argv[1] in ("superlink", "supernode") else clientapp_worker_main())
