@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 from clients import site_state
 from clients.attacks import attack_mod
 from clients.faults import fault_mod
+from clients.folded_messages import folding_mod
 from clients.local_trainers import LOCAL_TRAINERS, LocalJob
 from clients.secure_aggregation import masked_update_mod, secure_aggregation_gate
 from clients.site_runtime import SiteRuntime, site_runtime
@@ -42,8 +43,10 @@ from federated.core.protocol import Role, record_round
 from partitions.site_local import SITE_LOCAL
 from strategies.client_side import SiteRound
 
-# Outermost first; clients/secure_aggregation.py says why in this order.
-app = ClientApp(mods=[secure_aggregation_gate, fault_mod, masked_update_mod, attack_mod])
+# Outermost first: folding_mod unfolds what a deployment's server folded before any other mod
+# reads it (clients/folded_messages.py); clients/secure_aggregation.py says why the rest are in
+# this order.
+app = ClientApp(mods=[folding_mod, secure_aggregation_gate, fault_mod, masked_update_mod, attack_mod])
 
 
 def _runtime(context: Context) -> SiteRuntime:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.superlink.grid.http_grid import HttpGrid
 
+from federated.core.folding import FOLDED_RECORD, fold
+from federated.core.replies import error_reason
 from federated.engines.inprocess import claim_server_identity
 from federated.server import transport
 from federated.server.transport import exchange
@@ -85,3 +87,48 @@ def test_the_waits_start_short_again_after_each_reply(monkeypatch) -> None:
     ramp = [w[min(k, len(w) - 1)] for k in range(7)]
     # 7 empty pulls on the ramp up to its cap, the first reply, then the ramp from its start again
     assert waits == [*ramp, w[0], w[1], w[2]]
+
+
+class FoldingSuperLink(FakeSuperLink):
+    """Records what was pushed (as it was at push time) and replies folded, as a site does; the
+    reply to the message numbered `broken` comes with a folded record that does not unfold."""
+
+    def __init__(self, broken: int | None = None) -> None:
+        super().__init__(block_s=0.0)
+        self.pushed: list[list[str]] = []
+        self.broken = broken
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.pushed = [list(m.content.keys()) for m in messages]
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for i, m in enumerate(self.sent):
+            content = fold(RecordDict({"metrics": MetricRecord({"num-examples": 10 + i})}))
+            if i == self.broken:
+                content[FOLDED_RECORD] = ConfigRecord({**content[FOLDED_RECORD], "v9": 1})
+            replies.append(Message(content, reply_to=m))
+        return replies
+
+
+def test_messages_travel_folded_and_keep_their_own_content() -> None:
+    messages = _messages(2)
+    replies = exchange(FoldingSuperLink(), messages)
+    assert all(list(m.content.keys()) == ["config"] for m in messages)  # the caller's content is back
+    assert sorted(r.content["metrics"]["num-examples"] for r in replies) == [10, 11]
+
+
+def test_what_is_pushed_is_folded() -> None:
+    grid = FoldingSuperLink()
+    exchange(grid, _messages(2))
+    assert grid.pushed == [[FOLDED_RECORD], [FOLDED_RECORD]]
+
+
+def test_a_reply_that_does_not_unfold_is_that_site_s_error_naming_why() -> None:
+    replies = exchange(FoldingSuperLink(broken=1), _messages(2))
+    good, bad = sorted(replies, key=lambda r: r.metadata.reply_to_message_id)
+    assert good.content["metrics"]["num-examples"] == 10
+    assert bad.has_error() and not bad.has_content()
+    assert "FoldError" in error_reason(bad) and "does not list: v9" in error_reason(bad)
