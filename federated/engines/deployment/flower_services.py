@@ -4,8 +4,9 @@ deployment set for ours, in the process that runs it:
 - the SuperNode's fixed timers (a 3 s idle poll, 0.5 s reply checks, 1-8 s object retries),
   shortened (`shorten_flower_timers`);
 - the SuperLink's SQLite state (`--database`, which keeps nodes and runs over a restart): the
-  objects in flight (the model, each message) kept in memory instead of in SQLite, and the
-  expired-token sweep that Flower runs on every ServerApp request run at most once a second
+  objects in flight (the model, each message) kept in memory instead of in SQLite, the
+  expired-token sweep that Flower runs on every ServerApp request run at most once a second, and
+  three lookups or writes that Flower runs in SQLite on every SuperNode request kept in memory
   (`lighten_superlink_state`).
 
 This file is its own module because it is started as a script, by path (`supernode_argv`,
@@ -17,10 +18,14 @@ top, flwr inside functions). `python -m federated.engines.deployment supernode|s
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # Flower 1.42's SuperNode waits on fixed timers (flwr/supernode/start_client_internal.py, no option
 # to change them): 3 s after every poll that finds no message, 0.5 s between checks for its
@@ -78,30 +83,162 @@ def supernode(flower_args: Sequence[str], idle_poll_s: float) -> int:
 TOKEN_SWEEP_EVERY_S = 1.0
 
 
+# Besides a request's own work, Flower 1.42's SQL state runs three statements on every SuperNode
+# (Fleet) request (profiled with py-spy in deployed rounds, together about a sixth of the
+# SuperLink's CPU): which node the request's public key belongs to (node authentication: the
+# signature itself is still checked on every request), whether the run still runs (check_abort),
+# and an UPDATE of the run's byte counters. The SuperLink is the only writer of its database, so
+# each is kept in memory here, exactly:
+# - a key's node id is cached; every node write (create_node, delete_node) drops the cache before
+#   and after it commits, and a lookup that overlapped a write is not cached (a generation count),
+#   so an unregistered SuperNode is refused at once; the cache is also re-read this often:
+NODE_KEY_RECHECK_S = 5.0
+# - a run found running is not looked up again for this long (a stopped run's SuperNode requests
+#   are refused up to this much later; a run that is not running is looked up every time):
+RUN_STATUS_RECHECK_S = 0.5
+# - byte counts are added up in memory and written at most this often, and before anything reads
+#   them (get_run_info: `flwr ls`) and at exit; a SuperLink killed outright loses at most this
+#   long's counts, which only feed `flwr ls`:
+TRAFFIC_WRITE_EVERY_S = 1.0
+
+
+class _NodeKeys:
+    """public key -> node id of the SuperLink's database, for node authentication."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.generation = 0
+        self.ids: dict[tuple[str, bytes], tuple[float, int]] = {}
+
+    def lookup(self, real: Any, state: Any, public_key: bytes) -> int | None:
+        key = (state.database_url, public_key)
+        with self.lock:
+            hit, generation = self.ids.get(key), self.generation
+        if hit is not None and time.monotonic() - hit[0] < NODE_KEY_RECHECK_S:
+            return hit[1]
+        read_at = time.monotonic()
+        node_id = real(state, public_key)
+        with self.lock:
+            if node_id is None or generation != self.generation:
+                self.ids.pop(key, None)
+            else:
+                self.ids[key] = (read_at, node_id)
+        return node_id
+
+    def forget(self) -> None:
+        with self.lock:
+            self.generation += 1
+            self.ids.clear()
+
+    def writing(self, real: Any) -> Any:
+        def write(state: Any, *args: Any, **kwargs: Any) -> Any:
+            self.forget()
+            try:
+                return real(state, *args, **kwargs)
+            finally:
+                self.forget()
+
+        return write
+
+
+class _Traffic:
+    """Byte counts per run, written to the database at most every TRAFFIC_WRITE_EVERY_S."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.lock = real, threading.Lock()
+        self.pending: dict[str, tuple[Any, dict[int, list[int]]]] = {}  # database -> (a state, run -> counts)
+        self.written = time.monotonic()
+
+    def store(self, state: Any, run_id: int, *, bytes_sent: int, bytes_recv: int) -> None:
+        if bytes_sent < 0 or bytes_recv < 0 or bytes_sent == bytes_recv == 0:
+            self.real(state, run_id, bytes_sent=bytes_sent, bytes_recv=bytes_recv)  # Flower's own error
+            return
+        with self.lock:
+            runs = self.pending.setdefault(state.database_url, (state, {}))[1]
+            counts = runs.setdefault(run_id, [0, 0])
+            counts[0] += bytes_sent
+            counts[1] += bytes_recv
+            due = time.monotonic() - self.written >= TRAFFIC_WRITE_EVERY_S
+        if due:
+            self.write()
+
+    def write(self, database: str | None = None) -> None:
+        with self.lock:
+            self.written = time.monotonic()
+            keys = list(self.pending) if database is None else [database] if database in self.pending else []
+            batches = [self.pending.pop(k) for k in keys]
+        for state, runs in batches:
+            for run_id, (sent, recv) in runs.items():
+                with contextlib.suppress(ValueError):  # the run is gone from the database: nothing to count on
+                    self.real(state, run_id, bytes_sent=sent, bytes_recv=recv)
+
+    def reading(self, real: Any) -> Any:
+        def read(state: Any, *args: Any, **kwargs: Any) -> Any:
+            self.write(state.database_url)
+            return real(state, *args, **kwargs)
+
+        return read
+
+
+def _running_rechecked_every(real: Any, running_only: frozenset[str]) -> Any:
+    """check_abort that looks up a run found running at most every RUN_STATUS_RECHECK_S."""
+    seen: dict[tuple[str, int], float] = {}
+
+    def check_abort(run_id: int, abort_status_list: list[str], state: Any) -> str | None:
+        cacheable = frozenset(abort_status_list) == running_only
+        key = (getattr(state, "database_url", ""), run_id)
+        at = seen.get(key)
+        if cacheable and at is not None and time.monotonic() - at < RUN_STATUS_RECHECK_S:
+            return None
+        checked_at = time.monotonic()
+        why = real(run_id, abort_status_list, state)
+        if cacheable and why is None:
+            seen[key] = checked_at
+        else:
+            seen.pop(key, None)
+        return why
+
+    return check_abort
+
+
 def lighten_superlink_state() -> bool:
     """For a SuperLink with an SQLite `--database`: keep message objects in Flower's in-memory
-    object store under the SQL link state, and sweep expired task tokens at most every
-    TOKEN_SWEEP_EVERY_S. The link state (nodes, runs, messages, push sessions) stays in the
-    database, so a restarted SuperLink still knows its SuperNodes and runs; objects in flight at
-    a restart are lost, as are the ServerApp and the run that were sending them (a run resumes
-    from its checkpoint as a new run, `multimed-fl deploy submit --resume`). False (nothing
-    changed) where this Flower is not shaped as 1.42 is."""
+    object store under the SQL link state, sweep expired task tokens at most every
+    TOKEN_SWEEP_EVERY_S, and keep node keys, running runs and byte counts in memory as said
+    above. The link state (nodes, runs, messages, push sessions) stays in the database, so a
+    restarted SuperLink still knows its SuperNodes and runs; objects in flight at a restart are
+    lost, as are the ServerApp and the run that were sending them (a run resumes from its
+    checkpoint as a new run, `multimed-fl deploy submit --resume`). False (nothing changed)
+    where this Flower is not shaped as 1.42 is."""
     import inspect
 
+    from flwr.common.constant import Status
+    from flwr.server.superlink import utils as superlink_utils
     from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
     from flwr.supercore.corestate.sql_corestate import SqlCoreState
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.superlink import config_loader
     from flwr.superlink import main as superlink_main
     from flwr.superlink.federation import FederationManager
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    def parameters(f: Any) -> list[str]:
+        return list(inspect.signature(f).parameters) if callable(f) else []
 
     factories = getattr(superlink_main, "get_objectstore_linkstate_factories", None)
     sweep = getattr(SqlCoreState, "_cleanup_expired_task_tokens", None)
+    check_abort = getattr(fleet_handlers, "check_abort", None)
     if (
         factories is not config_loader.get_objectstore_linkstate_factories
-        or list(inspect.signature(factories).parameters) != ["database", "federation_manager"]
+        or parameters(factories) != ["database", "federation_manager"]
         or sweep is None
-        or list(inspect.signature(sweep).parameters) != ["self"]
+        or parameters(sweep) != ["self"]
+        or check_abort is not superlink_utils.check_abort
+        or parameters(check_abort) != ["run_id", "abort_status_list", "state"]
+        or parameters(getattr(SqlLinkState, "get_node_id_by_public_key", None)) != ["self", "public_key"]
+        or parameters(getattr(SqlLinkState, "store_traffic", None)) != ["self", "run_id", "bytes_sent", "bytes_recv"]
+        or not all(callable(getattr(SqlLinkState, m, None)) for m in ("create_node", "delete_node", "get_run_info"))
     ):
         return False
 
@@ -122,6 +259,24 @@ def lighten_superlink_state() -> bool:
 
     superlink_main.get_objectstore_linkstate_factories = objects_in_memory
     SqlCoreState._cleanup_expired_task_tokens = sweep_at_most_every_second  # type: ignore[method-assign]
+    keys, traffic = _NodeKeys(), _Traffic(SqlLinkState.store_traffic)
+    real_lookup = SqlLinkState.get_node_id_by_public_key
+
+    def node_id_by_key(self: SqlLinkState, public_key: bytes) -> int | None:
+        return keys.lookup(real_lookup, self, public_key)
+
+    SqlLinkState.get_node_id_by_public_key = node_id_by_key  # type: ignore[method-assign]
+    SqlLinkState.create_node = keys.writing(SqlLinkState.create_node)  # type: ignore[method-assign]
+    SqlLinkState.delete_node = keys.writing(SqlLinkState.delete_node)  # type: ignore[method-assign]
+
+    def store_traffic(self: SqlLinkState, run_id: int, *, bytes_sent: int, bytes_recv: int) -> None:
+        traffic.store(self, run_id, bytes_sent=bytes_sent, bytes_recv=bytes_recv)
+
+    SqlLinkState.store_traffic = store_traffic  # type: ignore[method-assign]
+    SqlLinkState.get_run_info = traffic.reading(SqlLinkState.get_run_info)  # type: ignore[method-assign]
+    atexit.register(traffic.write)
+    running = frozenset({Status.PENDING, Status.STARTING, Status.FINISHED})  # what every Fleet handler aborts on
+    fleet_handlers.check_abort = _running_rechecked_every(check_abort, running)
     return True
 
 
@@ -131,8 +286,9 @@ def superlink(flower_args: Sequence[str]) -> int:
 
     if lighten_superlink_state():
         print(
-            "superlink: with --database, message objects are kept in memory and expired task tokens "
-            f"swept at most every {TOKEN_SWEEP_EVERY_S:g} s (python -m federated.engines.deployment superlink)",
+            "superlink: with --database, message objects, node keys, running runs and byte counts are kept "
+            f"in memory and expired task tokens swept at most every {TOKEN_SWEEP_EVERY_S:g} s "
+            "(python -m federated.engines.deployment superlink)",
             flush=True,
         )
     else:
