@@ -240,7 +240,7 @@ def test_a_running_run_is_looked_up_at_most_every_half_second(clock: list[float]
 
     aborting = [Status.PENDING, Status.STARTING, Status.FINISHED]
     check = flower_services._running_rechecked_every(real, frozenset(aborting))
-    state = type("State", (), {"database_url": "sqlite:///x.db"})()
+    state = type("State", (), {"database_url": "sqlite:///x.db", "database_backend": "sqlite"})()
     assert check(1, aborting, state) is None and check(1, aborting, state) is None
     assert asked == [1]
     assert check(2, aborting, state) == "Run is finished." and check(2, aborting, state) == "Run is finished."
@@ -251,3 +251,24 @@ def test_a_running_run_is_looked_up_at_most_every_half_second(clock: list[float]
     clock[0] += flower_services.RUN_STATUS_RECHECK_S
     assert check(1, aborting, state) == "Run is finished. Stopped by user."  # a stop is seen within 0.5 s
     assert check(1, aborting, state) == "Run is finished. Stopped by user."
+
+
+def test_a_database_other_processes_may_share_is_left_to_flower(clock: list[float]) -> None:
+    """Only a SQLite file has one writer (its SuperLink); another backend is asked every time."""
+    shared = type("State", (), {"database_url": "postgresql://db/flwr", "database_backend": "postgresql"})()
+    asked: list[object] = []
+
+    def real(*args, **kwargs):
+        asked.append(args)
+        return None if len(args) == 3 else 7
+
+    aborting = [Status.PENDING, Status.STARTING, Status.FINISHED]
+    check = flower_services._running_rechecked_every(real, frozenset(aborting))
+    check(1, aborting, shared)
+    check(1, aborting, shared)
+    keys = flower_services._NodeKeys()
+    assert keys.lookup(real, shared, b"key") == 7 and keys.lookup(real, shared, b"key") == 7
+    written: list[int] = []
+    traffic = flower_services._Traffic(lambda state, run_id, **counts: written.append(run_id))
+    traffic.store(shared, 3, bytes_sent=10, bytes_recv=0)
+    assert len(asked) == 4 and written == [3]  # nothing cached, the bytes written at once

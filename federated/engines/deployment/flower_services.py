@@ -87,8 +87,9 @@ TOKEN_SWEEP_EVERY_S = 1.0
 # (Fleet) request (profiled with py-spy in deployed rounds, together about a sixth of the
 # SuperLink's CPU): which node the request's public key belongs to (node authentication: the
 # signature itself is still checked on every request), whether the run still runs (check_abort),
-# and an UPDATE of the run's byte counters. The SuperLink is the only writer of its database, so
-# each is kept in memory here, exactly:
+# and an UPDATE of the run's byte counters. A SuperLink is the only writer of its SQLite file, so
+# each is kept in memory here, exactly (another backend, which several processes may share, is
+# left to Flower: `_own_database`):
 # - a key's node id is cached; every node write (create_node, delete_node) drops the cache before
 #   and after it commits, and a lookup that overlapped a write is not cached (a generation count),
 #   so an unregistered SuperNode is refused at once; the cache is also re-read this often:
@@ -102,6 +103,12 @@ RUN_STATUS_RECHECK_S = 0.5
 TRAFFIC_WRITE_EVERY_S = 1.0
 
 
+def _own_database(state: Any) -> bool:
+    """Whether this process is the only writer of the state's database (SQLite: one SuperLink
+    per file)."""
+    return getattr(state, "database_backend", None) == "sqlite"
+
+
 class _NodeKeys:
     """public key -> node id of the SuperLink's database, for node authentication."""
 
@@ -111,6 +118,8 @@ class _NodeKeys:
         self.ids: dict[tuple[str, bytes], tuple[float, int]] = {}
 
     def lookup(self, real: Any, state: Any, public_key: bytes) -> int | None:
+        if not _own_database(state):
+            return real(state, public_key)
         key = (state.database_url, public_key)
         with self.lock:
             hit, generation = self.ids.get(key), self.generation
@@ -150,8 +159,8 @@ class _Traffic:
         self.written = time.monotonic()
 
     def store(self, state: Any, run_id: int, *, bytes_sent: int, bytes_recv: int) -> None:
-        if bytes_sent < 0 or bytes_recv < 0 or bytes_sent == bytes_recv == 0:
-            self.real(state, run_id, bytes_sent=bytes_sent, bytes_recv=bytes_recv)  # Flower's own error
+        if bytes_sent < 0 or bytes_recv < 0 or bytes_sent == bytes_recv == 0 or not _own_database(state):
+            self.real(state, run_id, bytes_sent=bytes_sent, bytes_recv=bytes_recv)  # or Flower's own error
             return
         with self.lock:
             runs = self.pending.setdefault(state.database_url, (state, {}))[1]
@@ -172,6 +181,12 @@ class _Traffic:
                 with contextlib.suppress(ValueError):  # the run is gone from the database: nothing to count on
                     self.real(state, run_id, bytes_sent=sent, bytes_recv=recv)
 
+    def write_at_exit(self) -> None:
+        try:
+            self.write()
+        except Exception as e:  # at exit: say so, and let the SuperLink exit as it was going to
+            print(f"superlink: the last second's byte counts were not written: {e}", file=sys.stderr)
+
     def reading(self, real: Any) -> Any:
         def read(state: Any, *args: Any, **kwargs: Any) -> Any:
             self.write(state.database_url)
@@ -185,7 +200,7 @@ def _running_rechecked_every(real: Any, running_only: frozenset[str]) -> Any:
     seen: dict[tuple[str, int], float] = {}
 
     def check_abort(run_id: int, abort_status_list: list[str], state: Any) -> str | None:
-        cacheable = frozenset(abort_status_list) == running_only
+        cacheable = frozenset(abort_status_list) == running_only and _own_database(state)
         key = (getattr(state, "database_url", ""), run_id)
         at = seen.get(key)
         if cacheable and at is not None and time.monotonic() - at < RUN_STATUS_RECHECK_S:
@@ -274,7 +289,7 @@ def lighten_superlink_state() -> bool:
 
     SqlLinkState.store_traffic = store_traffic  # type: ignore[method-assign]
     SqlLinkState.get_run_info = traffic.reading(SqlLinkState.get_run_info)  # type: ignore[method-assign]
-    atexit.register(traffic.write)
+    atexit.register(traffic.write_at_exit)
     running = frozenset({Status.PENDING, Status.STARTING, Status.FINISHED})  # what every Fleet handler aborts on
     fleet_handlers.check_abort = _running_rechecked_every(check_abort, running)
     return True
