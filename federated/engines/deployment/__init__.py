@@ -21,7 +21,8 @@ it was from the single module this package replaced:
   federated.engines.deployment clientapp-worker ...` (`__main__.py`) restarts as that script.
 - `flower_services`: `flower-superlink` and `flower-supernode` as we run them, with what Flower
   1.42 hard-codes set for a deployment (the SuperNode's timers; the SuperLink's SQLite state
-  with message objects in memory and its token sweep at most once a second); a script too
+  with message objects, node keys, running runs and byte counts in memory and its token sweep at
+  most once a second); a script too
   (`python -m federated.engines.deployment superlink|supernode -- FLOWER-ARGS`).
 """
 

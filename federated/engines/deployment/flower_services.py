@@ -337,8 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     node.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-supernode's own arguments, after --")
     link = sub.add_parser(
         "superlink",
-        help="flower-superlink, with message objects in memory under its --database and the expired-token "
-        "sweep at most once a second: python -m federated.engines.deployment superlink -- FLOWER-SUPERLINK-ARGS",
+        help="flower-superlink, with message objects, node keys, running runs and byte counts in memory under "
+        "its SQLite --database and the expired-token sweep at most once a second: "
+        "python -m federated.engines.deployment superlink -- FLOWER-SUPERLINK-ARGS",
     )
     link.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-superlink's own arguments, after --")
     args = parser.parse_args(argv)
