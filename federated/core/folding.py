@@ -13,7 +13,7 @@ key, value type and array byte, exactly.
 
 The server folds what it sends over a SuperLink and unfolds the replies (server/transport.py);
 a site unfolds what it receives and folds its reply only when what it received was folded
-(clients/client_app.py), so the simulation engines never see a folded message. Written by hand:
+(clients/folded_messages.py), so the simulation engines never see a folded message. Written by hand:
 Flower has no batched object transfer. A folded record comes from the network, so `unfold`
 trusts nothing and names what is wrong (FoldError).
 """

@@ -2,7 +2,9 @@
 
 Both sides import these names; neither spells a key as a string literal. A record name is a key
 of a message's RecordDict; a config key is a key inside a ConfigRecord or MetricRecord; a run
-config key is a key of Flower's run config (or a SuperNode's node config).
+config key is a key of Flower's run config (or a SuperNode's node config). Over a SuperLink every
+message and reply below travels folded into one record (core/folding.py) and is unfolded before
+either side reads it, so the protocol is the same under every engine.
 
 query (handshake)  server: CONFIG_RECORD {RESTORE_ROUND?}      site: PROFILE_RECORD
 train              server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND, algorithm keys},
