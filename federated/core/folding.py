@@ -20,6 +20,7 @@ trusts nothing and names what is wrong (FoldError).
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -86,11 +87,12 @@ def unfold(content: RecordDict) -> RecordDict:
         raise FoldError(f"record {FOLDED_RECORD!r} is not a ConfigRecord")
     layout = _layout(folded)
     out = RecordDict()
+    numbers = itertools.count()  # values are v0, v1, ... in the layout's order
     used = {LAYOUT_KEY}
     kept = {name for name in content if name != FOLDED_RECORD}
 
     def value(where: str) -> Any:
-        key = f"v{len(used) - 1}"
+        key = f"v{next(numbers)}"
         if key not in folded:
             raise FoldError(f"{where}: value {key} is missing from the folded record")
         used.add(key)
