@@ -38,6 +38,7 @@ from federated import __version__
 from federated.core import protocol as P
 from federated.core.arrays import pack_arrays, record_to_torch
 from federated.core.compute import model_device
+from federated.core.config.protected import protected_settings
 from federated.core.models import MultiMedModel
 from federated.core.protocol import Role, record_round
 from partitions.site_local import SITE_LOCAL
@@ -145,7 +146,8 @@ def query(msg: Message, context: Context) -> Message:
     if stats is not None:
         return Message(RecordDict({P.METRICS_RECORD: stats}), reply_to=msg)
     if config is not None and P.RESTORE_ROUND in config:  # a resumed run: this site's own saved state
-        site_state.restore(context, p.site, record_round(config, P.RESTORE_ROUND), rt.cfg.privacy)
+        restore_round = record_round(config, P.RESTORE_ROUND)
+        site_state.restore(context, p.site, restore_round, rt.cfg.privacy, protected_settings(rt.cfg))
     profile = ConfigRecord(
         {
             "site": p.site,
@@ -225,7 +227,7 @@ def _evaluation(rt: SiteRuntime, msg: Message, context: Context, server_round: i
     its saved state, at a checkpoint round): the records of an evaluate reply."""
     every = rt.cfg.engine.checkpoint_every
     if every and server_round and (server_round % every == 0 or server_round == rt.cfg.rounds):
-        site_state.save(context, rt.plan.site, server_round)
+        site_state.save(context, rt.plan.site, server_round, protected_settings(rt.cfg))
     load_global(rt.model, msg.content.array_records[P.ARRAYS_RECORD])
     precision = rt.cfg.train.precision
     reply = RecordDict(

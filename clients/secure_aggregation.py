@@ -11,8 +11,9 @@ arrays, `fitres.num_examples`), masks those arrays, and returns every other reco
     masked_update_mod         inside the gate, around the training: turns our reply into that
                               FitRes shape, holding ONE vector (strategies/secure_sums.py: each
                               group's weighted, clipped difference from the global model and
-                              its weight), and forwards only the scalar metrics, the names of
-                              the groups it sent a weight for, and the DP report;
+                              its weight), and forwards only the scalar metrics, the groups it
+                              sent a weight for with those weights (in the clear: the server
+                              checks the unmasked sum against them), and the DP report;
                               the model, the per-group examples and any algorithm record are not
                               forwarded. The checks the server would make on the update (finite,
                               strategy.max_update_norm) the site makes first: it cannot see it.
@@ -38,7 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from federated.core import protocol as P
 from federated.core.arrays import record_to_numpy
-from strategies.secure_sums import Layout, site_vector, site_weights
+from strategies.secure_sums import Layout, site_vector, site_weights, vector_weights
 from strategies.validation import update_norm, validate_update
 
 log = logging.getLogger(__name__)
@@ -149,15 +150,17 @@ def masked_update_mod(msg: Message, context: Context, call_next: ClientAppCallab
     withheld = frozenset(json.loads(str(config.get(P.SECURE_WITHHELD, "[]"))))
     weights = site_weights(group_examples, num_examples, kind, bool(config.get(P.SECURE_UNIFORM, 0)), withheld)
     clip_norm = config.get(P.SECURE_CLIP_NORM)
+    max_weight = P.record_number(config, P.SECURE_MAX_WEIGHT)
     vector, clipped = site_vector(
         layout,
         global_arrays,
         trained,
         weights,
-        P.record_number(config, P.SECURE_MAX_WEIGHT),
+        max_weight,
         P.record_number(config, P.SECURE_CLIP),
         float(clip_norm) if isinstance(clip_norm, (int, float)) else None,
     )
+    declared = vector_weights(layout, weights, max_weight)  # what the vector's weight entries hold
     if clipped:  # stays here: how much the clip cut is a property of this site's update
         log.info("secure aggregation: %d of %d update entries clipped to [-c, c]", clipped, vector.size)
     masked = RecordDict(
@@ -168,8 +171,11 @@ def masked_update_mod(msg: Message, context: Context, call_next: ClientAppCallab
             FITRES_METRICS: ConfigRecord({}),
             FITRES_STATUS: ConfigRecord({"code": 0, "message": ""}),
             P.METRICS_RECORD: metrics,
-            # which groups it sent a weight for (names only): the server unmasks no group one site alone sent
-            P.SECURE_GROUPS_RECORD: ConfigRecord({P.GROUPS: json.dumps(sorted(weights))}),
+            # which groups it sent a weight for, and the weights: the server unmasks no group one site
+            # alone sent, and checks the unmasked sum against the declared weights
+            P.SECURE_GROUPS_RECORD: ConfigRecord(
+                {P.GROUPS: json.dumps(sorted(declared)), P.SECURE_WEIGHTS: json.dumps(declared, sort_keys=True)}
+            ),
         }
     )
     if P.PRIVACY_RECORD in content.config_records:

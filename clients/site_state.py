@@ -12,6 +12,11 @@ Files: STATE_DIR/<site>/round_00012.npz, arrays plus JSON without pickle (federa
 versioned, sha256-checked, written atomically); the last two are kept. A file that is not one
 (a `round_*.pkl` of an earlier release, a foreign or edited file) is refused by name, never run.
 
+Each state also records the privacy and secure-aggregation settings the site trained with
+(federated/core/config/protected.py); a site refuses to restore into a run whose settings differ,
+naming each key with both values. The refusal is the site's answer to the handshake, so a server
+(or a config) that switched DP or secure aggregation off cannot continue with this hospital.
+
 The DP ledger is monotone: restoring an earlier round never lowers the epsilon a site has spent.
 When the site holds a state (in memory, or another saved round) whose DP-SGD ledger has spent
 more, that ledger is kept instead of the restored one (clients/dp_sgd.py: keep_highest_ledger)
@@ -22,6 +27,7 @@ the sites' save and the server's checkpoint; keeping the higher ledger counts ev
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 
 from clients.dp_sgd import keep_highest_ledger
 from clients.site_runtime import site_local_path
+from federated.core.config.protected import changed_settings
 from federated.core.config.schema import PrivacyConfig
 from federated.core.protocol import STATE_DIR_KEY
 from federated.core.statefile import StateFileError, read_state_file, write_state_file
@@ -84,14 +91,16 @@ def _from_tree(tree: Any) -> RecordDict:
     return state
 
 
-def save(context: Context, site: str, server_round: int) -> None:
+def save(context: Context, site: str, server_round: int, settings: Mapping[str, Any] | None = None) -> None:
+    """Write the site's state of `server_round`, with the protected settings it trained with."""
     root = state_dir(context)
     if root is None:
         return
     path = state_file(root, site, server_round)
-    write_state_file(
-        path, KIND, FORMAT_VERSION, {"site": site, "round": server_round, "records": _to_tree(context.state)}
-    )
+    state = {"site": site, "round": server_round, "records": _to_tree(context.state)}
+    if settings is not None:
+        state["trained_with"] = dict(settings)
+    write_state_file(path, KIND, FORMAT_VERSION, state)
     for old in sorted(path.parent.glob("round_*.npz"))[:-KEEP]:
         old.unlink(missing_ok=True)
 
@@ -99,6 +108,11 @@ def save(context: Context, site: str, server_round: int) -> None:
 def load(path: Path, site: str, server_round: int) -> RecordDict:
     """The site state in `path`; SiteStateError naming the file when it is not this site's state
     of that round or cannot be read (nothing in it is unpickled)."""
+    return _load(path, site, server_round)[0]
+
+
+def _load(path: Path, site: str, server_round: int) -> tuple[RecordDict, dict[str, Any] | None]:
+    """load(), and the settings the state recorded (None: it recorded none)."""
     try:
         raw = read_state_file(path, KIND, FORMAT_VERSION)
         if not isinstance(raw, dict) or (raw.get("site"), raw.get("round")) != (site, server_round):
@@ -106,7 +120,10 @@ def load(path: Path, site: str, server_round: int) -> RecordDict:
             raise SiteStateError(
                 f"{path} holds {held!r} (site, round), not site {site}'s state of round {server_round}"
             )
-        return _from_tree(raw["records"])
+        trained_with = raw.get("trained_with")
+        if trained_with is not None and not isinstance(trained_with, dict):
+            raise ValueError("its trained_with is not a mapping")
+        return _from_tree(raw["records"]), trained_with
     except StateFileError as e:
         raise SiteStateError(f"site {site}: {e}") from None
     except (TypeError, ValueError, KeyError) as e:
@@ -132,13 +149,41 @@ def _saved_rounds(root: Path, site: str) -> list[int]:
     return sorted(rounds)
 
 
-def restore(context: Context, site: str, server_round: int, privacy: PrivacyConfig | None = None) -> None:
+def _check_settings(path: Path, site: str, server_round: int, recorded: Any, settings: Mapping[str, Any]) -> None:
+    """SiteStateError naming each changed key when the resumed run's settings are not those the site
+    trained with (or its state does not say which those were)."""
+    if recorded is None:
+        raise SiteStateError(
+            f"site {site} refuses to resume at round {server_round}: {path} does not record the privacy settings "
+            "the site trained with (an earlier release wrote it)"
+        )
+    changed = changed_settings(recorded, settings)
+    if changed:
+        raise SiteStateError(
+            f"site {site} refuses to resume at round {server_round}: the run asks it to change what it trained "
+            f"with ({'; '.join(changed)}; recorded in {path}); a resume keeps the privacy and secure-aggregation "
+            "settings"
+        )
+
+
+def restore(
+    context: Context,
+    site: str,
+    server_round: int,
+    privacy: PrivacyConfig | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> None:
     """Replace the context's state with the site's saved state of `server_round`, keeping the most
-    spent DP-SGD ledger the site holds (in memory or in another saved round) when `privacy` is given."""
+    spent DP-SGD ledger the site holds (in memory or in another saved round) when `privacy` is given.
+    With `settings` (the protected settings of the config the site would now train with), refuse a
+    state that recorded others."""
     root = state_dir(context)
     if root is None or not state_file(root, site, server_round).is_file():
         raise SiteStateError(f"site {site} cannot resume at round {server_round}: {_missing(root, site, server_round)}")
-    state = load(state_file(root, site, server_round), site, server_round)
+    path = state_file(root, site, server_round)
+    state, recorded = _load(path, site, server_round)
+    if settings is not None:
+        _check_settings(path, site, server_round, recorded, settings)
     if privacy is not None:
         others = [context.state] + [
             load(state_file(root, site, r), site, r) for r in _saved_rounds(root, site) if r != server_round

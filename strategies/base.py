@@ -13,11 +13,13 @@ checks against what the server knows from the handshake (`know_sites`): a site m
 claim only the parameter groups of the modalities and tasks it declared, a site that declared
 more than `strategy.max_site_weight_share` of all training examples has every update refused,
 and an update whose norm exceeds `strategy.max_update_norm` (or `max_update_norm_ratio` x the
-round's median) is refused: finite values of 3e38 pass the finiteness check but not this. Rejected
-replies are logged with their reason and kept in `last_rejections` for the run's metrics. A
-round left with fewer valid replies than `strategy.min_valid_replies` raises
-TooFewValidReplies, or, with `strategy.on_too_few_valid=skip`, returns no model so the round
-loop records the round as skipped: never a silent reuse of the old model.
+round's median, default 4) is refused: finite values of 3e38 pass the finiteness check but not
+the first, a scaled or sign-flipped update passes the first but not the ratio. Rejected replies
+are logged with their reason and kept in `last_rejections` for the run's metrics, every screened
+update's norm and ratio in `last_update_norms`. A round left with fewer valid replies than
+`strategy.min_valid_replies` raises TooFewValidReplies, or, with `strategy.on_too_few_valid=skip`,
+returns no model so the round loop records the round as skipped: never a silent reuse of the old
+model.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from strategies.validation import (
     Rejection,
     declared_groups,
     norm_outliers,
+    norm_ratios,
     over_declared,
     undeclared_claims,
     undeclared_moves,
@@ -102,10 +105,14 @@ class MultiMedStrategy(FlowerFedAvg):
         self.allowed_groups: dict[int, frozenset[str]] = {}  # node -> groups of its declared modalities, tasks
         self.handshake_problems: dict[int, str] = {}  # node -> why every update of it is refused
         self.last_rejections: list[Rejection] = []
+        # site -> (L2 norm, ratio to the round's median or None) of each update screened in the
+        # last round, rejected ones included: what the relative bound compares.
+        self.last_update_norms: dict[str, tuple[float, float | None]] = {}
         # What the aggregation of the last round could not do as its rule needs (robust rules
         # over too few trainers), one line each, logged as warnings too.
         self.last_fallbacks: list[str] = []
         self.round = 0
+        self._said_no_ratio = False
 
     # --- hooks ------------------------------------------------------------------------
     def train_config(self, server_round: int) -> dict[str, float | int | str]:
@@ -171,6 +178,7 @@ class MultiMedStrategy(FlowerFedAvg):
             raise RuntimeError("aggregate_train called before configure_train")
         current = record_to_numpy(self.current)
         self.round, self.last_rejections, self.last_fallbacks = server_round, [], []
+        self.last_update_norms = {}
         accepted, idle, failed = self._screen(server_round, replies, current)
         if not accepted and idle and not self.last_rejections:
             log.info("round %d: no site trained (%d idle); the model stays as it was", server_round, idle)
@@ -202,6 +210,15 @@ class MultiMedStrategy(FlowerFedAvg):
         if self.current is None:
             raise RuntimeError("aggregate_masked_sum called before configure_train")
         self.round, self.last_rejections, self.last_fallbacks = server_round, [], []
+        self.last_update_norms = {}  # the server never sees one update
+        if self.cfg.max_update_norm_ratio and not self._said_no_ratio:
+            self._said_no_ratio = True
+            log.info(
+                "secure aggregation: strategy.max_update_norm_ratio=%g is not applied (the server sees no single "
+                "update); each site checks strategy.max_update_norm=%g and clips its update itself",
+                self.cfg.max_update_norm_ratio,
+                self.cfg.max_update_norm,
+            )
         if n_sites < max(1, self.cfg.min_valid_replies):
             text = (
                 f"round {server_round}: {n_sites} sites in the secure sum, fewer than "
@@ -239,6 +256,10 @@ class MultiMedStrategy(FlowerFedAvg):
                 else:
                     parsed.append(update)
         norms = {i: update_norm(u.arrays, current) for i, u in enumerate(parsed)}
+        ratios = norm_ratios(norms)
+        for i, u in enumerate(parsed):
+            node = u.message.metadata.src_node_id
+            self.last_update_norms[self.site_names.get(node, str(node))] = (norms[i], ratios[i])
         too_large = norm_outliers(norms, self.cfg.max_update_norm, self.cfg.max_update_norm_ratio)
         for i, why in too_large.items():
             self._reject(server_round, parsed[i].message.metadata.src_node_id, why)

@@ -14,6 +14,10 @@ trained keeps its value. `fedavg` is the one-group layout (w = the site's exampl
 not weights, cross the wire because they are small: a small clip c and a fine quantisation step
 2c / T then lose nothing. The weights a <= 1 travel in the same clipped range, hence c >= 1.
 
+Each site also declares its weights a_g in the clear; after unmasking, the server checks what the
+sum of honest vectors must satisfy (`sum_problems`) and refuses a round that fails, since a
+dishonest site can put anything in [-c, c] in its vector and the sum cannot say which site did.
+
 Written here because no library computes it: Flower's SecAgg+ workflow divides one weighted sum by
 one total weight, for the whole model.
 """
@@ -105,8 +109,9 @@ def site_vector(
             deltas = {k: d * (clip_norm / norm) for k, d in deltas.items()}
     vector = np.zeros(layout.length, np.float64)
     clipped = 0
+    declared = vector_weights(layout, group_weights, max_weight)
     for s in layout.segments:
-        a = min(1.0, float(group_weights.get(s.group, 0.0)) / max_weight)
+        a = declared.get(s.group, 0.0)
         if a <= 0:
             continue
         flat = np.concatenate([deltas[k].ravel() for k in s.keys]) if s.keys else np.zeros(0)
@@ -114,6 +119,13 @@ def site_vector(
         vector[s.start : s.weight_index] = a * np.clip(flat, -clip, clip)
         vector[s.weight_index] = a
     return vector, clipped
+
+
+def vector_weights(layout: Layout, group_weights: Mapping[str, float], max_weight: float) -> dict[str, float]:
+    """a_g = min(1, w_g / W) for every group of the layout the site weighs above 0: what its vector
+    carries in each weight entry, and what it declares in the clear for the server to check."""
+    weights = {s.group: min(1.0, float(group_weights.get(s.group, 0.0)) / max_weight) for s in layout.segments}
+    return {g: a for g, a in weights.items() if a > 0}
 
 
 def apply_sums(
@@ -182,7 +194,8 @@ NEEDS_INDIVIDUAL_UPDATES = {
 
 
 def check_secure_strategy(cfg: ExperimentConfig, layout_kind: str | None) -> None:
-    """Refuse, with the reason, a strategy that cannot aggregate masked sums (layout_kind None)."""
+    """Refuse, with the reason, a strategy that cannot aggregate masked sums (layout_kind None), and
+    a clip with which the weights could not travel or the unmasked sum could not be checked."""
     if cfg.secure_aggregation.name == "none":
         return
     name = cfg.strategy.name
@@ -196,6 +209,15 @@ def check_secure_strategy(cfg: ExperimentConfig, layout_kind: str | None) -> Non
         raise ConfigError(
             "secure_aggregation.clipping_range must be >= 1: a site's weight for each group (<= 1) "
             f"travels in the same clipped range as its update (got {cfg.secure_aggregation.clipping_range})"
+        )
+    sa = cfg.secure_aggregation
+    # 0 picks a power of 2 per round: whether 0 quantises exactly is the same for every power of 2
+    if zero_level(sa.clipping_range, sa.quantization_range or 2**20) is None:
+        raise ConfigError(
+            f"secure_aggregation.clipping_range={sa.clipping_range:g} with quantization_range="
+            f"{sa.quantization_range}: a zero entry must quantise to an exact level (c x (T / 2c) = T / 2 in "
+            "floating point, T even), or the server could not check that the groups no site may send sum to "
+            "exactly zero; use e.g. clipping_range 1, 1.5, 2 or 8 and an even (or 0) quantization_range"
         )
 
 
@@ -255,3 +277,110 @@ def quantisation_bound(n_sites: int, clip: float, quantization_range: int) -> fl
     rounding moves each site's entry by less than one step 2c/T. A group's mean divides that sum
     by the group's total weight, so its entries are off by up to about this over sum(a)."""
     return n_sites * 2.0 * clip / quantization_range
+
+
+# --- checks on what a site declares and on the unmasked sum ------------------------------------
+# SecAgg+ hides each site's vector, so the server cannot tell one dishonest vector from an honest
+# one. What it can check is what the sum must satisfy when every site built its vector as
+# `site_vector` does from the weights it declared in the clear (`vector_weights`); a sum that
+# fails is refused as a whole, and no check can name the site that sent the offending vector.
+
+
+def zero_level(clip: float, levels: int) -> int | None:
+    """The level Flower's quantisation (flwr.common.secure_aggregation.quantization.quantize:
+    (x + c) x T / 2c, then stochastic rounding) gives an entry 0, when that is an integer: rounding
+    then leaves it alone, and n sites' zeros sum to exactly n times it. None when it is not (T odd,
+    or c x (T / 2c) != T / 2 in floating point, e.g. c = 1.9)."""
+    pre = float((np.zeros(1, np.float64) + clip)[0] * (levels / (2 * clip)))
+    return int(pre) if pre.is_integer() else None
+
+
+def declaration_problem(
+    declared: Mapping[str, float],
+    groups: frozenset[str],
+    cap: float,
+    allowed: frozenset[str] | None,
+    withheld: frozenset[str],
+) -> str | None:
+    """Why one site's declared weights (group -> a, in the clear) cannot be those of an honest
+    vector, or None: a weight must be finite and in (0, cap] (cap: its handshake's examples x
+    strategy.max_examples_factor over W, at most 1), for a group of the model that the site declared
+    at the handshake (`allowed`, None: not checked) and that the round does not withhold."""
+    for group, a in sorted(declared.items()):
+        if group not in groups:
+            return f"declares a weight for {group!r}, which is not a parameter group of the model"
+        if group in withheld:
+            return f"declares a weight for group {group}, which this round withholds"
+        if allowed is not None and group not in allowed:
+            return f"declares a weight for group {group}, which it did not declare at the handshake"
+        if not (np.isfinite(a) and 0 < a <= cap * (1 + 1e-12)):
+            return (
+                f"declares weight {a!r} for group {group}, outside (0, {cap:.6g}] (its handshake's examples "
+                "x strategy.max_examples_factor over W)"
+            )
+    return None
+
+
+def sum_problems(
+    layout: Layout,
+    summed: np.ndarray,
+    quantised: np.ndarray,
+    declared: Mapping[str, float],
+    n_sites: int,
+    clip: float,
+    levels: int,
+    norm_bound: float | None = None,
+    withheld: frozenset[str] = frozenset(),
+) -> list[str]:
+    """What the unmasked sum of `n_sites` vectors breaks of what honest vectors must sum to, one
+    line per group and check (empty: it passes). `declared`: group -> the sum of the sites' declared
+    weights; `quantised`: the integer sum before dequantisation, where a zero sum is exact.
+
+    - a group no site declared (a withheld one included): every entry, its weight too, exactly zero;
+    - otherwise its total weight equals the declared sum, within the quantisation bound n x 2c/T;
+    - each entry of its weighted sum is within c x that sum (each site's entry a x clip(delta));
+    - with a norm bound B (strategy.max_update_norm, or privacy.clipping_norm with site-level DP,
+      which every site applies itself), the weighted sum's L2 norm is within B x that sum.
+    A quantisation bound that is not exact needs T and c for which 0 quantises exactly (zero_level).
+    """
+    zero = zero_level(clip, levels)
+    slack = quantisation_bound(n_sites, clip, levels)
+    fp = 16 * float(np.finfo(np.float64).eps) * n_sites * clip  # dequantisation's float rounding
+    problems: list[str] = []
+    for s in layout.segments:
+        total = float(declared.get(s.group, 0.0))
+        entries = slice(s.start, s.weight_index + 1)
+        name = f"group {s.group}" + (" (withheld this round)" if s.group in withheld else "")
+        if total <= 0:
+            if zero is not None:
+                off = int(np.count_nonzero(quantised[entries] != n_sites * zero))
+            else:
+                off = int(np.count_nonzero(np.abs(summed[entries]) > slack + fp))
+            if off:
+                problems.append(
+                    f"{name}: no site declared a weight for it, yet {off} of its {s.size + 1} entries do not "
+                    "sum to zero"
+                )
+            continue
+        weight = float(summed[s.weight_index])
+        if abs(weight - total) > slack + fp:
+            problems.append(
+                f"{name}: total weight {weight:.6g} where the sites declared {total:.6g} "
+                f"(quantisation allows +-{slack:.2g})"
+            )
+        values = summed[s.start : s.weight_index]
+        peak = float(np.max(np.abs(values))) if s.size else 0.0
+        if peak > clip * total + slack + fp:
+            problems.append(
+                f"{name}: an entry of its weighted sum is {peak:.6g}, above c x the declared weight = "
+                f"{clip * total:.6g} (secure_aggregation.clipping_range={clip:g})"
+            )
+        if norm_bound is not None and norm_bound > 0:
+            norm = float(np.linalg.norm(values))
+            limit = norm_bound * total * (1 + 1e-9) + slack * float(np.sqrt(s.size)) + fp
+            if norm > limit:
+                problems.append(
+                    f"{name}: the L2 norm of its weighted sum is {norm:.6g}, above the norm bound "
+                    f"{norm_bound:g} x the declared weight = {norm_bound * total:.6g}"
+                )
+    return problems

@@ -122,7 +122,7 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
                 server_round,
                 budget,
             )
-            self.strategy.last_rejections = []
+            self.strategy.last_rejections, self.strategy.last_update_norms = [], {}
             return True
         return False
 
@@ -139,7 +139,7 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
         if self._budget_spent(server_round):
             return self.strategy.current
         if n_sites < self.num_sampled_clients:
-            self.strategy.last_rejections = []
+            self.strategy.last_rejections, self.strategy.last_update_norms = [], {}
             text = (
                 f"round {server_round}: {n_sites} of {self.num_sampled_clients} sites in the secure sum; "
                 "the site-level DP noise is calibrated for all of them"

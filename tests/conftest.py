@@ -15,6 +15,16 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["MULTIMED_FL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_state_key(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Never create or use the user's own state key (~/.config/multimed-fl/state.key) during tests:
+    every state file of the session, subprocesses' included (they inherit the environment), is
+    authenticated with a key created on first use in a temporary folder."""
+    import os
+
+    os.environ["MULTIMED_FL_STATE_KEY"] = str(tmp_path_factory.mktemp("state-key") / "state.key")
+
+
 @pytest.fixture(scope="session")
 def smoke_corpus(tmp_path_factory: pytest.TempPathFactory):
     """The scale=smoke synthetic corpus, built once per session."""

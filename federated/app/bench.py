@@ -19,7 +19,17 @@ from typing import Any
 from federated.core.io import atomic_write_text, write_json
 from federated.core.resources import shipped_dir
 
-ORDER = ["aggregation", "site_planning", "dp_step", "ingest", "engines", "deployment", "secure_aggregation", "gpu"]
+ORDER = [
+    "aggregation",
+    "site_planning",
+    "dp_step",
+    "ingest",
+    "ingest_scale",
+    "engines",
+    "deployment",
+    "secure_aggregation",
+    "gpu",
+]
 
 
 def environment() -> dict[str, Any]:
@@ -91,6 +101,8 @@ def headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
             ),
             ("site load through SiteData", f"{r['site_load_samples_per_s']:,.0f} samples/s", ""),
         ]
+    if name == "ingest_scale":
+        return ingest_scale_headline(r)
     if name == "engines":
         rows = [("in-process engine / plain PyTorch loop", f"{r['inprocess_ratio']:.2f}x", "<= 1.15x")]
         if r.get("ray"):
@@ -131,6 +143,31 @@ def headline(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
     if name == "gpu":
         return gpu_headline(r)
     return [(f"{name}: {k}", str(v), "") for k, v in r.items() if isinstance(v, (int, float))][:4]
+
+
+def ingest_scale_headline(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for c in r["results"]:
+        what = " (hospital table)" if c["hospitals"] else ", simulated sites"
+        million = c["rows"] == 1_000_000 and c["features"] == 1 and not c["hospitals"]
+        target = f"< {r['target_s']:g} s" if million else ""
+        rows.append(
+            (
+                f"tabular ingest, {c['rows']:,} rows x {c['features']} features{what}",
+                f"{c['ingest_s']:.1f} s ({c['ingest_cpu_s']:.1f} s CPU, {c['us_per_row']:.1f} us/row)",
+                target,
+            )
+        )
+    if "linearity" in r:
+        lin = r["linearity"]
+        rows.append(
+            (
+                f"ingest time {lin['large_rows']:,} / {lin['small_rows']:,} rows",
+                f"{lin['time_ratio']:.1f}x ({lin['cpu_ratio']:.1f}x CPU)",
+                f"~{lin['row_ratio']:g}x (linear)",
+            )
+        )
+    return rows
 
 
 def gpu_headline(r: dict[str, Any]) -> list[tuple[str, str, str]]:

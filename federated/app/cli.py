@@ -10,11 +10,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from federated.core.config import ConfigError, config_to_yaml, load_config
+from federated.core.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
 from federated.core.corpus_schema import SchemaError, Task
 from federated.core.models.init_weights import WeightsFileError
 from federated.core.protocol import Role
 from federated.core.registry import UnknownNameError
+from federated.core.statefile import StateFileError
 from federated.data.format import CorpusFormatError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -23,6 +24,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     SchemaError,
     UnknownNameError,
     WeightsFileError,
+    StateFileError,  # e.g. a state key others can read, met when the first checkpoint is written
 )
 
 
@@ -145,6 +147,16 @@ def cmd_deploy_certificates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_resumed_privacy(out_dir: Path, cfg: ExperimentConfig) -> None:
+    """deploy submit --resume, where the checkpoint is readable here: a config.yaml whose privacy or
+    secure-aggregation settings differ from those the run trained with is refused before anything is
+    submitted, naming each key (the ServerApp checks again where the checkpoint is)."""
+    from federated.server.checkpoint import CHECKPOINT_FILE, check_resume, load_checkpoint
+
+    if (out_dir / CHECKPOINT_FILE).is_file():
+        check_resume(load_checkpoint(out_dir), cfg, out_dir, f"{out_dir / 'config.yaml'}")
+
+
 def cmd_deploy_submit(args: argparse.Namespace) -> int:
     from federated.app.api import load_summary
     from federated.app.runner import RunError
@@ -161,7 +173,9 @@ def cmd_deploy_submit(args: argparse.Namespace) -> int:
         own = Path(args.resume) / "config.yaml"
         if not own.is_file():
             raise RunError(f"--resume {args.resume}: {own} is not readable here; run this on the SuperLink's machine")
-        config_yaml = config_to_yaml(config_from_yaml(own.read_text()))
+        resumed = config_from_yaml(own.read_text())
+        _check_resumed_privacy(Path(args.resume), resumed)
+        config_yaml = config_to_yaml(resumed)
     else:
         config_yaml = config_to_yaml(load_config(args.overrides))
     result = submit_and_wait(
@@ -495,7 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--out", required=True, help="the corpus folder to write (atomically)")
     ingest.add_argument("--overwrite", action="store_true")
     ingest.add_argument(
-        "--data-root", default=None, help="folder the sources' paths are relative to (default: the spec's data_root)"
+        "--data-root",
+        default=None,
+        help="the folder the sources' paths are relative to and must lie in (default: the spec's folder, "
+        "or its data_root inside it); nothing outside it is read",
     )
     ingest.set_defaults(func=cmd_corpus_ingest)
     info = corpus_sub.add_parser("info", help="describe a corpus folder")

@@ -15,27 +15,30 @@ from rich.console import Console
 from clients.site_runtime import apply_torch_threads
 from clients.test_time import NothingToAdaptError, check_adaptable
 from federated.core.compute import DeviceError, resolve_device
-from federated.core.config import ConfigError, ExperimentConfig, config_from_yaml
+from federated.core.config import ConfigError, ExperimentConfig
 from federated.core.config.schema import ModelConfig
 from federated.core.corpus_schema import CorpusSchema
 from federated.core.io import write_json
 from federated.core.models import MultiMedModel, build_model
 from federated.core.models.init_weights import WeightsFileError, read_weights
-from federated.core.protocol import Role
+from federated.core.protocol import SITE_STATE_DIR, Role
 from federated.core.registry import UnknownNameError
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.engines import ENGINES
 from federated.engines.ray_engine import ray_address
-from federated.server.checkpoint import Checkpoint, load_checkpoint
+from federated.server.checkpoint import Checkpoint, load_checkpoint, resume_config
 from federated.server.federation import Callback
-from federated.server.outputs import build_summary, write_config, write_final_model
+from federated.server.outputs import build_summary, write_config, write_final_model, write_summary
 from federated.server.results import RunSummary
 from federated.server.run_folder import (
+    CHECKPOINT_FILE,
     CORPUS_RECORD,
     RunLock,
     check_out_dir,
+    check_resumable,
     clear_run_outputs,
+    record_outputs,
     remove_stale_temps,
 )
 from federated.server.tracking import MetricsTable, ProgressBar, TensorBoardLogger
@@ -257,16 +260,16 @@ def run_experiment(
     if not resume and cfg is None:
         raise RunError("a new run needs a config (cfg is None only with resume=True)")
     with RunLock(out_dir):  # a second run into this folder fails here, naming this one's PID
-        remove_stale_temps(out_dir)  # half-written files of a run killed mid-write
         checkpoint = None
         if resume:
-            if (out_dir / "summary.json").exists():
-                raise RunError(f"{out_dir} holds a finished run (summary.json): nothing to resume")
+            check_resumable(out_dir)  # a finished run, no checkpoint, a symbolic link: refused by name
             checkpoint = load_checkpoint(out_dir)
-            cfg = config_from_yaml(checkpoint.config_yaml)
+            # held to the privacy and secure aggregation the run trained with (each site checks too)
+            cfg = resume_config(checkpoint, out_dir)
             overwrite = False
         else:
             check_out_dir(out_dir, overwrite)  # another run's or a user's files: refused unless overwrite
+        remove_stale_temps(out_dir)  # only now, the folder accepted: temporaries of dead writers
         assert cfg is not None
         return _run(cfg, out_dir, checkpoint, overwrite and not resume, progress, console, t0)
 
@@ -291,12 +294,15 @@ def _run(
     plans = corpus.plans if isinstance(corpus, SiteCorpora) else plan_sites(corpus, cfg)
     check_plan_names(cfg, plans)
     check_adaptation(cfg, corpus.schema, plans)
+    if clear:  # --overwrite: a fresh run must not mix with what the folder's manifest lists of an earlier run
+        clear_run_outputs(out_dir)
     if checkpoint is not None:
         check_same_corpus(out_dir, corpus)
     else:
+        record_outputs(out_dir, CORPUS_RECORD)
         write_json(out_dir / CORPUS_RECORD, {"path": str(corpus_path), "fingerprint": corpus.fingerprint})
-    if clear:  # --overwrite: a fresh run must not mix with an earlier run's logs, checkpoint or site states
-        clear_run_outputs(out_dir)
+    if cfg.engine.checkpoint_every > 0:  # written by the Checkpointer and the sites: listed before they are
+        record_outputs(out_dir, CHECKPOINT_FILE, SITE_STATE_DIR)
     write_config(out_dir, cfg)
     callbacks: list[Callback] = [MetricsTable(out_dir / "metrics.parquet"), TensorBoardLogger(out_dir / "tensorboard")]
     if progress:
@@ -308,5 +314,5 @@ def _run(
         resumed_from_round=checkpoint.round if checkpoint is not None else None,
     )
     write_final_model(out_dir, result.arrays)
-    write_json(out_dir / "summary.json", summary.to_dict())
+    write_summary(out_dir, summary)
     return summary

@@ -1,22 +1,67 @@
 """File helpers: atomic writes (a reader, or a crash, never sees a half-written output file)
-and reading the project's own YAML files (ingest specs, study definitions) with clear errors."""
+and reading the project's own YAML files (ingest specs, study definitions) with clear errors.
+
+A temporary file or folder is named `.multimed-fl-tmp-<host>-<pid>-<hex>-<target name>`: a name no
+user would choose, carrying its writer, so a later run removes only its own temporaries and only
+those whose writer is gone (`stale_temp`), never a user's `.draft.tmp`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+TEMP_PREFIX = ".multimed-fl-tmp-"
+# a shared disk: a PID means something only on the host that wrote it
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP_NAME = re.compile(
+    rf"^{re.escape(TEMP_PREFIX)}(?P<host>[0-9a-f]{{8}})-(?P<pid>[0-9]{{1,10}})-[0-9a-f]{{12}}-(?P<target>.+)$"
+)
+
+
+def temp_name(path: Path) -> Path:
+    """A fresh temporary name beside `path`, carrying this host and process."""
+    return path.with_name(f"{TEMP_PREFIX}{HOST_TAG}-{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
+
+
+def temp_writer(name: str) -> tuple[str, int] | None:
+    """(host tag, PID) of a temporary named by temp_name; None for any other name."""
+    m = _TEMP_NAME.match(name)
+    return (m["host"], int(m["pid"])) if m else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    except (OverflowError, ValueError):  # no such PID can exist: cannot tell, so keep what it wrote
+        return True
+    return True
+
+
+def stale_temp(name: str) -> bool:
+    """Whether `name` is a temporary of this framework whose writer, on this host, is gone (a write
+    killed half-way). Another host's temporaries are never judged: its PIDs mean nothing here."""
+    writer = temp_writer(name)
+    return writer is not None and writer[0] == HOST_TAG and not pid_alive(writer[1])
 
 
 def _beside(path: Path, create: Callable[[Path], None]) -> Path:
     """A new, uniquely named hidden entry beside `path`, made by create(name) (which must fail with
     FileExistsError if the name is taken, as O_EXCL and mkdir do)."""
     while True:
-        candidate = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+        candidate = temp_name(path)
         try:
             create(candidate)
         except FileExistsError:

@@ -150,11 +150,12 @@ def write_corpus(
     the schema of the tasks present, with their input modalities)."""
     out_dir = Path(out_dir)
     manifest = manifest.reset_index(drop=True).copy()
-    unknown = sorted(set(manifest["task"].unique()) - set(schema.tasks)) if "task" in manifest.columns else []
+    present = set(manifest["task"].unique()) if "task" in manifest.columns else set()  # one pass over the rows
+    unknown = sorted(present - set(schema.tasks))
     if unknown:
         raise CorpusFormatError(f"manifest task(s) {unknown} are not tasks of the schema ({', '.join(schema.tasks)})")
     if "task" in manifest.columns:
-        schema = schema.restrict(t for t in schema.tasks if t in set(manifest["task"].unique()))
+        schema = schema.restrict(t for t in schema.tasks if t in present)
     for col in [
         c for c in manifest.columns if c.startswith("idx_") and c.removeprefix("idx_") not in schema.modalities
     ]:

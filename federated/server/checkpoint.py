@@ -15,6 +15,15 @@ with allow_pickle=False, versioned, a sha256 of the content checked on load), wr
 The loader refuses, by file name, anything else: a `checkpoint.pkl` of an earlier release is never
 opened (a pickle runs code when read), a foreign or edited file is "not a MultiMed-FL checkpoint"
 or a "hash mismatch", another format version is "unsupported". Version 3: the first without pickle.
+A checkpoint resumed must also agree with itself (`check_resume`): its round is its history's
+length, the rounds numbered 1..round, each recording the same privacy and secure-aggregation
+settings (federated/core/config/protected.py), and its config's rounds not below its round.
+
+Resuming is held to the privacy the run trained with: `check_resume` refuses a config (the
+checkpoint's own, or the one a deployment submits) whose privacy.* or secure_aggregation.* settings
+differ from those the last round recorded, naming each key with both values. Each site checks the
+same against its own saved state (clients/site_state.py), so neither an edited config nor a server
+that lies about it switches a hospital's DP off.
 
 Saving is a callback (Checkpointer) that the round loop calls like any other side effect.
 """
@@ -31,7 +40,8 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from federated.core.arrays import pack_arrays, record_to_numpy
-from federated.core.config.loader import config_to_yaml
+from federated.core.config.loader import ConfigError, config_from_yaml, config_to_yaml
+from federated.core.config.protected import changed_settings, protected_settings
 from federated.core.config.schema import ExperimentConfig
 from federated.core.corpus_schema import CorpusSchema, Modality, Task
 from federated.core.protocol import Role
@@ -129,6 +139,60 @@ def _check(path: Path, ckpt: Checkpoint) -> None:
     )
     if not ok:
         raise CheckpointError(f"{path} is not a MultiMed-FL checkpoint (its fields have the wrong types)")
+
+
+def _check_rounds(path: Path, ckpt: Checkpoint) -> None:
+    """The checkpoint's round against its history: CheckpointError naming both when they disagree."""
+    numbers = [r.round for r in ckpt.history]
+    if ckpt.round < 1 or numbers != list(range(1, ckpt.round + 1)) or ckpt.initial.round != 0:
+        shown = numbers if len(numbers) <= 10 else [*numbers[:5], "...", *numbers[-5:]]
+        raise CheckpointError(
+            f"{path}: round {ckpt.round} does not agree with its history, which holds rounds {shown} "
+            f"(initial round {ckpt.initial.round}); a checkpoint of round r holds the records of rounds 1..r"
+        )
+    last = ckpt.history[-1].trained_with
+    for record in ckpt.history[:-1]:
+        changed = changed_settings(record.trained_with, last)
+        if changed:
+            raise CheckpointError(
+                f"{path}: round {record.round} recorded other privacy settings than round {ckpt.round} "
+                f"({'; '.join(changed)}); a run never changes them"
+            )
+
+
+def check_resume(ckpt: Checkpoint, cfg: ExperimentConfig, where: Path | str, source: str) -> None:
+    """Refuse to resume the checkpoint in `where` with `cfg` (read from `source`, said in the message)
+    when cfg changes a privacy or secure-aggregation setting the run trained with, when the last round
+    does not say what it trained with, or when cfg.rounds is below the checkpoint's round; and a
+    checkpoint whose round disagrees with its history."""
+    _check_rounds(Path(where) / CHECKPOINT_FILE, ckpt)
+    last = ckpt.history[-1]
+    if not last.trained_with:
+        raise CheckpointError(
+            f"resuming {where}: round {last.round} of the checkpoint does not record the privacy settings it "
+            "trained with (an earlier release wrote it), so a resume cannot be held to them; start the run again"
+        )
+    changed = changed_settings(last.trained_with, protected_settings(cfg))
+    if changed:
+        raise CheckpointError(
+            f"resuming {where}: {source} changes what the run trained rounds 1-{last.round} with: "
+            f"{'; '.join(changed)}. A resume keeps the privacy and secure-aggregation settings; "
+            "start a new run to train with others"
+        )
+    if cfg.rounds < ckpt.round:
+        raise CheckpointError(
+            f"resuming {where}: {source} has rounds={cfg.rounds}, below the checkpoint's round {ckpt.round}"
+        )
+
+
+def resume_config(ckpt: Checkpoint, where: Path | str) -> ExperimentConfig:
+    """The checkpoint's own config, checked with check_resume (CheckpointError naming the keys)."""
+    try:
+        cfg = config_from_yaml(ckpt.config_yaml)
+    except ConfigError as e:
+        raise CheckpointError(f"resuming {where}: the checkpoint's config cannot be read: {e}") from None
+    check_resume(ckpt, cfg, where, "the checkpoint's config")
+    return cfg
 
 
 def python_rng_state() -> Any:

@@ -16,11 +16,11 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -29,6 +29,7 @@ from flwr.serverapp.grid import Grid
 
 from federated import __version__
 from federated.core.arrays import pack_arrays, record_to_numpy
+from federated.core.config.protected import protected_settings
 from federated.core.config.schema import ExperimentConfig
 from federated.core.corpus_schema import CorpusSchema, SchemaError
 from federated.core.models import build_model, group_of
@@ -54,6 +55,7 @@ from federated.core.protocol import (
     SECURE_MAX_NORM,
     SECURE_MAX_WEIGHT,
     SECURE_UNIFORM,
+    SECURE_WEIGHTS,
     SECURE_WITHHELD,
     SERVER_ROUND,
     STEPS,
@@ -73,14 +75,23 @@ from federated.server.records import FederationResult, FederationTiming, RoundRe
 from federated.server.results import PrivacyReport
 from federated.server.secure_round import SecureSum, secure_sum
 from federated.server.site_agreement import FederationError, agree, exact_schema
+from federated.server.site_roster import (
+    SHORTFALL_QUERY_S,
+    expected_site_names,
+    node_site_lines,
+    registered_names,
+    shortfall_message,
+)
 from federated.server.transport import NodeSubsetGrid, exchange, over_superlink, wait_for_nodes
 from partitions.site_local import SITE_LOCAL
 from strategies.secure_sums import (
     GROUPED,
     Layout,
     check_secure_strategy,
+    declaration_problem,
     lone_contributions,
     quantization_levels,
+    sum_problems,
     weight_resolution,
     withheld_groups,
 )
@@ -90,11 +101,20 @@ __all__ = ["Callback", "FederationError", "FederationResult", "RoundRecord", "ru
 
 
 def handshake(
-    grid: Grid, restore_round: int | None = None, expected: int = 0, timeout_s: float = 300.0
+    grid: Grid,
+    restore_round: int | None = None,
+    expected: int = 0,
+    timeout_s: float = 300.0,
+    expected_names: Sequence[str] = (),
 ) -> dict[int, SiteProfile]:
-    """Ask every node for its site profile; a node that cannot answer stops the run.
-    On resume, each site is also told to restore its own state of `restore_round`."""
+    """Ask every node for its site profile; a node that cannot answer stops the run, and so do
+    fewer than `expected` nodes within timeout_s (naming the sites that are missing: site_roster).
+    On resume, each site is also told to restore its own state of `restore_round`. The run's log
+    gets one line per node: its id, its site, and the name its key was registered under."""
     nodes = wait_for_nodes(grid, expected, timeout_s)
+    registered = registered_names(grid)
+    if len(nodes) < expected:
+        _too_few_sites(grid, nodes, expected, timeout_s, expected_names, registered)
     content = (
         RecordDict()
         if restore_round is None
@@ -121,7 +141,8 @@ def handshake(
         )
     missing = set(nodes) - set(profiles)
     if missing:
-        raise FederationError(f"handshake: no reply from nodes {sorted(missing)}")
+        named = [f"{n} (registered as {registered[n]})" if n in registered else str(n) for n in sorted(missing)]
+        raise FederationError(f"handshake: no reply from nodes {', '.join(named)}")
     sites = [p.site for p in profiles.values()]
     twice = sorted({s for s in sites if sites.count(s) > 1})
     if twice:
@@ -129,7 +150,32 @@ def handshake(
             f"handshake: sites {twice} answered from more than one node; "
             "each node must run a different site (node config 'site')"
         )
-    return dict(sorted(profiles.items(), key=lambda kv: kv[1].site))
+    profiles = dict(sorted(profiles.items(), key=lambda kv: kv[1].site))
+    roles = {n: str(p.role.value) for n, p in profiles.items()}
+    for line in node_site_lines({n: p.site for n, p in profiles.items()}, roles, registered):
+        log(INFO, line)  # `flwr log RUN_ID`: which node is which site (`flwr supernode ls` shows ids only)
+    return profiles
+
+
+def _too_few_sites(
+    grid: Grid,
+    nodes: list[int],
+    expected: int,
+    timeout_s: float,
+    expected_names: Sequence[str],
+    registered: dict[int, str],
+) -> NoReturn:
+    """Stop the run: fewer than `expected` nodes connected. In a deployment, first ask the nodes that
+    did which site they are (a plain query: nothing is restored), so the error names who is missing."""
+    sites: dict[int, str | None] = dict.fromkeys(nodes)
+    deployment = over_superlink(grid)
+    if deployment and nodes:
+        query = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        for msg in exchange(grid, query, SHORTFALL_QUERY_S):
+            if not msg.has_error() and PROFILE_RECORD in msg.content.config_records:
+                site = msg.content.config_records[PROFILE_RECORD].get("site")
+                sites[msg.metadata.src_node_id] = str(site) if site else None
+    raise FederationError(shortfall_message(expected, timeout_s, sites, expected_names, deployment, registered))
 
 
 def _profile_schema(profile: dict[str, Any], where: str) -> CorpusSchema:
@@ -160,9 +206,11 @@ def evaluate_all(
     profiles: dict[int, SiteProfile],
     timeout: float | None = None,
     extra: dict[str, str] | None = None,
+    late: Collection[int] = (),
 ) -> tuple[list[SiteEvaluation], dict[str, str]]:
-    """Every site evaluates `arrays`: their evaluations (in site order) and site -> why one failed."""
-    replies = exchange(grid, evaluate_messages(list(profiles), arrays, server_round, extra), timeout)
+    """Every site evaluates `arrays`: their evaluations (in site order) and site -> why one failed.
+    The `late` nodes (no reply to this round's training in time) are awaited briefly (exchange)."""
+    replies = exchange(grid, evaluate_messages(list(profiles), arrays, server_round, extra), timeout, late)
     return site_evaluations(replies, profiles, timeout)
 
 
@@ -232,9 +280,15 @@ class TrainOutcome:
     train: dict[str, TrainStats] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # "train:site" -> reason
     rejections: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
+    unanswered: set[int] = field(default_factory=set)  # nodes with no reply within engine.round_timeout_s
+    update_norms: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # site -> (norm, ratio)
     privacy: dict[str, PrivacyReport] = field(default_factory=dict)
+    trained_with: dict[str, Any] = field(default_factory=dict)  # the round's privacy/secure-aggregation settings
     train_s: float = 0.0
     aggregate_s: float = 0.0
+    # Secure aggregation: the round was refused (a site's declaration, or an unmasked sum that fails
+    # the checks on it); the model keeps its value and the run goes on, whatever on_too_few_valid says
+    refused: bool = False
 
 
 def _strategy(cfg: ExperimentConfig, node_profiles: dict[int, SiteProfile], train_nodes: list[int]) -> Any:
@@ -254,6 +308,7 @@ def _collect_replies(fed: Federation, messages: list[Message], replies: list[Mes
     answered = {m.metadata.src_node_id for m in replies}
     for m in messages:  # no reply within engine.round_timeout_s: the round went on without it
         if m.metadata.dst_node_id not in answered:
+            into.unanswered.add(m.metadata.dst_node_id)
             into.failures[f"train:{fed.site(m.metadata.dst_node_id)}"] = (
                 f"no reply within engine.round_timeout_s={fed.cfg.engine.round_timeout_s}"
             )
@@ -270,6 +325,8 @@ def _collect_replies(fed: Federation, messages: list[Message], replies: list[Mes
         server_privacy_report(fed.strategy, [fed.site(m.metadata.src_node_id) for m in replies if not m.has_error()])
     )
     into.rejections = {r.site: r.reason for r in fed.strategy.last_rejections}
+    into.trained_with = protected_settings(fed.cfg)
+    into.update_norms = dict(fed.strategy.last_update_norms)
 
 
 def secure_keys(fed: Federation, nodes: list[int]) -> dict[str, Any]:
@@ -317,6 +374,77 @@ def _lone_groups(fed: Federation, collected: dict[int, RecordDict]) -> str | Non
     )
 
 
+def _declared_weights(content: RecordDict) -> dict[str, float] | str:
+    """The weights a site declared in the clear (group -> a_g), or why they cannot be read."""
+    record = content.config_records.get(SECURE_GROUPS_RECORD)
+    raw = record.get(SECURE_WEIGHTS) if record is not None else None
+    try:
+        weights = json.loads(str(raw)) if raw is not None else None
+    except ValueError:
+        weights = None
+    if not isinstance(weights, dict) or not all(isinstance(a, (int, float)) for a in weights.values()):
+        return "sent no readable declaration of its weights (a JSON object group -> weight)"
+    return {str(g): float(a) for g, a in weights.items()}
+
+
+def _bad_declarations(
+    fed: Federation, collected: dict[int, RecordDict], keys: dict[str, Any], layout: Layout
+) -> str | None:
+    """Why the round must not be unmasked because of what a site declared in the clear (this can
+    name the site): its weights, each bounded by what its handshake declared (secure_sums.py,
+    declaration_problem)."""
+    layout_groups = frozenset(s.group for s in layout.segments)
+    withheld = frozenset(json.loads(str(keys[SECURE_WITHHELD])))
+    max_weight, uniform = float(keys[SECURE_MAX_WEIGHT]), bool(keys[SECURE_UNIFORM])
+    factor = fed.cfg.strategy.max_examples_factor
+    problems = []
+    for node, content in sorted(collected.items()):
+        declared = _declared_weights(content)
+        if isinstance(declared, str):
+            problems.append(f"{fed.site(node)} {declared}")
+            continue
+        examples = fed.strategy.declared_examples.get(node)
+        cap = 1.0 if uniform or examples is None else min(1.0, examples * factor / max_weight)
+        allowed = fed.strategy.allowed_groups.get(node) if keys[SECURE_LAYOUT] == GROUPED else None
+        why = declaration_problem(declared, layout_groups, cap, allowed, withheld)
+        if why:
+            problems.append(f"{fed.site(node)} {why}")
+    if not problems:
+        return None
+    return "; ".join(problems) + ": the round is refused before unmasking (its sum would not be checkable)"
+
+
+def _refused_sum(fed: Federation, keys: dict[str, Any], result: SecureSum, layout: Layout) -> str | None:
+    """Why the unmasked sum is not one of honest vectors with the weights the sites declared
+    (secure_sums.py, sum_problems), or None. The sum cannot say which site's vector broke it."""
+    assert result.summed is not None and result.quantised is not None
+    totals: dict[str, float] = {}
+    for msg in result.replies:  # every site in the sum; their declarations passed _bad_declarations
+        declared = _declared_weights(msg.content)
+        for group, a in (declared if isinstance(declared, dict) else {}).items():
+            totals[group] = totals.get(group, 0.0) + a
+    sa, cfg = fed.cfg.secure_aggregation, fed.cfg
+    bounds = [b for b in (cfg.strategy.max_update_norm, keys.get(SECURE_CLIP_NORM)) if b]
+    problems = sum_problems(
+        layout,
+        result.summed,
+        result.quantised,
+        totals,
+        len(result.survivors),
+        sa.clipping_range,
+        result.levels,
+        norm_bound=float(min(bounds)) if bounds else None,
+        withheld=frozenset(json.loads(str(keys[SECURE_WITHHELD]))),
+    )
+    if not problems:
+        return None
+    return (
+        "aggregate refused, the model keeps its value this round: the unmasked sum is not what the sites' "
+        f"declared weights allow ({'; '.join(problems)}). At least one site sent a vector other than the one "
+        "it declared; which one cannot be told: SecAgg+ shows the server only the sum"
+    )
+
+
 def secure_train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainOutcome:
     """A training round under SecAgg+ (federated/server/secure_round.py): the server gets the sum of
     the sites' masked vectors and the scalar metrics, never one site's update. A site refused at the
@@ -343,34 +471,46 @@ def secure_train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainO
     sa = fed.cfg.secure_aggregation
     levels = quantization_levels(len(nodes), sa.quantization_range, sa.modulus_range)
     unresolved = weight_resolution(len(nodes), sa.clipping_range, levels, float(keys[SECURE_MAX_WEIGHT]))
+    layout = Layout.of(record_to_numpy(arrays), str(keys[SECURE_LAYOUT]))
+    refusal: list[str] = []  # why the round is refused: a site's declaration, or the unmasked sum
+
+    def before_unmask(collected: dict[int, RecordDict]) -> str | None:
+        lone = _lone_groups(fed, collected)  # privacy: such a sum would be one site's update
+        if lone:
+            return lone
+        bad = _bad_declarations(fed, collected, keys, layout)
+        refusal.extend([bad] if bad else [])
+        return bad
+
     result = (
         SecureSum(None, [], [], reason=unresolved)
         if unresolved
-        else secure_sum(
-            lambda ms: exchange(fed.grid, ms, fed.timeout),
-            messages,
-            sa,
-            fed.cfg.seed + rnd,
-            lambda collected: _lone_groups(fed, collected),
-        )
+        else secure_sum(lambda ms: exchange(fed.grid, ms, fed.timeout), messages, sa, fed.cfg.seed + rnd, before_unmask)
     )
     t1 = time.perf_counter()
     new_arrays = None
     if result.summed is not None:
-        layout = Layout.of(record_to_numpy(arrays), str(keys[SECURE_LAYOUT]))
-        min_weight = 0.5 / float(keys[SECURE_MAX_WEIGHT])  # half the least weight of a site that trained
-        new_arrays = fed.strategy.aggregate_masked_sum(rnd, result.summed, layout, min_weight, len(result.survivors))
+        refused_sum = _refused_sum(fed, keys, result, layout)
+        if refused_sum:
+            refusal.append(refused_sum)
+        else:
+            min_weight = 0.5 / float(keys[SECURE_MAX_WEIGHT])  # half the least weight of a site that trained
+            new_arrays = fed.strategy.aggregate_masked_sum(
+                rnd, result.summed, layout, min_weight, len(result.survivors)
+            )
     t2 = time.perf_counter()
     fed.timing.train_s += t1 - t0
     fed.timing.aggregate_s += t2 - t1
-    outcome = TrainOutcome(new_arrays, train_s=t1 - t0, aggregate_s=t2 - t1)
+    outcome = TrainOutcome(new_arrays, train_s=t1 - t0, aggregate_s=t2 - t1, refused=bool(refusal))
     _collect_replies(fed, [m for m in messages if m.metadata.dst_node_id in result.survivors], result.replies, outcome)
     for node, why in result.failures.items():
         outcome.failures[f"train:{fed.site(node)}"] = why
     for node, why in result.late.items():  # its update is in the aggregate: not a training failure
         outcome.failures[f"unmask:{fed.site(node)}"] = f"{why} (its masked update is in the aggregate)"
-    if result.reason:
-        outcome.failures["secure_aggregation"] = result.reason
+    if result.reason or refusal:
+        outcome.failures["secure_aggregation"] = result.reason or refusal[0]
+        if refusal:
+            log(WARNING, "round %d: %s", rnd, outcome.failures["secure_aggregation"])
     for node in sorted(refused):
         outcome.rejections[fed.site(node)] = fed.strategy.handshake_problems[node]
     return outcome
@@ -446,10 +586,11 @@ def _aggregated(fed: Federation, rnd: int, messages: list[Message], replies: lis
 
 
 def accepted_model(cfg: ExperimentConfig, rnd: int, outcome: TrainOutcome, current: ArrayRecord) -> ArrayRecord:
-    """The model the next round starts from: the aggregate, or (strategy.on_too_few_valid=skip) the
-    current one when nothing could be aggregated. Anything else stops the run, naming why."""
+    """The model the next round starts from: the aggregate, or (strategy.on_too_few_valid=skip, or a
+    refused secure round) the current one when nothing could be aggregated. Anything else stops the
+    run, naming why."""
     if outcome.arrays is None:
-        if cfg.strategy.on_too_few_valid != "skip":
+        if cfg.strategy.on_too_few_valid != "skip" and not outcome.refused:
             reasons = {**outcome.failures, **outcome.rejections}
             detail = "; ".join(f"{k}: {v}" for k, v in reasons.items()) or "no replies"
             raise FederationError(f"round {rnd}: no training update could be aggregated ({detail})")
@@ -466,14 +607,16 @@ def evaluate_round(
     fed: Federation, rnd: int, arrays: ArrayRecord, callbacks: Sequence[Callback], outcome: TrainOutcome | None = None
 ) -> RoundRecord:
     """Every site evaluates `arrays`; the round's record goes to every callback."""
-    evals, failures = timed_evaluation(fed, arrays, rnd)
+    evals, failures = timed_evaluation(fed, arrays, rnd, outcome.unanswered if outcome is not None else ())
     return round_record(rnd, evals, failures, callbacks, outcome)
 
 
-def timed_evaluation(fed: Federation, arrays: ArrayRecord, rnd: int) -> tuple[list[SiteEvaluation], dict[str, str]]:
+def timed_evaluation(
+    fed: Federation, arrays: ArrayRecord, rnd: int, late: Collection[int] = ()
+) -> tuple[list[SiteEvaluation], dict[str, str]]:
     """evaluate_all in an exchange of its own, its time counted as the run's evaluation time."""
     t0 = time.perf_counter()
-    evals, failures = evaluate_all(fed.grid, arrays, rnd, fed.profiles, fed.timeout, fed.site_config)
+    evals, failures = evaluate_all(fed.grid, arrays, rnd, fed.profiles, fed.timeout, fed.site_config, late)
     fed.timing.evaluate_s += time.perf_counter() - t0
     return evals, failures
 
@@ -489,7 +632,9 @@ def round_record(
     record = RoundRecord(rnd, evals, summarize(evals))
     if outcome is not None:
         record.train, record.failures, record.rejections = outcome.train, outcome.failures, outcome.rejections
+        record.update_norms = outcome.update_norms
         record.skipped, record.privacy = outcome.arrays is None, outcome.privacy
+        record.trained_with = outcome.trained_with
         record.train_s, record.aggregate_s = outcome.train_s, outcome.aggregate_s
     record.failures.update({f"evaluate:{k}": v for k, v in failures.items()})
     for what, reason in sorted(record.failures.items()):  # in the run's log too (`flwr log`), not only the summary
@@ -583,7 +728,8 @@ def run_rounds_evaluating_with_train(
         arrays = accepted_model(fed.cfg, rnd, outcome, arrays)
         unscored = _Unscored.after(rnd, arrays, outcome, fed.strategy)
     if unscored is not None:
-        initial = _scored(unscored, *timed_evaluation(fed, arrays, unscored.round), history, initial, callbacks)
+        late = unscored.outcome.unanswered if unscored.outcome is not None else set()
+        initial = _scored(unscored, *timed_evaluation(fed, arrays, unscored.round, late), history, initial, callbacks)
     assert initial is not None
     return ServerState(fed.cfg.rounds, arrays, fed.strategy, initial, history)
 
@@ -626,9 +772,12 @@ def run_federation(
     callbacks: Sequence[Callback] = (),
     checkpoint_dir: Path | None = None,
     resume: Checkpoint | None = None,
+    planned_sites: Sequence[str] = (),
 ) -> FederationResult:
     """Run (or, given a checkpoint, continue) a federation. With engine.checkpoint_every = k
-    and a checkpoint_dir, the server state is saved every k rounds and after the last one."""
+    and a checkpoint_dir, the server state is saved every k rounds and after the last one.
+    planned_sites: the site names the plan expects, where the caller knows them (to name the
+    missing ones if too few connect)."""
     t_start = time.perf_counter()
     random.seed(cfg.seed)  # Flower's node sampling uses Python's global RNG
     node_profiles = handshake(
@@ -636,6 +785,7 @@ def run_federation(
         restore_round=resume.round if resume else None,
         expected=cfg.engine.expected_sites,
         timeout_s=cfg.engine.handshake_timeout_s,
+        expected_names=expected_site_names(cfg, planned_sites),
     )
     schema, excluded = _agreed_schema(cfg, node_profiles)
     # Agreed: the profiles no longer need their schemas, which every round record (and so every

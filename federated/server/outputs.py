@@ -12,10 +12,11 @@ from rich.table import Table
 
 from federated.core.arrays import record_to_numpy
 from federated.core.config import ExperimentConfig, config_to_yaml
-from federated.core.io import atomic_write, atomic_write_text
+from federated.core.io import atomic_write, atomic_write_text, write_json
 from federated.server.evaluation import per_site_rows
 from federated.server.records import FederationResult
 from federated.server.results import HistoryRow, Rejection, RunSummary, RunTiming
+from federated.server.run_folder import SUMMARY_FILE, record_outputs
 
 
 def _site_of(failure_key: str) -> str:
@@ -71,6 +72,7 @@ def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float
         initial=result.initial.summary.headline(),
         per_site=per_site_rows(final.evaluations),
         privacy=result.privacy(),  # per site {epsilon, delta, steps, ...} when DP is on
+        privacy_by_round=result.privacy_by_round(),  # every round, those before a resume too
         failures={r.round: r.failures for r in records if r.failures},
         rejections=[Rejection(r.round, site, reason) for r in result.history for site, reason in r.rejections.items()],
         skipped_rounds=[r.round for r in result.history if r.skipped],
@@ -91,7 +93,14 @@ def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float
 
 
 def write_config(out_dir: Path, cfg: ExperimentConfig) -> None:
+    record_outputs(out_dir, "config.yaml")  # listed before it is written: --overwrite may delete it
     atomic_write_text(out_dir / "config.yaml", config_to_yaml(cfg))
+
+
+def write_summary(out_dir: Path, summary: RunSummary) -> None:
+    """summary.json, written last: a folder with one holds a finished run."""
+    record_outputs(out_dir, SUMMARY_FILE)
+    write_json(Path(out_dir) / SUMMARY_FILE, summary.to_dict())
 
 
 def _f(x: float | None) -> str:
@@ -178,4 +187,5 @@ def write_final_model(out_dir: Path, arrays: ArrayRecord) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, allow_pickle=False, **data)  # numeric arrays only: nothing to pickle
 
+    record_outputs(out_dir, "final_model.npz")
     atomic_write(Path(out_dir) / "final_model.npz", save)

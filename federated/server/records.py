@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 
 from federated.core.corpus_schema import CorpusSchema
 from federated.server.evaluation import SiteEvaluation, SiteProfile
-from federated.server.results import PrivacyReport, RoundSummary
+from federated.server.results import PrivacyReport, PrivacyRound, RoundSummary
 
 
 @dataclass
@@ -34,8 +34,13 @@ class RoundRecord:
     train: dict[str, TrainStats] = field(default_factory=dict)  # site -> its training report
     failures: dict[str, str] = field(default_factory=dict)  # "train:site" / "evaluate:site" -> reason
     rejections: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
+    # site -> (L2 norm of its update, its ratio to the round's median per group, None: not compared)
+    update_norms: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     skipped: bool = False  # too few valid updates and strategy.on_too_few_valid=skip
     privacy: dict[str, PrivacyReport] = field(default_factory=dict)  # site -> privacy report
+    # The privacy and secure-aggregation settings the server trained this round with
+    # (federated/core/config/protected.py): a resume must keep them; the summary lists them per round.
+    trained_with: dict[str, Any] = field(default_factory=dict)
     train_s: float = 0.0
     aggregate_s: float = 0.0
 
@@ -74,3 +79,15 @@ class FederationResult:
         for record in self.history:
             latest.update(record.privacy)
         return dict(sorted(latest.items()))
+
+    def privacy_by_round(self) -> list[PrivacyRound]:
+        """The privacy each training round ran with and each site's spend so far (a resumed run's
+        history holds the rounds before the resume too); empty when no round recorded its settings."""
+        if not any(record.trained_with for record in self.history):
+            return []
+        spent: dict[str, float] = {}
+        rounds = []
+        for record in self.history:
+            spent.update({site: float(r["epsilon"]) for site, r in record.privacy.items() if "epsilon" in r})
+            rounds.append(PrivacyRound.of(record.round, record.trained_with, dict(sorted(spent.items()))))
+        return rounds

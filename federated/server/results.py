@@ -237,6 +237,59 @@ class HistoryRow:
         return cls(int(raw["round"]), _num(raw["id"]), _num(raw["ood"]), _num(raw["gap"]))
 
 
+# The settings summary.json lists per round for each privacy mode (the rest of privacy.* does not
+# act in that mode); a mode not listed here gets every privacy.* key.
+MODE_SETTINGS = {
+    "none": (),
+    "dp_sgd": ("target_epsilon", "noise_multiplier", "max_grad_norm", "delta", "accountant"),
+    "dp_fedavg": ("target_epsilon", "noise_multiplier", "clipping_norm", "delta", "accountant"),
+}
+
+
+@dataclass
+class PrivacyRound:
+    """One training round as it was protected (summary.json's `privacy_by_round`): the privacy mode
+    and its settings from the round's record (what the server trained it with), secure aggregation,
+    and each site's epsilon spent up to and including the round (a site not sampled in it keeps its
+    earlier spend). `epsilon` is the largest; None when no site has reported a spend."""
+
+    round: int
+    mode: str | None  # privacy.name; None: the round recorded no settings
+    settings: dict[str, Any]  # privacy.<key> -> value, the keys of MODE_SETTINGS[mode]
+    secure_aggregation: str | None
+    epsilon_per_site: dict[str, float]
+
+    @classmethod
+    def of(cls, rnd: int, trained_with: dict[str, Any], spent: dict[str, float]) -> PrivacyRound:
+        mode = trained_with.get("privacy.name")
+        prefix = "privacy."
+        listed = MODE_SETTINGS.get(str(mode))
+        keys = listed if listed is not None else [k.removeprefix(prefix) for k in trained_with if k.startswith(prefix)]
+        settings = {k: trained_with[prefix + k] for k in keys if prefix + k in trained_with and k != "name"}
+        return cls(rnd, mode, settings, trained_with.get("secure_aggregation.name"), dict(spent))
+
+    @property
+    def epsilon(self) -> float | None:
+        return max(self.epsilon_per_site.values(), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "mode": self.mode,
+            **_report_to_json(self.settings),
+            "secure_aggregation": self.secure_aggregation,
+            **_report_to_json({"epsilon": self.epsilon}),
+            "epsilon_per_site": _report_to_json(self.epsilon_per_site),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PrivacyRound:
+        fixed = {"round", "mode", "secure_aggregation", "epsilon", "epsilon_infinite", "epsilon_per_site"}
+        settings = _report_from_json({k: v for k, v in raw.items() if k not in fixed})
+        per_site = {str(k): float(v) for k, v in _report_from_json(raw.get("epsilon_per_site", {})).items()}
+        return cls(int(raw["round"]), raw.get("mode"), settings, raw.get("secure_aggregation"), per_site)
+
+
 @dataclass
 class RunTiming:
     """Seconds spent: the whole run (wall_s) and the federation's parts."""
@@ -293,6 +346,9 @@ class RunSummary:
     excluded_sites: dict[str, str] = field(default_factory=dict)
     # Site-local mode: each regression task's scale from the federated statistics round.
     target_scales: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Round by round, the privacy the run trained with and the epsilon spent so far (PrivacyRound):
+    # written when the rounds recorded their settings (every run of this release does).
+    privacy_by_round: list[PrivacyRound] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -321,6 +377,7 @@ class RunSummary:
             "initial": self.initial.to_dict(),
             "per_site": [row.to_dict() for row in self.per_site],
             "privacy": {site: _report_to_json(report) for site, report in self.privacy.items()},
+            **({"privacy_by_round": [r.to_dict() for r in self.privacy_by_round]} if self.privacy_by_round else {}),
             "failures": {str(rnd): dict(reasons) for rnd, reasons in self.failures.items()},
             "rejections": [r.to_dict() for r in self.rejections],
             "skipped_rounds": list(self.skipped_rounds),
@@ -357,6 +414,7 @@ class RunSummary:
             target_scales={
                 str(t): {k: float(v) for k, v in s.items()} for t, s in raw.get("target_scales", {}).items()
             },
+            privacy_by_round=[PrivacyRound.from_dict(r) for r in raw.get("privacy_by_round", [])],
         )
 
     def max_epsilon(self) -> float | None:

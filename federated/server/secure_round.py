@@ -69,7 +69,12 @@ class ProtocolSizes:
     @classmethod
     def for_round(cls, n_sites: int, sa: SecureAggregationConfig) -> ProtocolSizes:
         """Flower's rules (SecAggPlusWorkflow.setup_stage): a fraction of the sampled sites, made
-        odd, or all of them when that is 2 or fewer; the threshold a fraction of that, at least 2."""
+        odd, or all of them when that is 2 or fewer; the threshold a fraction of that, at least 2,
+        and here also more than half the shares. Flower's mod answers whatever unmask lists it is
+        sent, so with half the shares or fewer a server could ask some neighbours for a site's seed
+        shares and the others for its key shares, recover both, and unmask that site's vector alone
+        (the loader refuses a configured threshold below this; rounding a fraction can still fall
+        to half, e.g. 0.6 of 4 shares -> 2: raised to 3)."""
         if sa.num_shares <= 1:
             shares = round(sa.num_shares * n_sites)
             if shares < n_sites and shares % 2 == 0:
@@ -82,7 +87,7 @@ class ProtocolSizes:
             threshold = max(2, round(sa.reconstruction_threshold * shares))
         else:
             threshold = int(sa.reconstruction_threshold)
-        return cls(shares, min(threshold, shares))
+        return cls(shares, min(max(threshold, shares // 2 + 1), shares))
 
 
 @dataclass
@@ -97,6 +102,9 @@ class SecureSum:
     reason: str = ""  # why no sum could be formed
     levels: int = 0  # T, the quantisation levels the round used
     late: dict[int, str] = field(default_factory=dict)  # survivors lost in the unmask stage (still in the sum)
+    # The same sum before dequantisation: integers mod M, where an all-zero entry is exact (the
+    # server's checks on the sum read it: strategies/secure_sums.py, sum_problems)
+    quantised: np.ndarray | None = None
 
 
 class _Round:
@@ -181,12 +189,15 @@ class _Round:
             veto = self.before_unmask({m.metadata.src_node_id: m.content for m in self.collected})
             if veto:
                 return self.failed(u3, f"not unmasked: {veto}")
-        summed = self.unmask(u3, u2 - u3, total)
-        if isinstance(summed, str):
-            return self.failed(u3, summed)
+        unmasked = self.unmask(u3, u2 - u3, total)
+        if isinstance(unmasked, str):
+            return self.failed(u3, unmasked)
+        summed, quantised = unmasked
         late = {nid: why for nid, why in self.failures.items() if nid in u3}
         failures = {nid: why for nid, why in self.failures.items() if nid not in u3}
-        return SecureSum(summed, sorted(u3), self.collected, failures, levels=self.levels, late=late)
+        return SecureSum(
+            summed, sorted(u3), self.collected, failures, levels=self.levels, late=late, quantised=quantised
+        )
 
     def setup(self) -> set[int]:
         """Stage 0: the protocol's sizes out, two public keys back from each node."""
@@ -250,9 +261,9 @@ class _Round:
             total = parameters_addition(total, vector) if total else vector
         return u3, parameters_mod(total, self.sa.modulus_range) if total else total
 
-    def unmask(self, u3: set[int], dead: set[int], total: list[np.ndarray]) -> np.ndarray | str:
+    def unmask(self, u3: set[int], dead: set[int], total: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | str:
         """Stage 3: shares of the live nodes' seeds and of the dead nodes' keys; the masks removed,
-        the sum dequantised. Or why it could not be."""
+        the sum dequantised (and as it was before). Or why it could not be."""
         sa, threshold = self.sa, self.sizes.threshold
 
         def message(nid: int) -> Message:
@@ -299,7 +310,7 @@ class _Round:
             )
         # each site's entry was x + c scaled to [0, T]: the sum of n sites is S * 2c / T - n * c
         (summed,) = dequantize([quantised], sa.clipping_range, self.levels)
-        return summed - (len(u3) - 1) * sa.clipping_range
+        return summed - (len(u3) - 1) * sa.clipping_range, quantised
 
     def failed(self, u3: set[int], reason: str) -> SecureSum:
         return SecureSum(None, sorted(u3), self.collected, dict(self.failures), reason, self.levels)

@@ -19,32 +19,39 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
-from federated.core.io import write_json
 from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, RESUME_KEY
-from federated.server.checkpoint import Checkpoint, load_checkpoint
+from federated.server.checkpoint import Checkpoint, check_resume, load_checkpoint, resume_config
 from federated.server.federation import run_federation
-from federated.server.outputs import build_summary, write_config, write_final_model
-from federated.server.run_folder import SUMMARY_FILE, RunFolderError, RunLock, check_out_dir, remove_stale_temps
+from federated.server.outputs import build_summary, write_config, write_final_model, write_summary
+from federated.server.run_folder import (
+    CHECKPOINT_FILE,
+    RunFolderError,
+    RunLock,
+    check_out_dir,
+    check_resumable,
+    record_outputs,
+    remove_stale_temps,
+)
 from federated.server.tracking import MetricsTable, TensorBoardLogger
 
 app = ServerApp()
 
 
-def planned_sites(cfg: ExperimentConfig, corpus_path: str) -> int:
-    """How many sites the plan has, when this machine can see the corpus (simulation, the
-    deployment demo); 0 when it cannot (a real deployment's server holds no data)."""
+def planned_sites(cfg: ExperimentConfig, corpus_path: str) -> list[str]:
+    """The plan's site names, when this machine can see the corpus (simulation, the deployment
+    demo); [] when it cannot (a real deployment's server holds no data)."""
     from federated.data.cache import prepare_corpus
     from federated.data.format import Corpus
     from partitions import plan_sites
     from partitions.site_local import SITE_LOCAL
 
     if cfg.sites.planner == SITE_LOCAL:  # each site holds its own corpus; the server none
-        return 0
+        return []
     try:
         path = corpus_path or prepare_corpus(cfg.corpus)
-        return len(plan_sites(Corpus.open(path), cfg))
+        return [p.site for p in plan_sites(Corpus.open(path), cfg)]
     except Exception:  # no data here: the sites will say what they hold in the handshake
-        return 0
+        return []
 
 
 @app.main()
@@ -55,22 +62,24 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(str(context.run_config.get("out-dir", "")) or f"runs/flwr-{grid.run.run_id}")
     resume = context.run_config.get(RESUME_KEY, False) is True
     with RunLock(out_dir):  # as `multimed-fl run`: one run per folder, another run's files kept
-        remove_stale_temps(out_dir)
         checkpoint = None
         if resume:  # as `multimed-fl run --resume`: the run's own config, from its checkpoint
-            if (out_dir / SUMMARY_FILE).exists():
-                raise RunFolderError(f"{out_dir} holds a finished run ({SUMMARY_FILE}): nothing to resume")
+            check_resumable(out_dir)
             checkpoint = load_checkpoint(out_dir)
             cfg = _resumed_config(text, checkpoint, out_dir)
         else:
             check_out_dir(out_dir, overwrite=False)
+        remove_stale_temps(out_dir)  # the folder accepted: temporaries of dead writers only
         _run(grid, context, cfg, out_dir, checkpoint)
 
 
 def _resumed_config(text: str, checkpoint: Checkpoint, out_dir: Path) -> ExperimentConfig:
     """The interrupted run's config. The sites read the run config's, so it must be the same one:
-    sites planning or training under another config would continue a different experiment."""
-    cfg = config_from_yaml(checkpoint.config_yaml)
+    sites planning or training under another config would continue a different experiment. A changed
+    privacy or secure-aggregation setting is named, key by key (checkpoint.check_resume)."""
+    cfg = resume_config(checkpoint, out_dir)
+    if text:
+        check_resume(checkpoint, config_from_yaml(text), out_dir, f"the run config's {CONFIG_KEY}")
     if not text or config_from_yaml(text) != cfg:
         raise RunFolderError(
             f"resuming {out_dir}: the run config's {CONFIG_KEY} is "
@@ -81,13 +90,15 @@ def _resumed_config(text: str, checkpoint: Checkpoint, out_dir: Path) -> Experim
 
 
 def _run(grid: Grid, context: Context, cfg: ExperimentConfig, out_dir: Path, checkpoint: Checkpoint | None) -> None:
+    if cfg.engine.checkpoint_every > 0:  # the Checkpointer's file, listed before it is written
+        record_outputs(out_dir, CHECKPOINT_FILE)
     write_config(out_dir, cfg)
     planned = planned_sites(cfg, str(context.run_config.get(CORPUS_KEY, "")))
     if planned and not cfg.engine.expected_sites:  # wait for, and insist on, every planned site
         cfg = dataclasses.replace(
             cfg,
             engine=dataclasses.replace(
-                cfg.engine, expected_sites=planned, handshake_timeout_s=min(cfg.engine.handshake_timeout_s, 120.0)
+                cfg.engine, expected_sites=len(planned), handshake_timeout_s=min(cfg.engine.handshake_timeout_s, 120.0)
             ),
         )
     result = run_federation(
@@ -96,6 +107,7 @@ def _run(grid: Grid, context: Context, cfg: ExperimentConfig, out_dir: Path, che
         [MetricsTable(out_dir / "metrics.parquet"), TensorBoardLogger(out_dir / "tensorboard")],
         checkpoint_dir=out_dir,
         resume=checkpoint,
+        planned_sites=planned,
     )
     # the engine is `flwr run`, not the config's in-process default
     summary = dataclasses.replace(
@@ -104,6 +116,6 @@ def _run(grid: Grid, context: Context, cfg: ExperimentConfig, out_dir: Path, che
         resumed_from_round=checkpoint.round if checkpoint is not None else None,
     )
     write_final_model(out_dir, result.arrays)
-    write_json(out_dir / "summary.json", summary.to_dict())
+    write_summary(out_dir, summary)
     for line in summary.problems:  # the run's status stays Flower's; the summary and the log say it
         log(WARNING, "multimed-fl: incomplete scores: %s", line)

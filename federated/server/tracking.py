@@ -16,6 +16,7 @@ from federated.core.protocol import Role
 from federated.server.callbacks import Callback
 from federated.server.evaluation import SiteEvaluation, SiteProfile
 from federated.server.records import FederationResult, RoundRecord
+from federated.server.run_folder import record_outputs
 
 
 class MetricsTable(Callback):
@@ -39,6 +40,7 @@ class MetricsTable(Callback):
 
     def on_end(self, result: FederationResult) -> None:
         frame = pd.DataFrame(self.rows, columns=self.COLUMNS)
+        record_outputs(self.path.parent, self.path.name)  # a run folder's metrics.parquet, listed first
         atomic_write(self.path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
@@ -62,7 +64,8 @@ def _evaluation_rows(rnd: int, ev: SiteEvaluation) -> list[dict[str, Any]]:
 
 
 def _site_event_rows(record: RoundRecord) -> list[dict[str, Any]]:
-    """Per-site events of a round (task "*"): rejected updates, failures, training loss, epsilon."""
+    """Per-site events of a round (task "*"): rejected updates, failures, training loss, epsilon,
+    update norms."""
     roles = {ev.profile.site: ev.profile.role for ev in record.evaluations}
     events = [(site, "update_rejected", 1.0) for site in record.rejections]
     for key in record.failures:
@@ -70,6 +73,9 @@ def _site_event_rows(record: RoundRecord) -> list[dict[str, Any]]:
         events.append((site, f"{stage}_failed", 1.0))
     events += [(site, "train_loss", stats.loss) for site, stats in record.train.items()]
     events += [(site, "epsilon", float(report["epsilon"])) for site, report in record.privacy.items()]
+    # each screened update's L2 norm, and its ratio to the round's median per group (strategies/validation.py)
+    for site, (norm, ratio) in record.update_norms.items():
+        events += [(site, "update_norm", norm), *([(site, "update_norm_ratio", ratio)] if ratio is not None else [])]
     return [
         {
             "round": record.round,
@@ -84,11 +90,14 @@ def _site_event_rows(record: RoundRecord) -> list[dict[str, Any]]:
 
 
 class TensorBoardLogger(Callback):
-    """ID/OOD scores, per-task scores and per-site scores per round."""
+    """ID/OOD scores, per-task scores and per-site scores per round, in a run folder's tensorboard/
+    (listed in its manifest before it is made; a symbolic link there is refused, never followed)."""
 
     def __init__(self, logdir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter  # heavy import, only when used
 
+        logdir = Path(logdir)
+        record_outputs(logdir.parent, logdir.name)
         self.writer = SummaryWriter(log_dir=str(logdir))
 
     def on_round_end(self, record: RoundRecord) -> None:

@@ -3,19 +3,23 @@ every reply charged to its node and, against a SuperLink, Flower's fixed 3 s wai
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from logging import WARNING
 from typing import Any
 
 from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from federated.core.folding import FoldError, fold, is_folded, unfold
 from federated.core.replies import attribute
-from federated.server.site_agreement import FederationError
 
 
 class NodeSubsetGrid(Grid):
@@ -64,20 +68,49 @@ PULL_WAITS_S = (0.05, 0.05, 0.1, 0.1, 0.2)
 # (3 TLS SuperNodes on loopback), that first 1 s back-off was most of the ~1.5 s per exchange that
 # no site accounted for.
 REPLY_OBJECT_BACKOFF_S = (0.05, 0.5)
-# Flower's 500 tries per object still bound a pull that never completes (a site killed mid-upload)
-# at ~250 s at this cap; no try limit would block the round for Flower's 2 h.
 _REPLY_PULL_KEYWORDS: dict[str, Any] = {
     "initial_backoff": REPLY_OBJECT_BACKOFF_S[0],
     "backoff_cap": REPLY_OBJECT_BACKOFF_S[1],
 }
 
+# A reply whose header is on the SuperLink but whose objects never arrive (its SuperNode or ClientApp
+# killed while sending it) blocks Flower's pull_messages in pull_objects until the SuperLink's push
+# session expires: flwr.supercore.constant.OBJECT_PUSH_SESSION_TTL_SECONDS, 180 s after the header,
+# whatever engine.round_timeout_s says (the ~180 s stall of a hand-run deployment). Within an exchange
+# with a timeout, a reply's objects are awaited until the deadline plus this grace, then the reply is
+# that site's error; a reply whose objects are all there is still pulled after the deadline.
+REPLY_GRACE_S = 5.0
+# When the exchange's pulls of reply objects end: None outside an exchange with a timeout.
+_PULLS_END: contextvars.ContextVar[float | None] = contextvars.ContextVar("multimed_pulls_end", default=None)
+_CUT_SHORT = "multimed-fl: cut at the exchange's deadline"
+
+
+class _ReplyObjectPull(functools.partial[Any]):
+    """flwr's pull_objects on REPLY_OBJECT_BACKOFF_S, and within an exchange with a deadline
+    (_PULLS_END) given no more time than is left before it."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        end = _PULLS_END.get()
+        if end is None:
+            return super().__call__(*args, **kwargs)
+        from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+
+        left = max(0.0, end - time.monotonic())
+        kwargs["max_time"] = min(left, kwargs.get("max_time") or left)
+        try:
+            return super().__call__(*args, **kwargs)
+        except ObjectPullError as e:
+            if time.monotonic() >= end:  # the deadline, not the object: say so (_named_cut)
+                raise ObjectPullError(str(e).partition("'")[2].partition("'")[0], _CUT_SHORT) from None
+            raise
+
 
 def shorten_reply_object_pulls() -> bool:
     """Make HttpGrid.pull_messages retry a reply's missing objects on REPLY_OBJECT_BACKOFF_S
-    instead of Flower's 1 s -> 10 s (Flower's try limit kept). Only where this Flower's pull_messages
-    is 1.42's (one call of the module's `pull_objects`, on its default back-off); False (nothing
-    changed) otherwise. Idempotent; it changes the back-off in this process only (the ServerApp's)."""
-    import functools
+    instead of Flower's 1 s -> 10 s (Flower's try limit kept), and within an exchange with a timeout
+    stop at its deadline plus REPLY_GRACE_S. Only where this Flower's pull_messages is 1.42's (one
+    call of the module's `pull_objects`, on its default back-off); False (nothing changed) otherwise.
+    Idempotent; it changes the pull in this process only (the ServerApp's)."""
     import inspect
 
     from flwr.supercore.inflatable import inflatable_utils
@@ -85,7 +118,8 @@ def shorten_reply_object_pulls() -> bool:
 
     current: Any = http_grid.pull_objects
     if isinstance(current, functools.partial) and current.func is inflatable_utils.pull_objects:
-        return current.keywords == _REPLY_PULL_KEYWORDS  # ours already (or someone else's: leave it)
+        # ours already (or someone else's: leave it)
+        return isinstance(current, _ReplyObjectPull) and current.keywords == _REPLY_PULL_KEYWORDS
     if current is not inflatable_utils.pull_objects:
         return False  # someone else's pull_objects: leave it
     source = inspect.getsource(http_grid.HttpGrid.pull_messages)
@@ -98,48 +132,99 @@ def shorten_reply_object_pulls() -> bool:
         or params["initial_backoff"].default != 1
     ):
         return False
-    http_grid.pull_objects = functools.partial(current, **_REPLY_PULL_KEYWORDS)
+    http_grid.pull_objects = _ReplyObjectPull(current, **_REPLY_PULL_KEYWORDS)
     return True
+
+
+def superlink_grid(grid: Grid) -> HttpGrid | None:
+    """The SuperLink's grid under any NodeSubsetGrid view; None where the nodes are simulated."""
+    while isinstance(grid, NodeSubsetGrid):
+        grid = grid._grid
+    return grid if isinstance(grid, HttpGrid) else None
 
 
 def over_superlink(grid: Grid) -> bool:
     """Whether messages to these nodes go through a SuperLink (a deployment), where every
     exchange costs network round trips, rather than to simulated sites."""
-    while isinstance(grid, NodeSubsetGrid):
-        grid = grid._grid
-    return isinstance(grid, HttpGrid)
+    return superlink_grid(grid) is not None
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float | None = None) -> list[Message]:
+@contextlib.contextmanager
+def _reply_pulls_end(end: float | None) -> Iterator[None]:
+    token = _PULLS_END.set(end)
+    try:
+        yield
+    finally:
+        _PULLS_END.reset(token)
+
+
+# A node that gave no reply to an earlier exchange of the same round within its deadline (dead, or
+# still busy with that message: a SuperNode handles one message at a time) is awaited this long in a
+# later exchange of the round, not the whole timeout again: with training and evaluation in two
+# exchanges, a node killed mid-round otherwise cost the round up to two timeouts.
+LATE_WAIT_S = 5.0
+
+
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float | None = None, late: Collection[int] = ()
+) -> list[Message]:
     """send_and_receive, with every reply charged to the node its message went to; against a
     SuperLink, messages and replies travel folded (push_folded, unfolded), replies are pulled on
-    PULL_WAITS_S instead of Flower's fixed 3 s, and a reply's objects still being uploaded are
-    retried on REPLY_OBJECT_BACKOFF_S (shorten_reply_object_pulls)."""
+    PULL_WAITS_S instead of Flower's fixed 3 s, a reply's objects still being uploaded are retried
+    on REPLY_OBJECT_BACKOFF_S (shorten_reply_object_pulls), and with a timeout nothing waits past
+    the deadline plus REPLY_GRACE_S (a reply whose content never comes is that site's error). The
+    nodes in `late` (no reply in an earlier exchange of the round) are awaited LATE_WAIT_S at most."""
     if not over_superlink(grid):
         return attribute(messages, grid.send_and_receive(messages, timeout=timeout))
     shorten_reply_object_pulls()
+    t0 = time.monotonic()
     pending = push_folded(grid, messages)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None if timeout is None else t0 + timeout
+    ids = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    brief = {i for i, n in ids.items() if n in set(late)}
     replies: list[Message] = []
     last_call = False
     k = 0  # pulls since the last reply came in
-    while True:
-        got = [unfolded(m) for m in grid.pull_messages(pending)]
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if not pending or last_call:
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            # One more pull at once: a pull can block for long (the SuperLink retrying a reply whose
-            # objects never arrive, e.g. of a site killed mid-upload), and the replies that came in
-            # meanwhile are in time; without it a healthy site's reply was counted as missing.
-            last_call = True
-            continue
-        if got:  # replies come in bunches (sites that finish together): wait short again
-            k = 0
-        time.sleep(PULL_WAITS_S[min(k, len(PULL_WAITS_S) - 1)])
-        k += 1
-    return attribute(messages, replies)
+    with _reply_pulls_end(None if deadline is None else deadline + REPLY_GRACE_S):
+        while True:
+            got = [unfolded(m) for m in grid.pull_messages(pending)]
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or last_call:
+                break
+            now = time.monotonic()
+            if (deadline is not None and now >= deadline) or (pending <= brief and now - t0 >= LATE_WAIT_S):
+                # One more pull at once: a pull can block (up to the deadline plus REPLY_GRACE_S, on a
+                # reply whose objects never arrive), and the replies that came in meanwhile are in
+                # time; without it a healthy site's reply was counted as missing.
+                last_call = True
+                continue
+            if got:  # replies come in bunches (sites that finish together): wait short again
+                k = 0
+            time.sleep(PULL_WAITS_S[min(k, len(PULL_WAITS_S) - 1)])
+            k += 1
+    out = attribute(messages, [_named_cut(r, timeout) for r in replies])
+    if pending and timeout is not None:
+        log(
+            WARNING,
+            "no reply from node(s) %s within %g s; the round went on after %.1f s",
+            sorted(ids[i] for i in pending if i in ids),
+            timeout,
+            time.monotonic() - t0,
+        )
+    return out
+
+
+def _named_cut(reply: Message, timeout: float | None) -> Message:
+    """A reply whose content the deadline cut off says so, instead of Flower's words about an
+    expired upload session."""
+    if reply.has_error() and _CUT_SHORT in (reply.error.reason or ""):
+        reply.error = Error(
+            ErrorCode.MESSAGE_UNAVAILABLE,
+            f"its reply's content did not arrive within the round's {timeout:g} s (engine.round_timeout_s; "
+            f"the site stopped while sending it?)",
+        )
+    return reply
 
 
 def push_folded(grid: Grid, messages: list[Message]) -> set[str]:
@@ -170,17 +255,11 @@ def unfolded(reply: Message) -> Message:
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
     """In a deployment the ServerApp starts as soon as the run is submitted; SuperNodes come
-    online when they do. Wait (up to timeout_s) until `expected` nodes are connected."""
+    online when they do. Wait (up to timeout_s) until `expected` nodes are connected; the nodes
+    connected then, fewer than expected if some never came (the handshake names them)."""
     deadline = time.monotonic() + timeout_s
     while True:
         nodes = list(grid.get_node_ids())
         if len(nodes) >= expected or time.monotonic() >= deadline:
-            break
+            return nodes
         time.sleep(1.0)
-    if len(nodes) < expected:
-        raise FederationError(
-            f"handshake: {len(nodes)} of the {expected} planned sites connected within {timeout_s:g} s "
-            f"(engine.expected_sites / engine.handshake_timeout_s); under `flwr run`, start one "
-            f'SuperNode per site: --federation-config "num-supernodes={expected}"'
-        )
-    return nodes

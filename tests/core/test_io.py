@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from federated.core.io import atomic_write, atomic_write_text, temp_dir_beside, write_json
+from federated.core.io import HOST_TAG, atomic_write, atomic_write_text, temp_dir_beside, write_json
 
 
 @pytest.fixture(params=[0o022, 0o027, 0o077, 0o002])
@@ -81,13 +81,14 @@ def test_temporaries_are_unique_hidden_names_beside_the_target(tmp_path: Path) -
     for _ in range(3):
         atomic_write(tmp_path / "x.txt", record)
     assert len(set(seen)) == 3
-    assert all(p.parent == tmp_path and p.name.startswith(".x.txt.tmp-") for p in seen)
+    prefix = f".multimed-fl-tmp-{HOST_TAG}-{os.getpid()}-"  # a name no user picks, naming its writer
+    assert all(p.parent == tmp_path and p.name.startswith(prefix) and p.name.endswith("-x.txt") for p in seen)
 
 
 def test_temp_dir_beside_is_an_ordinary_folder(tmp_path: Path, umask: int) -> None:
     first, second = temp_dir_beside(tmp_path / "corpus"), temp_dir_beside(tmp_path / "corpus")
     assert first != second and first.parent == second.parent == tmp_path
-    assert first.name.startswith(".corpus.tmp-") and not any(first.iterdir())
+    assert first.name.startswith(".multimed-fl-tmp-") and first.name.endswith("-corpus") and not any(first.iterdir())
     assert _mode(first) == 0o777 & ~umask
 
 

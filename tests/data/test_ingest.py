@@ -81,7 +81,7 @@ def test_a_corrupt_image_is_named_and_nothing_is_written(tmp_path, expect_failur
 
 def test_an_unknown_label_and_a_nan_are_named_with_their_row(tmp_path, expect_failure):
     _breast_csv(tmp_path / "wdbc.csv", bad_label_row=4)
-    expect_failure("sources:" + TABULAR, r"wdbc\.csv row 6: label 'X' is not a class")
+    expect_failure("sources:" + TABULAR, r"wdbc\.csv row 6: label \(diagnosis\) is not a class")
     _breast_csv(tmp_path / "wdbc.csv", nan_row=2)
     expect_failure("sources:" + TABULAR, r"wdbc\.csv row 4: NaN or infinite value in \['f2'\]")
 

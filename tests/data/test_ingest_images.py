@@ -201,7 +201,7 @@ def test_images_csv_nih_findings_column(tmp_path):
 
 def test_images_csv_errors_name_the_row_or_the_image(tmp_path, expect_failure):
     _nih(tmp_path, ["Cardiomegaly", "Fibrosis", "Atelectasis|Nodule|Effusion|Pneumothorax"])
-    expect_failure(NIH, r"Data_Entry\.csv row 3: finding 'Fibrosis' is not a finding")
+    expect_failure(NIH, r"Data_Entry\.csv row 3: Finding Labels: finding number 1 of the cell is not a finding")
     _nih(tmp_path, ["Cardiomegaly", "Atelectasis|Nodule|Effusion"])
     expect_failure(NIH, r"Data_Entry\.csv: finding\(s\) \['pneumothorax'\] .* no positive sample")
     _bone_age(tmp_path, months=[12.0, np.nan, 30.0, 40.0, 50.0, 60.0])
@@ -221,7 +221,7 @@ def test_images_csv_config_mistakes_and_unknown_labels(tmp_path, expect_failure)
         "sources:\n  - {adapter: images_csv, task: brain_tumor_classification, path: mri, labels: y.csv, "
         "image_column: f, label_column: %s}\n"
     )
-    expect_failure(body % "y", r"y\.csv row 3: label 'zebra' is not a class")
+    expect_failure(body % "y", r"y\.csv row 3: label \(y\) is not a class")
     expect_failure(body % "diagnosis", r"sources\[0\]: .*y\.csv: no column\(s\) \['diagnosis'\]")
     expect_failure(body % "y, classes: {zebra: horse}", r"sources\[0\]: classes: \['horse'\]")
     expect_failure(
@@ -396,7 +396,7 @@ def test_vqa_errors_name_the_line(tmp_path, expect_failure):
     _jsonl(tmp_path, [good[0], "", '{"image": "1.png", "question": "Any', *good[1:]])
     expect_failure(spec, r"qa\.jsonl line 3: unparsable JSON")
     _jsonl(tmp_path, [good[0], json.dumps({**_records()[1], "answer": "maybe"})])
-    expect_failure(spec, r"qa\.jsonl line 2: answer 'maybe' is not an answer of medical_vqa")
+    expect_failure(spec, r"qa\.jsonl line 2: answer is not an answer of medical_vqa")
     _jsonl(tmp_path, [json.dumps({"image": "0.png", "answer": "yes", "hospital": "a"})])
     expect_failure(spec, r"qa\.jsonl line 1: record has no 'question' key")
     _jsonl(tmp_path, [good[0], json.dumps({**_records()[2], "image": "9.png"})])
@@ -405,7 +405,7 @@ def test_vqa_errors_name_the_line(tmp_path, expect_failure):
     _jsonl(tmp_path, good)
     expect_failure(spec, r"img/1\.png: unreadable or corrupt image .*qa\.jsonl line 3")
     (tmp_path / "vqa" / "qa.json").write_text(json.dumps([_records()[0], {**_records()[3], "answer": "lots"}]))
-    expect_failure(VQA.format(file="qa.json"), r"qa\.json \[1\]: answer 'lots'")
+    expect_failure(VQA.format(file="qa.json"), r"qa\.json \[1\]: answer is not an answer")
 
 
 def test_vqa_on_error_skip(tmp_path):

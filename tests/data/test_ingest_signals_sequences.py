@@ -329,7 +329,7 @@ def test_fasta_problems_name_the_file_and_record(tmp_path, expect_failure):
     _promoters(tmp_path, fasta=PROMOTERS.replace("acgtAC", "acgtNC"))
     expect_failure(
         "sources:" + EXPRESSION,
-        r"promoters\.fa record r1: letter 'N' at position 5 is not in "
+        r"promoters\.fa record r1: the letter at position 5 is not in "
         "the alphabet ACGT",
     )
     _promoters(tmp_path, table=TABLE.replace("r3,3,south\n", ""))
@@ -345,7 +345,7 @@ def test_fasta_problems_name_the_file_and_record(tmp_path, expect_failure):
         "of 10 residues",
     )
     _proteins(tmp_path, structure_p1="HHHEEECCCX")
-    expect_failure("sources:" + PROTEINS, r"chains\.dssp\.fa record p1: structure letter 'X' at position 10")
+    expect_failure("sources:" + PROTEINS, r"chains\.dssp\.fa record p1: the structure letter at position 10")
 
 
 def test_fasta_on_error_skip_and_config_mistakes(tmp_path, expect_failure):

@@ -5,8 +5,10 @@ federated/engines/deployment/)."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -264,13 +266,31 @@ def test_supernode_with_an_unregistered_key_is_refused(superlink):
     handle = superlink.start_supernode(
         "stranger", superlink.pki.nodes[1], {"site": "site_01"}, clientapp=None, extra=["--max-retries", "3"]
     )
+    from federated.engines.deployment.flower_services import NOT_REGISTERED
+
     _refused(
         superlink,
         handle,
         "Failed to initialize the connection to the SuperLink",
         "[code: 2004] Failed to activate SuperNode.",
+        NOT_REGISTERED,  # issue 28: the hospital is told the cause, not only Flower's line
     )
     assert "No SuperNode found with the given public key" in superlink.superlink.log_text()
+
+
+@pytest.mark.slow
+def test_against_flower_s_own_superlink_the_refused_supernode_explains_both_causes(tmp_path):
+    """Flower's `flower-superlink` says only "[code: 2004] Failed to activate SuperNode"; our
+    SuperNode adds both causes and how to tell them apart (issue 28)."""
+    from federated.engines.deployment.flower_services import BOTH_CAUSES
+
+    with LoopbackFederation(tmp_path / "stock", n_keys=1, grace_s=5, flower_superlink=True) as fed:
+        fed.start_superlink()
+        handle = fed.start_supernode(
+            "stranger", fed.pki.nodes[0], {"site": "site_00"}, clientapp=None, extra=["--max-retries", "3"]
+        )
+        _refused(fed, handle, "[code: 2004] Failed to activate SuperNode.", BOTH_CAUSES)
+        assert "multimed-fl: this SuperNode's public key" not in handle.node.log_text()
 
 
 @pytest.mark.slow
@@ -507,3 +527,124 @@ def test_a_run_interrupted_by_a_superlink_restart_resumes_from_its_checkpoint(tm
     assert summary["rounds_completed"] == rounds
     assert 1 <= summary["resumed_from_round"] < rounds
     assert [h["round"] for h in summary["history"]] == list(range(rounds + 1))
+
+
+# A ClientApp worker that dies between the two halves of pushing its train reply number DIE_AT:
+# the header reaches its SuperNode (which forwards it to the SuperLink at once), the objects never
+# do. Killing the SuperNode then leaves what a SuperNode killed while sending its reply leaves: a
+# reply header on the SuperLink whose content never arrives. Flower's ServerApp pull retries its
+# objects until the SuperLink's push session expires (OBJECT_PUSH_SESSION_TTL_SECONDS, 180 s), the
+# ~180 s stall of the hand-run deployment.
+_DYING_WORKER = """
+import importlib.util, os, signal, sys
+from flwr.supernode.runtime import run_clientapp
+
+path, address, die_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+spec = importlib.util.spec_from_file_location("clientapp_worker", path)
+worker = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(worker)
+real_push_message, trains = run_clientapp.push_message, [0]
+
+def die(*args, **kwargs):
+    print("dying between the reply's header and its objects", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def push_message(client, message, context):
+    if message.metadata.message_type == "train":
+        trains[0] += 1
+        if trains[0] == die_at:
+            run_clientapp.push_objects = die
+    return real_push_message(client, message, context)
+
+run_clientapp.push_message = push_message
+worker.clientapp_worker(address)
+"""
+
+
+def _round_bounds(run_log: str) -> list[datetime.datetime]:
+    """When each round's exchange began (the ServerApp's "configure_train" lines, timestamped to
+    the second), then when the ServerApp finished: the bounds of every round in the run's log."""
+    stamp = r"(\d\d/\d\d/\d{4} \d\d:\d\d:\d\d):\w+:"
+    lines = re.findall(stamp + r"(configure_train|ServerApp finished running)", run_log)
+    return [datetime.datetime.strptime(t, "%m/%d/%Y %H:%M:%S") for t, _ in lines]
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_while_sending_its_reply_ends_the_round_within_the_timeout(tmp_path):
+    """Issue 28: engine.round_timeout_s bounds a round whose SuperNode is killed while sending its
+    train reply (header on the SuperLink, content never). At smoke size with a 20 s timeout (the
+    issue's figure is 60 s at round 7), rounds 3 and 4 (the node is not marked offline before its
+    heartbeats lapse) each end within 20 + 10 s, timed by the ServerApp's own log (the start of
+    each round's exchange, and its end); the run completes and the victim's failure names the
+    timeout. Before, round 3 lasted until the SuperLink dropped the upload session: ~180 s."""
+    import signal
+    import sys
+    import time
+
+    import numpy as np
+
+    from federated.core.config import config_to_yaml
+    from federated.data.format import Corpus
+    from federated.data.split import split_corpus
+    from federated.engines.deployment import ManagedProcess, worker_argv
+    from federated.engines.deployment.demo import _demo_plan, app_dir, site_local_config
+
+    timeout_s, die_at, rounds = 20, 3, 4
+    out = tmp_path / "killed"
+    deploy = out / "deploy"
+    overrides = ["scale=smoke", f"rounds={rounds}", f"engine.round_timeout_s={timeout_s}"]
+    cfg, corpus_path, plans = _demo_plan(3, overrides)
+    rows = {p.site: np.concatenate([p.train_rows, p.test_rows]) for p in plans}
+    folders = split_corpus(Corpus.open(corpus_path), rows, deploy / "sites")
+    cfg = site_local_config(cfg, plans)
+    run_config = deploy / "run_config.toml"
+    run_config.write_text(run_config_toml(config_to_yaml(cfg), "", str(out)))
+    victim = next(p.site for p in plans if p.role == "train")
+    deadline = time.monotonic() + 900
+    with LoopbackFederation(deploy, 3, grace_s=5) as fed:
+        fed.start_superlink()
+        for plan, key in zip(plans, fed.pki.nodes, strict=True):
+            fed.register(key, plan.site)
+        for plan, key in zip(plans, fed.pki.nodes, strict=True):
+            node_config = {"site": plan.site, "corpus-path": str(folders[plan.site])}
+            mode = None if plan.site == victim else "worker"
+            handle = fed.start_supernode(plan.site, key, node_config, clientapp=mode)
+            if plan.site == victim:
+                argv = [sys.executable, "-c", _DYING_WORKER, worker_argv("")[1], f"{fed.host}:{handle.port}"]
+                handle.worker = fed._track(
+                    ManagedProcess(
+                        f"clientapp-{victim}", [*argv, str(die_at)], fed.logs / f"clientapp-{victim}.log", fed.env
+                    )
+                )
+        fed.wait_online(3)
+        run_id = fed.submit(app_dir(), run_config)
+        node = next(h for h in fed.nodes if h.name == victim)
+        while node.worker is not None and node.worker.alive():
+            assert time.monotonic() < deadline, "the victim's worker never died"
+            time.sleep(0.2)
+        while node.node.log_text().count("Sending: train message") < die_at:
+            assert time.monotonic() < deadline, "the victim's SuperNode never forwarded the reply header"
+            time.sleep(0.1)
+        time.sleep(1.0)  # the header is on the SuperLink; now the SuperNode is killed, as by hand
+        node.node.signal(signal.SIGKILL)
+        asked = 0.0  # `flwr ls` costs ~1.5 CPU-s: ask every 5 s, or once summary.json is there
+        status = ""
+        while not status.startswith("finished:"):
+            assert time.monotonic() < deadline, f"run still {status}"
+            if time.monotonic() - asked >= 5 or (out / "summary.json").exists():
+                status, asked = str(fed.run_info(run_id).get("status", "")), time.monotonic()
+            time.sleep(0.2)
+        details = fed.run_info(run_id).get("status-details")
+        run_log = fed.cli.run_log(run_id)
+    (deploy / "logs" / "run.log").write_text(run_log)
+    bounds = _round_bounds(run_log)  # round 1 .. rounds, then the end (with the last evaluation)
+    assert len(bounds) == rounds + 1, run_log[-3000:]
+    lengths = {r: (bounds[r] - bounds[r - 1]).total_seconds() for r in range(1, rounds + 1)}
+    print("round lengths (s):", lengths)
+    for r in range(die_at, rounds + 1):  # before: round 3 ~180 s (the SuperLink's push-session TTL)
+        assert lengths[r] <= timeout_s + 10, lengths
+    assert status == "finished:completed", details
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == rounds
+    reasons = summary["failures"][str(die_at)]
+    assert f"within the round's {timeout_s} s (engine.round_timeout_s" in reasons[f"train:{victim}"], reasons

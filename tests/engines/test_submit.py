@@ -7,14 +7,17 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
 
 from federated.app.cli import main
 from federated.core.config import config_to_yaml, load_config
+from federated.core.config.protected import protected_settings
 from federated.engines.deployment import run_config_toml
+from federated.server.checkpoint import Checkpoint
+from federated.server.evaluation import summarize
+from federated.server.records import RoundRecord
 from federated.server.run_folder import RunFolderError
 from federated.server.server_app import _resumed_config
 
@@ -58,12 +61,14 @@ def test_submit_refuses_what_cannot_be_submitted_before_calling_flwr(tmp_path, c
 
 def test_a_deployed_resume_continues_with_the_interrupted_run_s_config_only(tmp_path: Path) -> None:
     own = config_to_yaml(load_config(["rounds=7"]))
-    checkpoint = SimpleNamespace(config_yaml=own)
-    assert _resumed_config(own, checkpoint, tmp_path).rounds == 7  # type: ignore[arg-type]
+    # a checkpoint of round 1 that recorded the privacy settings it trained with (checkpoint.check_resume)
+    trained = RoundRecord(1, [], summarize([]), trained_with=protected_settings(load_config(["rounds=7"])))
+    checkpoint = Checkpoint(1, {}, {}, None, RoundRecord(0, [], summarize([])), [trained], own)
+    assert _resumed_config(own, checkpoint, tmp_path).rounds == 7
     with pytest.raises(RunFolderError, match="not the config of the run being resumed"):
-        _resumed_config(config_to_yaml(load_config(["rounds=8"])), checkpoint, tmp_path)  # type: ignore[arg-type]
+        _resumed_config(config_to_yaml(load_config(["rounds=8"])), checkpoint, tmp_path)
     with pytest.raises(RunFolderError, match="is empty"):
-        _resumed_config("", checkpoint, tmp_path)  # type: ignore[arg-type]
+        _resumed_config("", checkpoint, tmp_path)
 
 
 def test_waiting_asks_flower_rarely_until_the_summary_says_the_run_ended(monkeypatch, tmp_path: Path) -> None:

@@ -16,13 +16,16 @@ from pathlib import Path
 import pytest
 
 from federated.app.cli import main
+from federated.core.io import temp_name
 from federated.server.run_folder import (
     LOCK_FILE,
+    MANIFEST_FILE,
     RunFolderError,
     RunLock,
     check_out_dir,
     clear_run_outputs,
     is_framework_entry,
+    record_outputs,
 )
 
 
@@ -31,7 +34,10 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _interrupted_run(folder: Path) -> Path:
-    """What a killed checkpointed run leaves: config, metrics, a checkpoint and a site's DP ledger."""
+    """What a killed checkpointed run leaves: config, metrics, a checkpoint and a site's DP ledger, each
+    listed in its manifest before it was written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record_outputs(folder, "site_state", "checkpoint.npz", "config.yaml", "metrics.parquet")
     (folder / "site_state" / "site_00").mkdir(parents=True)
     (folder / "site_state" / "site_00" / "round_0002.npz").write_bytes(b"ledger: epsilon 1.7")
     (folder / "checkpoint.npz").write_bytes(b"round 2 of 5")
@@ -63,10 +69,10 @@ def test_an_interrupted_run_is_refused_and_pointed_to_resume(tmp_path):
     assert _snapshot(folder) == before
 
 
-def test_site_states_alone_count_as_an_interrupted_run(tmp_path):
+def test_site_states_without_a_checkpoint_are_a_run_with_nothing_to_resume(tmp_path):
     folder = tmp_path / "run"
     (folder / "site_state" / "site_00").mkdir(parents=True)
-    with pytest.raises(RunFolderError, match="interrupted run"):
+    with pytest.raises(RunFolderError, match=r"stopped before its first checkpoint \(site_state; .*nothing to resume"):
         check_out_dir(folder, overwrite=False)
 
 
@@ -83,21 +89,29 @@ def test_a_users_files_are_refused_by_name(tmp_path):
     check_out_dir(folder, overwrite=True)  # allowed, but (below) never deleted
 
 
-def test_overwrite_clears_only_what_the_framework_wrote(tmp_path):
+def test_overwrite_clears_only_what_the_manifest_lists(tmp_path):
     folder = _interrupted_run(tmp_path / "run")
+    record_outputs(folder, "summary.json")
     (folder / "summary.json").write_text("{}")
     (folder / "notes.txt").write_text("mine")
-    (folder / "checkpoint.pkl").write_bytes(b"an older release's checkpoint")
-    clear_run_outputs(folder)
-    assert sorted(os.listdir(folder)) == ["config.yaml", "notes.txt"]  # config.yaml is rewritten by the run
+    (folder / "checkpoint.pkl").write_bytes(b"an older release's checkpoint")  # no manifest lists it: kept
+    assert clear_run_outputs(folder) == [
+        "checkpoint.npz",
+        "config.yaml",
+        "metrics.parquet",
+        "site_state",
+        "summary.json",
+    ]
+    assert sorted(os.listdir(folder)) == ["checkpoint.pkl", "notes.txt", MANIFEST_FILE]
     assert (folder / "notes.txt").read_text() == "mine"
 
 
 def test_framework_entries_are_recognised():
     for name in ("config.yaml", "summary.json", "checkpoint.npz", "checkpoint.pkl", "site_state", "tensorboard"):
         assert is_framework_entry(name)
-    assert is_framework_entry(".summary.json.tmp-0a1b2c3d4e5f") and is_framework_entry(LOCK_FILE)
-    for name in ("notes.txt", "summary.json.bak", "data"):
+    assert is_framework_entry(temp_name(Path("summary.json")).name) and is_framework_entry(LOCK_FILE)
+    assert is_framework_entry(MANIFEST_FILE)
+    for name in ("notes.txt", "summary.json.bak", "data", ".summary.json.tmp-0a1b2c3d4e5f", ".draft.tmp"):
         assert not is_framework_entry(name)
 
 
@@ -145,15 +159,17 @@ def test_a_folder_the_lock_created_goes_away_if_nothing_was_written(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_an_old_lock_without_a_pid_is_stale_but_a_fresh_one_is_not(tmp_path):
+def test_a_lock_without_a_pid_is_never_taken_over(tmp_path):
+    """Fresh, it is a run taking the folder; old, nothing says it is the framework's: kept, named."""
     lock = tmp_path / LOCK_FILE
     lock.write_text("")
     with pytest.raises(RunFolderError, match="being taken by another run"):
         RunLock(tmp_path).acquire()
     old = time.time() - 60
     os.utime(lock, (old, old))
-    with RunLock(tmp_path):
-        assert lock.read_text() == f"{os.getpid()}\n"
+    with pytest.raises(RunFolderError, match=rf"{LOCK_FILE} holds no PID.*remove it"):
+        RunLock(tmp_path).acquire()
+    assert lock.exists() and lock.read_text() == ""
 
 
 # -------------------------------------------------------------------------- through the CLI ----
@@ -265,22 +281,24 @@ def test_the_server_app_refuses_a_folder_in_use(tmp_path, smoke_corpus):
 
 
 def test_a_killed_writes_temporary_files_are_removed_at_the_next_start_and_nothing_else(tmp_path):
+    from federated.core.io import HOST_TAG
     from federated.server.run_folder import remove_stale_temps
 
+    dead = _sleeper()
+    dead.kill()
+    dead.wait()
     out = tmp_path / "run"
     site = out / "site_state" / "site_00"
     site.mkdir(parents=True)
-    (out / ".checkpoint.npz.tmp-1a2b").write_bytes(b"half a checkpoint")
-    (site / ".round_00001.npz.tmp-3c4d").write_bytes(b"half a site state")
-    (out / ".corpus.tmp-dir").mkdir()
+    tag = f".multimed-fl-tmp-{HOST_TAG}-{dead.pid}-0123456789ab-"
+    (out / f"{tag}checkpoint.npz").write_bytes(b"half a checkpoint")
+    (site / f"{tag}round_00001.npz").write_bytes(b"half a site state")
+    (out / f"{tag}corpus").mkdir()
     (site / "round_00001.npz").write_bytes(b"a finished site state")
     (out / "notes.txt").write_text("a user's file")
+    (out / ".notes.txt.tmp-1a2b").write_text("a user's file that looks like an earlier release's temporary")
     removed = remove_stale_temps(out)
-    assert sorted(removed) == [
-        ".checkpoint.npz.tmp-1a2b",
-        ".corpus.tmp-dir",
-        "site_state/site_00/.round_00001.npz.tmp-3c4d",
-    ]
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "site_state"]
+    assert sorted(removed) == [f"{tag}checkpoint.npz", f"{tag}corpus", f"site_state/site_00/{tag}round_00001.npz"]
+    assert sorted(p.name for p in out.iterdir()) == [".notes.txt.tmp-1a2b", "notes.txt", "site_state"]
     assert [p.name for p in site.iterdir()] == ["round_00001.npz"]
     assert remove_stale_temps(tmp_path / "absent") == []

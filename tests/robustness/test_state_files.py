@@ -145,7 +145,7 @@ def test_a_site_state_of_another_site_or_changed_is_refused_by_name(tmp_path):
     members["a0"] = members["a0"] + 1  # one weight changed
     with open(copied, "wb") as f:
         np.savez(f, **members)
-    with pytest.raises(site_state.SiteStateError, match=rf"{copied}: hash mismatch"):
+    with pytest.raises(site_state.SiteStateError, match=rf"{copied} is not authenticated by this user's key"):
         site_state.restore(_context(tmp_path), "site_a", 2)
 
 

@@ -56,6 +56,7 @@ class ScriptedStrategy:
     def __init__(self, aggregate: ArrayRecord | None) -> None:
         self.aggregate = aggregate
         self.last_rejections = [SimpleNamespace(site="site_b", reason="update not finite")]
+        self.last_update_norms = {"site_a": (0.5, 1.0), "site_c": (0.5, 1.0)}
 
     def configure_train(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> list[Message]:
         return [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN) for n in grid.get_node_ids()]
@@ -87,6 +88,7 @@ def test_a_training_round_collects_each_sites_report_failure_and_rejection():
     }
     assert outcome.privacy == {"site_a": {"epsilon": 1.5, "steps": [2]}}
     assert outcome.rejections == {"site_b": "update not finite"}
+    assert outcome.update_norms == {"site_a": (0.5, 1.0), "site_c": (0.5, 1.0)}
     assert fed.timing.train_s == pytest.approx(outcome.train_s) and fed.timing.aggregate_s > 0
 
 

@@ -11,11 +11,11 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from clients.secure_aggregation import masked_update_mod, secure_aggregation_gate
+from clients.secure_aggregation import FITRES_PARAMETERS, masked_update_mod, secure_aggregation_gate
 from federated.core import protocol as P
 from federated.core.arrays import pack_arrays
 from federated.core.config.schema import SecureAggregationConfig
@@ -24,7 +24,17 @@ from federated.engines.inprocess import InProcessGrid
 from federated.server.secure_round import ProtocolSizes, secure_sum
 from federated.server.transport import exchange
 from strategies.aggregation import groupwise_weighted_mean, weighted_mean
-from strategies.secure_sums import GROUPED, SINGLE, Layout, apply_sums, quantisation_bound, site_vector, site_weights
+from strategies.secure_sums import (
+    GROUPED,
+    SINGLE,
+    Layout,
+    apply_sums,
+    quantisation_bound,
+    site_vector,
+    site_weights,
+    sum_problems,
+    zero_level,
+)
 
 N_SITES = 5
 W = 1000.0  # the weight cap the server sends
@@ -58,10 +68,13 @@ class Sites:
     """A toy federation: node i replies to a training message with _site_update(i); some nodes
     fail in a chosen SecAgg+ stage."""
 
-    def __init__(self, fail: dict[str, set[int]] | None = None, boost: dict[int, float] | None = None) -> None:
+    def __init__(
+        self, fail: dict[str, set[int]] | None = None, boost: dict[int, float] | None = None, tamper=None
+    ) -> None:
         self.fail = fail or {}
         self.boost = boost or {}  # site -> a factor on its update (its difference from the global model)
-        app = ClientApp(mods=[self.faults, secure_aggregation_gate, masked_update_mod])
+        self.tamper = tamper  # (site, vector, layout) -> None: changes a site's vector before it is masked
+        app = ClientApp(mods=[self.faults, secure_aggregation_gate, self.dishonest, masked_update_mod])
         app.train()(self.train)
         self.grid = InProcessGrid(app, [{} for _ in range(N_SITES)], {})
         self.nodes = list(self.grid.get_node_ids())
@@ -76,6 +89,17 @@ class Sites:
         if self.index(msg.metadata.dst_node_id) in self.fail.get(str(stage), set()):
             raise RuntimeError(f"site {self.index(msg.metadata.dst_node_id)} died in the {stage} stage")
         return call_next(msg, context)
+
+    def dishonest(self, msg: Message, context: Context, call_next):
+        reply = call_next(msg, context)
+        if self.tamper is None or FITRES_PARAMETERS not in reply.content.array_records:
+            return reply
+        (vector,) = reply.content.array_records[FITRES_PARAMETERS].to_numpy_ndarrays()
+        vector = np.array(vector, np.float64)
+        kind = str(msg.content.config_records[P.CONFIG_RECORD][P.SECURE_LAYOUT])
+        self.tamper(self.index(context.node_id), vector, Layout.of(GLOBAL, kind))
+        reply.content[FITRES_PARAMETERS] = ArrayRecord([vector])
+        return reply
 
     def train(self, msg: Message, context: Context) -> Message:
         i = self.index(context.node_id)
@@ -352,3 +376,55 @@ def test_the_bound_holds_when_a_group_weighs_little_against_the_cap(levels):
     assert error <= _bound(GROUPED, list(range(N_SITES)), result.levels, 50_000.0)
     if levels == 0:
         assert error < 1e-5
+
+
+def _declared_totals(result) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for msg in result.replies:  # what each site declared in the clear
+        for group, a in json.loads(msg.content.config_records[P.SECURE_GROUPS_RECORD][P.SECURE_WEIGHTS]).items():
+            totals[group] = totals.get(group, 0.0) + a
+    return totals
+
+
+def _check(result, withheld=frozenset()):
+    layout = Layout.of(GLOBAL, GROUPED)
+    n = len(result.survivors)
+    return sum_problems(
+        layout,
+        result.summed,
+        result.quantised,
+        _declared_totals(result),
+        n,
+        SA.clipping_range,
+        result.levels,
+        None,
+        withheld,
+    )
+
+
+def test_an_honest_sum_passes_the_checks_and_a_withheld_groups_zeros_are_exact():
+    sites = Sites()
+    result = sites.round(GROUPED, withheld=("encoder/mri",))
+    assert _check(result, frozenset({"encoder/mri"})) == []
+    mri = next(s for s in Layout.of(GLOBAL, GROUPED).segments if s.group == "encoder/mri")
+    zeros = result.quantised[mri.start : mri.weight_index + 1]
+    assert (zeros == N_SITES * zero_level(SA.clipping_range, result.levels)).all()  # exact, not within a bound
+    np.testing.assert_array_equal(result.summed[mri.start : mri.weight_index + 1], 0.0)
+
+
+def test_a_vector_changed_before_masking_fails_the_checks_whatever_the_site_declared():
+    """Site 3 declared its weights honestly (masked_update_mod wrote them), then changed its vector:
+    one step into a withheld group, and its weight for fusion negated."""
+
+    def tamper(site, vector, layout):
+        if site == 3:
+            mri = next(s for s in layout.segments if s.group == "encoder/mri")
+            fusion = next(s for s in layout.segments if s.group == "fusion")
+            vector[mri.start] = 2 * SA.clipping_range / 2**20  # a few quantisation steps
+            vector[fusion.weight_index] *= -1
+
+    result = Sites(tamper=tamper).round(GROUPED, withheld=("encoder/mri",))
+    problems = _check(result, frozenset({"encoder/mri"}))
+    assert len(problems) == 2
+    assert problems[0].startswith("group encoder/mri (withheld this round): no site declared a weight for it, yet 1 ")
+    assert problems[1].startswith("group fusion: total weight")

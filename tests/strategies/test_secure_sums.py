@@ -20,14 +20,18 @@ from strategies.secure_sums import (
     Layout,
     apply_sums,
     check_secure_strategy,
+    declaration_problem,
     lone_contributions,
     quantisation_bound,
     quantization_levels,
     site_vector,
     site_weights,
     sites_capacity,
+    sum_problems,
+    vector_weights,
     weight_resolution,
     withheld_groups,
+    zero_level,
 )
 
 # Two groups: encoder/ct (3 + 1 entries) and head/bone_age (2 entries), in this key order.
@@ -209,3 +213,103 @@ def test_a_clip_below_one_is_refused_because_weights_travel_in_it():
     cfg = load_config(["secure_aggregation=secaggplus", "secure_aggregation.clipping_range=0.5"])
     with pytest.raises(ConfigError, match="clipping_range must be >= 1"):
         check_secure_strategy(cfg, GROUPED)
+
+
+def test_a_clip_for_which_zero_does_not_quantise_exactly_is_refused():
+    """c = 1.9: c x (T / 2c) is not T / 2 in floating point, so honest zeros would not sum to an exact level."""
+    assert zero_level(1.0, 2**28) == 2**27 and zero_level(1.5, 2**22) == 2**21 and zero_level(8.0, 2**29) == 2**28
+    assert zero_level(1.9, 2**28) is None and zero_level(1.0, 1001) is None
+    cfg = load_config(["secure_aggregation=secaggplus", "secure_aggregation.clipping_range=1.9"])
+    with pytest.raises(ConfigError, match="a zero entry must quantise to an exact level"):
+        check_secure_strategy(cfg, GROUPED)
+
+
+def test_the_declared_weights_are_the_vectors_weight_entries():
+    layout = Layout.of(GLOBAL, GROUPED)
+    weights = {"encoder/ct": 30.0, "head/bone_age": 0.0, "fusion": 5.0}  # fusion: not a group of this model
+    assert vector_weights(layout, weights, 60.0) == {"encoder/ct": 0.5}
+    vector, _ = site_vector(layout, GLOBAL, GLOBAL, weights, 60.0, 1.0)
+    assert vector[[s.weight_index for s in layout.segments]].tolist() == [0.5, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("declared", "why"),
+    [
+        ({"encoder/ct": 0.5}, None),
+        ({"encoder/ct": -1.0}, "declares weight -1.0 for group encoder/ct, outside (0, 0.5]"),
+        ({"encoder/ct": 0.6}, "outside (0, 0.5]"),  # above what its handshake's examples allow
+        ({"encoder/ct": float("nan")}, "declares weight nan"),
+        ({"head/bone_age": 0.1}, "group head/bone_age, which it did not declare at the handshake"),
+        ({"encoder/mri": 0.1}, "'encoder/mri', which is not a parameter group of the model"),
+    ],
+)
+def test_a_declaration_is_checked_against_the_handshake(declared, why):
+    groups = frozenset({"encoder/ct", "head/bone_age"})
+    problem = declaration_problem(declared, groups, 0.5, frozenset({"encoder/ct"}), frozenset())
+    assert problem == why if why is None else why in problem
+
+
+def test_a_withheld_group_cannot_be_declared():
+    problem = declaration_problem({"encoder/ct": 0.2}, frozenset({"encoder/ct"}), 1.0, None, frozenset({"encoder/ct"}))
+    assert problem == "declares a weight for group encoder/ct, which this round withholds"
+
+
+def _quantised(summed: np.ndarray, n: int, clip: float, levels: int) -> np.ndarray:
+    """The integer sum an exact float sum would have (as the server's unmask stage holds it)."""
+    return np.round((summed + n * clip) * levels / (2 * clip)).astype(np.int64)
+
+
+def test_the_sum_checks_by_hand():
+    """Two sites, c = 1: ct declared 0.5 + 0.25, the head by nobody. An honest sum passes; each
+    dishonest change fails the check named, and only that group."""
+    layout = Layout.of(GLOBAL, GROUPED)
+    n, clip, levels = 2, 1.0, 2**20
+    honest = np.array([0.25, -0.5, 0.125, 0.0, 0.75, 0.0, 0.0, 0.0])
+    declared = {"encoder/ct": 0.75}
+
+    def problems(summed, norm_bound=None):
+        q = _quantised(summed, n, clip, levels)
+        return sum_problems(layout, summed, q, declared, n, clip, levels, norm_bound, frozenset({"head/bone_age"}))
+
+    assert problems(honest) == []
+    assert problems(honest, norm_bound=1.0) == []  # ||(0.25, -0.5, 0.125, 0)|| = 0.573 <= 1 x 0.75
+    moved = honest.copy()
+    moved[5] = 2**-19  # one step (2c / T) in a group no site declared
+    assert problems(moved) == [
+        "group head/bone_age (withheld this round): no site declared a weight for it, yet 1 of its 3 entries do "
+        "not sum to zero"
+    ]
+    lighter = honest.copy()
+    lighter[4] = -0.25  # one site's weight entry -0.5 in place of 0.5
+    assert problems(lighter) == [
+        "group encoder/ct: total weight -0.25 where the sites declared 0.75 (quantisation allows +-3.8e-06)"
+    ]
+    beyond = honest.copy()
+    beyond[0] = 0.9  # more than c x 0.75 from sites whose weights sum to 0.75
+    assert problems(beyond) == [
+        "group encoder/ct: an entry of its weighted sum is 0.9, above c x the declared weight = 0.75 "
+        "(secure_aggregation.clipping_range=1)"
+    ]
+    assert problems(honest, norm_bound=0.5) == [
+        "group encoder/ct: the L2 norm of its weighted sum is 0.572822, above the norm bound 0.5 x the declared "
+        "weight = 0.375"
+    ]
+
+
+def test_an_honest_quantised_sum_passes_the_checks_within_the_bound():
+    """Flower's own quantisation of three honest vectors: the withheld group's zeros sum exactly."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    layout = Layout.of(GLOBAL, GROUPED)
+    rng = np.random.default_rng(3)
+    clip, levels = 1.0, 2**20
+    sites = [{k: v + rng.normal(0, 0.3, v.shape).astype(np.float32) for k, v in GLOBAL.items()} for _ in range(3)]
+    vectors = [site_vector(layout, GLOBAL, s, {"encoder/ct": 20.0 + i}, 60.0, clip)[0] for i, s in enumerate(sites)]
+    quantised = np.sum([quantize([v], clip, levels)[0].astype(np.int64) for v in vectors], axis=0)
+    summed = dequantize([quantised], clip, levels)[0] - 2 * clip
+    declared = {
+        "encoder/ct": sum(vector_weights(layout, {"encoder/ct": 20.0 + i}, 60.0)["encoder/ct"] for i in range(3))
+    }
+    assert sum_problems(layout, summed, quantised, declared, 3, clip, levels, 10.0, frozenset({"head/bone_age"})) == []
+    head = layout.segments[1]
+    assert (quantised[head.start : head.weight_index + 1] == 3 * zero_level(clip, levels)).all()

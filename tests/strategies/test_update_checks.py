@@ -23,6 +23,7 @@ from strategies.robust import TooFewTrainers
 from strategies.validation import (
     declared_groups,
     norm_outliers,
+    norm_ratios,
     over_declared,
     undeclared_claims,
     undeclared_moves,
@@ -119,6 +120,12 @@ def test_norm_outliers_absolute_and_relative_to_the_round_median():
     assert norm_outliers(norms, 0.0, 0.0) == {}
     assert norm_outliers({0: 1.0, 1: 100.0}, 0.0, 10.0) == {}  # two norms: no median to trust
     assert norm_outliers({0: math.inf}, 1e4, 0.0) == {0: "update norm inf > strategy.max_update_norm=10000"}
+
+
+def test_norm_ratios_are_to_the_round_median_and_need_three_updates():
+    assert norm_ratios({0: 1.0, 1: 2.0, 2: 3.0, 3: 100.0}) == {0: 0.4, 1: 0.8, 2: 1.2, 3: 40.0}
+    assert norm_ratios({0: 1.0, 1: 100.0}) == {0: None, 1: None}
+    assert norm_ratios({0: 0.0, 1: 0.0, 2: 5.0}) == {0: 0.0, 1: 0.0, 2: math.inf}  # median 0: any move is out
 
 
 def test_over_declared_bounds_a_site_by_its_share_of_all_declared_examples():
@@ -234,9 +241,10 @@ def test_the_new_common_settings_are_checked_by_name():
 
 
 def _five_and_two(name: str, **settings):
-    """5 sites train fusion (values 1..4 and a wild 50); 2 of them also train encoder/ct (1 and 3)."""
+    """5 sites train fusion (values 1..4 and a wild 50); 2 of them also train encoder/ct (1 and 3).
+    The relative norm bound is off: the robust rule itself meets the wild site."""
     data = {i: (["ct"] if i <= 2 else [], ["bone_age"]) for i in range(1, 6)}
-    strategy = _start(name, n_sites=5, data=data, **settings)
+    strategy = _start(name, n_sites=5, data=data, max_update_norm_ratio=0.0, **settings)
     replies = []
     for i, v in enumerate([1.0, 2.0, 3.0, 4.0, 50.0], start=1):
         values = {"encoders.eeg.w": [0.0], "encoders.ct.w": [1.0 if i == 1 else 3.0 if i == 2 else 0.0]}

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from federated.core.io import read_yaml_mapping
+from federated.core.literal import interpolation_in, refusal
 from federated.core.resources import shipped_dir
 
 STUDY_DIR_ENV = "MULTIMED_FL_STUDIES"
@@ -143,6 +144,9 @@ def load_study(name_or_path: str) -> Study:
     """A study by name (in study_dir()) or by path, every key checked, so a typo fails before any run."""
     path = _study_path(name_or_path)
     raw = read_yaml_mapping(path, KEYS, StudyError, "a study")
+    interpolated = interpolation_in(raw)
+    if interpolated is not None:  # before any value becomes an override that OmegaConf would resolve
+        raise StudyError(f"{path}: {refusal(interpolated)}")
     axes = _axes(raw.get("axes") or {}, path)
     generated = list(raw.get("generated_axes") or [])
     bad = [g for g in generated if g not in GENERATORS]

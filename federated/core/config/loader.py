@@ -40,10 +40,12 @@ from federated.core.config.schema import (
     STRATEGY_SETTINGS,
     ConfigError,
     ExperimentConfig,
+    SecureAggregationConfig,
     StrategyConfig,
     StrategySettings,
     valid_device_spec,
 )
+from federated.core.literal import MARK, interpolation_in, refusal
 from federated.core.resources import shipped_dir
 
 ATTACK_KINDS = ("none", "sign_flip", "scale", "nan", "inflate_count", "inflate_handshake", "undeclared_group", "huge")
@@ -78,6 +80,9 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"{path} must hold a mapping of keys to values")
+    key = interpolation_in(OmegaConf.to_container(data, resolve=False))
+    if key is not None:  # $MULTIMED_FL_CONF may point at a user's own conf/
+        raise ConfigError(f"{path}: {refusal(key)}")
     return data
 
 
@@ -129,6 +134,8 @@ def _parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
+        if MARK in item:  # checked before OmegaConf sees it: `${oc.env:HOME}` would read the environment
+            raise ConfigError(f"command line: {refusal(key)}")
         if key in GROUPS:
             groups[key] = value.strip()
         else:
@@ -275,10 +282,12 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), root: Path | None =
 
 
 def _group_file(root: Path, group: str, name: str) -> dict[str, Any]:
+    """conf/<group>/<name>.yaml, where `name` must be one of the names of the files there: a name
+    is never a path (`scale=../scale/smoke`, `corpus=ingest/real_mini` are refused)."""
+    choices = group_choices(group, root)
+    if name not in choices:
+        raise ConfigError(f"unknown {group} {name!r}; choices: {', '.join(choices) or '(none)'}")
     path = root / group / f"{name}.yaml"
-    if not path.is_file():
-        choices = ", ".join(group_choices(group, root)) or "(none)"
-        raise ConfigError(f"unknown {group} {name!r}; choices: {choices}")
     body = OmegaConf.to_container(_read_yaml(path))
     assert isinstance(body, dict)
     return {str(k): v for k, v in body.items()}
@@ -511,17 +520,14 @@ def secure_aggregation_checks(cfg: ExperimentConfig) -> list[tuple[str, bool, st
             0 < sa.num_shares <= 1 or (sa.num_shares > 2 and float(sa.num_shares).is_integer()),
             "must be a fraction in (0, 1] of the round's sites or a whole number > 2",
         ),
-        (
-            "secure_aggregation.reconstruction_threshold",
-            0 < sa.reconstruction_threshold <= 1
-            or (sa.reconstruction_threshold >= 2 and float(sa.reconstruction_threshold).is_integer()),
-            "must be a fraction in (0, 1] of num_shares or a whole number >= 2",
-        ),
+        *reconstruction_threshold_checks(sa),
         (
             "strategy.max_update_norm_ratio",
-            cfg.strategy.max_update_norm_ratio == 0,
-            "must be 0 with secure_aggregation=secaggplus: it compares each update's norm with the round's "
-            "median, which needs every update; strategy.max_update_norm is checked by each site on its own",
+            # the default is not applied there (the run's log says so); a ratio the user chose is refused
+            cfg.strategy.max_update_norm_ratio in (0, StrategyConfig.max_update_norm_ratio),
+            "cannot be set with secure_aggregation=secaggplus: it compares each update with the round's median, "
+            f"which the server never sees (the default, {StrategyConfig.max_update_norm_ratio:g}, is not applied "
+            "there); strategy.max_update_norm is checked by each site on its own",
         ),
         # Updates of individual sites are what attacks and faults act on; the server cannot see them
         (
@@ -530,6 +536,34 @@ def secure_aggregation_checks(cfg: ExperimentConfig) -> list[tuple[str, bool, st
             "cannot be simulated with secure_aggregation=secaggplus except inflate_handshake: the server "
             "sees only the sum of masked updates, so no update could be screened (run attacks without it)",
         ),
+    ]
+
+
+def reconstruction_threshold_checks(sa: SecureAggregationConfig) -> list[tuple[str, bool, str]]:
+    """The shares that recover a site's secrets must be more than half of its shares: Flower's mod
+    answers whatever unmask lists it is sent, so with half or fewer a server could ask some
+    neighbours for a site's mask-seed shares and the others for its key shares, recover both, and
+    unmask that site's update alone. A fraction (1 = every share, Flower's reading) or a count."""
+    t, shares = sa.reconstruction_threshold, sa.num_shares
+    why = (
+        "must be more than half of the shares (a fraction in (0.5, 1], or a count above num_shares / 2): with "
+        "half or fewer, a server could ask some of a site's neighbours for its mask-seed shares and the others "
+        "for its key shares, recover both and unmask that site's update alone"
+    )
+    if t <= 1:
+        return [("secure_aggregation.reconstruction_threshold", 0.5 < t <= 1, why)]
+    key = "secure_aggregation.reconstruction_threshold"
+    return [
+        (key, float(t).is_integer(), "must be a fraction in (0.5, 1] of num_shares or a whole number of shares"),
+        (
+            key,
+            shares > 1,
+            "as a whole number needs a whole-number secure_aggregation.num_shares: with a fraction, the round's "
+            "share count is known only at run time, and a fixed count could be half of it or fewer; use a "
+            "fraction in (0.5, 1]",
+        ),
+        (key, shares <= 1 or t > shares / 2, why),
+        (key, shares <= 1 or t < shares, "must be less than num_shares (Flower's rule: one site may drop)"),
     ]
 
 

@@ -3,13 +3,16 @@
 A run may begin from an earlier run's final_model.npz or from a torch/safetensors checkpoint
 instead of a fresh initialisation. Tensors whose name and shape match are copied in; everything
 else keeps its fresh initialisation, and an InitReport says which is which so the run's log shows
-exactly what was reused. Files are read without executing code (numpy with allow_pickle=False,
-torch with weights_only=True): a weights file is data, and a crafted one must not run anything.
-Nothing is downloaded.
+exactly what was reused. Files are read without executing code (.npz members as plain .npy arrays,
+never object arrays; torch with weights_only=True): a weights file is data, and a crafted one must not run anything.
+Nor may it claim more memory than the model it initialises: a zip's members (an .npz, a torch
+file) are checked from the zip directory and their headers before anything is decompressed, and
+only the tensors whose name and shape match the model are read. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -22,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from federated.core.npz import NpzError, SafeNpz, check_zip_directory
+
 NPZ_SUFFIXES = (".npz",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -31,6 +36,11 @@ VALID_SUFFIXES = NPZ_SUFFIXES + TORCH_SUFFIXES + SAFETENSORS_SUFFIXES
 # {"state_dict": ..., "epoch": ...} or {"model": ..., "optimizer": ...}); tried in this order.
 _WRAPPER_KEYS = ("state_dict", "model")
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a model's tensors can take
+# What the members of a weights zip may declare uncompressed (_max_bytes): a model's tensor takes
+# at most 8 bytes an element (float64, int64); without the model, 16 x the file's size + 64 MiB.
+_ELEMENT_BYTES = 8
+_RATIO_WITHOUT_MODEL = 16
+_SLACK_WITHOUT_MODEL = 64 << 20
 _FEW = 3  # names quoted in a message or summary: enough to recognise the file, short enough to read
 
 
@@ -92,56 +102,95 @@ def _fail(path: str | os.PathLike[str], why: str) -> WeightsFileError:
     return WeightsFileError(f"model.init_weights: {path}: {why}")
 
 
-def read_weights(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+def read_weights(
+    path: str | os.PathLike[str], expected: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
     """Read a weights file into name -> array, without running any code the file might carry.
 
-    Every refusal is a WeightsFileError naming the file; the arrays returned are numeric and finite.
+    `expected` (name -> shape, the model's) limits what an .npz gives to those tensors: the rest
+    are judged by their headers alone. Every refusal is a WeightsFileError naming the file; the
+    arrays returned are numeric and finite.
     """
-    p = Path(path)
+    return _read(Path(path), expected).arrays
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What a weights file holds: the arrays read, and every tensor's shape (read or not)."""
+
+    arrays: dict[str, np.ndarray]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def _max_bytes(p: Path, expected: Mapping[str, tuple[int, ...]] | None) -> int:
+    """The most a weights zip's members may declare uncompressed: the file's own size (what stored
+    members occupy) plus, for the model being initialised, its tensors at 8 bytes an element (so
+    float64 weights fit); without a model, a generous multiple of the file's size."""
+    size = p.stat().st_size
+    if expected is None:
+        return size * _RATIO_WITHOUT_MODEL + _SLACK_WITHOUT_MODEL
+    return size + _ELEMENT_BYTES * sum(math.prod(shape) for shape in expected.values())
+
+
+def _read(p: Path, expected: Mapping[str, tuple[int, ...]] | None) -> _Found:
     if not p.exists():
         raise WeightsFileError(f"model.init_weights: no such file {p}")
     if p.is_dir():
         raise _fail(p, "is a directory, not a weights file")
     suffix = p.suffix.lower()
     if suffix in NPZ_SUFFIXES:
-        arrays = _read_npz(p)
+        found = _read_npz(p, expected)
     elif suffix in TORCH_SUFFIXES:
-        arrays = _read_torch(p)
+        arrays = _read_torch(p, _max_bytes(p, expected))
+        found = _Found(arrays, {name: a.shape for name, a in arrays.items()})
     elif suffix in SAFETENSORS_SUFFIXES:
         arrays = _read_safetensors(p)
+        found = _Found(arrays, {name: a.shape for name, a in arrays.items()})
     else:
         raise _fail(p, f"unknown extension {p.suffix or '(none)'!r}; valid: {', '.join(VALID_SUFFIXES)}")
-    if not arrays:
+    if not found.shapes:
         raise _fail(p, "holds no tensors")
-    for name, array in arrays.items():
+    for name, array in found.arrays.items():
         if array.dtype.kind not in _NUMERIC_KINDS:
             raise _fail(p, f"tensor {name!r} has non-numeric dtype {array.dtype}")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise _fail(p, f"tensor {name!r} has non-finite values (NaN or inf)")
-    return arrays
+    return found
 
 
-def _read_npz(p: Path) -> dict[str, np.ndarray]:
-    """final_model.npz as write_final_model saves it (np.savez of name -> array)."""
+def _read_npz(p: Path, expected: Mapping[str, tuple[int, ...]] | None) -> _Found:
+    """final_model.npz as write_final_model saves it (np.savez of name -> array), or np.savez_compressed's.
+
+    Every member's declared size and .npy header are checked before any data is decompressed
+    (federated/core/npz.py); with `expected`, only the tensors whose name and shape match are read.
+    """
     # Checked first: np.load would read any other file as a lone .npy or a pickle, and its
     # refusal of the latter suggests loading it unsafely, which is the wrong advice here.
     if not zipfile.is_zipfile(p):
         raise _fail(p, "unreadable or corrupt .npz: not a zip archive of named arrays (as np.savez writes)")
     try:
-        loaded = np.load(p, allow_pickle=False)
-    except Exception as e:  # corrupt archives fail in zipfile, zlib, numpy's format parser...
-        raise _fail(p, f"unreadable or corrupt .npz ({type(e).__name__}: {e})") from e
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise _fail(p, "unreadable or corrupt .npz: not an archive of named arrays")
-    try:
-        with loaded:
-            return {name: np.asarray(loaded[name]) for name in loaded.files}
-    except Exception as e:
-        raise _fail(p, f"unreadable or corrupt .npz ({type(e).__name__}: {e})") from e
+        with SafeNpz(p, _max_bytes(p, expected)) as z:
+            members = [z.member(name) for name in z.names]
+            for m in members:
+                if m.dtype.kind not in _NUMERIC_KINDS:
+                    raise _fail(p, f"tensor {m.name!r} has non-numeric dtype {m.dtype}")
+            wanted = [m.name for m in members if expected is None or expected.get(m.name) == m.shape]
+            z.reserve(wanted)
+            return _Found({name: z.read(name) for name in wanted}, {m.name: m.shape for m in members})
+    except NpzError as e:
+        raise _fail(p, f"unreadable or corrupt .npz ({e})") from None
 
 
-def _read_torch(p: Path) -> dict[str, np.ndarray]:
-    """A torch state dict, bare or under a 'state_dict'/'model' key; loaded with weights_only=True."""
+def _read_torch(p: Path, max_bytes: int) -> dict[str, np.ndarray]:
+    """A torch state dict, bare or under a 'state_dict'/'model' key; loaded with weights_only=True.
+    torch.save writes a zip (stored records) that torch.load decompresses whole: its directory is
+    checked first, as an .npz's is."""
+    if zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as zf:
+                check_zip_directory(zf, p.stat().st_size, max_bytes)
+        except (NpzError, zipfile.BadZipFile, OSError) as e:
+            raise _fail(p, f"unreadable or corrupt torch file ({e})") from None
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -211,24 +260,25 @@ def load_init_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> I
     Tensors are cast to the model's dtypes. A file that matches nothing is an error rather than a
     silent fresh start: it is almost certainly the wrong file or a different architecture.
     """
-    arrays = read_weights(path)
     state = model.state_dict()
+    found = _read(Path(path), {name: tuple(t.shape) for name, t in state.items()})
+    arrays, shapes = found.arrays, found.shapes
     loaded: list[str] = []
     missing: list[str] = []
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     for name, target in state.items():
-        if name not in arrays:
+        if name not in shapes:
             missing.append(name)
-        elif tuple(arrays[name].shape) != tuple(target.shape):
-            mismatched.append((name, tuple(arrays[name].shape), tuple(target.shape)))
+        elif tuple(shapes[name]) != tuple(target.shape):
+            mismatched.append((name, tuple(shapes[name]), tuple(target.shape)))
         else:
             loaded.append(name)
-    unexpected = [name for name in arrays if name not in state]
+    unexpected = [name for name in shapes if name not in state]
     if not loaded:
         detail = f"; shape mismatches: {_few([n for n, _, _ in mismatched])}" if mismatched else ""
         raise _fail(
             path,
-            f"no tensor matches the model by name and shape (file has {_few(list(arrays))}; "
+            f"no tensor matches the model by name and shape (file has {_few(list(shapes))}; "
             f"model has {_few(list(state))}{detail})",
         )
     with torch.no_grad():

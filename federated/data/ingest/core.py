@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,20 +37,44 @@ class Problems:
         self.skipped.append({"item": str(where), "reason": reason})
 
 
+@dataclass(frozen=True)
+class SampleBlock:
+    """Samples side by side, one array per column: how a SampleSet holds them, so a million
+    table rows are dealt into sites, split and written as arrays, not as a million objects."""
+
+    inputs: dict[str, tuple[np.ndarray, np.ndarray]]  # modality -> (has it: bool [n], values [n_has, *shape])
+    targets: np.ndarray  # [n, *label_shape]
+    origin_sites: np.ndarray  # [n] of str (object)
+    patient_ids: np.ndarray  # [n] of str (object)
+    sources: np.ndarray  # [n] of str (object)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def _texts(values: Any, n: int) -> np.ndarray:
+    """A column of strings as an object array of length n (a ValueError when its length differs)."""
+    out = np.empty(n, dtype=object)
+    if len(values) != n:
+        raise ValueError(f"{len(values)} values for {n} samples")
+    out[:] = values
+    return out
+
+
 @dataclass
 class SampleSet:
     """Samples of one task, as adapters produce them: inputs at the shapes `schema` declares,
-    checked as they are added, so an adapter that resizes wrongly fails at its first sample."""
+    checked as they are added (one by one with `add`, a table's rows at once with `extend`), so
+    an adapter that resizes wrongly fails at its first sample."""
 
     task: str
     schema: CorpusSchema
-    # None where a sample lacks that input (its idx_ column is -1)
-    inputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
-    targets: list[np.ndarray] = field(default_factory=list)
-    origin_sites: list[str] = field(default_factory=list)
-    patient_ids: list[str] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)  # what a reader of the corpus should know
+    _blocks: list[SampleBlock] = field(default_factory=list, init=False, repr=False)
+    # samples given one by one, not yet a block: (inputs, target, origin site, patient, source)
+    _pending: list[tuple[dict[str, np.ndarray], np.ndarray, str, str, str]] = field(
+        default_factory=list, init=False, repr=False
+    )
 
     def add(self, inputs: dict[str, np.ndarray], target: Any, origin_site: str, patient_id: str, source: str) -> None:
         spec = self.schema.task(self.task)
@@ -58,19 +84,105 @@ class SampleSet:
             shape = self.schema.modality(m).shape
             if tuple(x.shape) != tuple(shape):
                 raise ValueError(f"{m} sample of shape {tuple(x.shape)}, expected {tuple(shape)}")
-        n = len(self.targets)
-        for m in spec.inputs:  # None: this sample lacks the input (its idx_ column is -1)
-            given = inputs.get(m)
-            self.inputs.setdefault(m, [None] * n).append(
-                None if given is None else given.astype(self.schema.modality(m).dtype)
+        given = {m: x.astype(self.schema.modality(m).dtype) for m, x in inputs.items()}
+        self._pending.append((given, np.asarray(target), origin_site, patient_id, source))
+
+    def extend(
+        self,
+        inputs: dict[str, np.ndarray],
+        targets: np.ndarray,
+        origin_sites: Any,
+        patient_ids: Any,
+        source: str,
+    ) -> None:
+        """Add len(targets) samples at once: `inputs[m]` holds one row per sample ([n, *shape]); a
+        task input missing from `inputs` is one every one of these samples lacks."""
+        spec, n = self.schema.task(self.task), len(targets)
+        for m, x in inputs.items():
+            if m not in spec.inputs:
+                raise ValueError(f"task {self.task} has no input {m!r}")
+            shape = self.schema.modality(m).shape
+            if tuple(x.shape) != (n, *shape):
+                raise ValueError(f"{m} samples of shape {tuple(x.shape)}, expected {(n, *shape)}")
+        columns = {}
+        for m in spec.inputs:
+            modality = self.schema.modality(m)
+            if m in inputs:
+                columns[m] = (np.ones(n, dtype=bool), inputs[m].astype(modality.dtype))
+            else:
+                columns[m] = (np.zeros(n, dtype=bool), np.empty((0, *modality.shape), dtype=modality.dtype))
+        block = SampleBlock(
+            columns, np.asarray(targets), _texts(origin_sites, n), _texts(patient_ids, n), _texts([source] * n, n)
+        )
+        self._flush()
+        self._blocks.append(block)
+
+    def _flush(self) -> None:
+        """The samples added one by one become a block (in their order, after the blocks before them)."""
+        if not self._pending:
+            return
+        pending, n = self._pending, len(self._pending)
+        columns = {}
+        for m in self.schema.task(self.task).inputs:  # a sample lacks an input it was not given
+            modality = self.schema.modality(m)
+            has = np.array([m in p[0] for p in pending], dtype=bool)
+            values = [p[0][m] for p in pending if m in p[0]]
+            columns[m] = (
+                has,
+                np.stack(values) if values else np.empty((0, *modality.shape), dtype=modality.dtype),
             )
-        self.targets.append(np.asarray(target))
-        self.origin_sites.append(origin_site)
-        self.patient_ids.append(patient_id)
-        self.sources.append(source)
+        targets = np.stack([p[1] for p in pending])
+        columns_of = [_texts([p[k] for p in pending], n) for k in (2, 3, 4)]
+        self._blocks.append(SampleBlock(columns, targets, *columns_of))
+        self._pending = []
+
+    def block(self) -> SampleBlock:
+        """Every sample, in the order added, as one block."""
+        self._flush()
+        spec, blocks = self.schema.task(self.task), self._blocks
+        if not blocks:
+            empty = {m: self.schema.modality(m) for m in spec.inputs}
+            inputs = {m: (np.zeros(0, dtype=bool), np.empty((0, *v.shape), dtype=v.dtype)) for m, v in empty.items()}
+            texts = np.empty(0, dtype=object)
+            return SampleBlock(inputs, np.empty((0, *spec.label_shape)), texts, texts, texts)
+        if len(blocks) > 1:
+            inputs = {
+                m: (
+                    np.concatenate([b.inputs[m][0] for b in blocks]),
+                    np.concatenate([b.inputs[m][1] for b in blocks]),
+                )
+                for m in spec.inputs
+            }
+            joined = (
+                np.concatenate([getattr(b, c) for b in blocks]) for c in ("origin_sites", "patient_ids", "sources")
+            )
+            self._blocks = [SampleBlock(inputs, np.concatenate([b.targets for b in blocks]), *joined)]
+        return self._blocks[0]
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Every sample's target, [n, *label_shape]."""
+        return self.block().targets
+
+    @property
+    def patient_ids(self) -> np.ndarray:
+        return self.block().patient_ids
+
+    @property
+    def sources(self) -> np.ndarray:
+        return self.block().sources
+
+    @property
+    def origin_sites(self) -> np.ndarray:
+        return self.block().origin_sites
+
+    @origin_sites.setter
+    def origin_sites(self, sites: Any) -> None:
+        block = self.block()
+        self._blocks = [dataclasses.replace(block, origin_sites=_texts(sites, len(block)))]
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return sum(len(b) for b in self._blocks) + len(self._pending)
 
 
 Adapter = Callable[[dict[str, Any], Path, Problems, CorpusSchema], SampleSet]
@@ -81,17 +193,25 @@ COMMON_KEYS = frozenset({"adapter", "task", "on_error", "simulated_sites", "shap
 ADAPTER_KEYS: dict[str, frozenset[str]] = {}
 # adapter name -> the kind of the modality a source's `shape:` sets (its main input)
 ADAPTER_FILLS: dict[str, str] = {}
+# adapter name -> the source keys that name files or folders (checked to lie inside the data root)
+ADAPTER_PATHS: dict[str, frozenset[str]] = {}
 
 
-def adapter(name: str, keys: set[str] | frozenset[str], fills: str) -> Callable[[Adapter], Adapter]:
-    """Register an adapter, the source keys it reads (so a misspelt key is refused by name) and
-    the kind of modality it fills (so the spec can settle a source's `shape:` before reading)."""
+def adapter(
+    name: str, keys: set[str] | frozenset[str], fills: str, paths: frozenset[str] = frozenset({"path"})
+) -> Callable[[Adapter], Adapter]:
+    """Register an adapter, the source keys it reads (so a misspelt key is refused by name), the
+    kind of modality it fills (so the spec can settle a source's `shape:` before reading) and the
+    keys among them that name files or folders (so each is checked against the data root first)."""
     if fills not in KINDS:
         raise ValueError(f"adapter {name}: fills {fills!r} is not one of {', '.join(KINDS)}")
+    if not paths <= set(keys):
+        raise ValueError(f"adapter {name}: path keys {sorted(paths - set(keys))} are not among its keys")
 
     def deco(fn: Adapter) -> Adapter:
         ADAPTER_KEYS[name] = frozenset(keys)
         ADAPTER_FILLS[name] = fills
+        ADAPTER_PATHS[name] = frozenset(paths)
         return ADAPTERS.add(name, fn)
 
     return deco
@@ -113,11 +233,19 @@ def filled_modality(task: Task, schema: CorpusSchema, kind: str, params: dict[st
 
 
 def class_folders(
-    root: Path, mapping: dict[str, str], task_name: str, classes: tuple[str, ...], problems: Problems, layout: str = ""
+    root: Path,
+    mapping: dict[str, str],
+    task_name: str,
+    classes: tuple[str, ...],
+    problems: Problems,
+    layout: str = "",
+    data_root: Path | None = None,
 ) -> list[tuple[Path, int]]:
     """(folder, class index) for each sub-folder of `root` named after a class (or mapped to
-    one by `classes:`); hidden folders are ignored, an unknown class folder is a problem."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    one by `classes:`); hidden folders are ignored, an unknown class folder is a problem, and so
+    is one whose real path leaves `data_root` (default: `root`)."""
+    listed = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = kept_inside(listed, data_root or root, problems)
     if not folders:
         problems.report(root, f"no class folders inside{f' (layout: {layout})' if layout else ''}")
     out = []
@@ -178,8 +306,19 @@ def read_csv_checked(path: Path, problems: Problems, **kwargs: Any) -> pd.DataFr
     try:
         return pd.read_csv(path, **kwargs)
     except Exception as e:  # pandas raises parser, decoding, OS and value errors alike
-        problems.report(path, f"unreadable CSV ({type(e).__name__}: {e})")
+        problems.report(path, f"unreadable CSV ({error_reason(e)})")
         return None
+
+
+def error_reason(e: BaseException) -> str:
+    """A reader's exception as a report may show it: the type, and the message only where it says
+    where and why without quoting the file (an OS error's path and reason, a parser's line and
+    field counts). Other messages may quote the bytes or the cell that failed: only the type."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"{type(e).__name__}: not {e.encoding} text (byte offset {e.start})"
+    if isinstance(e, OSError | pd.errors.ParserError | pd.errors.EmptyDataError):
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return type(e).__name__
 
 
 def optional_import(module: str, extra: str):
@@ -196,11 +335,45 @@ def optional_import(module: str, extra: str):
         ) from None
 
 
+def inside(path: Path, root: Path) -> Path | None:
+    """The real path of `path` (every symlink followed) when it lies inside the real path of
+    `root`, else None. Only names are resolved: nothing is opened or read."""
+    real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return real if real.is_relative_to(real_root) else None
+
+
+def outside(key: str, value: object, root: Path) -> str:
+    """The refusal of a source's `key` whose path leaves the data root (naming both, not opened)."""
+    real = Path(os.path.realpath(root / str(value)))
+    return (
+        f"`{key}`: {value} (real path {real}) lies outside the data root {os.path.realpath(root)}; not opened. "
+        "A source reads only inside its data root: the spec's folder (or its `data_root` inside it), "
+        "or the folder given with --data-root DIR"
+    )
+
+
 def resolve(base: Path, params: dict[str, Any], key: str = "path") -> Path:
-    """A source's path, relative to the data root (the spec's data_root, or its folder)."""
+    """A source's path, relative to the data root `base` (--data-root, else the spec's data_root,
+    else its folder), with its symlinks resolved; ValueError, before anything is opened, when it
+    lies outside the data root (`../`, an absolute path, a symlink pointing out)."""
     if key not in params:
         raise ValueError(f"missing key {key!r}")
-    return (base / str(params[key])).resolve()
+    path = inside(base / str(params[key]), base)
+    if path is None:
+        raise ValueError(outside(key, params[key], base))
+    return path
+
+
+def kept_inside(paths: Iterable[Path], root: Path, problems: Problems, listed_at: str = "") -> list[Path]:
+    """The paths that lie inside the data root `root` (symlinks followed), in order; each other is
+    reported (`listed_at`: the row or record that named it), never opened."""
+    real_root, kept = Path(os.path.realpath(root)), []
+    for path in paths:
+        if Path(os.path.realpath(path)).is_relative_to(real_root):
+            kept.append(path)
+        else:
+            problems.report(listed_at or path, f"a path that lies outside the data root {real_root}; not opened")
+    return kept
 
 
 def assign_simulated_sites(samples: SampleSet, k: int, seed: int) -> None:
@@ -208,11 +381,24 @@ def assign_simulated_sites(samples: SampleSet, k: int, seed: int) -> None:
     `simulated_1..k` so every table and report shows they are simulated, not natural."""
     if k < 1:
         raise ValueError(f"simulated_sites must be >= 1 (got {k})")
-    patients = sorted(set(samples.patient_ids))
+    codes, patients = _sorted_codes(samples.patient_ids)  # patients in sorted order, each sample's
     order = np.random.default_rng(seed).permutation(len(patients))
-    site_of = {patients[j]: f"simulated_{1 + rank % k}" for rank, j in enumerate(order)}
-    samples.origin_sites = [site_of[p] for p in samples.patient_ids]
+    rank = np.empty(len(patients), dtype=np.int64)
+    rank[order] = np.arange(len(patients))  # the patient order[r] is dealt r-th: into site r % k
+    names = _texts([f"simulated_{1 + j}" for j in range(k)], k)
+    samples.origin_sites = names[rank[codes] % k]
     samples.notes["simulated_sites"] = k
+
+
+def _sorted_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(code of each value, the distinct values sorted as `sorted` sorts them): hashed, not
+    compared row by row, so a million patient ids take a fraction of a second."""
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+    distinct = uniques.tolist()
+    order = sorted(range(len(distinct)), key=distinct.__getitem__)  # Python's own string order
+    position = np.empty(len(distinct), dtype=np.int64)
+    position[order] = np.arange(len(distinct))
+    return position[codes], np.asarray(uniques, dtype=object)[order]
 
 
 def check_classes(samples: SampleSet, declared: set[str], where: str, problems: Problems) -> None:
@@ -221,7 +407,7 @@ def check_classes(samples: SampleSet, declared: set[str], where: str, problems: 
     spec = samples.schema.task(samples.task)
     if not spec.is_classification:
         return
-    seen = {spec.classes[int(t)] for t in samples.targets}
+    seen = {spec.classes[int(t)] for t in np.unique(samples.targets)}
     empty = sorted(declared - seen)
     if empty:
         problems.report(where, f"declared class(es) {empty} of task {samples.task} have no sample")
@@ -231,30 +417,36 @@ def standardise_by_group(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Each group's rows (a site's) minus that group's column means, over its SDs: the per-site
     statistics the tabular and h5ad adapters use, so no statistic crosses hospitals."""
     out = np.empty_like(values)
-    for group in np.unique(groups):
-        rows = groups == group
+    codes = pd.factorize(np.asarray(groups), use_na_sentinel=False)[0]  # hashed: no sort of a million names
+    for k in range(int(codes.max()) + 1 if len(codes) else 0):
+        rows = codes == k
         out[rows] = (values[rows] - values[rows].mean(axis=0)) / (values[rows].std(axis=0) + 1e-9)
     return out
 
 
-def draw_test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -> set[str]:
-    """The patients whose samples form the test split, drawn over every source at once, so a
-    patient in two tasks (two targets of one trial) is on the same side in both. Every task
-    with more than one patient keeps at least one patient on each side."""
+def draw_test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -> list[np.ndarray]:
+    """Whether each sample of each set is in the test split: its patient's side, drawn over
+    every source at once, so a patient in two tasks (two targets of one trial) is on the same
+    side in both. Every task with more than one patient keeps at least one patient on each side.
+    Patients are numbered in sorted order, so the draw is the seed's, whatever the row order."""
     rng = np.random.default_rng(seed)
-    patients = sorted({p for s in sets for p in s.patient_ids})
+    lengths = [len(s) for s in sets]
+    codes, patients = _sorted_codes(np.concatenate([s.patient_ids for s in sets]))
     n_test = round(test_fraction * len(patients))
-    test = set(rng.choice(patients, size=n_test, replace=False)) if n_test else set()
-    for s in sets:
-        own = sorted(set(s.patient_ids))
+    test = np.zeros(len(patients), dtype=bool)
+    if n_test:
+        test[rng.choice(len(patients), size=n_test, replace=False)] = True
+    per_set = np.split(codes, np.cumsum(lengths)[:-1])
+    for own_rows in per_set:
+        own = np.flatnonzero(np.bincount(own_rows, minlength=len(patients)))  # this set's patients, sorted
         if len(own) < 2:
             continue
-        mine = [p for p in own if p in test]
-        if not mine:
-            test.add(own[int(rng.integers(len(own)))])
+        mine = own[test[own]]
+        if not len(mine):
+            test[own[int(rng.integers(len(own)))]] = True
         elif len(mine) == len(own):
-            test.discard(mine[int(rng.integers(len(mine)))])
-    return test
+            test[mine[int(rng.integers(len(mine)))]] = False
+    return [test[c] for c in per_set]
 
 
 def ingest(
@@ -270,7 +462,7 @@ def ingest(
     """Write the samples as one corpus declaring `schema` (restricted to the tasks present).
     The split is by patient (a patient's samples stay on one side, across tasks too), drawn
     with `seed`; `dataset` is the source of each sample."""
-    rows: list[dict[str, Any]] = []
+    parts: list[pd.DataFrame] = []
     arrays: dict[str, list[np.ndarray]] = {m: [] for m in schema.modalities}
     targets: dict[str, list[np.ndarray]] = {}
     for s in sets:
@@ -280,18 +472,18 @@ def ingest(
             raise IngestError(f"task {s.task}: its samples were read for another definition of the task")
         if not len(s):
             raise IngestError(f"task {s.task}: no sample was ingested (every item was skipped?)")
-    test = draw_test_patients(sets, test_fraction, seed)
-    for s in sets:
-        target_offset = len(targets.get(s.task, []))
-        targets.setdefault(s.task, []).extend(s.targets)
-        for i in range(len(s)):
-            row = _manifest_row(s, i, target_offset + i, test)
-            row.update(_index_inputs(s, i, arrays, schema))
-            rows.append(row)
-    manifest = pd.DataFrame(rows)
+    for s, in_test in zip(sets, draw_test_patients(sets, test_fraction, seed), strict=True):
+        block = s.block()
+        target_offset = sum(len(t) for t in targets.get(s.task, []))
+        targets.setdefault(s.task, []).append(block.targets)
+        part = _manifest_part(s.task, block, target_offset, in_test)
+        for m in schema.task(s.task).inputs:
+            part[index_column(m)] = _index_input(block, m, arrays)
+        parts.append(part)
+    manifest = pd.concat(parts, ignore_index=True, sort=False)  # columns in order of first appearance
     for col in [c for c in manifest if c.startswith("idx_")]:  # tasks differ in their inputs
         manifest[col] = manifest[col].fillna(-1).astype("int64")
-    out_arrays = {m: np.stack(v) for m, v in arrays.items() if v}
+    out_arrays = {m: np.concatenate(v) for m, v in arrays.items() if v}
     return write_corpus(
         out_dir,
         manifest,
@@ -304,31 +496,36 @@ def ingest(
     )
 
 
-def _manifest_row(s: SampleSet, i: int, target_row: int, test: set[str]) -> dict[str, Any]:
-    """The base columns of sample i; its split follows its patient, its label only if scalar."""
-    return {
-        "sample_id": f"{s.task}/{target_row:07d}",
-        "dataset": s.sources[i],
-        "task": s.task,
-        "patient_id": s.patient_ids[i],
-        "origin_site": s.origin_sites[i],
-        "split": "test" if s.patient_ids[i] in test else "train",
-        "label": float(s.targets[i]) if np.ndim(s.targets[i]) == 0 else np.nan,
-        "target_row": target_row,
-    }
+def _manifest_part(task: str, block: SampleBlock, target_offset: int, in_test: np.ndarray) -> pd.DataFrame:
+    """The base manifest columns of a set's samples; a sample's split follows its patient, its
+    label is its target when that is a scalar (NaN otherwise)."""
+    n = len(block)
+    target_rows = np.arange(target_offset, target_offset + n, dtype=np.int64)
+    scalar = block.targets.ndim == 1
+    return pd.DataFrame(
+        {
+            "sample_id": _texts([f"{task}/{r:07d}" for r in range(target_offset, target_offset + n)], n),
+            "dataset": block.sources,
+            "task": _texts([task] * n, n),
+            "patient_id": block.patient_ids,
+            "origin_site": block.origin_sites,
+            "split": _texts(["train", "test"], 2)[in_test.astype(np.int64)],
+            "label": block.targets.astype(np.float64) if scalar else np.full(n, np.nan),
+            "target_row": target_rows,
+        }
+    )
 
 
-def _index_inputs(s: SampleSet, i: int, arrays: dict[str, list[np.ndarray]], schema: CorpusSchema) -> dict[str, int]:
-    """Append sample i's inputs to the per-modality arrays; its idx_ columns (-1 where it lacks one)."""
-    columns: dict[str, int] = {}
-    for m in schema.task(s.task).inputs:
-        x = s.inputs[m][i] if m in s.inputs else None
-        if x is not None:
-            columns[index_column(m)] = len(arrays[m])
-            arrays[m].append(x)
-        else:
-            columns[index_column(m)] = -1
-    return columns
+def _index_input(block: SampleBlock, modality: str, arrays: dict[str, list[np.ndarray]]) -> np.ndarray:
+    """Append the block's values of `modality` to its array's parts; each sample's row in that
+    array (-1 where the sample lacks it)."""
+    has, values = block.inputs[modality]
+    start = sum(len(v) for v in arrays[modality])
+    rows = np.full(len(has), -1, dtype=np.int64)
+    rows[has] = np.arange(start, start + len(values))
+    if len(values):
+        arrays[modality].append(values)
+    return rows
 
 
 def _stack_targets(targets: dict[str, list[np.ndarray]], schema: CorpusSchema) -> dict[str, np.ndarray]:
@@ -336,5 +533,5 @@ def _stack_targets(targets: dict[str, list[np.ndarray]], schema: CorpusSchema) -
     out: dict[str, np.ndarray] = {}
     for t, v in targets.items():
         dtype = np.float32 if schema.task(t).target == REGRESSION else np.int64
-        out[t] = np.stack(v).astype(dtype)
+        out[t] = np.concatenate(v).astype(dtype)
     return out

@@ -48,6 +48,7 @@ from federated.data.ingest.core import (
     adapter,
     check_classes,
     class_folders,
+    kept_inside,
     read_csv_checked,
     resolve,
 )
@@ -64,14 +65,16 @@ def natural_key(path: Path) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", path.name))
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir()), key=natural_key)
+def _subfolders(folder: Path, data_root: Path, problems: Problems) -> list[Path]:
+    """The sub-folders in natural order; one whose real path leaves the data root is reported, not read."""
+    return kept_inside(sorted((p for p in folder.iterdir() if p.is_dir()), key=natural_key), data_root, problems)
 
 
 @adapter(
     "ct_slices",
     keys={"path", "classes", "per", "central_slices", "reports", "report_columns", "origin_site", "modality"},
     fills=IMAGE,
+    paths=frozenset({"path", "reports"}),
 )
 def ct_slices(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
     task = schema.task(params["task"])
@@ -98,9 +101,10 @@ def ct_slices(params: dict[str, Any], base: Path, problems: Problems, schema: Co
         "reports": reports,
         "site": str(params.get("origin_site") or root.name),
         "source": f"ct_slices:{root.name}",
+        "data_root": base,
     }
     layout = "<class>/<patient>/<scan>/<slice>"
-    for folder, label in class_folders(root, mapping, task.name, task.classes, problems, layout):
+    for folder, label in class_folders(root, mapping, task.name, task.classes, problems, layout, base):
         _class_folder(folder, label, ctx, samples, problems)
     check_classes(samples, set(mapping.values()), str(root), problems)
     return samples
@@ -119,11 +123,11 @@ def _options(params: dict[str, Any]) -> tuple[str, int]:
 
 
 def _class_folder(folder: Path, label: int, ctx: dict[str, Any], samples: SampleSet, problems: Problems) -> None:
-    patients = _subfolders(folder)
+    patients = _subfolders(folder, ctx["data_root"], problems)
     if not patients:
         problems.report(folder, "no patient folders in this class folder")
     for patient in patients:
-        scans = _subfolders(patient)
+        scans = _subfolders(patient, ctx["data_root"], problems)
         if not scans:
             problems.report(
                 patient, "no scan folders in this patient folder (layout: <class>/<patient>/<scan>/<slice>)"
@@ -133,7 +137,8 @@ def _class_folder(folder: Path, label: int, ctx: dict[str, Any], samples: Sample
 
 
 def _scan(scan: Path, label: int, ctx: dict[str, Any], samples: SampleSet, problems: Problems) -> None:
-    slices = sorted((p for p in scan.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS), key=natural_key)
+    listed = sorted((p for p in scan.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS), key=natural_key)
+    slices = kept_inside(listed, ctx["data_root"], problems)
     if not slices:
         problems.report(scan, "scan folder has no slice images (.png/.jpg/.jpeg)")
         return

@@ -49,7 +49,9 @@ from federated.data.ingest.core import (
     SampleSet,
     adapter,
     check_classes,
+    error_reason,
     filled_modality,
+    kept_inside,
     optional_import,
     read_csv_checked,
     resolve,
@@ -125,13 +127,15 @@ def _subject_pattern(params: dict[str, Any]) -> re.Pattern[str] | None:
         raise ValueError(f"subject_pattern is not a valid regex: {e}") from None
 
 
-def _recordings(root: Path, problems: Problems) -> list[Path]:
+def _recordings(root: Path, data_root: Path, problems: Problems) -> list[Path]:
+    """The source's EDF file, or its folder's .edf files (one that leaves the data root is reported)."""
     if root.is_file():
         return [root]
     if not root.is_dir():
         problems.report(root, "EDF file or folder does not exist")
         return []
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".edf")
+    listed = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".edf")
+    files = kept_inside(listed, data_root, problems)
     if not files:
         problems.report(root, "no .edf files in this folder")
     return files
@@ -155,7 +159,7 @@ def _csv_events(path: Path, files: list[Path], problems: Problems) -> dict[str, 
         if str(file).strip() not in names:
             problems.report(where, f"file {file!r} is not among the recordings")
         elif not np.isfinite(pd.to_numeric(onset, errors="coerce")):
-            problems.report(where, f"onset_s {onset!r} is missing or not a number")
+            problems.report(where, "onset_s is missing or not a number")
         else:
             events.setdefault(names[str(file).strip()], []).append((float(onset), str(desc).strip()))
     return events
@@ -183,7 +187,7 @@ def _read(path: Path, pyedflib, cfg: dict[str, Any]) -> tuple[np.ndarray, float,
     try:
         reader = pyedflib.EdfReader(str(path))
     except Exception as e:  # pyedflib raises OSError for truncated and corrupt files
-        raise _Bad(f"unreadable, truncated or corrupt EDF ({type(e).__name__}: {e})") from None
+        raise _Bad(f"unreadable, truncated or corrupt EDF ({error_reason(e)})") from None
     with reader:
         picked = _match_channels(reader.getSignalLabels(), cfg["channels"], cfg["n_channels"], cfg["modality"])
         rates = [float(reader.getSampleFrequency(i)) for i in picked]
@@ -260,8 +264,8 @@ def _add_epochs(
     task = samples.schema.task(samples.task)
     matched = [(t, d) for t, d in events if d in cfg["events"]]
     if not matched:
-        seen = sorted({d for _, d in events})
-        problems.report(path, f"no event among {sorted(cfg['events'])} (its events: {seen or 'none'})")
+        seen = len({d for _, d in events})
+        problems.report(path, f"no event among {sorted(cfg['events'])} (it has {seen} other kind(s) of event)")
         return
     length = cfg["length"]
     new_rate = length / cfg["epoch_s"]
@@ -291,6 +295,7 @@ def _add_epochs(
         "modality",
     },
     fills=SIGNAL,
+    paths=frozenset({"path", "events_csv"}),
 )
 def eeg_edf(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
     task = schema.task(params["task"])
@@ -298,7 +303,7 @@ def eeg_edf(params: dict[str, Any], base: Path, problems: Problems, schema: Corp
     pyedflib = optional_import("pyedflib", "edf")
     root = resolve(base, params)
     samples = SampleSet(task.name, schema)
-    files = _recordings(root, problems)
+    files = _recordings(root, base, problems)
     csv_events = _csv_events(resolve(base, params, "events_csv"), files, problems) if params.get("events_csv") else {}
     if csv_events is None:
         return samples

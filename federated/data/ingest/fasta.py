@@ -46,7 +46,7 @@ import pandas as pd
 from federated.core.corpus_schema import CorpusSchema, Task
 from federated.core.multimed import SECONDARY_STRUCTURE
 from federated.core.targets import IGNORE_LABEL, PAD_TOKEN, REGRESSION, TOKENS
-from federated.data.ingest.core import Problems, SampleSet, adapter, read_csv_checked, resolve
+from federated.data.ingest.core import Problems, SampleSet, adapter, error_reason, read_csv_checked, resolve
 
 ALPHABETS = {"genomic_sequence": "ACGT", "protein_sequence": "ACDEFGHIKLMNPQRSTVWY"}
 DSSP_TO_3 = {**dict.fromkeys("HGI", "H"), **dict.fromkeys("EB", "E"), **dict.fromkeys("TSCLP- ", "C")}
@@ -63,7 +63,7 @@ def read_fasta(path: Path, problems: Problems, keep_spaces: bool = False) -> dic
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        problems.report(path, f"unreadable text file ({type(e).__name__}: {e})")
+        problems.report(path, f"unreadable text file ({error_reason(e)})")
         return None
     for n, raw in enumerate(lines, start=1):
         line = raw if keep_spaces else "".join(raw.split())
@@ -108,7 +108,7 @@ def tokens(seq: str, alphabet: str) -> np.ndarray:
     seq = seq.upper()
     bad = next(((i, c) for i, c in enumerate(seq) if c not in alphabet), None)
     if bad:
-        raise ValueError(f"letter {bad[1]!r} at position {bad[0] + 1} is not in the alphabet {alphabet}")
+        raise ValueError(f"the letter at position {bad[0] + 1} is not in the alphabet {alphabet}")
     return 1 + np.array([alphabet.index(c) for c in seq], dtype=np.int64)
 
 
@@ -118,7 +118,7 @@ def states(text: str) -> np.ndarray:
     bad = next(((i, c) for i, c in enumerate(text) if c not in DSSP_TO_3), None)
     if bad:
         raise ValueError(
-            f"structure letter {bad[1]!r} at position {bad[0] + 1} is not a DSSP state "
+            f"the structure letter at position {bad[0] + 1} is not a DSSP state "
             f"({''.join(sorted(DSSP_TO_3)).strip()} or space)"
         )
     return np.array([SECONDARY_STRUCTURE.index(DSSP_TO_3[c]) for c in text], dtype=np.int64)
@@ -214,7 +214,7 @@ def _row_value(row: pd.Series, column: str, where: str, number: bool = False) ->
         return str(value).strip()
     value = pd.to_numeric(value, errors="coerce")
     if not np.isfinite(value):
-        raise _Bad(where, f"{column} value {row[column]!r} is not a finite number")
+        raise _Bad(where, f"{column} is not a finite number")
     return float(value)
 
 
@@ -282,6 +282,7 @@ def _side_files(params: dict[str, Any], base: Path, problems: Problems) -> dict[
         "origin_site",
     },
     fills=TOKENS,
+    paths=frozenset({"path", "labels", "structure"}),
 )
 def fasta(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
     """One sample per FASTA record that every named file agrees on; the rest are reported by file and id."""

@@ -42,6 +42,7 @@ from federated.data.ingest.core import (
     SampleSet,
     adapter,
     check_classes,
+    error_reason,
     filled_modality,
     optional_import,
     resolve,
@@ -152,7 +153,7 @@ def h5ad(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusS
     try:
         data = anndata.read_h5ad(path, backed="r")
     except Exception as e:  # h5py/anndata raise many types for a truncated or foreign file
-        problems.report(path, f"unreadable or corrupt .h5ad ({type(e).__name__}: {e})")
+        problems.report(path, f"unreadable or corrupt .h5ad ({error_reason(e)})")
         return samples
     try:
         return _cells(data, params, task, modality, path, samples, problems)
@@ -180,7 +181,7 @@ def _cells(
         columns = _select_genes(matrix, genes, data, how, width, path, BLOCK_VALUES, modality)
         x = _columns(matrix, columns, BLOCK_VALUES)
     except (OSError, RuntimeError, KeyError) as e:  # h5py's errors for a damaged block
-        problems.report(path, f"unreadable expression matrix ({type(e).__name__}: {e})")
+        problems.report(path, f"unreadable expression matrix ({error_reason(e)})")
         return samples
     cells = list(map(str, data.obs_names))
     labels = data.obs[label_key].astype(object).tolist()
@@ -241,7 +242,8 @@ def _cell_class(
     name = mapping.get(raw, mapping.get(str(raw), raw))
     if name not in task.classes:
         problems.report(
-            where, f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)}); map it with `classes:`"
+            where,
+            f"label ({label_key}) is not a class of {task.name} ({', '.join(task.classes)}); map it with `classes:`",
         )
         return None
     if not np.isfinite(expression).all():

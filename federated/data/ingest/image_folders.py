@@ -28,7 +28,9 @@ from federated.data.ingest.core import (
     adapter,
     check_classes,
     class_folders,
+    error_reason,
     filled_modality,
+    kept_inside,
     resolve,
 )
 
@@ -69,15 +71,15 @@ def image_folders(params: dict[str, Any], base: Path, problems: Problems, schema
     mapping = dict(params.get("classes") or {})
     site = str(params.get("origin_site") or root.name)
     shape = schema.modality(modality).shape
-    for folder, label in class_folders(root, mapping, task.name, task.classes, problems):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
+    for folder, label in class_folders(root, mapping, task.name, task.classes, problems, data_root=base):
+        files = kept_inside(sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS), base, problems)
         if not files:
             problems.report(folder, "no .png/.jpg/.jpeg images in this class folder")
         for f in files:
             try:
                 x = load_image(f, shape)
             except Exception as e:  # PIL raises many types for bad files
-                problems.report(f, f"unreadable or corrupt image ({type(e).__name__}: {e})")
+                problems.report(f, f"unreadable or corrupt image ({error_reason(e)})")
                 continue
             if not np.isfinite(x).all():
                 problems.report(f, "image has NaN or infinite values")

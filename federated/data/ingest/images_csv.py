@@ -34,7 +34,9 @@ A listed finding that the task lacks is an error unless it is in ignore_findings
 finding is dropped by accident; a finding with no positive image is an error too. Images are
 read as in image_folders (the modality's declared shape, standardised per image). A missing
 image is reported at its CSV row (row i + 2, as a spreadsheet shows it), a corrupt one by its
-path. The helpers read_image and cell are shared with ct_slices and vqa.
+path; an image name that leads outside the data root (`../`, a symlink) is refused at its row,
+unopened. Problems name the column, never the cell's value. The helpers read_image and cell are
+shared with ct_slices and vqa.
 """
 
 from __future__ import annotations
@@ -48,7 +50,16 @@ import pandas as pd
 
 from federated.core.corpus_schema import CorpusSchema, Task
 from federated.core.targets import IMAGE, MULTILABEL, REGRESSION
-from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, read_csv_checked, resolve
+from federated.data.ingest.core import (
+    Problems,
+    SampleSet,
+    adapter,
+    check_classes,
+    error_reason,
+    kept_inside,
+    read_csv_checked,
+    resolve,
+)
 from federated.data.ingest.image_folders import image_modality, load_image
 
 LABEL_STYLES = ("label_column", "finding_columns", "findings_column")
@@ -77,7 +88,7 @@ def read_image(path: Path, shape: tuple[int, ...], problems: Problems, listed_at
     try:
         x = load_image(path, shape)
     except Exception as e:  # PIL raises many types for bad files
-        problems.report(path, f"unreadable or corrupt image ({type(e).__name__}: {e}){suffix}")
+        problems.report(path, f"unreadable or corrupt image ({error_reason(e)}){suffix}")
         return None
     if not np.isfinite(x).all():
         problems.report(path, f"image has NaN or infinite values{suffix}")
@@ -118,6 +129,7 @@ def require_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> None
         "modality",
     },
     fills=IMAGE,
+    paths=frozenset({"path", "labels"}),
 )
 def images_csv(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
     task = schema.task(params["task"])
@@ -147,6 +159,8 @@ def images_csv(params: dict[str, Any], base: Path, problems: Problems, schema: C
         except BadItem as e:
             problems.report(where, str(e))
             continue
+        if not kept_inside([root / name], base, problems, where):  # an image name may hold ../
+            continue
         x = read_image(root / name, shape, problems, f"{csv.name} row {i + 2}")
         if x is not None:
             samples.add({modality: x}, label, origin, patient, f"images_csv:{csv.name}")
@@ -167,7 +181,7 @@ def check_findings(samples: SampleSet, where: str, problems: Problems) -> None:
     task = samples.schema.task(samples.task)
     if task.target != MULTILABEL or not len(samples):
         return
-    positives = np.stack(samples.targets).sum(axis=0)
+    positives = samples.targets.sum(axis=0)  # [n, findings]
     empty = [c for c, n in zip(task.classes, positives, strict=True) if n == 0]
     if empty:
         problems.report(where, f"finding(s) {empty} of task {task.name} have no positive sample")
@@ -217,9 +231,9 @@ def _regression(column: str) -> Labeler:
         try:
             value = float(raw)
         except ValueError:
-            raise BadItem(f"label {raw!r} ({column}) is not a number") from None
+            raise BadItem(f"label ({column}) is not a number") from None
         if not np.isfinite(value):
-            raise BadItem(f"label ({column}) is {raw}")
+            raise BadItem(f"label ({column}) is not finite")
         return np.float32(value)
 
     return label_of
@@ -239,7 +253,7 @@ def _single_class(task: Task, column: str, classes: dict[Any, Any]) -> tuple[Lab
         if not mapping and name.isdigit() and int(name) < len(task.classes):
             return int(name)
         raise BadItem(
-            f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)}); map it with `classes:`"
+            f"label ({column}) is not a class of {task.name} ({', '.join(task.classes)}); map it with `classes:`"
         )
 
     return label_of, set(mapping.values())
@@ -261,7 +275,7 @@ def _finding_columns(task: Task, columns: Any, frame: pd.DataFrame, csv: Path) -
         for j, c in enumerate(task.classes):
             raw = cell(row, str(columns[c]), f"finding {c}")
             if raw.lower() not in BINARY_VALUES:
-                raise BadItem(f"finding column {columns[c]!r} has value {raw!r} (expected 0 or 1)")
+                raise BadItem(f"finding column {columns[c]!r} holds a value other than 0 or 1 (or true, false)")
             y[j] = BINARY_VALUES[raw.lower()]
         return y
 
@@ -286,11 +300,12 @@ def _findings_column(task: Task, params: dict[str, Any], frame: pd.DataFrame, cs
             if key in lookup:
                 y[task.classes.index(lookup[key])] = 1.0
             elif key == NO_FINDING and len(names) > 1:
-                raise BadItem(f"{name!r} listed together with findings: {names}")
+                raise BadItem(f"{column}: 'No Finding' listed together with findings")
             elif key not in ignored and key != NO_FINDING:
                 raise BadItem(
-                    f"finding {name!r} is not a finding of {task.name} ({', '.join(task.classes)}); "
-                    "map it with `findings:` or list it in `ignore_findings:`"
+                    f"{column}: finding number {names.index(name) + 1} of the cell is not a finding of "
+                    f"{task.name} ({', '.join(task.classes)}); map it with `findings:` or list it in "
+                    "`ignore_findings:`"
                 )
         return y
 

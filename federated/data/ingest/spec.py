@@ -12,7 +12,7 @@
     sources:
       - adapter: image_folders
         task: brain_tumor_classification
-        path: mri            # relative to the spec file's folder
+        path: mri            # relative to the data root: the spec file's folder (or --data-root DIR)
       - adapter: tabular
         task: breast_cancer_classification
         path: wdbc.csv
@@ -26,18 +26,27 @@ are the adapter's own (its module's docstring lists them) and a misspelt key is 
 The `modalities:` and `tasks:` blocks are described in federated/data/ingest/declare.py. The
 whole spec -- keys, declarations, shapes, every source's task -- is checked before any data is
 read, and the corpus records the schema (spec.json) and the declared blocks (provenance).
+
+A spec may come from someone else (a coordinator), so it reads only inside its data root: the
+folder given with `--data-root DIR`, else its `data_root` (which must lie inside the spec's
+folder), else the spec's folder. A path that leaves it (`../`, an absolute path, a symlink
+pointing out: real paths are compared) is refused naming the key, before anything is opened;
+so is a file a source lists (a CSV's image, a folder's symlink). A `${...}` anywhere is refused.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from federated.core.corpus_schema import CorpusSchema
 from federated.core.io import read_yaml_mapping
+from federated.core.literal import interpolation_in, refusal
 from federated.data.ingest.core import (
     ADAPTER_KEYS,
+    ADAPTER_PATHS,
     ADAPTERS,
     COMMON_KEYS,
     IngestError,
@@ -45,6 +54,8 @@ from federated.data.ingest.core import (
     SampleSet,
     assign_simulated_sites,
     ingest,
+    inside,
+    outside,
 )
 from federated.data.ingest.declare import ingest_schema
 
@@ -56,21 +67,24 @@ def run_spec(
 ) -> tuple[Path, list[dict]]:
     """Ingest everything the spec names; returns the corpus path and the skipped items.
     Source paths are relative to `data_root`, else to the spec's `data_root` (itself relative to
-    the spec file), else to the spec file's folder."""
+    the spec file, and inside its folder), else to the spec file's folder; every source must lie
+    inside that data root (symlinks followed), or it is refused before anything is read."""
     spec_path = Path(spec_path)
     if not spec_path.is_file():
         raise IngestError(f"{spec_path}: ingest spec does not exist")
     raw = read_yaml_mapping(spec_path, KEYS, IngestError, "an ingest spec")
+    interpolated = interpolation_in(raw)
+    if interpolated is not None:
+        raise IngestError(f"{spec_path}: {refusal(interpolated)}")
     if not raw.get("sources") or not isinstance(raw["sources"], list):
         raise IngestError(f"{spec_path}: needs a `sources` list")
     on_error = _on_error(raw.get("on_error", "stop"), str(spec_path))
-    root = Path(data_root) if data_root else spec_path.parent / str(raw.get("data_root", "."))
-    if not root.is_dir():
-        raise IngestError(f"{spec_path}: data root {root} is not a folder")
+    root = _data_root(spec_path, raw.get("data_root"), data_root)
     seed = int(raw.get("seed", 0))
     for i, source in enumerate(raw["sources"]):
         where = f"{spec_path} sources[{i}]"
         _check_source(source, where)
+        _check_paths(source, root, where)
         _on_error(source.get("on_error", on_error), where)
     schema = ingest_schema(raw.get("modalities"), raw.get("tasks"), raw["sources"], spec_path)
     sets, skipped = [], []
@@ -103,6 +117,36 @@ def run_spec(
         overwrite=overwrite,
     )
     return path, skipped
+
+
+def _data_root(spec_path: Path, declared: object, given: str | Path | None) -> Path:
+    """The folder every source must lie in: `given` (--data-root: the user names it), else the
+    spec's `data_root`, which must itself lie inside the spec's folder (a spec may come from a
+    coordinator: it cannot point the ingest at the rest of the machine), else the spec's folder."""
+    if given:
+        root = Path(given)
+    elif declared is not None:
+        found = inside(spec_path.parent / str(declared), spec_path.parent)
+        if found is None:
+            raise IngestError(
+                f"{spec_path}: `data_root`: {declared} lies outside the spec's folder "
+                f"{spec_path.parent.resolve()}; not opened. Name a data root elsewhere with --data-root DIR"
+            )
+        root = found
+    else:
+        root = spec_path.parent
+    if not root.is_dir():
+        raise IngestError(f"{spec_path}: data root {root} is not a folder")
+    return Path(os.path.realpath(root))
+
+
+def _check_paths(source: dict[str, Any], root: Path, where: str) -> None:
+    """Every file or folder the source names lies inside the data root, symlinks followed; checked
+    for every source before any is read, so a path outside is refused without being opened."""
+    for key in sorted(ADAPTER_PATHS[source["adapter"]]):
+        value = source.get(key)
+        if value is not None and inside(root / str(value), root) is None:
+            raise IngestError(f"{where}: {outside(key, value, root)}")
 
 
 def _json_safe(value: Any) -> Any:

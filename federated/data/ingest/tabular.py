@@ -43,6 +43,7 @@ from federated.data.ingest.core import (
     adapter,
     check_classes,
     column_count_problem,
+    error_reason,
     filled_modality,
     resolve,
     standardise_by_group,
@@ -66,14 +67,20 @@ def _text(value: Any) -> Any:
 def one_hot(column: pd.Series) -> tuple[np.ndarray, list[str]]:
     """Indicator columns for every level but the most frequent (the reference level, as in a
     regression model's dummy coding); a blank cell is a level of its own ("missing")."""
-    values = column.map(
-        lambda v: "missing" if _text(v) is None or (isinstance(v, float) and np.isnan(v)) else str(_text(v))
-    )
-    counts = values.value_counts()
-    reference = sorted(counts.index[counts == counts.max()])[0]
-    levels = sorted(lv for lv in counts.index if lv != reference)
+    codes, cells = distinct_cells(column)
+    level_of_cell = [
+        "missing" if _text(v) is None or (isinstance(v, float) and np.isnan(v)) else str(_text(v)) for v in cells
+    ]
+    cell_level, names = pd.factorize(np.asarray(level_of_cell, dtype=object))  # "M" and "M " are one level
+    row_level = cell_level[codes]
+    if not len(names):  # no rows
+        return np.zeros((len(column), 0)), []
+    counts = np.bincount(row_level, minlength=len(names))
+    reference = sorted(names[counts == counts.max()])[0]
+    levels = sorted(lv for lv in names if lv != reference)
+    index = {name: k for k, name in enumerate(names)}
     return (
-        np.stack([(values == lv).to_numpy(dtype=np.float64) for lv in levels], axis=1)
+        np.stack([(row_level == index[lv]).astype(np.float64) for lv in levels], axis=1)
         if levels
         else np.zeros((len(column), 0)),
         [f"{column.name}={lv}" for lv in levels],
@@ -132,8 +139,9 @@ def impute_by_group(
         return values, unfillable
     with warnings.catch_warnings():  # an all-NaN column is reported by row, not warned about
         warnings.simplefilter("ignore", RuntimeWarning)
-        for group in np.unique(groups):
-            rows = np.flatnonzero(groups == group)
+        codes, distinct = pd.factorize(np.asarray(groups), use_na_sentinel=False)  # hashed, not sorted
+        for k, group in enumerate(distinct):
+            rows = np.flatnonzero(codes == k)
             cols = np.arange(n_numeric)
             block = values[np.ix_(rows, cols)]
             medians = np.nanmedian(_finite_or_nan(block), axis=0)
@@ -182,8 +190,7 @@ def tabular(params: dict[str, Any], base: Path, problems: Problems, schema: Corp
     groups, per_site = _statistics_groups(frame, site_col, params.get("statistics", "per_site"))
     # labels first, so that only rows that become samples shape the medians, means and SDs
     mapping = dict(params.get("labels") or {})
-    labels = _read_labels(task, frame[label_col].tolist(), mapping, label_col, path, problems)
-    labelled = np.array(sorted(labels), dtype=int)
+    labelled, labels = _read_labels(task, frame[label_col], mapping, label_col, path, problems)
     values, unfillable = impute_by_group(
         values[labelled], groups[labelled], n_numeric, features, params.get("impute", "none")
     )
@@ -196,9 +203,11 @@ def tabular(params: dict[str, Any], base: Path, problems: Problems, schema: Corp
     kept = labelled[finite]
     values = standardise_by_group(values[finite], groups[kept])
     default_site = str(params.get("origin_site", "site_0"))
-    for i, x in zip(kept, values, strict=True):
-        site, patient = _row_identity(frame, i, site_col, patient_col, default_site)
-        samples.add({modality: _padded(x, width)}, labels[i], site, patient, f"tabular:{path.name}")
+    sites = cell_texts(frame[site_col].iloc[kept]) if site_col else [default_site] * len(kept)
+    patients = cell_texts(frame[patient_col].iloc[kept]) if patient_col else [f"row{i}" for i in kept]
+    feats = np.zeros((len(kept), width), dtype=np.float32)  # zero-padded to the modality's width
+    feats[:, : values.shape[1]] = values
+    samples.extend({modality: feats}, labels[finite], sites, patients, f"tabular:{path.name}")
     check_classes(samples, {v for v in mapping.values() if v in task.classes}, str(path), problems)
     samples.notes["features"] = features
     return samples
@@ -210,20 +219,11 @@ def _require_column(frame: pd.DataFrame, col: str, path: Path) -> None:
         raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, frame.columns))})")
 
 
-def _row_identity(
-    frame: pd.DataFrame, i: int, site_col: str | None, patient_col: str | None, default_site: str
-) -> tuple[str, str]:
-    """(origin site, patient id) of row i: from their columns, else the source's site and the row number."""
-    site = str(frame[site_col].iloc[i]) if site_col else default_site
-    patient = str(frame[patient_col].iloc[i]) if patient_col else f"row{i}"
-    return site, patient
-
-
-def _padded(x: np.ndarray, width: int) -> np.ndarray:
-    """A row's features zero-padded to the modality's declared width, as float32."""
-    feats = np.zeros(width, dtype=np.float32)
-    feats[: len(x)] = x
-    return feats
+def cell_texts(column: pd.Series) -> list[str]:
+    """str() of each cell as `column.iloc[i]` gives it (a numpy scalar, a Timestamp, pd.NA), for
+    origin sites and patient ids: the column read at once, not looked up row by row."""
+    numpy_cells = isinstance(column.dtype, np.dtype) and column.dtype.kind not in "mM"
+    return [str(v) for v in (column.to_numpy() if numpy_cells else column.array)]
 
 
 def _open_table(path: Path, problems: Problems) -> pd.DataFrame | None:
@@ -238,7 +238,7 @@ def _open_table(path: Path, problems: Problems) -> pd.DataFrame | None:
     try:
         return read_table(path)
     except Exception as e:
-        problems.report(path, f"unreadable table ({type(e).__name__}: {e})")
+        problems.report(path, f"unreadable table ({error_reason(e)})")
         return None
 
 
@@ -253,15 +253,39 @@ def _statistics_groups(frame: pd.DataFrame, site_col: str | None, statistics: st
 
 
 def _read_labels(
-    task: Task, raw_labels: list[Any], mapping: dict, label_col: str, path: Path, problems: Problems
-) -> dict[int, float | int]:
-    """Row index -> label for every row with a usable label; the others are reported by row."""
-    labels = {}
-    for i, raw in enumerate(raw_labels):
-        label = _label(task, mapping, _text(raw), label_col, problems, f"{path} row {i + 2}")
-        if label is not None:
-            labels[i] = label
-    return labels
+    task: Task, column: pd.Series, mapping: dict, label_col: str, path: Path, problems: Problems
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the rows with a usable label, their labels: class indices, or values for a regression
+    task); the other rows are reported, in row order. Each distinct cell is read once."""
+    codes, cells = distinct_cells(column)
+    read = [_label(task, mapping, _text(raw), label_col) for raw in cells]
+    usable = np.array([label is not None for label, _ in read], dtype=bool)
+    for i in np.flatnonzero(~usable[codes]):
+        problems.report(f"{path} row {i + 2}", read[codes[i]][1])
+    dtype = np.float64 if task.target == REGRESSION else np.int64
+    labels = np.array([0 if label is None else label for label, _ in read], dtype=dtype)
+    rows = np.flatnonzero(usable[codes])
+    return rows, labels[codes[rows]]
+
+
+_ONE_TYPE = frozenset({"string", "integer", "floating", "boolean", "empty"})
+
+
+def distinct_cells(column: pd.Series) -> tuple[np.ndarray, list[Any]]:
+    """(the code of each cell, the distinct cells as `tolist` gives them): what depends only on a
+    cell's value is then computed once per value, not once per row. Where equal hashes could join
+    cells a row-by-row reading keeps apart (1, 1.0 and True in one object column; 0.0 and -0.0),
+    every cell is its own value."""
+    kind = pd.api.types.infer_dtype(column, skipna=True)
+    if kind == "floating":
+        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+        joins = bool(np.signbit(values[values == 0]).any())
+    else:
+        joins = kind not in _ONE_TYPE
+    if joins:
+        return np.arange(len(column)), column.tolist()
+    codes, uniques = pd.factorize(column, use_na_sentinel=False)
+    return codes, uniques.tolist()
 
 
 def _nonfinite_reason(row: np.ndarray, features: list[str], unfillable: list[str], group: Any, per_site: bool) -> str:
@@ -279,25 +303,21 @@ def _nonfinite_reason(row: np.ndarray, features: list[str], unfillable: list[str
     return reason
 
 
-def _label(task: Task, mapping: dict, raw: Any, label_col: str, problems: Problems, where: str) -> float | int | None:
-    """The row's label as the task stores it, or None after reporting why it has none."""
+def _label(task: Task, mapping: dict, raw: Any, label_col: str) -> tuple[float | int | None, str]:
+    """A cell's label as the task stores it, or (None, why it has none)."""
     if raw is None or (isinstance(raw, float) and np.isnan(raw)):
-        problems.report(where, f"label ({label_col}) is missing")
-        return None
+        return None, f"label ({label_col}) is missing"
     if task.target == REGRESSION:
         try:
             label = float(raw)
         except (TypeError, ValueError):
-            problems.report(where, f"label {raw!r} is not a number")
-            return None
+            return None, f"label ({label_col}) is not a number"
         if not np.isfinite(label):
-            problems.report(where, "label is NaN")
-            return None
-        return label
+            return None, "label is NaN"
+        return label, ""
     name = mapping.get(raw, raw)
     if name in task.classes:
-        return task.classes.index(name)
+        return task.classes.index(name), ""
     if isinstance(name, (int, np.integer)) and 0 <= int(name) < len(task.classes):
-        return int(name)
-    problems.report(where, f"label {raw!r} is not a class of {task.name} ({', '.join(task.classes)})")
-    return None
+        return int(name), ""
+    return None, f"label ({label_col}) is not a class of {task.name} ({', '.join(task.classes)})"

@@ -35,7 +35,7 @@ import numpy as np
 
 from federated.core.corpus_schema import CorpusSchema, Modality, Task
 from federated.core.targets import CLOSED_SET, IMAGE
-from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, resolve
+from federated.data.ingest.core import Problems, SampleSet, adapter, check_classes, error_reason, kept_inside, resolve
 from federated.data.ingest.image_folders import image_modality
 from federated.data.ingest.images_csv import BadItem, read_image
 from federated.data.ingest.text import text_modality, tokenize, words
@@ -59,6 +59,7 @@ DEFAULT_KEYS = {"image": "image", "question": "question", "answer": "answer"}
         "modality",
     },
     fills=IMAGE,
+    paths=frozenset({"path", "images"}),
 )
 def vqa(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
     task = schema.task(params["task"])
@@ -84,6 +85,8 @@ def vqa(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSc
             problems.report(where, str(e))
             continue
         image = images / fields["image"]
+        if not kept_inside([image], base, problems, f"{where} ({keys['image']})"):  # a record may hold ../
+            continue
         x = cache.get(image)
         if x is None:
             x = cache[image] = read_image(image, shape, problems, where)
@@ -121,15 +124,13 @@ def _text(value: Any) -> str:
 def _answer(value: Any, lookup: dict[str, str], task: Task) -> int:
     answer = _text(value)
     if answer.lower() not in lookup:
-        raise BadItem(
-            f"answer {answer!r} is not an answer of {task.name} ({', '.join(task.classes)}); map it with `answers:`"
-        )
+        raise BadItem(f"answer is not an answer of {task.name} ({', '.join(task.classes)}); map it with `answers:`")
     return task.classes.index(lookup[answer.lower()])
 
 
 def _question(value: Any, text: Modality) -> np.ndarray:
     if not isinstance(value, str) or not words(value):
-        raise BadItem(f"question {value!r} is empty or not text")
+        raise BadItem("question is empty or not text")
     return tokenize(value, text)
 
 
@@ -155,7 +156,7 @@ def _records(path: Path, problems: Problems) -> list[tuple[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        problems.report(path, f"unreadable file ({type(e).__name__}: {e})")
+        problems.report(path, f"unreadable file ({error_reason(e)})")
         return []
     if path.suffix.lower() in JSONL_SUFFIXES:
         return _jsonl(path, text, problems)

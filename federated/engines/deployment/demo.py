@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from federated.engines.deployment.federation import CLIENTAPP_MODES, LoopbackFed
 from federated.engines.deployment.flwr_cli import RunResult
 from federated.engines.deployment.processes import sigterm_as_interrupt
 from federated.engines.deployment.submit import app_dir, run_config_toml
+from federated.server.run_folder import fresh_setup_folder, record_outputs
 from partitions import SitePlan, plan_sites
 from partitions.site_local import SITE_LOCAL
 
@@ -118,10 +118,9 @@ def deploy_demo(
     cfg, corpus_path, plans = _demo_plan(n_sites, overrides)
     say(f"site plan: {', '.join(f'{p.site} ({p.role})' for p in plans)}; corpus {corpus_path}")
 
-    deploy = out / "deploy"
-    if deploy.exists():  # a previous, unfinished attempt: its keys and logs are stale
-        shutil.rmtree(deploy)
-    deploy.mkdir(parents=True)
+    # a previous, unfinished attempt's keys and logs are stale: deleted if its manifest lists them
+    deploy = fresh_setup_folder(out, "deploy")
+    record_outputs(out, SITE_STATE_DIR)  # the sites' state-dir (below), listed before they write it
     site_folders = split_corpus(
         Corpus.open(corpus_path), {p.site: np.concatenate([p.train_rows, p.test_rows]) for p in plans}, deploy / "sites"
     )

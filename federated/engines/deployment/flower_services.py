@@ -64,12 +64,114 @@ def shorten_flower_timers(idle_poll_s: float) -> bool:
     return True
 
 
+# Flower 1.42's SuperLink refuses a SuperNode's activation with one public message, "[code: 2004]
+# Failed to activate SuperNode.", for two causes it names only in its own log: the key is not
+# registered ("No SuperNode found with the given public key"), or the node of that key is still
+# online (an earlier session of it, e.g. before a restart, that has not missed two 30 s heartbeats).
+ACTIVATION_CODE = "[code: 2004]"
+# What our SuperLink adds to the refusal (the SuperNode prints it under Flower's line); the
+# request was signed with the key's private half, so only the key's holder learns this.
+NOT_REGISTERED = (
+    "multimed-fl: this SuperNode's public key is not registered at the SuperLink. Send the public key "
+    "(the .pub of --auth-supernode-private-key) to the coordinator, who registers it under the site's name "
+    "(`flwr supernode register KEY.pub CONNECTION --name SITE`), then start the SuperNode again; waiting "
+    "does not help."
+)
+STILL_ONLINE = (
+    "multimed-fl: the node registered with this public key (node id {node}) is still online: an earlier "
+    "session of it (this SuperNode before a restart, or another SuperNode using the same key) has not missed "
+    "two heartbeats yet. If that one is stopped, this one activates when started again in about a minute "
+    "(a service manager's Restart=on-failure does); never run two SuperNodes with one key."
+)
+NOT_ACTIVATED = (
+    "multimed-fl: the node registered with this public key (node id {node}, status {status}) could not be "
+    "activated; the coordinator can check it with `flwr supernode ls CONNECTION --verbose`."
+)
+# What our SuperNode prints when the SuperLink said no more than Flower's line (Flower's own
+# `flower-superlink`): both causes, and how to tell them apart.
+BOTH_CAUSES = (
+    'multimed-fl: "[code: 2004] Failed to activate SuperNode" has two causes that this SuperLink does not tell '
+    "apart to the SuperNode. (1) This SuperNode's public key is not registered: the coordinator registers it "
+    "(`flwr supernode register KEY.pub CONNECTION --name SITE`; `flwr supernode ls CONNECTION` lists the "
+    "registered nodes); waiting does not help. (2) An earlier session of this node (before a restart) is still "
+    "counted online: it lapses within about a minute (two missed 30 s heartbeats), so a start a minute later "
+    "succeeds. Still refused after a minute: it is (1). The coordinator's SuperLink log names the cause ('No "
+    "SuperNode found with the given public key' for (1), 'could not be activated' for (2)); a SuperLink started "
+    "as `python -m federated.engines.deployment superlink` tells the SuperNode itself."
+)
+
+
+def activation_refusal_details(node_id: int | None, status: str = "") -> str:
+    """What the SuperLink tells a SuperNode it refused to activate: not registered (node_id None),
+    still online, or registered in another state that cannot activate."""
+    if node_id is None:
+        return NOT_REGISTERED
+    if status == "online":
+        return STILL_ONLINE.format(node=node_id)
+    return NOT_ACTIVATED.format(node=node_id, status=status or "unknown")
+
+
+def explain_activation_refusals() -> bool:
+    """Make the SuperLink's activation refusal (code 2004) say its cause to the SuperNode
+    (activation_refusal_details, as Flower's public details); the SuperLink's own log is unchanged.
+    False (nothing changed) where this Flower's activate_node is not shaped as 1.42's."""
+    import inspect
+
+    from flwr.supercore.error.base import ApiErrorCode, FlowerError
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    real = fleet_handlers.activate_node
+    if getattr(real, "_multimed_explained", False):
+        return True
+    try:
+        source = inspect.getsource(real)
+    except (OSError, TypeError):
+        return False
+    if list(inspect.signature(real).parameters) != ["request", "state"] or "FLEET_NODE_ACTIVATION_FAILED" not in source:
+        return False
+
+    def activate_node(request: Any, state: Any) -> Any:
+        try:
+            return real(request=request, state=state)
+        except FlowerError as e:
+            if e.code != ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED or e.public_details is not None:
+                raise
+            node_id = state.get_node_id_by_public_key(request.public_key)
+            info = list(state.get_node_info(node_ids=[node_id])) if node_id is not None else []
+            status = str(info[0].status) if info else ""
+            raise FlowerError(e.code, e.message, public_details=activation_refusal_details(node_id, status)) from e
+
+    activate_node._multimed_explained = True  # type: ignore[attr-defined]  # marks ours (idempotent)
+    fleet_handlers.activate_node = activate_node
+    return True
+
+
+def explain_supernode_exit(flower_log: str) -> str | None:
+    """What to add to a SuperNode's exit: both causes of an activation refusal, where the SuperLink
+    told no cause (our SuperLink's details start with "multimed-fl:"); None otherwise."""
+    if ACTIVATION_CODE not in flower_log or "multimed-fl:" in flower_log:
+        return None
+    return BOTH_CAUSES
+
+
 def supernode(flower_args: Sequence[str], idle_poll_s: float) -> int:
-    """`flower-supernode` with its fixed timers shortened (shorten_flower_timers)."""
+    """`flower-supernode` with its fixed timers shortened (shorten_flower_timers); an activation
+    refusal it exits on is explained as it is logged (explain_supernode_exit)."""
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER
     from flwr.supernode.cli import flower_supernode
 
     if not shorten_flower_timers(idle_poll_s):
         print("supernode: this Flower's loop has not the 1.42 timers; running flower-supernode unchanged")
+
+    class Explain(logging.Handler):  # at once: Flower's exit handlers run, then a timer forces the exit
+        def emit(self, record: logging.LogRecord) -> None:
+            note = explain_supernode_exit(record.getMessage()) if record.levelno >= logging.ERROR else None
+            if note:
+                print(note, file=sys.stderr, flush=True)
+
+    FLOWER_LOGGER.addHandler(Explain())
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
     return 0
@@ -308,6 +410,8 @@ def superlink(flower_args: Sequence[str]) -> int:
         )
     else:
         print("superlink: this Flower's state is not shaped as 1.42's; running flower-superlink unchanged", flush=True)
+    if not explain_activation_refusals():
+        print("superlink: this Flower's activate_node is not 1.42's; a refused SuperNode is not told why", flush=True)
     sys.argv = ["flower-superlink", *flower_args]
     flower_superlink()
     return 0

@@ -307,3 +307,34 @@ def test_a_safetensors_file_loads_like_an_npz(tmp_path: Path) -> None:
     assert sorted(report.loaded) == sorted(source.state_dict()) and not report.kept_fresh
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value)
+
+
+def test_only_the_tensors_that_match_the_model_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a model, an .npz member of another name or shape is judged by its header alone: never
+    decompressed (so its size cannot cost memory), and its NaN is not the model's concern."""
+    from federated.core import npz
+
+    read: list[str] = []
+    original = npz.SafeNpz.read
+
+    def recording(self: npz.SafeNpz, name: str) -> np.ndarray:
+        read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(npz.SafeNpz, "read", recording)
+    source = trained_state(seed=11)
+    arrays = {k: v.numpy() for k, v in source.items() if k.startswith("0.")}
+    arrays["2.weight"] = np.full((7, 7), np.nan, dtype=np.float32)  # wrong shape: reported, not read
+    arrays["extra"] = np.full(1000, np.nan, dtype=np.float32)  # not the model's: reported, not read
+    path = tmp_path / "w.npz"
+    np.savez_compressed(path, **arrays)
+    report = load_init_weights(toy_model(seed=12), path)
+    assert sorted(read) == ["0.bias", "0.weight"]
+    assert report.loaded == ("0.weight", "0.bias")
+    assert report.mismatched == (("2.weight", (7, 7), (2, 3)),)
+    assert report.unexpected == ("extra",)
+    # without a model (the preflight), every tensor is read and checked
+    read.clear()
+    with pytest.raises(WeightsFileError, match="non-finite"):
+        read_weights(path)
+    assert "2.weight" in read or "extra" in read
