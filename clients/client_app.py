@@ -145,6 +145,8 @@ def query(msg: Message, context: Context) -> Message:
     stats = _statistics(rt, config) if config is not None else None
     if stats is not None:
         return Message(RecordDict({P.METRICS_RECORD: stats}), reply_to=msg)
+    if rt.cfg.engine.checkpoint_every > 0:  # it will save its state: a key it cannot use is refused now
+        site_state.check_can_save(context, p.site)
     if config is not None and P.RESTORE_ROUND in config:  # a resumed run: this site's own saved state
         restore_round = record_round(config, P.RESTORE_ROUND)
         site_state.restore(context, p.site, restore_round, rt.cfg.privacy, protected_settings(rt.cfg))

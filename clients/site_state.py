@@ -9,13 +9,18 @@ hospital's privacy ledger stays its own. In deployment `state-dir` comes only fr
 node config (clients/site_runtime.py: site_local_path); simulation engines set it in the run config.
 
 Files: STATE_DIR/<site>/round_00012.npz, arrays plus JSON without pickle (federated/core/statefile.py:
-versioned, sha256-checked, written atomically); the last two are kept. A file that is not one
-(a `round_*.pkl` of an earlier release, a foreign or edited file) is refused by name, never run.
+versioned, authenticated with an HMAC under the site's own state key, written atomically); the last
+two are kept. A file that is not one (a `round_*.pkl` of an earlier release, a foreign file, one
+edited or written under another key) is refused by name, never run. The key is checked at the
+handshake of a run that checkpoints (check_can_save), so a site whose key cannot be used is refused by
+name then, not silently at its first save.
 
 Each state also records the privacy and secure-aggregation settings the site trained with
 (federated/core/config/protected.py); a site refuses to restore into a run whose settings differ,
-naming each key with both values. The refusal is the site's answer to the handshake, so a server
-(or a config) that switched DP or secure aggregation off cannot continue with this hospital.
+naming each key with both values. The refusal is the site's answer to a resumed run's handshake
+(the only one that names a round to restore), so a server (or a config) that switched DP or secure
+aggregation off cannot continue a run with this hospital. A new run is compared with nothing: the
+coordinator who starts one chooses its privacy settings.
 
 The DP ledger is monotone: restoring an earlier round never lowers the epsilon a site has spent.
 When the site holds a state (in memory, or another saved round) whose DP-SGD ledger has spent
@@ -39,6 +44,7 @@ from clients.site_runtime import site_local_path
 from federated.core.config.protected import changed_settings
 from federated.core.config.schema import PrivacyConfig
 from federated.core.protocol import STATE_DIR_KEY
+from federated.core.state_key import StateKeyError, check_key
 from federated.core.statefile import StateFileError, read_state_file, write_state_file
 
 KEEP = 2
@@ -57,6 +63,17 @@ def state_dir(context: Context) -> Path | None:
 
 def state_file(root: Path, site: str, server_round: int) -> Path:
     return root / site / f"round_{server_round:05d}.npz"
+
+
+def check_can_save(context: Context, site: str) -> None:
+    """A site that will save its state (it has a state-dir): its state key must be usable, else
+    SiteStateError naming the site, the key and the fix (the site's answer to the handshake)."""
+    if state_dir(context) is None:
+        return
+    try:
+        check_key()
+    except StateKeyError as e:
+        raise SiteStateError(f"site {site} cannot save its state for this checkpointing run: {e}") from None
 
 
 def _to_tree(state: RecordDict) -> list[list[Any]]:

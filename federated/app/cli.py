@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -15,6 +16,7 @@ from federated.core.corpus_schema import SchemaError, Task
 from federated.core.models.init_weights import WeightsFileError
 from federated.core.protocol import Role
 from federated.core.registry import UnknownNameError
+from federated.core.state_key import StateKeyError
 from federated.core.statefile import StateFileError
 from federated.data.format import CorpusFormatError
 
@@ -24,7 +26,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     SchemaError,
     UnknownNameError,
     WeightsFileError,
-    StateFileError,  # e.g. a state key others can read, met when the first checkpoint is written
+    StateFileError,  # a state file that cannot be read back or authenticated
+    StateKeyError,  # a state key others can read, checked before a checkpointing run trains
 )
 
 
@@ -147,14 +150,22 @@ def cmd_deploy_certificates(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_resumed_privacy(out_dir: Path, cfg: ExperimentConfig) -> None:
-    """deploy submit --resume, where the checkpoint is readable here: a config.yaml whose privacy or
-    secure-aggregation settings differ from those the run trained with is refused before anything is
-    submitted, naming each key (the ServerApp checks again where the checkpoint is)."""
-    from federated.server.checkpoint import CHECKPOINT_FILE, check_resume, load_checkpoint
+def _check_resumed_privacy(out_dir: Path, cfg: ExperimentConfig, say: Callable[[str], None]) -> None:
+    """deploy submit --resume, best effort: where the submitter can authenticate the checkpoint (it
+    holds the ServerApp's state key), a config.yaml whose privacy or secure-aggregation settings
+    differ from those the run trained with is refused before anything is submitted, naming each key.
+    Where it cannot (the SuperLink runs as a service user with its own key, or the checkpoint is not
+    readable here) the check is left to the ServerApp, which holds the key and names the keys."""
+    from federated.server.checkpoint import CHECKPOINT_FILE, CheckpointAuthError, check_resume, load_checkpoint
 
-    if (out_dir / CHECKPOINT_FILE).is_file():
-        check_resume(load_checkpoint(out_dir), cfg, out_dir, f"{out_dir / 'config.yaml'}")
+    if not (out_dir / CHECKPOINT_FILE).is_file():
+        return
+    try:
+        ckpt = load_checkpoint(out_dir)
+    except (CheckpointAuthError, OSError) as e:
+        say(f"the checkpoint cannot be checked here ({e}); the ServerApp checks the resumed settings")
+        return
+    check_resume(ckpt, cfg, out_dir, f"{out_dir / 'config.yaml'}")
 
 
 def cmd_deploy_submit(args: argparse.Namespace) -> int:
@@ -174,7 +185,7 @@ def cmd_deploy_submit(args: argparse.Namespace) -> int:
         if not own.is_file():
             raise RunError(f"--resume {args.resume}: {own} is not readable here; run this on the SuperLink's machine")
         resumed = config_from_yaml(own.read_text())
-        _check_resumed_privacy(Path(args.resume), resumed)
+        _check_resumed_privacy(Path(args.resume), resumed, lambda line: print(f"[deploy] {line}", flush=True))
         config_yaml = config_to_yaml(resumed)
     else:
         config_yaml = config_to_yaml(load_config(args.overrides))

@@ -23,6 +23,7 @@ from federated.core.models import MultiMedModel, build_model
 from federated.core.models.init_weights import WeightsFileError, read_weights
 from federated.core.protocol import SITE_STATE_DIR, Role
 from federated.core.registry import UnknownNameError
+from federated.core.state_key import check_key
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.engines import ENGINES
@@ -128,6 +129,14 @@ def check_device(cfg: ExperimentConfig) -> None:
             resolve_device(cfg.engine.device)
         except DeviceError as e:
             raise ConfigError(str(e)) from None
+
+
+def check_state_key(cfg: ExperimentConfig) -> None:
+    """A run that checkpoints authenticates its checkpoint (and, on this machine, its sites' states)
+    with this user's state key: a key that cannot be used (StateKeyError, naming it and the fix) is
+    refused before anything is written, not at the first checkpoint k rounds later."""
+    if cfg.engine.checkpoint_every > 0:
+        check_key()
 
 
 def check_secure_aggregation(cfg: ExperimentConfig) -> None:
@@ -286,6 +295,7 @@ def _run(
     """The run itself, in a folder this process holds the lock of."""
     engine = ENGINES.get(cfg.engine.name)  # fail on a bad engine name before any work
     apply_torch_threads(cfg.engine.torch_threads)
+    check_state_key(cfg)  # before anything is written into the folder (and before a corpus is built)
     corpus_path, corpus = _open_corpus(cfg)
     check_model(cfg, corpus.schema)  # before anything is written into the folder
     check_device(cfg)

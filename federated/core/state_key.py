@@ -58,6 +58,13 @@ def load_key(create: bool = True) -> bytes:
     return _read(path)
 
 
+def check_key() -> Path:
+    """Load (or create) this user's key now, so that a key that cannot be used is refused by name
+    before a run trains, not at its first checkpoint k rounds later. Returns its path."""
+    load_key(create=True)
+    return key_path()
+
+
 def _read(path: Path) -> bytes:
     # O_NONBLOCK: a FIFO at the key's path must be refused, not waited on
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))

@@ -47,6 +47,11 @@ class StateFileError(ValueError):
     """A state file that cannot be read back; the message names the file and says why."""
 
 
+class StateAuthError(StateFileError):
+    """A state file this user cannot authenticate: no usable key here, or its MAC does not match
+    (edited, or written under another key). A caller without the writer's key may skip a check."""
+
+
 def _encode(value: Any, arrays: list[np.ndarray], where: str) -> Any:
     """`value` as a JSON tree, its arrays appended to `arrays` (TypeError naming the path otherwise)."""
     if isinstance(value, enum.Enum):  # before str and int: str and int enums are both
@@ -119,7 +124,7 @@ def _mac(key: bytes, fmt: str, version: int, state: bytes, arrays: list[np.ndarr
     h.update(len(state).to_bytes(8, "little") + state)
     for i, a in enumerate(arrays):
         h.update(f"\n{i}:{a.dtype.str}:{a.shape}\n".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)  # the bytes tobytes() gives, uncopied
     return h.hexdigest()
 
 
@@ -131,7 +136,7 @@ def _key(create: bool, path: Path | None = None) -> bytes:
     try:
         return load_key(create=create)
     except StateKeyError as e:
-        raise StateFileError(f"{path}: cannot be authenticated: {e}" if path else str(e)) from None
+        raise StateAuthError(f"{path}: cannot be authenticated: {e}" if path else str(e)) from None
 
 
 def write_state_file(path: Path, kind: str, version: int, state: Any) -> Path:
@@ -197,7 +202,7 @@ def _authentic(path: Path, meta: dict[str, Any], key: bytes, mac: str) -> None:
             if meta.get("key_id") == key_id(key)
             else "written by another user or machine (another key), or edited"
         )
-        raise StateFileError(
+        raise StateAuthError(
             f"{path} is not authenticated by this user's key ({key_path()}): it was {why}; it is not loaded"
         )
 

@@ -32,7 +32,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from federated.core.corpus_schema import CorpusSchema
+from federated.core.io import HOST_TAG, pid_alive
 from federated.core.multimed import CATALOGUE
 from federated.core.targets import REGRESSION
 from federated.data.checks import check_corpus, open_problems, read_manifest, read_spec, spec_schema, summarise
@@ -208,30 +208,21 @@ def write_corpus(
     return out_dir
 
 
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # a shared disk: PIDs are per host
-
-
 def _build_dir_beside(out_dir: Path) -> Path:
-    """A new empty folder beside `out_dir` named with this host and PID, so that a later build can
-    tell a dead writer's leftovers from a running one's. Permissions are an ordinary mkdir's
-    (tempfile.mkdtemp would leave the corpus 0700)."""
+    """A new empty folder beside `out_dir` named with this host (io's HOST_TAG: a shared disk's PIDs
+    are per host) and PID, so that a later build can tell a dead writer's leftovers from a running
+    one's. Permissions are an ordinary mkdir's (tempfile.mkdtemp would leave the corpus 0700).
+
+    Not io.temp_dir_beside's `.multimed-fl-tmp-...` name: a cache folder holds the leftovers of
+    killed builds of earlier releases under this name, which remove_stale_builds must still
+    recognise, and whose users (and tests/robustness/test_corpus.py) know it as `.<name>.tmp-...`."""
     while True:
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             tmp.mkdir(0o777)
         except FileExistsError:
             continue
         return tmp
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
 
 
 def remove_stale_builds(out_dir: str | Path, any_name: bool = False) -> list[Path]:
@@ -249,9 +240,9 @@ def remove_stale_builds(out_dir: str | Path, any_name: bool = False) -> list[Pat
         _, sep, tag = entry.name.rpartition(".tmp-")
         host, _, rest = tag.partition("-")
         pid = rest.partition("-")[0]
-        if not sep or host != _HOST or not pid.isdigit() or entry.is_symlink() or not entry.is_dir():
+        if not sep or host != HOST_TAG or not pid.isdigit() or entry.is_symlink() or not entry.is_dir():
             continue
-        if not _pid_alive(int(pid)):
+        if not pid_alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed

@@ -11,10 +11,12 @@ parameters) is not the server's to hold: each site saves its own state next to i
 round to restore. A real hospital's privacy ledger thus never leaves the hospital.
 
 Format: DIR/checkpoint.npz, arrays plus JSON without pickle (federated/core/statefile.py: read
-with allow_pickle=False, versioned, a sha256 of the content checked on load), written atomically.
-The loader refuses, by file name, anything else: a `checkpoint.pkl` of an earlier release is never
-opened (a pickle runs code when read), a foreign or edited file is "not a MultiMed-FL checkpoint"
-or a "hash mismatch", another format version is "unsupported". Version 3: the first without pickle.
+with allow_pickle=False, versioned, an HMAC-SHA256 under this user's state key checked on load),
+written atomically. The loader refuses, by file name, anything else: a `checkpoint.pkl` of an
+earlier release is never opened (a pickle runs code when read), a foreign file is "not a
+MultiMed-FL checkpoint", an edited one (or one written under another key) is "not authenticated by
+this user's key" (CheckpointAuthError), another format version is "unsupported". Version 3: the
+first without pickle.
 A checkpoint resumed must also agree with itself (`check_resume`): its round is its history's
 length, the rounds numbered 1..round, each recording the same privacy and secure-aggregation
 settings (federated/core/config/protected.py), and its config's rounds not below its round.
@@ -45,7 +47,8 @@ from federated.core.config.protected import changed_settings, protected_settings
 from federated.core.config.schema import ExperimentConfig
 from federated.core.corpus_schema import CorpusSchema, Modality, Task
 from federated.core.protocol import Role
-from federated.core.statefile import StateFileError, read_state_file, write_state_file
+from federated.core.state_key import check_key
+from federated.core.statefile import StateAuthError, StateFileError, read_state_file, write_state_file
 from federated.server.callbacks import Callback, ServerState
 from federated.server.evaluation import SiteEvaluation, SiteProfile
 from federated.server.records import RoundRecord, TrainStats
@@ -79,6 +82,10 @@ STATE_TYPES: dict[str, type] = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message says why."""
+
+
+class CheckpointAuthError(CheckpointError):
+    """A checkpoint this user cannot authenticate (no usable key here, or not this key's MAC)."""
 
 
 @dataclass
@@ -117,6 +124,8 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
     try:
         state = read_state_file(path, KIND, FORMAT_VERSION, STATE_TYPES)
         ckpt = Checkpoint(**state, version=FORMAT_VERSION)
+    except StateAuthError as e:
+        raise CheckpointAuthError(str(e)) from None
     except StateFileError as e:
         raise CheckpointError(str(e)) from None
     except TypeError as e:  # fields missing or unknown
@@ -231,6 +240,11 @@ class Checkpointer(Callback):
 
 
 def checkpointers(cfg: ExperimentConfig, out_dir: Path | None) -> list[Callback]:
-    """The run's checkpoint callback: none without a folder or with engine.checkpoint_every = 0."""
+    """The run's checkpoint callback: none without a folder or with engine.checkpoint_every = 0.
+    Every engine calls this before round 1: a state key that cannot be used (StateKeyError, naming
+    it and the fix) stops the run here, not at the first checkpoint k rounds later."""
     every = cfg.engine.checkpoint_every
-    return [Checkpointer(out_dir, every)] if out_dir is not None and every else []
+    if out_dir is None or not every:
+        return []
+    check_key()
+    return [Checkpointer(out_dir, every)]

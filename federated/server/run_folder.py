@@ -4,7 +4,9 @@ A run lists every top-level entry it writes in `run_manifest.json` (written atom
 entry itself, so a run killed at any point leaves nothing unlisted). `--overwrite` deletes exactly
 the listed entries, never anything by name or prefix: an entry no manifest lists (a user's, or a run
 of a release before the manifest) is never deleted or replaced; a new run that would write it is
-refused, naming it. A folder that holds another run (finished: summary.json; interrupted: a
+refused, naming it. A listed folder (tensorboard/, site_state/, deploy/) is deleted only when it
+holds nothing but what the framework writes there (INSIDE): a user's file put inside one is named
+and nothing at all is deleted. A folder that holds another run (finished: summary.json; interrupted: a
 checkpoint, which `--resume` continues; one that stopped before its first checkpoint) or a user's
 files is refused unless told to overwrite. A symbolic link where a run writes is refused by name,
 never followed.
@@ -22,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeAlias
 
 from federated.core.io import pid_alive, stale_temp, temp_writer, write_json
 from federated.core.protocol import SITE_STATE_DIR
@@ -51,6 +55,33 @@ RUN_OUTPUTS = (
 SETUP_ENTRIES = ("deploy",)
 WRITTEN = (*RUN_OUTPUTS, *SETUP_ENTRIES)
 FOLDERS = frozenset({"tensorboard", SITE_STATE_DIR, "deploy"})
+
+# What the framework writes inside each listed folder, so --overwrite can tell a user's file put there:
+# (name pattern, FILE | WHOLE | the rules of a sub-folder). WHOLE: a folder written by a process the
+# framework started, whose content is that program's (Flower's FLWR_HOME, a corpus build's temporary).
+FILE, WHOLE = "file", "whole"
+_Pattern: TypeAlias = "str | Callable[[str], bool]"
+_Rules: TypeAlias = "tuple[tuple[_Pattern, str | _Rules], ...]"
+_IO_TEMP: tuple[_Pattern, str] = (lambda name: temp_writer(name) is not None, FILE)  # federated.core.io's temporaries
+_CORPUS: _Rules = (  # federated/data/format.py: write_corpus
+    (r"spec\.json|manifest\.parquet", FILE),
+    (r"arrays|targets", ((r"[^/]+\.npy", FILE),)),
+)
+INSIDE: dict[str, _Rules] = {
+    # tracking.TensorBoardLogger: torch's SummaryWriter, scalars only (one events file per process)
+    "tensorboard": ((r"events\.out\.tfevents\..+", FILE),),
+    # clients/site_state.py: <site>/round_NNNNN.npz, written atomically
+    SITE_STATE_DIR: ((r"[^/]+", ((r"round_[0-9]+\.npz", FILE), _IO_TEMP)),),
+    # federated/engines/deployment (demo.py, federation.py) and federated/engines/pki.py
+    "deploy": (
+        (r"run_config\.toml", FILE),
+        (r"superlink\.db(-journal|-wal|-shm)?", FILE),
+        (r"logs", ((r"(superlink|flwr-cli|run|supernode-.+|clientapp-.+)\.log", FILE),)),
+        (r"pki", ((r"ca\.(crt|key)|server\.(pem|key)|node_[0-9]+(\.pub)?", FILE), (r"\..+\.tmp-[0-9a-f]{16}", FILE))),
+        (r"flwr_home", WHOLE),
+        (r"sites", ((r"\..+\.tmp-[0-9a-f]{8}-[0-9]+-[0-9a-f]{8}", WHOLE), (r"[^.][^/]*", _CORPUS))),
+    ),
+}
 _MANIFEST_FORMAT = "multimed-fl run folder"
 _MANIFEST_VERSION = 1
 # A lock younger than this without a PID in it is being written now.
@@ -153,6 +184,53 @@ def _check_links(out_dir: Path) -> None:
         _refuse_links(state, sorted(os.listdir(state)))
 
 
+def _matches(pattern: _Pattern, name: str) -> bool:
+    return pattern(name) if callable(pattern) else re.fullmatch(pattern, name) is not None
+
+
+def _foreign(folder: Path, rules: _Rules, rel: str) -> list[str]:
+    """Entries under `folder` (named relative to the run folder) that `rules` do not say the framework
+    writes; a link never is one, and what is not the framework's is not looked into."""
+    found = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        kind = next((k for pattern, k in rules if _matches(pattern, entry.name)), None)
+        name = f"{rel}/{entry.name}"
+        if kind is None or entry.is_symlink():
+            found.append(name)
+        elif kind == FILE:
+            found += [] if entry.is_file() else [name]
+        elif not entry.is_dir():
+            found.append(name)
+        elif kind != WHOLE:
+            assert isinstance(kind, tuple)
+            found += _foreign(Path(entry.path), kind, name)
+    return found
+
+
+def not_written_here(out_dir: Path, names: Iterable[str]) -> list[str]:
+    """What deleting the entries `names` would take that the framework does not write: a user's file
+    inside a listed folder, or a folder where the framework writes a file (and the reverse)."""
+    found = []
+    for name in sorted(names):
+        path = out_dir / name
+        if path.is_symlink() or not path.exists():
+            continue  # a link is refused by name before anything is deleted; a missing entry takes nothing
+        if name in INSIDE:
+            found += _foreign(path, INSIDE[name], name) if path.is_dir() else [name]
+        elif path.is_dir():
+            found.append(name)
+    return found
+
+
+def _refuse_foreign(out_dir: Path, names: Iterable[str], what: str) -> None:
+    foreign = not_written_here(out_dir, names)
+    if foreign:
+        raise RunFolderError(
+            f"{out_dir}: {what}, but multimed-fl did not write {_listing(foreign)} there (a user's files?): "
+            "nothing was deleted; move them out of the run folder (or remove them yourself) and run again"
+        )
+
+
 def _unproven(names: Iterable[str], listed: frozenset[str]) -> list[str]:
     """Entries a new run would write or replace that no manifest says multimed-fl wrote."""
     return [n for n in names if n in RUN_OUTPUTS and n not in listed]
@@ -204,6 +282,7 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
                 f"{_listing(unproven)} (an earlier release's run, or not multimed-fl's), which a new run would "
                 "replace; remove them yourself or choose another --out"
             )
+        _refuse_foreign(out_dir, listed, f"--overwrite deletes what a run listed in {MANIFEST_FILE}")
         return
     run_files = [n for n in names if n in RUN_OUTPUTS or n == LEGACY_CHECKPOINT]
     foreign = [n for n in names if not is_framework_entry(n)]
@@ -258,6 +337,7 @@ def fresh_setup_folder(out_dir: Path, name: str) -> Path:
                 f"{path} is already there and no {MANIFEST_FILE} in {out_dir} lists it as multimed-fl's (an earlier "
                 "release's, or not multimed-fl's), so it is not replaced: remove it yourself, or choose another --out"
             )
+        _refuse_foreign(out_dir, [name], f"an earlier attempt's {name}/ is replaced")
         shutil.rmtree(path)  # an earlier attempt's keys and logs: stale
     record_outputs(out_dir, name)
     path.mkdir()
@@ -299,6 +379,7 @@ def clear_run_outputs(out_dir: Path) -> list[str]:
     if listed is None:
         return []
     _refuse_links(out_dir, sorted(listed))
+    _refuse_foreign(out_dir, listed, f"--overwrite deletes what a run listed in {MANIFEST_FILE}")
     removed = []
     for name in sorted(listed):
         path = out_dir / name

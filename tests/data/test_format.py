@@ -167,3 +167,17 @@ def test_a_build_finished_meanwhile_is_kept_not_replaced(tmp_path, tiny_frames, 
         _write(other, *tiny_frames())
     assert (other / "spec.json").read_text() == "{}"  # the other build's folder, untouched
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # and no temporary folder left behind
+
+
+def test_a_builds_temporary_folder_keeps_its_name_and_carries_ios_host_tag(tmp_path):
+    """The build folder's name stays `.<name>.tmp-<host>-<pid>-<hex>` (earlier releases' leftovers in
+    a cache are recognised by it) with the host tag federated.core.io's temporaries carry."""
+    import os
+    import re
+
+    from federated.core.io import HOST_TAG
+    from federated.data.format import _build_dir_beside, remove_stale_builds
+
+    tmp = _build_dir_beside(tmp_path / "c")
+    assert tmp.is_dir() and re.fullmatch(rf"\.c\.tmp-{HOST_TAG}-{os.getpid()}-[0-9a-f]{{8}}", tmp.name)
+    assert remove_stale_builds(tmp_path / "c") == [] and tmp.is_dir()  # its writer (this process) is alive

@@ -223,6 +223,48 @@ def test_deploy_submit_resume_refuses_a_config_yaml_that_changes_privacy(tmp_pat
     assert submitted == [] and _snapshot(out) == before
 
 
+def test_deploy_submit_resume_leaves_the_check_to_the_server_app_without_its_key(tmp_path, capsys, monkeypatch):
+    """The README's SuperLink runs as a service user: its checkpoint is authenticated by the service
+    user's key, which the submitting operator does not hold (or has no key at all). The early check
+    is then skipped and the run submitted; the ServerApp, holding the key, checks and names the keys."""
+    import types
+
+    import federated.engines.deployment as deployment
+    from federated.core.state_key import KEY_ENV, load_key
+
+    submitted = []
+    monkeypatch.setattr(
+        deployment,
+        "submit_and_wait",
+        lambda *a, **k: submitted.append((a, k)) or types.SimpleNamespace(completed=True, run_id="7"),
+    )
+    out = tmp_path / "srv" / "runs" / "exp1"
+    out.mkdir(parents=True)
+    monkeypatch.setenv(KEY_ENV, str(tmp_path / "service-user.key"))
+    cfg = load_config(DP)
+    save_checkpoint(out, _checkpoint(cfg))
+    (out / "config.yaml").write_text(config_to_yaml(cfg))
+    before = _snapshot(out)
+    for operator, has_a_key in (("operator.key", True), ("no-key-yet/state.key", False)):
+        monkeypatch.setenv(KEY_ENV, str(tmp_path / operator))
+        if has_a_key:
+            load_key()  # the operator's own key: not the service user's
+        submitted.clear()
+        assert main(["deploy", "submit", "--connection", "x", "--resume", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "the checkpoint cannot be checked here" in printed and "the ServerApp checks" in printed
+        assert len(submitted) == 1 and submitted[0][1]["resume"] is True
+        assert config_from_yaml(submitted[0][0][2]) == cfg
+    assert not (tmp_path / "no-key-yet").exists()  # no key is made for a check that is skipped
+    assert _snapshot(out) == before
+    # the submitter that does hold the key still refuses a changed privacy setting before submitting
+    monkeypatch.setenv(KEY_ENV, str(tmp_path / "service-user.key"))
+    (out / "config.yaml").write_text(config_to_yaml(_with(cfg, "privacy", name="none")))
+    submitted.clear()
+    assert main(["deploy", "submit", "--connection", "x", "--resume", str(out)]) == 2
+    assert "privacy.name: 'dp_sgd' -> 'none'" in capsys.readouterr().err and submitted == []
+
+
 def test_the_server_app_names_the_privacy_key_a_submitted_config_changes(tmp_path):
     cfg = load_config(DP)
     ckpt = _checkpoint(cfg)

@@ -4,7 +4,9 @@
    the framework's own temporaries (`.multimed-fl-tmp-<host>-<pid>-...`) of a dead writer are removed,
    and only once the folder is accepted;
 2. `--overwrite` deletes exactly what the folder's run_manifest.json lists, never a user's
-   `checkpoints_mine/` or `checkpoint_notes.txt`; a folder without a manifest loses nothing;
+   `checkpoints_mine/` or `checkpoint_notes.txt`; a folder without a manifest loses nothing; a listed
+   folder holding a user's file (tensorboard/notes.txt) is refused naming it, nothing deleted; the
+   deployment demo checks its folder before an earlier attempt's deploy/ is deleted;
 7. a symbolic link where a run writes is refused by name, never followed; a run killed while writing
    its first checkpoint gets one message from `run --out` and `run --resume`, whose command works.
 
@@ -260,8 +262,130 @@ def test_finding2_a_setup_folder_no_manifest_lists_is_not_replaced(tmp_path):
     (folder / "deploy" / "my_keys.txt").unlink()
     (folder / "deploy").rmdir()
     made = fresh_setup_folder(folder, "deploy")
-    (made / "superlink.log").write_text("an attempt")
+    (made / "logs").mkdir()
+    (made / "logs" / "superlink.log").write_text("an attempt")
     assert fresh_setup_folder(folder, "deploy") == made and not any(made.iterdir())
+
+
+def _demo_attempt(deploy: Path) -> None:
+    """What `deploy demo` (demo.py, federation.py, pki.py) leaves in deploy/, as measured in a real one."""
+    for name in (
+        "ca.crt",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "node_00",
+        "node_00.pub",
+        ".ca.key.tmp-0123456789abcdef",
+    ):
+        (deploy / "pki").mkdir(parents=True, exist_ok=True)
+        (deploy / "pki" / name).write_bytes(b"pem")
+    (deploy / "logs").mkdir()
+    for name in ("superlink", "flwr-cli", "run", "supernode-site_00", "clientapp-site_00"):
+        (deploy / "logs" / f"{name}.log").write_text("log")
+    corpus = deploy / "sites" / "site_00"
+    for sub in ("arrays", "targets"):
+        (corpus / sub).mkdir(parents=True)
+        (corpus / sub / "oct.npy").write_bytes(b"npy")
+    (corpus / "spec.json").write_text("{}")
+    (corpus / "manifest.parquet").write_bytes(b"PAR1")
+    (deploy / "sites" / f".site_01.tmp-{HOST_TAG}-12345-0a1b2c3d").mkdir()  # a split killed half-way
+    (deploy / "flwr_home" / "apps" / "multimed-fl.0.1.0" / "partitions").mkdir(parents=True)  # Flower's own
+    (deploy / "flwr_home" / "config.toml").write_text("[superlink]\n")
+    for name in ("run_config.toml", "superlink.db", "superlink.db-wal"):
+        (deploy / name).write_bytes(b"x")
+
+
+def _finished_with(folder: Path, users_file: str) -> Path:
+    _finished_run(folder)
+    record_outputs(folder, "deploy")
+    _demo_attempt(folder / "deploy")
+    (folder / users_file).parent.mkdir(parents=True, exist_ok=True)
+    (folder / users_file).write_text("mine: my own notes on this run\n")
+    return folder
+
+
+def test_overwrite_is_refused_naming_a_users_file_inside_a_listed_folder_and_deletes_nothing(tmp_path, capsys):
+    """--overwrite deleted tensorboard/, site_state/ and deploy/ whole, with a user's file put inside."""
+    folder = _finished_with(tmp_path / "q", "tensorboard/notes.txt")
+    before = _tree(folder)
+    assert main(["run", "--out", str(folder), "--overwrite", *SMOKE]) == 2
+    err = _error(capsys)
+    assert "multimed-fl did not write tensorboard/notes.txt there" in err and "nothing was deleted" in err
+    assert _tree(folder) == before
+
+
+@pytest.mark.parametrize(
+    ("users_file", "named"),
+    [
+        ("site_state/notes.txt", "site_state/notes.txt"),
+        ("site_state/site_00/round_00001.npz.bak", "site_state/site_00/round_00001.npz.bak"),
+        ("site_state/site_00/analysis/epsilon.csv", "site_state/site_00/analysis"),  # not looked into
+        ("deploy/notes.txt", "deploy/notes.txt"),
+        ("deploy/pki/my_ca.key", "deploy/pki/my_ca.key"),
+        ("deploy/logs/notes.md", "deploy/logs/notes.md"),
+        ("deploy/sites/site_00/arrays/mine.csv", "deploy/sites/site_00/arrays/mine.csv"),
+        ("tensorboard/events.out.tfevents.1.d/mine", "tensorboard/events.out.tfevents.1.d"),  # a folder, not a file
+    ],
+)
+def test_clearing_checks_every_listed_folder_before_deleting_anything(tmp_path, users_file, named):
+    folder = _finished_with(tmp_path / "q", users_file)
+    before = _tree(folder)
+    with pytest.raises(RunFolderError, match=rf"but multimed-fl did not write {re.escape(named)} there"):
+        check_out_dir(folder, overwrite=True)
+    with pytest.raises(RunFolderError, match="nothing was deleted"):
+        clear_run_outputs(folder)
+    assert _tree(folder) == before
+
+
+def test_what_the_framework_writes_inside_its_folders_is_cleared(tmp_path):
+    folder = tmp_path / "q"
+    _finished_run(folder)
+    record_outputs(folder, "deploy")
+    _demo_attempt(folder / "deploy")
+    _framework_temp(folder / "site_state" / "site_00", "round_00002.npz", os.getpid())
+    (folder / "tensorboard" / "events.out.tfevents.1796662499.vm.21619.0").write_bytes(b"events")
+    check_out_dir(folder, overwrite=True)
+    assert sorted(clear_run_outputs(folder)) == sorted([*RUN_OUTPUTS, "deploy"])
+    assert sorted(os.listdir(folder)) == [MANIFEST_FILE]
+
+
+def test_a_setup_folder_holding_a_users_file_is_not_replaced(tmp_path):
+    folder = tmp_path / "demo"
+    fresh_setup_folder(folder, "deploy")
+    _demo_attempt(folder / "deploy")
+    (folder / "deploy" / "pki" / "hospital_b.pub").write_text("a key a user saved here")
+    before = _tree(folder)
+    with pytest.raises(RunFolderError, match=r"did not write deploy/pki/hospital_b.pub there"):
+        fresh_setup_folder(folder, "deploy")
+    assert _tree(folder) == before
+
+
+@pytest.mark.parametrize("left", ["interrupted", "users_file", "inside_deploy"])
+def test_the_demo_refuses_a_folder_before_deleting_deploy_or_starting_anything(tmp_path, left, monkeypatch):
+    """deploy_demo checked only summary.json, then deleted a listed deploy/ and started processes."""
+    from federated.engines.deployment import demo
+
+    started = []
+    monkeypatch.setattr(demo, "LoopbackFederation", lambda *a, **k: started.append(a))
+    folder = tmp_path / "demo"
+    fresh_setup_folder(folder, "deploy")
+    _demo_attempt(folder / "deploy")
+    if left == "interrupted":
+        record_outputs(folder, "checkpoint.npz", "config.yaml")
+        (folder / "checkpoint.npz").write_bytes(b"round 2")
+        (folder / "config.yaml").write_text("seed: 0\n")
+        refused = r"holds an interrupted run"
+    elif left == "users_file":
+        (folder / "notes.txt").write_text("mine")
+        refused = r"files multimed-fl did not write \(notes.txt\)"
+    else:
+        (folder / "deploy" / "notes.txt").write_text("mine")
+        refused = r"did not write deploy/notes.txt there"
+    before = _tree(folder)
+    with pytest.raises(RunFolderError, match=refused):
+        demo.deploy_demo(2, folder, ["scale=smoke", "rounds=1"], say=lambda line: None)
+    assert _tree(folder) == before and started == []
 
 
 def test_finding2_a_users_run_lock_without_a_pid_is_never_deleted(tmp_path):

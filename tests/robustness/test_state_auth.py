@@ -28,7 +28,6 @@ from federated.core.config import config_to_yaml, load_config
 from federated.core.protocol import STATE_DIR_KEY
 from federated.core.state_key import KEY_BYTES, KEY_ENV, StateKeyError, key_path, load_key
 from federated.core.statefile import StateFileError, read_state_file, write_state_file
-from federated.engines.deployment.environment import flower_env
 from federated.server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from federated.server.evaluation import summarize
 from federated.server.records import RoundRecord
@@ -231,10 +230,27 @@ def test_a_hospitals_site_state_is_authenticated_by_its_own_key(tmp_path, monkey
         site_state.load(path, "site_a", 2)
 
 
-def test_deployment_processes_inherit_the_key_setting(tmp_path, monkeypatch):
-    """SuperNodes and their ClientApp workers start with flower_env's environment (federation.py)."""
-    monkeypatch.setenv(KEY_ENV, str(tmp_path / "k"))
-    assert flower_env(tmp_path / "flwr_home")[KEY_ENV] == str(tmp_path / "k")
+def test_the_mac_reads_each_arrays_bytes_in_place_with_the_documented_digest(tmp_path, own_key):
+    """The MAC hashes a uint8 view of each array, not a tobytes() copy: the digest is still the
+    documented one (an independent HMAC over tobytes()), for every layout and dtype a state holds."""
+    arrays = [
+        np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        np.arange(24, dtype=np.float64).reshape(4, 6)[:, ::2],  # not contiguous
+        np.asfortranarray(np.arange(12, dtype=np.int64).reshape(3, 4)),
+        np.array(3.5),  # 0-d
+        np.zeros((0, 5), dtype=np.float32),  # empty
+        np.array([True, False, True]),
+        np.arange(5, dtype=">i4"),  # big-endian
+        np.array([1 + 2j], dtype=np.complex64),
+        np.array(["ab", "c"]),
+    ]
+    path = write_state_file(tmp_path / "s.npz", "site-state", 1, {"a": arrays})
+    members = _members(path)
+    meta = json.loads(members["meta"].tobytes())
+    stored = [members[f"a{i}"] for i in range(len(members) - 2)]
+    assert meta["mac"] == _mac(load_key(), meta, members["state"].tobytes(), stored)
+    read = read_state_file(path, "site-state", 1)["a"]  # verified under the same MAC
+    assert all(np.array_equal(x.ravel(), y.ravel()) and x.dtype == y.dtype for x, y in zip(read, arrays, strict=True))
 
 
 def test_a_member_added_or_dropped_is_refused(tmp_path, own_key):
@@ -253,3 +269,61 @@ def test_a_member_added_or_dropped_is_refused(tmp_path, own_key):
             read_state_file(path, "site-state", 1)
     with zipfile.ZipFile(path) as z:
         assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+
+
+# ------------------------------------------- a bad key is refused before the run trains ----
+
+
+def test_a_key_others_can_read_stops_a_checkpointing_run_before_it_writes_anything(tmp_path, own_key, capsys):
+    """Found only at the first checkpoint before (k rounds in, after the folder was filled)."""
+    load_key()
+    own_key.chmod(0o644)
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), "--no-progress", "scale=smoke", "rounds=2", "engine.checkpoint_every=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"multimed-fl: error: state key {own_key} is readable or writable by others (mode 0644)" in err
+    assert f"Run: chmod 600 {own_key}" in err and "Traceback" not in err
+    assert not out.exists()  # nothing was written into --out (the folder the lock made is gone too)
+    out.mkdir()
+    assert main(args) == 2 and list(out.iterdir()) == []
+    assert stat.S_IMODE(own_key.stat().st_mode) == 0o644  # the key is the user's to fix, never changed
+
+
+def test_every_engine_checks_the_key_before_round_1_when_the_run_checkpoints(tmp_path, own_key):
+    from federated.server.checkpoint import checkpointers
+
+    load_key()
+    own_key.chmod(0o644)
+    every = load_config(["scale=smoke", "engine.checkpoint_every=2"])
+    with pytest.raises(StateKeyError, match=rf"chmod 600 {own_key}"):
+        checkpointers(every, tmp_path)
+    never = load_config(["scale=smoke", "engine.checkpoint_every=0"])
+    assert checkpointers(never, tmp_path) == [] and checkpointers(every, None) == []  # nothing saved: not needed
+
+
+def test_a_hospital_whose_key_others_can_read_is_refused_by_name_in_the_handshake(tmp_path, own_key, smoke_corpus):
+    """Its first site_state.save failed silently before (a failed evaluate reply), found only on resume."""
+    from clients.client_app import app as client_app
+    from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
+    from federated.engines.inprocess import InProcessGrid
+    from federated.server.federation import FederationError, handshake
+
+    load_key()
+    own_key.chmod(0o604)
+    run = {
+        CONFIG_KEY: config_to_yaml(load_config(["scale=smoke", "engine.checkpoint_every=1"])),
+        CORPUS_KEY: str(smoke_corpus),
+        STATE_DIR_KEY: str(tmp_path / "states"),
+    }
+    with pytest.raises(FederationError, match=r"handshake: node .*site site_00 cannot save its state") as e:
+        handshake(InProcessGrid(client_app, [{"partition-id": 0}], run), timeout_s=30)
+    assert f"state key {own_key} is readable or writable by others (mode 0604)" in str(e.value)
+    assert f"chmod 600 {own_key}" in str(e.value)
+    own_key.chmod(0o600)
+    assert [
+        p.site for p in handshake(InProcessGrid(client_app, [{"partition-id": 0}], run), timeout_s=30).values()
+    ] == ["site_00"]
+    no_checkpoints = {**run, CONFIG_KEY: config_to_yaml(load_config(["scale=smoke"]))}
+    own_key.chmod(0o604)  # a run that saves nothing does not need the key
+    handshake(InProcessGrid(client_app, [{"partition-id": 0}], no_checkpoints), timeout_s=30)

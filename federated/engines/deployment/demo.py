@@ -27,7 +27,7 @@ from federated.engines.deployment.federation import CLIENTAPP_MODES, LoopbackFed
 from federated.engines.deployment.flwr_cli import RunResult
 from federated.engines.deployment.processes import sigterm_as_interrupt
 from federated.engines.deployment.submit import app_dir, run_config_toml
-from federated.server.run_folder import fresh_setup_folder, record_outputs
+from federated.server.run_folder import check_out_dir, fresh_setup_folder, record_outputs
 from partitions import SitePlan, plan_sites
 from partitions.site_local import SITE_LOCAL
 
@@ -112,8 +112,9 @@ def deploy_demo(
     root = app_dir()
     out = Path(out_dir).expanduser().resolve()
     _check_out_dir(out, root)
-    if (out / "summary.json").exists():
-        raise DeploymentError(f"{out} already holds a finished run (summary.json); choose another --out")
+    # what the ServerApp would refuse (a finished or interrupted run, a user's files, a link), before an
+    # earlier attempt's deploy/ is deleted or anything is started
+    check_out_dir(out, overwrite=False)
     check_binaries(flower_env(out / "deploy" / "flwr_home"))
     cfg, corpus_path, plans = _demo_plan(n_sites, overrides)
     say(f"site plan: {', '.join(f'{p.site} ({p.role})' for p in plans)}; corpus {corpus_path}")
