@@ -39,7 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from federated.core import protocol as P
 from federated.core.arrays import record_to_numpy
-from strategies.secure_sums import Layout, site_vector, site_weights, vector_weights
+from strategies.secure_sums import Layout, site_vector, site_weights
 from strategies.validation import update_norm, validate_update
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def masked_update_mod(msg: Message, context: Context, call_next: ClientAppCallab
     weights = site_weights(group_examples, num_examples, kind, bool(config.get(P.SECURE_UNIFORM, 0)), withheld)
     clip_norm = config.get(P.SECURE_CLIP_NORM)
     max_weight = P.record_number(config, P.SECURE_MAX_WEIGHT)
-    vector, clipped = site_vector(
+    vector, clipped, declared = site_vector(
         layout,
         global_arrays,
         trained,
@@ -160,7 +160,6 @@ def masked_update_mod(msg: Message, context: Context, call_next: ClientAppCallab
         P.record_number(config, P.SECURE_CLIP),
         float(clip_norm) if isinstance(clip_norm, (int, float)) else None,
     )
-    declared = vector_weights(layout, weights, max_weight)  # what the vector's weight entries hold
     if clipped:  # stays here: how much the clip cut is a property of this site's update
         log.info("secure aggregation: %d of %d update entries clipped to [-c, c]", clipped, vector.size)
     masked = RecordDict(
@@ -171,11 +170,9 @@ def masked_update_mod(msg: Message, context: Context, call_next: ClientAppCallab
             FITRES_METRICS: ConfigRecord({}),
             FITRES_STATUS: ConfigRecord({"code": 0, "message": ""}),
             P.METRICS_RECORD: metrics,
-            # which groups it sent a weight for, and the weights: the server unmasks no group one site
-            # alone sent, and checks the unmasked sum against the declared weights
-            P.SECURE_GROUPS_RECORD: ConfigRecord(
-                {P.GROUPS: json.dumps(sorted(declared)), P.SECURE_WEIGHTS: json.dumps(declared, sort_keys=True)}
-            ),
+            # the weights its vector's weight entries hold, by group (so also which groups it sent): the
+            # server unmasks no group one site alone sent, and checks the unmasked sum against them
+            P.SECURE_GROUPS_RECORD: ConfigRecord({P.SECURE_WEIGHTS: json.dumps(declared, sort_keys=True)}),
         }
     )
     if P.PRIVACY_RECORD in content.config_records:

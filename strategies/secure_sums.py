@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -82,6 +82,15 @@ class Layout:
         return cls(kind, tuple(segments), start)
 
 
+class SiteVector(NamedTuple):
+    """What a site masks, how many entries the clip changed, and the weights its weight entries hold
+    (what it declares in the clear: `vector_weights`)."""
+
+    vector: np.ndarray  # float64, layout.length entries
+    clipped: int
+    weights: dict[str, float]  # group -> a_g, the groups it weighs above 0 only
+
+
 def site_vector(
     layout: Layout,
     global_arrays: Mapping[str, np.ndarray],
@@ -90,8 +99,8 @@ def site_vector(
     max_weight: float,
     clip: float,
     clip_norm: float | None = None,
-) -> tuple[np.ndarray, int]:
-    """A site's vector (float64) and how many entries the clip at `clip` changed.
+) -> SiteVector:
+    """A site's vector (float64), how many entries the clip at `clip` changed, and its declared weights.
 
     `group_weights`: the site's examples per group (for the single layout, {WHOLE_MODEL: n}); a
     group missing from it counts 0. `clip_norm` (site-level DP): the whole difference is first
@@ -118,7 +127,7 @@ def site_vector(
         clipped += int(np.count_nonzero(np.abs(flat) > clip))
         vector[s.start : s.weight_index] = a * np.clip(flat, -clip, clip)
         vector[s.weight_index] = a
-    return vector, clipped
+    return SiteVector(vector, clipped, declared)
 
 
 def vector_weights(layout: Layout, group_weights: Mapping[str, float], max_weight: float) -> dict[str, float]:
@@ -341,9 +350,14 @@ def sum_problems(
     - each entry of its weighted sum is within c x that sum (each site's entry a x clip(delta));
     - with a norm bound B (strategy.max_update_norm, or privacy.clipping_norm with site-level DP,
       which every site applies itself), the weighted sum's L2 norm is within B x that sum.
-    A quantisation bound that is not exact needs T and c for which 0 quantises exactly (zero_level).
+    The exact zero check needs T and c for which 0 quantises exactly (zero_level); others raise.
     """
     zero = zero_level(clip, levels)
+    if zero is None:  # check_secure_strategy refuses such a clip and T before the run
+        raise ValueError(
+            f"clip {clip:g} with {levels} levels: 0 does not quantise to an exact level, so a group's zero "
+            "sum cannot be checked exactly (check_secure_strategy refuses this configuration)"
+        )
     slack = quantisation_bound(n_sites, clip, levels)
     fp = 16 * float(np.finfo(np.float64).eps) * n_sites * clip  # dequantisation's float rounding
     problems: list[str] = []
@@ -352,10 +366,7 @@ def sum_problems(
         entries = slice(s.start, s.weight_index + 1)
         name = f"group {s.group}" + (" (withheld this round)" if s.group in withheld else "")
         if total <= 0:
-            if zero is not None:
-                off = int(np.count_nonzero(quantised[entries] != n_sites * zero))
-            else:
-                off = int(np.count_nonzero(np.abs(summed[entries]) > slack + fp))
+            off = int(np.count_nonzero(quantised[entries] != n_sites * zero))
             if off:
                 problems.append(
                     f"{name}: no site declared a weight for it, yet {off} of its {s.size + 1} entries do not "

@@ -98,9 +98,9 @@ SECURE_CLIP = "secure-clip"  # c: each entry of the update is clipped to [-c, c]
 SECURE_CLIP_NORM = "secure-clip-norm"  # site-level DP: the update is first scaled to this L2 norm
 SECURE_MAX_NORM = "secure-max-norm"  # strategy.max_update_norm, checked by the site itself (0 = none)
 SECURE_WITHHELD = "secure-withheld"  # JSON list: groups too few of the round's sites hold; no site sends them
-SECURE_GROUPS_RECORD = "secure-groups"  # site -> server, in the clear: {GROUPS: JSON list of the groups it
-# sent a non-zero weight for}, so the server can refuse to unmask a group's sum that is one site's update,
-# and {SECURE_WEIGHTS: JSON object group -> the weight a_g its vector carries}, which the unmasked sum must match
+SECURE_GROUPS_RECORD = "secure-groups"  # site -> server, in the clear: {SECURE_WEIGHTS: JSON object group ->
+# the weight a_g > 0 its vector carries}: its keys are the groups it sent, so the server can refuse to unmask a
+# group's sum that is one site's update, and its values are what the unmasked sum must match
 SECURE_WEIGHTS = "weights"
 
 # Domain-generalisation strategies' records and keys (strategies/feddg_ga.py, qffl.py, risk_objectives.py,

@@ -40,7 +40,6 @@ from federated.core.protocol import (
     CONFIG_RECORD,
     EVALUATE_ROUND,
     EVALUATED,
-    GROUPS,
     METRICS_RECORD,
     NUM_EXAMPLES,
     PERSONAL_RECORD,
@@ -67,6 +66,7 @@ from federated.core.protocol import (
 )
 from federated.core.replies import error_reason
 from federated.core.targets import REGRESSION
+from federated.server import transport
 from federated.server.callbacks import Callback, SavedStrategyState, ServerState
 from federated.server.checkpoint import Checkpoint, checkpointers, restore_python_rng
 from federated.server.evaluation import SiteEvaluation, SiteProfile, summarize
@@ -82,7 +82,13 @@ from federated.server.site_roster import (
     registered_names,
     shortfall_message,
 )
-from federated.server.transport import NodeSubsetGrid, exchange, over_superlink, wait_for_nodes
+from federated.server.transport import (
+    NodeSubsetGrid,
+    exchange,
+    lost_reply,
+    over_superlink,
+    wait_for_nodes,
+)
 from partitions.site_local import SITE_LOCAL
 from strategies.secure_sums import (
     GROUPED,
@@ -99,6 +105,10 @@ from strategies.site_dp import build_private_strategy, server_privacy_report
 
 __all__ = ["Callback", "FederationError", "FederationResult", "RoundRecord", "run_federation"]
 
+# The least time the handshake's query gets after the wait for nodes, whatever is left of
+# engine.handshake_timeout_s: a node that connected just in time still loads its site and answers.
+HANDSHAKE_REPLY_MIN_S = 30.0
+
 
 def handshake(
     grid: Grid,
@@ -110,7 +120,11 @@ def handshake(
     """Ask every node for its site profile; a node that cannot answer stops the run, and so do
     fewer than `expected` nodes within timeout_s (naming the sites that are missing: site_roster).
     On resume, each site is also told to restore its own state of `restore_round`. The run's log
-    gets one line per node: its id, its site, and the name its key was registered under."""
+    gets one line per node: its id, its site, and the name its key was registered under.
+    In a deployment timeout_s bounds the whole handshake, from the start of the wait for nodes to
+    the last profile (a node that connected late still gets HANDSHAKE_REPLY_MIN_S to answer); a
+    node whose ClientApp does not answer by then is named."""
+    deadline = time.monotonic() + timeout_s
     nodes = wait_for_nodes(grid, expected, timeout_s)
     registered = registered_names(grid)
     if len(nodes) < expected:
@@ -120,12 +134,19 @@ def handshake(
         if restore_round is None
         else RecordDict({CONFIG_RECORD: ConfigRecord({RESTORE_ROUND: restore_round})})
     )
-    replies = exchange(grid, [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes])
+    # over a SuperLink a connected node's ClientApp may never answer; a simulated site always does
+    wait = max(deadline - time.monotonic(), HANDSHAKE_REPLY_MIN_S) if over_superlink(grid) else None
+    queries = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies = exchange(grid, queries, wait, setting="engine.handshake_timeout_s")
+
+    def named(node: int) -> str:
+        return f"node {node} (registered as {registered[node]})" if node in registered else f"node {node}"
+
     profiles: dict[int, SiteProfile] = {}
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
-            raise FederationError(f"handshake: node {node} failed: {error_reason(msg)}")
+            raise FederationError(f"handshake: {named(node)} failed: {error_reason(msg)}")
         p: dict[str, Any] = dict(msg.content.config_records[PROFILE_RECORD])
         profiles[node] = SiteProfile(
             site=str(p["site"]),
@@ -141,8 +162,12 @@ def handshake(
         )
     missing = set(nodes) - set(profiles)
     if missing:
-        named = [f"{n} (registered as {registered[n]})" if n in registered else str(n) for n in sorted(missing)]
-        raise FederationError(f"handshake: no reply from nodes {', '.join(named)}")
+        raise FederationError(
+            f"handshake: no reply within engine.handshake_timeout_s={timeout_s:g} from "
+            f"{', '.join(named(n) for n in sorted(missing))}: its SuperNode is connected but its ClientApp "
+            "did not answer (on that machine, check the ClientApp process and its log; a site that loads a "
+            "large corpus may need a longer engine.handshake_timeout_s)"
+        )
     sites = [p.site for p in profiles.values()]
     twice = sorted({s for s in sites if sites.count(s) > 1})
     if twice:
@@ -209,9 +234,11 @@ def evaluate_all(
     late: Collection[int] = (),
 ) -> tuple[list[SiteEvaluation], dict[str, str]]:
     """Every site evaluates `arrays`: their evaluations (in site order) and site -> why one failed.
-    The `late` nodes (no reply to this round's training in time) are awaited briefly (exchange)."""
+    The `late` nodes (no reply to this round's training in time) are awaited briefly (exchange),
+    over a SuperLink only: a simulated site is not dead, only slow, and keeps the whole timeout."""
+    late = set(late) if over_superlink(grid) else set()
     replies = exchange(grid, evaluate_messages(list(profiles), arrays, server_round, extra), timeout, late)
-    return site_evaluations(replies, profiles, timeout)
+    return site_evaluations(replies, profiles, timeout, late=late)
 
 
 def evaluate_messages(
@@ -224,13 +251,27 @@ def evaluate_messages(
 
 
 def site_evaluations(
-    replies: list[Message], profiles: dict[int, SiteProfile], timeout: float | None, prefix: str = ""
+    replies: list[Message],
+    profiles: dict[int, SiteProfile],
+    timeout: float | None,
+    prefix: str = "",
+    late: Collection[int] = (),
 ) -> tuple[list[SiteEvaluation], dict[str, str]]:
     """The evaluations in `replies` (records named `prefix` + the evaluate reply's record names),
-    in site order, and site -> why a site's is missing (an error reply, or no reply)."""
+    in site order, and site -> why a site's is missing (an error reply, or no reply: within the
+    timeout, or for the `late` nodes the short wait they were given)."""
     evals: dict[int, SiteEvaluation] = {}
     answered = {m.metadata.src_node_id for m in replies}
-    failures: dict[str, str] = {profiles[n].site: f"no reply within {timeout} s" for n in profiles if n not in answered}
+    failures: dict[str, str] = {
+        profiles[n].site: (
+            f"no reply within {transport.LATE_WAIT_S:g} s (transport.LATE_WAIT_S: it gave none to this round's "
+            "training in time, so it was not awaited the whole engine.round_timeout_s again)"
+            if n in late
+            else f"no reply within {timeout} s"
+        )
+        for n in profiles
+        if n not in answered
+    }
     for msg in replies:
         node = msg.metadata.src_node_id
         profile = profiles[node]
@@ -280,7 +321,8 @@ class TrainOutcome:
     train: dict[str, TrainStats] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # "train:site" -> reason
     rejections: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
-    unanswered: set[int] = field(default_factory=set)  # nodes with no reply within engine.round_timeout_s
+    # nodes with no reply within engine.round_timeout_s, or one whose content was lost (transport.lost_reply)
+    unanswered: set[int] = field(default_factory=set)
     update_norms: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # site -> (norm, ratio)
     privacy: dict[str, PrivacyReport] = field(default_factory=dict)
     trained_with: dict[str, Any] = field(default_factory=dict)  # the round's privacy/secure-aggregation settings
@@ -316,6 +358,8 @@ def _collect_replies(fed: Federation, messages: list[Message], replies: list[Mes
         site = fed.site(msg.metadata.src_node_id)
         if msg.has_error():
             into.failures[f"train:{site}"] = error_reason(msg)
+            if lost_reply(msg):  # dead or cut off: awaited briefly in the round's evaluation, as no reply
+                into.unanswered.add(msg.metadata.src_node_id)
             continue
         stats: dict[str, Any] = dict(msg.content.metric_records[METRICS_RECORD])
         into.train[site] = TrainStats(float(stats[TRAIN_LOSS]), float(stats[NUM_EXAMPLES]), float(stats[STEPS]))
@@ -357,13 +401,13 @@ def secure_keys(fed: Federation, nodes: list[int]) -> dict[str, Any]:
     return keys
 
 
-def _lone_groups(fed: Federation, collected: dict[int, RecordDict]) -> str | None:
+Declarations = dict[int, dict[str, float]]  # node -> the weights it declared in the clear (group -> a_g)
+
+
+def _lone_groups(fed: Federation, declared: Declarations) -> str | None:
     """Why the sum must not be unmasked: a group fewer than min_sites_per_group sites sent a weight
     for (the sites say which, in the clear), whose sum would be those sites' own update."""
-    contributed = {
-        fed.site(node): list(json.loads(str(content.config_records[SECURE_GROUPS_RECORD][GROUPS])))
-        for node, content in collected.items()
-    }
+    contributed = {fed.site(node): sorted(weights) for node, weights in declared.items()}
     lone = lone_contributions(contributed, fed.cfg.secure_aggregation.min_sites_per_group)
     if not lone:
         return None
@@ -375,31 +419,36 @@ def _lone_groups(fed: Federation, collected: dict[int, RecordDict]) -> str | Non
 
 
 def _declared_weights(content: RecordDict) -> dict[str, float] | str:
-    """The weights a site declared in the clear (group -> a_g), or why they cannot be read."""
+    """The weights a site declared in the clear (group -> a_g), or why they cannot be read. The
+    groups it sent a weight for are this object's keys (nothing else says which)."""
     record = content.config_records.get(SECURE_GROUPS_RECORD)
     raw = record.get(SECURE_WEIGHTS) if record is not None else None
     try:
         weights = json.loads(str(raw)) if raw is not None else None
     except ValueError:
         weights = None
-    if not isinstance(weights, dict) or not all(isinstance(a, (int, float)) for a in weights.values()):
-        return "sent no readable declaration of its weights (a JSON object group -> weight)"
+    if not isinstance(weights, dict) or not all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in weights.values()
+    ):
+        return (
+            f"sent no readable declaration of its weights ({SECURE_GROUPS_RECORD!r} record, "
+            f"{SECURE_WEIGHTS!r}: a JSON object group -> weight)"
+        )
     return {str(g): float(a) for g, a in weights.items()}
 
 
 def _bad_declarations(
-    fed: Federation, collected: dict[int, RecordDict], keys: dict[str, Any], layout: Layout
+    fed: Federation, parsed: dict[int, dict[str, float] | str], keys: dict[str, Any], layout: Layout
 ) -> str | None:
     """Why the round must not be unmasked because of what a site declared in the clear (this can
-    name the site): its weights, each bounded by what its handshake declared (secure_sums.py,
-    declaration_problem)."""
+    name the site): a declaration that cannot be read (_declared_weights), or weights each bounded
+    by what its handshake declared (secure_sums.py, declaration_problem)."""
     layout_groups = frozenset(s.group for s in layout.segments)
     withheld = frozenset(json.loads(str(keys[SECURE_WITHHELD])))
     max_weight, uniform = float(keys[SECURE_MAX_WEIGHT]), bool(keys[SECURE_UNIFORM])
     factor = fed.cfg.strategy.max_examples_factor
     problems = []
-    for node, content in sorted(collected.items()):
-        declared = _declared_weights(content)
+    for node, declared in sorted(parsed.items()):
         if isinstance(declared, str):
             problems.append(f"{fed.site(node)} {declared}")
             continue
@@ -414,14 +463,16 @@ def _bad_declarations(
     return "; ".join(problems) + ": the round is refused before unmasking (its sum would not be checkable)"
 
 
-def _refused_sum(fed: Federation, keys: dict[str, Any], result: SecureSum, layout: Layout) -> str | None:
+def _refused_sum(
+    fed: Federation, keys: dict[str, Any], result: SecureSum, layout: Layout, declared: Declarations
+) -> str | None:
     """Why the unmasked sum is not one of honest vectors with the weights the sites declared
-    (secure_sums.py, sum_problems), or None. The sum cannot say which site's vector broke it."""
+    (`declared`, read and checked before unmasking; secure_sums.py, sum_problems), or None. The sum
+    cannot say which site's vector broke it."""
     assert result.summed is not None and result.quantised is not None
     totals: dict[str, float] = {}
-    for msg in result.replies:  # every site in the sum; their declarations passed _bad_declarations
-        declared = _declared_weights(msg.content)
-        for group, a in (declared if isinstance(declared, dict) else {}).items():
+    for node in result.survivors:  # every site in the sum
+        for group, a in declared[node].items():
             totals[group] = totals.get(group, 0.0) + a
     sa, cfg = fed.cfg.secure_aggregation, fed.cfg
     bounds = [b for b in (cfg.strategy.max_update_norm, keys.get(SECURE_CLIP_NORM)) if b]
@@ -473,14 +524,16 @@ def secure_train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainO
     unresolved = weight_resolution(len(nodes), sa.clipping_range, levels, float(keys[SECURE_MAX_WEIGHT]))
     layout = Layout.of(record_to_numpy(arrays), str(keys[SECURE_LAYOUT]))
     refusal: list[str] = []  # why the round is refused: a site's declaration, or the unmasked sum
+    declared: Declarations = {}  # each site's declaration, read once, checked before unmasking
 
     def before_unmask(collected: dict[int, RecordDict]) -> str | None:
-        lone = _lone_groups(fed, collected)  # privacy: such a sum would be one site's update
-        if lone:
-            return lone
-        bad = _bad_declarations(fed, collected, keys, layout)
-        refusal.extend([bad] if bad else [])
-        return bad
+        parsed = {node: _declared_weights(content) for node, content in collected.items()}
+        bad = _bad_declarations(fed, parsed, keys, layout)  # names the site; nothing else reads a bad one
+        if bad:
+            refusal.append(bad)
+            return bad
+        declared.update({node: weights for node, weights in parsed.items() if isinstance(weights, dict)})
+        return _lone_groups(fed, declared)  # privacy: such a sum would be one site's update
 
     result = (
         SecureSum(None, [], [], reason=unresolved)
@@ -490,7 +543,7 @@ def secure_train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainO
     t1 = time.perf_counter()
     new_arrays = None
     if result.summed is not None:
-        refused_sum = _refused_sum(fed, keys, result, layout)
+        refused_sum = _refused_sum(fed, keys, result, layout, declared)
         if refused_sum:
             refusal.append(refused_sum)
         else:
@@ -503,6 +556,7 @@ def secure_train_round(fed: Federation, rnd: int, arrays: ArrayRecord) -> TrainO
     fed.timing.aggregate_s += t2 - t1
     outcome = TrainOutcome(new_arrays, train_s=t1 - t0, aggregate_s=t2 - t1, refused=bool(refusal))
     _collect_replies(fed, [m for m in messages if m.metadata.dst_node_id in result.survivors], result.replies, outcome)
+    outcome.unanswered |= result.unanswered  # silent in a stage: awaited briefly in the round's evaluation
     for node, why in result.failures.items():
         outcome.failures[f"train:{fed.site(node)}"] = why
     for node, why in result.late.items():  # its update is in the aggregate: not a training failure

@@ -51,6 +51,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from federated.core.config.schema import SecureAggregationConfig
 from federated.core.protocol import CONFIG_RECORD
 from federated.core.replies import error_reason
+from federated.server.transport import lost_reply
 from strategies.secure_sums import quantization_levels, sites_capacity
 
 Send = Callable[[list[Message]], list[Message]]  # push messages, return the replies that came
@@ -102,6 +103,9 @@ class SecureSum:
     reason: str = ""  # why no sum could be formed
     levels: int = 0  # T, the quantisation levels the round used
     late: dict[int, str] = field(default_factory=dict)  # survivors lost in the unmask stage (still in the sum)
+    # Nodes that did not answer a stage (no reply, or one whose content was lost: transport.lost_reply),
+    # dead or still busy: the round's evaluation awaits them briefly, not a whole timeout again
+    unanswered: set[int] = field(default_factory=set)
     # The same sum before dequantisation: integers mod M, where an all-zero entry is exact (the
     # server's checks on the sum read it: strategies/secure_sums.py, sum_problems)
     quantised: np.ndarray | None = None
@@ -128,6 +132,7 @@ class _Round:
         }
         self.public_keys: dict[int, tuple[bytes, bytes]] = {}
         self.failures: dict[int, str] = {}
+        self.unanswered: set[int] = set()  # nodes that gave a stage no reply (SecureSum.unanswered)
         self.replies: dict[int, Message] = {}  # each node's latest reply
         self.collected: list[Message] = []  # the collect stage's replies: scalar metrics, no update
 
@@ -148,11 +153,14 @@ class _Round:
             nid = reply.metadata.src_node_id
             if reply.has_error():
                 self.failures[nid] = f"{stage} stage: {error_reason(reply)}"
+                if lost_reply(reply):
+                    self.unanswered.add(nid)
             else:
                 answered[nid] = reply.content
                 self.replies[nid] = reply
         for nid in asked - set(answered) - set(self.failures):
             self.failures[nid] = f"{stage} stage: no reply"
+            self.unanswered.add(nid)
         return answered
 
     def enough_neighbours(self, alive: set[int], stage: str) -> set[int]:
@@ -196,7 +204,14 @@ class _Round:
         late = {nid: why for nid, why in self.failures.items() if nid in u3}
         failures = {nid: why for nid, why in self.failures.items() if nid not in u3}
         return SecureSum(
-            summed, sorted(u3), self.collected, failures, levels=self.levels, late=late, quantised=quantised
+            summed,
+            sorted(u3),
+            self.collected,
+            failures,
+            levels=self.levels,
+            late=late,
+            quantised=quantised,
+            unanswered=set(self.unanswered),
         )
 
     def setup(self) -> set[int]:
@@ -313,7 +328,9 @@ class _Round:
         return summed - (len(u3) - 1) * sa.clipping_range, quantised
 
     def failed(self, u3: set[int], reason: str) -> SecureSum:
-        return SecureSum(None, sorted(u3), self.collected, dict(self.failures), reason, self.levels)
+        return SecureSum(
+            None, sorted(u3), self.collected, dict(self.failures), reason, self.levels, unanswered=set(self.unanswered)
+        )
 
 
 def secure_sum(

@@ -163,17 +163,25 @@ def _reply_pulls_end(end: float | None) -> Iterator[None]:
 # later exchange of the round, not the whole timeout again: with training and evaluation in two
 # exchanges, a node killed mid-round otherwise cost the round up to two timeouts.
 LATE_WAIT_S = 5.0
+ROUND_TIMEOUT = "engine.round_timeout_s"  # the setting an exchange's timeout is, unless told another
+_STOPPED = "the site stopped while sending it?)"
 
 
 def exchange(
-    grid: Grid, messages: list[Message], timeout: float | None = None, late: Collection[int] = ()
+    grid: Grid,
+    messages: list[Message],
+    timeout: float | None = None,
+    late: Collection[int] = (),
+    setting: str = ROUND_TIMEOUT,
 ) -> list[Message]:
     """send_and_receive, with every reply charged to the node its message went to; against a
     SuperLink, messages and replies travel folded (push_folded, unfolded), replies are pulled on
     PULL_WAITS_S instead of Flower's fixed 3 s, a reply's objects still being uploaded are retried
     on REPLY_OBJECT_BACKOFF_S (shorten_reply_object_pulls), and with a timeout nothing waits past
     the deadline plus REPLY_GRACE_S (a reply whose content never comes is that site's error). The
-    nodes in `late` (no reply in an earlier exchange of the round) are awaited LATE_WAIT_S at most."""
+    nodes in `late` (no reply in an earlier exchange of the round) are awaited LATE_WAIT_S at most,
+    and once only they are left, their replies' content REPLY_GRACE_S after that. `setting` names
+    the timeout in what the site's error and the log say."""
     if not over_superlink(grid):
         return attribute(messages, grid.send_and_receive(messages, timeout=timeout))
     shorten_reply_object_pulls()
@@ -182,47 +190,71 @@ def exchange(
     deadline = None if timeout is None else t0 + timeout
     ids = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     brief = {i for i, n in ids.items() if n in set(late)}
+    round_end = None if deadline is None else deadline + REPLY_GRACE_S
+    whose = "the round's" if setting == ROUND_TIMEOUT else "the"
+    round_cut = f"{whose} {timeout:g} s ({setting}; {_STOPPED}" if timeout is not None else ""
+    late_cut = f"{LATE_WAIT_S:g} s, the wait for a node late in this round (transport.LATE_WAIT_S; {_STOPPED}"
     replies: list[Message] = []
     last_call = False
     k = 0  # pulls since the last reply came in
-    with _reply_pulls_end(None if deadline is None else deadline + REPLY_GRACE_S):
-        while True:
-            got = [unfolded(m) for m in grid.pull_messages(pending)]
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending or last_call:
-                break
-            now = time.monotonic()
-            if (deadline is not None and now >= deadline) or (pending <= brief and now - t0 >= LATE_WAIT_S):
-                # One more pull at once: a pull can block (up to the deadline plus REPLY_GRACE_S, on a
-                # reply whose objects never arrive), and the replies that came in meanwhile are in
-                # time; without it a healthy site's reply was counted as missing.
-                last_call = True
-                continue
-            if got:  # replies come in bunches (sites that finish together): wait short again
-                k = 0
-            time.sleep(PULL_WAITS_S[min(k, len(PULL_WAITS_S) - 1)])
-            k += 1
-    out = attribute(messages, [_named_cut(r, timeout) for r in replies])
-    if pending and timeout is not None:
+    while True:
+        end, cut = round_end, round_cut
+        if brief and pending <= brief:  # only late nodes left: their content too gets the short wait
+            late_end = max(time.monotonic(), t0 + LATE_WAIT_S) + REPLY_GRACE_S
+            if end is None or late_end < end:
+                end, cut = late_end, late_cut
+        with _reply_pulls_end(end):
+            got = [_named_cut(unfolded(m), cut) for m in grid.pull_messages(pending)]
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or last_call:
+            break
+        now = time.monotonic()
+        if (deadline is not None and now >= deadline) or (pending <= brief and now - t0 >= LATE_WAIT_S):
+            # One more pull at once: a pull can block (up to the deadline plus REPLY_GRACE_S, on a
+            # reply whose objects never arrive), and the replies that came in meanwhile are in
+            # time; without it a healthy site's reply was counted as missing.
+            last_call = True
+            continue
+        if got:  # replies come in bunches (sites that finish together): wait short again
+            k = 0
+        time.sleep(PULL_WAITS_S[min(k, len(PULL_WAITS_S) - 1)])
+        k += 1
+    out = attribute(messages, replies)
+    if pending and (deadline is not None or brief):
+        short = pending <= brief and (deadline is None or time.monotonic() < deadline)
         log(
             WARNING,
-            "no reply from node(s) %s within %g s; the round went on after %.1f s",
+            "no reply from node(s) %s within %s; the exchange went on after %.1f s",
             sorted(ids[i] for i in pending if i in ids),
-            timeout,
+            f"{LATE_WAIT_S:g} s (transport.LATE_WAIT_S: late in this round)" if short else f"{timeout:g} s ({setting})",
             time.monotonic() - t0,
         )
     return out
 
 
-def _named_cut(reply: Message, timeout: float | None) -> Message:
+# Flower's error codes for a reply that never came, as opposed to one a site sent: its content lost on
+# the way (MESSAGE_UNAVAILABLE: HttpGrid.pull_messages when a reply's objects never arrive, which is
+# also what _named_cut makes of one cut at the deadline), or made by the SuperLink for a message that
+# expired unanswered (REPLY_MESSAGE_UNAVAILABLE) or whose node is offline (NODE_UNAVAILABLE).
+LOST_REPLY_CODES = frozenset(
+    {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE}
+)
+
+
+def lost_reply(reply: Message) -> bool:
+    """Whether an error reply stands for no answer (its node dead or its content lost), so that the
+    node counts as late for the rest of the round, like one that gave no reply at all."""
+    return reply.has_error() and reply.error.code in LOST_REPLY_CODES
+
+
+def _named_cut(reply: Message, waited: str) -> Message:
     """A reply whose content the deadline cut off says so, instead of Flower's words about an
-    expired upload session."""
+    expired upload session; `waited`: the wait that ran out."""
     if reply.has_error() and _CUT_SHORT in (reply.error.reason or ""):
         reply.error = Error(
             ErrorCode.MESSAGE_UNAVAILABLE,
-            f"its reply's content did not arrive within the round's {timeout:g} s (engine.round_timeout_s; "
-            f"the site stopped while sending it?)",
+            f"its reply's content did not arrive within {waited}",
         )
     return reply
 

@@ -38,7 +38,7 @@ from federated.engines.deployment import flower_services
 from federated.engines.inprocess import claim_server_identity
 from federated.server import transport
 from federated.server.site_agreement import FederationError
-from federated.server.transport import exchange
+from federated.server.transport import NodeSubsetGrid, exchange
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -151,6 +151,111 @@ def test_a_node_that_missed_the_round_s_training_is_awaited_briefly_in_its_evalu
     t0 = time.monotonic()
     replies = exchange(Link(silent=1), _sent(3), timeout=1.5)  # not late: the whole timeout
     assert time.monotonic() - t0 >= 1.5
+
+
+class LateStuckLink(Link):
+    """As Link, but node `stuck`'s reply header comes only `after_s` seconds in (its node came back
+    while the others had answered), and its objects never arrive."""
+
+    def __init__(self, after_s: float, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.after_s = after_s
+
+    def PullMessages(self, request: Any) -> PullAppMessagesResponse:
+        if time.monotonic() - self.t0 < self.after_s:
+            wanted = [m for m in request.message_ids if self.sent[m].metadata.dst_node_id != self.stuck]
+            del request.message_ids[:]
+            request.message_ids.extend(wanted)
+        return super().PullMessages(request)
+
+
+def test_a_late_node_s_reply_whose_content_never_arrives_gets_the_short_wait_not_the_round_s(monkeypatch):
+    """Only late nodes left: the pull of their replies' objects ends REPLY_GRACE_S after the short
+    wait, not at the whole round's deadline plus the grace (here 20 s)."""
+    monkeypatch.setattr(transport, "LATE_WAIT_S", 0.5)
+    monkeypatch.setattr(transport, "REPLY_GRACE_S", 0.5)
+    link = LateStuckLink(after_s=0.3, stuck=1, session_s=60.0)
+    t0 = time.monotonic()
+    replies = exchange(link, _sent(2), timeout=20.0, late={1})
+    elapsed = time.monotonic() - t0
+    assert elapsed < 3.0, f"the exchange took {elapsed:.1f} s"
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert not by_node[2].has_error()
+    assert transport.lost_reply(by_node[1])
+    assert "did not arrive within 0.5 s, the wait for a node late in this round" in error_reason(by_node[1])
+
+
+def test_a_lost_reply_is_told_from_one_the_site_sent(monkeypatch):
+    """transport.lost_reply: a reply cut at the deadline (or made by the SuperLink for a node gone)
+    is no answer; an error the site's app raised is an answer."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    monkeypatch.setattr(transport, "REPLY_GRACE_S", 0.2)
+    replies = {r.metadata.src_node_id: r for r in exchange(Link(stuck=1), _sent(2), timeout=0.3)}
+    assert transport.lost_reply(replies[1]) and not transport.lost_reply(replies[2])
+    sent = _sent(1)[0]
+    raised = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: x"), reply_to=sent)
+    offline = Message(Error(ErrorCode.NODE_UNAVAILABLE, "Node Unavailable"), reply_to=sent)
+    assert not transport.lost_reply(raised) and transport.lost_reply(offline)
+
+
+def _fed(sites: dict[int, str]) -> Any:
+    """The parts of a Federation that _collect_replies reads."""
+    from types import SimpleNamespace
+
+    from federated.core.config import load_config
+
+    strategy = SimpleNamespace(last_rejections=[], last_update_norms={})
+    return SimpleNamespace(site=sites.__getitem__, cfg=load_config(["engine.round_timeout_s=1"]), strategy=strategy)
+
+
+def test_a_training_reply_whose_content_was_lost_makes_its_node_late_for_the_evaluation(monkeypatch):
+    """A node killed while sending its training reply gets an error reply, not none; it is late all
+    the same, so the round's evaluation (engine.evaluate_with_train=false) awaits it briefly."""
+    from federated.server.federation import TrainOutcome, _collect_replies
+
+    monkeypatch.setattr(transport, "REPLY_GRACE_S", 0.2)
+    messages = _sent(2)
+    replies = exchange(Link(stuck=1), messages, timeout=0.3)
+    outcome = TrainOutcome(None)
+    (stuck,) = [r for r in replies if r.metadata.src_node_id == 1]
+    _collect_replies(_fed({1: "site_01", 2: "site_02"}), messages[:1], [stuck], outcome)  # node 1's message
+    assert outcome.unanswered == {1}
+    assert "did not arrive within the round's 0.3 s" in outcome.failures["train:site_01"]
+
+
+def _profiles(nodes: list[int]) -> dict[int, Any]:
+    from federated.core.protocol import Role
+    from federated.server.evaluation import SiteProfile
+
+    return {n: SiteProfile(f"site_0{n}", Role.TRAIN, "a", ["ct"], ["t"], 1, 1) for n in nodes}
+
+
+def test_the_evaluation_says_a_late_node_was_given_the_short_wait(monkeypatch):
+    from federated.core.arrays import pack_arrays
+    from federated.server.federation import evaluate_all
+
+    monkeypatch.setattr(transport, "LATE_WAIT_S", 0.3)
+    arrays = pack_arrays({"w": np.zeros(2, np.float32)})
+    _sent(1)  # Flower builds messages only inside a run
+    t0 = time.monotonic()
+    _, failures = evaluate_all(Link(silent=1), arrays, 1, _profiles([1, 2]), 20.0, late={1})
+    assert time.monotonic() - t0 < 3.0
+    assert failures["site_01"].startswith("no reply within 0.3 s (transport.LATE_WAIT_S: it gave none to this round")
+
+    class Simulated(NodeSubsetGrid):  # no SuperLink: a simulated site is only slow, it keeps the whole timeout
+        def __init__(self) -> None:
+            super().__init__(None, [1, 2])  # type: ignore[arg-type]  # over no grid: send_and_receive is faked
+            self.timeouts: list[float | None] = []
+
+        def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+            self.timeouts.append(timeout)
+            return []
+
+    grid = Simulated()
+    _, failures = evaluate_all(grid, arrays, 1, _profiles([1, 2]), 20.0, late={1})
+    assert grid.timeouts == [20.0] and failures["site_01"] == "no reply within 20.0 s"
 
 
 # ------------------------------------------------------- an unregistered SuperNode key ----
@@ -280,6 +385,43 @@ def test_under_simulation_the_handshake_timeout_keeps_its_hint():
 
     text = shortfall_message(4, 120, {1: None, 2: None, 3: None}, ["a", "b", "c", "d"], deployment=False)
     assert '--federation-config "num-supernodes=4"' in text and "3 of the 4" in text
+
+
+class SilentNodeLink(FourSiteLink):
+    """Connected nodes whose ClientApps never answer; a pull after `give_up_s` means nothing bounds
+    the wait (the test fails instead of hanging)."""
+
+    def __init__(self, sites: dict[int, str], give_up_s: float) -> None:
+        super().__init__(sites)
+        self.give_up_s = give_up_s
+
+    def push_messages(self, messages: Any) -> list[str]:
+        return Link.push_messages(self, messages)
+
+    def PullMessages(self, request: Any) -> PullAppMessagesResponse:
+        if time.monotonic() - self.t0 > self.give_up_s:
+            raise AssertionError(f"still waiting for the handshake after {self.give_up_s} s")
+        return super().PullMessages(request)
+
+
+def test_a_handshake_whose_node_never_answers_ends_at_its_deadline_naming_the_site(monkeypatch):
+    """Before, the handshake's query had no timeout: a connected SuperNode whose ClientApp never
+    answered held the run until Flower's message TTL. Now engine.handshake_timeout_s, counted from
+    the wait for nodes, bounds it too, and the error names the node and its registered site."""
+    from federated.server import federation
+
+    monkeypatch.setattr(federation, "HANDSHAKE_REPLY_MIN_S", 0.5)
+    monkeypatch.setattr(federation, "wait_for_nodes", lambda grid, expected, timeout_s: list(grid.get_node_ids()))
+    link = SilentNodeLink({11: "site_00"}, give_up_s=10.0)
+    link.silent = 11
+    _sent(1)
+    t0 = time.monotonic()
+    with pytest.raises(FederationError) as e:
+        federation.handshake(link, expected=1, timeout_s=1.0)
+    assert time.monotonic() - t0 < 4.0
+    text = str(e.value)
+    assert "handshake: no reply within engine.handshake_timeout_s=1 from node 11 (registered as site_00)" in text
+    assert "ClientApp did not answer" in text
 
 
 # ------------------------------------------------------------ which node is which site ----

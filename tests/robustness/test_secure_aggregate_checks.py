@@ -205,6 +205,35 @@ def test_a_declaration_outside_the_handshake_bound_is_refused_naming_the_site(
     assert all(np.array_equal(model[k], initial[k]) for k in initial)
 
 
+def _unreadable_declaration(kind: str):
+    """A mod at site_00 that sends no declaration record, or one whose weights are not JSON."""
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        reply = call_next(msg, context)
+        if context.node_config.get("partition-id") != DISHONEST or P.SECURE_GROUPS_RECORD not in reply.content:
+            return reply
+        if kind == "missing":
+            del reply.content[P.SECURE_GROUPS_RECORD]
+        else:
+            reply.content[P.SECURE_GROUPS_RECORD] = ConfigRecord({P.SECURE_WEIGHTS: "{not json"})
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("kind", ["missing", "malformed"])
+def test_a_site_sending_no_readable_declaration_gets_the_round_refused_naming_it(
+    tmp_path, monkeypatch, smoke_corpus, initial, kind
+):
+    """Before, the server read the record unguarded: KeyError / JSONDecodeError stopped the run.
+    Now the round is refused before unmasking, naming the site, and the run goes on."""
+    summary, model, _ = _run(tmp_path, monkeypatch, smoke_corpus, kind, _unreadable_declaration(kind))
+    reason = summary["failures"]["1"]["secure_aggregation"]
+    assert reason.startswith("not unmasked: site_00 sent no readable declaration of its weights")
+    assert summary["skipped_rounds"] == [1] and summary["rounds_completed"] == 1
+    assert all(np.array_equal(model[k], initial[k]) for k in initial)
+
+
 def test_what_a_dishonest_site_can_still_do_stays_within_the_readme_bound(tmp_path, monkeypatch, smoke_corpus, honest):
     """Within its declared weight a (1 on fusion) and the clip c, site_00 can send anything: the sum
     passes, and fusion moves from the honest round's by at most (c + a c) / A (A = 6.75, the

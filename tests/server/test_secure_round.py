@@ -195,7 +195,7 @@ def test_the_server_receives_no_unmasked_update():
     for msg in masked:
         i = sites.index(msg.metadata.src_node_id)
         trained, groups = _site_update(i)
-        plain, _ = site_vector(layout, GLOBAL, trained, site_weights(groups, 0, GROUPED, False), W, 1.0)
+        plain = site_vector(layout, GLOBAL, trained, site_weights(groups, 0, GROUPED, False), W, 1.0).vector
         _factor, vector = (
             bytes_to_ndarray(b) for b in msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
         )
@@ -322,7 +322,7 @@ def test_a_withheld_group_keeps_its_value_and_the_others_are_averaged():
     np.testing.assert_array_equal(secure["encoders.mri.w"], GLOBAL["encoders.mri.w"])
     bound = _bound(GROUPED, list(range(N_SITES)), result.levels)
     assert max(float(np.max(np.abs(secure[k] - plain[k]))) for k in GLOBAL if k != "encoders.mri.w") <= bound
-    sent = [json.loads(m.content.config_records[P.SECURE_GROUPS_RECORD][P.GROUPS]) for m in result.replies]
+    sent = [json.loads(m.content.config_records[P.SECURE_GROUPS_RECORD][P.SECURE_WEIGHTS]) for m in result.replies]
     assert all("encoder/mri" not in groups for groups in sent)  # what each site says it sent, in the clear
 
 
@@ -428,3 +428,44 @@ def test_a_vector_changed_before_masking_fails_the_checks_whatever_the_site_decl
     assert len(problems) == 2
     assert problems[0].startswith("group encoder/mri (withheld this round): no site declared a weight for it, yet 1 ")
     assert problems[1].startswith("group fusion: total weight")
+
+
+class SilentSites(Sites):
+    """Sites whose replies to a stage do not come: `silent` stage -> sites with no reply at all,
+    `lost` stage -> sites whose reply comes as the error a lost reply is (its content never arrived,
+    as transport.exchange reports a site killed while sending it)."""
+
+    def __init__(self, silent: dict[str, set[int]], lost: dict[str, set[int]], **kw) -> None:
+        super().__init__(**kw)
+        self.silent, self.lost = silent, lost
+
+    def send(self, messages: list[Message]) -> list[Message]:
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode
+
+        stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+        out = []
+        for reply in super().send(messages):
+            i = self.index(reply.metadata.src_node_id)
+            if i in self.silent.get(stage, set()):
+                continue
+            if i in self.lost.get(stage, set()):
+                sent = next(m for m in messages if m.metadata.dst_node_id == reply.metadata.src_node_id)
+                lost = Error(ErrorCode.MESSAGE_UNAVAILABLE, "its reply's content did not arrive")
+                reply = Message(lost, reply_to=sent)
+            out.append(reply)
+        return out
+
+
+def test_sites_that_gave_a_stage_no_reply_are_recorded_for_the_round_s_evaluation():
+    """A site with no reply to a stage, or one whose reply's content was lost, is dead or busy: the
+    round's evaluation then awaits it briefly (SecureSum.unanswered). A site whose app raised
+    answered: it is alive."""
+    sites = SilentSites(silent={Stage.COLLECT_MASKED_VECTORS: {3}}, lost={Stage.UNMASK: {4}})
+    result = sites.round(GROUPED)
+    assert result.reason == ""
+    assert result.unanswered == {sites.nodes[3], sites.nodes[4]}
+    assert result.failures[sites.nodes[3]] == "collect_masked_vectors stage: no reply"
+    assert "unmask stage" in result.late[sites.nodes[4]]  # its update is in the sum all the same
+    raised = Sites(fail={Stage.COLLECT_MASKED_VECTORS: {3}}).round(GROUPED)
+    assert "site 3 died" in next(iter(raised.failures.values())) and raised.unanswered == set()

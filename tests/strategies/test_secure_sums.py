@@ -70,16 +70,17 @@ def test_a_site_vector_by_hand():
         "encoders.ct.b": np.array([5.25], np.float32),  # delta 0.25
     }
     layout = Layout.of(GLOBAL, GROUPED)
-    vector, clipped = site_vector(layout, GLOBAL, trained, {"encoder/ct": 30, "head/bone_age": 10}, 60.0, 2.0)
+    vector, clipped, declared = site_vector(layout, GLOBAL, trained, {"encoder/ct": 30, "head/bone_age": 10}, 60.0, 2.0)
     # ct: 0.5 x (0.5, -1, 0, 0.25), weight 0.5; head: 1/6 x (2, -0.6), weight 1/6
     np.testing.assert_allclose(vector, [0.25, -0.5, 0.0, 0.125, 0.5, 2 / 6, -0.1, 1 / 6], rtol=1e-6)
     assert clipped == 1
+    assert declared == pytest.approx({"encoder/ct": 0.5, "head/bone_age": 1 / 6})  # what it declares in the clear
 
 
 def test_a_group_the_site_did_not_train_is_all_zeros_and_weights_cap_at_one():
     trained = {k: v + 1 for k, v in GLOBAL.items()}
     layout = Layout.of(GLOBAL, GROUPED)
-    vector, _ = site_vector(layout, GLOBAL, trained, {"encoder/ct": 500}, 60.0, 2.0)
+    vector = site_vector(layout, GLOBAL, trained, {"encoder/ct": 500}, 60.0, 2.0).vector
     np.testing.assert_array_equal(vector, [1, 1, 1, 1, 1, 0, 0, 0])  # a_ct = min(1, 500/60)
 
 
@@ -87,7 +88,7 @@ def test_site_level_dp_clips_the_whole_difference_to_its_norm_first():
     trained = {"encoders.ct.w": np.array([4.0, 2.0, 3.0]), "heads.bone_age.w": np.array([0.0, 4.0])}
     base = {"encoders.ct.w": np.array([1.0, 2.0, 3.0]), "heads.bone_age.w": np.array([0.0, 0.0])}
     layout = Layout.of(base, SINGLE)  # delta (3, 0, 0, 0, 4): norm 5, scaled to norm 1
-    vector, _ = site_vector(layout, base, trained, {WHOLE_MODEL: 1.0}, 1.0, 1.0, clip_norm=1.0)
+    vector = site_vector(layout, base, trained, {WHOLE_MODEL: 1.0}, 1.0, 1.0, clip_norm=1.0).vector
     np.testing.assert_allclose(vector, [0.6, 0, 0, 0, 0.8, 1.0])
 
 
@@ -228,8 +229,9 @@ def test_the_declared_weights_are_the_vectors_weight_entries():
     layout = Layout.of(GLOBAL, GROUPED)
     weights = {"encoder/ct": 30.0, "head/bone_age": 0.0, "fusion": 5.0}  # fusion: not a group of this model
     assert vector_weights(layout, weights, 60.0) == {"encoder/ct": 0.5}
-    vector, _ = site_vector(layout, GLOBAL, GLOBAL, weights, 60.0, 1.0)
+    vector, _, declared = site_vector(layout, GLOBAL, GLOBAL, weights, 60.0, 1.0)
     assert vector[[s.weight_index for s in layout.segments]].tolist() == [0.5, 0.0]
+    assert declared == {"encoder/ct": 0.5}  # the site declares what its vector holds, from the same computation
 
 
 @pytest.mark.parametrize(
@@ -294,6 +296,14 @@ def test_the_sum_checks_by_hand():
         "group encoder/ct: the L2 norm of its weighted sum is 0.572822, above the norm bound 0.5 x the declared "
         "weight = 0.375"
     ]
+
+
+def test_the_sum_checks_refuse_a_clip_for_which_zero_is_not_exact():
+    """No inexact fallback: check_secure_strategy refuses such a configuration before any run."""
+    layout = Layout.of(GLOBAL, GROUPED)
+    summed = np.zeros(layout.length)
+    with pytest.raises(ValueError, match="0 does not quantise to an exact level"):
+        sum_problems(layout, summed, np.zeros(layout.length, np.int64), {}, 2, 1.9, 2**28)
 
 
 def test_an_honest_quantised_sum_passes_the_checks_within_the_bound():
