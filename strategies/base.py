@@ -12,14 +12,14 @@ dtypes, a plausible example count against what the site declared in the handshak
 checks against what the server knows from the handshake (`know_sites`): a site may move and
 claim only the parameter groups of the modalities and tasks it declared, a site that declared
 more than `strategy.max_site_weight_share` of all training examples has every update refused,
-and an update whose norm exceeds `strategy.max_update_norm` (or `max_update_norm_ratio` x the
-round's median, default 4) is refused: finite values of 3e38 pass the finiteness check but not
-the first, a scaled or sign-flipped update passes the first but not the ratio. Rejected replies
-are logged with their reason and kept in `last_rejections` for the run's metrics, every screened
-update's norm and ratio in `last_update_norms`. A round left with fewer valid replies than
-`strategy.min_valid_replies` raises TooFewValidReplies, or, with `strategy.on_too_few_valid=skip`,
-returns no model so the round loop records the round as skipped: never a silent reuse of the old
-model.
+and an update whose norm exceeds `strategy.max_update_norm` (or, per sqrt(training example),
+`max_update_norm_ratio` x the round's median, default 4) is refused: finite values of 3e38 pass
+the finiteness check but not the first, a scaled or sign-flipped update passes the first but not
+the ratio. Rejected replies are logged with their reason and kept in `last_rejections` for the
+run's metrics, every screened update's norm and ratio in `last_update_norms`. A round left with
+fewer valid replies than `strategy.min_valid_replies` raises TooFewValidReplies, or, with
+`strategy.on_too_few_valid=skip`, returns no model so the round loop records the round as
+skipped: never a silent reuse of the old model.
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ class MultiMedStrategy(FlowerFedAvg):
     # Under secure aggregation the server sees only sums: the vector layout whose sums this
     # strategy's aggregation needs (strategies/secure_sums.py), or None when it needs more.
     SECURE_SUMS: ClassVar[str | None] = None
+    # True when every update was clipped to one L2 norm before this strategy screens it
+    # (privacy=dp_fedavg: strategies/site_dp.py): its norm no longer grows with the site's data,
+    # so the relative bound compares plain norms, not norms per sqrt(example).
+    clipped_updates: bool = False
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.STATE}
@@ -105,8 +109,8 @@ class MultiMedStrategy(FlowerFedAvg):
         self.allowed_groups: dict[int, frozenset[str]] = {}  # node -> groups of its declared modalities, tasks
         self.handshake_problems: dict[int, str] = {}  # node -> why every update of it is refused
         self.last_rejections: list[Rejection] = []
-        # site -> (L2 norm, ratio to the round's median or None) of each update screened in the
-        # last round, rejected ones included: what the relative bound compares.
+        # site -> (L2 norm, ratio per sqrt(example) to the round's median or None) of each update
+        # screened in the last round, rejected ones included: what the relative bound compares.
         self.last_update_norms: dict[str, tuple[float, float | None]] = {}
         # What the aggregation of the last round could not do as its rule needs (robust rules
         # over too few trainers), one line each, logged as warnings too.
@@ -256,11 +260,11 @@ class MultiMedStrategy(FlowerFedAvg):
                 else:
                     parsed.append(update)
         norms = {i: update_norm(u.arrays, current) for i, u in enumerate(parsed)}
-        ratios = norm_ratios(norms)
+        ratios = norm_ratios(norms, {i: 1.0 if self.clipped_updates else u.num_examples for i, u in enumerate(parsed)})
         for i, u in enumerate(parsed):
             node = u.message.metadata.src_node_id
             self.last_update_norms[self.site_names.get(node, str(node))] = (norms[i], ratios[i])
-        too_large = norm_outliers(norms, self.cfg.max_update_norm, self.cfg.max_update_norm_ratio)
+        too_large = norm_outliers(norms, ratios, self.cfg.max_update_norm, self.cfg.max_update_norm_ratio)
         for i, why in too_large.items():
             self._reject(server_round, parsed[i].message.metadata.src_node_id, why)
         return [u for i, u in enumerate(parsed) if i not in too_large], idle, failed

@@ -205,6 +205,7 @@ def build_private_strategy(cfg: ExperimentConfig, n_train_sites: int) -> MultiMe
             "its noise is calibrated for an unweighted mean over every sampled site"
         )
     inner = build_strategy(dataclasses.replace(cfg.strategy, weighting="uniform"), n_train_sites)
+    inner.clipped_updates = True  # Flower's wrapper clips every update to C before inner screens it
     return SiteLevelDP(inner, cfg, n_train_sites)
 
 

@@ -174,34 +174,41 @@ def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
     return math.sqrt(total)
 
 
-def norm_ratios(norms: Mapping[int, float]) -> dict[int, float | None]:
-    """Each update's norm over the round's median update norm; None with fewer than three updates,
-    where the median need not be one of an honest majority.
+def norm_ratios(norms: Mapping[int, float], examples: Mapping[int, float]) -> dict[int, float | None]:
+    """Each update's norm per square root of its training examples, over the round's median of
+    that; None with fewer than three updates, where the median need not be one of an honest
+    majority.
 
-    Over the whole update, not per parameter group: on the studies' clean runs
-    (experiments/results/update_norm_bound/) whole-update ratios reached 2.88, per-group ones (an
-    update's largest over the groups it moved, against that group's median) 12.1."""
+    Per sqrt(example): with one local epoch, a site's steps and so its update's norm grow with
+    its data (about as sqrt(steps)), so the plain ratio grew with quantity skew: 4.87 for a clean
+    site holding 16x the median's steps, 0.66 per sqrt(example) (experiments/results/
+    update_norm_bound/). Updates clipped to one norm first (privacy=dp_fedavg) pass examples of 1:
+    plain norms. The example count is the one the reply is weighted by, which the
+    handshake bounds (max_examples_factor, max_site_weight_share); the reply's own step count
+    would fit as tightly but nothing bounds it, so a site could claim steps to widen its bound.
+    Over the whole update, not per parameter group: per-group ratios reached 12.1 on clean runs."""
     if len(norms) < MIN_SITES_FOR_SHARE:
         return dict.fromkeys(norms)
-    median = float(np.median(list(norms.values())))
-    return {i: n / median if median > 0 else (0.0 if n == 0 else math.inf) for i, n in norms.items()}
+    per = {i: n / math.sqrt(max(float(examples[i]), 1.0)) for i, n in norms.items()}
+    median = float(np.median(list(per.values())))
+    return {i: v / median if median > 0 else (0.0 if v == 0 else math.inf) for i, v in per.items()}
 
 
-def norm_outliers(norms: Mapping[int, float], max_norm: float, max_ratio: float) -> dict[int, str]:
+def norm_outliers(
+    norms: Mapping[int, float], ratios: Mapping[int, float | None], max_norm: float, max_ratio: float
+) -> dict[int, str]:
     """Which updates (by index) are too large, and why: above `max_norm` (0 = no absolute
-    bound), or above `max_ratio` times the median norm of the round (0 = no relative bound;
-    used only with at least three updates, where the median is one of the honest majority)."""
+    bound), or with a ratio (`norm_ratios`, None = not compared) above `max_ratio` (0 = no
+    relative bound)."""
     out: dict[int, str] = {}
-    ratios = norm_ratios(norms)
-    median = float(np.median(list(norms.values()))) if norms else 0.0
     for i, norm in norms.items():
-        ratio = ratios[i]
+        ratio = ratios.get(i)
         if max_norm and not norm <= max_norm:
             out[i] = f"update norm {norm:.6g} > strategy.max_update_norm={max_norm:g}"
         elif max_ratio and ratio is not None and not ratio <= max_ratio:
             out[i] = (
-                f"update norm {norm:.6g} > strategy.max_update_norm_ratio={max_ratio:g} x the round's median "
-                f"update norm {median:.6g}"
+                f"update norm {norm:.6g} is {ratio:.4g} x the round's median update norm per sqrt(training "
+                f"example), above strategy.max_update_norm_ratio={max_ratio:g}"
             )
     return out
 

@@ -17,21 +17,27 @@ MARK = "${"
 def interpolation_in(node: Any, where: str = "") -> str | None:
     """The dotted key (`axes.rate.0[1]`) of the first key or string value of `node` holding a
     `${`, or None when there is none. `where` prefixes the keys found."""
+    found = interpolation_at(node, where)
+    return None if found is None else found[0]
+
+
+def interpolation_at(node: Any, where: str = "") -> tuple[str, str] | None:
+    """As `interpolation_in`, with the key or value that holds the `${` (never resolved)."""
     if isinstance(node, dict):
         for key, value in node.items():
             here = f"{where}.{key}" if where else str(key)
             if isinstance(key, str) and MARK in key:
-                return here
-            found = interpolation_in(value, here)
+                return here, key
+            found = interpolation_at(value, here)
             if found is not None:
                 return found
     elif isinstance(node, list | tuple):
         for i, value in enumerate(node):
-            found = interpolation_in(value, f"{where}[{i}]")
+            found = interpolation_at(value, f"{where}[{i}]")
             if found is not None:
                 return found
     elif isinstance(node, str) and MARK in node:
-        return where or "(value)"
+        return where or "(value)", node
     return None
 
 

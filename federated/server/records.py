@@ -34,7 +34,8 @@ class RoundRecord:
     train: dict[str, TrainStats] = field(default_factory=dict)  # site -> its training report
     failures: dict[str, str] = field(default_factory=dict)  # "train:site" / "evaluate:site" -> reason
     rejections: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
-    # site -> (L2 norm of its update, its ratio to the round's median per group, None: not compared)
+    # site -> (L2 norm of its update, its norm per sqrt(example) over the round's median of that,
+    # None: not compared; strategies/validation.norm_ratios)
     update_norms: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     skipped: bool = False  # too few valid updates and strategy.on_too_few_valid=skip
     privacy: dict[str, PrivacyReport] = field(default_factory=dict)  # site -> privacy report

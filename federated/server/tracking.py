@@ -73,7 +73,7 @@ def _site_event_rows(record: RoundRecord) -> list[dict[str, Any]]:
         events.append((site, f"{stage}_failed", 1.0))
     events += [(site, "train_loss", stats.loss) for site, stats in record.train.items()]
     events += [(site, "epsilon", float(report["epsilon"])) for site, report in record.privacy.items()]
-    # each screened update's L2 norm, and its ratio to the round's median per group (strategies/validation.py)
+    # each screened update's L2 norm, and its ratio to the round's median (per sqrt(example): strategies/validation.py)
     for site, (norm, ratio) in record.update_norms.items():
         events += [(site, "update_norm", norm), *([(site, "update_norm_ratio", ratio)] if ratio is not None else [])]
     return [

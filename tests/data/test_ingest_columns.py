@@ -11,6 +11,7 @@ import pytest
 
 from federated.data.ingest import IngestError, Problems
 from federated.data.ingest.core import column_count_problem, read_csv_checked
+from federated.data.ingest.spec import run_spec
 
 SPEC = """
 sources:
@@ -55,3 +56,30 @@ def test_other_adapters_tables_are_checked_too_and_skip_records_it(tmp_path):
     skipping = Problems("skip")
     assert read_csv_checked(path, skipping) is None
     assert skipping.skipped[0]["item"] == str(path) and "20001 columns" in skipping.skipped[0]["reason"]
+
+
+def test_too_many_encoded_features_names_columns_and_level_counts_never_a_level(tmp_path):
+    """A level is a cell's value: the error counts each categorical column's levels, naming none."""
+    levels = [f"secret{i}" for i in range(20)]
+    rows = [f"{i % 2},{i},{levels[i % 20]},{'MF'[i % 2]}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("y,age,ward,sex\n" + "\n".join(rows) + "\n")
+    spec = SPEC.replace("wide.csv", "t.csv").replace("label_column: c0", "label_column: y")
+    (tmp_path / "spec.yaml").write_text(spec + "    categorical_columns: [ward, sex]\n")
+    with pytest.raises(IngestError) as caught:
+        run_spec(tmp_path / "spec.yaml", tmp_path / "corpus")
+    message = str(caught.value)
+    assert "21 features after encoding (age, ward: 20 levels (19 columns), sex: 2 levels (1 columns))" in message
+    assert "secret" not in message and "sex=" not in message
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".csv.zip", ".csv.bz2", ".csv.xz", ".csv.zst", ".tar"])
+def test_a_compressed_table_is_refused_by_name_and_never_decompressed(tmp_path, suffix, expect_failure):
+    """A small archive can expand to gigabytes while pandas parses it: ingest refuses the suffix."""
+    path = tmp_path / f"t{suffix}"
+    path.write_bytes(b"not opened")
+    remedy = r"decompress it first and name the plain file \(t\.csv\)" if suffix != ".tar" else "decompress it first"
+    expect_failure(
+        SPEC.replace("wide.csv", path.name), rf"t{suffix}: a compressed table \({path.suffix}\) is not read.*{remedy}"
+    )
+    with pytest.raises(IngestError, match=rf"a compressed table \({path.suffix}\)"):
+        read_csv_checked(path, Problems("stop"))

@@ -2,7 +2,7 @@
 
 Before, a sign-flipped x10 or scaled x1000 update passed the default absolute bound
 (strategy.max_update_norm=1e4) under fedavg and modality_fedavg. With defaults, the relative
-bound (strategy.max_update_norm_ratio, measured on the studies' clean runs:
+bound (strategy.max_update_norm_ratio, per sqrt(training example), measured on clean runs:
 experiments/results/update_norm_bound/) refuses both in every round, naming the site, the group
 and the bound; a clean run refuses nothing and records every update's norm and ratio. Secure
 aggregation, which never sees one update, runs with the default and does not apply it.
@@ -19,22 +19,45 @@ import pytest
 from federated.app.runner import run_experiment
 from federated.core.config import ConfigError, load_config
 from federated.core.config.schema import StrategyConfig
-from strategies.validation import norm_outliers
+from strategies.validation import norm_outliers, norm_ratios
 
 DEFAULT_RATIO = StrategyConfig().max_update_norm_ratio
 
 
 def test_the_default_bound_is_relative_and_refuses_a_sign_flip_x10_of_an_honest_round():
-    """Seven honest update norms as a clean round of the default plan (modality_fedavg, round 1 of
-    the strategies study's alpha=0.1 run) and the smallest of them sign-flipped x10 instead of its
-    own: only that one is refused, though far below the absolute bound."""
+    """Seven honest update norms and example counts as a clean round of the default plan
+    (modality_fedavg, round 1 of the strategies study's alpha=0.1 run) and the smallest of them
+    sign-flipped x10 instead of its own: only that one is refused, though far below the absolute
+    bound."""
     assert DEFAULT_RATIO > 0
     honest = [1.902, 1.889, 2.145, 1.997, 2.280, 2.520, 1.386]
+    examples = dict(enumerate([316, 317, 265, 257, 248, 292, 105, 74]))
     norms = dict(enumerate([*honest, 10 * 1.010]))
     cfg = StrategyConfig()
     assert norms[7] < cfg.max_update_norm
-    assert list(norm_outliers(norms, cfg.max_update_norm, DEFAULT_RATIO)) == [7]
-    assert norm_outliers(dict(enumerate([*honest, 1.010])), cfg.max_update_norm, DEFAULT_RATIO) == {}
+    assert list(_refused(norms, examples)) == [7]
+    assert _refused(dict(enumerate([*honest, 1.010])), examples) == {}
+
+
+def test_the_largest_hospital_under_quantity_skew_is_kept_and_its_sign_flip_refused():
+    """Round 1 of a clean run (experiments/results/update_norm_bound/, plan large_site:
+    sites.quantity_skew_sigma=2, 550 samples per task and site): site_06 holds 1,760 of the 1,965
+    training examples (56 local steps, the median site 3.5) and its update's norm is 4.87x the
+    round's median, which the plain ratio refused; per sqrt(example) it is 0.66. Kept; its
+    sign-flip x10, and a small site's, refused."""
+    norms = dict(enumerate([1.1186, 1.14067, 0.73889, 1.14403, 1.13746, 1.30398, 5.54899, 1.09128]))
+    examples = dict(enumerate([32, 32, 16, 45, 24, 32, 1760, 24]))
+    assert norms[6] / np.median(list(norms.values())) > DEFAULT_RATIO  # the plain ratio refused it
+    assert _refused(norms, examples) == {}
+    assert list(_refused({**norms, 6: 10 * norms[6]}, examples)) == [6]
+    assert list(_refused({**norms, 2: 10 * norms[2]}, examples)) == [2]
+    # claiming 3x its examples widens its bound by sqrt(3) only: still refused
+    assert list(_refused({**norms, 2: 10 * norms[2]}, {**examples, 2: 3 * examples[2]})) == [2]
+
+
+def _refused(norms: dict[int, float], examples: dict[int, float]) -> dict[int, str]:
+    cfg = StrategyConfig()
+    return norm_outliers(norms, norm_ratios(norms, examples), cfg.max_update_norm, DEFAULT_RATIO)
 
 
 def test_secure_aggregation_runs_with_the_default_ratio_and_refuses_a_chosen_one():
@@ -65,7 +88,8 @@ def test_with_defaults_a_scaled_update_is_refused_every_round(tmp_path, strategy
     rejections = summary["rejections"]
     assert [(r["round"], r["site"]) for r in rejections] == [(1, "site_00"), (2, "site_00")], rejections
     for r in rejections:
-        assert f"> strategy.max_update_norm_ratio={DEFAULT_RATIO:g} x the round's median update norm" in r["reason"]
+        assert "x the round's median update norm per sqrt(training example), above" in r["reason"]
+        assert f"strategy.max_update_norm_ratio={DEFAULT_RATIO:g}" in r["reason"]
     assert finite and summary["rounds_completed"] == 2 and math.isfinite(summary["final"]["id"]["score"])
 
 

@@ -275,3 +275,18 @@ def test_a_conf_folder_with_an_interpolation_or_a_path_default_is_refused(tmp_pa
     (mine / "config.yaml").write_text(top.replace("  sites: default", "  sites: ../sites/default"))
     with pytest.raises(ConfigError, match=r"unknown sites '\.\./sites/default'; choices: default"):
         load_config([], root=mine)
+
+
+def test_a_serialised_config_with_an_interpolation_in_a_key_is_refused_naming_it():
+    """A config read back from a run folder or sent to a site is checked with the one literal
+    helper (federated/core/literal.py): keys too, not only values."""
+    from federated.core.config.loader import config_from_yaml, config_to_yaml
+
+    text = config_to_yaml(load_config([]))
+    assert config_from_yaml(text) == load_config([])
+    keyed = text.replace("sites:\n", "sites:\n  ${oc.env:HOME}: 1\n", 1)
+    with pytest.raises(ConfigError) as caught:
+        config_from_yaml(keyed)
+    message = str(caught.value)
+    assert message.startswith("sites.${oc.env:HOME}: interpolation '${oc.env:HOME}' is not allowed in a serialised")
+    assert os.environ.get("HOME", "/nonexistent-home") not in message

@@ -112,20 +112,31 @@ def test_update_norm_is_the_l2_of_the_difference_in_float64():
 
 def test_norm_outliers_absolute_and_relative_to_the_round_median():
     norms = {0: 1.0, 1: 2.0, 2: 3.0, 3: 100.0}
-    assert norm_outliers(norms, 50.0, 0.0) == {3: "update norm 100 > strategy.max_update_norm=50"}
-    # median of 1, 2, 3, 100 = 2.5; 10 x 2.5 = 25 < 100
-    assert norm_outliers(norms, 0.0, 10.0) == {
-        3: "update norm 100 > strategy.max_update_norm_ratio=10 x the round's median update norm 2.5"
+    ratios = norm_ratios(norms, dict.fromkeys(norms, 4.0))  # equal examples: the plain median, 2.5
+    assert norm_outliers(norms, ratios, 50.0, 0.0) == {3: "update norm 100 > strategy.max_update_norm=50"}
+    assert norm_outliers(norms, ratios, 0.0, 10.0) == {
+        3: "update norm 100 is 40 x the round's median update norm per sqrt(training example), above "
+        "strategy.max_update_norm_ratio=10"
     }
-    assert norm_outliers(norms, 0.0, 0.0) == {}
-    assert norm_outliers({0: 1.0, 1: 100.0}, 0.0, 10.0) == {}  # two norms: no median to trust
-    assert norm_outliers({0: math.inf}, 1e4, 0.0) == {0: "update norm inf > strategy.max_update_norm=10000"}
+    assert norm_outliers(norms, ratios, 0.0, 0.0) == {}
+    two = {0: 1.0, 1: 100.0}
+    assert norm_outliers(two, norm_ratios(two, {0: 1, 1: 1}), 0.0, 10.0) == {}  # two norms: no median to trust
+    assert norm_outliers({0: math.inf}, {0: None}, 1e4, 0.0) == {0: "update norm inf > strategy.max_update_norm=10000"}
 
 
-def test_norm_ratios_are_to_the_round_median_and_need_three_updates():
-    assert norm_ratios({0: 1.0, 1: 2.0, 2: 3.0, 3: 100.0}) == {0: 0.4, 1: 0.8, 2: 1.2, 3: 40.0}
-    assert norm_ratios({0: 1.0, 1: 100.0}) == {0: None, 1: None}
-    assert norm_ratios({0: 0.0, 1: 0.0, 2: 5.0}) == {0: 0.0, 1: 0.0, 2: math.inf}  # median 0: any move is out
+def test_norm_ratios_are_per_sqrt_example_to_the_round_median_and_need_three_updates():
+    assert norm_ratios({0: 1.0, 1: 2.0, 2: 3.0, 3: 100.0}, {0: 1, 1: 1, 2: 1, 3: 1}) == {
+        0: 0.4,
+        1: 0.8,
+        2: 1.2,
+        3: 40.0,
+    }
+    assert norm_ratios({0: 1.0, 1: 100.0}, {0: 1, 1: 1}) == {0: None, 1: None}
+    zeros = norm_ratios({0: 0.0, 1: 0.0, 2: 5.0}, {0: 9, 1: 9, 2: 9})
+    assert zeros == {0: 0.0, 1: 0.0, 2: math.inf}  # median 0: any move is out
+    # a site with 16x the examples moves 4x as far (sqrt): the same per sqrt(example), ratio 1
+    assert norm_ratios({0: 1.0, 1: 1.0, 2: 4.0}, {0: 10, 1: 10, 2: 160}) == {0: 1.0, 1: 1.0, 2: 1.0}
+    assert norm_ratios({0: 1.0, 1: 1.0, 2: 4.0}, {0: 10, 1: 10, 2: 10})[2] == 4.0
 
 
 def test_over_declared_bounds_a_site_by_its_share_of_all_declared_examples():
@@ -206,6 +217,38 @@ def test_huge_finite_values_are_refused_by_the_norm_bound(name):
         f"update norm {expected:.6g} > strategy.max_update_norm=10000"
     )
     assert all(np.isfinite(v).all() and abs(v[0]) < 2 for v in _out(arrays).values())
+
+
+def test_the_relative_bound_is_per_sqrt_example_and_plain_once_updates_are_clipped():
+    """A site with 100x the examples moves 10x as far: kept (its ratio per sqrt(example) is 1),
+    as the plain ratio (10 > 4) would not; under privacy=dp_fedavg every update is clipped to one
+    norm first, so a small site's clipped update is compared plain (per sqrt(example) it would be
+    10 > 4) and kept."""
+    declared = {1: 100, 2: 100, 3: 100, 4: 10_000}
+    strategy = _start("fedavg", n_sites=4, declared=declared, max_site_weight_share=1.0)
+    replies = [_reply(i, _same(1.0), 100, CT_GROUPS) for i in (1, 2, 3)]
+    strategy.aggregate_train(1, [*replies, _reply(4, _same(10.0), 10_000, CT_GROUPS)])
+    assert strategy.last_rejections == []
+    assert strategy.last_update_norms["site_4"][1] == pytest.approx(1.0)
+    # 10x the norm at the same examples: refused, its ratio named
+    strategy.aggregate_train(2, [*replies, _reply(4, _same(10.0), 100, CT_GROUPS)])
+    assert [r.site for r in strategy.last_rejections] == ["site_4"]
+    assert "is 10 x the round's median update norm per sqrt(training example)" in strategy.last_rejections[0].reason
+
+    from federated.core.config import load_config
+    from strategies.site_dp import build_private_strategy
+
+    private = build_private_strategy(load_config(["privacy=dp_fedavg", "strategy=fedavg"]), 4)
+    assert private.strategy.clipped_updates and not build_strategy(StrategyConfig(), 4).clipped_updates
+    large = {1: 100, 2: 10_000, 3: 10_000, 4: 10_000}
+    clipped = _start("fedavg", n_sites=4, declared=large, max_site_weight_share=1.0)
+    clipped.clipped_updates = True
+    same_norm = [_reply(i, _same(1.0), n, CT_GROUPS) for i, n in large.items()]
+    clipped.aggregate_train(1, same_norm)
+    assert clipped.last_rejections == [] and clipped.last_update_norms["site_1"][1] == pytest.approx(1.0)
+    clipped.clipped_updates = False  # the same round per sqrt(example): the small site is 10x
+    clipped.aggregate_train(2, same_norm)
+    assert [r.site for r in clipped.last_rejections] == ["site_1"]
 
 
 def test_an_inflated_handshake_has_every_update_refused_with_its_reason():

@@ -45,7 +45,7 @@ from federated.core.config.schema import (
     StrategySettings,
     valid_device_spec,
 )
-from federated.core.literal import MARK, interpolation_in, refusal
+from federated.core.literal import MARK, interpolation_at, interpolation_in, refusal
 from federated.core.resources import shipped_dir
 
 ATTACK_KINDS = ("none", "sign_flip", "scale", "nan", "inflate_count", "inflate_handshake", "undeclared_group", "huge")
@@ -620,22 +620,6 @@ def config_to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(_experiment_schema(name)(**sections)))
 
 
-def _refuse_interpolation(node: Any, where: str) -> None:
-    """A serialised config is resolved already: a `${...}` in it (e.g. `${oc.env:VAR}`, which would
-    read the reader's environment) is refused, naming the key, before anything can resolve it."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            _refuse_interpolation(value, f"{where}.{key}" if where else str(key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            _refuse_interpolation(value, f"{where}[{i}]")
-    elif isinstance(node, str) and "${" in node:
-        raise ConfigError(
-            f"{where}: interpolation {node!r} is not allowed in a serialised config "
-            "(configs that travel or are read back from a run folder are taken literally; nothing is resolved)"
-        )
-
-
 def config_from_yaml(text: str) -> ExperimentConfig:
     """Rebuild a config from `config_to_yaml` output (how it travels to ClientApps, and how a run
     folder's config is read back). No resolver or interpolation runs: a `${...}` is refused."""
@@ -647,7 +631,12 @@ def config_from_yaml(text: str) -> ExperimentConfig:
         raise ConfigError(f"a serialised config is not valid YAML: {e}") from None
     if not isinstance(data, DictConfig):
         raise ConfigError("a serialised config must be a mapping of sections")
-    _refuse_interpolation(OmegaConf.to_container(data, resolve=False), "")
+    found = interpolation_at(OmegaConf.to_container(data, resolve=False))
+    if found is not None:  # e.g. `${oc.env:VAR}`, which would read the reader's environment
+        raise ConfigError(
+            f"{found[0]}: interpolation {found[1]!r} is not allowed in a serialised config "
+            "(configs that travel or are read back from a run folder are taken literally; nothing is resolved)"
+        )
     strategy = str(OmegaConf.select(data, "strategy.name", default=DEFAULT_STRATEGY))
     cfg = _merge(_schema(strategy), data, "serialised config", strategy)
     result = _build(cfg, strategy)

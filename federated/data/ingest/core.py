@@ -264,6 +264,23 @@ MAX_COLUMNS = 10_000  # far above any clinical table; a wider one is refused fro
 MAX_HEADER_BYTES = 64 << 20  # a header line longer than this is refused without reading more
 
 
+# Suffixes from which pandas infers a compression (and tar): such a file would be decompressed
+# without a bound while it is parsed, so a small file could expand to gigabytes. Refused by name.
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst", ".tar", ".tgz", ".tbz2", ".txz")
+
+
+def compressed_problem(path: Path) -> str | None:
+    """Why a table is not read when its name says it is compressed (nothing is opened); None otherwise.
+    Every table reader passes compression=None, so no other name is decompressed either."""
+    suffix = path.suffix.lower()
+    if suffix not in COMPRESSED_SUFFIXES:
+        return None
+    return (
+        f"a compressed table ({suffix}) is not read: ingest decompresses nothing (a small archive can expand "
+        f"without bound); decompress it first and name the plain file ({path.stem})"
+    )
+
+
 def column_count_problem(path: Path, limit: int = MAX_COLUMNS) -> str | None:
     """Why a table is too wide to read (naming its first columns and their count), from its header
     alone: pandas would otherwise parse and allocate every cell first (a 1M-column CSV took
@@ -299,12 +316,12 @@ def _csv_header(path: Path) -> list[str] | None:
 def read_csv_checked(path: Path, problems: Problems, **kwargs: Any) -> pd.DataFrame | None:
     """pd.read_csv(path, **kwargs) after the column-count check; None after reporting (naming the
     file) why it cannot be read, so `on_error: skip` skips it."""
-    too_wide = column_count_problem(path)
+    too_wide = compressed_problem(path) or column_count_problem(path)
     if too_wide:
         problems.report(path, too_wide)
         return None
     try:
-        return pd.read_csv(path, **kwargs)
+        return pd.read_csv(path, **{**kwargs, "compression": None})
     except Exception as e:  # pandas raises parser, decoding, OS and value errors alike
         problems.report(path, f"unreadable CSV ({error_reason(e)})")
         return None
@@ -335,18 +352,22 @@ def optional_import(module: str, extra: str):
         ) from None
 
 
+def real_path(path: Path) -> Path:
+    """`path` with every symlink followed; only names are resolved: nothing is opened or read."""
+    return Path(os.path.realpath(path))
+
+
 def inside(path: Path, root: Path) -> Path | None:
-    """The real path of `path` (every symlink followed) when it lies inside the real path of
-    `root`, else None. Only names are resolved: nothing is opened or read."""
-    real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
-    return real if real.is_relative_to(real_root) else None
+    """The real path of `path` when it lies inside the real path of `root`, else None."""
+    real = real_path(path)
+    return real if real.is_relative_to(real_path(root)) else None
 
 
 def outside(key: str, value: object, root: Path) -> str:
     """The refusal of a source's `key` whose path leaves the data root (naming both, not opened)."""
-    real = Path(os.path.realpath(root / str(value)))
     return (
-        f"`{key}`: {value} (real path {real}) lies outside the data root {os.path.realpath(root)}; not opened. "
+        f"`{key}`: {value} (real path {real_path(root / str(value))}) lies outside the data root "
+        f"{real_path(root)}; not opened. "
         "A source reads only inside its data root: the spec's folder (or its `data_root` inside it), "
         "or the folder given with --data-root DIR"
     )
@@ -367,9 +388,9 @@ def resolve(base: Path, params: dict[str, Any], key: str = "path") -> Path:
 def kept_inside(paths: Iterable[Path], root: Path, problems: Problems, listed_at: str = "") -> list[Path]:
     """The paths that lie inside the data root `root` (symlinks followed), in order; each other is
     reported (`listed_at`: the row or record that named it), never opened."""
-    real_root, kept = Path(os.path.realpath(root)), []
+    real_root, kept = real_path(root), []
     for path in paths:
-        if Path(os.path.realpath(path)).is_relative_to(real_root):
+        if inside(path, real_root) is not None:
             kept.append(path)
         else:
             problems.report(listed_at or path, f"a path that lies outside the data root {real_root}; not opened")

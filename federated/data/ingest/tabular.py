@@ -43,6 +43,7 @@ from federated.data.ingest.core import (
     adapter,
     check_classes,
     column_count_problem,
+    compressed_problem,
     error_reason,
     filled_modality,
     resolve,
@@ -53,7 +54,7 @@ from federated.data.ingest.core import (
 def read_table(path: Path) -> pd.DataFrame:
     if path.suffix.lower() == ".parquet":
         return pd.read_parquet(path)
-    return pd.read_csv(path)
+    return pd.read_csv(path, compression=None)  # never inferred from the suffix (compressed_problem)
 
 
 def _text(value: Any) -> Any:
@@ -112,13 +113,17 @@ def feature_matrix(
         )
     values = frame[numeric].to_numpy(dtype=np.float64)
     names = list(numeric)
+    widths = []  # the error names columns and counts, never a level: a level is a cell's value
     for col in categorical:
         block, block_names = one_hot(frame[col])
         values = np.concatenate([values, block], axis=1)
         names += block_names
+        levels = len(block_names) + 1 if len(frame) else 0  # the reference level has no column
+        widths.append(f"{col}: {levels} level{'s' * (levels != 1)} ({len(block_names)} columns)")
     if len(names) > width:
+        listed = ", ".join([*map(str, numeric), *widths])
         raise ValueError(
-            f"{path}: {len(names)} features after encoding ({', '.join(names)}); the {modality} "
+            f"{path}: {len(names)} features after encoding ({listed}); the {modality} "
             f"modality holds {width}: choose columns with feature_columns / categorical_columns, "
             f"or declare more under `modalities: {{{modality}: {{features: {len(names)}}}}}`"
         )
@@ -231,7 +236,7 @@ def _open_table(path: Path, problems: Problems) -> pd.DataFrame | None:
     if not path.is_file():
         problems.report(path, "file does not exist")
         return None
-    too_wide = column_count_problem(path)
+    too_wide = compressed_problem(path) or column_count_problem(path)
     if too_wide:
         problems.report(path, too_wide)
         return None
