@@ -413,6 +413,24 @@ def test_the_supernode_launcher_shortens_flower_s_fixed_timers_only(monkeypatch)
     assert argv[2:] == ["supernode", "--idle-poll-s", "0.2", "--"] and argv[1].endswith("flower_services.py")
 
 
+def _site_local_run(out, overrides):
+    """The demo's plan for 3 sites split into one corpus folder per site under out/deploy/sites, and
+    its site-local run config: (plans, folders, run_config path, the first training site)."""
+    import numpy as np
+
+    from federated.core.config import config_to_yaml
+    from federated.data.format import Corpus
+    from federated.data.split import split_corpus
+    from federated.engines.deployment.demo import _demo_plan, site_local_config
+
+    cfg, corpus_path, plans = _demo_plan(3, overrides)
+    rows = {p.site: np.concatenate([p.train_rows, p.test_rows]) for p in plans}
+    folders = split_corpus(Corpus.open(corpus_path), rows, out / "deploy" / "sites")
+    run_config = out / "deploy" / "run_config.toml"
+    run_config.write_text(run_config_toml(config_to_yaml(site_local_config(cfg, plans)), "", str(out)))
+    return plans, folders, run_config, next(p.site for p in plans if p.role == "train")
+
+
 @pytest.mark.slow
 def test_a_supernode_killed_mid_run_and_restarted_rejoins(tmp_path):
     """Chaos: a training site's SuperNode and ClientApp worker are killed after its second
@@ -424,23 +442,14 @@ def test_a_supernode_killed_mid_run_and_restarted_rejoins(tmp_path):
     import signal
     import time
 
-    import numpy as np
-
-    from federated.core.config import config_to_yaml
-    from federated.data.format import Corpus
-    from federated.data.split import split_corpus
-    from federated.engines.deployment.demo import _demo_plan, _start_sites, app_dir, site_local_config
+    from federated.engines.deployment.demo import _start_sites, app_dir
 
     out = tmp_path / "chaos"
     deploy = out / "deploy"
     rounds = 30
-    cfg, corpus_path, plans = _demo_plan(3, ["scale=smoke", f"rounds={rounds}", "engine.round_timeout_s=10"])
-    rows = {p.site: np.concatenate([p.train_rows, p.test_rows]) for p in plans}
-    folders = split_corpus(Corpus.open(corpus_path), rows, deploy / "sites")
-    cfg = site_local_config(cfg, plans)
-    run_config = deploy / "run_config.toml"
-    run_config.write_text(run_config_toml(config_to_yaml(cfg), "", str(out)))
-    victim = next(p.site for p in plans if p.role == "train")
+    plans, folders, run_config, victim = _site_local_run(
+        out, ["scale=smoke", f"rounds={rounds}", "engine.round_timeout_s=10"]
+    )
     fed = LoopbackFederation(deploy, 3, grace_s=5)
     deadline = time.monotonic() + 900
     try:
@@ -581,25 +590,14 @@ def test_a_supernode_killed_while_sending_its_reply_ends_the_round_within_the_ti
     import sys
     import time
 
-    import numpy as np
-
-    from federated.core.config import config_to_yaml
-    from federated.data.format import Corpus
-    from federated.data.split import split_corpus
     from federated.engines.deployment import ManagedProcess, worker_argv
-    from federated.engines.deployment.demo import _demo_plan, app_dir, site_local_config
+    from federated.engines.deployment.demo import app_dir
 
     timeout_s, die_at, rounds = 20, 3, 4
     out = tmp_path / "killed"
     deploy = out / "deploy"
     overrides = ["scale=smoke", f"rounds={rounds}", f"engine.round_timeout_s={timeout_s}"]
-    cfg, corpus_path, plans = _demo_plan(3, overrides)
-    rows = {p.site: np.concatenate([p.train_rows, p.test_rows]) for p in plans}
-    folders = split_corpus(Corpus.open(corpus_path), rows, deploy / "sites")
-    cfg = site_local_config(cfg, plans)
-    run_config = deploy / "run_config.toml"
-    run_config.write_text(run_config_toml(config_to_yaml(cfg), "", str(out)))
-    victim = next(p.site for p in plans if p.role == "train")
+    plans, folders, run_config, victim = _site_local_run(out, overrides)
     deadline = time.monotonic() + 900
     with LoopbackFederation(deploy, 3, grace_s=5) as fed:
         fed.start_superlink()
