@@ -1,6 +1,8 @@
 """The Flower ClientApp every site runs, under every engine.
 
 query    -> the site's profile (the server's handshake)
+            or, asked with PROFILE_REQUEST (`multimed-fl stats`), aggregates of its data, never a row
+            (clients/site_profile.py)
 train    -> load the global arrays, train locally, reply with arrays + example counts (under
             secure aggregation, masked: clients/secure_aggregation.py). The
             strategy's site side (strategies/client_side.py: FedProx's proximal term, SCAFFOLD's
@@ -31,6 +33,7 @@ from clients.faults import fault_mod
 from clients.folded_messages import folding_mod
 from clients.local_trainers import LOCAL_TRAINERS, LocalJob
 from clients.secure_aggregation import masked_update_mod, secure_aggregation_gate
+from clients.site_profile import profile_reply
 from clients.site_runtime import SiteRuntime, site_runtime
 from clients.test_time import adapt_site_model
 from clients.trainer import evaluate_site, mean_train_loss
@@ -101,8 +104,13 @@ def round_seed(seed: int, site: str, server_round: int) -> int:
 
 
 def _statistics(rt: SiteRuntime, config: ConfigRecord) -> MetricRecord | None:
-    """The federated statistics round (federated/server/federated_stats.py): aggregates of this
-    site's regression training targets, never a row; None when the query asks for none."""
+    """The federated statistics rounds (federated/server/federated_stats.py, feature_round.py):
+    aggregates of this site's regression training targets or raw features, one value per task or
+    per feature (per feature and bin for a histogram), never a row; None when the query asks for none."""
+    if P.FEATURE_MOMENTS in config:
+        return MetricRecord(dict(rt.feature_moments_reply(_json(config, P.FEATURE_MOMENTS, dict))))
+    if P.FEATURE_HISTOGRAM in config:
+        return MetricRecord(dict(rt.feature_histogram_reply(_json(config, P.FEATURE_HISTOGRAM, dict))))
     if P.STATS_REQUEST in config:
         tasks = _json(config, P.STATS_REQUEST, list)
         values: dict[str, int | float | list[int] | list[float]] = {}
@@ -128,13 +136,23 @@ def _json(config: ConfigRecord, key: str, kind: type) -> Any:
 
 
 def _site_local(rt: SiteRuntime, msg: Message) -> None:
-    """Site-local mode: the federation's schema and target scales ride on every message."""
-    if rt.cfg.sites.planner != SITE_LOCAL:
-        return
+    """What rides on every train and evaluate message: in site-local mode the federation's schema
+    and target scales; where the site holds raw features and preprocess.statistics is federated or
+    pooled, the feature statistics (a message without them is refused: the data would be raw)."""
     config = msg.content.config_records.get(P.CONFIG_RECORD) or ConfigRecord()
-    if P.SCHEMA_KEY not in config or P.TARGET_SCALES not in config:
-        raise ValueError(f"site {rt.plan.site}: a site-local message without the federation's schema and scales")
-    rt.apply_site_local(str(config[P.SCHEMA_KEY]), str(config[P.TARGET_SCALES]))
+    if rt.cfg.sites.planner == SITE_LOCAL:
+        if P.SCHEMA_KEY not in config or P.TARGET_SCALES not in config:
+            raise ValueError(f"site {rt.plan.site}: a site-local message without the federation's schema and scales")
+        rt.apply_site_local(str(config[P.SCHEMA_KEY]), str(config[P.TARGET_SCALES]))
+    if not rt.data.raw_modalities or rt.cfg.preprocess.statistics == "per_site":
+        return  # nothing raw, or the site's own statistics, applied when it loaded
+    if P.FEATURE_STATS not in config:
+        raise ValueError(
+            f"site {rt.plan.site}: a {msg.metadata.message_type} message without the feature statistics "
+            f"(preprocess.statistics={rt.cfg.preprocess.statistics}); modality {rt.data.raw_modalities[0]} is "
+            "stored raw and is not trained or scored on raw values"
+        )
+    rt.apply_feature_stats(str(config[P.FEATURE_STATS]))
 
 
 @app.query()
@@ -142,6 +160,8 @@ def query(msg: Message, context: Context) -> Message:
     rt = _runtime(context)
     p = rt.plan
     config = msg.content.config_records.get(P.CONFIG_RECORD)
+    if config is not None and P.PROFILE_REQUEST in config:  # `multimed-fl stats`: aggregates only
+        return Message(profile_reply(rt, str(config[P.PROFILE_REQUEST]), context), reply_to=msg)
     stats = _statistics(rt, config) if config is not None else None
     if stats is not None:
         return Message(RecordDict({P.METRICS_RECORD: stats}), reply_to=msg)

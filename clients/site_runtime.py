@@ -17,6 +17,7 @@ where the node config has its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -26,13 +27,16 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from clients.site_data import SiteData, TargetScale
+from clients.site_data import SiteData, TargetScale, exact_median, pooled_feature_rows
 from federated.core.compute import resolve_device
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
 from federated.core.config.schema import DEVICE_CHOICES, valid_device_spec
-from federated.core.corpus_schema import CorpusSchema, SchemaError
+from federated.core.corpus_schema import CorpusSchema, Modality, SchemaError
+from federated.core.feature_stats import HIST_BINS, Moments, Standardiser, laplace_moments
+from federated.core.features import INDICATOR
 from federated.core.models import MultiMedModel, build_model
 from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, DEVICE_KEY
 from federated.data.cache import prepare_corpus
@@ -79,6 +83,139 @@ class SiteRuntime:
     # The node config's `device`, which wins over the run's engine.device: a hospital knows its
     # own hardware (e.g. device='cuda:1' to keep GPU 0 for the scanner's software). "" = the run's.
     device: str = ""
+    corpus_path: str = ""  # the corpus this site opened (pooled statistics re-read it in simulation)
+    deployed: bool = False  # a hospital's own SuperNode (its DP noise is drawn from the OS, not a seed)
+    _features_received: str = ""  # the last feature statistics JSON applied
+
+    def __post_init__(self) -> None:
+        if self.cfg.preprocess.statistics == "per_site":  # no round: this site's own rows, from the start
+            self.data.use_feature_stats(self.data.own_feature_stats())
+
+    def apply_feature_stats(self, stats_json: str) -> None:
+        """Take the feature statistics a train or evaluate message carries (JSON {modality: {mean,
+        std, fill}}), checked as untrusted input: an entry for every raw-feature modality this site
+        holds, of its width, finite (fill NaN only: no imputation), std positive."""
+        if stats_json == self._features_received:
+            return
+        where = f"site {self.plan.site}: the server's feature statistics"
+        try:
+            raw = json.loads(stats_json)
+        except json.JSONDecodeError as e:
+            raise SiteConfigError(f"{where} are not JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise SiteConfigError(f"{where} are not a mapping modality -> {{mean, std, fill}}")
+        stats = {}
+        for m in self.data.raw_modalities:
+            if m not in raw:
+                raise SiteConfigError(f"{where} have no entry for modality {m}, which this site holds")
+            try:
+                stats[m] = Standardiser.from_lists(raw[m], len(self.data.schema.modality(m).features), f"{where}: {m}")
+            except ValueError as e:
+                raise SiteConfigError(str(e)) from None
+        self.data.use_feature_stats(stats)
+        self._features_received = stats_json
+
+    def feature_moments_reply(self, request: Any) -> dict[str, list[float]]:
+        """A feature statistics round's first query (protocol.FEATURE_MOMENTS): per raw-feature
+        modality this site holds, `<m>/n`, `<m>/mean`, `<m>/m2` over its training rows, one value
+        per feature; features seen fewer than min_count times sent as empty; with epsilon > 0,
+        Laplace noise first (federated/core/feature_stats.py). scope "pooled" (simulation only):
+        the training sites' rows pooled, exact, with `<m>/median` for the modalities asked."""
+        req = self._request(request, "modalities", list)
+        mods = [m for m in self.data.schema.modalities if m in req["modalities"]]
+        if req.get("scope", "site") == "pooled":
+            return self._pooled_reply(mods, req.get("medians", []))
+        min_count, epsilon, rng = self._release_terms(req)
+        mine = [m for m in mods if m in self.data.raw_modalities]
+        out: dict[str, list[float]] = {}
+        for m in mine:
+            if epsilon > 0:
+                low, high = feature_range(self.data.schema.modality(m), f"site {self.plan.site}")
+                moments = laplace_moments(self.data.feature_rows(m), low, high, epsilon / len(mine), rng)
+            else:
+                moments = self.data.feature_moments(m)
+            moments = moments.suppressed(min_count)
+            out |= {f"{m}/n": moments.n.tolist(), f"{m}/mean": moments.mean.tolist(), f"{m}/m2": moments.m2.tolist()}
+        return out
+
+    def feature_histogram_reply(self, request: Any) -> dict[str, list[float]]:
+        """The round's second query (protocol.FEATURE_HISTOGRAM), where a median is asked for:
+        `<m>/hist`, (features x HIST_BINS) counts flattened, on the grid the server sends (one
+        lower edge and bin width per feature); a feature seen fewer than min_count times sent as
+        zeros; with epsilon > 0, Laplace noise of scale features / epsilon per bin (one sample
+        moves one bin of each feature), then clipped at 0. A bin of one patient places that
+        patient's value to a bin's width (0.004 SD): what a median costs without noise."""
+        req = self._request(request, "modalities", dict)
+        min_count, epsilon, rng = self._release_terms(req)
+        mine = [m for m in self.data.raw_modalities if m in req["modalities"]]
+        out: dict[str, list[float]] = {}
+        for m in mine:
+            d = len(self.data.schema.modality(m).features)
+            grid = req["modalities"][m]
+            lo, width = (_numbers(grid, k, d, f"site {self.plan.site}: histogram grid of {m}") for k in ("lo", "width"))
+            if not (width > 0).all():
+                raise SiteConfigError(f"site {self.plan.site}: histogram grid of {m}: bin widths must be positive")
+            counts = self.data.feature_histogram(m, lo, width)
+            if epsilon > 0:
+                counts = np.maximum(counts + rng.laplace(0.0, d / (epsilon / len(mine)), counts.shape), 0.0)
+            counts[counts.sum(axis=1) < min_count] = 0.0  # under noise, the noisy count decides (post-processing)
+            out[f"{m}/hist"] = counts.reshape(d * HIST_BINS).tolist()
+        return out
+
+    def _request(self, request: Any, key: str, kind: type) -> dict[str, Any]:
+        if not isinstance(request, dict) or not isinstance(request.get(key), kind):
+            raise SiteConfigError(
+                f"site {self.plan.site}: a feature statistics query must be a mapping with {key!r} ({kind.__name__})"
+            )
+        return request
+
+    def _release_terms(self, req: dict[str, Any]) -> tuple[int, float, np.random.Generator]:
+        """(min_count, epsilon, noise generator) of a release, held to this run's preprocess settings:
+        a server may ask for more suppression or noise, never less."""
+        own, where = self.cfg.preprocess, f"site {self.plan.site}"
+        min_count, epsilon, seed = req.get("min_count"), req.get("epsilon"), req.get("seed", 0)
+        if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < own.min_count:
+            raise SiteConfigError(
+                f"{where}: the statistics query's min_count {min_count!r} is below this run's "
+                f"preprocess.min_count={own.min_count}"
+            )
+        if not isinstance(epsilon, int | float) or not math.isfinite(epsilon) or epsilon < 0:
+            raise SiteConfigError(f"{where}: the statistics query's epsilon must be a finite number >= 0")
+        if own.epsilon > 0 and not 0 < epsilon <= own.epsilon:
+            raise SiteConfigError(
+                f"{where}: the statistics query asks for epsilon {epsilon!r}; this run's preprocess.epsilon="
+                f"{own.epsilon} allows a positive share of it, no more"
+            )
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise SiteConfigError(f"{where}: the statistics query's seed must be an integer")
+        if self.deployed:  # a hospital's noise must be unknown to the server, which chose the seed
+            return min_count, float(epsilon), np.random.default_rng()
+        site = int.from_bytes(hashlib.sha256(self.plan.site.encode()).digest()[:4], "little")
+        return min_count, float(epsilon), np.random.default_rng([seed & 0xFFFFFFFF, site])
+
+    def _pooled_reply(self, mods: list[str], medians: Any) -> dict[str, list[float]]:
+        """preprocess.statistics=pooled: the statistics of every training site's training rows in
+        one block. In simulation every site process opens the whole corpus and plans every site
+        (the server does not hold the corpus under every engine), so the site asked computes them."""
+        if self.cfg.sites.planner == SITE_LOCAL or self.deployed:
+            raise SiteConfigError(
+                f"site {self.plan.site}: preprocess.statistics=pooled is for simulation, where every site "
+                "process holds the whole corpus; a hospital's site holds only its own rows (use federated)"
+            )
+        if not isinstance(medians, list):
+            raise SiteConfigError(f"site {self.plan.site}: a pooled statistics query's medians must be a list")
+        _, corpus, plans = _plans(self.config_yaml, self.corpus_path)
+        out: dict[str, list[float]] = {}
+        for m in mods:
+            if not corpus.schema.modality(m).raw_features:
+                continue
+            rows = pooled_feature_rows(corpus, list(plans), m)
+            moments = Moments.of(rows)
+            out |= {f"{m}/n": moments.n.tolist(), f"{m}/mean": moments.mean.tolist(), f"{m}/m2": moments.m2.tolist()}
+            if m in medians:
+                med = exact_median(rows)
+                out[f"{m}/median"] = np.where(np.isnan(med), moments.mean, med).tolist()
+        return out
 
     def apply_site_local(self, schema_json: str, scales_json: str) -> None:
         """Take the federation's schema and target scales a site-local message carries, after
@@ -115,6 +252,36 @@ class SiteRuntime:
         saves 1,000 copies and 1,000 constructions in a 1,000-site in-process run."""
         device = self.device or self.cfg.engine.device
         return _thread_model(self.config_yaml, self.cfg, self.federation_schema or self.data.schema, device)
+
+
+def feature_range(spec: Modality, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's [low, high] for DP noise: the data dictionary's range (an indicator without
+    one: [0, 1]); a numeric feature without one is refused, naming it and the setting."""
+    low, high = [], []
+    for f in spec.features:
+        if f.low is None or f.high is None:
+            if f.kind != INDICATOR:
+                raise SiteConfigError(
+                    f"{where}: preprocess.epsilon > 0 needs a range for every feature, and feature {f.name!r} of "
+                    f"modality {spec.name} has none (low/high: the data dictionary's allowed range)"
+                )
+            low.append(0.0 if f.low is None else f.low)
+            high.append(1.0 if f.high is None else f.high)
+        else:
+            low.append(f.low)
+            high.append(f.high)
+    return np.asarray(low), np.asarray(high)
+
+
+def _numbers(raw: Any, key: str, width: int, where: str) -> np.ndarray:
+    value = raw.get(key) if isinstance(raw, dict) else None
+    if (
+        not isinstance(value, list)
+        or len(value) != width
+        or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+    ):
+        raise SiteConfigError(f"{where}: {key} must be a list of {width} finite numbers")
+    return np.asarray(value, dtype=np.float64)
 
 
 _local = threading.local()
@@ -159,7 +326,16 @@ def _runtime(config_yaml: str, corpus_path: str, site_key: str, device: str) -> 
         if site_key not in by_name:
             raise SiteConfigError(f"node config names site {site_key!r}; the plan has {', '.join(by_name)}")
         plan = by_name[site_key]
-    return SiteRuntime(cfg, plan, SiteData(corpus, plan), config_yaml, client_algorithm(cfg.strategy), device=device)
+    return SiteRuntime(
+        cfg,
+        plan,
+        SiteData(corpus, plan),
+        config_yaml,
+        client_algorithm(cfg.strategy),
+        device=device,
+        corpus_path=corpus_path,
+        deployed=not site_key.startswith("#"),
+    )
 
 
 def _own_site_runtime(
@@ -180,7 +356,17 @@ def _own_site_runtime(
     corpus = Corpus.open(path)
     plan = plan_own_site(corpus, site, cfg)
     data = SiteData(corpus, plan, own_scales=False)
-    return SiteRuntime(cfg, plan, data, config_yaml, client_algorithm(cfg.strategy), device=device)
+    deployed = not site_key.startswith("#")
+    return SiteRuntime(
+        cfg,
+        plan,
+        data,
+        config_yaml,
+        client_algorithm(cfg.strategy),
+        device=device,
+        corpus_path=str(path),
+        deployed=deployed,
+    )
 
 
 def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:

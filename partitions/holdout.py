@@ -2,7 +2,11 @@
 
 `sites.holdout` picks how, over the sites the planner proposed:
   listed     the planner's own choice (the archetypes planner's `sites.held_out` list)
-  named      the sites in `sites.holdout_sites`, by site id (site_03) or origin name (KY)
+  named      the sites in `sites.holdout_sites`, by site name or origin name: a natural site is
+             named after its origin (KY; a grouped one NY+TX), a simulated one by its number
+             (site_03). The natural planner's old numbers (site_00 for the first origin) are not
+             accepted: a number pointed at whichever origin sorted there, so it named another
+             hospital when the corpus or sites.min_site_size changed.
   random     `sites.holdout_k` sites drawn with the corpus seed
   archetype  every site whose archetype is in `sites.holdout_archetypes`
 Leave-one-site-out is `named` with one site, once per site: `leave_one_site_out_overrides`
@@ -18,6 +22,7 @@ from federated.core.config.loader import HOLDOUT_MODES
 from federated.core.config.schema import ExperimentConfig
 from federated.core.protocol import Role
 from federated.data.format import Corpus
+from partitions.natural import NATURAL
 from partitions.site_plan import PLANNERS, PlanError, SitePlan, as_held_out
 from partitions.steps import step_rng
 
@@ -48,16 +53,28 @@ def _listed(plans: list[SitePlan], cfg: ExperimentConfig) -> set[str]:
 
 
 def _named(plans: list[SitePlan], cfg: ExperimentConfig) -> set[str]:
-    """The sites in sites.holdout_sites, by site id or origin name; an unknown name lists the planned sites."""
+    """The sites in sites.holdout_sites, by site name or origin name; an unknown name lists the
+    planned sites, and an origin grouped into a natural site names that site."""
     names = cfg.sites.holdout_sites
     if not names:
-        raise PlanError("sites.holdout=named needs sites.holdout_sites (site ids or origin names)")
+        raise PlanError("sites.holdout=named needs sites.holdout_sites (site names or origin names)")
     by_name = {p.site: p.site for p in plans} | {p.origin_site: p.site for p in plans}
     unknown = [n for n in names if n not in by_name]
+    grouped = {o: p for p in plans if p.archetype == NATURAL for o in p.origin_site.split("+")}
+    for n in unknown:
+        if n in grouped:
+            p = grouped[n]
+            raise PlanError(
+                f"sites.holdout_sites names origin site {n}, which sites.min_site_size={cfg.sites.min_site_size} "
+                f"grouped into site {p.site} (origins {p.origin_site}); hold out {p.site}, or lower "
+                "sites.min_site_size to keep it as its own site"
+            )
     if unknown:
+        natural = any(p.archetype == NATURAL for p in plans)
+        hint = "; natural sites are named after their origin sites, not numbered" if natural else ""
         raise PlanError(
             f"sites.holdout_sites names unknown sites {unknown}; planned sites: "
-            f"{', '.join(f'{p.site} ({p.origin_site})' for p in plans)}"
+            f"{', '.join(p.site if p.site == p.origin_site else f'{p.site} ({p.origin_site})' for p in plans)}{hint}"
         )
     return {by_name[n] for n in names}
 

@@ -209,6 +209,35 @@ def cmd_deploy_submit(args: argparse.Namespace) -> int:
     return exit_code(summary, cfg.engine.allow_site_failures)
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    """A federated pre-flight profile of the sites (federated/app/stats.py), in simulation or, with
+    --connection, as a statistics-only run on a running SuperLink."""
+    from federated.app.runner import RunError
+    from federated.app.stats import run_stats, submit_stats, summary_lines
+
+    cfg = load_config(args.overrides)
+    out = Path(args.out)
+    if not args.connection:
+        for line in summary_lines(run_stats(cfg, out, overwrite=args.overwrite), out):
+            print(line)
+        return 0
+    if args.overwrite:
+        raise RunError("stats --connection: the ServerApp never replaces a profile; choose a new --out")
+    completed = submit_stats(
+        args.connection, args.out, cfg, timeout_s=args.timeout, say=lambda line: print(f"[stats] {line}", flush=True)
+    )
+    if not completed:
+        return 1
+    if (out / "stats.json").is_file():
+        import json
+
+        for line in summary_lines(json.loads((out / "stats.json").read_text()), out):
+            print(line)
+    else:  # the ServerApp ran on another machine
+        print(f"[stats] completed; the profile is in {args.out} on the SuperLink's machine")
+    return 0
+
+
 def cmd_sites_show(args: argparse.Namespace) -> int:
     from federated.core.io import atomic_write
     from federated.data.cache import prepare_corpus
@@ -283,6 +312,28 @@ def cmd_corpus_ingest(args: argparse.Namespace) -> int:
     path, skipped = run_spec(args.spec, args.out, overwrite=args.overwrite, data_root=args.data_root)
     print(f"wrote {path}" + (f" ({len(skipped)} items skipped, listed in spec.json provenance)" if skipped else ""))
     return cmd_corpus_info(argparse.Namespace(dir=str(path)))
+
+
+def cmd_corpus_dictionary(args: argparse.Namespace) -> int:
+    """Draft a data dictionary from a table, for a person to edit and a coordinator to send out."""
+    from federated.data.ingest import IngestError, Problems
+    from federated.data.ingest.dictionary import write_draft
+    from federated.data.ingest.tabular import open_table
+
+    table = Path(args.table)
+    frame = open_table(table, Problems("stop"))
+    if frame is None:  # Problems("stop") raises first; kept for the type checker
+        raise IngestError(f"{table}: unreadable table")
+    exclude = {c for c in (args.label_column, args.site_column, args.patient_column) if c}
+    out, body, left_out = write_draft(table, Path(args.out), frame, exclude, overwrite=args.overwrite)
+    kinds = [c["type"] for c in body["columns"].values()]
+    print(
+        f"wrote a draft data dictionary to {out}: {kinds.count('numeric')} numeric and "
+        f"{kinds.count('categorical')} categorical columns"
+        + (f"; left out {len(left_out)} (listed in its comments)" if left_out else "")
+        + ". Edit it (units, plausible ranges, every hospital's levels, missing codes) before it is sent out."
+    )
+    return 0
 
 
 def cmd_corpus_split(args: argparse.Namespace) -> int:
@@ -493,6 +544,24 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     submit.set_defaults(func=cmd_deploy_submit)
 
+    stats = sub.add_parser(
+        "stats",
+        help="profile the sites before training (counts, label mix, missingness, quantiles, histograms; "
+        "small cells suppressed): stats.json, report.md and plots in --out",
+    )
+    stats.add_argument("--out", required=True, help="output folder (with --connection: on the SuperLink's machine)")
+    stats.add_argument("--overwrite", action="store_true", help="replace an earlier profile in --out")
+    stats.add_argument(
+        "--connection",
+        help="a [superlink.NAME] connection in $FLWR_HOME/config.toml: run the profile on that deployment "
+        "(a statistics-only run), not in simulation",
+    )
+    stats.add_argument("--timeout", type=float, default=3600.0, help="with --connection: seconds to wait for the run")
+    stats.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, as for run (corpus.path, sites.planner...)"
+    )
+    stats.set_defaults(func=cmd_stats)
+
     config = sub.add_parser("config", help="inspect the resolved configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="print the resolved config as YAML")
@@ -526,6 +595,17 @@ def build_parser() -> argparse.ArgumentParser:
         "or its data_root inside it); nothing outside it is read",
     )
     ingest.set_defaults(func=cmd_corpus_ingest)
+    dictionary = corpus_sub.add_parser(
+        "dictionary",
+        help="draft a data dictionary (types, units, ranges, levels, reference levels) from a table, to edit",
+    )
+    dictionary.add_argument("table", help="a CSV or Parquet table")
+    dictionary.add_argument("--out", required=True, help="the dictionary to write (YAML)")
+    dictionary.add_argument("--label-column", default=None, help="a column that is not a feature (the label)")
+    dictionary.add_argument("--site-column", default=None, help="a column that is not a feature (the hospital)")
+    dictionary.add_argument("--patient-column", default=None, help="a column that is not a feature (patient ids)")
+    dictionary.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    dictionary.set_defaults(func=cmd_corpus_dictionary)
     info = corpus_sub.add_parser("info", help="describe a corpus folder")
     info.add_argument("dir")
     info.set_defaults(func=cmd_corpus_info)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from federated.core.features import IMPUTE_METHODS, Feature, FeatureError, features_from_list
 from federated.core.metrics import validate_metrics
 from federated.core.targets import (
     CLASS_TARGETS,
@@ -30,6 +31,7 @@ from federated.core.targets import (
     REGRESSION,
     TARGET_TYPES,
     TOKENS,
+    VECTOR,
 )
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -56,6 +58,10 @@ class Modality:
     shape: tuple[int, ...]  # per-sample array shape in the corpus
     dtype: str = ""  # numpy dtype name of the stored array; "" = the kind's
     vocab_size: int = 0  # token modalities only, padding included
+    # Vector modalities ingested from a table: what each column means (federated/core/features.py),
+    # and how a missing value is filled at load time ("" = none may be missing).
+    features: tuple[Feature, ...] = ()
+    impute: str = ""
 
     def __post_init__(self) -> None:
         where = f"modality {self.name!r}"
@@ -78,6 +84,22 @@ class Modality:
             raise SchemaError(f"{where}: a tokens modality needs vocab_size >= 2 (padding included)")
         if self.kind != TOKENS and self.vocab_size:
             raise SchemaError(f"{where}: vocab_size is for tokens modalities only")
+        if self.features or self.impute:
+            if self.kind != VECTOR:
+                raise SchemaError(f"{where}: features and impute are for vector modalities only")
+            try:
+                object.__setattr__(self, "features", features_from_list(self.features, self.shape[0], where))
+            except FeatureError as e:
+                raise SchemaError(str(e)) from None
+            if self.impute not in IMPUTE_METHODS:
+                raise SchemaError(f"{where}: impute {self.impute!r} is not one of mean, median (or empty)")
+            if self.impute and not self.features:
+                raise SchemaError(f"{where}: impute needs the modality's features")
+
+    @property
+    def raw_features(self) -> bool:
+        """Stored raw: imputed and standardised at load time from the run's statistics."""
+        return bool(self.features)
 
     @property
     def is_tokens(self) -> bool:
@@ -87,6 +109,10 @@ class Modality:
         d: dict[str, Any] = {"kind": self.kind, "shape": list(self.shape), "dtype": self.dtype}
         if self.vocab_size:
             d["vocab_size"] = self.vocab_size
+        if self.features:
+            d["features"] = [f.to_dict() for f in self.features]
+        if self.impute:
+            d["impute"] = self.impute
         return d
 
 

@@ -161,7 +161,11 @@ _MULTIMED_TASKS = (
 # Extension tasks: real data that ships in registry packages (the real_mini study) but matches
 # no MultiMed task exactly. Mapping Br35H's "tumour: yes" onto one of MultiMed's four tumour
 # types, or a trial's birthweight onto bone age, would be wrong, so they get tasks of their own.
-# They reuse MultiMed's encoders (mri, tabular): only their heads are new.
+# Br35H reuses MultiMed's mri encoder; the OPT tasks share the obstetric one.
+# Extension modalities, for the extension tasks below: the OPT trial's baseline covariates are
+# their own columns. A vector modality's columns mean one thing in a corpus (its features are in
+# the schema), so they cannot share MultiMed's `tabular`, which the breast-cancer table fills.
+_EXTENSION_MODALITIES = (Modality("obstetric", VECTOR, (16,), "float32"),)
 _EXTENSION_TASKS = (
     Task(
         "brain_tumor_detection",
@@ -173,7 +177,7 @@ _EXTENSION_TASKS = (
     ),
     Task(
         "birthweight",
-        ("tabular",),
+        ("obstetric",),
         REGRESSION,
         ("mae",),
         unit="grams",
@@ -181,7 +185,7 @@ _EXTENSION_TASKS = (
     ),
     Task(
         "preterm_birth",
-        ("tabular",),
+        ("obstetric",),
         BINARY,
         ("auroc", "accuracy"),
         ("term", "preterm"),
@@ -195,4 +199,7 @@ _MODALITY_MAP = {m.name: m for m in _MODALITIES}
 MULTIMED = CorpusSchema(_MODALITY_MAP, {t.name: replace(t, multimed=True) for t in _MULTIMED_TASKS})
 MULTIMED_TASKS: tuple[str, ...] = tuple(MULTIMED.tasks)
 # Every task an ingest spec may use by name.
-CATALOGUE = CorpusSchema(_MODALITY_MAP, {**MULTIMED.tasks, **{t.name: t for t in _EXTENSION_TASKS}})
+CATALOGUE = CorpusSchema(
+    {**_MODALITY_MAP, **{m.name: m for m in _EXTENSION_MODALITIES}},
+    {**MULTIMED.tasks, **{t.name: t for t in _EXTENSION_TASKS}},
+)

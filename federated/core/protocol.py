@@ -59,6 +59,7 @@ DEVICE_KEY = "device"  # node config: where this site computes; wins over the ru
 RESUME_KEY = "resume"  # run config: true = continue the run in out-dir from its checkpoint
 STATE_DIR_KEY = "state-dir"  # where a site saves its state for resumed runs
 SITE_STATE_DIR = "site_state"  # its folder inside a run's output folder
+STATISTICS_ONLY_KEY = "statistics-only"  # run config: true = the ServerApp profiles the sites, trains nothing
 
 # Records (keys of a message's RecordDict).
 ARRAYS_RECORD = "arrays"
@@ -83,6 +84,19 @@ VERSION_KEY = "version"  # handshake profile: the site's multimed-fl version
 STATS_REQUEST = "stats-request"  # statistics round: JSON list of regression tasks -> <task>/n, /mean, /m2
 STATS_CENTRE = "stats-centre"  # statistics round: JSON {task: mean} -> <task>/absdev
 TARGET_SCALES = "target-scales"  # site-local train/evaluate config: JSON {task: [mean, std, mad]}
+# Feature statistics round (federated/server/feature_round.py), before training in every engine:
+# query: JSON {modalities, min_count, epsilon, seed} -> <modality>/n, /mean, /m2 (one value per feature);
+# simulation, preprocess.statistics=pooled: {modalities, scope: "pooled", medians} -> the same, + <modality>/median
+FEATURE_MOMENTS = "feature-moments"
+# query: JSON {modalities: {modality: {lo, width}}, min_count, epsilon, seed} -> <modality>/hist (features x bins)
+FEATURE_HISTOGRAM = "feature-histogram"
+FEATURE_STATS = "feature-stats"  # train/evaluate config: JSON {modality: {mean, std, fill}}
+# `multimed-fl stats` (a statistics-only run): JSON request -> the site's profile, aggregates only
+PROFILE_REQUEST = "profile-request"
+# (clients/site_profile.py): query CONFIG_RECORD {PROFILE_REQUEST: JSON {phase, bins, grid}} -> CONFIG_RECORD
+# {PROFILE_REPLY: JSON counts | sent features}, ARRAYS_RECORD (packed: <modality>/observed, /moments, /hist)
+PROFILE_REPLY = "profile-reply"
+PROFILE_COARSE_BINS = 64  # a profile's histograms under DP (HIST_BINS / 64 fine bins each); its reports' finest grid
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train_loss"
 STEPS = "steps"

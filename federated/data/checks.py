@@ -340,6 +340,8 @@ def scan_problems(path: Path, spec: dict[str, Any]) -> list[str]:
         arr = np.load(file, mmap_mode="r")
         if registered.is_tokens:
             what = f"token ids outside 0..{registered.vocab_size - 1} (the {m} vocabulary)"
+        elif registered.raw_features and registered.impute:
+            what = "infinite values"
         else:
             what = "NaN or infinite values"
         first, count = -1, 0
@@ -347,6 +349,8 @@ def scan_problems(path: Path, spec: dict[str, Any]) -> list[str]:
             flat = block.reshape(len(block), -1)
             if registered.is_tokens:
                 bad = ((flat < 0) | (flat >= registered.vocab_size)).any(axis=1)
+            elif registered.raw_features and registered.impute:  # a missing value is NaN, filled at load
+                bad = np.isinf(flat).any(axis=1)
             else:
                 bad = ~np.isfinite(flat).all(axis=1)
             if bad.any() and first < 0:

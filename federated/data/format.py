@@ -125,7 +125,13 @@ def _check_modality_array(schema: CorpusSchema, manifest: pd.DataFrame, modality
         raise CorpusFormatError(f"arrays/{modality}.npy has per-sample shape {arr.shape[1:]}, expected {spec.shape}")
     if arr.dtype != np.dtype(spec.dtype):
         raise CorpusFormatError(f"arrays/{modality}.npy has dtype {arr.dtype}, expected {spec.dtype}")
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+    # Raw features that declare an impute keep a missing value as NaN (filled at load time).
+    nan_allowed = spec.raw_features and bool(spec.impute)
+    if (
+        np.issubdtype(arr.dtype, np.floating)
+        and not np.isfinite(arr).all()
+        and (not nan_allowed or np.isinf(arr).any())
+    ):
         raise CorpusFormatError(f"arrays/{modality}.npy contains NaN or infinite values")
     col = index_column(modality)
     if col not in manifest.columns:

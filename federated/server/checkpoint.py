@@ -2,8 +2,10 @@
 
 A checkpoint holds the global model, the strategy's state (server-optimiser moments, SCAFFOLD's
 server control, site-level DP's accountant), the round, the RNG states that decide later
-rounds (Python's, which Flower's node sampling uses), and the round records so far (so the
-summary and metrics of a resumed run cover every round).
+rounds (Python's, which Flower's node sampling uses), the round records so far (so the
+summary and metrics of a resumed run cover every round) and the feature statistics the sites
+standardise with (federated/server/feature_round.py: a resume uses them, read back as untrusted,
+instead of asking the sites again).
 
 What a site keeps across rounds (its DP-SGD accountants, SCAFFOLD control variate, personal
 parameters) is not the server's to hold: each site saves its own state next to its data
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,9 @@ class Checkpoint:
     initial: RoundRecord
     history: list[RoundRecord]
     config_yaml: str
+    # FeatureStatistics.to_dict() of the run; empty without raw-feature modalities (or from an
+    # earlier release: the round is then run again).
+    feature_statistics: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
     def array_record(self) -> ArrayRecord:
@@ -145,6 +150,7 @@ def _check(path: Path, ckpt: Checkpoint) -> None:
         and isinstance(ckpt.history, list)
         and all(isinstance(r, RoundRecord) for r in ckpt.history)
         and isinstance(ckpt.config_yaml, str)
+        and isinstance(ckpt.feature_statistics, dict)
     )
     if not ok:
         raise CheckpointError(f"{path} is not a MultiMed-FL checkpoint (its fields have the wrong types)")
@@ -215,9 +221,10 @@ def restore_python_rng(state: Any) -> None:
 class Checkpointer(Callback):
     """Saves the server's state to DIR every `every` rounds and after the last round."""
 
-    def __init__(self, out_dir: Path, every: int) -> None:
+    def __init__(self, out_dir: Path, every: int, feature_statistics: dict[str, Any] | None = None) -> None:
         self.out_dir, self.every = Path(out_dir), every
         self.rounds, self.config_yaml = 0, ""
+        self.feature_statistics = dict(feature_statistics or {})
 
     def on_start(self, cfg: ExperimentConfig, profiles: list[SiteProfile]) -> None:
         self.rounds, self.config_yaml = cfg.rounds, config_to_yaml(cfg)
@@ -235,16 +242,20 @@ class Checkpointer(Callback):
                 initial=state.initial,
                 history=state.history,
                 config_yaml=self.config_yaml,
+                feature_statistics=self.feature_statistics,
             ),
         )
 
 
-def checkpointers(cfg: ExperimentConfig, out_dir: Path | None) -> list[Callback]:
-    """The run's checkpoint callback: none without a folder or with engine.checkpoint_every = 0.
+def checkpointers(
+    cfg: ExperimentConfig, out_dir: Path | None, feature_statistics: dict[str, Any] | None = None
+) -> list[Callback]:
+    """The run's checkpoint callback: none without a folder or with engine.checkpoint_every = 0;
+    each checkpoint keeps the run's feature statistics (FeatureStatistics.to_dict()).
     Every engine calls this before round 1: a state key that cannot be used (StateKeyError, naming
     it and the fix) stops the run here, not at the first checkpoint k rounds later."""
     every = cfg.engine.checkpoint_every
     if out_dir is None or not every:
         return []
     check_key()
-    return [Checkpointer(out_dir, every)]
+    return [Checkpointer(out_dir, every, feature_statistics)]

@@ -40,6 +40,7 @@ from federated.core.protocol import (
     CONFIG_RECORD,
     EVALUATE_ROUND,
     EVALUATED,
+    FEATURE_STATS,
     METRICS_RECORD,
     NUM_EXAMPLES,
     PERSONAL_RECORD,
@@ -70,6 +71,7 @@ from federated.server import transport
 from federated.server.callbacks import Callback, SavedStrategyState, ServerState
 from federated.server.checkpoint import Checkpoint, checkpointers, restore_python_rng
 from federated.server.evaluation import SiteEvaluation, SiteProfile, summarize
+from federated.server.feature_round import FeatureStatistics, run_statistics
 from federated.server.federated_stats import target_scales
 from federated.server.records import FederationResult, FederationTiming, RoundRecord, TrainStats
 from federated.server.results import PrivacyReport
@@ -808,16 +810,23 @@ def _agreed_schema(cfg: ExperimentConfig, profiles: dict[int, SiteProfile]) -> t
     return agreement.schema, agreement.incompatible
 
 
-def _site_local_config(
-    grid: Grid, cfg: ExperimentConfig, schema: CorpusSchema, train_nodes: list[int]
-) -> dict[str, str]:
-    """Site-local mode: what every train and evaluate message carries, the federation's schema and
-    the regression targets' scales from a federated statistics round; nothing in simulation."""
-    if cfg.sites.planner != SITE_LOCAL:
-        return {}
-    regression = [t for t, task in schema.tasks.items() if task.target == REGRESSION]
-    scales = target_scales(lambda messages: exchange(grid, messages), train_nodes, regression)
-    return {SCHEMA_KEY: json.dumps(schema.to_dict()), TARGET_SCALES: json.dumps(scales)}
+def _site_config(
+    grid: Grid, cfg: ExperimentConfig, schema: CorpusSchema, train_nodes: list[int], resume: Checkpoint | None
+) -> tuple[dict[str, str], FeatureStatistics | None]:
+    """What every train and evaluate message carries, from the statistics rounds before round 1
+    (no rows move): in site-local mode the federation's schema and the regression targets' scales;
+    in every mode, where the schema stores raw features, the feature statistics
+    (federated/server/feature_round.py; on resume, the checkpoint's: not asked again)."""
+    config: dict[str, str] = {}
+    if cfg.sites.planner == SITE_LOCAL:
+        regression = [t for t, task in schema.tasks.items() if task.target == REGRESSION]
+        scales = target_scales(lambda messages: exchange(grid, messages), train_nodes, regression)
+        config = {SCHEMA_KEY: json.dumps(schema.to_dict()), TARGET_SCALES: json.dumps(scales)}
+    saved = resume.feature_statistics if resume is not None else None
+    features = run_statistics(lambda messages: exchange(grid, messages), train_nodes, schema, cfg, saved)
+    if features is not None and features.standardisers:
+        config[FEATURE_STATS] = features.message()
+    return config, features
 
 
 def run_federation(
@@ -848,11 +857,11 @@ def run_federation(
     train_nodes = [n for n, p in node_profiles.items() if p.role == Role.TRAIN]
     if not train_nodes:
         raise FederationError("no training sites answered the handshake")
-    hooks = [*callbacks, *checkpointers(cfg, checkpoint_dir)]
+    site_config, features = _site_config(grid, cfg, schema, train_nodes, resume)
+    hooks = [*callbacks, *checkpointers(cfg, checkpoint_dir, features.to_dict() if features else None)]
     profiles = list(node_profiles.values())
     for cb in hooks:
         cb.on_start(cfg, profiles)
-    site_config = _site_local_config(grid, cfg, schema, train_nodes)
     model = build_model(cfg.model, schema, cfg.seed)
     init_report = load_init_weights(model, cfg.model.init_weights) if cfg.model.init_weights and not resume else None
     if init_report:
@@ -885,6 +894,7 @@ def run_federation(
         schema,
         excluded,
         json.loads(site_config.get(TARGET_SCALES, "{}")),
+        features,
     )
     for cb in hooks:
         cb.on_end(result)

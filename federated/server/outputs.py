@@ -89,6 +89,8 @@ def build_summary(cfg: ExperimentConfig, result: FederationResult, wall_s: float
         tasks={t.pop("name"): t for t in result.schema.to_dict()["tasks"]} if result.schema else {},
         excluded_sites=dict(result.excluded_sites),
         target_scales={t: dict(zip(("mean", "std", "mad"), s, strict=True)) for t, s in result.target_scales.items()},
+        preprocess=result.feature_statistics.preprocess() if result.feature_statistics else {},
+        feature_statistics=result.feature_statistics.per_modality() if result.feature_statistics else {},
     )
 
 

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord
 
 from federated.core.corpus_schema import CorpusSchema
 from federated.server.evaluation import SiteEvaluation, SiteProfile
+from federated.server.feature_round import FeatureStatistics
 from federated.server.results import PrivacyReport, PrivacyRound, RoundSummary
 
 
@@ -69,6 +70,8 @@ class FederationResult:
     excluded_sites: dict[str, str] = field(default_factory=dict)  # site -> why (engine.on_incompatible_site=exclude)
     # Site-local mode: the regression targets' scales from the federated statistics round.
     target_scales: dict[str, list[float]] = field(default_factory=dict)  # task -> [mean, std, mad]
+    # Raw-feature modalities: the statistics they were imputed and standardised with; None without any.
+    feature_statistics: FeatureStatistics | None = None
 
     @property
     def final(self) -> RoundRecord:

@@ -349,6 +349,12 @@ class RunSummary:
     # Round by round, the privacy the run trained with and the epsilon spent so far (PrivacyRound):
     # written when the rounds recorded their settings (every run of this release does).
     privacy_by_round: list[PrivacyRound] = field(default_factory=list)
+    # Runs with raw-feature modalities: how their statistics were made ({statistics, min_count,
+    # epsilon}: epsilon is what each training site spent on the statistics round, 0 = exact) and,
+    # for federated or pooled statistics, the transform itself per modality ({features, mean, std,
+    # fill, n}: fill null where a modality imputes nothing; n: values behind each feature's numbers).
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    feature_statistics: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -360,6 +366,10 @@ class RunSummary:
             extra["excluded_sites"] = self.excluded_sites
         if self.target_scales:
             extra["target_scales"] = self.target_scales
+        if self.preprocess:
+            extra["preprocess"] = self.preprocess
+        if self.feature_statistics:
+            extra["feature_statistics"] = self.feature_statistics
         if self.corpus is not None:
             extra["corpus"] = self.corpus
         if self.resumed_from_round is not None:
@@ -415,6 +425,11 @@ class RunSummary:
                 str(t): {k: float(v) for k, v in s.items()} for t, s in raw.get("target_scales", {}).items()
             },
             privacy_by_round=[PrivacyRound.from_dict(r) for r in raw.get("privacy_by_round", [])],
+            preprocess=dict(raw.get("preprocess", {})),
+            feature_statistics={
+                str(m): {k: [str(x) if k == "features" else _num(x) for x in v] for k, v in s.items()}
+                for m, s in raw.get("feature_statistics", {}).items()
+            },
         )
 
     def max_epsilon(self) -> float | None:

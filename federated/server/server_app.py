@@ -6,6 +6,8 @@ Run config: `multimed-config` (resolved experiment YAML; empty = conf/ defaults)
 interrupted run in out-dir from its last checkpoint, with that run's config). The out-dir is checked as
 `multimed-fl run --out` checks its folder (federated/server/run_folder.py): another run's or a
 user's files refuse the run, and a lock keeps a second run out while this one is in it.
+`statistics-only` (true: `multimed-fl stats --connection`) profiles the sites instead of training
+(federated/server/profile.py) and writes stats.json, report.md and plots/ to out-dir.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
-from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, RESUME_KEY
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, RESUME_KEY, STATISTICS_ONLY_KEY
 from federated.server.checkpoint import Checkpoint, check_resume, load_checkpoint, resume_config
 from federated.server.federation import run_federation
 from federated.server.outputs import build_summary, write_config, write_final_model, write_summary
+from federated.server.profile import run_profile
+from federated.server.profile_report import check_profile_dir, write_profile
 from federated.server.run_folder import (
     CHECKPOINT_FILE,
     RunFolderError,
@@ -61,6 +65,13 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_from_yaml(text) if text else load_config()
     out_dir = Path(str(context.run_config.get("out-dir", "")) or f"runs/flwr-{grid.run.run_id}")
     resume = context.run_config.get(RESUME_KEY, False) is True
+    if context.run_config.get(STATISTICS_ONLY_KEY, False) is True:
+        if resume:
+            raise RunFolderError(f"{STATISTICS_ONLY_KEY}: a profile trains nothing, so it has nothing to resume")
+        with RunLock(out_dir):  # as `multimed-fl stats --out`: a new folder, or an empty one
+            check_profile_dir(out_dir, overwrite=False)
+            _profile(grid, context, cfg, out_dir)
+        return
     with RunLock(out_dir):  # as `multimed-fl run`: one run per folder, another run's files kept
         checkpoint = None
         if resume:  # as `multimed-fl run --resume`: the run's own config, from its checkpoint
@@ -89,18 +100,31 @@ def _resumed_config(text: str, checkpoint: Checkpoint, out_dir: Path) -> Experim
     return cfg
 
 
+def _expecting(cfg: ExperimentConfig, planned: list[str]) -> ExperimentConfig:
+    """Where the server knows the plan: wait for, and insist on, every planned site."""
+    if not planned or cfg.engine.expected_sites:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        engine=dataclasses.replace(
+            cfg.engine, expected_sites=len(planned), handshake_timeout_s=min(cfg.engine.handshake_timeout_s, 120.0)
+        ),
+    )
+
+
+def _profile(grid: Grid, context: Context, cfg: ExperimentConfig, out_dir: Path) -> None:
+    """The statistics-only run: the sites' profile (aggregates only) into out-dir; nothing trains."""
+    planned = planned_sites(cfg, str(context.run_config.get(CORPUS_KEY, "")))
+    profile = run_profile(grid, _expecting(cfg, planned), planned)
+    write_profile(out_dir, profile, cfg, f"flwr run ({type(grid).__name__})")
+
+
 def _run(grid: Grid, context: Context, cfg: ExperimentConfig, out_dir: Path, checkpoint: Checkpoint | None) -> None:
     if cfg.engine.checkpoint_every > 0:  # the Checkpointer's file, listed before it is written
         record_outputs(out_dir, CHECKPOINT_FILE)
     write_config(out_dir, cfg)
     planned = planned_sites(cfg, str(context.run_config.get(CORPUS_KEY, "")))
-    if planned and not cfg.engine.expected_sites:  # wait for, and insist on, every planned site
-        cfg = dataclasses.replace(
-            cfg,
-            engine=dataclasses.replace(
-                cfg.engine, expected_sites=len(planned), handshake_timeout_s=min(cfg.engine.handshake_timeout_s, 120.0)
-            ),
-        )
+    cfg = _expecting(cfg, planned)
     result = run_federation(
         grid,
         cfg,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from federated.core.corpus_schema import CorpusSchema, Modality, Task
+from federated.core.features import first_feature_difference
 from federated.server.evaluation import SiteProfile
 
 
@@ -70,10 +71,7 @@ def agree(profiles: Iterable[SiteProfile], version: str, per_site_tasks: bool) -
             for name, item in getattr(schema, section).items():
                 want = chosen[kind][name]
                 if item != want and site not in incompatible:
-                    incompatible[site] = (
-                        f"its {kind} {name!r} is {_canonical(item)}, the federation's (held by most sites) "
-                        f"is {_canonical(want)}"
-                    )
+                    incompatible[site] = _difference(kind, name, item, want)
     order = [s for s in sorted(schemas) if s not in incompatible]
     if not order:
         raise FederationError(f"handshake: no site is compatible with another: {incompatible}")
@@ -81,6 +79,19 @@ def agree(profiles: Iterable[SiteProfile], version: str, per_site_tasks: bool) -
     for site in order[1:]:
         merged = merged.merged(schemas[site])
     return Agreement(merged, incompatible)
+
+
+def _difference(kind: str, name: str, item: Modality | Task, want: Modality | Task) -> str:
+    """Why a site's definition is not the federation's. Features are named one by one: two
+    hospitals whose tables encode to one width but mean different things by a column (another
+    reference level, another unit) differ there, and a person needs the feature, not two blobs."""
+    if isinstance(item, Modality) and isinstance(want, Modality) and item.features != want.features:
+        where = first_feature_difference(item.features, want.features).replace("there", "in the federation's")
+        return (
+            f"its modality {name!r} encodes its features unlike the federation's (held by most sites): {where}; "
+            "every hospital must ingest with the coordinator's data dictionary"
+        )
+    return f"its {kind} {name!r} is {_canonical(item)}, the federation's (held by most sites) is {_canonical(want)}"
 
 
 def exact_schema(profiles: Iterable[SiteProfile]) -> CorpusSchema:

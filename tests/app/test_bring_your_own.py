@@ -75,17 +75,40 @@ TABULAR_SOURCE = {
 }
 
 
+# The coordinator's data dictionary (README, "Bring your own data"): every hospital encodes by it.
+# A white-cell count or creatinine below zero is implausible: missing, imputed at load time.
+SEPSIS_DICTIONARY = {
+    "columns": {
+        "age": {"type": "numeric", "unit": "years", "range": [18, 110]},
+        "heart_rate": {"type": "numeric", "unit": "beats/min", "range": [20, 250]},
+        "resp_rate": {"type": "numeric", "unit": "breaths/min", "range": [0, 80]},
+        "temperature": {"type": "numeric", "unit": "degC", "range": [30, 45]},
+        "sbp": {"type": "numeric", "unit": "mmHg", "range": [30, 260]},
+        "wbc": {"type": "numeric", "unit": "10^9/L", "range": [0, 200], "out_of_range": "missing"},
+        "lactate": {"type": "numeric", "unit": "mmol/L", "range": [0, 30]},
+        "creatinine": {"type": "numeric", "unit": "mg/dL", "range": [0, 20], "out_of_range": "missing"},
+        "platelets": {"type": "numeric", "unit": "10^9/L", "range": [0, 2000]},
+        "sex": {"type": "categorical", "levels": ["F", "M"], "reference": "F"},
+        "smoker": {"type": "categorical", "levels": ["no", "yes"], "reference": "no"},
+        "admission": {"type": "categorical", "levels": ["elective", "emergency", "transfer"], "reference": "elective"},
+    }
+}
+
+
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(json.dumps(spec))  # JSON is YAML
     return path
 
 
-def sepsis_spec(folder: Path) -> Path:
-    clinical_csv(folder / "icu.csv")
+def sepsis_spec(folder: Path, table: str = "icu.csv", dictionary: bool = True) -> Path:
+    if table == "icu.csv":
+        clinical_csv(folder / "icu.csv")
+    write_spec(folder / "sepsis_dictionary.yaml", SEPSIS_DICTIONARY)
     return write_spec(
-        folder / "spec.yaml",
+        folder / f"spec_{Path(table).stem}.yaml",
         {
             "name": "sepsis_demo",
+            **({"dictionary": "sepsis_dictionary.yaml"} if dictionary else {}),
             "test_fraction": 0.25,
             "modalities": {"clinical": {"kind": "vector", "features": 16}},
             "tasks": {
@@ -98,10 +121,38 @@ def sepsis_spec(folder: Path) -> Path:
                 }
             },
             "sources": [
-                {**TABULAR_SOURCE, "task": "sepsis", "label_column": "sepsis", "labels": {0: "no_sepsis", 1: "sepsis"}}
+                {
+                    **TABULAR_SOURCE,
+                    "path": table,
+                    "task": "sepsis",
+                    "label_column": "sepsis",
+                    "labels": {0: "no_sepsis", 1: "sepsis"},
+                }
             ],
         },
     )
+
+
+def test_four_hospitals_ingesting_their_own_rows_with_the_dictionary_declare_the_same_features(tmp_path: Path) -> None:
+    """Each hospital ingests only its own rows: with the coordinator's dictionary all four declare
+    one feature list (names, units, ranges) and encode every row as the whole table does; without
+    it, lakeview (more men, more elective admissions) picks other reference levels."""
+    ingest(sepsis_spec(tmp_path), tmp_path / "all")
+    table = pd.read_csv(tmp_path / "icu.csv")
+    whole = Corpus.open(tmp_path / "all")
+    features = whole.schema.modality("clinical").features
+    assert [f.name for f in features][9:] == ["sex=M", "smoker=yes", "admission=emergency", "admission=transfer"]
+    assert features[0].unit == "years" and whole.schema.modality("clinical").impute == "median"
+    rows = pd.Series(whole.manifest["idx_clinical"].to_numpy(), index=whole.manifest["patient_id"])
+    for hospital in HOSPITALS:
+        table[table["hospital"] == hospital].to_csv(tmp_path / f"{hospital}.csv", index=False)
+        own = ingest(sepsis_spec(tmp_path, f"{hospital}.csv"), tmp_path / hospital)
+        assert own.schema.modality("clinical") == whole.schema.modality("clinical")
+        mine = pd.Series(own.manifest["idx_clinical"].to_numpy(), index=own.manifest["patient_id"])
+        np.testing.assert_array_equal(own.array("clinical")[mine], whole.array("clinical")[rows[mine.index]])
+        plain = ingest(sepsis_spec(tmp_path, f"{hospital}.csv", dictionary=False), tmp_path / f"{hospital}_plain")
+        names = [f.name for f in plain.schema.modality("clinical").features]
+        assert ("sex=F" in names) == (hospital == "lakeview")  # its reference level is M: most of its patients
 
 
 def ingest(spec: Path, out: Path) -> Corpus:

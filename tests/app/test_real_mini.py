@@ -4,6 +4,7 @@ ingest spec (conf/corpus/ingest/real_mini.yaml) and the real study definition.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,17 @@ def test_real_mini_spec_and_study_run_on_stand_in_sources(tmp_path):
         overrides=[f"corpus.path={corpus_dir}", "sites.min_site_size=10", "sites.min_samples=2", "train.batch_size=8"],
     )
     assert len(df) == 3 and not df["error"].astype(bool).any()
-    assert set(df["training"]) == {"federated", "pooled", "local:site_00"}
+    # natural sites keep their clinic's name: in the study's conditions, summaries and metrics
+    assert set(df["training"]) == {"federated", "pooled", "local:KY"}
+    sites = {"KY", "MN", "MS", "NY", "simulated_1", "simulated_2", "simulated_3", "pooled"}  # pooled: one site
+    for run_dir in (out / "runs").iterdir():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        per_site = {r["site"]: (r["origin_site"], r["role"]) for r in summary["per_site"]}
+        assert set(per_site) <= sites and all(o == s for s, (o, _) in per_site.items() if s != "pooled")
+        assert per_site["MS"][1] == per_site["simulated_3"][1] == "held_out"
+        if run_dir.name.startswith("training=federated"):
+            assert set(per_site) == sites - {"pooled"}
+        assert set(pd.read_parquet(run_dir / "metrics.parquet")["site"]) <= sites
     report = (out / "report.md").read_text()
     assert "OOD (held-out sites) score per task" in report and "brain_tumor_detection" in report
     per_task = pd.read_csv(out / "per_task_ood.csv", index_col="task")

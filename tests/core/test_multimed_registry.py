@@ -48,15 +48,17 @@ DESIGN_TASKS = {
 
 
 def test_vocabulary_matches_design():
-    assert CATALOGUE.modality_names == DESIGN_MODALITIES == MULTIMED.modality_names
+    assert MULTIMED.modality_names == DESIGN_MODALITIES
+    # the catalogue adds one: the OPT trial's covariates are columns of their own, not `tabular`'s
+    assert CATALOGUE.modality_names == [*DESIGN_MODALITIES, "obstetric"]
     assert {t: CATALOGUE.task(t).inputs for t in MULTIMED_TASKS} == DESIGN_TASKS
     assert list(MULTIMED_TASKS) == MULTIMED.task_names == list(DESIGN_TASKS)
     assert all(MULTIMED.task(t).multimed for t in MULTIMED_TASKS)
-    # the real-data extension tasks reuse MultiMed's modalities and are marked as extensions
+    # the real-data extension tasks read MultiMed's mri or the obstetric covariates, marked as extensions
     extensions = [t for t in CATALOGUE.tasks if t not in MULTIMED_TASKS]
     assert extensions == ["brain_tumor_detection", "birthweight", "preterm_birth"]
     assert all(
-        not CATALOGUE.task(t).multimed and set(CATALOGUE.task(t).inputs) <= {"mri", "tabular"} for t in extensions
+        not CATALOGUE.task(t).multimed and set(CATALOGUE.task(t).inputs) <= {"mri", "obstetric"} for t in extensions
     )
     assert len(CATALOGUE.task_names) == 14
 

@@ -167,63 +167,48 @@ def test_a_federation_runs_on_an_ingested_corpus_with_natural_sites(tmp_path):
     assert {tuple(r["modalities"]) for r in s["per_site"]} == {("mri",), ("tabular",)}
 
 
-def _tabular_by_site(out) -> dict[str, np.ndarray]:
-    corpus = Corpus.open(out)
-    m, x = corpus.manifest, corpus.array("tabular")
-    return {
-        site: x[m.loc[m["origin_site"] == site, "idx_tabular"].to_numpy()][:, :5]
-        for site in sorted(m["origin_site"].unique())
-    }
-
-
-def test_each_site_is_standardised_with_its_own_statistics(tmp_path):
-    """No statistic crosses hospitals: changing one site's values leaves the other's features as
-    they were, and each site's features have mean 0 and SD 1; statistics: file pools them."""
+def test_tabular_values_are_stored_raw_and_their_features_enter_the_schema(tmp_path):
+    """Ingest neither imputes nor standardises (a load-time transform does, with the run's
+    statistics): the stored values are the table's, and spec.json names each column's feature."""
     _breast_csv(tmp_path / "wdbc.csv")
     frame = pd.read_csv(tmp_path / "wdbc.csv")
     frame.loc[frame["clinic"] == "south", "f0"] = frame["f0"] * 10 + 50  # another scanner, another scale
     frame.to_csv(tmp_path / "wdbc.csv", index=False)
-    first = _tabular_by_site(run_spec(_spec(tmp_path, "sources:" + TABULAR), tmp_path / "a")[0])
-    for site in ("north", "south"):
-        assert np.allclose(first[site].mean(axis=0), 0, atol=1e-5)
-        assert np.allclose(first[site].std(axis=0), 1, atol=1e-3)
-    frame.loc[frame["clinic"] == "south", ["f1", "f2"]] += 1000
-    frame.to_csv(tmp_path / "wdbc.csv", index=False)
-    second = _tabular_by_site(run_spec(_spec(tmp_path, "sources:" + TABULAR), tmp_path / "b")[0])
-    np.testing.assert_array_equal(second["north"], first["north"])
-    pooled = _tabular_by_site(
-        run_spec(_spec(tmp_path, "sources:" + TABULAR + "    statistics: file\n"), tmp_path / "c")[0]
-    )
-    assert pooled["south"][:, 0].mean() > 0.9 > -0.9 > pooled["north"][:, 0].mean()  # the shift is kept
+    corpus = Corpus.open(run_spec(_spec(tmp_path, "sources:" + TABULAR), tmp_path / "a")[0])
+    rows = corpus.manifest["idx_tabular"].to_numpy()
+    order = corpus.manifest["patient_id"].str.removeprefix("row").astype(int).to_numpy()
+    stored = corpus.array("tabular")[rows]
+    np.testing.assert_array_equal(stored[:, :5], frame.loc[order, [f"f{i}" for i in range(5)]].to_numpy(np.float32))
+    assert (stored[:, 5:] == 0).all()  # zero-padded to the modality's 16
+    modality = corpus.schema.modality("tabular")
+    assert [f.name for f in modality.features] == [f"f{i}" for i in range(5)]
+    assert {f.kind for f in modality.features} == {"numeric"} and modality.impute == ""
+    warnings = corpus.spec["provenance"]["warnings"]
+    assert "no feature_columns: took every other numeric column (5: f0, f1, f2, f3, f4)" in warnings[0]["warning"]
 
 
-def test_imputation_uses_the_site_own_median_and_names_a_site_with_nothing_to_impute(tmp_path, expect_failure):
+def test_with_impute_a_missing_value_is_kept_as_nan_and_without_it_is_a_named_problem(tmp_path, expect_failure):
     _breast_csv(tmp_path / "wdbc.csv")
     frame = pd.read_csv(tmp_path / "wdbc.csv")
     frame.loc[frame["clinic"] == "south", "f3"] = np.nan  # south never measured f3
     frame.to_csv(tmp_path / "wdbc.csv", index=False)
-    imputing = TABULAR + "    impute: median\n"
     expect_failure(
-        "sources:" + imputing,
-        r"wdbc\.csv row 4: NaN or infinite value in \['f3'\] \(no row of site "
-        r"south has a value of \['f3'\] to impute from",
+        "sources:" + TABULAR,
+        r"wdbc\.csv row 4: NaN or infinite value in \['f3'\] \(impute: mean or median keeps a row with a missing",
     )
-    out, skipped = run_spec(_spec(tmp_path, "on_error: skip\nsources:" + imputing), tmp_path / "skip")
-    assert len(skipped) == 10 and set(Corpus.open(out).manifest["origin_site"]) == {"north"}  # south's rows only
-    frame.loc[frame["clinic"] == "south", "f3"] = 100.0 + np.arange(10)  # another scale at south
-    frame.loc[4, "f3"] = np.nan  # a north row: imputed with north's median, not the file's
+    imputing = TABULAR + "    impute: median\n"
+    corpus = Corpus.open(run_spec(_spec(tmp_path, "sources:" + imputing), tmp_path / "nan")[0])
+    assert corpus.schema.modality("tabular").impute == "median"
+    m = corpus.manifest
+    x = corpus.array("tabular")
+    assert np.isnan(x[m.loc[m["origin_site"] == "south", "idx_tabular"], 3]).all()  # kept missing, raw
+    assert np.isfinite(x[m.loc[m["origin_site"] == "north", "idx_tabular"]]).all()
+    assert corpus.check() == []  # a raw modality that imputes may hold NaN, never an infinity
     frame.loc[0, "f4"] = np.inf
     frame.to_csv(tmp_path / "wdbc.csv", index=False)
     expect_failure("sources:" + imputing, r"wdbc\.csv row 2: NaN or infinite value in \['f4'\]$")  # only row 2
-    out, skipped = run_spec(_spec(tmp_path, "on_error: skip\nsources:" + imputing), tmp_path / "ok")
+    _, skipped = run_spec(_spec(tmp_path, "on_error: skip\nsources:" + imputing), tmp_path / "ok")
     assert [s["item"].rsplit("/", 1)[-1] for s in skipped] == ["wdbc.csv row 2"]
-    north = frame[frame["clinic"] == "north"]
-    median = north["f3"].median()  # over north's labelled rows, row 2 included (its f3 is fine)
-    kept = north.drop(index=0)["f3"].fillna(median)
-    expected = (median - kept.mean()) / (kept.std(ddof=0) + 1e-9)
-    corpus = Corpus.open(out)
-    row = corpus.manifest.set_index("patient_id").loc["row4", "idx_tabular"]
-    assert corpus.array("tabular")[row, 3] == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -250,7 +235,10 @@ def test_each_source_is_checked_before_its_adapter_runs(tmp_path, expect_failure
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ("    statistics: region\n", r"sources\[0\]: statistics must be per_site or file \(got 'region'\)"),
+        ("    statistics: per_site\n", r"sources\[0\]: `statistics`: .*the run's setting `preprocess\.statistics`"),
+        ("    impute: mode\n", r"sources\[0\]: impute must be none, mean or median \(got 'mode'\)"),
+        ("    max_missing_share: 2\n", r"sources\[0\]: max_missing_share must be a number between 0 and 1"),
+        ("    allow_leaks: [f9]\n", r"sources\[0\]: allow_leaks names column\(s\) \['f9'\] that are not features"),
         ("    site_column: hospital\n", r"sources\[0\]: .*wdbc\.csv: no column 'hospital' \(columns: f0, f1"),
     ],
 )

@@ -199,3 +199,37 @@ def test_obs_keys_and_class_mapping_are_checked_before_the_matrix_is_read(tmp_pa
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
             h5ad.h5ad({**base, **change}, tmp_path, h5ad.Problems(), CATALOGUE)
+
+
+def test_a_dictionary_gene_list_fixes_the_columns_and_names_the_genes_a_file_lacks(tmp_path):
+    """Two hospitals' files hold their genes in different orders, one lacks a gene: with the
+    dictionary's list both write its genes in its order, the lacking one as zeros, named in the report."""
+    _h5ad(tmp_path / "cells.h5ad")
+    data = anndata.read_h5ad(tmp_path / "cells.h5ad")
+    reordered = data[:, ::-1].copy()  # another hospital: the same genes in the reverse order
+    reordered[:, [g for g in reordered.var_names if g != "GENE7"]].copy().write_h5ad(tmp_path / "other.h5ad")
+    (tmp_path / "dictionary.yaml").write_text("genes: [GENE7, GENE0, GENE3]\n")
+    source = "    dictionary: dictionary.yaml\n"
+    a = Corpus.open(run_spec(_spec(tmp_path, source), tmp_path / "a")[0])
+    spec_b = _spec(tmp_path, source).read_text().replace("cells.h5ad", "other.h5ad")
+    (tmp_path / "b.yaml").write_text(spec_b)
+    b = Corpus.open(run_spec(tmp_path / "b.yaml", tmp_path / "b")[0])
+    for corpus in (a, b):
+        assert corpus.spec["provenance"]["notes"][0]["genes"] == ["GENE7", "GENE0", "GENE3"]
+    x = np.asarray(data.X)
+    xa, xb = a.array("scrna"), b.array("scrna")
+    np.testing.assert_array_equal(xa[:, :3], x[:, [7, 0, 3]])
+    np.testing.assert_array_equal(xb[:, 1:3], x[:, [0, 3]])  # the same columns from a file in another order
+    assert (xb[:, 0] == 0).all() and (xa[:, 3:] == 0).all()
+    assert a.spec["provenance"]["warnings"] == []
+    warning = b.spec["provenance"]["warnings"][0]
+    assert (
+        warning["warning"] == "1 of the data dictionary's 3 genes are not in the file (GENE7): their columns are zeros"
+    )
+    _expect_failure(
+        tmp_path,
+        r"both `genes:` and the data dictionary .*'s genes choose the columns",
+        source + "    genes: [GENE1]\n",
+    )
+    (tmp_path / "dictionary.yaml").write_text("columns: {age: {type: numeric}}\n")
+    _expect_failure(tmp_path, r"sources\[0\]: the data dictionary .*dictionary\.yaml has no `genes:`", source)

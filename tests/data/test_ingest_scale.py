@@ -17,9 +17,9 @@ from PIL import Image
 from federated.core.multimed import CATALOGUE
 from federated.core.targets import REGRESSION
 from federated.data.format import Corpus, index_column, write_corpus
+from federated.data.ingest import dictionary, tabular
 from federated.data.ingest import spec as spec_module
-from federated.data.ingest import tabular
-from federated.data.ingest.core import SampleSet
+from federated.data.ingest.core import SampleSet, schema_with_features
 from federated.data.ingest.spec import run_spec
 
 SPEC = """name: mixed
@@ -43,9 +43,9 @@ sources:
     label_column: weight
     site_column: hospital
     patient_column: patient
-    categorical_columns: [sex]
+    feature_columns: [age, bmi]
+    categorical_columns: [sex, smoker]
     impute: median
-    statistics: file
     on_error: skip
   - adapter: tabular
     task: breast_cancer_classification
@@ -130,6 +130,7 @@ def _test_patients_by_set(sets: list[SampleSet], test_fraction: float, seed: int
 
 
 def _ingest_row_by_row(sets, out_dir, name, provenance, schema, test_fraction=0.2, seed=0, overwrite=False):
+    schema = schema_with_features(sets, schema)  # what each table's columns mean, as ingest declares it
     test = _test_patients_by_set(sets, test_fraction, seed)
     rows: list[dict[str, Any]] = []
     arrays: dict[str, list[np.ndarray]] = {m: [] for m in schema.modalities}
@@ -170,19 +171,11 @@ def _ingest_row_by_row(sets, out_dir, name, provenance, schema, test_fraction=0.
     return write_corpus(out_dir, manifest, out_arrays, stacked, name, provenance, schema=schema, overwrite=overwrite)
 
 
-def _standardise_by_sorted_groups(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    out = np.empty_like(values)
-    for group in np.unique(groups):
-        rows = groups == group
-        out[rows] = (values[rows] - values[rows].mean(axis=0)) / (values[rows].std(axis=0) + 1e-9)
-    return out
-
-
 def _straightforward(monkeypatch: pytest.MonkeyPatch) -> None:
     """Swap every vectorised step of a tabular ingest for its per-row reading."""
     monkeypatch.setattr(tabular, "distinct_cells", lambda column: (np.arange(len(column)), column.tolist()))
     monkeypatch.setattr(tabular, "cell_texts", lambda column: [str(column.iloc[i]) for i in range(len(column))])
-    monkeypatch.setattr(tabular, "standardise_by_group", _standardise_by_sorted_groups)
+    monkeypatch.setattr(dictionary, "distinct_cells", lambda column: (np.arange(len(column)), column.tolist()))
     monkeypatch.setattr(SampleSet, "extend", _extend_row_by_row)
     monkeypatch.setattr(spec_module, "assign_simulated_sites", _simulated_sites_by_dict)
     monkeypatch.setattr(spec_module, "ingest", _ingest_row_by_row)
@@ -214,7 +207,9 @@ def test_the_vectorised_ingest_writes_the_corpus_the_row_by_row_reading_writes(t
     assert any("NaN or infinite" in r for r in reasons)
     both = a.manifest.groupby("patient_id")["split"].nunique()
     assert (both == 1).all()  # a patient in two tasks is on one side in both
-    assert a.spec["provenance"]["notes"][0]["features"] == ["age", "bmi", "sex=F", "sex=missing", "smoker=yes"]
+    # a blank is missing (NaN on its column's indicators, imputed at load), not a level of its own
+    assert a.spec["provenance"]["notes"][0]["features"] == ["age", "bmi", "sex=F", "smoker=yes"]
+    assert a.schema.modality("obstetric") == b.schema.modality("obstetric") and a.schema.modality("obstetric").features
 
 
 def test_samples_added_one_by_one_and_at_once_are_the_same_block():

@@ -66,6 +66,9 @@ def conf_dir() -> Path:
     return Path(env) if env else shipped_dir("_conf")
 
 
+PREPROCESS_STATISTICS = ("federated", "per_site", "pooled")
+
+
 def group_choices(group: str, root: Path | None = None) -> list[str]:
     folder = (root or conf_dir()) / group
     return sorted(p.stem for p in folder.glob("*.yaml"))
@@ -434,6 +437,27 @@ def validate(cfg: ExperimentConfig) -> None:
             "must be one of: fail, exclude",
         ),
         *site_local_checks(cfg),
+        (
+            "preprocess.statistics",
+            cfg.preprocess.statistics in PREPROCESS_STATISTICS,
+            f"must be one of: {', '.join(PREPROCESS_STATISTICS)}",
+        ),
+        (
+            "preprocess.statistics",
+            not (cfg.preprocess.statistics == "pooled" and cfg.sites.planner == "site_local"),
+            "pooled needs every row in one place (simulation); site-local runs use federated or per_site",
+        ),
+        ("preprocess.min_count", cfg.preprocess.min_count >= 1, "must be >= 1"),
+        (
+            "preprocess.epsilon",
+            math.isfinite(cfg.preprocess.epsilon) and cfg.preprocess.epsilon >= 0,
+            "must be finite and >= 0 (0: no noise)",
+        ),
+        (
+            "preprocess.epsilon",
+            not (cfg.preprocess.epsilon > 0 and cfg.preprocess.statistics != "federated"),
+            "noise is for statistics that leave a site: set preprocess.statistics=federated",
+        ),
         ("ood.adapt", cfg.ood.adapt in OOD_ADAPT_METHODS, f"must be one of: {', '.join(OOD_ADAPT_METHODS)}"),
         ("ood.adapt_steps", cfg.ood.adapt_steps >= 1, "must be >= 1"),
         ("ood.adapt_lr", math.isfinite(cfg.ood.adapt_lr) and cfg.ood.adapt_lr > 0, "must be finite and > 0"),

@@ -394,6 +394,21 @@ class FaultConfig:
 
 
 @dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw vector features (a modality that lists its features) are imputed and standardised
+    at load time: with statistics from a federated statistics round over the training sites
+    (federated: the pooled numbers, no row moved), each site's own (per_site), or the training
+    sites' rows pooled in one place (pooled: simulation only, the reference federated equals)."""
+
+    statistics: str = "federated"
+    # A site sends nothing for a feature it has fewer observed values of than this.
+    min_count: int = 10
+    # > 0: each site adds Laplace noise to its feature sums, epsilon-DP per site (features need a
+    # range from the data dictionary); 0 = exact.
+    epsilon: float = 0.0
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0
     rounds: int = 20
@@ -409,3 +424,4 @@ class ExperimentConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)

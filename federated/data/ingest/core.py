@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federated.core.corpus_schema import CorpusSchema, Task
+from federated.core.corpus_schema import CorpusSchema, SchemaError, Task
+from federated.core.features import Feature, first_feature_difference
 from federated.core.registry import Registry
 from federated.core.targets import KINDS, REGRESSION
 from federated.data.format import index_column, write_corpus
@@ -26,15 +27,21 @@ class IngestError(ValueError):
 
 @dataclass
 class Problems:
-    """Stop at the first problem (on_error=stop) or record it and skip the item (skip)."""
+    """Stop at the first problem (on_error=stop) or record it and skip the item (skip). Warnings
+    (what an adapter chose for the source, a constant or mostly missing column) never stop an
+    ingest: they are the ingest report, printed and kept in spec.json's provenance."""
 
     on_error: str = "stop"
     skipped: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
 
     def report(self, where: str | Path, reason: str) -> None:
         if self.on_error == "stop":
             raise IngestError(f"{where}: {reason}")
         self.skipped.append({"item": str(where), "reason": reason})
+
+    def warn(self, where: str | Path, message: str) -> None:
+        self.warnings.append({"item": str(where), "warning": message})
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,12 @@ class SampleSet:
     task: str
     schema: CorpusSchema
     notes: dict[str, Any] = field(default_factory=dict)  # what a reader of the corpus should know
+    # vector modality -> (its features, its impute method): what the adapter's columns mean, for
+    # the schema (`ingest` checks that every set filling a modality gives the same)
+    features: dict[str, tuple[tuple[Feature, ...], str]] = field(default_factory=dict)
+    where: str = ""  # the source that produced it (a spec's `sources[i]`), for messages
+    # patient -> in the test split, where the source fixes sides (tabular `split_column`)
+    fixed_sides: dict[str, bool] = field(default_factory=dict)
     _blocks: list[SampleBlock] = field(default_factory=list, init=False, repr=False)
     # samples given one by one, not yet a block: (inputs, target, origin site, patient, source)
     _pending: list[tuple[dict[str, np.ndarray], np.ndarray, str, str, str]] = field(
@@ -195,16 +208,30 @@ ADAPTER_KEYS: dict[str, frozenset[str]] = {}
 ADAPTER_FILLS: dict[str, str] = {}
 # adapter name -> the source keys that name files or folders (checked to lie inside the data root)
 ADAPTER_PATHS: dict[str, frozenset[str]] = {}
+# adapter name -> keys it no longer reads -> what to do instead (refused with that message)
+ADAPTER_RETIRED: dict[str, dict[str, str]] = {}
+# adapter name -> the part of a data dictionary it reads ("columns" or "genes"), for those that read one
+ADAPTER_DICTIONARY: dict[str, str] = {}
 
 
 def adapter(
-    name: str, keys: set[str] | frozenset[str], fills: str, paths: frozenset[str] = frozenset({"path"})
+    name: str,
+    keys: set[str] | frozenset[str],
+    fills: str,
+    paths: frozenset[str] = frozenset({"path"}),
+    retired: dict[str, str] | None = None,
+    dictionary: str = "",
 ) -> Callable[[Adapter], Adapter]:
     """Register an adapter, the source keys it reads (so a misspelt key is refused by name), the
-    kind of modality it fills (so the spec can settle a source's `shape:` before reading) and the
-    keys among them that name files or folders (so each is checked against the data root first)."""
+    kind of modality it fills (so the spec can settle a source's `shape:` before reading), the
+    keys among them that name files or folders (so each is checked against the data root first),
+    the keys it once read, each with what replaces it (refused with that message), and the part of
+    a data dictionary it encodes by (its `dictionary` key; a spec's `dictionary:` reaches it when
+    that part is there)."""
     if fills not in KINDS:
         raise ValueError(f"adapter {name}: fills {fills!r} is not one of {', '.join(KINDS)}")
+    if dictionary and "dictionary" not in keys:
+        raise ValueError(f"adapter {name}: reads a dictionary's {dictionary} but has no `dictionary` key")
     if not paths <= set(keys):
         raise ValueError(f"adapter {name}: path keys {sorted(paths - set(keys))} are not among its keys")
 
@@ -212,6 +239,9 @@ def adapter(
         ADAPTER_KEYS[name] = frozenset(keys)
         ADAPTER_FILLS[name] = fills
         ADAPTER_PATHS[name] = frozenset(paths)
+        ADAPTER_RETIRED[name] = dict(retired or {})
+        if dictionary:
+            ADAPTER_DICTIONARY[name] = dictionary
         return ADAPTERS.add(name, fn)
 
     return deco
@@ -422,6 +452,26 @@ def _sorted_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return position[codes], np.asarray(uniques, dtype=object)[order]
 
 
+_ONE_TYPE = frozenset({"string", "integer", "floating", "boolean", "empty"})
+
+
+def distinct_cells(column: pd.Series) -> tuple[np.ndarray, list[Any]]:
+    """(the code of each cell, the distinct cells as `tolist` gives them): what depends only on a
+    cell's value is then computed once per value, not once per row. Where equal hashes could join
+    cells a row-by-row reading keeps apart (1, 1.0 and True in one object column; 0.0 and -0.0),
+    every cell is its own value."""
+    kind = pd.api.types.infer_dtype(column, skipna=True)
+    if kind == "floating":
+        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+        joins = bool(np.signbit(values[values == 0]).any())
+    else:
+        joins = kind not in _ONE_TYPE
+    if joins:
+        return np.arange(len(column)), column.tolist()
+    codes, uniques = pd.factorize(column, use_na_sentinel=False)
+    return codes, uniques.tolist()
+
+
 def check_classes(samples: SampleSet, declared: set[str], where: str, problems: Problems) -> None:
     """Every class the source declares must have samples (nnU-Net-style empty-class check);
     a source may cover only some of a task's classes (e.g. tumour yes/no)."""
@@ -467,6 +517,14 @@ def draw_test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -
             test[own[int(rng.integers(len(own)))]] = True
         elif len(mine) == len(own):
             test[mine[int(rng.integers(len(mine)))]] = False
+    fixed: dict[str, bool] = {}
+    for s in sets:
+        for patient, side in s.fixed_sides.items():
+            if fixed.setdefault(patient, side) != side:
+                raise IngestError("two sources put one patient on different sides of their split columns")
+    if fixed:  # the sources' own split wins over the draw
+        position = {p: i for i, p in enumerate(patients.tolist())}
+        test[[position[p] for p in fixed]] = list(fixed.values())
     return [test[c] for c in per_set]
 
 
@@ -482,7 +540,9 @@ def ingest(
 ) -> Path:
     """Write the samples as one corpus declaring `schema` (restricted to the tasks present).
     The split is by patient (a patient's samples stay on one side, across tasks too), drawn
-    with `seed`; `dataset` is the source of each sample."""
+    with `seed`; `dataset` is the source of each sample. A vector modality whose sets give features
+    declares them (and its impute method) in the schema written."""
+    schema = schema_with_features(sets, schema)
     parts: list[pd.DataFrame] = []
     arrays: dict[str, list[np.ndarray]] = {m: [] for m in schema.modalities}
     targets: dict[str, list[np.ndarray]] = {}
@@ -515,6 +575,47 @@ def ingest(
         schema=schema,
         overwrite=overwrite,
     )
+
+
+def schema_with_features(sets: list[SampleSet], schema: CorpusSchema) -> CorpusSchema:
+    """`schema` with each vector modality's features and impute method, as the sets that fill it
+    give them. Every set filling a modality must give the same list (two tables encoded apart
+    would put different things in one column): else IngestError naming both sources and the
+    first feature that differs."""
+    given: dict[str, tuple[SampleSet, tuple[Feature, ...], str]] = {}
+    for s in sets:
+        for m, (features, impute) in s.features.items():
+            if m not in given:
+                given[m] = (s, features, impute)
+                continue
+            first, features0, impute0 = given[m]
+            where = first_feature_difference(features, features0).replace("there", f"in {_name(first)}")
+            if where or impute != impute0:
+                why = where or f"impute {impute or 'none'!r} here, {impute0 or 'none'!r} in {_name(first)}"
+                raise IngestError(
+                    f"{_name(s)}: modality {m} is filled by two sources that encode it differently: {why}; "
+                    "sources filling one modality must list the same features (use one data dictionary)"
+                )
+    for s in sets:  # a set filling a modality that others describe, without describing it itself
+        for m, (first, _, _) in given.items():
+            if m not in s.features and m in s.schema.task(s.task).inputs and s.block().inputs[m][0].any():
+                raise IngestError(
+                    f"{_name(s)}: fills modality {m} without naming its features, which {_name(first)} "
+                    "names; a modality's columns mean one thing in a corpus"
+                )
+    if not given:
+        return schema
+    modalities = dict(schema.modalities)
+    for m, (first, features, impute) in given.items():
+        try:
+            modalities[m] = dataclasses.replace(schema.modality(m), features=features, impute=impute)
+        except SchemaError as e:
+            raise IngestError(f"{_name(first)}: {e}") from None
+    return CorpusSchema(modalities, dict(schema.tasks))
+
+
+def _name(s: SampleSet) -> str:
+    return s.where or f"the source of task {s.task}"
 
 
 def _manifest_part(task: str, block: SampleBlock, target_offset: int, in_test: np.ndarray) -> pd.DataFrame:

@@ -7,6 +7,8 @@
       classes: {CD14+ Monocyte: type_0, Dendritic: type_1, ...}   # source label -> task class
       layer: X                        # X (default), raw (the file's .raw.X) or a name in .layers
       genes: top_variance             # top_variance (default), highly_variable, or a list of names
+      dictionary: dictionary.yaml     # a data dictionary's `genes:` list (relative to the spec;
+                                      # default: the spec's `dictionary:` when it lists genes)
       scale: false                    # true: standardise each selected gene, per site
       site_key: donor                 # obs column -> origin_site (natural sites); optional
       patient_key: donor              # obs column -> patient_id; default: the cell's barcode
@@ -20,6 +22,12 @@ the width are zero-padded (the
 corpus spec records which genes fill the columns in provenance). Gene selection looks at every
 cell of the file (all sites must share the same columns); `scale: true` standardises each site's
 cells with that site's own means and SDs, so no statistic of one hospital's cells shapes another's.
+
+Top-variance and highly-variable genes are each file's own choice: two hospitals' files pick
+different genes for the same columns. A data dictionary's `genes:` list fixes them: the columns
+are its genes in its order, whatever the file holds; a gene the file lacks is a column of zeros,
+named in the ingest report (a warning, so a hospital whose panel lacks a gene can still take
+part). The dictionary replaces `genes:` (a source giving both is refused).
 
 The file is opened backed (anndata's read-only mode) and X (or raw.X) is read in blocks of rows:
 one pass for the gene variances, one for the chosen genes, so an atlas-size file needs memory for
@@ -38,6 +46,7 @@ import numpy as np
 from federated.core.corpus_schema import CorpusSchema, Task
 from federated.core.targets import VECTOR
 from federated.data.ingest.core import (
+    IngestError,
     Problems,
     SampleSet,
     adapter,
@@ -48,6 +57,7 @@ from federated.data.ingest.core import (
     resolve,
     standardise_by_group,
 )
+from federated.data.ingest.dictionary import DataDictionary, dictionary_at, dictionary_digest
 
 GENE_MODES = ("top_variance", "highly_variable")
 
@@ -138,12 +148,15 @@ def _columns(matrix: Any, columns: list[int], block_values: int) -> np.ndarray:
         "patient_key",
         "origin_site",
         "modality",
+        "dictionary",
     },
     fills=VECTOR,
+    dictionary="genes",
 )
 def h5ad(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
     task = schema.task(params["task"])
     modality = filled_modality(task, schema, VECTOR, params)
+    dictionary = _gene_dictionary(params, base)
     anndata = optional_import("anndata", "h5ad")
     path = resolve(base, params)
     samples = SampleSet(task.name, schema)
@@ -156,7 +169,7 @@ def h5ad(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusS
         problems.report(path, f"unreadable or corrupt .h5ad ({error_reason(e)})")
         return samples
     try:
-        return _cells(data, params, task, modality, path, samples, problems)
+        return _cells(data, params, task, modality, path, samples, problems, dictionary)
     finally:
         data.file.close()
 
@@ -169,17 +182,21 @@ def _cells(
     path: Path,
     samples: SampleSet,
     problems: Problems,
+    dictionary: DataDictionary | None = None,
 ) -> SampleSet:
     """The file's cells as samples filling `modality`: checked obs keys and classes, the chosen
-    genes, one row per usable cell."""
+    genes (the dictionary's, where given), one row per usable cell."""
     label_key = _obs_keys(data, params, path)
     mapping = _class_mapping(params, task)
     width = samples.schema.modality(modality).shape[0]
     matrix, genes = _matrix(data, str(params.get("layer", "X")), path)
     try:
-        how = params.get("genes", "top_variance")
-        columns = _select_genes(matrix, genes, data, how, width, path, BLOCK_VALUES, modality)
-        x = _columns(matrix, columns, BLOCK_VALUES)
+        if dictionary is not None:
+            columns, x = _dictionary_genes(matrix, genes, dictionary, width, path, modality, problems)
+        else:
+            how = params.get("genes", "top_variance")
+            columns = _select_genes(matrix, genes, data, how, width, path, BLOCK_VALUES, modality)
+            x = _columns(matrix, columns, BLOCK_VALUES)
     except (OSError, RuntimeError, KeyError) as e:  # h5py's errors for a damaged block
         problems.report(path, f"unreadable expression matrix ({error_reason(e)})")
         return samples
@@ -198,12 +215,62 @@ def _cells(
     default_site = str(params.get("origin_site", path.stem))
     for i in map(int, np.flatnonzero(ok)):
         row = np.zeros(width, dtype=np.float32)
-        row[: len(columns)] = x[i]
+        row[: x.shape[1]] = x[i]
         site = sites[i] if sites else default_site
         samples.add({modality: row}, task.classes.index(str(names[i])), site, patients[i], f"h5ad:{path.name}")
     check_classes(samples, {str(v) for v in mapping.values()}, str(path), problems)
-    samples.notes["genes"] = [genes[j] for j in columns]
+    if dictionary is not None:
+        samples.notes["genes"] = list(dictionary.genes)
+        samples.notes["dictionary"] = dictionary_digest(dictionary)
+    else:
+        samples.notes["genes"] = [genes[j] for j in columns]
     return samples
+
+
+def _gene_dictionary(params: dict[str, Any], base: Path) -> DataDictionary | None:
+    """The dictionary whose genes fix the columns (a source called outside a spec names it
+    relative to the data root); refused with `genes:` too, or without genes."""
+    if params.get("dictionary") is None:
+        return None
+    dictionary = dictionary_at(params["dictionary"], base, folder_is="data root")
+    if not dictionary.genes:
+        raise ValueError(f"the data dictionary {dictionary.where} lists no genes")
+    if "genes" in params:
+        raise ValueError(
+            f"both `genes:` and the data dictionary {dictionary.where}'s genes choose the columns; remove `genes:`"
+        )
+    return dictionary
+
+
+def _dictionary_genes(
+    matrix: Any,
+    genes: list[str],
+    dictionary: DataDictionary,
+    width: int,
+    path: Path,
+    modality: str,
+    problems: Problems,
+) -> tuple[list[int], np.ndarray]:
+    """The dictionary's genes as columns, in its order: (the file's column of each gene present,
+    the cells x genes values, zeros for a gene the file lacks, which the report names)."""
+    if len(dictionary.genes) > width:
+        raise IngestError(
+            f"{path}: the data dictionary {dictionary.where} lists {len(dictionary.genes)} genes; "
+            f"the {modality} modality holds {width}"
+        )
+    index = {g: i for i, g in enumerate(genes)}
+    present = [k for k, g in enumerate(dictionary.genes) if g in index]
+    absent = [g for g in dictionary.genes if g not in index]
+    if absent:
+        problems.warn(
+            path,
+            f"{len(absent)} of the data dictionary's {len(dictionary.genes)} genes are not in the file "
+            f"({', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}): their columns are zeros",
+        )
+    columns = [index[dictionary.genes[k]] for k in present]
+    x = np.zeros((matrix.shape[0], len(dictionary.genes)))
+    x[:, present] = _columns(matrix, columns, BLOCK_VALUES)
+    return columns, x
 
 
 def _obs_keys(data: Any, params: dict[str, Any], path: Path) -> Any:

@@ -9,6 +9,9 @@
       sepsis: {inputs: [clinical], target: binary, classes: [no, yes], metrics: [auroc, accuracy]}
     test_fraction: 0.2      # by patient
     seed: 0
+    dictionary: dictionary.yaml   # optional: the coordinator's data dictionary (a path beside the
+                            # spec, or the dictionary itself): every tabular source encodes by
+                            # its columns, every h5ad source takes its genes
     sources:
       - adapter: image_folders
         task: brain_tumor_classification
@@ -23,15 +26,21 @@
 Every source may have `adapter`, `task`, `on_error`, `simulated_sites` and `shape` (the
 per-sample shape of the modality it fills, e.g. [1, 64, 64] for image_folders); the other keys
 are the adapter's own (its module's docstring lists them) and a misspelt key is refused by name.
-The `modalities:` and `tasks:` blocks are described in federated/data/ingest/declare.py. The
-whole spec -- keys, declarations, shapes, every source's task -- is checked before any data is
-read, and the corpus records the schema (spec.json) and the declared blocks (provenance).
+The `modalities:` and `tasks:` blocks are described in federated/data/ingest/declare.py, the
+data dictionary in federated/data/ingest/dictionary.py (a source's own `dictionary: PATH`
+replaces the spec's for that source). The whole spec -- keys, declarations, shapes, every
+source's task, the dictionaries -- is checked before any data is read, and the corpus records
+the schema (spec.json: with each table's features) and the declared blocks (provenance). What
+an adapter chose or noticed (the columns it took, levels chosen without a dictionary, constant
+or mostly missing columns, genes a file lacks) is printed and kept in provenance.warnings.
 
 A spec may come from someone else (a coordinator), so it reads only inside its data root: the
 folder given with `--data-root DIR`, else its `data_root` (which must lie inside the spec's
 folder), else the spec's folder. A path that leaves it (`../`, an absolute path, a symlink
 pointing out: real paths are compared) is refused naming the key, before anything is opened;
-so is a file a source lists (a CSV's image, a folder's symlink). A `${...}` anywhere is refused.
+so is a file a source lists (a CSV's image, a folder's symlink). A data dictionary is read from
+beside the spec: its path is relative to the spec's folder and must lie inside it. A `${...}`
+anywhere is refused.
 """
 
 from __future__ import annotations
@@ -45,8 +54,10 @@ from federated.core.corpus_schema import CorpusSchema
 from federated.core.io import read_yaml_mapping
 from federated.core.literal import interpolation_in, refusal
 from federated.data.ingest.core import (
+    ADAPTER_DICTIONARY,
     ADAPTER_KEYS,
     ADAPTER_PATHS,
+    ADAPTER_RETIRED,
     ADAPTERS,
     COMMON_KEYS,
     IngestError,
@@ -58,8 +69,9 @@ from federated.data.ingest.core import (
     outside,
 )
 from federated.data.ingest.declare import ingest_schema
+from federated.data.ingest.dictionary import DataDictionary, dictionary_at
 
-KEYS = {"name", "on_error", "test_fraction", "seed", "sources", "data_root", "modalities", "tasks"}
+KEYS = {"name", "on_error", "test_fraction", "seed", "sources", "data_root", "modalities", "tasks", "dictionary"}
 
 
 def run_spec(
@@ -87,14 +99,23 @@ def run_spec(
         _check_paths(source, root, where)
         _on_error(source.get("on_error", on_error), where)
     schema = ingest_schema(raw.get("modalities"), raw.get("tasks"), raw["sources"], spec_path)
-    sets, skipped = [], []
+    shared = _spec_dictionary(raw.get("dictionary"), spec_path)
+    dictionaries = [
+        _source_dictionary(source, shared, spec_path, f"{spec_path} sources[{i}]")
+        for i, source in enumerate(raw["sources"])
+    ]
+    sets, skipped, warnings = [], [], []
     for i, source in enumerate(raw["sources"]):
         where = f"{spec_path} sources[{i}]"
         problems = Problems(_on_error(source.get("on_error", on_error), where))
-        sets.append(_read_source(source, root, problems, seed + i, where, schema))
+        given = source if dictionaries[i] is None else {**source, "dictionary": dictionaries[i]}
+        sets.append(_read_source(given, root, problems, seed + i, where, schema))
         skipped += problems.skipped
+        warnings += problems.warnings
     for item in skipped:
         print(f"skipped {item['item']}: {item['reason']}")
+    for item in warnings:
+        print(f"note: {item['item']}: {item['warning']}")
     provenance = {
         "ingest_spec": str(spec_path.resolve()),
         "data_root": str(root.resolve()),
@@ -105,7 +126,10 @@ def run_spec(
         },
         "notes": [s.notes for s in sets],
         "skipped": skipped,
+        "warnings": warnings,
     }
+    if isinstance(raw.get("dictionary"), dict):  # a path is in `sources`' notes with its sha256
+        provenance["dictionary"] = _json_safe(raw["dictionary"])
     path = ingest(
         sets,
         Path(out_dir),
@@ -117,6 +141,31 @@ def run_spec(
         overwrite=overwrite,
     )
     return path, skipped
+
+
+def _spec_dictionary(value: object, spec_path: Path) -> DataDictionary | None:
+    """The spec's `dictionary:` (a mapping, or a path inside the spec's folder), read and checked."""
+    if value is None:
+        return None
+    return dictionary_at(value, spec_path.parent, f"{spec_path} `dictionary`", "spec's folder")
+
+
+def _source_dictionary(
+    source: dict[str, Any], shared: DataDictionary | None, spec_path: Path, where: str
+) -> DataDictionary | None:
+    """The dictionary a source's adapter encodes by: its own `dictionary:` (which must hold the part
+    the adapter reads), else the spec's when that holds the part, else none."""
+    part = ADAPTER_DICTIONARY.get(source["adapter"])
+    if part is None:
+        return None
+    if source.get("dictionary") is None:
+        return shared if shared is not None and getattr(shared, part) else None
+    own = dictionary_at(source["dictionary"], spec_path.parent, f"{where} `dictionary`", "spec's folder")
+    if not getattr(own, part):
+        raise IngestError(
+            f"{where}: the data dictionary {own.where} has no `{part}:` (adapter {source['adapter']} reads them)"
+        )
+    return own
 
 
 def _data_root(spec_path: Path, declared: object, given: str | Path | None) -> Path:
@@ -164,6 +213,9 @@ def _check_source(source: object, where: str) -> None:
     if not isinstance(source["task"], str):
         raise IngestError(f"{where}: task must be a task name, got {source['task']!r}")
     allowed = COMMON_KEYS | ADAPTER_KEYS.get(source["adapter"], frozenset())
+    for key, instead in ADAPTER_RETIRED.get(source["adapter"], {}).items():
+        if key in source:
+            raise IngestError(f"{where}: `{key}`: {instead}")
     unknown_keys = sorted(set(source) - allowed)
     if unknown_keys:
         raise IngestError(
@@ -178,6 +230,7 @@ def _read_source(
     """Run the source's adapter; an adapter's plain ValueError or KeyError gains the source's place."""
     try:
         samples = ADAPTERS.get(source["adapter"])(source, root, problems, schema)
+        samples.where = where
         if source.get("simulated_sites") is not None:
             assign_simulated_sites(samples, int(source["simulated_sites"]), seed)
     except (ValueError, KeyError) as e:
