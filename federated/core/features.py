@@ -9,7 +9,7 @@ records them and the handshake compares them feature by feature, naming the firs
 
 A vector modality that lists features is stored raw (missing values as NaN); its imputation and
 standardisation are a load-time transform (federated/core/feature_stats.py) whose statistics
-come from the run's `data.statistics` setting. A vector without features (the synthetic corpus,
+come from the run's `preprocess.statistics` setting. A vector without features (the synthetic corpus,
 corpora ingested before features existed) is used as stored.
 """
 

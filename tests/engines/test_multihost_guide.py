@@ -26,7 +26,7 @@ import pytest
 from federated.core.config import config_from_yaml
 from federated.engines.deployment import flower_env, free_port
 from federated.engines.deployment.environment import _port_open
-from tests.app.test_bring_your_own import HOSPITALS, TABULAR_SOURCE, clinical_csv, write_spec
+from tests.app.test_bring_your_own import HOSPITALS, SEPSIS_DICTIONARY, TABULAR_SOURCE, clinical_csv, write_spec
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = "<!-- multihost-guide:"
@@ -67,8 +67,11 @@ def test_the_guide_has_the_blocks_in_the_order_that_works() -> None:
 
 
 def _hospital_files(folder: Path, hospital: str, table: pd.DataFrame) -> None:
-    """A hospital's own files: its rows of the sepsis table and its ingest spec (no site column)."""
+    """A hospital's own files: its rows of the sepsis table, the coordinator's data dictionary and
+    ingest spec (no site column): without the dictionary each hospital would pick its own
+    reference levels and the handshake would refuse it."""
     folder.mkdir(parents=True)
+    write_spec(folder / "sepsis_dictionary.yaml", SEPSIS_DICTIONARY)
     table[table["hospital"] == hospital].drop(columns="hospital").to_csv(folder / "icu.csv", index=False)
     source = {k: v for k, v in TABULAR_SOURCE.items() if k != "site_column"}
     source |= {"task": "sepsis", "label_column": "sepsis", "labels": {0: "no_sepsis", 1: "sepsis"}}
@@ -76,6 +79,7 @@ def _hospital_files(folder: Path, hospital: str, table: pd.DataFrame) -> None:
         folder / "sepsis.yaml",
         {
             "name": "sepsis",
+            "dictionary": "sepsis_dictionary.yaml",
             "test_fraction": 0.25,
             "modalities": {"clinical": {"kind": "vector", "features": 16}},
             "tasks": {"sepsis": {"inputs": ["clinical"], "target": "binary", "classes": ["no_sepsis", "sepsis"]}},
