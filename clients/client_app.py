@@ -34,7 +34,7 @@ from clients.folded_messages import folding_mod
 from clients.local_trainers import LOCAL_TRAINERS, LocalJob
 from clients.secure_aggregation import masked_update_mod, secure_aggregation_gate
 from clients.site_profile import profile_reply
-from clients.site_runtime import SiteRuntime, site_runtime
+from clients.site_runtime import RELEASES_STATE, SiteRuntime, site_runtime
 from clients.test_time import adapt_site_model
 from clients.trainer import evaluate_site, mean_train_loss
 from federated import __version__
@@ -103,14 +103,18 @@ def round_seed(seed: int, site: str, server_round: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _statistics(rt: SiteRuntime, config: ConfigRecord) -> MetricRecord | None:
+def _statistics(rt: SiteRuntime, config: ConfigRecord, context: Context) -> MetricRecord | None:
     """The federated statistics rounds (federated/server/federated_stats.py, feature_round.py):
     aggregates of this site's regression training targets or raw features, one value per task or
-    per feature (per feature and bin for a histogram), never a row; None when the query asks for none."""
+    per feature (per feature and bin for a histogram), never a row; None when the query asks for none.
+    What the feature queries released is kept in the run's Context.state (_releases), so each is
+    answered once per run whichever process serves the next message."""
     if P.FEATURE_MOMENTS in config:
-        return MetricRecord(dict(rt.feature_moments_reply(_json(config, P.FEATURE_MOMENTS, dict))))
+        request = _json(config, P.FEATURE_MOMENTS, dict)
+        return MetricRecord(dict(rt.feature_moments_reply(request, _releases(context))))
     if P.FEATURE_HISTOGRAM in config:
-        return MetricRecord(dict(rt.feature_histogram_reply(_json(config, P.FEATURE_HISTOGRAM, dict))))
+        request = _json(config, P.FEATURE_HISTOGRAM, dict)
+        return MetricRecord(dict(rt.feature_histogram_reply(request, _releases(context))))
     if P.STATS_REQUEST in config:
         tasks = _json(config, P.STATS_REQUEST, list)
         values: dict[str, int | float | list[int] | list[float]] = {}
@@ -123,6 +127,14 @@ def _statistics(rt: SiteRuntime, config: ConfigRecord) -> MetricRecord | None:
         held = [t for t in centres if t in rt.data.regression_tasks]
         return MetricRecord({f"{t}/absdev": rt.data.abs_deviation(t, float(centres[t])) for t in held})
     return None
+
+
+def _releases(context: Context) -> ConfigRecord:
+    """This run's record of the feature statistics this site released (site_runtime.RELEASES_STATE)."""
+    record = context.state.config_records.get(RELEASES_STATE)
+    if record is None:
+        record = context.state[RELEASES_STATE] = ConfigRecord()
+    return record
 
 
 def _json(config: ConfigRecord, key: str, kind: type) -> Any:
@@ -162,7 +174,7 @@ def query(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get(P.CONFIG_RECORD)
     if config is not None and P.PROFILE_REQUEST in config:  # `multimed-fl stats`: aggregates only
         return Message(profile_reply(rt, str(config[P.PROFILE_REQUEST]), context), reply_to=msg)
-    stats = _statistics(rt, config) if config is not None else None
+    stats = _statistics(rt, config, context) if config is not None else None
     if stats is not None:
         return Message(RecordDict({P.METRICS_RECORD: stats}), reply_to=msg)
     if rt.cfg.engine.checkpoint_every > 0:  # it will save its state: a key it cannot use is refused now

@@ -266,13 +266,21 @@ class SiteData:
                 if m not in blocks:
                     continue
                 block, split = blocks[m], self.splits[key]
-                values = std.apply(block.values)
+                with np.errstate(over="ignore"):
+                    values = std.apply(block.values)
                 holes = np.isnan(values[:, : len(spec.features)]).any(axis=0)
                 if holes.any():
                     name = spec.features[int(np.flatnonzero(holes)[0])].name
                     raise ValueError(
                         f"site {self.plan.site}: modality {m} has missing values of feature {name!r} and declares "
                         "no impute (its schema's impute: mean or median)"
+                    )
+                overflow = np.isinf(values[:, : len(spec.features)]).any(axis=0)
+                if overflow.any():  # a std so small for this site's values that they leave a float32
+                    name = spec.features[int(np.flatnonzero(overflow)[0])].name
+                    raise ValueError(
+                        f"site {self.plan.site}: the feature statistics of modality {m} standardise feature "
+                        f"{name!r} of this site's values beyond a float32 (its std is too small for them)"
                     )
                 arr = np.zeros((len(block.has), *spec.shape), dtype=spec.dtype)
                 arr[block.has] = values

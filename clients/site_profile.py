@@ -6,7 +6,10 @@ Two queries, as in the feature statistics round (federated/core/feature_stats.py
    positives per label of a multi-label task), per vector modality the samples lacking it and
    the observed values per feature, and per feature (n, mean, M2) of its observed values;
 2. histograms: per feature, the counts of its observed values on the grid every site shares
-   (the pooled mean +- 8 SD the server derived from the merged moments).
+   (the pooled mean +- 8 SD the server derived from the merged moments), released only as
+   feature_stats.coarsened: cells of whole 1/64ths of the grid holding at least min_count values
+   each, a cell's count spread evenly over its bins. A fine bin of one patient would place that
+   patient's value to 1/4096 of the grid.
 
 Every number is a count, a per-feature statistic or a histogram bin: no reply holds an array
 whose length is a number of rows. A feature with fewer than `min_count` observed values at this
@@ -14,12 +17,20 @@ site is sent as nothing (no moments, no histogram). A modality that lists its fe
 (Modality.raw_features) is profiled on its raw values (missing = NaN); any other vector modality
 as the site loaded it. Both splits count: this is a profile of what the site holds.
 
+The request carries the min_count and epsilon the server asks for; the site holds them to its own
+floor (deployed: its node config's stats-min-count and stats-epsilon), never the server's word:
+more suppression or noise is answered, less refused. A phase is answered once per run: the same
+request again gets the same reply (fresh noise could be averaged away), a different one is refused.
+
 With epsilon > 0 each reply is epsilon/3-DP per sample (Laplace mechanism; the counts, the
 moments and the histograms each get a third of the budget, so the profile is epsilon-DP): the
 counts' noise is scaled to the most counts one sample can change, the moments are
 laplace_moments (features need a declared range; an indicator's is [0, 1]; others are not
 released) and the histograms are on the coarse REPORT_BINS grid (noise on HIST_BINS bins would
-drown any site). The min_count rule is decided on exact counts, as NVIDIA FLARE does.
+drown any site), then coarsened as above: post-processing, so no released cell's noisy count is
+under min_count and the boundaries cost no budget. Which features a site releases (>= min_count
+observed values) is decided on exact counts, as NVIDIA FLARE does: that choice is not covered by
+the epsilon.
 """
 
 from __future__ import annotations
@@ -27,18 +38,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from clients.site_data import SiteData, once_each
-from clients.site_runtime import SiteRuntime, is_deployed
+from clients.site_runtime import ReleaseFloor, SiteRuntime, is_deployed
 from federated.core.arrays import pack_arrays
 from federated.core.corpus_schema import Modality
-from federated.core.feature_stats import HIST_BINS, Moments, histogram, laplace_moments
+from federated.core.feature_stats import HIST_BINS, Moments, coarsened, histogram, laplace_moments
 from federated.core.features import INDICATOR
 from federated.core.protocol import ARRAYS_RECORD, CONFIG_RECORD, PROFILE_COARSE_BINS, PROFILE_REPLY
 from federated.core.targets import CLASS_TARGETS, MULTILABEL, VECTOR
@@ -68,19 +80,27 @@ class ProfileRequest:
     """What the server asks a site for (the JSON value of protocol.PROFILE_REQUEST)."""
 
     phase: str
+    min_count: int  # the suppression floor the server asks for (held to the site's own: check_floor)
+    epsilon: float  # the DP budget of the whole profile (0: exact)
     bins: int = HIST_BINS  # histograms: HIST_BINS, or REPORT_BINS (coarse, required under DP)
     grids: dict[str, Grid] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, text: str, schema_widths: dict[str, int]) -> ProfileRequest:
-        """Parsed and checked as untrusted input: a phase, a bin count, and per modality of this
-        site's (name -> width) a grid of finite numbers, positive widths, features in range."""
+        """Parsed and checked as untrusted input: a phase, min_count (an integer >= 1), epsilon
+        (a finite number >= 0), a bin count, and per modality of this site's (name -> width) a
+        grid of finite numbers, positive widths, features in range."""
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ProfileRequestError(f"profile request: not JSON ({e})") from None
         if not isinstance(raw, dict) or raw.get("phase") not in PHASES:
             raise ProfileRequestError(f"profile request: phase must be one of {', '.join(PHASES)}")
+        min_count, epsilon = raw.get("min_count"), raw.get("epsilon")
+        if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
+            raise ProfileRequestError("profile request: min_count must be an integer >= 1")
+        if not _number(epsilon) or epsilon < 0:
+            raise ProfileRequestError("profile request: epsilon must be a finite number >= 0")
         bins = raw.get("bins", HIST_BINS)
         if bins not in (HIST_BINS, REPORT_BINS) or isinstance(bins, bool):
             raise ProfileRequestError(f"profile request: bins must be {HIST_BINS} or {REPORT_BINS}")
@@ -92,7 +112,7 @@ class ProfileRequest:
             if m not in schema_widths:
                 continue  # a modality this site does not hold: nothing to send for it
             grids[m] = _grid(g, schema_widths[m], f"profile request: grid of modality {m!r}")
-        return cls(raw["phase"], int(bins), grids)
+        return cls(raw["phase"], min_count, float(epsilon), int(bins), grids)
 
 
 def _grid(raw: object, width: int, where: str) -> Grid:
@@ -114,7 +134,7 @@ def _grid(raw: object, width: int, where: str) -> Grid:
     return Grid(arrays["lo"], arrays["width"], tuple(sorted(feats)))
 
 
-def _number(x: object) -> bool:
+def _number(x: object) -> TypeGuard[int | float]:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -257,16 +277,15 @@ def counts_reply(data: SiteData, min_count: int, epsilon: float, rng: np.random.
     )
 
 
-def histograms_reply(
-    data: SiteData, request: ProfileRequest, min_count: int, epsilon: float, rng: np.random.Generator
-) -> RecordDict:
+def histograms_reply(data: SiteData, request: ProfileRequest, rng: np.random.Generator) -> RecordDict:
     """Phase 2: per modality the server asked for, the requested features' histograms on its
-    grid (rows of features this site has fewer than min_count values of stay empty, and are
-    not listed as sent)."""
+    grid, coarsened (feature_stats.coarsened: every released cell of whole blocks holds at least
+    min_count values); rows of features this site has fewer than min_count values of stay empty,
+    and are not listed as sent. Under DP the noisy REPORT_BINS histogram is what is coarsened."""
+    min_count, epsilon = request.min_count, request.epsilon
     if epsilon > 0 and request.bins != REPORT_BINS:
         raise ProfileRequestError(
-            f"profile request: under DP (preprocess.epsilon > 0) histograms are sent on {REPORT_BINS} bins, "
-            f"not {request.bins}"
+            f"profile request: under DP (epsilon > 0) histograms are sent on {REPORT_BINS} bins, not {request.bins}"
         )
     sent: dict[str, list[int]] = {}
     arrays: dict[str, np.ndarray] = {}
@@ -274,7 +293,7 @@ def histograms_reply(
     for m, (spec, block) in blocks.items():
         grid = request.grids[m]
         exact = (~np.isnan(block.values)).sum(axis=0)
-        ok = [j for j in grid.features if exact[j] >= max(min_count, 1)]
+        ok = [j for j in grid.features if exact[j] >= min_count]
         if epsilon > 0:
             declared = feature_range(spec)[2]
             ok = [j for j in ok if declared[j]]
@@ -291,43 +310,84 @@ def histograms_reply(
         for m, hist in arrays.items():
             rows = sent[m.split("/")[0]]
             hist[rows] = _noisy(hist[rows], scale, rng)
-    exact_kind = {k: (v if epsilon > 0 else v.astype(np.uint32)) for k, v in arrays.items()}
+    for key, hist in arrays.items():
+        arrays[key] = coarsened(hist, min_count)
+        m = key.split("/")[0]
+        sent[m] = [j for j in sent[m] if arrays[key][j].sum() > 0]  # under DP a noisy total under min_count
     return RecordDict(
         {
             CONFIG_RECORD: ConfigRecord({PROFILE_REPLY: json.dumps({"sent": sent, "bins": request.bins})}),
-            ARRAYS_RECORD: pack_arrays(exact_kind),
+            ARRAYS_RECORD: pack_arrays(arrays),
         }
     )
 
 
-def site_profile(
-    data: SiteData, request_json: str, min_count: int, epsilon: float, rng: np.random.Generator
-) -> RecordDict:
-    """The reply to a profile request (protocol.PROFILE_REQUEST)."""
+def check_floor(request: ProfileRequest, floor: ReleaseFloor) -> None:
+    """Refuse a request that asks for less suppression or less noise than this site's floor
+    (clients/site_runtime.ReleaseFloor: deployed, its node config's stats-min-count and
+    stats-epsilon; simulated, the run's preprocess settings), naming the setting."""
+    if request.min_count < floor.min_count:
+        raise ProfileRequestError(
+            f"profile request: min_count {request.min_count} is below {floor.min_count_key}={floor.min_count}"
+        )
+    if floor.epsilon > 0 and not 0 < request.epsilon <= floor.epsilon:
+        raise ProfileRequestError(
+            f"profile request: epsilon {request.epsilon:g} is less noise than {floor.epsilon_key}="
+            f"{floor.epsilon:g} allows (an epsilon in (0, {floor.epsilon:g}] for the whole profile)"
+        )
+
+
+def site_profile(data: SiteData, request_json: str, floor: ReleaseFloor, rng: np.random.Generator) -> RecordDict:
+    """The reply to a profile request (protocol.PROFILE_REQUEST), under the request's min_count
+    and epsilon once the site's floor allows them."""
     widths = {m: profiled_width(data.schema.modality(m)) for m in vector_modalities(data)}
     request = ProfileRequest.from_json(request_json, widths)
+    check_floor(request, floor)
     if request.phase == COUNTS:
-        return counts_reply(data, min_count, epsilon, rng)
-    return histograms_reply(data, request, min_count, epsilon, rng)
+        return counts_reply(data, request.min_count, request.epsilon, rng)
+    return histograms_reply(data, request, rng)
 
 
-def noise_rng(seed: int, site: str, phase: str, deployed: bool) -> np.random.Generator:
-    """The DP noise's generator. Deployed, fresh OS entropy: noise the coordinator could
-    regenerate from the run's seed would protect nothing. Simulated (where the server could read
-    every row anyway), seeded by (seed, site, phase), so one config gives one profile."""
+ANSWERED = "multimed-fl.profile."  # + phase: in the node's Context.state, what this run asked and the noise seed
+
+
+def noise_seed(seed: int, site: str, phase: str, deployed: bool) -> int:
+    """The DP noise's seed. Deployed, fresh OS entropy: noise the coordinator could regenerate
+    from the run's seed would protect nothing. Simulated (where the server could read every row
+    anyway), from (seed, site, phase), so one config gives one profile."""
     if deployed:
-        return np.random.default_rng()
-    digest = hashlib.sha256(f"profile/{seed}/{site}/{phase}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        return secrets.randbits(128)
+    return int.from_bytes(hashlib.sha256(f"profile/{seed}/{site}/{phase}".encode()).digest()[:16], "little")
+
+
+def _digest(request_json: str) -> str:
+    try:
+        text = json.dumps(json.loads(request_json), sort_keys=True)
+    except json.JSONDecodeError:
+        text = request_json
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def profile_reply(rt: SiteRuntime, request_json: str, context: Context) -> RecordDict:
-    """This site's reply to a profile request, under the run's preprocess.min_count and epsilon."""
-    pre = rt.cfg.preprocess
-    deployed = is_deployed(context.node_config)
+    """This site's reply to a profile request, under its floor (rt.release_floor). Each phase is
+    answered once per run: its request's digest and noise seed go into the node's Context.state, so
+    the same request again gets the same reply (the same noise: it cannot be averaged away) and a
+    different one is refused (two answers could average the noise or difference the cells)."""
     try:
         phase = str(json.loads(request_json).get("phase", ""))
     except (json.JSONDecodeError, AttributeError):
         phase = ""  # site_profile names what is wrong with it
-    rng = noise_rng(rt.cfg.seed, rt.plan.site, phase, deployed)
-    return site_profile(rt.data, request_json, pre.min_count, pre.epsilon, rng)
+    run = str(context.run_id)
+    before = context.state.config_records.get(ANSWERED + phase)
+    if before is not None and before.get("run") == run:
+        if before.get("request") != _digest(request_json):
+            raise ProfileRequestError(
+                f"site {rt.plan.site}: this run already asked for its {phase} profile; a second, different "
+                "request is refused (answering both could average away the noise or difference the cells)"
+            )
+        seed = int(str(before["seed"]))
+    else:
+        seed = noise_seed(rt.cfg.seed, rt.plan.site, phase, is_deployed(context.node_config))
+    reply = site_profile(rt.data, request_json, rt.release_floor, np.random.default_rng(seed))
+    context.state[ANSWERED + phase] = ConfigRecord({"run": run, "request": _digest(request_json), "seed": str(seed)})
+    return reply

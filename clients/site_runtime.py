@@ -3,7 +3,11 @@
 Run config (same for every node): `multimed-config` (the resolved experiment YAML) and
 `corpus-path`. Node config (per node): `site` (deployment: a hospital names itself) or
 `partition-id` (simulation: the i-th site of the plan), and optionally `corpus-path` (a
-hospital's own copy of its data) and `device` (where it computes; wins over engine.device).
+hospital's own copy of its data), `device` (where it computes; wins over engine.device) and, in
+deployment, the privacy floor of the feature statistics round: `stats-min-count` (default 10: the
+least min_count a query may ask) and `stats-epsilon` (default 0: exact aggregates allowed; > 0:
+noise required, and the run's queries together spend at most this). A deployed site's run config
+is the server's, so only its node config can hold the server to a floor (ReleaseFloor).
 The site plan is rebuilt from config and seed, so every process agrees on it without shipping it
 around.
 
@@ -20,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,10 +40,18 @@ from federated.core.compute import resolve_device
 from federated.core.config import ExperimentConfig, config_from_yaml, load_config
 from federated.core.config.schema import DEVICE_CHOICES, valid_device_spec
 from federated.core.corpus_schema import CorpusSchema, Modality, SchemaError
-from federated.core.feature_stats import HIST_BINS, Moments, Standardiser, laplace_moments
+from federated.core.feature_stats import (
+    BLOCKS,
+    HIST_BINS,
+    Moments,
+    Standardiser,
+    coarsened,
+    laplace_blocks,
+    laplace_moments,
+)
 from federated.core.features import INDICATOR
 from federated.core.models import MultiMedModel, build_model
-from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, DEVICE_KEY
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, DEVICE_KEY, STATS_EPSILON_KEY, STATS_MIN_COUNT_KEY
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from partitions import SitePlan, plan_sites
@@ -48,6 +61,50 @@ from strategies import ClientAlgorithm, client_algorithm
 
 class SiteConfigError(ValueError):
     """The node or run config does not identify a site, or sets a path the site must set itself."""
+
+
+# The site's own state record (Context.state) of what it released in this run's feature statistics
+# round: per query kind the request's digest and its noise seed, and the epsilon spent so far.
+RELEASES_STATE = "feature-stats-releases"
+
+
+@dataclass(frozen=True)
+class ReleaseFloor:
+    """The least suppression and the most privacy loss a site accepts from a statistics query, and
+    the setting that says so (named in a refusal). In simulation the run's preprocess settings; in
+    deployment the site's own node config, since there the run config is the server's: a hostile
+    server could otherwise ask min_count=1 and epsilon=0."""
+
+    min_count: int
+    epsilon: float  # 0: exact aggregates allowed; > 0: noise required, at most this per run in all
+    min_count_key: str
+    epsilon_key: str
+
+    @classmethod
+    def of_run(cls, cfg: ExperimentConfig) -> ReleaseFloor:
+        pre = cfg.preprocess
+        return cls(pre.min_count, pre.epsilon, "this run's preprocess.min_count", "this run's preprocess.epsilon")
+
+    @classmethod
+    def of_node(cls, node_config: Mapping[str, Any]) -> ReleaseFloor:
+        """A deployed site's floor: node config `stats-min-count` (an integer >= 1, default 10) and
+        `stats-epsilon` (a number >= 0, default 0)."""
+        where = f"site {node_config.get('site', '?')}: node config"
+        raw_k, raw_e = node_config.get(STATS_MIN_COUNT_KEY, 10), node_config.get(STATS_EPSILON_KEY, 0.0)
+        try:
+            k = int(raw_k) if not isinstance(raw_k, bool | float) else None
+        except ValueError:
+            k = None
+        if k is None or k < 1:
+            raise SiteConfigError(f"{where} {STATS_MIN_COUNT_KEY} must be an integer >= 1")
+        try:
+            eps = float(raw_e) if not isinstance(raw_e, bool) else math.nan
+        except ValueError:
+            eps = math.nan
+        if not math.isfinite(eps) or eps < 0:
+            raise SiteConfigError(f"{where} {STATS_EPSILON_KEY} must be a finite number >= 0")
+        node = "this site's node config"
+        return cls(k, eps, f"{node} {STATS_MIN_COUNT_KEY}", f"{node} {STATS_EPSILON_KEY}")
 
 
 def is_deployed(node_config: Mapping[str, Any]) -> bool:
@@ -85,6 +142,7 @@ class SiteRuntime:
     device: str = ""
     corpus_path: str = ""  # the corpus this site opened (pooled statistics re-read it in simulation)
     deployed: bool = False  # a hospital's own SuperNode (its DP noise is drawn from the OS, not a seed)
+    floor: ReleaseFloor | None = None  # deployment: the node config's; None: the run's (simulation)
     _features_received: str = ""  # the last feature statistics JSON applied
 
     def __post_init__(self) -> None:
@@ -108,59 +166,88 @@ class SiteRuntime:
         for m in self.data.raw_modalities:
             if m not in raw:
                 raise SiteConfigError(f"{where} have no entry for modality {m}, which this site holds")
+            spec = self.data.schema.modality(m)
+            names = [f.name for f in spec.features]
             try:
-                stats[m] = Standardiser.from_lists(raw[m], len(self.data.schema.modality(m).features), f"{where}: {m}")
+                stats[m] = Standardiser.from_lists(raw[m], len(names), f"{where}: {m}", names, spec.impute)
             except ValueError as e:
                 raise SiteConfigError(str(e)) from None
         self.data.use_feature_stats(stats)
         self._features_received = stats_json
 
-    def feature_moments_reply(self, request: Any) -> dict[str, list[float]]:
+    def feature_moments_reply(self, request: Any, ledger: MutableMapping[str, Any]) -> dict[str, list[float]]:
         """A feature statistics round's first query (protocol.FEATURE_MOMENTS): per raw-feature
         modality this site holds, `<m>/n`, `<m>/mean`, `<m>/m2` over its training rows, one value
         per feature; features seen fewer than min_count times sent as empty; with epsilon > 0,
-        Laplace noise first (federated/core/feature_stats.py). scope "pooled" (simulation only):
-        the training sites' rows pooled, exact, with `<m>/median` for the modalities asked."""
+        Laplace noise first (federated/core/feature_stats.py; epsilon-DP per record, not per
+        patient). Answered once per run (`ledger`: the run's Context.state record, RELEASES_STATE):
+        the same query again gets the same reply, another is refused. scope "pooled" (simulation
+        only): the training sites' rows pooled, exact, with `<m>/median` for the modalities asked."""
         req = self._request(request, "modalities", list)
         mods = [m for m in self.data.schema.modalities if m in req["modalities"]]
         if req.get("scope", "site") == "pooled":
             return self._pooled_reply(mods, req.get("medians", []))
-        min_count, epsilon, rng = self._release_terms(req)
+        min_count, epsilon = self._release_terms(req)
         mine = [m for m in mods if m in self.data.raw_modalities]
+        ranges = {}
+        if epsilon > 0:
+            ranges = {m: feature_range(self.data.schema.modality(m), f"site {self.plan.site}") for m in mine}
+        rng = self._once("moments", req, epsilon, ledger)
         out: dict[str, list[float]] = {}
         for m in mine:
             if epsilon > 0:
-                low, high = feature_range(self.data.schema.modality(m), f"site {self.plan.site}")
-                moments = laplace_moments(self.data.feature_rows(m), low, high, epsilon / len(mine), rng)
+                low, high = ranges[m]
+                rows = self.data.feature_rows(m)
+                moments = laplace_moments(rows, low, high, epsilon / len(mine), rng, n_max=self.plan.n_train)
             else:
                 moments = self.data.feature_moments(m)
             moments = moments.suppressed(min_count)
             out |= {f"{m}/n": moments.n.tolist(), f"{m}/mean": moments.mean.tolist(), f"{m}/m2": moments.m2.tolist()}
         return out
 
-    def feature_histogram_reply(self, request: Any) -> dict[str, list[float]]:
+    def feature_histogram_reply(self, request: Any, ledger: MutableMapping[str, Any]) -> dict[str, list[float]]:
         """The round's second query (protocol.FEATURE_HISTOGRAM), where a median is asked for:
         `<m>/hist`, (features x HIST_BINS) counts flattened, on the grid the server sends (one
-        lower edge and bin width per feature); a feature seen fewer than min_count times sent as
-        zeros; with epsilon > 0, Laplace noise of scale features / epsilon per bin (one sample
-        moves one bin of each feature), then clipped at 0. A bin of one patient places that
-        patient's value to a bin's width (0.004 SD): what a median costs without noise."""
+        lower edge and bin width per feature), coarsened before it leaves (feature_stats.coarsened):
+        every released cell is a run of whole 64-bin blocks holding at least min_count values, so
+        no cell places one patient's value; a feature seen fewer than min_count times sent as
+        zeros. With epsilon > 0, Laplace noise of scale features / epsilon per block first (one
+        record moves one block of each feature; feature_stats.laplace_blocks). A grid that is not
+        finite, has a width <= 0, or spans less than 1/BLOCKS of this site's own values' spread
+        (its cells would be narrower than a site's values are apart) is refused. Once per run, as
+        the moments query."""
         req = self._request(request, "modalities", dict)
-        min_count, epsilon, rng = self._release_terms(req)
+        min_count, epsilon = self._release_terms(req)
         mine = [m for m in self.data.raw_modalities if m in req["modalities"]]
+        grids = {m: self._grid(m, req["modalities"][m]) for m in mine}
+        rng = self._once("histogram", req, epsilon, ledger)
         out: dict[str, list[float]] = {}
         for m in mine:
             d = len(self.data.schema.modality(m).features)
-            grid = req["modalities"][m]
-            lo, width = (_numbers(grid, k, d, f"site {self.plan.site}: histogram grid of {m}") for k in ("lo", "width"))
-            if not (width > 0).all():
-                raise SiteConfigError(f"site {self.plan.site}: histogram grid of {m}: bin widths must be positive")
-            counts = self.data.feature_histogram(m, lo, width)
+            counts = self.data.feature_histogram(m, *grids[m])
             if epsilon > 0:
-                counts = np.maximum(counts + rng.laplace(0.0, d / (epsilon / len(mine)), counts.shape), 0.0)
-            counts[counts.sum(axis=1) < min_count] = 0.0  # under noise, the noisy count decides (post-processing)
-            out[f"{m}/hist"] = counts.reshape(d * HIST_BINS).tolist()
+                counts = laplace_blocks(counts, d / (epsilon / len(mine)), rng)
+            out[f"{m}/hist"] = coarsened(counts, min_count).reshape(d * HIST_BINS).tolist()
         return out
+
+    def _grid(self, modality: str, raw: Any) -> tuple[np.ndarray, np.ndarray]:
+        """A histogram grid the server sent, checked (its values are not named: the site's are not either)."""
+        spec = self.data.schema.modality(modality)
+        where = f"site {self.plan.site}: the statistics query's histogram grid of {modality}"
+        lo, width = (_numbers(raw, k, len(spec.features), where) for k in ("lo", "width"))
+        rows = self.data.feature_rows(modality, "train")
+        for j, f in enumerate(spec.features):
+            span = width[j] * HIST_BINS
+            if not width[j] > 0 or not math.isfinite(lo[j] + span):
+                raise SiteConfigError(f"{where}: width of feature {f.name!r} must be positive, lo + its span finite")
+            col = rows[:, j][~np.isnan(rows[:, j])]
+            if col.size and span < (col.max() - col.min()) / BLOCKS:
+                raise SiteConfigError(
+                    f"{where}: width of feature {f.name!r} spans less than 1/{BLOCKS} of this site's values' "
+                    "spread: a grid that fine could place single values (the federation's, the merged mean +- 8 "
+                    "SD, is that fine only around an outlier a thousand SDs out)"
+                )
+        return lo, width
 
     def _request(self, request: Any, key: str, kind: type) -> dict[str, Any]:
         if not isinstance(request, dict) or not isinstance(request.get(key), kind):
@@ -169,29 +256,70 @@ class SiteRuntime:
             )
         return request
 
-    def _release_terms(self, req: dict[str, Any]) -> tuple[int, float, np.random.Generator]:
-        """(min_count, epsilon, noise generator) of a release, held to this run's preprocess settings:
-        a server may ask for more suppression or noise, never less."""
-        own, where = self.cfg.preprocess, f"site {self.plan.site}"
-        min_count, epsilon, seed = req.get("min_count"), req.get("epsilon"), req.get("seed", 0)
-        if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < own.min_count:
+    @property
+    def release_floor(self) -> ReleaseFloor:
+        return self.floor or ReleaseFloor.of_run(self.cfg)
+
+    def _release_terms(self, req: dict[str, Any]) -> tuple[int, float]:
+        """(min_count, epsilon) of a release, held to this site's floor (ReleaseFloor: the run's
+        preprocess settings in simulation, the node config's in deployment): a server may ask for
+        more suppression or noise, never less."""
+        floor, where = self.release_floor, f"site {self.plan.site}"
+        min_count, epsilon = req.get("min_count"), req.get("epsilon")
+        if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < floor.min_count:
             raise SiteConfigError(
-                f"{where}: the statistics query's min_count {min_count!r} is below this run's "
-                f"preprocess.min_count={own.min_count}"
+                f"{where}: the statistics query's min_count {min_count!r} is below "
+                f"{floor.min_count_key}={floor.min_count}"
             )
-        if not isinstance(epsilon, int | float) or not math.isfinite(epsilon) or epsilon < 0:
+        if (
+            isinstance(epsilon, bool)
+            or not isinstance(epsilon, int | float)
+            or not math.isfinite(epsilon)
+            or epsilon < 0
+        ):
             raise SiteConfigError(f"{where}: the statistics query's epsilon must be a finite number >= 0")
-        if own.epsilon > 0 and not 0 < epsilon <= own.epsilon:
+        if floor.epsilon > 0 and not 0 < epsilon <= floor.epsilon:
             raise SiteConfigError(
-                f"{where}: the statistics query asks for epsilon {epsilon!r}; this run's preprocess.epsilon="
-                f"{own.epsilon} allows a positive share of it, no more"
+                f"{where}: the statistics query asks for epsilon {epsilon!r}; {floor.epsilon_key}="
+                f"{floor.epsilon} allows a positive share of it, no more"
             )
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        return min_count, float(epsilon)
+
+    def _once(
+        self, kind: str, req: dict[str, Any], epsilon: float, ledger: MutableMapping[str, Any]
+    ) -> np.random.Generator:
+        """The noise generator of this run's `kind` query, which a site answers once: the first
+        time it records the query's digest, a noise seed and the epsilon spent (in `ledger`, the
+        run's Context.state); the same query again draws the same noise, so gets the same reply,
+        and a different one is refused, as is one that would take the run's spend past the floor's
+        epsilon. Otherwise a server could repeat a noisy query and average its noise away.
+        Deployed, the seed is drawn from the OS (the server must not know the noise); in
+        simulation it is the run's seed and the site's name, so runs repeat."""
+        where, floor = f"site {self.plan.site}", self.release_floor
+        digest = hashlib.sha256(json.dumps(req, sort_keys=True).encode()).hexdigest()
+        if f"{kind}/query" in ledger:
+            if ledger[f"{kind}/query"] != digest:
+                raise SiteConfigError(
+                    f"{where}: this site already answered a feature {kind} query in this run and answers each "
+                    "once (the same query again gets the same reply); a different one is refused, so repeated "
+                    "noisy answers cannot be averaged"
+                )
+            return np.random.default_rng(int(ledger[f"{kind}/seed"]))
+        spent = float(ledger.get("spent", 0.0)) + epsilon
+        if floor.epsilon > 0 and spent > floor.epsilon * (1 + 1e-9):
+            raise SiteConfigError(
+                f"{where}: the feature statistics queries of this run would spend epsilon {spent:g} in all, over "
+                f"{floor.epsilon_key}={floor.epsilon}"
+            )
+        seed_value = req.get("seed", 0)
+        if not isinstance(seed_value, int) or isinstance(seed_value, bool):
             raise SiteConfigError(f"{where}: the statistics query's seed must be an integer")
-        if self.deployed:  # a hospital's noise must be unknown to the server, which chose the seed
-            return min_count, float(epsilon), np.random.default_rng()
-        site = int.from_bytes(hashlib.sha256(self.plan.site.encode()).digest()[:4], "little")
-        return min_count, float(epsilon), np.random.default_rng([seed & 0xFFFFFFFF, site])
+        if self.deployed:
+            seed = secrets.randbits(128)
+        else:
+            seed = int.from_bytes(hashlib.sha256(f"{seed_value}/{self.plan.site}".encode()).digest()[:16], "little")
+        ledger[f"{kind}/query"], ledger[f"{kind}/seed"], ledger["spent"] = digest, str(seed), spent
+        return np.random.default_rng(seed)
 
     def _pooled_reply(self, mods: list[str], medians: Any) -> dict[str, list[float]]:
         """preprocess.statistics=pooled: the statistics of every training site's training rows in
@@ -311,10 +439,12 @@ def _plans(config_yaml: str, corpus_path: str) -> tuple[ExperimentConfig, Corpus
 
 
 @cache
-def _runtime(config_yaml: str, corpus_path: str, site_key: str, device: str) -> SiteRuntime:
+def _runtime(
+    config_yaml: str, corpus_path: str, site_key: str, device: str, floor: ReleaseFloor | None = None
+) -> SiteRuntime:
     cfg = config_from_yaml(config_yaml) if config_yaml else load_config()
     if cfg.sites.planner == SITE_LOCAL:
-        return _own_site_runtime(cfg, config_yaml, corpus_path, site_key, device)
+        return _own_site_runtime(cfg, config_yaml, corpus_path, site_key, device, floor)
     cfg, corpus, plans = _plans(config_yaml, corpus_path)
     if site_key.startswith("#"):
         pid = int(site_key[1:])
@@ -335,11 +465,12 @@ def _runtime(config_yaml: str, corpus_path: str, site_key: str, device: str) -> 
         device=device,
         corpus_path=corpus_path,
         deployed=not site_key.startswith("#"),
+        floor=floor,
     )
 
 
 def _own_site_runtime(
-    cfg: ExperimentConfig, config_yaml: str, corpus_path: str, site_key: str, device: str
+    cfg: ExperimentConfig, config_yaml: str, corpus_path: str, site_key: str, device: str, floor: ReleaseFloor | None
 ) -> SiteRuntime:
     """Site-local mode: this site's own corpus is all it opens. Deployed (a site name), the
     corpus is the node config's; simulated (a partition id), the i-th corpus folder of
@@ -366,15 +497,18 @@ def _own_site_runtime(
         device=device,
         corpus_path=str(path),
         deployed=deployed,
+        floor=floor,
     )
 
 
 def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:
     corpus_path = site_local_path(CORPUS_KEY, node_config, run_config)
+    floor = None  # simulation: the run's preprocess settings
     if is_deployed(node_config):
         if not corpus_path:  # else the corpus would be one the server's config names
             raise SiteConfigError(f"site {node_config['site']}: node config needs {CORPUS_KEY} (the site's own data)")
         key = str(node_config["site"])
+        floor = ReleaseFloor.of_node(node_config)
     elif "partition-id" in node_config:
         key = f"#{int(node_config['partition-id'])}"
     else:
@@ -382,4 +516,4 @@ def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:
     device = str(node_config.get(DEVICE_KEY, ""))
     if device and not valid_device_spec(device):
         raise SiteConfigError(f"node config {DEVICE_KEY}={device!r}: must be one of {DEVICE_CHOICES}")
-    return _runtime(str(run_config.get(CONFIG_KEY, "")), corpus_path, key, device)
+    return _runtime(str(run_config.get(CONFIG_KEY, "")), corpus_path, key, device, floor)

@@ -22,7 +22,7 @@ from federated.core.config.loader import HOLDOUT_MODES
 from federated.core.config.schema import ExperimentConfig
 from federated.core.protocol import Role
 from federated.data.format import Corpus
-from partitions.natural import NATURAL
+from partitions.natural import NATURAL, site_name
 from partitions.site_plan import PLANNERS, PlanError, SitePlan, as_held_out
 from partitions.steps import step_rng
 
@@ -60,10 +60,9 @@ def _named(plans: list[SitePlan], cfg: ExperimentConfig) -> set[str]:
         raise PlanError("sites.holdout=named needs sites.holdout_sites (site names or origin names)")
     by_name = {p.site: p.site for p in plans} | {p.origin_site: p.site for p in plans}
     unknown = [n for n in names if n not in by_name]
-    grouped = {o: p for p in plans if p.archetype == NATURAL for o in p.origin_site.split("+")}
     for n in unknown:
-        if n in grouped:
-            p = grouped[n]
+        p = next((p for p in plans if _grouped_into(n, p)), None)
+        if p is not None:
             raise PlanError(
                 f"sites.holdout_sites names origin site {n}, which sites.min_site_size={cfg.sites.min_site_size} "
                 f"grouped into site {p.site} (origins {p.origin_site}); hold out {p.site}, or lower "
@@ -77,6 +76,28 @@ def _named(plans: list[SitePlan], cfg: ExperimentConfig) -> set[str]:
             f"{', '.join(p.site if p.site == p.origin_site else f'{p.site} ({p.origin_site})' for p in plans)}{hint}"
         )
     return {by_name[n] for n in names}
+
+
+def _grouped_into(origin: str, plan: SitePlan) -> bool:
+    """Whether `origin` is one of the origins grouped into a natural site. A plan records its
+    origins joined by '+', and an origin's own name may hold a '+' ("A+B"): so not by splitting
+    on '+'. A grouped site's name joins its members' site names by '+' (a site name never holds
+    one), so a member's site name is one of those parts, and its name a '+'-delimited run of the
+    plan's origin_site; a site cut to `<first>+<k>_more` is matched by the run alone."""
+    if plan.archetype != NATURAL or "+" not in plan.site or origin == plan.origin_site:
+        return False
+    parts = plan.site.split("+")
+    if not parts[-1].endswith("_more") and _site_name_of(origin) not in parts:
+        return False
+    return f"+{origin}+" in f"+{plan.origin_site}+"
+
+
+def _site_name_of(origin: str) -> str | None:
+    """The site name an origin gets, or None where it has none (no letter or digit)."""
+    try:
+        return site_name(origin)
+    except PlanError:
+        return None
 
 
 def _random(plans: list[SitePlan], cfg: ExperimentConfig) -> set[str]:

@@ -324,7 +324,8 @@ def cmd_corpus_dictionary(args: argparse.Namespace) -> int:
     frame = open_table(table, Problems("stop"))
     if frame is None:  # Problems("stop") raises first; kept for the type checker
         raise IngestError(f"{table}: unreadable table")
-    exclude = {c for c in (args.label_column, args.site_column, args.patient_column) if c}
+    named = (args.label_column, args.site_column, args.patient_column, args.split_column, *args.exclude)
+    exclude = {c for c in named if c}
     out, body, left_out = write_draft(table, Path(args.out), frame, exclude, overwrite=args.overwrite)
     kinds = [c["type"] for c in body["columns"].values()]
     print(
@@ -604,6 +605,17 @@ def build_parser() -> argparse.ArgumentParser:
     dictionary.add_argument("--label-column", default=None, help="a column that is not a feature (the label)")
     dictionary.add_argument("--site-column", default=None, help="a column that is not a feature (the hospital)")
     dictionary.add_argument("--patient-column", default=None, help="a column that is not a feature (patient ids)")
+    dictionary.add_argument(
+        "--split-column", default=None, help="a column that is not a feature (the table's train/test side)"
+    )
+    dictionary.add_argument(
+        "--exclude",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="COL",
+        help="other columns that are not features (dates, free text, outcomes that would leak the label)",
+    )
     dictionary.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     dictionary.set_defaults(func=cmd_corpus_dictionary)
     info = corpus_sub.add_parser("info", help="describe a corpus folder")

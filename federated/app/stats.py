@@ -5,9 +5,11 @@
 
 Per site and pooled: samples per task and split, the label mix of each classification task,
 missingness per feature of every vector modality, and per feature its mean, SD, quantiles and
-histogram; every count under preprocess.min_count suppressed; with preprocess.epsilon > 0,
-DP noise (federated/server/profile_report.py). Writes DIR/stats.json, report.md, config.yaml
-and plots/.
+histogram; every count under preprocess.min_count suppressed, histograms sent only in cells of at
+least that many values, a quantile shown only with that many values on each side; with
+preprocess.epsilon > 0, DP noise (federated/server/profile_report.py). A deployed site holds the
+request to its own floor (node config stats-min-count, stats-epsilon). Writes DIR/stats.json,
+report.md, config.yaml and plots/.
 
 In simulation the same ClientApp and profile flow run on the in-process grid, over the
 config's corpus and plan (any planner; site-local mode over corpus.site_corpora): a profile

@@ -10,8 +10,12 @@ moments across parties (NVIDIA FLARE's statistics are a framework, not a functio
 
 A site with fewer than `min_count` observed values of a feature sends nothing for it (a cell
 that small describes a handful of patients). Optional Laplace noise on (n, sum, sum of squares)
-makes a site's release epsilon-DP for features with a declared range [low, high]: one patient
+makes a site's release epsilon-DP for features with a declared range [low, high]: one record
 changes n by 1, the sum by max(|low|, |high|) and the sum of squares by max(low^2, high^2).
+The guarantee is per record (one row of the corpus's array), not per patient: a patient with
+several rows at a site is protected by k * epsilon. Clamping the noisy mean (and the fill) to
+[low, high] and the SD to (high - low) / 2, the most a [low, high] variable can spread
+(Popoviciu), is post-processing and costs no epsilon.
 """
 
 from __future__ import annotations
@@ -83,11 +87,18 @@ def combine(parts: Sequence[Moments]) -> Moments:
 
 
 def laplace_moments(
-    values: np.ndarray, low: np.ndarray, high: np.ndarray, epsilon: float, rng: np.random.Generator
+    values: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    epsilon: float,
+    rng: np.random.Generator,
+    n_max: float | None = None,
 ) -> Moments:
-    """Moments released under epsilon-DP (Laplace mechanism, basic composition): each value is
-    clipped to its feature's [low, high]; the three sums of each of the d features get epsilon /
-    (3 d). The noisy n is kept at least 1 and the noisy M2 at least 0."""
+    """Moments released under epsilon-DP per record (Laplace mechanism, basic composition): each
+    value is clipped to its feature's [low, high]; the three sums of each of the d features get
+    epsilon / (3 d). Post-processing (no epsilon): the noisy n is kept in [1, n_max] (n_max: a
+    bound already public, the site's training sample count from the handshake), the mean in
+    [low, high], and M2 in [0, n (high - low)^2 / 4], so the SD is at most (high - low) / 2."""
     values = np.asarray(values, dtype=np.float64)
     d = values.shape[1]
     clipped = np.clip(values, low, high)
@@ -97,9 +108,22 @@ def laplace_moments(
     n = observed.sum(axis=0) + rng.laplace(0.0, 1.0 / eps_each, d)
     s = np.nansum(clipped, axis=0) + rng.laplace(0.0, 1.0, d) * bound / eps_each
     q = np.nansum(clipped**2, axis=0) + rng.laplace(0.0, 1.0, d) * bound**2 / eps_each
-    n = np.maximum(n, 1.0)
-    mean = s / n
-    return Moments(n, mean, np.maximum(q - n * mean**2, 0.0))
+    n = np.clip(n, 1.0, max(float(n_max), 1.0)) if n_max is not None else np.maximum(n, 1.0)
+    mean = np.clip(s / n, low, high)
+    spread = np.asarray(high, dtype=np.float64) - np.asarray(low, dtype=np.float64)
+    return Moments(n, mean, np.clip(q - n * mean**2, 0.0, n * spread**2 / 4))
+
+
+def laplace_blocks(counts: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """A (features, HIST_BINS) histogram under Laplace noise of `scale` per BLOCK (the cells
+    `coarsened` can release, so no finer noise is needed): each block's count plus noise, clipped
+    at 0, spread evenly over its bins. One record moves one block per feature, so the scale is
+    (features) / epsilon; noising 64 blocks instead of 4096 bins adds 64 times less noise in all."""
+    counts = np.asarray(counts, dtype=np.float64)
+    per = counts.shape[1] // BLOCKS
+    blocks = counts.reshape(counts.shape[0], BLOCKS, per).sum(axis=2)
+    noisy = np.maximum(blocks + rng.laplace(0.0, scale, blocks.shape), 0.0)
+    return np.repeat(noisy / per, per, axis=1)
 
 
 def grid(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +143,61 @@ def histogram(values: np.ndarray, lo: np.ndarray, width: np.ndarray) -> np.ndarr
             k = np.clip(np.floor((col - lo[j]) / width[j]).astype(np.int64), 0, HIST_BINS - 1)
             out[j] = np.bincount(k, minlength=HIST_BINS)
     return out
+
+
+BLOCKS = 64  # the cells a site may release: whole blocks of HIST_BINS / BLOCKS bins of the shared grid
+
+
+def coarsened(counts: np.ndarray, min_count: int) -> np.ndarray:
+    """A site's histogram on the shared grid with every released cell holding at least
+    `min_count` values. Cells are runs of whole blocks (64 of the grid's 4096 bins each, so
+    their edges are the grid's, never a patient's value): adjacent non-empty blocks are joined,
+    left to right, until a run holds that many (a short remainder joins the last run), and each
+    run's count is spread evenly over its bins. A fine bin holding one patient would place that
+    patient's value to 1/4096 of the grid; after this no released cell describes fewer than
+    min_count patients, and replies stay on one grid, so they add. A site with fewer than
+    min_count values sends zeros. Written by hand: k-anonymous binning of one histogram on a
+    shared grid is not something a maintained library offers."""
+    counts = np.asarray(counts, dtype=np.float64)
+    per = counts.shape[1] // BLOCKS
+    blocks = counts.reshape(counts.shape[0], BLOCKS, per).sum(axis=2)
+    out = np.zeros_like(counts)
+    k = max(int(min_count), 1)
+    for j in range(counts.shape[0]):
+        if blocks[j].sum() < k:
+            continue
+        runs: list[list[int]] = []  # [first block, last block + 1) of each released cell
+        start, held = -1, 0.0
+        for b in np.flatnonzero(blocks[j]):
+            start = int(b) if start < 0 else start
+            held += blocks[j, b]
+            if held >= k:
+                runs.append([start, int(b) + 1])
+                start, held = -1, 0.0
+        if held:  # the remainder joins the last run
+            runs[-1][1] = int(np.flatnonzero(blocks[j])[-1]) + 1
+        for first, stop in runs:
+            out[j, first * per : stop * per] = blocks[j, first:stop].sum() / ((stop - first) * per)
+    return out
+
+
+def coarse_enough(counts: np.ndarray, min_count: int) -> bool:
+    """Whether a received histogram could come from `coarsened`: every run of equal, non-zero
+    bins holds at least min_count values (checked by the server; a site's reply is untrusted)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    for row in counts:
+        b, n = 0, len(row)
+        while b < n:
+            if row[b] == 0:
+                b += 1
+                continue
+            e = b
+            while e + 1 < n and row[e + 1] == row[b]:
+                e += 1
+            if row[b] * (e - b + 1) < min_count - 1e-6:
+                return False
+            b = e + 1
+    return True
 
 
 def quantile(counts: np.ndarray, lo: float, width: float, q: float) -> float:
@@ -175,6 +254,14 @@ class Standardiser:
             fill = np.full_like(mean, np.nan)
         return cls(mean, np.asarray(moments.std, dtype=np.float64), fill)
 
+    def clamped(self, low: np.ndarray, high: np.ndarray) -> Standardiser:
+        """Noisy statistics held to what [low, high] allows (post-processing, no epsilon): mean and
+        fill in [low, high], std at most (high - low) / 2 (Popoviciu's bound); NaN bounds: none."""
+        low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+        lo, hi = np.where(np.isnan(low), -np.inf, low), np.where(np.isnan(high), np.inf, high)
+        widest = np.where(hi > lo, (hi - lo) / 2, np.inf)
+        return Standardiser(np.clip(self.mean, lo, hi), np.minimum(self.std, widest), np.clip(self.fill, lo, hi))
+
     def same_as(self, other: Standardiser) -> bool:
         """Equal values (NaN fills equal): whether a site must apply `other` again."""
         return all(np.array_equal(getattr(self, k), getattr(other, k), equal_nan=True) for k in ("mean", "std", "fill"))
@@ -183,9 +270,14 @@ class Standardiser:
         return {"mean": self.mean.tolist(), "std": self.std.tolist(), "fill": self.fill.tolist()}
 
     @classmethod
-    def from_lists(cls, raw: object, width: int, where: str) -> Standardiser:
-        """From JSON (a checkpoint, a server message): three lists of `width` finite numbers
-        (fill may be NaN-free only where the modality imputes; std > 0)."""
+    def from_lists(
+        cls, raw: object, width: int, where: str, names: Sequence[str] = (), impute: str = ""
+    ) -> Standardiser:
+        """From JSON (a checkpoint, a server message): three lists of `width` finite numbers (fill
+        NaN only where the modality does not impute: `impute` mean or median needs a fill for
+        every feature). A std under 1e-12 max(1, |mean|) is refused, as is a fill that would not
+        standardise to a finite float32: either would turn a site's values into inf or noise.
+        Errors name the feature (`names`, else its position)."""
         if not isinstance(raw, dict) or set(raw) != {"mean", "std", "fill"}:
             raise ValueError(f"{where}: statistics must be {{mean, std, fill}} lists")
         arrays = {}
@@ -198,8 +290,31 @@ class Standardiser:
             ):
                 raise ValueError(f"{where}: {key} must be a list of {width} numbers")
             arrays[key] = np.asarray(v, dtype=np.float64)
-        if not (np.isfinite(arrays["mean"]).all() and np.isfinite(arrays["std"]).all() and (arrays["std"] > 0).all()):
-            raise ValueError(f"{where}: mean and std must be finite, std positive")
-        if np.isinf(arrays["fill"]).any():
-            raise ValueError(f"{where}: fill must be finite (or NaN: no imputation)")
-        return cls(arrays["mean"], arrays["std"], arrays["fill"])
+        mean, std, fill = arrays["mean"], arrays["std"], arrays["fill"]
+
+        def feature(bad: np.ndarray) -> str:
+            j = int(np.flatnonzero(bad)[0])
+            return repr(names[j]) if j < len(names) else f"{j + 1}"
+
+        if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+            bad = ~(np.isfinite(mean) & np.isfinite(std) & (std > 0))
+            raise ValueError(f"{where}: mean and std must be finite, std positive (feature {feature(bad)})")
+        tiny = std < 1e-12 * np.maximum(1.0, np.abs(mean))
+        if tiny.any():
+            raise ValueError(
+                f"{where}: the std of feature {feature(tiny)} is under 1e-12 x max(1, |mean|): standardising "
+                "by it would overflow"
+            )
+        if np.isinf(fill).any():
+            which = feature(np.isinf(fill))
+            raise ValueError(f"{where}: fill must be finite (or NaN: no imputation) (feature {which})")
+        if impute in ("mean", "median") and np.isnan(fill).any():
+            raise ValueError(
+                f"{where}: no fill for feature {feature(np.isnan(fill))}, and the modality imputes by {impute}"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            filled = np.abs((fill - mean) / std)
+        huge = ~np.isnan(fill) & ~(filled < np.finfo(np.float32).max)
+        if huge.any():
+            raise ValueError(f"{where}: the fill of feature {feature(huge)} standardises beyond a float32")
+        return cls(mean, std, fill)

@@ -56,6 +56,11 @@ class Role(StrEnum):
 CONFIG_KEY = "multimed-config"  # the whole resolved experiment config as one YAML string
 CORPUS_KEY = "corpus-path"
 DEVICE_KEY = "device"  # node config: where this site computes; wins over the run's engine.device
+# Node config, deployment: the privacy floor a hospital sets for the feature statistics round
+# (clients/site_runtime.py ReleaseFloor); the run config is the server's, so it cannot set these.
+STATS_MIN_COUNT_KEY = "stats-min-count"  # the least min_count a query may ask (default 10)
+STATS_EPSILON_KEY = "stats-epsilon"  # > 0: the most epsilon a run's queries spend in all, and noise required;
+# 0 (default): exact aggregates allowed
 RESUME_KEY = "resume"  # run config: true = continue the run in out-dir from its checkpoint
 STATE_DIR_KEY = "state-dir"  # where a site saves its state for resumed runs
 SITE_STATE_DIR = "site_state"  # its folder inside a run's output folder
@@ -84,16 +89,19 @@ VERSION_KEY = "version"  # handshake profile: the site's multimed-fl version
 STATS_REQUEST = "stats-request"  # statistics round: JSON list of regression tasks -> <task>/n, /mean, /m2
 STATS_CENTRE = "stats-centre"  # statistics round: JSON {task: mean} -> <task>/absdev
 TARGET_SCALES = "target-scales"  # site-local train/evaluate config: JSON {task: [mean, std, mad]}
-# Feature statistics round (federated/server/feature_round.py), before training in every engine:
+# Feature statistics round (federated/server/feature_round.py), before training in every engine; a site
+# answers each of the two queries once per run (the same query again: the same reply; another: refused):
 # query: JSON {modalities, min_count, epsilon, seed} -> <modality>/n, /mean, /m2 (one value per feature);
 # simulation, preprocess.statistics=pooled: {modalities, scope: "pooled", medians} -> the same, + <modality>/median
 FEATURE_MOMENTS = "feature-moments"
-# query: JSON {modalities: {modality: {lo, width}}, min_count, epsilon, seed} -> <modality>/hist (features x bins)
+# query: JSON {modalities: {modality: {lo, width}}, min_count, epsilon, seed} -> <modality>/hist (features x bins,
+# coarsened: runs of whole 64-bin blocks holding >= min_count values each, feature_stats.coarsened)
 FEATURE_HISTOGRAM = "feature-histogram"
 FEATURE_STATS = "feature-stats"  # train/evaluate config: JSON {modality: {mean, std, fill}}
 # `multimed-fl stats` (a statistics-only run): JSON request -> the site's profile, aggregates only
 PROFILE_REQUEST = "profile-request"
-# (clients/site_profile.py): query CONFIG_RECORD {PROFILE_REQUEST: JSON {phase, bins, grid}} -> CONFIG_RECORD
+# (clients/site_profile.py): query CONFIG_RECORD {PROFILE_REQUEST: JSON {phase, min_count, epsilon, bins?, grid?}}
+# -> CONFIG_RECORD
 # {PROFILE_REPLY: JSON counts | sent features}, ARRAYS_RECORD (packed: <modality>/observed, /moments, /hist)
 PROFILE_REPLY = "profile-reply"
 PROFILE_COARSE_BINS = 64  # a profile's histograms under DP (HIST_BINS / 64 fine bins each); its reports' finest grid

@@ -7,18 +7,27 @@ imputed and standardised when a site loads it, with statistics from `preprocess.
   (n, mean, M2) per feature over its training rows (a feature seen fewer than
   `preprocess.min_count` times is sent empty; with `preprocess.epsilon` > 0 under Laplace noise)
   and merges them exactly (federated/core/feature_stats.py). Where a modality imputes by median,
-  a second query asks for histograms on a grid every site shares (the merged mean +- 8 SD), whose
-  sum gives the median within a bin (0.004 SD) of the pooled rows' lower middle value (with an
-  even count the exact median is halfway to the upper one). Only these aggregates leave a site:
-  one value per feature, or per feature and bin.
+  a second query asks for histograms on a grid every site shares (the merged mean +- 8 SD),
+  coarsened by each site so that every released cell is a run of whole 64-bin blocks holding at
+  least min_count values: their sum gives the median to within the width of the runs around it
+  (each site's counts are spread evenly over a run). Only these aggregates leave a site: one
+  value per feature, or per feature and bin. A site answers each query once per run and holds the
+  server to its own floor (clients/site_runtime.py ReleaseFloor: in deployment its node config's
+  stats-min-count and stats-epsilon). Noise makes a release epsilon-DP per record (a corpus row),
+  not per patient.
 - pooled (simulation only): the training sites' training rows in one block, exact, the reference
   `federated` equals (means and SDs to rounding). Held-out sites are not pooled: their rows are the
   OOD test set, and their means and spreads would leak into training. The server does not hold
   the corpus under every engine; every simulated site process does (it plans every site), so the
   first training site computes them.
-- per_site: no round; each site uses its own rows (clients/site_runtime.py).
+- per_site: no round; each site uses its own rows (clients/site_runtime.py), a held-out site its
+  own test rows (what per_site means: each site its own scale).
 
-The result goes to every site, held-out ones included, in every train and evaluate message
+Every reply is untrusted: 0 <= n <= the site's training sample count (its handshake profile),
+finite means within a feature's declared [low, high] (clamped to it under noise), 0 <= M2 <= what
+n values in that range can spread, histograms non-negative and coarse; a reply that fails is
+refused naming the site, and the merged statistics are checked as every site will check them
+before they are sent. The result goes to every site, held-out ones included, in every train and evaluate message
 (protocol.FEATURE_STATS), and into summary.json and the checkpoint, so a resume does not ask again.
 """
 
@@ -26,7 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -36,11 +45,12 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
 from federated.core.config.schema import ExperimentConfig
-from federated.core.corpus_schema import CorpusSchema
-from federated.core.feature_stats import HIST_BINS, Moments, Standardiser, combine, grid, quantile
+from federated.core.corpus_schema import CorpusSchema, Modality
+from federated.core.feature_stats import HIST_BINS, Moments, Standardiser, coarse_enough, combine, grid, quantile
 from federated.core.features import INDICATOR, indicator_mask
 from federated.core.protocol import CONFIG_RECORD, FEATURE_HISTOGRAM, FEATURE_MOMENTS, METRICS_RECORD
 from federated.core.replies import error_reason
+from federated.server.evaluation import SiteProfile
 from federated.server.site_agreement import FederationError
 
 Exchange = Callable[[list[Message]], list[Message]]
@@ -97,19 +107,20 @@ class FeatureStatistics:
             )
         standardisers, counts, names = {}, {}, {}
         for m, entry in mods.items():
-            width = len(schema.modality(m).features)
+            spec = schema.modality(m)
+            width, names[m] = len(spec.features), [f.name for f in spec.features]
             if not isinstance(entry, dict):
                 raise FederationError(f"{where}: feature statistics of {m} must be a mapping")
             try:
                 standardisers[m] = Standardiser.from_lists(
-                    {k: entry.get(k) for k in ("mean", "std", "fill")}, width, f"{where}: {m}"
+                    {k: entry.get(k) for k in ("mean", "std", "fill")}, width, f"{where}: {m}", names[m], spec.impute
                 )
             except ValueError as e:
                 raise FederationError(str(e)) from None
             n = np.asarray(_numbers(entry.get("n"), width, f"{where}: {m}: n"))
             if (n < 0).any():
                 raise FederationError(f"{where}: {m}: n must be >= 0")
-            counts[m], names[m] = n, [f.name for f in schema.modality(m).features]
+            counts[m] = n
         return cls(source, float(eps), k, standardisers, counts, names)
 
 
@@ -132,10 +143,13 @@ def run_statistics(
     train_nodes: Sequence[int],
     schema: CorpusSchema,
     cfg: ExperimentConfig,
+    profiles: Mapping[int, SiteProfile],
     saved: dict[str, Any] | None = None,
 ) -> FeatureStatistics | None:
     """The run's feature statistics; None when the schema stores no modality raw (the run is
-    unchanged). `saved` (a checkpoint's, on resume): read back instead of asking again."""
+    unchanged). `profiles`: the handshake's, by node (each reply is checked against its site's
+    training sample count, and errors name the site). `saved` (a checkpoint's, on resume): read
+    back instead of asking again."""
     raw = _raw_modalities(schema)
     if not raw:
         return None
@@ -156,17 +170,26 @@ def run_statistics(
         _check_ranges(schema, raw)
     medians = [m for m in raw if schema.modality(m).impute == "median"]
     seed = int(cfg.seed)
+    noisy = pre.epsilon > 0
+    sites = {n: profiles[n].site if n in profiles else f"at node {n}" for n in train_nodes}
     if pre.statistics == "pooled":
         request = {"modalities": raw, "scope": "pooled", "medians": medians, "min_count": pre.min_count}
-        (reply,) = ask(exchange, list(train_nodes)[:1], FEATURE_MOMENTS, request | {"epsilon": 0.0, "seed": seed})
-        moments = {m: _moments(reply, m, len(names[m]), exact=True) for m in raw}
+        (reply,) = ask(
+            exchange, list(train_nodes)[:1], FEATURE_MOMENTS, request | {"epsilon": 0.0, "seed": seed}, sites
+        )
+        everyone = float(sum(_n_train(profiles, n) for n in train_nodes))  # the pooled rows are every site's
+        moments = {m: _moments(reply, schema.modality(m), everyone, noisy=False) for m in raw}
         median = {m: _array(reply, f"{m}/median", len(names[m])) for m in medians}
+        noisy = False
     else:
         share = pre.epsilon / 2 if medians and pre.epsilon > 0 else pre.epsilon  # moments, then histograms
         request = {"modalities": raw, "min_count": pre.min_count, "epsilon": share, "seed": seed}
-        replies = ask(exchange, train_nodes, FEATURE_MOMENTS, request)
-        moments = {m: combine([_moments(r, m, len(names[m]), exact=pre.epsilon == 0) for r in replies]) for m in raw}
-        median = _medians(exchange, train_nodes, moments, medians, names, share, pre.min_count, seed)
+        replies = ask(exchange, train_nodes, FEATURE_MOMENTS, request, sites)
+        moments = {
+            m: combine([_moments(r, schema.modality(m), _n_train(profiles, r["node"]), noisy) for r in replies])
+            for m in raw
+        }
+        median = _medians(exchange, train_nodes, moments, medians, share, pre.min_count, seed, sites, profiles)
     for m in raw:
         unseen = [names[m][j] for j in np.flatnonzero(moments[m].n == 0)]
         if unseen:
@@ -178,12 +201,41 @@ def run_statistics(
                 unseen,
                 pre.min_count,
             )
-    standardisers = {
-        m: Standardiser.of(moments[m], schema.modality(m).impute, median.get(m), indicator_mask(schema.modality(m)))
-        for m in raw
-    }
+    standardisers = {m: _standardiser(schema.modality(m), moments[m], median.get(m), noisy) for m in raw}
     counts = {m: moments[m].n for m in raw}
     return FeatureStatistics(pre.statistics, pre.epsilon, pre.min_count, standardisers, counts, names)
+
+
+def _n_train(profiles: Mapping[int, SiteProfile], node: int) -> int:
+    """A training site's training sample count from its handshake profile: more values of a
+    feature than that, no site holds."""
+    if node not in profiles:
+        raise FederationError(f"feature statistics: node {node} answered and is no training site of the handshake")
+    return int(profiles[node].n_train)
+
+
+def _bounds(spec: Modality) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's declared [low, high] (an indicator without one: [0, 1]); NaN: none declared."""
+    low = [f.low if f.low is not None else 0.0 if f.kind == INDICATOR else math.nan for f in spec.features]
+    high = [f.high if f.high is not None else 1.0 if f.kind == INDICATOR else math.nan for f in spec.features]
+    return np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+
+
+def _standardiser(spec: Modality, moments: Moments, median: np.ndarray | None, noisy: bool) -> Standardiser:
+    """A modality's transform from its merged statistics: under noise held to each feature's
+    declared range (post-processing); then checked as every site will check it (finite, std not
+    vanishing, a fill for every feature where the modality imputes), so a failure is the
+    server's, named here, not a puzzle at every site."""
+    out = Standardiser.of(moments, spec.impute, median, indicator_mask(spec))
+    if noisy:
+        out = out.clamped(*_bounds(spec))
+    names = [f.name for f in spec.features]
+    try:
+        return Standardiser.from_lists(
+            out.to_lists(), len(names), f"feature statistics of {spec.name}", names, spec.impute
+        )
+    except ValueError as e:
+        raise FederationError(f"the merged {e} (the sites' replies passed their checks: the server's error)") from None
 
 
 def _check_ranges(schema: CorpusSchema, raw: list[str]) -> None:
@@ -202,13 +254,16 @@ def _medians(
     train_nodes: Sequence[int],
     moments: dict[str, Moments],
     medians: list[str],
-    names: dict[str, list[str]],
     epsilon: float,
     min_count: int,
     seed: int,
+    sites: Mapping[int, str],
+    profiles: Mapping[int, SiteProfile],
 ) -> dict[str, np.ndarray]:
     """The median of each feature of the modalities imputed by median, from the sum of the sites'
-    histograms on the grid the merged mean and SD give."""
+    coarsened histograms on the grid the merged mean and SD give. Each reply is checked: finite,
+    non-negative, coarse (feature_stats.coarse_enough: every cell of at least min_count values) and,
+    without noise, no more values than the site's training samples."""
     if not medians:
         return {}
     grids = {m: grid(moments[m].mean, moments[m].std) for m in medians}
@@ -218,61 +273,94 @@ def _medians(
         "epsilon": epsilon,
         "seed": seed + 1,
     }
-    replies = ask(exchange, train_nodes, FEATURE_HISTOGRAM, request)
+    replies = ask(exchange, train_nodes, FEATURE_HISTOGRAM, request, sites)
     out = {}
     for m in medians:
-        d = len(names[m])
+        d = len(moments[m].n)
         total = np.zeros((d, HIST_BINS))
         for r in replies:
-            if f"{m}/hist" in r:
-                counts = _array(r, f"{m}/hist", d * HIST_BINS).reshape(d, HIST_BINS)
-                if (counts < 0).any():
-                    raise FederationError(f"feature statistics: a site sent negative histogram counts for {m}")
-                total += counts
+            if f"{m}/hist" not in r:
+                continue
+            counts = _array(r, f"{m}/hist", d * HIST_BINS).reshape(d, HIST_BINS)
+            where = f"feature statistics: site {r['site']} sent a histogram of {m}"
+            if (counts < 0).any():
+                raise FederationError(f"{where} with negative counts")
+            if not coarse_enough(counts, min_count):
+                raise FederationError(
+                    f"{where} with a cell of fewer than preprocess.min_count={min_count} values: a site sends "
+                    "runs of whole blocks of at least that many (feature_stats.coarsened), never finer cells"
+                )
+            if epsilon == 0 and (counts.sum(axis=1) > _n_train(profiles, r["node"]) + 1e-6).any():
+                raise FederationError(f"{where} holding more values than the site has training samples")
+            total += counts
         lo, width = grids[m]
         out[m] = np.array([quantile(total[j], lo[j], width[j], 0.5) for j in range(d)])
     return out
 
 
-def ask(exchange: Exchange, nodes: Sequence[int], key: str, request: dict[str, Any]) -> list[dict[str, Any]]:
+def ask(
+    exchange: Exchange, nodes: Sequence[int], key: str, request: dict[str, Any], sites: Mapping[int, str]
+) -> list[dict[str, Any]]:
     """One query to every node in `nodes`; each reply's values (lists of floats, one per feature or
-    per feature and bin). A node that fails or does not answer stops the run, named."""
+    per feature and bin) with its "node" and "site" (`sites`: node -> site, from the handshake). A
+    site that fails or does not answer stops the run, named."""
     content = RecordDict({CONFIG_RECORD: ConfigRecord({key: json.dumps(request)})})
     replies = exchange([Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes])
     out = []
     for msg in replies:
+        node = msg.metadata.src_node_id
+        site = sites.get(node, f"at node {node}")
         if msg.has_error():
-            raise FederationError(f"feature statistics: node {msg.metadata.src_node_id} failed: {error_reason(msg)}")
+            raise FederationError(f"feature statistics: site {site} failed: {error_reason(msg)}")
         record = msg.content.metric_records.get(METRICS_RECORD)
         if record is None:
-            raise FederationError(f"feature statistics: node {msg.metadata.src_node_id} sent no {METRICS_RECORD!r}")
-        out.append({"node": msg.metadata.src_node_id, **dict(record)})
-    if len(out) != len(nodes):
+            raise FederationError(f"feature statistics: site {site} sent no {METRICS_RECORD!r}")
+        out.append({**dict(record), "node": node, "site": site})
+    missing = [sites.get(n, f"at node {n}") for n in nodes if n not in {r["node"] for r in out}]
+    if missing:
         raise FederationError(
-            f"feature statistics: {len(nodes) - len(out)} of {len(nodes)} training sites did not answer"
+            f"feature statistics: {len(missing)} of {len(nodes)} training sites did not answer: {', '.join(missing)}"
         )
     return out
 
 
 def _array(reply: dict[str, Any], key: str, width: int) -> np.ndarray:
-    """A reply's list under `key`: `width` finite numbers, else the node is named."""
+    """A reply's list under `key`: `width` finite numbers, else the site is named."""
     value = reply.get(key)
     if not isinstance(value, list) or len(value) != width or not np.isfinite(np.asarray(value, dtype=np.float64)).all():
         raise FederationError(
-            f"feature statistics: node {reply['node']} sent {key} that is not a list of {width} finite numbers"
+            f"feature statistics: site {reply['site']} sent {key} that is not a list of {width} finite numbers"
         )
     return np.asarray(value, dtype=np.float64)
 
 
-def _moments(reply: dict[str, Any], modality: str, width: int, exact: bool) -> Moments:
-    """A site's (n, mean, M2) of a modality (absent: a site that holds none of it); checked: one
-    value per feature, n and M2 >= 0, n whole unless noised."""
-    keys = [f"{modality}/{k}" for k in MOMENT_KEYS]
+def _moments(reply: dict[str, Any], spec: Modality, n_max: float, noisy: bool) -> Moments:
+    """A site's (n, mean, M2) of a modality (absent: a site that holds none of it), checked as
+    untrusted: one finite value per feature; 0 <= n <= n_max (the site's training samples), n
+    whole unless noised; M2 >= 0, and 0 where n is; where a feature declares [low, high] the mean
+    within it and M2 at most n (high - low)^2 / 4 (the widest n values in the range can spread).
+    Under noise, which can push an honest site's mean or M2 out, those two are clamped instead."""
+    m, width = spec.name, len(spec.features)
+    keys = [f"{m}/{k}" for k in MOMENT_KEYS]
     if not any(k in reply for k in keys):
         return Moments.empty(width)
     n, mean, m2 = (_array(reply, k, width) for k in keys)
-    if (n < 0).any() or (m2 < 0).any() or (exact and (n != np.round(n)).any()):
-        raise FederationError(
-            f"feature statistics: node {reply['node']} sent counts or M2 of {modality} that no set of rows has"
-        )
+    where = f"feature statistics: site {reply['site']} sent"
+
+    def refuse(bad: np.ndarray, what: str) -> None:
+        if bad.any():
+            name = spec.features[int(np.flatnonzero(bad)[0])].name
+            raise FederationError(f"{where} {what} of feature {name!r} of {m}")
+
+    whole = noisy | (n == np.round(n))
+    refuse((n < 0) | (n > n_max) | ~whole, f"a count that no set of its {int(n_max)} training samples has")
+    refuse((m2 < 0) | ((n == 0) & (m2 != 0)), "an M2 that no set of values has")
+    low, high = _bounds(spec)
+    declared = ~np.isnan(low) & ~np.isnan(high) & (n > 0)
+    widest = np.where(declared, n * (high - low) ** 2 / 4, np.inf)
+    if noisy:
+        return Moments(n, np.where(declared, np.clip(mean, low, high), mean), np.minimum(m2, widest))
+    tol = 1e-9 * np.maximum(1.0, np.maximum(np.abs(np.nan_to_num(low)), np.abs(np.nan_to_num(high))))
+    refuse(declared & ((mean < low - tol) | (mean > high + tol)), "a mean outside the declared range [low, high]")
+    refuse(declared & (m2 > widest * (1 + 1e-9) + tol), "an M2 wider than values in the declared [low, high] spread")
     return Moments(n, mean, m2)

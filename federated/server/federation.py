@@ -27,7 +27,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 
-from federated import __version__
 from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.config.protected import protected_settings
 from federated.core.config.schema import ExperimentConfig
@@ -76,7 +75,7 @@ from federated.server.federated_stats import target_scales
 from federated.server.records import FederationResult, FederationTiming, RoundRecord, TrainStats
 from federated.server.results import PrivacyReport
 from federated.server.secure_round import SecureSum, secure_sum
-from federated.server.site_agreement import FederationError, agree, exact_schema
+from federated.server.site_agreement import FederationError, agreed_schema
 from federated.server.site_roster import (
     SHORTFALL_QUERY_S,
     expected_site_names,
@@ -790,28 +789,13 @@ def run_rounds_evaluating_with_train(
     return ServerState(fed.cfg.rounds, arrays, fed.strategy, initial, history)
 
 
-def _agreed_schema(cfg: ExperimentConfig, profiles: dict[int, SiteProfile]) -> tuple[CorpusSchema, dict[str, str]]:
-    """The schema the model is built for, and the sites left out (engine.on_incompatible_site=exclude)."""
-    if cfg.sites.planner != SITE_LOCAL:
-        versions = {p.site: p.version for p in profiles.values() if p.version != __version__}
-        if versions:
-            raise FederationError(
-                f"handshake: sites run other multimed-fl versions than the server's {__version__}: {versions}"
-            )
-        return exact_schema(profiles.values()), {}
-    agreement = agree(profiles.values(), __version__, per_site_tasks=True)
-    if agreement.incompatible and cfg.engine.on_incompatible_site == "fail":
-        reasons = "; ".join(f"site {s}: {why}" for s, why in sorted(agreement.incompatible.items()))
-        raise FederationError(
-            f"handshake: incompatible site(s) ({reasons}); engine.on_incompatible_site=exclude runs without them"
-        )
-    for site, why in sorted(agreement.incompatible.items()):
-        log(WARNING, "site %s left out: %s", site, why)
-    return agreement.schema, agreement.incompatible
-
-
 def _site_config(
-    grid: Grid, cfg: ExperimentConfig, schema: CorpusSchema, train_nodes: list[int], resume: Checkpoint | None
+    grid: Grid,
+    cfg: ExperimentConfig,
+    schema: CorpusSchema,
+    node_profiles: dict[int, SiteProfile],
+    train_nodes: list[int],
+    resume: Checkpoint | None,
 ) -> tuple[dict[str, str], FeatureStatistics | None]:
     """What every train and evaluate message carries, from the statistics rounds before round 1
     (no rows move): in site-local mode the federation's schema and the regression targets' scales;
@@ -823,7 +807,7 @@ def _site_config(
         scales = target_scales(lambda messages: exchange(grid, messages), train_nodes, regression)
         config = {SCHEMA_KEY: json.dumps(schema.to_dict()), TARGET_SCALES: json.dumps(scales)}
     saved = resume.feature_statistics if resume is not None else None
-    features = run_statistics(lambda messages: exchange(grid, messages), train_nodes, schema, cfg, saved)
+    features = run_statistics(lambda ms: exchange(grid, ms), train_nodes, schema, cfg, node_profiles, saved)
     if features is not None and features.standardisers:
         config[FEATURE_STATS] = features.message()
     return config, features
@@ -850,14 +834,14 @@ def run_federation(
         timeout_s=cfg.engine.handshake_timeout_s,
         expected_names=expected_site_names(cfg, planned_sites),
     )
-    schema, excluded = _agreed_schema(cfg, node_profiles)
+    schema, excluded = agreed_schema(cfg, node_profiles)
     # Agreed: the profiles no longer need their schemas, which every round record (and so every
     # checkpoint) would otherwise carry once per site per round.
     node_profiles = {n: dataclasses.replace(p, schema=None) for n, p in node_profiles.items() if p.site not in excluded}
     train_nodes = [n for n, p in node_profiles.items() if p.role == Role.TRAIN]
     if not train_nodes:
         raise FederationError("no training sites answered the handshake")
-    site_config, features = _site_config(grid, cfg, schema, train_nodes, resume)
+    site_config, features = _site_config(grid, cfg, schema, node_profiles, train_nodes, resume)
     hooks = [*callbacks, *checkpointers(cfg, checkpoint_dir, features.to_dict() if features else None)]
     profiles = list(node_profiles.values())
     for cb in hooks:

@@ -164,8 +164,25 @@ def print_report(summary: RunSummary, out_dir: Path, console: Console | None = N
     )
     if final.ood_adapted is not None:
         console.print(f"OOD score after test-time adaptation {_f(final.ood_adapted.score)} (ood.adapt)")
+    if summary.preprocess:
+        console.print(released_line(summary.preprocess), markup=False)
     console.print(f"{summary.rounds_completed} rounds in {summary.timing.wall_s:.1f} s; outputs in {out_dir}")
     print_problems(summary, console)
+
+
+def released_line(preprocess: dict) -> str:
+    """What the feature statistics round released (summary.json's `preprocess`), in one line: a
+    reader of the report should not need the config to know whether sites sent exact aggregates."""
+    source, k, eps = preprocess.get("statistics"), preprocess.get("min_count"), preprocess.get("epsilon", 0.0)
+    if source == "per_site":
+        return "Feature statistics (preprocess.statistics=per_site): each site's own rows; nothing released"
+    if source == "pooled":
+        return "Feature statistics (preprocess.statistics=pooled, simulation): the training sites' rows in one place"
+    if eps:
+        released = f"Laplace noise, epsilon {eps:g} per training site (DP per record, not per patient)"
+    else:
+        released = "exact aggregates"
+    return f"Feature statistics (preprocess.statistics={source}): {released}, min_count {k}"
 
 
 def print_problems(summary: RunSummary, console: Console) -> None:

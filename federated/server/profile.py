@@ -8,11 +8,15 @@ site, training and held-out alike (clients/site_profile.py):
 1. counts: each site's counts, label mix, missingness and per-feature (n, mean, M2), merged
    exactly into the pooled moments (federated/core/feature_stats.py: Chan et al.);
 2. histograms: each site's counts on the grid every site shares (pooled mean +- 8 SD), fine
-   (HIST_BINS) or, under DP, coarse (PROFILE_COARSE_BINS); quantiles come from their sum.
+   (HIST_BINS) or, under DP, coarse (PROFILE_COARSE_BINS), released coarsened: cells of whole
+   1/64ths of the grid (feature_stats.BLOCKS) of at least min_count values each; quantiles come
+   from their sum.
 
-Every reply is checked as untrusted input (shapes, finite values, non-negative counts), and a
-site that fails or does not answer stops the profile, naming it. Suppression of small cells and
-the outputs are federated/server/profile_report.py's.
+Both requests carry preprocess.min_count and epsilon; a site holds them to its own floor. Every
+reply is checked as untrusted input (shapes, finite values, non-negative counts, histograms
+coarse_enough and of whole blocks: a site that would place one patient's value is refused), and a
+site that fails or does not answer stops the profile, naming the site (never a node id).
+Suppression of small cells and the outputs are federated/server/profile_report.py's.
 """
 
 from __future__ import annotations
@@ -22,19 +26,16 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from logging import WARNING
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
 
-from federated import __version__
 from federated.core.arrays import record_to_numpy
 from federated.core.config.schema import ExperimentConfig
 from federated.core.corpus_schema import CorpusSchema, Modality
-from federated.core.feature_stats import HIST_BINS, Moments, combine, grid
+from federated.core.feature_stats import BLOCKS, HIST_BINS, Moments, coarse_enough, combine, grid
 from federated.core.protocol import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -46,10 +47,9 @@ from federated.core.replies import error_reason
 from federated.core.targets import VECTOR
 from federated.server.evaluation import SiteProfile
 from federated.server.federation import handshake
-from federated.server.site_agreement import FederationError, agree, exact_schema
+from federated.server.site_agreement import FederationError, agreed_schema
 from federated.server.site_roster import expected_site_names
 from federated.server.transport import exchange
-from partitions.site_local import SITE_LOCAL
 
 COUNTS, HISTOGRAMS = "counts", "histograms"
 
@@ -96,27 +96,6 @@ class Profile:
     def vector_modalities(self) -> list[str]:
         held = {m for s in self.sites for m in s.observed}
         return [m for m, spec in self.schema.modalities.items() if spec.kind == VECTOR and m in held]
-
-
-def _agreed(cfg: ExperimentConfig, profiles: dict[int, SiteProfile]) -> tuple[CorpusSchema, dict[str, str]]:
-    """The schema the sites are profiled under, and the sites left out: as a training run agrees
-    it (federation.run_federation), so a profile refuses what training would refuse."""
-    if cfg.sites.planner != SITE_LOCAL:
-        versions = {p.site: p.version for p in profiles.values() if p.version != __version__}
-        if versions:
-            raise FederationError(
-                f"handshake: sites run other multimed-fl versions than the server's {__version__}: {versions}"
-            )
-        return exact_schema(profiles.values()), {}
-    agreement = agree(profiles.values(), __version__, per_site_tasks=True)
-    if agreement.incompatible and cfg.engine.on_incompatible_site == "fail":
-        reasons = "; ".join(f"site {s}: {why}" for s, why in sorted(agreement.incompatible.items()))
-        raise FederationError(
-            f"handshake: incompatible site(s) ({reasons}); engine.on_incompatible_site=exclude profiles the others"
-        )
-    for site, why in sorted(agreement.incompatible.items()):
-        log(WARNING, "site %s left out of the profile: %s", site, why)
-    return agreement.schema, agreement.incompatible
 
 
 def _ask(
@@ -204,8 +183,19 @@ def _site_counts(
     return site
 
 
+def _request(phase: str, cfg: ExperimentConfig, **more: Any) -> str:
+    """A profile request: its phase, the server's min_count and epsilon (a site may refuse them,
+    never lower them), and what the phase needs."""
+    pre = cfg.preprocess
+    return json.dumps({"phase": phase, "min_count": pre.min_count, "epsilon": pre.epsilon, **more})
+
+
 def _histogram_request(
-    site: SiteAggregates, grids: dict[str, tuple[np.ndarray, np.ndarray]], pooled: dict[str, Moments], bins: int
+    site: SiteAggregates,
+    grids: dict[str, tuple[np.ndarray, np.ndarray]],
+    pooled: dict[str, Moments],
+    bins: int,
+    cfg: ExperimentConfig,
 ) -> str:
     grid_ = {}
     for m, (lo, width) in grids.items():
@@ -213,10 +203,30 @@ def _histogram_request(
             continue
         features = [int(j) for j in np.flatnonzero((site.moments[m].n > 0) & (pooled[m].n > 0))]
         grid_[m] = {"lo": lo.tolist(), "width": width.tolist(), "features": features}
-    return json.dumps({"phase": HISTOGRAMS, "bins": bins, "grid": grid_})
+    return _request(HISTOGRAMS, cfg, bins=bins, grid=grid_)
 
 
-def _site_histograms(site: SiteAggregates, body: dict[str, Any], arrays: dict[str, np.ndarray], bins: int) -> None:
+def coarse_cells(hist: np.ndarray, min_count: int) -> int | None:
+    """The first feature (row) of a received histogram that is not as feature_stats.coarsened
+    releases it (constant within each of the BLOCKS blocks, every cell of equal bins holding at
+    least min_count values); None if every row is."""
+    blocks = hist.reshape(len(hist), BLOCKS, -1)
+    whole = (blocks == blocks[:, :, :1]).all(axis=(1, 2))
+    sums = blocks.sum(axis=2)  # within whole blocks, runs of equal bins are runs of equal blocks: 64x less to walk
+    for j in range(len(hist)):
+        if not (whole[j] and coarse_enough(sums[j : j + 1], min_count)):
+            return j
+    return None
+
+
+def _site_histograms(
+    site: SiteAggregates,
+    body: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    bins: int,
+    min_count: int,
+    names: dict[str, list[str]],
+) -> None:
     where = f"profile (histograms): site {site.site}"
     sent = body.get("sent")
     if not isinstance(sent, dict) or body.get("bins") != bins:
@@ -233,6 +243,13 @@ def _site_histograms(site: SiteAggregates, body: dict[str, Any], arrays: dict[st
         keep = np.zeros(d, dtype=bool)
         keep[[j for j in features if 0 <= j < d]] = True
         hist[~keep] = 0.0
+        bad = coarse_cells(hist, min_count)
+        if bad is not None:
+            raise FederationError(
+                f"{where}: modality {m}: the histogram of feature {names[m][bad]} has a cell of fewer than "
+                f"min_count={min_count} values or not of whole 1/{BLOCKS}ths of the grid (a bin could place one "
+                "patient's value); refused"
+            )
         site.hist[m], site.sent[m] = hist, sorted(j for j in features if 0 <= j < d)
 
 
@@ -245,11 +262,11 @@ def run_profile(grid_: Grid, cfg: ExperimentConfig, planned_sites: Sequence[str]
         timeout_s=cfg.engine.handshake_timeout_s,
         expected_names=expected_site_names(cfg, planned_sites),
     )
-    schema, excluded = _agreed(cfg, profiles)
+    schema, excluded = agreed_schema(cfg, profiles, "profiles the others")
     profiles = {n: p for n, p in profiles.items() if p.site not in excluded}
     timeout = cfg.engine.round_timeout_s or None
     pre = cfg.preprocess
-    counts = _ask(grid_, dict.fromkeys(profiles, json.dumps({"phase": COUNTS})), profiles, timeout, COUNTS)
+    counts = _ask(grid_, dict.fromkeys(profiles, _request(COUNTS, cfg)), profiles, timeout, COUNTS)
     sites = {n: _site_counts(profiles[n], schema, *counts[n]) for n in profiles}
     pooled: dict[str, Moments] = {}
     grids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -258,9 +275,10 @@ def run_profile(grid_: Grid, cfg: ExperimentConfig, planned_sites: Sequence[str]
         lo, width = grid(pooled[m].mean, pooled[m].std)
         grids[m] = (np.where(pooled[m].n > 0, lo, 0.0), np.where(pooled[m].n > 0, width, 1.0))
     bins = PROFILE_COARSE_BINS if pre.epsilon > 0 else HIST_BINS
-    asks = {n: _histogram_request(s, grids, pooled, bins) for n, s in sites.items() if s.moments}
+    asks = {n: _histogram_request(s, grids, pooled, bins, cfg) for n, s in sites.items() if s.moments}
+    names = {m: feature_names(schema.modality(m)) for m in grids}
     if asks:
         for n, (body, arrays) in _ask(grid_, asks, profiles, timeout, HISTOGRAMS).items():
-            _site_histograms(sites[n], body, arrays, bins)
+            _site_histograms(sites[n], body, arrays, bins, pre.min_count, names)
     ordered = sorted(sites.values(), key=lambda s: s.site)
     return Profile(schema, ordered, pooled, grids, bins, pre.min_count, pre.epsilon, excluded, time.perf_counter() - t0)

@@ -13,6 +13,15 @@ values are over the sites that released the feature (a site below k sends nothin
 holding values did not release, the pooled count of observed values is hidden too, or it
 minus the pooled histogram's total would be that site's count.
 
+Histograms and quantiles. A site releases its histogram only in cells of at least k values
+(feature_stats.coarsened: whole 1/64ths of the grid, a cell's count spread evenly over them), so
+no bin is under k and none needs hiding: the report shows every histogram on those 64 blocks
+(the pooled one is the sum of the sites', a cell's spread included), and its plots show shares.
+(The earlier report grid, the finest with at most 10% of values in hidden bins, has nothing left
+to choose.) A site's or the pooled histogram's counts are "suppressed" where their total is not
+shown, exact: the total would give that count away. A quantile q of n values is shown only where
+q * n >= k and (1 - q) * n >= k: the 5% of 28 values would be the second smallest, one patient's.
+
 Zero is shown as 0: an empty cell describes nobody. With DP (preprocess.epsilon > 0) every count
 is a noisy one and the report says so, with the epsilon.
 """
@@ -29,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from federated.core.config import ExperimentConfig, config_to_yaml
-from federated.core.feature_stats import HIST_BINS, Moments, quantile
+from federated.core.feature_stats import BLOCKS, HIST_BINS, Moments, quantile
 from federated.core.io import atomic_write, atomic_write_text, temp_writer, write_json
 from federated.core.protocol import PROFILE_COARSE_BINS
 from federated.core.targets import CLASS_TARGETS, MULTILABEL
@@ -179,34 +188,43 @@ def _stat(x: float) -> float | None:
     return float(f"{x:.6g}") if np.isfinite(x) else None
 
 
-def _quantiles(counts: np.ndarray, lo: float, width: float, constant: float | None) -> dict[str, float | None]:
+def quantile_shown(q: float, n: float, min_count: int) -> bool:
+    """Whether the q-quantile of n values may be published: at least min_count values on each
+    side of it (else it is within a handful of one patient's value: the 5% of 28 values is the
+    second smallest)."""
+    return q * n >= min_count and (1 - q) * n >= min_count
+
+
+def _quantiles(
+    counts: np.ndarray, lo: float, width: float, constant: float | None, min_count: int
+) -> dict[str, float | str | None]:
     """From a histogram on the shared grid, interpolated within a bin and so rounded to the bin
     width's decimal (a zero-inflated feature's 5% is 0, not -8e-05); a feature whose values are
-    all one (M2 = 0) has that value as every quantile."""
-    if constant is not None:
-        return {f"q{round(q * 100):02d}": _stat(constant) for q in QUANTILES}
+    all one (M2 = 0) has that value as every quantile. "suppressed" where quantile_shown says no
+    (n: the histogram's total, the values it describes)."""
+    n = float(counts.sum())
     digits = -math.floor(math.log10(width))
-    return {f"q{round(q * 100):02d}": _stat(round(quantile(counts, lo, width, q), digits) + 0.0) for q in QUANTILES}
+    out: dict[str, float | str | None] = {}
+    for q in QUANTILES:
+        if not quantile_shown(q, n, min_count):
+            out[f"q{round(q * 100):02d}"] = "suppressed"
+        elif constant is not None:
+            out[f"q{round(q * 100):02d}"] = _stat(constant)
+        else:
+            out[f"q{round(q * 100):02d}"] = _stat(round(quantile(counts, lo, width, q), digits) + 0.0)
+    return out
 
 
 def _constant(moments: Moments | None, j: int) -> float | None:
     return float(moments.mean[j]) if moments is not None and moments.n[j] > 0 and moments.m2[j] == 0 else None
 
 
-REPORT_FACTORS = (1, 2, 4, 8)  # report grids of 64, 32, 16 or 8 bins over the pooled mean +- 8 SD
-HIDDEN_SHARE = 0.1
-
-
-def report_grid(coarse: np.ndarray, min_count: int) -> tuple[np.ndarray, int]:
-    """The sites' (sites, PROFILE_COARSE_BINS) histograms merged into the finest report grid whose
-    pooled histogram has at most HIDDEN_SHARE of its values in bins under min_count (a profile of
-    a few hundred values on 64 bins would be all suppressed): (histograms, merge factor)."""
-    for factor in REPORT_FACTORS:
-        merged = coarse.reshape(len(coarse), -1, factor).sum(axis=2)
-        pooled = merged.sum(axis=0)
-        if pooled[(pooled > 0) & (pooled < min_count)].sum() <= HIDDEN_SHARE * pooled.sum():
-            break
-    return merged, factor
+def _block_counts(values: np.ndarray, state: int) -> list[float] | str:
+    """A histogram's counts per block as reported: to 2 decimals (a cell's count spread over its
+    blocks is no whole number), or "suppressed" where its total is not shown exactly."""
+    if state != SHOWN:
+        return "suppressed"
+    return [round(float(v), 2) + 0.0 for v in values]
 
 
 def _feature(
@@ -238,40 +256,41 @@ def _feature(
         entry["sd"][POOLED] = _stat(float(np.sqrt(pooled.m2[j] / pooled.n[j])))
     sent = [s for s in holders if j in s.sent.get(m, [])]
     if not sent or m not in profile.grids:
-        return entry, np.zeros(0), np.zeros(0, dtype=np.int8)
+        return entry, np.zeros(0), np.zeros(0)
     lo, width = profile.grids[m][0][j], profile.grids[m][1][j] * HIST_BINS / profile.bins
     hists = np.array([s.hist[m][j] for s in sent])
     entry["quantiles"] = {
-        s.site: _quantiles(h, lo, width, _constant(s.moments[m], j)) for s, h in zip(sent, hists, strict=True)
+        s.site: _quantiles(h, lo, width, _constant(s.moments[m], j), k) for s, h in zip(sent, hists, strict=True)
     }
-    entry["quantiles"][POOLED] = _quantiles(hists.sum(axis=0), lo, width, _constant(pooled, j))
-    coarse, factor = report_grid(hists.reshape(len(sent), PROFILE_COARSE_BINS, -1).sum(axis=2), k)
-    table = _with_pooled(np.hstack([coarse, coarse.sum(axis=1, keepdims=True)]))
-    state = np.zeros(table.shape, dtype=np.int8)
-    fixed = np.zeros(table.shape, dtype=bool)
-    fixed[:, -1] = True
+    entry["quantiles"][POOLED] = _quantiles(hists.sum(axis=0), lo, width, _constant(pooled, j), k)
+    blocks = _with_pooled(hists.reshape(len(sent), BLOCKS, -1).sum(axis=2))
+    # A histogram's total is its group's released count: shown only where that count is (the
+    # pooled one's: the sum of the sites', or the pooled observed count where every site holding
+    # values sent). Under DP the histograms' noise is their own (their totals are not the noisy
+    # counts), so all are shown.
     index = {s.site: i for i, s in enumerate(holders)}
-    state[:-1, -1] = [st[index[s.site], 0] for s in sent]
-    state[-1, -1] = SECONDARY if partial or st[-1, 0] != SHOWN else SHOWN
-    hst = protect(table, k, state, fixed)
-    bins = coarse.shape[1]
-    nonzero = np.flatnonzero(table[-1, :-1] > 0)
-    first, last = (int(nonzero[0]), int(nonzero[-1])) if nonzero.size else (0, bins - 1)
-    step = profile.grids[m][1][j] * HIST_BINS / PROFILE_COARSE_BINS * factor
+    states = [SHOWN if profile.epsilon > 0 else int(st[index[s.site], 0]) for s in sent]
+    every = all(s in sent for s in holders if s.observed[m][j] > 0)
+    public = profile.epsilon > 0 or all(x == SHOWN for x in states) or (every and st[-1, 0] == SHOWN)
+    states.append(SHOWN if public else SECONDARY)
+    nonzero = np.flatnonzero(blocks[-1] > 0)
+    first, last = (int(nonzero[0]), int(nonzero[-1])) if nonzero.size else (0, BLOCKS - 1)
+    step = profile.grids[m][1][j] * HIST_BINS / BLOCKS
     entry["histogram"] = {
-        "bin_sd": _stat(16.0 / bins),  # the grid is the pooled mean +- 8 SD in `bins` bins
+        "bin_sd": _stat(16.0 / BLOCKS),  # the grid is the pooled mean +- 8 SD in BLOCKS bins
         "edges": [_stat(lo + step * b) for b in range(first, last + 2)],
-        "open_ends": [first == 0, last == bins - 1],  # an end bin also holds the tail beyond it
+        "open_ends": [first == 0, last == BLOCKS - 1],  # an end bin also holds the tail beyond it
         "counts": {
-            n: [shown(table[i, b], hst[i, b], k) for b in range(first, last + 1)]
+            n: _block_counts(blocks[i, first : last + 1], states[i])
             for i, n in enumerate([*(s.site for s in sent), POOLED])
         },
     }
-    return entry, table[-1, first : last + 1], hst[-1, first : last + 1]
+    pooled_hist = blocks[-1, first : last + 1]
+    return entry, pooled_hist, pooled_hist / max(float(pooled_hist.sum()), 1e-12)
 
 
 def _modalities(profile: Profile, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """stats.json's modalities; and, for the plots, per modality the pooled histograms and states."""
+    """stats.json's modalities; and, for the plots, per modality the pooled histograms' shares."""
     out: dict[str, Any] = {}
     plots: dict[str, Any] = {}
     for m in profile.vector_modalities():
@@ -281,9 +300,9 @@ def _modalities(profile: Profile, k: int) -> tuple[dict[str, Any], dict[str, Any
         features: dict[str, Any] = {}
         plots[m] = {}
         for j, name in enumerate(names):
-            features[name], hist, states = _feature(profile, m, j, holders, k)
+            features[name], hist, shares = _feature(profile, m, j, holders, k)
             if hist.size:
-                plots[m][name] = (features[name]["histogram"]["edges"], hist, states)
+                plots[m][name] = (features[name]["histogram"]["edges"], shares)
         out[m] = {
             "raw": spec.raw_features,
             "features": names,
@@ -298,14 +317,20 @@ def privacy_note(profile: Profile) -> str:
     text = (
         f"Counts below preprocess.min_count={k} are shown as <{k} (a site's or the pooled); counts that "
         f"would give one of them away by subtraction from a total as 'suppressed'. A site with fewer than {k} "
-        "observed values of a feature sent nothing for it."
+        f"observed values of a feature sent nothing for it. Each site's histogram came in cells of at least {k} "
+        f"values (whole 1/{BLOCKS}ths of the grid, a cell's count spread evenly over them): a histogram's counts "
+        "are 'suppressed' where its total is not shown; plots show shares. A quantile q of n values is shown "
+        f"only where q*n and (1-q)*n are both at least {k}."
     )
     if profile.epsilon > 0:
         text += (
             f" Differential privacy: each site's profile is epsilon={profile.epsilon:g}-DP per sample (Laplace "
             "noise; a third of the budget each for counts, moments and histograms): every count, mean, SD, "
-            f"quantile and histogram here is noisy; histograms are on {PROFILE_COARSE_BINS} bins; features "
-            "without a declared range (the data dictionary's low/high) are not released."
+            f"quantile and histogram here is noisy; histograms are on {PROFILE_COARSE_BINS} bins, noisy, then "
+            f"coarsened into cells of at least {k} (post-processing: no extra cost); features without a declared "
+            "range (the data dictionary's low/high) are not released. Which features a site released (at least "
+            f"{k} observed values) was decided on exact counts, as NVIDIA FLARE does: that choice is outside the "
+            "epsilon."
         )
     else:
         text += " No noise (preprocess.epsilon=0): the counts are exact."
@@ -331,11 +356,7 @@ def build_stats(profile: Profile, cfg: ExperimentConfig, engine: str) -> tuple[d
         "samples": samples,
         "label_mix": _label_mix(profile, k, totals),
         "modalities": modalities,
-        "histogram_bins": {
-            "sent": profile.bins,
-            "reported": [PROFILE_COARSE_BINS // f for f in REPORT_FACTORS],
-            "span_sd": 8,
-        },
+        "histogram_bins": {"sent": profile.bins, "reported": BLOCKS, "span_sd": 8},
         "wall_s": round(profile.wall_s, 3),
     }
     return stats, plots
@@ -410,25 +431,22 @@ def plot_missingness(modality: str, entry: dict[str, Any], sites: list[str], pat
 
 
 def plot_histograms(modality: str, hists: dict[str, Any], path: Path) -> None:
-    """The pooled histogram of each feature on the report grid; a suppressed bin is an x."""
+    """The pooled histogram of each feature on the 64 blocks, as shares of its values (a count
+    would give away a total the tables hide; every site's cells hold at least min_count values)."""
     plt = _pyplot()
     items = list(hists.items())[:PLOTTED_FEATURES]
     cols = min(4, len(items))
     n_rows = -(-len(items) // cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(3.2 * cols, 2.4 * n_rows), squeeze=False)
-    for ax, (name, (edges, counts, states)) in zip(axes.flat, items, strict=False):
+    for ax, (name, (edges, shares)) in zip(axes.flat, items, strict=False):
         left = np.asarray(edges[:-1], dtype=float)
         width = np.diff(np.asarray(edges, dtype=float))
-        heights = np.where(states == SHOWN, counts, 0.0)
-        ax.bar(left, heights, width, align="edge", color="tab:blue")
-        hidden = left[states != SHOWN] + width[states != SHOWN] / 2
-        if hidden.size:
-            ax.scatter(hidden, np.zeros(hidden.size), marker="x", color="black", s=12, zorder=3)
+        ax.bar(left, shares, width, align="edge", color="tab:blue")
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(items) :]:
         ax.axis("off")
-    fig.suptitle(f"{modality}: pooled histograms (x = suppressed bin)", fontsize=10)
+    fig.suptitle(f"{modality}: pooled histograms (share of values per bin)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 

@@ -17,11 +17,17 @@ import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from logging import WARNING
 from typing import Any
 
+from flwr.common.logger import log
+
+from federated import __version__
+from federated.core.config.schema import ExperimentConfig
 from federated.core.corpus_schema import CorpusSchema, Modality, Task
 from federated.core.features import first_feature_difference
 from federated.server.evaluation import SiteProfile
+from partitions.site_local import SITE_LOCAL
 
 
 class FederationError(RuntimeError):
@@ -120,3 +126,27 @@ def schema_difference(a: CorpusSchema, b: CorpusSchema) -> str:
 
 def _entry(item: Any) -> str:
     return "absent" if item is None else json.dumps(item.to_dict(), sort_keys=True)
+
+
+def agreed_schema(
+    cfg: ExperimentConfig, profiles: dict[int, SiteProfile], without: str = "runs without them"
+) -> tuple[CorpusSchema, dict[str, str]]:
+    """The schema the federation works under, and the sites left out (engine.on_incompatible_site
+    =exclude): one rule for a training run and a statistics-only run, so a profile refuses what
+    training would. `without` says what exclude does (in the error that suggests it)."""
+    if cfg.sites.planner != SITE_LOCAL:
+        versions = {p.site: p.version for p in profiles.values() if p.version != __version__}
+        if versions:
+            raise FederationError(
+                f"handshake: sites run other multimed-fl versions than the server's {__version__}: {versions}"
+            )
+        return exact_schema(profiles.values()), {}
+    agreement = agree(profiles.values(), __version__, per_site_tasks=True)
+    if agreement.incompatible and cfg.engine.on_incompatible_site == "fail":
+        reasons = "; ".join(f"site {s}: {why}" for s, why in sorted(agreement.incompatible.items()))
+        raise FederationError(
+            f"handshake: incompatible site(s) ({reasons}); engine.on_incompatible_site=exclude {without}"
+        )
+    for site, why in sorted(agreement.incompatible.items()):
+        log(WARNING, "site %s left out: %s", site, why)
+    return agreement.schema, agreement.incompatible

@@ -1,8 +1,10 @@
 """`multimed-fl stats`: a federated pre-flight profile (federated/app/stats.py, clients/site_profile.py,
 federated/server/profile.py, profile_report.py). Counts are the manifest's exactly; small cells are
-suppressed and cannot be recovered from a total; raw features are profiled raw, with their
-missingness; no reply of a profile run carries a row; site-local and deployed runs give the same
-profile as the simulation of the same rows."""
+suppressed and cannot be recovered from a total; histograms leave a site only in cells of at least
+min_count values, and a quantile is published only with min_count values on each side; a site holds
+a request to its own floor and answers a phase once per run; raw features are profiled raw, with
+their missingness; no reply of a profile run carries a row; site-local and deployed runs give the
+same profile as the simulation of the same rows."""
 
 from __future__ import annotations
 
@@ -16,16 +18,28 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from clients.client_app import app as client_app
+from clients.site_profile import ProfileRequestError, profile_reply
+from clients.site_runtime import SiteRuntime, site_runtime
 from federated.app.cli import main
 from federated.app.stats import run_stats, stats_run_config
 from federated.core.arrays import record_to_numpy
-from federated.core.config import load_config
-from federated.core.feature_stats import HIST_BINS
-from federated.core.protocol import PROFILE_COARSE_BINS, SCHEMA_KEY, STATISTICS_ONLY_KEY
+from federated.core.config import config_to_yaml, load_config
+from federated.core.feature_stats import BLOCKS, HIST_BINS, coarse_enough, coarsened
+from federated.core.protocol import (
+    CONFIG_KEY,
+    CONFIG_RECORD,
+    CORPUS_KEY,
+    PROFILE_COARSE_BINS,
+    PROFILE_REPLY,
+    SCHEMA_KEY,
+    STATISTICS_ONLY_KEY,
+)
 from federated.data.format import Corpus, index_column
 from federated.data.synthetic import GeneratorConfig, build_synthetic_corpus
-from federated.server.profile_report import PRIMARY, SECONDARY, SHOWN, protect
+from federated.server.profile import coarse_cells
+from federated.server.profile_report import PRIMARY, QUANTILES, SECONDARY, SHOWN, protect, quantile_shown
 from federated.server.run_folder import RunFolderError
+from federated.server.site_agreement import FederationError
 from partitions import plan_sites
 
 TASKS = ("breast_cancer_classification", "motor_imagery", "bone_age")
@@ -213,10 +227,10 @@ def test_small_cells_are_suppressed_and_cannot_be_recovered(corpus, tmp_path):
         assert all(per["test"][s] == "<10" for s in expected)
         assert all(per["train"][s] == "suppressed" for s in expected)  # else total - train = test
         assert per["test"]["pooled"] == sum(e["samples"][t]["test"] for e in expected.values())
-    # a pooled histogram bin under 10 is suppressed too
+    # no histogram is a count of its own: each is per 1/64th of the grid, or hidden with its total
     for feature in stats["modalities"]["tabular"]["per_feature"].values():
-        bins = feature["histogram"]["counts"]["pooled"]
-        assert not any(isinstance(b, int) and 0 < b < 10 for b in bins)
+        counts = feature["histogram"]["counts"]
+        assert all(c == "suppressed" or len(c) == len(feature["histogram"]["edges"]) - 1 for c in counts.values())
 
 
 def test_protect_hides_a_second_cell_wherever_one_would_follow_from_a_total():
@@ -250,6 +264,12 @@ def test_raw_features_are_profiled_raw_with_their_missingness(raw_corpus, tmp_pa
     assert lab1["observed"][first] == "<10"
     assert lab1["observed"]["pooled"] == "suppressed"  # pooled minus the others' would be its 4
     assert int(others.sum()) - 4 == sum(v for s, v in lab1["observed"].items() if isinstance(v, int) and s != "pooled")
+    # a histogram's total is its released count: hidden with it (lab_0's at the first site, whose 7
+    # missing values are <10, and so the pooled one), shown where the counts it adds up to are
+    counts0, counts1 = lab0["histogram"]["counts"], lab1["histogram"]["counts"]
+    assert counts0[first] == counts0["pooled"] == "suppressed"
+    assert all(isinstance(c, list) for s, c in counts0.items() if s not in (first, "pooled"))
+    assert sum(counts1["pooled"]) == pytest.approx(int(others.sum()) - 4, abs=0.05)
     assert _assert_no_row_leaves(rec.replies, raw_corpus, {"tabular": 12}) >= 9
 
 
@@ -341,6 +361,147 @@ def test_the_server_app_switch_runs_a_profile_and_refuses_to_resume(tmp_path):
     )
     with pytest.raises(RunFolderError, match="nothing to resume"):
         server_app.main(_Grid(), context)
+
+
+def _sent_histograms(replies: list[Message]) -> list[np.ndarray]:
+    return [
+        a
+        for r in replies
+        for record in r.content.array_records.values()
+        for k, a in record_to_numpy(record).items()
+        if k.endswith("/hist")
+    ]
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 2.0])
+def test_a_site_sends_histograms_only_in_cells_of_min_count_values(raw_corpus, tmp_path, epsilon):
+    """A fine bin holding one patient would place that patient's value to 1/4096 of the grid:
+    every histogram a site sends, exact or noisy, is in cells of whole 1/64ths of the grid holding
+    at least min_count (10) values each; exact, nothing is lost (a feature's cells hold its values)."""
+    rec = Recording()
+    cfg = load_config([f"corpus.path={raw_corpus}", *NATURAL, f"preprocess.epsilon={epsilon}"])
+    stats = run_stats(cfg, tmp_path / "profile", client=rec)
+    hists = _sent_histograms(rec.replies)
+    assert len(hists) == 3
+    for h in hists:
+        assert coarse_enough(h, 10) and coarse_cells(h, 10) is None
+        blocks = h.reshape(len(h), BLOCKS, -1)
+        assert (blocks == blocks[..., :1]).all()  # constant within each block: no finer edge
+    if epsilon == 0:
+        for h in hists:
+            totals = h.sum(axis=1)
+            assert np.allclose(totals, np.round(totals)) and ((totals == 0) | (totals >= 10)).all()
+        # a shape survives: some feature's values fall in cells of different densities
+        assert any(len(np.unique(row[row > 0])) > 1 for h in hists for row in h)
+        raw = np.asarray(Corpus.open(raw_corpus).array("tabular"), dtype=np.float64)
+        lab3 = stats["modalities"]["tabular"]["per_feature"]["lab_3"]["histogram"]["counts"]["pooled"]
+        assert sum(lab3) == pytest.approx(len(raw), abs=0.05)  # every value in some cell
+
+
+def test_coarse_cells_names_the_feature_a_server_must_refuse():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(40, 2))
+    fine = np.stack(
+        [np.bincount(np.clip((v * 500 + 2048).astype(int), 0, HIST_BINS - 1), minlength=HIST_BINS) for v in values.T]
+    ).astype(np.float64)
+    assert coarse_cells(coarsened(fine, 10), 10) is None
+    assert coarse_cells(fine, 10) == 0  # single patients' bins
+    odd = coarsened(fine, 10)
+    odd[1, :] = 0.0
+    odd[1, 10:30] = 1.0  # 20 values, but a cell that is not whole blocks
+    assert coarse_cells(odd, 10) == 1
+    assert coarse_cells(coarsened(fine, 10), 41) == 0  # 40 values: no cell of 41
+
+
+def test_the_server_refuses_a_histogram_that_could_place_a_patient_naming_the_site(raw_corpus, tmp_path, monkeypatch):
+    import clients.site_profile as site_profile
+
+    # a site that sends its fine bins (raising=False: before coarsening existed, the name did not)
+    monkeypatch.setattr(site_profile, "coarsened", lambda hist, k: hist, raising=False)
+    cfg = load_config([f"corpus.path={raw_corpus}", *NATURAL])
+    sites = {p.site for p in _plans(raw_corpus)}
+    with pytest.raises(FederationError, match=r"modality tabular: the histogram of feature lab_\d+ has a cell") as e:
+        run_stats(cfg, tmp_path / "profile")
+    named = str(e.value).split("site ", 1)[1].split(":")[0]
+    assert named in sites and "node" not in str(e.value)
+
+
+def test_a_quantile_is_published_only_with_min_count_values_on_each_side(raw_corpus, tmp_path):
+    """The reviewer's case: the 5% and 95% of a site of about 30 values were its second smallest
+    and second largest, one patient's each."""
+    stats = run_stats(load_config([f"corpus.path={raw_corpus}", *NATURAL]), tmp_path / "profile")
+    shown_any = suppressed_any = 0
+    for name in ("lab_3", "lab_5"):
+        per = stats["modalities"]["tabular"]["per_feature"][name]
+        n = {s: per["observed"][s] for s in per["pooled_over"]}
+        assert all(isinstance(v, int) for v in n.values())
+        n["pooled"] = sum(n.values())
+        assert set(per["quantiles"]) == set(n)
+        for group, qs in per["quantiles"].items():
+            for q in QUANTILES:
+                value = qs[f"q{round(q * 100):02d}"]
+                if quantile_shown(q, n[group], 10):
+                    assert isinstance(value, float), (name, group, q)
+                    shown_any += 1
+                else:
+                    assert value == "suppressed", (name, group, q, n[group])
+                    suppressed_any += 1
+        for site in per["pooled_over"]:  # ~30 values: 1.5 below the 5%
+            assert per["quantiles"][site]["q05"] == per["quantiles"][site]["q95"] == "suppressed"
+    assert shown_any and suppressed_any
+    assert quantile_shown(0.05, 200, 10) and not quantile_shown(0.05, 199, 10) and not quantile_shown(0.5, 19, 10)
+
+
+def _site(corpus: Path, node_config: dict[str, Any], *overrides: str) -> tuple[SiteRuntime, Context]:
+    """A site's runtime and a fresh run's Context; deployed when node_config names the site."""
+    cfg = load_config([f"corpus.path={corpus}", *NATURAL, *overrides])
+    run_config: dict[str, bool | float | int | str] = {CONFIG_KEY: config_to_yaml(cfg), CORPUS_KEY: str(corpus)}
+    rt = site_runtime(run_config, node_config)
+    return rt, Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def _counts(min_count: int, epsilon: float) -> str:
+    return json.dumps({"phase": "counts", "min_count": min_count, "epsilon": epsilon})
+
+
+def test_a_deployed_site_holds_a_request_to_its_own_floor_naming_the_key(raw_corpus):
+    site = _plans(raw_corpus)[0].site
+    node = {"site": site, "corpus-path": str(raw_corpus)}
+    # the server's config says min_count 5; the site's floor is its node config's (default 10)
+    rt, ctx = _site(raw_corpus, node, "preprocess.min_count=5")
+    with pytest.raises(ProfileRequestError, match="min_count 5 is below this site's node config stats-min-count=10"):
+        profile_reply(rt, _counts(5, 0.0), ctx)
+    assert profile_reply(rt, _counts(10, 0.0), ctx).config_records[CONFIG_RECORD][PROFILE_REPLY]
+    rt, ctx = _site(raw_corpus, {**node, "stats-min-count": 20})
+    with pytest.raises(ProfileRequestError, match="stats-min-count=20"):
+        profile_reply(rt, _counts(10, 0.0), ctx)
+    rt, ctx = _site(raw_corpus, {**node, "stats-epsilon": 1.0})
+    for asked in (0.0, 2.0):  # no noise, or less than the site's budget allows
+        with pytest.raises(ProfileRequestError, match="stats-epsilon=1"):
+            profile_reply(rt, _counts(10, asked), ctx)
+    assert profile_reply(rt, _counts(10, 0.5), ctx).config_records[CONFIG_RECORD][PROFILE_REPLY]
+    # simulated, the run's settings are the sites' own
+    rt, ctx = _site(raw_corpus, {"partition-id": 0, "num-partitions": 3}, "preprocess.min_count=5")
+    assert profile_reply(rt, _counts(5, 0.0), ctx).config_records[CONFIG_RECORD][PROFILE_REPLY]
+
+
+def test_a_repeated_profile_request_gets_the_same_noisy_reply(raw_corpus):
+    site = _plans(raw_corpus)[0].site
+    node = {"site": site, "corpus-path": str(raw_corpus), "stats-epsilon": 2.0}
+    rt, ctx = _site(raw_corpus, node, "preprocess.epsilon=2")
+
+    def read(reply: RecordDict) -> tuple[str, dict[str, np.ndarray]]:
+        return str(reply.config_records[CONFIG_RECORD][PROFILE_REPLY]), record_to_numpy(
+            next(iter(reply.array_records.values()))
+        )
+
+    first, again = read(profile_reply(rt, _counts(10, 2.0), ctx)), read(profile_reply(rt, _counts(10, 2.0), ctx))
+    assert first[0] == again[0] and all(np.array_equal(first[1][k], again[1][k]) for k in first[1])
+    other_run = Context(run_id=2, node_id=1, node_config=node, state=RecordDict(), run_config=ctx.run_config)
+    fresh = read(profile_reply(rt, _counts(10, 2.0), other_run))
+    assert not all(np.array_equal(first[1][k], fresh[1][k]) for k in first[1])  # the noise is fresh per run
+    with pytest.raises(ProfileRequestError, match="already asked for its counts profile"):
+        profile_reply(rt, _counts(11, 2.0), ctx)
 
 
 # ------------------------------------------------------------------------- deployment (slow) --

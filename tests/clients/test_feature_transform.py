@@ -4,6 +4,7 @@ sends in a statistics round: aggregates per feature, under min_count and optiona
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,10 +13,10 @@ import pandas as pd
 import pytest
 
 from clients.site_data import FeatureStatsMissing, SiteData, exact_median, pooled_feature_rows, site_feature_rows
-from clients.site_runtime import SiteConfigError, SiteRuntime
+from clients.site_runtime import ReleaseFloor, SiteConfigError, SiteRuntime
 from federated.core.config import config_to_yaml, load_config
 from federated.core.corpus_schema import CorpusSchema, Modality, Task
-from federated.core.feature_stats import HIST_BINS, Moments, Standardiser, grid
+from federated.core.feature_stats import BLOCKS, HIST_BINS, Moments, Standardiser, coarse_enough, grid
 from federated.core.features import Feature
 from federated.data.format import Corpus, CorpusFormatError, write_corpus
 from partitions import plan_sites
@@ -181,31 +182,36 @@ def test_moments_are_suppressed_under_min_count_and_the_request_is_held_to_the_r
     rt = _runtime(raw_corpus, "north_gen", "preprocess.min_count=10")
     n = rt.data.feature_moments("labs").n
     request = {"modalities": ["labs"], "min_count": int(n[1]) + 1, "epsilon": 0.0, "seed": 0}
-    reply = rt.feature_moments_reply(request)
+    reply = rt.feature_moments_reply(request, {})
     assert set(reply) == {"labs/n", "labs/mean", "labs/m2"} and all(len(v) == len(FEATURES) for v in reply.values())
     assert reply["labs/n"][1] == 0 and reply["labs/mean"][1] == 0 and reply["labs/m2"][1] == 0  # lactate: too few
     assert reply["labs/n"][0] == n[0]  # age: every row
     with pytest.raises(SiteConfigError, match=r"min_count 5 is below this run's preprocess.min_count=10"):
-        rt.feature_moments_reply(request | {"min_count": 5})
+        rt.feature_moments_reply(request | {"min_count": 5}, {})
     lo, width = grid(np.zeros(len(FEATURES)), np.full(len(FEATURES), 50.0))
     hist = rt.feature_histogram_reply(
-        {"modalities": {"labs": {"lo": lo.tolist(), "width": width.tolist()}}, "min_count": int(n[1]) + 1, "epsilon": 0}
+        {
+            "modalities": {"labs": {"lo": lo.tolist(), "width": width.tolist()}},
+            "min_count": int(n[1]) + 1,
+            "epsilon": 0,
+        },
+        {},
     )
     counts = np.asarray(hist["labs/hist"]).reshape(len(FEATURES), HIST_BINS)
-    assert counts[1].sum() == 0 and counts[0].sum() == n[0]
+    assert counts[1].sum() == 0 and counts[0].sum() == pytest.approx(n[0], abs=1e-9)
 
 
 def test_noisy_moments_need_ranges_and_a_share_of_the_runs_epsilon(raw_corpus, tmp_path) -> None:
     rt = _runtime(raw_corpus, "riverside", "preprocess.epsilon=1.0", "preprocess.min_count=1")
     exact = rt.data.feature_moments("labs")
     request = {"modalities": ["labs"], "min_count": 1, "epsilon": 1.0, "seed": 3}
-    noisy = rt.feature_moments_reply(request)
-    assert noisy == rt.feature_moments_reply(request)  # simulation: seeded, reproducible
+    noisy = rt.feature_moments_reply(request, {})
+    assert noisy == rt.feature_moments_reply(request, {})  # simulation: seeded, reproducible
     assert not np.allclose(noisy["labs/n"], exact.n)
     with pytest.raises(SiteConfigError, match=r"asks for epsilon 0.*preprocess.epsilon=1.0"):
-        rt.feature_moments_reply(request | {"epsilon": 0.0})
+        rt.feature_moments_reply(request | {"epsilon": 0.0}, {})
     with pytest.raises(SiteConfigError, match=r"asks for epsilon 2.0"):
-        rt.feature_moments_reply(request | {"epsilon": 2.0})
+        rt.feature_moments_reply(request | {"epsilon": 2.0}, {})
     unbounded = (Feature("age", "age"), *FEATURES[1:])
     path = write_raw_corpus(tmp_path / "unbounded")
     spec = json.loads((path / "spec.json").read_text())
@@ -213,7 +219,7 @@ def test_noisy_moments_need_ranges_and_a_share_of_the_runs_epsilon(raw_corpus, t
     (path / "spec.json").write_text(json.dumps(spec))
     rt = _runtime(Corpus.open(path), "riverside", "preprocess.epsilon=1.0", "preprocess.min_count=1")
     with pytest.raises(SiteConfigError, match=r"feature 'age' of modality labs has none.*low/high"):
-        rt.feature_moments_reply(request)
+        rt.feature_moments_reply(request, {})
 
 
 def test_pooled_rows_are_every_training_sites_rows_and_no_held_out_one(raw_corpus) -> None:
@@ -227,7 +233,7 @@ def test_pooled_rows_are_every_training_sites_rows_and_no_held_out_one(raw_corpu
     train_idx = set(m.iloc[np.concatenate([p.train_rows for p in train])]["idx_labs"])
     assert len(pooled) == len(train_idx) and not held_idx & train_idx
     rt = _runtime(raw_corpus, "st_anne", "preprocess.statistics=pooled")
-    reply = rt.feature_moments_reply({"modalities": ["labs"], "scope": "pooled", "medians": ["labs"]})
+    reply = rt.feature_moments_reply({"modalities": ["labs"], "scope": "pooled", "medians": ["labs"]}, {})
     want = Moments.of(pooled)
     np.testing.assert_array_equal(reply["labs/n"], want.n)
     np.testing.assert_allclose(reply["labs/mean"], want.mean, rtol=1e-12)
@@ -245,8 +251,115 @@ def test_statistics_from_the_server_are_checked_before_use(raw_corpus) -> None:
         (json.dumps({"labs": good["labs"] | {"std": [1.0] * (d + 1)}}), f"std must be a list of {d} numbers"),
         (json.dumps({"labs": good["labs"] | {"std": [0.0] * d}}), "std positive"),
         (json.dumps({"labs": good["labs"] | {"mean": [float("inf")] * d}}), "finite"),
+        # a NaN fill where the modality imputes is the server's error, not the schema's
+        (json.dumps({"labs": good["labs"] | {"fill": [float("nan")] * d}}), "no fill for feature 'age', and the"),
+        (json.dumps({"labs": good["labs"] | {"std": [1e-300] * d}}), "std of feature 'age' is under 1e-12"),
     ]:
         with pytest.raises(SiteConfigError, match=match):
             rt.apply_feature_stats(bad)
     rt.apply_feature_stats(json.dumps(good))
     assert rt.data.split("outcome", "train") is not None
+
+
+def _grid_request(rt: SiteRuntime, min_count: int = 10, epsilon: float = 0.0) -> dict:
+    """The histogram query a server sends: the site's own moments' grid stands in for the merged one."""
+    moments = rt.data.feature_moments("labs")
+    lo, width = grid(moments.mean, moments.std)
+    grids = {"labs": {"lo": lo.tolist(), "width": width.tolist()}}
+    return {"modalities": grids, "min_count": min_count, "epsilon": epsilon, "seed": 1}
+
+
+def test_a_histogram_leaves_the_site_coarsened_so_no_cell_places_a_value(raw_corpus) -> None:
+    """The reviewer's attack: a 27-row site's fine histogram gave back every age to 0.04 years."""
+    rt = _runtime(raw_corpus, "north_gen")
+    rows = rt.data.feature_rows("labs")
+    reply = rt.feature_histogram_reply(_grid_request(rt), {})
+    counts = np.asarray(reply["labs/hist"]).reshape(len(FEATURES), HIST_BINS)
+    assert coarse_enough(counts, 10)
+    observed = (~np.isnan(rows)).sum(axis=0)
+    np.testing.assert_allclose(counts.sum(axis=1), np.where(observed >= 10, observed, 0), atol=1e-9)
+    per = HIST_BINS // BLOCKS
+    for row in counts:  # every cell is a run of whole blocks: its edges are the grid's, no value's
+        edges = np.flatnonzero(np.diff(np.concatenate([[0.0], row, [0.0]])))
+        assert (edges % per == 0).all()
+    assert (counts[0] > 0).sum() >= per and counts[0].max() < 1  # 27 ages: at most a few cells, not 27 bins
+
+
+def test_a_grid_that_could_place_single_values_is_refused_naming_the_key(raw_corpus) -> None:
+    rt = _runtime(raw_corpus, "north_gen")
+    ok = _grid_request(rt)
+    lo, width = ok["modalities"]["labs"]["lo"], ok["modalities"]["labs"]["width"]
+    for key, j, value, match in [
+        ("width", 0, 0.0, "width of feature 'age' must be positive"),
+        ("width", 0, -1.0, "width of feature 'age' must be positive"),
+        ("width", 1, float("inf"), "width must be a list of 5 finite numbers"),
+        ("lo", 0, float("nan"), "lo must be a list of 5 finite numbers"),
+        ("width", 2, width[2] / 10_000, "width of feature 'wbc' spans less than 1/64 of this site's values' spread"),
+    ]:
+        bad = {"lo": list(lo), "width": list(width)}
+        bad[key][j] = value
+        with pytest.raises(SiteConfigError, match=match):
+            rt.feature_histogram_reply(ok | {"modalities": {"labs": bad}}, {})
+
+
+def test_each_query_is_answered_once_per_run_and_the_runs_epsilon_spent_once(raw_corpus) -> None:
+    """A server that repeats a noisy query gets the same noise, so it cannot average it away."""
+    rt = _runtime(raw_corpus, "riverside", "preprocess.epsilon=1.0", "preprocess.min_count=1")
+    deployed = dataclasses.replace(rt, deployed=True)  # noise from the OS, which no seed repeats
+    ledger: dict = {}
+    request = {"modalities": ["labs"], "min_count": 1, "epsilon": 0.5, "seed": 3}
+    first = deployed.feature_moments_reply(request, ledger)
+    assert deployed.feature_moments_reply(request, ledger) == first
+    assert deployed.feature_moments_reply(request, {}) != first  # another run: fresh noise
+    with pytest.raises(SiteConfigError, match="already answered a feature moments query in this run"):
+        deployed.feature_moments_reply(request | {"seed": 4}, ledger)
+    histogram = _grid_request(rt, min_count=1, epsilon=0.6)
+    with pytest.raises(SiteConfigError, match=r"would spend epsilon 1.1 in all, over this run's preprocess.epsilon=1"):
+        deployed.feature_histogram_reply(histogram, ledger)
+    again = deployed.feature_histogram_reply(histogram | {"epsilon": 0.5}, ledger)  # what is left: answered
+    assert again == deployed.feature_histogram_reply(histogram | {"epsilon": 0.5}, ledger)
+    assert ledger["spent"] == pytest.approx(1.0)
+
+
+def test_noisy_moments_are_held_to_the_sites_sample_count_and_the_range(raw_corpus) -> None:
+    rt = _runtime(raw_corpus, "riverside", "preprocess.epsilon=0.01", "preprocess.min_count=1")
+    reply = rt.feature_moments_reply({"modalities": ["labs"], "min_count": 1, "epsilon": 0.01, "seed": 0}, {})
+    n, mean = np.asarray(reply["labs/n"]), np.asarray(reply["labs/mean"])
+    low, high = np.array([0.0, 0.0, 0.0, 0.0, 0.0]), np.array([120.0, 30.0, 100.0, 1.0, 1.0])
+    assert ((n >= 1) & (n <= rt.plan.n_train)).all() and ((mean >= low) & (mean <= high)).all()
+    sd = np.sqrt(np.asarray(reply["labs/m2"]) / n)
+    assert (sd <= (high - low) / 2 + 1e-9).all()
+
+
+def test_a_deployed_site_holds_the_server_to_its_own_node_configs_floor(raw_corpus) -> None:
+    """In deployment the run config is the server's: a hostile one asks min_count=1 and epsilon=0."""
+    floor = ReleaseFloor.of_node({"site": "riverside", "stats-min-count": "20", "stats-epsilon": 1.0})
+    assert (floor.min_count, floor.epsilon) == (20, 1.0)
+    default = ReleaseFloor.of_node({"site": "riverside"})
+    assert (default.min_count, default.epsilon) == (10, 0.0)
+    for config, match in [
+        ({"stats-min-count": 0}, "node config stats-min-count must be an integer >= 1"),
+        ({"stats-min-count": 2.5}, "node config stats-min-count must be an integer >= 1"),
+        ({"stats-epsilon": "lots"}, "node config stats-epsilon must be a finite number >= 0"),
+        ({"stats-epsilon": -1}, "node config stats-epsilon must be a finite number >= 0"),
+    ]:
+        with pytest.raises(SiteConfigError, match=match):
+            ReleaseFloor.of_node({"site": "riverside", **config})
+    server = _runtime(raw_corpus, "riverside", "preprocess.min_count=1")  # the server's run config
+    site = dataclasses.replace(server, deployed=True, floor=floor)
+    request = {"modalities": ["labs"], "min_count": 1, "epsilon": 0.0, "seed": 0}
+    with pytest.raises(SiteConfigError, match=r"min_count 1 is below this site's node config stats-min-count=20"):
+        site.feature_moments_reply(request, {})
+    with pytest.raises(SiteConfigError, match=r"asks for epsilon 0.0; this site's node config stats-epsilon=1.0"):
+        site.feature_moments_reply(request | {"min_count": 20}, {})
+    assert len(site.feature_moments_reply(request | {"min_count": 20, "epsilon": 1.0}, {})["labs/n"]) == len(FEATURES)
+
+
+def test_statistics_that_push_a_sites_values_past_a_float32_are_refused_naming_the_feature(raw_corpus) -> None:
+    _, plans = _plans(raw_corpus)
+    data = SiteData(raw_corpus, next(p for p in plans if p.origin_site == "st_anne"))
+    d = len(FEATURES)
+    std = np.ones(d)
+    std[2] = 1e-40  # past from_lists' check (a caller that skips it): the site still refuses
+    with pytest.raises(ValueError, match="standardise feature 'wbc' of this site's values beyond a float32"):
+        data.use_feature_stats({"labs": Standardiser(np.zeros(d), std, np.zeros(d))})

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 
 from federated.core.corpus_schema import CorpusSchema, Modality, SchemaError, Task
-from federated.core.feature_stats import Moments, Standardiser, combine, grid, histogram, quantile
+from federated.core.feature_stats import (
+    BLOCKS,
+    HIST_BINS,
+    Moments,
+    Standardiser,
+    combine,
+    grid,
+    histogram,
+    laplace_blocks,
+    laplace_moments,
+    quantile,
+)
 from federated.core.features import Feature, FeatureError, first_feature_difference
 
 AGE = Feature("age", "age", unit="years", low=18, high=110)
@@ -85,3 +96,43 @@ def test_a_histogram_median_and_the_transform() -> None:
     assert Standardiser.of(ind, "median", np.array([0.0]), np.array([True])).fill[0] == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="std must be finite"):
         Standardiser.from_lists({"mean": [0.0], "std": [0.0], "fill": [0.0]}, 1, "message")
+
+
+def test_statistics_that_would_overflow_or_leave_holes_are_refused_naming_the_feature() -> None:
+    names = ["age", "lactate"]
+    ok = {"mean": [50.0, 2.0], "std": [10.0, 1.0], "fill": [50.0, 2.0]}
+    assert Standardiser.from_lists(ok, 2, "message", names, "mean").std[1] == 1.0
+    for bad, impute, match in [
+        (ok | {"std": [10.0, 1e-300]}, "mean", "std of feature 'lactate' is under 1e-12"),
+        (ok | {"mean": [1e6, 2.0], "std": [1e-7, 1.0]}, "mean", "std of feature 'age' is under 1e-12"),  # relative
+        (ok | {"fill": [50.0, float("nan")]}, "median", "no fill for feature 'lactate', and the modality imputes"),
+        (ok | {"fill": [1e300, 2.0]}, "mean", "the fill of feature 'age' standardises beyond a float32"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Standardiser.from_lists(bad, 2, "message", names, impute)
+    nan = float("nan")
+    assert np.isnan(Standardiser.from_lists(ok | {"fill": [nan, nan]}, 2, "message", names, "").fill).all()
+
+
+def test_noisy_moments_stay_within_what_the_declared_range_allows() -> None:
+    """Clamping is post-processing: n in [1, n_max], the mean in [low, high], SD <= (high - low) / 2."""
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0, 10, size=(30, 3))
+    low, high = np.zeros(3), np.full(3, 10.0)
+    for _ in range(50):
+        m = laplace_moments(values, low, high, 0.05, rng, n_max=30)  # a tiny epsilon: huge noise
+        assert ((m.n >= 1) & (m.n <= 30)).all() and ((m.mean >= 0) & (m.mean <= 10)).all()
+        assert (m.std <= 5 + 1e-9).all()
+    wild = Standardiser(np.array([-3.0, 4.0]), np.array([40.0, 1.0]), np.array([12.0, np.nan]))
+    held = wild.clamped(np.array([0.0, np.nan]), np.array([10.0, np.nan]))  # the second declares no range
+    assert held.mean.tolist() == [0.0, 4.0] and held.std.tolist() == [5.0, 1.0]
+    assert held.fill[0] == 10.0 and np.isnan(held.fill[1])
+
+
+def test_histogram_noise_is_drawn_per_block_the_finest_cell_a_site_releases() -> None:
+    counts = np.zeros((2, HIST_BINS))
+    counts[0, 5] = 64.0
+    noisy = laplace_blocks(counts, 1.0, np.random.default_rng(1))
+    blocks = noisy.reshape(2, BLOCKS, HIST_BINS // BLOCKS)
+    assert (noisy >= 0).all() and (blocks == blocks[:, :, :1]).all()  # one value across each block's bins
+    assert blocks[0, 0].sum() == pytest.approx(64.0, abs=20)  # the block's count, plus Laplace(1) noise

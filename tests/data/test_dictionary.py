@@ -285,7 +285,132 @@ def test_a_bad_dictionary_entry_is_named(entry, message):
 def test_cells_and_levels_compare_as_the_same_text():
     assert cell_text(1.0) == cell_text(1) == cell_text(np.int64(1)) == cell_text(" 1 ") == "1"
     assert cell_text(" No ") == "No" and cell_text("") is None and cell_text(np.nan) is None
-    assert cell_text(2.5) == "2.5" and cell_text(np.True_) == "True"
+    assert cell_text(2.5) == "2.5" and cell_text(np.True_) == cell_text(True) == cell_text(" TRUE ") == "true"
     yes = parse_dictionary({"columns": {"s": {"type": "categorical", "levels": ["no", "yes", 3]}}}, "d")
     column = yes.column("s")
     assert column is not None and column.levels == ("no", "yes", "3") and column.reference == "no"
+
+
+def _one_column_table(folder: Path, name: str, cells: list, parquet: bool = False) -> str:
+    """A table of `cells` in column `c` (as strings where given so), a label that is noise, ids."""
+    n = len(cells)
+    outcome = np.random.default_rng(n).permutation(np.arange(n) % 2)  # noise: no column leaks it
+    frame = pd.DataFrame({"id": [f"p{i}" for i in range(n)], "c": cells, "outcome": outcome})
+    if parquet:
+        frame.to_parquet(folder / f"{name}.parquet")
+        return f"{name}.parquet"
+    frame.to_csv(folder / f"{name}.csv", index=False)
+    return f"{name}.csv"
+
+
+def test_draft_levels_that_are_not_plain_whole_numbers_stay_text_and_ingest(tmp_path):
+    """Codes "01".."03" (a Parquet string column) were drafted as 1..3, which no cell matches;
+    "01" beside "1" drafted one level twice; "-0" came back as 0."""
+    codes = ["01", "02", "03", "1", "-0"] * 8
+    table = _one_column_table(tmp_path, "t", codes, parquet=True)
+    out = tmp_path / "drafted.yaml"
+    assert main(["corpus", "dictionary", str(tmp_path / table), "--out", str(out), "--exclude", "id", "outcome"]) == 0
+    column = read_dictionary(out).column("c")
+    assert column is not None and column.levels == ("-0", "01", "1", "02", "03")  # by number, ties by text
+    assert "'01'" in out.read_text() and "'-0'" in out.read_text()  # written as text, read back as text
+    spec = _spec(tmp_path, table, {"dictionary": "drafted.yaml"})
+    corpus = Corpus.open(run_spec(spec, tmp_path / "c")[0])
+    names = [f.name for f in corpus.schema.modality("clinical").features]
+    assert names == [f"c={lv}" for lv in column.levels if lv != column.reference]
+    plain = _one_column_table(tmp_path, "u", [1, 2, 10] * 10)
+    assert main(["corpus", "dictionary", str(tmp_path / plain), "--out", str(tmp_path / "u.yaml"),
+                 "--exclude", "id", "outcome"]) == 0  # fmt: skip
+    assert yaml.safe_load((tmp_path / "u.yaml").read_text())["columns"]["c"]["levels"] == [1, 2, 10]  # numbers
+
+
+def test_whole_number_levels_match_cells_written_with_a_point_zero(tmp_path):
+    """A grade column with a text missing code is read as text, so its cells are "2.0": they
+    match the level 2 as a numeric column's cells match its missing codes; "-1.0" matches the
+    missing code -1."""
+    cells = ["1.0", "2.0", "3.0", "unknown", "-1.0", "2"] * 8
+    table = _one_column_table(tmp_path, "t", cells)
+    _write_dictionary(
+        tmp_path, {"columns": {"c": {"type": "categorical", "levels": [1, 2, 3], "missing": ["unknown", -1]}}}
+    )
+    corpus = Corpus.open(
+        run_spec(_spec(tmp_path, table, {"dictionary": "dictionary.yaml", "impute": "median"}), tmp_path / "c")[0]
+    )
+    x = _by_patient(corpus)
+    expected = {"1.0": [0, 0], "2.0": [1, 0], "3.0": [0, 1], "2": [1, 0]}
+    for i, cell in enumerate(cells):
+        row = x.loc[f"p{i}"].to_numpy()[:2]
+        if cell in expected:
+            assert row.tolist() == expected[cell], cell
+        else:
+            assert np.isnan(row).all(), cell  # a missing code: missing, kept for imputation
+
+
+def test_a_true_false_column_matches_the_levels_true_and_false(tmp_path):
+    """pandas reads a CSV's true/false cells as booleans; the dictionary's quoted levels "true"
+    and "True" both name them (booleans compare as lower-case text on both sides)."""
+    table = _one_column_table(tmp_path, "t", ["true", "false", "false"] * 10)
+    assert pd.read_csv(tmp_path / table)["c"].dtype == bool
+    for levels in (["false", "true"], ["False", "True"]):
+        _write_dictionary(tmp_path, {"columns": {"c": {"type": "categorical", "levels": levels}}})
+        out = tmp_path / levels[0]
+        corpus = Corpus.open(run_spec(_spec(tmp_path, table, {"dictionary": "dictionary.yaml"}), out)[0])
+        assert [f.name for f in corpus.schema.modality("clinical").features] == ["c=true"]
+        assert _by_patient(corpus).loc["p0"].iloc[0] == 1 and _by_patient(corpus).loc["p1"].iloc[0] == 0
+
+
+@pytest.mark.parametrize("cell", ["--1", "²", "1 000"])
+def test_odd_integer_looking_cells_neither_crash_nor_are_printed(tmp_path, cell, capsys):
+    """str.isdigit passes "²" and lstrip("-") passes "--1", which int() then refused, quoting the
+    cell: they are text levels (sorted as text), in an ingest and in a draft."""
+    table = _one_column_table(tmp_path, "t", [cell, "2"] * 15)
+    listed = {"feature_columns": [], "categorical_columns": ["c"]}
+    corpus = Corpus.open(run_spec(_spec(tmp_path, table, listed), tmp_path / "c")[0])
+    assert len(corpus.schema.modality("clinical").features) == 1
+    out = tmp_path / "d.yaml"
+    assert main(["corpus", "dictionary", str(tmp_path / table), "--out", str(out), "--exclude", "id", "outcome"]) == 0
+    column = read_dictionary(out).column("c")
+    assert column is not None and set(column.levels) == {cell, "2"}
+
+
+def test_a_column_name_cannot_write_yaml_into_the_drafts_comments(tmp_path):
+    """Column names go into the draft's comments (the excluded and left-out columns): a line break
+    in one would end the comment and add YAML of its own (here a `genes:` list)."""
+    evil = "lab\ngenes: [EVIL]"
+    frame = pd.DataFrame(
+        {"x": np.arange(60) * 1.5, evil: np.arange(60) % 2, "free\r\ntext": [f"t{i}" for i in range(60)]}
+    )
+    frame.to_parquet(tmp_path / "t.parquet")
+    out = tmp_path / "d.yaml"
+    assert main(["corpus", "dictionary", str(tmp_path / "t.parquet"), "--out", str(out), "--label-column", evil]) == 0
+    drafted = read_dictionary(out)
+    assert drafted.genes == () and drafted.names == ["x"]
+    text = out.read_text()
+    assert "lab\\ngenes: [EVIL]" in text and "free\\r\\ntext (60 distinct values" in text
+    assert all(line.startswith(("#", " ", "columns:")) for line in text.splitlines())
+
+
+def test_the_draft_leaves_out_excluded_and_split_columns(tmp_path, capsys):
+    table = _table(40, 0.5, 0.5, seed=9)
+    table["split"] = ["train", "test"] * 20
+    table["admitted"] = [f"2024-01-{1 + i % 28:02d}" for i in range(40)]
+    table.to_csv(tmp_path / "t.csv", index=False)
+    out = tmp_path / "d.yaml"
+    args = ["corpus", "dictionary", str(tmp_path / "t.csv"), "--out", str(out), "--label-column", "outcome",
+            "--patient-column", "id", "--split-column", "split", "--exclude", "admitted", "lactate"]  # fmt: skip
+    assert main(args) == 0
+    assert read_dictionary(out).names == ["age", "sex", "ward"]
+    assert (
+        "# Not features (label, site, patient, split, excluded): admitted, id, lactate, outcome, split"
+        in out.read_text()
+    )
+    assert main([*args[:-1], "no_such_column", "--overwrite"]) == 2
+    assert "no column(s) ['no_such_column']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["yes", "no", "on", "off", "true", "null", "~"])
+def test_a_column_name_yaml_reads_as_a_boolean_or_nothing_is_refused(tmp_path, key):
+    (tmp_path / "d.yaml").write_text(f"columns:\n  {key}: {{type: numeric}}\n  age: {{type: numeric}}\n")
+    with pytest.raises(IngestError, match=r"columns: a column name was read as (True|False|None) .*quote it"):
+        read_dictionary(tmp_path / "d.yaml")
+    (tmp_path / "d.yaml").write_text(f"columns:\n  '{key}': {{type: numeric}}\n")
+    assert read_dictionary(tmp_path / "d.yaml").names == [key]

@@ -3,6 +3,9 @@ and a failed ingest leaves no corpus folder behind."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -176,7 +179,7 @@ def test_tabular_values_are_stored_raw_and_their_features_enter_the_schema(tmp_p
     frame.to_csv(tmp_path / "wdbc.csv", index=False)
     corpus = Corpus.open(run_spec(_spec(tmp_path, "sources:" + TABULAR), tmp_path / "a")[0])
     rows = corpus.manifest["idx_tabular"].to_numpy()
-    order = corpus.manifest["patient_id"].str.removeprefix("row").astype(int).to_numpy()
+    order = corpus.manifest["patient_id"].str.removeprefix("wdbc.csv:row").astype(int).to_numpy()
     stored = corpus.array("tabular")[rows]
     np.testing.assert_array_equal(stored[:, :5], frame.loc[order, [f"f{i}" for i in range(5)]].to_numpy(np.float32))
     assert (stored[:, 5:] == 0).all()  # zero-padded to the modality's 16
@@ -271,4 +274,71 @@ def test_a_task_without_samples_is_refused_before_writing(tmp_path):
 
     with pytest.raises(IngestError, match="task bone_age: no sample was ingested"):
         ingest([SampleSet("bone_age", CATALOGUE)], tmp_path / "c", "x", {}, CATALOGUE)
+    assert not (tmp_path / "c").exists()
+
+
+def _split_table(path, shift: int, n: int = 40) -> None:
+    rng = np.random.default_rng(shift)
+    sides = np.where((np.arange(n) + shift) % 2 == 0, "test", "train")
+    pd.DataFrame({"x": rng.normal(size=n), "y": rng.integers(0, 2, n), "split": sides}).to_csv(path, index=False)
+
+
+def _split_source(table: str, task: str, split: str = "split") -> dict:
+    return {
+        "adapter": "tabular",
+        "task": task,
+        "path": table,
+        "label_column": "y",
+        "labels": {0: "no", 1: "yes"},
+        "feature_columns": ["x"],
+        "split_column": split,
+    }
+
+
+def _split_spec(tmp_path, *sources: dict) -> Path:
+    binary = {"inputs": ["clinical"], "target": "binary", "classes": ["no", "yes"]}
+    body = {
+        "modalities": {"clinical": {"kind": "vector", "features": 4}},
+        "tasks": {"t1": binary, "t2": binary},
+        "sources": list(sources),
+    }
+    (tmp_path / "spec.yaml").write_text(json.dumps(body))
+    return tmp_path / "spec.yaml"
+
+
+def test_without_a_patient_column_two_files_rows_are_two_patients(tmp_path):
+    """Row 0 of a.csv and row 0 of b.csv are two patients: with split columns that put them on
+    different sides, both files ingest, each row on its own table's side; two sources reading one
+    file (two tasks of one table) share its rows' patients."""
+    _split_table(tmp_path / "a.csv", 0)
+    _split_table(tmp_path / "b.csv", 1)
+    (tmp_path / "in").mkdir()
+    _split_table(tmp_path / "in" / "a.csv", 1)  # another a.csv, in a folder: other patients again
+    spec = _split_spec(
+        tmp_path, _split_source("a.csv", "t1"), _split_source("b.csv", "t2"), _split_source("in/a.csv", "t2")
+    )
+    m = Corpus.open(run_spec(spec, tmp_path / "c")[0]).manifest
+    assert m["patient_id"].nunique() == 120 and "a.csv:row0" in set(m["patient_id"])
+    assert "in/a.csv:row0" in set(m["patient_id"]) and "b.csv:row0" in set(m["patient_id"])
+    for table, shift in (("a.csv", 0), ("b.csv", 1), ("in/a.csv", 1)):
+        rows = m[m["patient_id"].str.startswith(f"{table}:row")]
+        i = rows["patient_id"].str.removeprefix(f"{table}:row").astype(int)
+        assert ((rows["split"] == "test") == ((i + shift) % 2 == 0)).all()
+    both = _split_spec(tmp_path, _split_source("a.csv", "t1"), _split_source("a.csv", "t2"))
+    m = Corpus.open(run_spec(both, tmp_path / "d")[0]).manifest
+    assert m["patient_id"].nunique() == 40 and (m.groupby("patient_id")["split"].nunique() == 1).all()
+
+
+def test_two_sources_that_put_a_patient_on_two_sides_are_named_with_their_split_columns(tmp_path):
+    _split_table(tmp_path / "a.csv", 0)
+    frame = pd.read_csv(tmp_path / "a.csv")
+    frame["other_split"] = np.where(frame["split"] == "test", "train", "test")
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    spec = _split_spec(tmp_path, _split_source("a.csv", "t1"), _split_source("a.csv", "t2", "other_split"))
+    with pytest.raises(IngestError) as caught:
+        run_spec(spec, tmp_path / "c")
+    message = str(caught.value)
+    assert "spec.yaml sources[0] (split column 'split') and " in message
+    assert "spec.yaml sources[1] (split column 'other_split') put a patient on different sides" in message
+    assert "row" not in message.replace("sources", "")  # never the patient's id
     assert not (tmp_path / "c").exists()

@@ -145,23 +145,66 @@ def test_reading_in_small_blocks_gives_the_same_corpus(tmp_path, monkeypatch, sp
     assert a.spec["provenance"]["notes"][0]["genes"] == [f"GENE{j}" for j in top]
 
 
-def test_scale_standardises_each_donor_with_its_own_cells(tmp_path):
-    """scale: true uses each donor's own means and SDs: every donor's genes have mean 0, and
-    changing one donor's cells leaves another donor's features exactly as they were."""
+def test_expression_is_stored_as_read_and_scale_is_refused_naming_preprocess_statistics(tmp_path):
+    """The genes are raw features, standardised at load time by the run's statistics: ingest
+    stores each cell's values as the file holds them (one donor's batch effect included), and the
+    old per-site `scale:` would standardise them twice, so it is refused by key."""
     _h5ad(tmp_path / "cells.h5ad")
     data = anndata.read_h5ad(tmp_path / "cells.h5ad")
     data.X[(data.obs["donor"] == "d2").to_numpy()] += 100.0  # one donor's batch effect
     data.write_h5ad(tmp_path / "cells.h5ad")
-    listed = "    scale: true\n    genes: [GENE0, GENE1, GENE2, GENE20]\n"
-    before = _scrna_by_site(run_spec(_spec(tmp_path, listed), tmp_path / "a")[0])
-    for donor in ("d1", "d2", "d3"):
-        assert np.allclose(before[donor][:, :4].mean(axis=0), 0, atol=1e-5)
-        assert np.allclose(before[donor][:, :4].std(axis=0), 1, atol=1e-3)
-    data.X[(data.obs["donor"] == "d3").to_numpy()] *= 7.0  # d3 changes; d1 must not (it would under
-    # one standardisation over all cells: the pooled means and SDs move)
+    corpus = Corpus.open(run_spec(_spec(tmp_path, "    genes: [GENE0, GENE1, GENE2, GENE20]\n"), tmp_path / "a")[0])
+    stored = corpus.array("scrna")[corpus.manifest["idx_scrna"].to_numpy()]
+    np.testing.assert_array_equal(stored[:, :4], np.asarray(data.X)[:, [0, 1, 2, 20]])
+    assert (stored[:, 4:] == 0).all()
+    _expect_failure(
+        tmp_path, r"sources\[0\]: `scale`: .*`preprocess\.statistics`.*remove `scale:`", "    scale: true\n"
+    )
+    _expect_failure(tmp_path, r"`scale`: ingest no longer standardises expression", "    scale: false\n")
+
+
+def test_the_genes_are_the_modalitys_features_and_the_handshake_refuses_other_genes(tmp_path):
+    """Two hospitals whose files choose other genes for one column (here the same genes in
+    another order) wrote schemas the handshake could not tell apart: the genes are now the
+    features, so the hospital whose genes differ is refused, naming the first gene that differs."""
+    from federated.server.evaluation import SiteProfile
+    from federated.server.site_agreement import agree
+
+    _h5ad(tmp_path / "cells.h5ad")
+    corpora = {}
+    for name, genes in (("a", "[GENE0, GENE1, GENE2]"), ("b", "[GENE0, GENE1, GENE2]"), ("c", "[GENE0, GENE2, GENE1]")):
+        corpora[name] = Corpus.open(run_spec(_spec(tmp_path, f"    genes: {genes}\n"), tmp_path / name)[0])
+    scrna = corpora["a"].schema.modality("scrna")
+    assert [(f.name, f.column, f.kind) for f in scrna.features] == [
+        (g, g, "numeric") for g in ("GENE0", "GENE1", "GENE2")
+    ]
+    assert scrna.impute == "" and scrna.shape == (256,)  # no NaN is stored: nothing to impute
+    assert corpora["a"].spec["provenance"]["notes"][0]["genes"] == ["GENE0", "GENE1", "GENE2"]
+    profiles = [
+        SiteProfile(name, "train", "natural", ["scrna"], ["cell_type"], 20, 10, schema=c.schema, version="1")
+        for name, c in corpora.items()
+    ]
+    agreement = agree(profiles, "1", per_site_tasks=True)
+    assert list(agreement.incompatible) == ["c"]
+    assert "feature 2 is 'GENE2' here and 'GENE1' in the federation's" in agreement.incompatible["c"]
+
+
+def test_two_sources_filling_scrna_with_other_genes_are_refused_in_one_corpus(tmp_path):
+    _h5ad(tmp_path / "cells.h5ad")
+    spec = _spec(tmp_path, "    genes: [GENE0, GENE1]\n")
+    second = SOURCE.format(extra="    genes: [GENE1, GENE0]\n").removeprefix("sources:\n")
+    spec.write_text(spec.read_text() + second)
+    with pytest.raises(IngestError, match=r"modality scrna is filled by two sources that encode it differently"):
+        run_spec(spec, tmp_path / "c")
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+def test_a_gene_named_twice_among_the_chosen_columns_is_refused(tmp_path):
+    _h5ad(tmp_path / "cells.h5ad", genes=12)
+    data = anndata.read_h5ad(tmp_path / "cells.h5ad")
+    data.var_names = [f"GENE{j % 6}" for j in range(12)]  # a file whose var_names repeat
     data.write_h5ad(tmp_path / "cells.h5ad")
-    after = _scrna_by_site(run_spec(_spec(tmp_path, listed), tmp_path / "b")[0])
-    np.testing.assert_array_equal(after["d1"], before["d1"])
+    _expect_failure(tmp_path, r"cells\.h5ad: gene\(s\) \['GENE0', .*name more than one chosen column")
 
 
 def test_a_damaged_block_inside_a_readable_file_is_named(tmp_path):
@@ -221,6 +264,9 @@ def test_a_dictionary_gene_list_fixes_the_columns_and_names_the_genes_a_file_lac
     np.testing.assert_array_equal(xa[:, :3], x[:, [7, 0, 3]])
     np.testing.assert_array_equal(xb[:, 1:3], x[:, [0, 3]])  # the same columns from a file in another order
     assert (xb[:, 0] == 0).all() and (xa[:, 3:] == 0).all()
+    # the genes are the features of both, the one a file lacks (zeros) included
+    assert a.schema.modality("scrna").features == b.schema.modality("scrna").features
+    assert [f.name for f in b.schema.modality("scrna").features] == ["GENE7", "GENE0", "GENE3"]
     assert a.spec["provenance"]["warnings"] == []
     warning = b.spec["provenance"]["warnings"][0]
     assert (

@@ -206,7 +206,7 @@ sources:
     m = corpus.manifest
     stays = m[m["task"] == "length_of_stay"]
     assert corpus.targets("length_of_stay")[stays["target_row"]].tolist() == [
-        1.5 * int(p[3:]) for p in stays["patient_id"]
+        1.5 * int(p.removeprefix("stays.csv:row")) for p in stays["patient_id"]
     ]
     skins = m[m["task"] == "skin_findings"]
     got = corpus.targets("skin_findings")[skins["target_row"]].tolist()

@@ -166,3 +166,25 @@ def test_a_long_group_name_is_cut_to_its_first_member_and_a_count():
     assert group_site_name(members[:3]) == "clinic_00+clinic_01+clinic_02"
     assert group_site_name(members) == "clinic_00+11_more"
     assert len(site_name("x" * 200)) == MAX_SITE_NAME
+
+
+def test_an_origin_named_with_a_plus_is_not_taken_for_a_group(manifest_corpus):
+    """'+' joins a group's origins in its origin_site, and an origin may hold one in its own name:
+    'A' is no origin of the single site 'A+B', and 'A+B' is one of the group 'A+B' + 'C'."""
+    alone = manifest_corpus({"A+B": 300, "KY": 300})
+    held = plan_sites(alone, load_config([*NATURAL, "sites.holdout_sites=[A+B]"]))
+    assert [(p.site, p.origin_site, p.role) for p in held] == [("A_B", "A+B", "held_out"), ("KY", "KY", "train")]
+    with pytest.raises(PlanError, match=r"names unknown sites \['A'\]; planned sites: A_B \(A\+B\), KY"):
+        plan_sites(alone, load_config([*NATURAL, "sites.holdout_sites=[A]"]))
+    grouped = manifest_corpus({"A+B": 20, "C": 40, "KY": 300})
+    base = [*NATURAL, "sites.min_site_size=50"]
+    assert [(p.site, p.origin_site) for p in plan_sites(grouped, load_config([*base, "sites.holdout_sites=[KY]"]))] == [
+        ("KY", "KY"),
+        ("A_B+C", "A+B+C"),
+    ]
+    with pytest.raises(PlanError, match=r"origin site A\+B, which sites.min_site_size=50 grouped into site A_B\+C"):
+        plan_sites(grouped, load_config([*base, "sites.holdout_sites=[A+B]"]))
+    with pytest.raises(PlanError, match=r"origin site C, which sites.min_site_size=50 grouped into site A_B\+C"):
+        plan_sites(grouped, load_config([*base, "sites.holdout_sites=[C]"]))
+    with pytest.raises(PlanError, match=r"names unknown sites \['B'\]"):
+        plan_sites(grouped, load_config([*base, "sites.holdout_sites=[B]"]))

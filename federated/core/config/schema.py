@@ -398,13 +398,17 @@ class PreprocessConfig:
     """How raw vector features (a modality that lists its features) are imputed and standardised
     at load time: with statistics from a federated statistics round over the training sites
     (federated: the pooled numbers, no row moved), each site's own (per_site), or the training
-    sites' rows pooled in one place (pooled: simulation only, the reference federated equals)."""
+    sites' rows pooled in one place (pooled: simulation only, the reference federated equals).
+    A held-out site uses the training sites' statistics under federated and pooled; under
+    per_site it standardises with its own (test) rows: what per_site means, each site its own scale."""
 
     statistics: str = "federated"
-    # A site sends nothing for a feature it has fewer observed values of than this.
+    # A site sends nothing for a feature it has fewer observed values of than this, and no
+    # histogram cell of fewer. In deployment a site's own node config (stats-min-count) is its floor.
     min_count: int = 10
-    # > 0: each site adds Laplace noise to its feature sums, epsilon-DP per site (features need a
-    # range from the data dictionary); 0 = exact.
+    # > 0: each site adds Laplace noise to its feature sums, epsilon-DP per record (a corpus row,
+    # not a patient) per site and run (features need a range from the data dictionary); 0 = exact.
+    # In deployment a site's node config (stats-epsilon) caps what the server may ask for.
     epsilon: float = 0.0
 
 

@@ -81,8 +81,10 @@ class SampleSet:
     # the schema (`ingest` checks that every set filling a modality gives the same)
     features: dict[str, tuple[tuple[Feature, ...], str]] = field(default_factory=dict)
     where: str = ""  # the source that produced it (a spec's `sources[i]`), for messages
-    # patient -> in the test split, where the source fixes sides (tabular `split_column`)
+    # patient -> in the test split, where the source fixes sides (tabular `split_column`), and the
+    # column that fixed them, for messages
     fixed_sides: dict[str, bool] = field(default_factory=dict)
+    split_column: str = ""
     _blocks: list[SampleBlock] = field(default_factory=list, init=False, repr=False)
     # samples given one by one, not yet a block: (inputs, target, origin site, patient, source)
     _pending: list[tuple[dict[str, np.ndarray], np.ndarray, str, str, str]] = field(
@@ -484,17 +486,6 @@ def check_classes(samples: SampleSet, declared: set[str], where: str, problems: 
         problems.report(where, f"declared class(es) {empty} of task {samples.task} have no sample")
 
 
-def standardise_by_group(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Each group's rows (a site's) minus that group's column means, over its SDs: the per-site
-    statistics the tabular and h5ad adapters use, so no statistic crosses hospitals."""
-    out = np.empty_like(values)
-    codes = pd.factorize(np.asarray(groups), use_na_sentinel=False)[0]  # hashed: no sort of a million names
-    for k in range(int(codes.max()) + 1 if len(codes) else 0):
-        rows = codes == k
-        out[rows] = (values[rows] - values[rows].mean(axis=0)) / (values[rows].std(axis=0) + 1e-9)
-    return out
-
-
 def draw_test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -> list[np.ndarray]:
     """Whether each sample of each set is in the test split: its patient's side, drawn over
     every source at once, so a patient in two tasks (two targets of one trial) is on the same
@@ -518,10 +509,17 @@ def draw_test_patients(sets: list[SampleSet], test_fraction: float, seed: int) -
         elif len(mine) == len(own):
             test[mine[int(rng.integers(len(mine)))]] = False
     fixed: dict[str, bool] = {}
+    fixed_by: dict[str, SampleSet] = {}  # the set that fixed each patient's side first
     for s in sets:
         for patient, side in s.fixed_sides.items():
             if fixed.setdefault(patient, side) != side:
-                raise IngestError("two sources put one patient on different sides of their split columns")
+                first = fixed_by[patient]
+                raise IngestError(  # names the sources and columns, never the patient (a cell's value)
+                    f"{_name(first)} (split column {first.split_column!r}) and {_name(s)} (split column "
+                    f"{s.split_column!r}) put a patient on different sides (train and test); a patient is on one "
+                    "side: give the sources one split, or distinct patient ids (patient_column)"
+                )
+            fixed_by.setdefault(patient, s)
     if fixed:  # the sources' own split wins over the draw
         position = {p: i for i, p in enumerate(patients.tolist())}
         test[[position[p] for p in fixed]] = list(fixed.values())

@@ -18,8 +18,12 @@ such as -1 or "unknown"; a blank cell is always missing); `out_of_range` / `unkn
 `error` (the default: the row is a problem naming file, row and column, never the value) or
 `missing`; `levels` (categorical, in a fixed order) and `reference` (one of the levels, default
 the first: it gets no indicator column); `description` (free text for people). Cells are
-compared as text stripped of spaces, with an integral number written without ".0" (1.0 is "1").
-YAML reads a bare yes/no/true/false as a boolean: quote such levels ("yes").
+compared as text stripped of spaces, with an integral number written without ".0" (1.0 is "1"),
+and a boolean as `true` or `false` (a column pandas reads as booleans, and a text cell spelt
+True, TRUE or true, all match the level "true"). A text cell that is no level or missing code
+but reads as a whole number ("2.0", "-1.0") is compared as that number ("2", "-1"), as a numeric
+column's cells are with its missing codes. YAML reads a bare yes/no/true/false as a boolean and
+null or ~ as nothing: quote such levels and column names ("yes", "null").
 
 `multimed-fl corpus dictionary TABLE --out FILE` drafts one from a table (`draft`).
 """
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,17 +62,37 @@ DRAFT_MAX_INTEGER_LEVELS = 5
 DRAFT_MAX_TEXT_LEVELS = 50
 
 
+_BOOLEAN_TEXTS = frozenset({"true", "false"})
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit also passes "²", which int() refuses
+
+
+def is_integer_text(text: str) -> bool:
+    """Whether `text` is a whole number as int() reads it back (an optional minus, ASCII digits)."""
+    return _INTEGER.fullmatch(text) is not None
+
+
+def integral_text(text: str) -> str | None:
+    """A text cell that reads as a whole number ("2.0", " -1 ", "1e3"), as cell_text writes that
+    number ("2", "-1", "1000"); None for any other text."""
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return str(int(v)) if math.isfinite(v) and v.is_integer() and abs(v) < 2**53 else None
+
+
 def cell_text(value: Any) -> str | None:
     """A cell (or a dictionary level or code) as the text it is compared by; None when missing.
     Strings are stripped ("No " is "No"); an integral number loses its ".0", so a column read as
-    floats because it has a blank still matches the level 1."""
+    floats because it has a blank still matches the level 1; a boolean, and a text spelling one in
+    any case, is `true` or `false` (pandas reads a CSV's true/false column as booleans)."""
     if value is None or value is pd.NA or value is pd.NaT:
         return None
     if isinstance(value, str):
         value = value.strip()
-        return value or None
+        return (value.lower() if value.lower() in _BOOLEAN_TEXTS else value) or None
     if isinstance(value, bool | np.bool_):
-        return str(bool(value))
+        return "true" if value else "false"
     if isinstance(value, int | np.integer):
         return str(int(value))
     if isinstance(value, float | np.floating):
@@ -136,11 +162,17 @@ def parse_dictionary(raw: object, where: str, sha256: str = "") -> DataDictionar
     columns_raw = raw.get("columns") or {}
     if not isinstance(columns_raw, dict):
         raise IngestError(f"{where}: columns must be a mapping of column name -> its entry")
+    for name in columns_raw:
+        if name is None or isinstance(name, bool):
+            raise IngestError(
+                f"{where}: columns: a column name was read as {name!r} (YAML reads a bare yes/no/true/false/on/off "
+                'as a boolean and null or ~ as nothing): quote it, e.g. "yes":'
+            )
     columns = tuple(_column(str(name), entry, f"{where} columns.{name}") for name, entry in columns_raw.items())
     genes = raw.get("genes") or []
     if not isinstance(genes, list) or not all(isinstance(g, str) and g for g in genes):
         raise IngestError(f"{where}: genes must be a list of gene names")
-    twice = sorted({g for g in genes if genes.count(g) > 1})
+    twice = sorted(g for g, k in Counter(genes).items() if k > 1)
     if twice:
         raise IngestError(f"{where}: gene(s) {twice[:10]} appear more than once")
     if not columns and not genes:
@@ -176,7 +208,7 @@ def _column(name: str, raw: object, where: str) -> ColumnSpec:
     levels = _texts(raw.get("levels"), f"{where}: levels")
     if len(levels) < 2:
         raise IngestError(f"{where}: a categorical column needs at least two levels (in a fixed order)")
-    twice = sorted({lv for lv in levels if levels.count(lv) > 1})
+    twice = sorted(lv for lv, k in Counter(levels).items() if k > 1)
     if twice:
         raise IngestError(f"{where}: level(s) {twice} appear more than once")
     clash = sorted(set(levels) & set(missing))
@@ -333,9 +365,7 @@ def encode_categorical(column: pd.Series, name: str, spec: ColumnSpec | None) ->
             chosen = f"{name}: reference {reference!r}, indicators {[lv for lv in levels if lv != reference]}"
     else:
         index = {lv: k for k, lv in enumerate(spec.levels)}
-        cell_level = np.array(
-            [-1 if t is None or t in spec.missing else index.get(t, -2) for t in texts], dtype=np.int64
-        )
+        cell_level = np.array([_level_index(t, index, spec.missing) for t in texts], dtype=np.int64)
         row_level = cell_level[codes]
         unknown = row_level == -2
         if unknown.any() and spec.unknown_level == "error":
@@ -356,6 +386,19 @@ def encode_categorical(column: pd.Series, name: str, spec: ColumnSpec | None) ->
     return Encoded(block, features, missing, problems, chosen, observed)
 
 
+def _level_index(text: str | None, index: dict[str, int], missing: tuple[str, ...]) -> int:
+    """A cell's level (its index), -1 where missing, -2 where it is no level: compared as its text,
+    else, where it reads as a whole number ("2.0"), as that number's text ("2")."""
+    for t in (text, None if text is None or text in index or text in missing else integral_text(text)):
+        if t is None:
+            continue
+        if t in missing:
+            return -1
+        if t in index:
+            return index[t]
+    return -1 if text is None else -2
+
+
 def levels_by_frequency(texts: list[str | None], codes: np.ndarray) -> tuple[list[str], str, np.ndarray]:
     """(the levels in order, the reference: the most frequent, ties to the first in order, each
     row's level index or -1 where missing) of a column's distinct cell texts and row codes."""
@@ -369,9 +412,10 @@ def levels_by_frequency(texts: list[str | None], codes: np.ndarray) -> tuple[lis
 
 
 def level_sort_key(texts: set[str]) -> Any:
-    """Integer levels in numeric order (2 before 10), any other set of levels as text."""
-    if texts and all(t.lstrip("-").isdigit() for t in texts):
-        return int
+    """Integer levels in numeric order (2 before 10; "01" before "1", ties by text), any other set
+    of levels as text."""
+    if texts and all(is_integer_text(t) for t in texts):
+        return lambda t: (int(t), t)
     return str
 
 
@@ -414,7 +458,9 @@ def draft(frame: pd.DataFrame, exclude: set[str]) -> tuple[dict[str, Any], list[
         if len(levels) < 2:
             left_out.append(f"{name} ({'one value' if levels else 'no value'}: nothing to encode)")
             continue
-        as_value = int if level_sort_key(set(levels)) is int else str
+        # a level is written as a number only where every level reads back as its own text: "01"
+        # and "-0" would come back as 1 and 0 (and "01" beside "1" as one level twice)
+        as_value: Any = int if all(is_integer_text(t) and str(int(t)) == t for t in levels) else str
         categorical[name] = {
             "type": CATEGORICAL_TYPE,
             "levels": [as_value(lv) for lv in levels],
@@ -455,6 +501,12 @@ DRAFT_HEADER = """\
 """
 
 
+def comment_safe(text: str) -> str:
+    """`text` for a YAML comment: a line break (or any other control character) inside a column's
+    name would end the comment and start YAML of its own; each is written as its escape (\\n)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def write_draft(
     table: Path, out: Path, frame: pd.DataFrame, exclude: set[str], overwrite: bool = False
 ) -> tuple[Path, dict[str, Any], list[str]]:
@@ -466,11 +518,11 @@ def write_draft(
     body, left_out = draft(frame, exclude)
     if not body["columns"]:
         raise IngestError(f"{table}: no column to describe (left out: {', '.join(left_out) or 'none'})")
-    text = DRAFT_HEADER.format(table=table.name, max_int=DRAFT_MAX_INTEGER_LEVELS)
+    text = DRAFT_HEADER.format(table=comment_safe(table.name), max_int=DRAFT_MAX_INTEGER_LEVELS)
     if exclude:
-        text += f"# Not features (label, site, patient): {', '.join(sorted(exclude))}\n"
+        text += f"# Not features (label, site, patient, split, excluded): {comment_safe(', '.join(sorted(exclude)))}\n"
     if left_out:
-        text += f"# Left out: {'; '.join(left_out)}\n"
+        text += f"# Left out: {comment_safe('; '.join(left_out))}\n"
     text += yaml.safe_dump(body, sort_keys=False, default_flow_style=None, allow_unicode=True, width=100)
     parse_dictionary(yaml.safe_load(text), str(out))  # what a person starts from must itself be valid
     if out.exists() or out.is_symlink():

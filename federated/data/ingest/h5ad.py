@@ -9,7 +9,6 @@
       genes: top_variance             # top_variance (default), highly_variable, or a list of names
       dictionary: dictionary.yaml     # a data dictionary's `genes:` list (relative to the spec;
                                       # default: the spec's `dictionary:` when it lists genes)
-      scale: false                    # true: standardise each selected gene, per site
       site_key: donor                 # obs column -> origin_site (natural sites); optional
       patient_key: donor              # obs column -> patient_id; default: the cell's barcode
       modality: scrna                 # default: the task's first vector input
@@ -18,10 +17,16 @@ The vector modality holds as many genes as its declared shape says (the catalogu
 256; `modalities: {scrna: {features: 2000}}` changes it): `top_variance` keeps that many most
 variable genes of the chosen layer, `highly_variable` the file's var['highly_variable'] genes
 (at most that many, by variance), a list keeps those genes in that order. Fewer genes than
-the width are zero-padded (the
-corpus spec records which genes fill the columns in provenance). Gene selection looks at every
-cell of the file (all sites must share the same columns); `scale: true` standardises each site's
-cells with that site's own means and SDs, so no statistic of one hospital's cells shapes another's.
+the width are zero-padded. Gene selection looks at every cell of the file (all sites must share
+the same columns).
+
+The genes are the modality's features (`Feature(gene, gene, numeric)`, one per column, a gene the
+file lacks included), in the corpus's schema, so the handshake refuses two hospitals whose
+columns hold different genes, naming the first that differs. Like a table's, the expression is
+stored as read, and a run standardises it at load time with the statistics
+`preprocess.statistics` names (federated by default); so the old `scale:` key (each site's own
+means and SDs, at ingest) is refused. A cell with a NaN or infinite value is a problem, never
+stored: the genes declare no imputation.
 
 Top-variance and highly-variable genes are each file's own choice: two hospitals' files pick
 different genes for the same columns. A data dictionary's `genes:` list fixes them: the columns
@@ -38,12 +43,14 @@ layer, and any file with large layers pays for them. Read with anndata (extra `h
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from federated.core.corpus_schema import CorpusSchema, Task
+from federated.core.features import NUMERIC, Feature, FeatureError
 from federated.core.targets import VECTOR
 from federated.data.ingest.core import (
     IngestError,
@@ -55,11 +62,15 @@ from federated.data.ingest.core import (
     filled_modality,
     optional_import,
     resolve,
-    standardise_by_group,
 )
 from federated.data.ingest.dictionary import DataDictionary, dictionary_at, dictionary_digest
 
 GENE_MODES = ("top_variance", "highly_variable")
+SCALE_RETIRED = (
+    "ingest no longer standardises expression: it stores the values as read (the genes are the "
+    "modality's features), and the statistics that standardise them at load time are the run's "
+    "setting `preprocess.statistics` (federated, per_site or pooled); remove `scale:` from the source"
+)
 
 
 # values per block of rows: 32 MB as float64, whatever the file's width
@@ -143,7 +154,6 @@ def _columns(matrix: Any, columns: list[int], block_values: int) -> np.ndarray:
         "classes",
         "layer",
         "genes",
-        "scale",
         "site_key",
         "patient_key",
         "origin_site",
@@ -151,9 +161,13 @@ def _columns(matrix: Any, columns: list[int], block_values: int) -> np.ndarray:
         "dictionary",
     },
     fills=VECTOR,
+    retired={"scale": SCALE_RETIRED},
     dictionary="genes",
 )
 def h5ad(params: dict[str, Any], base: Path, problems: Problems, schema: CorpusSchema) -> SampleSet:
+    """One sample per labelled cell, its chosen genes' values as read; the genes in the schema."""
+    if "scale" in params:
+        raise ValueError(f"`scale`: {SCALE_RETIRED}")
     task = schema.task(params["task"])
     modality = filled_modality(task, schema, VECTOR, params)
     dictionary = _gene_dictionary(params, base)
@@ -209,9 +223,6 @@ def _cells(
         for i, cell in enumerate(cells)
     ]
     ok = np.array([n is not None for n in names], dtype=bool)
-    if params.get("scale", False):  # each site's cells with that site's own means and SDs
-        groups = np.asarray(sites) if sites else np.zeros(len(x), dtype=int)
-        x[ok] = standardise_by_group(x[ok], groups[ok])
     default_site = str(params.get("origin_site", path.stem))
     for i in map(int, np.flatnonzero(ok)):
         row = np.zeros(width, dtype=np.float32)
@@ -219,12 +230,27 @@ def _cells(
         site = sites[i] if sites else default_site
         samples.add({modality: row}, task.classes.index(str(names[i])), site, patients[i], f"h5ad:{path.name}")
     check_classes(samples, {str(v) for v in mapping.values()}, str(path), problems)
+    chosen = list(dictionary.genes) if dictionary is not None else [genes[j] for j in columns]
+    samples.notes["genes"] = chosen
     if dictionary is not None:
-        samples.notes["genes"] = list(dictionary.genes)
         samples.notes["dictionary"] = dictionary_digest(dictionary)
-    else:
-        samples.notes["genes"] = [genes[j] for j in columns]
+    samples.features[modality] = (gene_features(chosen, path), "")  # "": no NaN is ever stored
     return samples
+
+
+def gene_features(genes: list[str], path: Path) -> tuple[Feature, ...]:
+    """One numeric feature per gene column, named after the gene. A gene named twice among the
+    chosen columns (a file whose var_names repeat) is refused: a feature is named once."""
+    twice = sorted(g for g, k in Counter(genes).items() if k > 1)
+    if twice:
+        raise IngestError(
+            f"{path}: gene(s) {twice[:10]} name more than one chosen column; make the file's var_names unique "
+            "(anndata's var_names_make_unique) or list the genes"
+        )
+    try:
+        return tuple(Feature(g, g, NUMERIC) for g in genes)
+    except FeatureError as e:
+        raise IngestError(f"{path}: {e}") from None
 
 
 def _gene_dictionary(params: dict[str, Any], base: Path) -> DataDictionary | None:

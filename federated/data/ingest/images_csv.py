@@ -41,6 +41,7 @@ shared with ct_slices and vqa.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -250,7 +251,7 @@ def _single_class(task: Task, column: str, classes: dict[Any, Any]) -> tuple[Lab
         name = mapping.get(raw, raw)
         if name in task.classes:
             return task.classes.index(name)
-        if not mapping and name.isdigit() and int(name) < len(task.classes):
+        if not mapping and re.fullmatch(r"[0-9]+", str(name), flags=re.ASCII) and int(name) < len(task.classes):
             return int(name)
         raise BadItem(
             f"label ({column}) is not a class of {task.name} ({', '.join(task.classes)}); map it with `classes:`"

@@ -12,7 +12,8 @@
                                          # without one every other numeric column (the report lists them)
       categorical_columns: [smoker, group]   # one indicator per level but the reference level
       site_column: clinic                # becomes origin_site (natural sites); default: origin_site
-      patient_column: id                 # default: the row number
+      patient_column: id                 # default: the file and the row (`icu.csv:row0`, the path
+                                         # inside the data root), so two files' rows are two patients
       split_column: split                # cells `train` or `test`: each patient's side is the table's,
                                          # not drawn (a patient on both sides is refused), so hospitals
                                          # ingesting their own rows and a pooled ingest split alike
@@ -67,6 +68,7 @@ from federated.data.ingest.core import (
     distinct_cells,
     error_reason,
     filled_modality,
+    real_path,
     resolve,
 )
 from federated.data.ingest.dictionary import (
@@ -286,7 +288,7 @@ def tabular(params: dict[str, Any], base: Path, problems: Problems, schema: Corp
     _report_choices(encoded, columns, by_default, dictionary, path, problems)
     mapping = dict(params.get("labels") or {})
     labelled, labels = _read_labels(task, frame[label_col], mapping, label_col, path, problems)
-    check_leaks(values[labelled], features, labels, task, set(allow), str(path))
+    check_leaks(values[labelled], features, labels, task, set(allow), str(path), problems, impute)
     blocks, missing = [e.values[labelled] for e in encoded], [e.missing[labelled] for e in encoded]
     for warning in quality_warnings([c for c, _, _ in columns], blocks, missing, max_missing):
         problems.warn(path, warning)
@@ -296,11 +298,16 @@ def tabular(params: dict[str, Any], base: Path, problems: Problems, schema: Corp
     kept = labelled[ok]
     default_site = str(params.get("origin_site", "site_0"))
     sites = cell_texts(frame[site_col].iloc[kept]) if site_col else [default_site] * len(kept)
-    patients = cell_texts(frame[patient_col].iloc[kept]) if patient_col else [f"row{i}" for i in kept]
+    if patient_col:
+        patients = cell_texts(frame[patient_col].iloc[kept])
+    else:  # per file: "row0" of two files would be one patient, put on one side of the split
+        file = _inside_name(path, base)
+        patients = [f"{file}:row{i}" for i in kept]
     feats = np.zeros((len(kept), width), dtype=np.float32)  # zero-padded to the modality's width
     feats[:, : values.shape[1]] = values[kept]
     samples.extend({modality: feats}, labels[ok], sites, patients, f"tabular:{path.name}")
     if split_col:
+        samples.split_column = split_col
         _fix_sides(samples, patients, frame[split_col].iloc[kept], split_col, path)
     check_classes(samples, {v for v in mapping.values() if v in task.classes}, str(path), problems)
     samples.notes["features"] = [f.name for f in features]
@@ -393,6 +400,14 @@ def _fix_sides(samples: SampleSet, patients: list[str], column: pd.Series, split
     for patient, side in zip(patients, (_text(v) for v in column.to_numpy()), strict=True):
         if samples.fixed_sides.setdefault(patient, side == "test") != (side == "test"):
             raise ValueError(f"{path}: a patient has rows on both sides of {split_col}; a patient is on one side")
+
+
+def _inside_name(path: Path, base: Path) -> str:
+    """The table's path inside the data root (posix), else its file name: default patient ids."""
+    try:
+        return path.relative_to(real_path(base)).as_posix()
+    except ValueError:
+        return path.name
 
 
 def _require_column(frame: pd.DataFrame, col: str, path: Path) -> None:
