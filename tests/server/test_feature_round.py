@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -261,16 +262,24 @@ def _lengths(value: object) -> list[int]:
     return []
 
 
-def test_a_deployed_statistics_round_moves_no_row(corpora, tmp_path) -> None:
-    """Each hospital holds only its own corpus (node config `site` + `corpus-path`, as a SuperNode
-    has); every message of the statistics rounds, both ways, holds only per-feature aggregates."""
-    corpus = corpora["median"]
+def _hospital_nodes(corpus: Path, tmp_path: Path) -> tuple[Any, list[dict[str, str | int]]]:
+    """Each hospital's own corpus folder and its node config (`site`, `corpus-path`), as a
+    SuperNode has, and the site-local run config with lakeview held out."""
     opened = Corpus.open(corpus)
     m = opened.manifest
     rows = {h: np.flatnonzero((m["origin_site"] == h).to_numpy()) for h in HOSPITALS}
     folders = split_corpus(opened, rows, tmp_path / "sites")
     cfg = load_config(["sites.planner=site_local", "sites.holdout=named", "sites.holdout_sites=[lakeview]", *RUN])
-    nodes = [{"site": h, "corpus-path": str(folders[h])} for h in HOSPITALS]
+    return cfg, [{"site": h, "corpus-path": str(folders[h])} for h in HOSPITALS]
+
+
+def test_a_deployed_statistics_round_moves_no_row(corpora, tmp_path) -> None:
+    """Each hospital holds only its own corpus (node config `site` + `corpus-path`, as a SuperNode
+    has); every message of the statistics rounds, both ways, holds only per-feature aggregates."""
+    corpus = corpora["median"]
+    cfg, nodes = _hospital_nodes(corpus, tmp_path)
+    m = Corpus.open(corpus).manifest
+    rows = {h: np.flatnonzero((m["origin_site"] == h).to_numpy()) for h in HOSPITALS}
     grid = RecordingGrid(client_app, nodes, {CONFIG_KEY: config_to_yaml(cfg)})
     result = run_federation(grid, cfg)
     stats = result.feature_statistics
@@ -376,13 +385,7 @@ def test_a_histogram_finer_than_min_count_is_refused_naming_the_site(corpora, mo
 
 def test_a_hospital_holds_the_server_to_the_floor_its_own_node_config_sets(corpora, tmp_path) -> None:
     """Deployed, the run config is the server's; a hospital's node config sets the least min_count."""
-    corpus = corpora["mean"]
-    opened = Corpus.open(corpus)
-    m = opened.manifest
-    rows = {h: np.flatnonzero((m["origin_site"] == h).to_numpy()) for h in HOSPITALS}
-    folders = split_corpus(opened, rows, tmp_path / "sites")
-    cfg = load_config(["sites.planner=site_local", "sites.holdout=named", "sites.holdout_sites=[lakeview]", *RUN])
-    nodes = [{"site": h, "corpus-path": str(folders[h])} for h in HOSPITALS]
+    cfg, nodes = _hospital_nodes(corpora["mean"], tmp_path)
     nodes[list(HOSPITALS).index("riverside")]["stats-min-count"] = 20
     grid_ = RecordingGrid(client_app, nodes, {CONFIG_KEY: config_to_yaml(cfg)})
     with pytest.raises(
