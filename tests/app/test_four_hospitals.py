@@ -81,3 +81,20 @@ def test_a_hospital_that_ingests_without_the_dictionary_is_refused_by_name(hospi
     assert "site lakeview" in err and "feature 10 is 'sex=F'" in err and "data dictionary" in err
     left_out = _run(tmp_path / "excluded", *overrides, "engine.on_incompatible_site=exclude")
     assert "lakeview" not in {r["site"] for r in left_out["per_site"]}
+
+
+@pytest.mark.slow
+def test_the_statistics_round_runs_under_ray_as_in_process(hospitals: Path, tmp_path) -> None:
+    """`federated` is the default in every engine: under Ray the same round gives the same
+    statistics and scores (the apps are the same; Ray only moves the messages)."""
+    from federated.engines.ray_engine import ray_processes
+
+    whole = [f"corpus.path={hospitals / 'whole'}", "sites.planner=natural", "rounds=1"]
+    runs = {engine: _run(tmp_path / engine, *whole, f"engine={engine}") for engine in ("inprocess", "ray")}
+    a, b = runs["inprocess"], runs["ray"]
+    assert b["engine"] == "ray" and b["preprocess"]["statistics"] == "federated"
+    for key in ("mean", "std", "fill", "n"):
+        np.testing.assert_allclose(b["feature_statistics"]["clinical"][key], a["feature_statistics"]["clinical"][key])
+    for group in ("id", "ood"):
+        assert b["final"][group]["score"] == pytest.approx(a["final"][group]["score"], abs=1e-6)
+    assert not ray_processes()
