@@ -28,6 +28,7 @@ from federated.core.protocol import (
     GROUPS,
     METRICS_RECORD,
     NUM_EXAMPLES,
+    PROFILE_N_TRAIN,
     PROFILE_RECORD,
     TRAINED_RECORD,
     record_number,
@@ -81,7 +82,7 @@ def foreign_encoder(modalities: tuple[str, ...] | list[str], model_modalities: l
 
 def _inflate_profile(reply: Message, factor: float) -> Message:
     profile = reply.content.config_records[PROFILE_RECORD]
-    profile["n_train"] = int(record_number(profile, "n_train") * factor)
+    profile[PROFILE_N_TRAIN] = int(record_number(profile, PROFILE_N_TRAIN) * factor)
     return reply
 
 

@@ -184,14 +184,14 @@ def query(msg: Message, context: Context) -> Message:
         site_state.restore(context, p.site, restore_round, rt.cfg.privacy, protected_settings(rt.cfg))
     profile = ConfigRecord(
         {
-            "site": p.site,
-            "role": p.role.value,
-            "archetype": p.archetype,
-            "origin_site": p.origin_site,
-            "modalities": list(p.modalities),
-            "tasks": list(p.tasks),
-            "n_train": p.n_train,
-            "n_test": p.n_test,
+            P.PROFILE_SITE: p.site,
+            P.PROFILE_ROLE: p.role.value,
+            P.PROFILE_ARCHETYPE: p.archetype,
+            P.PROFILE_ORIGIN_SITE: p.origin_site,
+            P.PROFILE_MODALITIES: list(p.modalities),
+            P.PROFILE_TASKS: list(p.tasks),
+            P.PROFILE_N_TRAIN: p.n_train,
+            P.PROFILE_N_TEST: p.n_test,
             P.SCHEMA_KEY: json.dumps(rt.data.schema.to_dict()),
             P.VERSION_KEY: __version__,
         }

@@ -51,7 +51,15 @@ from federated.core.feature_stats import (
 )
 from federated.core.features import INDICATOR
 from federated.core.models import MultiMedModel, build_model
-from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, DEVICE_KEY, STATS_EPSILON_KEY, STATS_MIN_COUNT_KEY
+from federated.core.protocol import (
+    CONFIG_KEY,
+    CORPUS_KEY,
+    DEVICE_KEY,
+    PARTITION_ID_KEY,
+    SITE_KEY,
+    STATS_EPSILON_KEY,
+    STATS_MIN_COUNT_KEY,
+)
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from partitions import SitePlan, plan_sites
@@ -89,7 +97,7 @@ class ReleaseFloor:
     def of_node(cls, node_config: Mapping[str, Any]) -> ReleaseFloor:
         """A deployed site's floor: node config `stats-min-count` (an integer >= 1, default 10) and
         `stats-epsilon` (a number >= 0, default 0)."""
-        where = f"site {node_config.get('site', '?')}: node config"
+        where = f"site {node_config.get(SITE_KEY, '?')}: node config"
         raw_k, raw_e = node_config.get(STATS_MIN_COUNT_KEY, 10), node_config.get(STATS_EPSILON_KEY, 0.0)
         try:
             k = int(raw_k) if not isinstance(raw_k, bool | float) else None
@@ -109,7 +117,7 @@ class ReleaseFloor:
 
 def is_deployed(node_config: Mapping[str, Any]) -> bool:
     """A hospital's own SuperNode names its site; simulated nodes get a partition id."""
-    return "site" in node_config
+    return SITE_KEY in node_config
 
 
 def site_local_path(key: str, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> str:
@@ -120,7 +128,7 @@ def site_local_path(key: str, node_config: Mapping[str, Any], run_config: Mappin
         return str(own or sent or "")
     if not own and sent:
         raise SiteConfigError(
-            f"site {node_config['site']}: the server's run config sets {key}={str(sent)!r} but this site's node "
+            f"site {node_config[SITE_KEY]}: the server's run config sets {key}={str(sent)!r} but this site's node "
             f"config does not; in deployment a site's {key} comes only from its own node config (set {key} there)"
         )
     return str(own or "")
@@ -506,13 +514,13 @@ def site_runtime(run_config: dict, node_config: dict) -> SiteRuntime:
     floor = None  # simulation: the run's preprocess settings
     if is_deployed(node_config):
         if not corpus_path:  # else the corpus would be one the server's config names
-            raise SiteConfigError(f"site {node_config['site']}: node config needs {CORPUS_KEY} (the site's own data)")
-        key = str(node_config["site"])
+            raise SiteConfigError(f"site {node_config[SITE_KEY]}: node config needs {CORPUS_KEY} (the site's own data)")
+        key = str(node_config[SITE_KEY])
         floor = ReleaseFloor.of_node(node_config)
-    elif "partition-id" in node_config:
-        key = f"#{int(node_config['partition-id'])}"
+    elif PARTITION_ID_KEY in node_config:
+        key = f"#{int(node_config[PARTITION_ID_KEY])}"
     else:
-        raise SiteConfigError("node config needs 'site' (deployment) or 'partition-id' (simulation)")
+        raise SiteConfigError(f"node config needs {SITE_KEY!r} (deployment) or {PARTITION_ID_KEY!r} (simulation)")
     device = str(node_config.get(DEVICE_KEY, ""))
     if device and not valid_device_spec(device):
         raise SiteConfigError(f"node config {DEVICE_KEY}={device!r}: must be one of {DEVICE_CHOICES}")

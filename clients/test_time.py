@@ -9,6 +9,9 @@ bn_stats  re-estimate BatchNorm's running mean and variance on the site's inputs
           step). Only BatchNorm keeps statistics to re-estimate: LayerNorm and GroupNorm
           normalise each sample with its own, so a model without BatchNorm is refused.
 
+What each method may change, and the refusal of a model with nothing to adapt, are in
+federated/core/models/adaptable.py, which the server's preflight reads too.
+
 The adapted model is a copy: the global model the site evaluates unadapted stays as it came.
 Entropy is defined for what a model classifies (multiclass, closed-set, binary, multilabel,
 per-residue); regression outputs have none, so a regression task is not adapted on (its
@@ -34,43 +37,10 @@ from federated.core.compute import model_device
 from federated.core.config.schema import OODConfig
 from federated.core.corpus_schema import Task
 from federated.core.models import MultiMedModel
+from federated.core.models.adaptable import batch_norms, check_adaptable, norm_affine_parameters
 from federated.core.targets import BINARY, CLOSED_SET, MULTICLASS, MULTILABEL, PER_RESIDUE
 
-NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 Batch = TypeVar("Batch")
-
-
-class NothingToAdaptError(ValueError):
-    """The model has no parameters or statistics the chosen adaptation changes."""
-
-
-def norm_affine_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The scale and shift of every normalisation layer: what TENT updates."""
-    out = []
-    for prefix, module in model.named_modules():
-        if isinstance(module, NORM_LAYERS):
-            for name, p in module.named_parameters(recurse=False):
-                out.append((f"{prefix}.{name}" if prefix else name, p))
-    return out
-
-
-def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def check_adaptable(model: nn.Module, method: str) -> None:
-    """Refuse, with the reason, a method that would change nothing in this model."""
-    if method == "tent" and not norm_affine_parameters(model):
-        raise NothingToAdaptError(
-            "ood.adapt=tent: the model has no normalisation layer with affine parameters "
-            "(LayerNorm, GroupNorm or BatchNorm with elementwise_affine/affine) for TENT to update"
-        )
-    if method == "bn_stats" and not any(m.track_running_stats for m in batch_norms(model)):
-        raise NothingToAdaptError(
-            "ood.adapt=bn_stats: the model has no BatchNorm layer with running statistics; its "
-            "LayerNorm/GroupNorm layers normalise each sample by its own statistics, so there is nothing "
-            "to re-estimate (use ood.adapt=tent)"
-        )
 
 
 def prediction_entropy(task: Task, output: torch.Tensor) -> torch.Tensor | None:

@@ -18,8 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from federated.core.config.loader import HOLDOUT_MODES
-from federated.core.config.schema import ExperimentConfig
+from federated.core.config.schema import HOLDOUT_MODES, ExperimentConfig
 from federated.core.protocol import Role
 from federated.data.format import Corpus
 from partitions.natural import NATURAL, site_name

@@ -6,7 +6,8 @@ train/test split as stored, and takes its role from the coordinator's config: he
 `sites.holdout_sites` names it (by site name or origin), evaluation-only when `sites.train_only`
 lists other sites, training otherwise. No site sees, or plans from, another site's data; in
 simulation, `corpus.site_corpora` holds one such corpus per site (folder name = site name).
-Planner steps that reshape a site's data are refused by the config (loader.SIMULATION_ONLY).
+Planner steps that reshape a site's data are refused by the config (SIMULATION_ONLY in
+federated/core/config/checks.py).
 """
 
 from __future__ import annotations

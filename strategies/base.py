@@ -48,7 +48,7 @@ from federated.core.protocol import (
 )
 from federated.core.replies import error_reason
 from strategies.aggregation import groupwise_weighted_mean
-from strategies.secure_sums import Layout, apply_sums
+from strategies.secure_sums import Layout, SecureSupport, apply_sums
 from strategies.validation import (
     Rejection,
     declared_groups,
@@ -85,8 +85,11 @@ class MultiMedStrategy(FlowerFedAvg):
     # what a checkpoint must hold for a resumed run to continue exactly.
     STATE: tuple[str, ...] = ()
     # Under secure aggregation the server sees only sums: the vector layout whose sums this
-    # strategy's aggregation needs (strategies/secure_sums.py), or None when it needs more.
-    SECURE_SUMS: ClassVar[str | None] = None
+    # strategy's aggregation needs (strategies/secure_sums.py), or what more it needs. A subclass
+    # that aggregates the default group-wise mean and nothing else declares SecureSupport.sums(GROUPED).
+    SECURE: ClassVar[SecureSupport] = SecureSupport.refused(
+        "aggregates more than a (group-wise) weighted mean of the updates"
+    )
     # True when every update was clipped to one L2 norm before this strategy screens it
     # (privacy=dp_fedavg: strategies/site_dp.py): its norm no longer grows with the site's data,
     # so the relative bound compares plain norms, not norms per sqrt(example).
@@ -301,7 +304,7 @@ class MultiMedStrategy(FlowerFedAvg):
     def _missing_record(self, content: RecordDict) -> str | None:
         """Why the reply lacks what `parse` reads (its arrays, its example count), if it does."""
         if ARRAYS_RECORD not in content.array_records:
-            return "no 'arrays' record in the reply"
+            return f"no {ARRAYS_RECORD!r} record in the reply"
         if METRICS_RECORD not in content.metric_records or self.weighted_by_key not in content[METRICS_RECORD]:
             return f"no '{self.weighted_by_key}' in the reply's metrics"
         return None

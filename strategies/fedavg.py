@@ -12,12 +12,12 @@ from __future__ import annotations
 from strategies.aggregation import weighted_mean
 from strategies.base import Arrays, MultiMedStrategy
 from strategies.registry import register_strategy
-from strategies.secure_sums import GROUPED, SINGLE
+from strategies.secure_sums import GROUPED, SINGLE, SecureSupport
 
 
 @register_strategy("fedavg")
 class FedAvg(MultiMedStrategy):
-    SECURE_SUMS = SINGLE
+    SECURE = SecureSupport.sums(SINGLE)
 
     def aggregate(
         self, current: Arrays, updates: list[Arrays], weights: list[float], group_weights: list[dict[str, float]]
@@ -29,4 +29,4 @@ class FedAvg(MultiMedStrategy):
 class ModalityFedAvg(MultiMedStrategy):
     """The base template's default aggregation, named."""
 
-    SECURE_SUMS = GROUPED
+    SECURE = SecureSupport.sums(GROUPED)

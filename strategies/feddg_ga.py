@@ -53,23 +53,20 @@ from flwr.app import ConfigRecord, Message
 
 from federated.core.config.schema import StrategyConfig, StrategySettings
 from federated.core.models import group_of
-from federated.core.protocol import (
-    CONFIG_RECORD,
-    GA_RECORD,
-    GLOBAL_LOSS,
-    LOCAL_LOSS,
-    LOCAL_ROUND,
-    record_number,
-    record_round,
-)
+from federated.core.protocol import CONFIG_RECORD, record_number, record_round
 from strategies.aggregation import groupwise_weighted_mean
 from strategies.base import Arrays, MultiMedStrategy, Update
 from strategies.client_side import ClientAlgorithm, ClientRound, Record, SiteRound
 from strategies.registry import register_strategy
+from strategies.secure_sums import SecureSupport
 
 log = logging.getLogger(__name__)
 
 # The site's reply record and the keys in it (site -> server), and its own state across rounds.
+GA_RECORD = "feddg-ga"
+GLOBAL_LOSS = "global-loss"  # L_k of the global model received this round
+LOCAL_LOSS = "local-loss"  # L_k of the site's local model after its last training
+LOCAL_ROUND = "local-round"  # the round that local model was trained in
 GA_STATE = "feddg-ga-local"  # Context.state: {LOCAL_LOSS, LOCAL_ROUND} of the last training
 
 
@@ -190,6 +187,7 @@ def _loss_value(record: ConfigRecord, key: str) -> float | str:
 
 @register_strategy("feddg_ga", FedDGGASettings, client=FedDGGAClient)
 class FedDGGA(MultiMedStrategy):
+    SECURE = SecureSupport.refused("reweights each site by its own generalisation gap after seeing its update")
     STATE = ("site_weights",)
 
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:

@@ -38,6 +38,7 @@ from federated.core.models import group_of
 from strategies.aggregation import groupwise_aggregate, normalised_weights, same_layout
 from strategies.base import Arrays, MultiMedStrategy
 from strategies.registry import register_strategy
+from strategies.secure_sums import SecureSupport
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ def groupwise_gma_step(
 
 @register_strategy("fedgma", FedGMASettings)
 class FedGMA(MultiMedStrategy):
+    SECURE = SecureSupport.refused("masks coordinates by the agreement of the sites' individual update signs")
+
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:
         super().__init__(cfg, n_train_sites)
         self.settings = cfg.settings_as(FedGMASettings)

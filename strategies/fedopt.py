@@ -14,12 +14,12 @@ from federated.core.config.schema import StrategyConfig, StrategySettings
 from strategies.aggregation import ServerOptState, server_opt_step
 from strategies.base import Arrays, MultiMedStrategy
 from strategies.registry import register_strategy
-from strategies.secure_sums import GROUPED
+from strategies.secure_sums import GROUPED, SecureSupport
 
 
 @dataclass(frozen=True)
 class FedOptSettings(StrategySettings):
-    server_lr: float = 0.01
+    server_lr: float = 0.01  # the server optimiser's step size on the pseudo-gradient (the mean update)
     beta1: float = 0.9  # first-moment decay
     beta2: float = 0.99  # second-moment decay (adam, yogi)
     tau: float = 0.001  # adaptivity: the second moment starts at tau^2 and the step divides by sqrt(v) + tau
@@ -33,7 +33,7 @@ class FedOptSettings(StrategySettings):
 
 class FedOpt(MultiMedStrategy):
     STATE = ("state",)
-    SECURE_SUMS = GROUPED  # the server step needs only the group-wise mean
+    SECURE = SecureSupport.sums(GROUPED)  # the server step needs only the group-wise mean
     variant = ""  # adam | yogi | adagrad (strategies.aggregation.SERVER_OPT_VARIANTS)
 
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:

@@ -15,11 +15,13 @@ import torch
 
 from federated.core.config.schema import StrategySettings
 from federated.core.models import MultiMedModel
-from federated.core.protocol import CONFIG_RECORD, PROXIMAL_MU, record_number
+from federated.core.protocol import CONFIG_RECORD, record_number
 from strategies.base import MultiMedStrategy
 from strategies.client_side import ClientAlgorithm, ClientRound, SiteRound
 from strategies.registry import register_strategy
-from strategies.secure_sums import GROUPED
+from strategies.secure_sums import GROUPED, SecureSupport
+
+PROXIMAL_MU = "proximal-mu"  # train config key (server -> site): mu; the key Flower's own FedProx uses
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class FedProxClient(ClientAlgorithm):
 
 @register_strategy("fedprox", FedProxSettings, client=FedProxClient)
 class FedProx(MultiMedStrategy):
-    SECURE_SUMS = GROUPED  # the proximal term is the site's; the server averages as modality_fedavg
+    SECURE = SecureSupport.sums(GROUPED)  # the proximal term is the site's; the server averages as modality_fedavg
 
     def train_config(self, server_round: int) -> dict[str, float | int | str]:
         return {PROXIMAL_MU: float(self.cfg.settings_as(FedProxSettings).proximal_mu)}

@@ -80,11 +80,22 @@ from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.compute import model_device
 from federated.core.config.schema import ExperimentConfig, StrategyConfig, StrategySettings
 from federated.core.models import MultiMedModel
-from federated.core.protocol import REFERENCE_RECORD, STATISTICS_RECORD
 from federated.core.targets import BINARY, CLASS_TARGETS
 from strategies.base import Arrays, MultiMedStrategy, Update
 from strategies.client_side import ClientAlgorithm, ClientRound, Record, SiteRound
 from strategies.registry import register_strategy
+from strategies.secure_sums import SecureSupport
+
+REFERENCE_RECORD = "fedsr-reference"  # server -> site: the pooled r(z|y), arrays stat_key(task, MEAN|VAR|KNOWN)
+STATISTICS_RECORD = "fedsr-statistics"  # site -> server: its r after the round, stat_key(task, MEAN|VAR|FREQ)
+MEAN, VAR, KNOWN, FREQ = "mean", "var", "known", "freq"  # the parts of a task's statistics
+STAT_SEP = "/"  # an array's key in those records: "<task>/<part>"
+
+
+def stat_key(task: str, part: str) -> str:
+    """The key of one part of a task's statistics in REFERENCE_RECORD or STATISTICS_RECORD."""
+    return f"{task}{STAT_SEP}{part}"
+
 
 FREQ_TOLERANCE = 1e-4  # a site's class frequencies of one task must sum to 1 within this
 
@@ -280,9 +291,9 @@ class FedSRRound(ClientRound):
             if total <= 0:
                 continue
             mean, var, _ = self.reference[task]
-            out[f"{task}/mean"] = mean.cpu().numpy().astype(np.float32)
-            out[f"{task}/var"] = var.cpu().numpy().astype(np.float32)
-            out[f"{task}/freq"] = (count / total).cpu().numpy().astype(np.float32)
+            out[stat_key(task, MEAN)] = mean.cpu().numpy().astype(np.float32)
+            out[stat_key(task, VAR)] = var.cpu().numpy().astype(np.float32)
+            out[stat_key(task, FREQ)] = (count / total).cpu().numpy().astype(np.float32)
         return {STATISTICS_RECORD: pack_arrays(out)}
 
 
@@ -303,8 +314,8 @@ class FedSRClient(ClientAlgorithm):
             k: torch.tensor(np.array(v), dtype=torch.float32, device=device) for k, v in record_to_numpy(record).items()
         }
         reference = {
-            task: (sent[f"{task}/mean"], sent[f"{task}/var"], sent[f"{task}/known"])
-            for task in {k.rpartition("/")[0] for k in sent}
+            task: (sent[stat_key(task, MEAN)], sent[stat_key(task, VAR)], sent[stat_key(task, KNOWN)])
+            for task in {k.rpartition(STAT_SEP)[0] for k in sent}
         }
         capture = FusionCapture()
         self.handle = site.model.fusion.register_forward_hook(capture)
@@ -316,12 +327,13 @@ class FedSRClient(ClientAlgorithm):
 
 @register_strategy("fedsr", FedSRSettings, client=FedSRClient)
 class FedSR(MultiMedStrategy):
+    SECURE = SecureSupport.refused("sends its representation statistics beside the update, which would travel unmasked")
     STATE = ("reference",)
 
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:
         super().__init__(cfg, n_train_sites)
         self.settings = cfg.settings_as(FedSRSettings)
-        self.reference: Arrays | None = None  # "<task>/mean|var|known": the pooled r(z|y)
+        self.reference: Arrays | None = None  # stat_key(task, MEAN|VAR|KNOWN): the pooled r(z|y)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -356,21 +368,19 @@ class FedSR(MultiMedStrategy):
             for task in _tasks(stats):
                 per_task.setdefault(task, []).append((stats, u.group_examples[f"head/{task}"]))
         for task, sent in sorted(per_task.items()):
-            previous = _triple(reference, task, "known") if f"{task}/mean" in reference else None
-            mean, var, known = pool_reference(
-                previous, [_triple(s, task, "freq") for s, _ in sent], [n for _, n in sent]
-            )
-            reference.update({f"{task}/mean": mean, f"{task}/var": var, f"{task}/known": known})
+            previous = _triple(reference, task, KNOWN) if stat_key(task, MEAN) in reference else None
+            mean, var, known = pool_reference(previous, [_triple(s, task, FREQ) for s, _ in sent], [n for _, n in sent])
+            reference.update({stat_key(task, MEAN): mean, stat_key(task, VAR): var, stat_key(task, KNOWN): known})
         self.reference = {k: np.asarray(v, dtype=np.float32) for k, v in reference.items()}
         return new
 
 
 def _tasks(stats: Mapping[str, np.ndarray]) -> list[str]:
-    return sorted({k.rpartition("/")[0] for k in stats})
+    return sorted({k.rpartition(STAT_SEP)[0] for k in stats})
 
 
 def _triple(arrays: Mapping[str, np.ndarray], task: str, third: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return arrays[f"{task}/mean"], arrays[f"{task}/var"], arrays[f"{task}/{third}"]
+    return arrays[stat_key(task, MEAN)], arrays[stat_key(task, VAR)], arrays[stat_key(task, third)]
 
 
 def check_statistics(
@@ -383,21 +393,21 @@ def check_statistics(
     (D the fusion width, C the reference's classes once there is one), var > 0 and freq [C] in
     [0, 1] summing to 1, all finite, and only for a task whose head the site trained."""
     for key in stats:
-        task, _, part = key.rpartition("/")
-        if not task or part not in ("mean", "var", "freq"):
+        task, _, part = key.rpartition(STAT_SEP)
+        if not task or part not in (MEAN, VAR, FREQ):
             return f"unexpected array {key!r}"
     for task in _tasks(stats):
         if group_examples.get(f"head/{task}", 0) <= 0:
             return f"statistics for task {task!r}, whose head the site did not train"
-        missing = [p for p in ("mean", "var", "freq") if f"{task}/{p}" not in stats]
+        missing = [p for p in (MEAN, VAR, FREQ) if stat_key(task, p) not in stats]
         if missing:
             return f"task {task!r} lacks {missing}"
-        mean, var, freq = _triple(stats, task, "freq")
+        mean, var, freq = _triple(stats, task, FREQ)
         if mean.ndim != 2 or var.shape != mean.shape or freq.shape != mean.shape[:1]:
             return f"task {task!r}: shapes {mean.shape}, {var.shape}, {freq.shape} are not [C, D], [C, D], [C]"
         if dim is not None and mean.shape[1] != dim:
             return f"task {task!r}: width {mean.shape[1]}, not the fusion width {dim}"
-        known = reference.get(f"{task}/mean")
+        known = reference.get(stat_key(task, MEAN))
         if known is not None and known.shape != mean.shape:
             return f"task {task!r}: shape {mean.shape}, not the reference's {known.shape}"
         if not all(np.isfinite(a).all() for a in (mean, var, freq)):

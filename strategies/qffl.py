@@ -49,10 +49,16 @@ from flwr.app import ConfigRecord, Message
 
 from federated.core.config.schema import ExperimentConfig, StrategyConfig, StrategySettings
 from federated.core.models import group_of
-from federated.core.protocol import GLOBAL_LOSS, LIPSCHITZ, QFFL_RECORD, record_number
+from federated.core.protocol import record_number
 from strategies.base import Arrays, MultiMedStrategy, Update
 from strategies.client_side import ClientAlgorithm, ClientRound, Record, SiteRound
 from strategies.registry import register_strategy
+from strategies.secure_sums import SecureSupport
+
+# The site's reply record and the keys in it (site -> server).
+QFFL_RECORD = "qffl"
+GLOBAL_LOSS = "global-loss"  # F_k: the loss of the global model received this round
+LIPSCHITZ = "lipschitz"  # 1 / the site's train.lr
 
 LOSS_EPS = 1e-10  # Flower's offset, keeps F^(q - 1) finite at F = 0
 
@@ -209,6 +215,8 @@ def _number(record: ConfigRecord, key: str, positive: bool) -> float | str:
 
 @register_strategy("qffl", QFFLSettings, client=QFFLClient)
 class QFFL(MultiMedStrategy):
+    SECURE = SecureSupport.refused("weighs each site's update by its own loss")
+
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:
         super().__init__(cfg, n_train_sites)
         self.settings = cfg.settings_as(QFFLSettings)

@@ -23,7 +23,6 @@ from federated.core.registry import Registry
 from strategies.base import MultiMedStrategy
 from strategies.client_side import ClientAlgorithm
 
-ServerFactory = Callable[[StrategyConfig, int], MultiMedStrategy]  # (config, number of training sites)
 ClientFactory = Callable[[StrategyConfig], ClientAlgorithm]
 StrategyT = TypeVar("StrategyT", bound=type[MultiMedStrategy])
 
@@ -34,7 +33,7 @@ class StrategySpec:
 
     name: str
     settings: type[StrategySettings]
-    server: ServerFactory
+    server: type[MultiMedStrategy]  # built with (config, number of training sites); its SECURE declaration
     client: ClientFactory = ClientAlgorithm
 
 

@@ -70,14 +70,20 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 
 from federated.core.config.schema import ExperimentConfig, StrategyConfig, StrategySettings
-from federated.core.protocol import CONFIG_RECORD, DRO_ETA, REX_BETA, REX_MEAN_RISK, RISK, RISK_RECORD, record_number
+from federated.core.protocol import CONFIG_RECORD, record_number
 from strategies.base import Arrays, MultiMedStrategy, Update
 from strategies.client_side import ClientAlgorithm, ClientRound, Record, SiteRound
 from strategies.registry import register_strategy
+from strategies.secure_sums import SecureSupport
 
 log = logging.getLogger(__name__)
 
 # Protocol keys of these strategies (server config keys, a reply record and its key, site state).
+REX_BETA = "rex-beta"
+REX_MEAN_RISK = "rex-mean-risk"  # absent before the first aggregated round
+RISK_RECORD = "rex-risk"  # the site's reply: a ConfigRecord {RISK: R_k}
+RISK = "risk"
+DRO_ETA = "dro-eta"
 DRO_STATE = "groupdro-weights"  # the site's Context: ConfigRecord {DRO_TASKS: [...], DRO_LOG_WEIGHTS: [...]}
 DRO_TASKS = "tasks"
 DRO_LOG_WEIGHTS = "log-weights"
@@ -181,6 +187,7 @@ class FedRexClient(ClientAlgorithm):
 
 @register_strategy("fedrex", FedRexSettings, client=FedRexClient)
 class FedRex(MultiMedStrategy):
+    SECURE = SecureSupport.refused("reads each site's risk beside its update, which would travel unmasked")
     STATE = ("mean_risk",)
 
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:
@@ -278,6 +285,9 @@ class GroupDROClient(ClientAlgorithm):
 @register_strategy("groupdro", GroupDROSettings, client=GroupDROClient)
 class GroupDRO(MultiMedStrategy):
     """The server side is modality_fedavg's, and sends eta."""
+
+    # Its server side is modality_fedavg's, but no secure run of it has been tested yet.
+    SECURE = SecureSupport.refused("has not been tested on masked sums yet (its server side is modality_fedavg's)")
 
     def train_config(self, server_round: int) -> dict[str, float | int | str]:
         return {DRO_ETA: float(self.cfg.settings_as(GroupDROSettings).dro_eta)}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from federated.core.config.schema import ConfigError, StrategyConfig, StrategySettings
+from federated.core.config.values import one_of
 from federated.core.models import group_of
 from strategies.aggregation import (
     coordinate_median,
@@ -31,10 +32,9 @@ from strategies.aggregation import (
 )
 from strategies.base import Arrays, MultiMedStrategy, TooFewValidReplies
 from strategies.registry import register_strategy
+from strategies.secure_sums import SecureSupport
 
 log = logging.getLogger(__name__)
-
-TOO_FEW_ACTIONS = ("refuse", "mean", "fail")
 
 
 class TooFewTrainers(TooFewValidReplies):
@@ -45,11 +45,9 @@ class TooFewTrainers(TooFewValidReplies):
 class RobustSettings(StrategySettings):
     # Aggregate each parameter group over the sites that trained it (true), or over all sites.
     groupwise: bool = True
-    # A group with fewer trainers than the rule needs: refuse (keeps its value) | mean | fail.
-    too_few_trainers: str = "refuse"
-
-    def __post_init__(self) -> None:
-        self.require("too_few_trainers", self.too_few_trainers in TOO_FEW_ACTIONS, "must be one of: refuse, mean, fail")
+    # A group with fewer trainers than the rule needs: refuse (it keeps its value), mean (averaged,
+    # with a warning) or fail (the round stops).
+    too_few_trainers: str = one_of("refuse", "mean", "fail")
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,6 @@ class TrimmedMeanSettings(RobustSettings):
     trim_fraction: float = 0.2  # fraction cut from each end, per coordinate
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         self.require("trim_fraction", 0.0 <= self.trim_fraction < 0.5, "must be in [0, 0.5)")
 
 
@@ -67,7 +64,6 @@ class KrumSettings(RobustSettings):
     krum_selected: int = 1  # 1 = Krum, > 1 = multi-Krum (the mean of that many best-scored updates)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         self.require("n_byzantine", self.n_byzantine >= 0, "must be >= 0")
         self.require("krum_selected", self.krum_selected >= 1, "must be >= 1")
 
@@ -122,6 +118,8 @@ class RobustStrategy(MultiMedStrategy):
 
 @register_strategy("median", RobustSettings)
 class Median(RobustStrategy):
+    SECURE = SecureSupport.refused("takes a coordinate-wise median of the sites' updates")
+
     def rule(self, updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Arrays:
         return coordinate_median(updates, weights)
 
@@ -131,6 +129,8 @@ class Median(RobustStrategy):
 
 @register_strategy("trimmed_mean", TrimmedMeanSettings)
 class TrimmedMean(RobustStrategy):
+    SECURE = SecureSupport.refused("trims the largest and smallest of the sites' updates")
+
     def rule(self, updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Arrays:
         return trimmed_mean(updates, weights, self.cfg.settings_as(TrimmedMeanSettings).trim_fraction)
 
@@ -146,6 +146,8 @@ class TrimmedMean(RobustStrategy):
 
 @register_strategy("krum", KrumSettings)
 class Krum(RobustStrategy):
+    SECURE = SecureSupport.refused("scores each update by its distance to the others")
+
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:
         super().__init__(cfg, n_train_sites)
         f = cfg.settings_as(KrumSettings).n_byzantine

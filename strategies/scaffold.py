@@ -28,13 +28,15 @@ from federated.core.arrays import pack_arrays, record_to_numpy, record_to_torch
 from federated.core.compute import model_device
 from federated.core.config.schema import ExperimentConfig, StrategyConfig, StrategySettings
 from federated.core.models import MultiMedModel, group_of
-from federated.core.protocol import CONTROL_DELTA_RECORD, CONTROL_RECORD
 from strategies.aggregation import scaffold_server_step
 from strategies.base import Arrays, MultiMedStrategy, Update
 from strategies.client_side import ClientAlgorithm, ClientRound, Record, SiteRound
 from strategies.registry import register_strategy
+from strategies.secure_sums import SecureSupport
 from strategies.validation import validate_update
 
+CONTROL_RECORD = "control"  # train message record (server -> site): the server's control variate
+CONTROL_DELTA_RECORD = "control-delta"  # train reply record (site -> server): the change of its control variate
 CONTROL_STATE = "scaffold-control"  # the site's control variate, in its Context.state
 
 
@@ -137,6 +139,7 @@ class ScaffoldClient(ClientAlgorithm):
 
 @register_strategy("scaffold", ScaffoldSettings, client=ScaffoldClient)
 class Scaffold(MultiMedStrategy):
+    SECURE = SecureSupport.refused("sends control-variate differences beside the update, which would travel unmasked")
     STATE = ("control",)
 
     def __init__(self, cfg: StrategyConfig, n_train_sites: int) -> None:

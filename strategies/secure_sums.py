@@ -30,7 +30,6 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-from federated.core.config.schema import ConfigError, ExperimentConfig
 from federated.core.models import group_of
 
 GROUPED = "grouped"  # one segment per parameter group (modality-aware)
@@ -177,57 +176,30 @@ def site_weights(
     return {g: (1.0 if uniform else float(x)) for g, x in group_examples.items() if x > 0 and g not in withheld}
 
 
-# The strategies with a secure-sum layout (their SECURE_SUMS; a test keeps this list in step)
-SECURE_STRATEGIES = (
-    "fedavg",
-    "modality_fedavg",
-    "fedprox",
-    "fedbn",
-    "fedper",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-)
+@dataclass(frozen=True)
+class SecureSupport:
+    """Whether a strategy's aggregation works on masked sums, declared on its class (`SECURE`):
+    under secure aggregation the server sees only the sum of the sites' vectors, so a strategy
+    either needs no more than a sum of one of the layouts above, or says what more it needs."""
 
-# Strategies that need each site's own update, and why; every other strategy without a secure-sum
-# layout is refused with the generic reason.
-NEEDS_INDIVIDUAL_UPDATES = {
-    "median": "takes a coordinate-wise median of the sites' updates",
-    "trimmed_mean": "trims the largest and smallest of the sites' updates",
-    "krum": "scores each update by its distance to the others",
-    "scaffold": "sends control-variate differences beside the update, which would travel unmasked",
-    "fedgma": "masks coordinates by the agreement of the sites' individual update signs",
-    "feddg_ga": "reweights each site by its own generalisation gap after seeing its update",
-    "qffl": "weighs each site's update by its own loss",
-}
+    layout: str | None  # the vector whose sums its aggregation needs (GROUPED, SINGLE); None: a sum is not enough
+    why_not: str = ""  # with layout None: what it needs that a sum does not give (completes "it ...")
 
+    def __post_init__(self) -> None:
+        if self.layout is None and not self.why_not:
+            raise ValueError("a strategy that cannot aggregate masked sums must say why (SecureSupport.why_not)")
+        if self.layout is not None and self.layout not in Layout.KINDS:
+            raise ValueError(f"unknown secure-sum layout {self.layout!r}; valid: {', '.join(Layout.KINDS)}")
 
-def check_secure_strategy(cfg: ExperimentConfig, layout_kind: str | None) -> None:
-    """Refuse, with the reason, a strategy that cannot aggregate masked sums (layout_kind None), and
-    a clip with which the weights could not travel or the unmasked sum could not be checked."""
-    if cfg.secure_aggregation.name == "none":
-        return
-    name = cfg.strategy.name
-    if layout_kind is None:
-        why = NEEDS_INDIVIDUAL_UPDATES.get(name, "aggregates more than a (group-wise) weighted mean of the updates")
-        raise ConfigError(
-            f"secure_aggregation={cfg.secure_aggregation.name} cannot run strategy={name}: it {why}, and the "
-            f"server sees only the sum of masked updates (it works with {', '.join(SECURE_STRATEGIES)})"
-        )
-    if cfg.secure_aggregation.clipping_range < 1:
-        raise ConfigError(
-            "secure_aggregation.clipping_range must be >= 1: a site's weight for each group (<= 1) "
-            f"travels in the same clipped range as its update (got {cfg.secure_aggregation.clipping_range})"
-        )
-    sa = cfg.secure_aggregation
-    # 0 picks a power of 2 per round: whether 0 quantises exactly is the same for every power of 2
-    if zero_level(sa.clipping_range, sa.quantization_range or 2**20) is None:
-        raise ConfigError(
-            f"secure_aggregation.clipping_range={sa.clipping_range:g} with quantization_range="
-            f"{sa.quantization_range}: a zero entry must quantise to an exact level (c x (T / 2c) = T / 2 in "
-            "floating point, T even), or the server could not check that the groups no site may send sum to "
-            "exactly zero; use e.g. clipping_range 1, 1.5, 2 or 8 and an even (or 0) quantization_range"
-        )
+    @classmethod
+    def sums(cls, layout: str) -> SecureSupport:
+        """The strategy aggregates the sums of `layout`'s vectors (GROUPED or SINGLE)."""
+        return cls(layout)
+
+    @classmethod
+    def refused(cls, why: str) -> SecureSupport:
+        """The strategy needs more than a sum: `why` completes "it ..." in the refusal."""
+        return cls(None, why)
 
 
 def quantization_levels(n_sites: int, quantization_range: int, modulus_range: int) -> int:
@@ -353,7 +325,7 @@ def sum_problems(
     The exact zero check needs T and c for which 0 quantises exactly (zero_level); others raise.
     """
     zero = zero_level(clip, levels)
-    if zero is None:  # check_secure_strategy refuses such a clip and T before the run
+    if zero is None:  # check_secure_strategy (strategies/secure_support.py) refuses such a clip and T before the run
         raise ValueError(
             f"clip {clip:g} with {levels} levels: 0 does not quantise to an exact level, so a group's zero "
             "sum cannot be checked exactly (check_secure_strategy refuses this configuration)"

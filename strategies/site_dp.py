@@ -4,8 +4,8 @@ Composition, not flags: Flower's DifferentialPrivacyServerSideFixedClipping wrap
 strategy. Each round it clips every site's update (reply - global, all arrays jointly) to
 L2 norm C, lets the inner strategy average them, and adds Gaussian noise of std sigma*C/n to
 the result (n = sites sampled per round). That std is right only for an unweighted mean of the
-n clipped updates, so the inner strategy must be plain FedAvg with uniform weighting (the
-config check and `build_private_strategy` enforce both).
+n clipped updates, so the inner strategy must be plain FedAvg (the config loader refuses any
+other strategy with privacy=dp_fedavg) with uniform weighting (`build_private_strategy` sets it).
 
 Accounting: Flower's own RdpAccountant refuses strategies that override aggregate_train, so
 an Opacus accountant counts one Gaussian mechanism per round. Sampling assumption, stated in
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,10 +33,13 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from federated.core.arrays import pack_arrays, plain_record, record_to_numpy
-from federated.core.config.schema import ExperimentConfig
+from federated.core.config.schema import ExperimentConfig, StrategyConfig
+from federated.core.flower_door import add_server_noise, check_server_noise_hook
 from strategies.base import MultiMedStrategy, TooFewValidReplies
 from strategies.registry import build_strategy
-from strategies.secure_sums import Layout
+from strategies.round_strategy import RoundStrategy
+from strategies.secure_sums import Layout, SecureSupport
+from strategies.validation import Rejection
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
                     epsilon_tolerance=0.01,
                 )
             )
+        check_server_noise_hook(SiteLevelDP)
         super().__init__(inner, noise_multiplier=sigma, clipping_norm=p.clipping_norm, num_sampled_clients=n)
         self.privacy, self.sigma = p, sigma
         self.ledger = create_accountant(p.accountant)
@@ -79,10 +83,42 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
         self.stopped_round = 0
         np.random.seed(cfg.seed)  # Flower draws the noise from numpy's global generator
 
-    def __getattr__(self, name: str) -> Any:  # know_sites, last_rejections, current, ...
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
+    # --- what the round loop reads (strategies/round_strategy.py): the wrapped strategy's ------
+    @property
+    def SECURE(self) -> SecureSupport:  # the wrapped class's declaration
+        return self.strategy.SECURE
+
+    @property
+    def cfg(self) -> StrategyConfig:
+        return self.strategy.cfg
+
+    @property
+    def declared_examples(self) -> Mapping[int, int]:
+        return self.strategy.declared_examples
+
+    @property
+    def allowed_groups(self) -> Mapping[int, frozenset[str]]:
+        return self.strategy.allowed_groups
+
+    @property
+    def handshake_problems(self) -> Mapping[int, str]:
+        return self.strategy.handshake_problems
+
+    @property
+    def last_rejections(self) -> Sequence[Rejection]:
+        return self.strategy.last_rejections
+
+    @property
+    def last_update_norms(self) -> Mapping[str, tuple[float, float | None]]:
+        return self.strategy.last_update_norms
+
+    def know_sites(
+        self,
+        node_sites: Mapping[int, str],
+        declared_examples: Mapping[int, int],
+        declared_data: Mapping[int, tuple[Sequence[str], Sequence[str]]] | None = None,
+    ) -> None:
+        self.strategy.know_sites(node_sites, declared_examples, declared_data)
 
     def epsilon(self, extra_rounds: int = 0) -> float:
         acc = create_accountant(self.privacy.accountant)
@@ -159,7 +195,7 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
         """Flower's noise, drawn per tensor in the model's order (as for an ordinary record); the
         noised model then travels packed again."""
-        noised = super()._add_noise_to_aggregated_arrays(plain_record(aggregated_arrays))
+        noised = add_server_noise(self, plain_record(aggregated_arrays))
         return pack_arrays(record_to_numpy(noised))
 
     def state_dict(self) -> dict[str, Any]:
@@ -195,21 +231,17 @@ class SiteLevelDP(DifferentialPrivacyServerSideFixedClipping):
         }
 
 
-def build_private_strategy(cfg: ExperimentConfig, n_train_sites: int) -> MultiMedStrategy | SiteLevelDP:
-    """The run's strategy, wrapped for site-level DP when privacy=dp_fedavg."""
+def build_private_strategy(cfg: ExperimentConfig, n_train_sites: int) -> RoundStrategy:
+    """The run's strategy, wrapped for site-level DP when privacy=dp_fedavg (the config loader
+    refuses any strategy but fedavg with it: its noise is calibrated for an unweighted mean)."""
     if cfg.privacy.name != "dp_fedavg":
         return build_strategy(cfg.strategy, n_train_sites)
-    if cfg.strategy.name != "fedavg":
-        raise ValueError(
-            f"privacy=dp_fedavg needs strategy=fedavg (got {cfg.strategy.name}); "
-            "its noise is calibrated for an unweighted mean over every sampled site"
-        )
     inner = build_strategy(dataclasses.replace(cfg.strategy, weighting="uniform"), n_train_sites)
     inner.clipped_updates = True  # Flower's wrapper clips every update to C before inner screens it
     return SiteLevelDP(inner, cfg, n_train_sites)
 
 
-def server_privacy_report(strategy: Any, sites: list[str]) -> dict[str, dict[str, Any]]:
+def server_privacy_report(strategy: RoundStrategy, sites: list[str]) -> dict[str, dict[str, Any]]:
     """Site-level DP protects each site that took part with the same guarantee."""
     if not isinstance(strategy, SiteLevelDP):
         return {}

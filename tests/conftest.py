@@ -1,10 +1,47 @@
-"""Shared fixtures: a private corpus cache per test session, and a tiny synthetic corpus."""
+"""Shared fixtures: a private corpus cache per test session, and a tiny synthetic corpus; how many
+pytest-xdist workers the tiers get, and one torch thread per test process."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-import strategies  # noqa: F401  (registers every strategy's settings with the config loader)
+# The fast tier runs in parallel (pyproject's addopts: -n auto --dist worksteal): at most this many
+# workers, as each holds torch, Flower and a federation's sites in memory (about 1.3 GB at its peak).
+MAX_WORKERS = 8
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per CPU this process may use, up to MAX_WORKERS, for the default tier;
+    none (serial) when the command line selects other tests with -m, as `-m slow` does: the slow
+    tier's Ray clusters, SuperLinks and demo deployments each use every core and start services on
+    ports, so they run one at a time. An explicit `-n N` on the command line overrides both."""
+    if (config.option.markexpr or "").replace(" ", "") != "notslow":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_WORKERS, cpus))
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    """The process that hands tests to xdist workers and runs none itself."""
+    distributing = config.getoption("dist", "no") != "no" and bool(config.getoption("tx", None))
+    return distributing and not hasattr(config, "workerinput") and not config.getoption("collectonly")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In every process that runs tests (each xdist worker, or the one serial process; the controller
+    needs neither, and skipping them saves it seconds of imports): every strategy's settings
+    registered with the config loader, and one torch thread, so that workers do not oversubscribe
+    the cores and a test's numbers do not depend on how many ran beside it (a run sets
+    engine.torch_threads, 1 by default, for its process anyway)."""
+    if _xdist_controller(config):
+        return
+    import torch
+
+    import strategies  # noqa: F401
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

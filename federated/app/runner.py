@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,24 +11,18 @@ from pathlib import Path
 from rich.console import Console
 
 from clients.site_runtime import apply_torch_threads
-from clients.test_time import NothingToAdaptError, check_adaptable
-from federated.core.compute import DeviceError, resolve_device
 from federated.core.config import ConfigError, ExperimentConfig
-from federated.core.config.schema import ModelConfig
 from federated.core.corpus_schema import CorpusSchema
 from federated.core.io import write_json
-from federated.core.models import MultiMedModel, build_model
-from federated.core.models.init_weights import WeightsFileError, read_weights
-from federated.core.protocol import SITE_STATE_DIR, Role
-from federated.core.registry import UnknownNameError
-from federated.core.state_key import check_key
+from federated.core.protocol import SITE_STATE_DIR
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.engines import ENGINES
 from federated.engines.ray_engine import ray_address
+from federated.server.callbacks import Callback
 from federated.server.checkpoint import Checkpoint, load_checkpoint, resume_config
-from federated.server.federation import Callback
 from federated.server.outputs import build_summary, write_config, write_final_model, write_summary
+from federated.server.preflight import RunError, before_run, check_same_corpus
 from federated.server.results import RunSummary
 from federated.server.run_folder import (
     CHECKPOINT_FILE,
@@ -45,156 +37,8 @@ from federated.server.run_folder import (
 from federated.server.tracking import MetricsTable, ProgressBar, TensorBoardLogger
 from partitions import SitePlan, plan_sites
 from partitions.site_local import SITE_LOCAL, plan_local_sites
-from strategies.registry import STRATEGIES
-from strategies.secure_sums import check_secure_strategy
 
-
-class RunError(RuntimeError):
-    """The run cannot start as asked (e.g. it would overwrite an earlier run's outputs)."""
-
-
-# Bytes per parameter beyond the weights themselves: its gradient, and the optimiser's state
-# (Adam: two moments; SGD with momentum: one buffer).
-_STATE_COPIES = {"adam": 3, "sgd": 2}
-_WEIGHT_BYTES = 4  # float32
-
-
-def parameter_count(model: ModelConfig, schema: CorpusSchema) -> int:
-    """The model's parameter count without building it at its size. Every parameter tensor is a
-    constant, dim or dim x dim elements (linear layers, embeddings, norms, convolutions' output
-    channels), so the count is a quadratic in dim: three small models (dim = h, 2h, 3h, h =
-    model.heads) fix it exactly. (torch's meta device would do it too, but costs seconds to start.)"""
-    h = model.heads
-    n1, n2, n3 = (
-        sum(p.numel() for p in MultiMedModel(dataclasses.replace(model, dim=k * h), schema).parameters())
-        for k in (1, 2, 3)
-    )
-    # Newton's forward differences on x = dim / h at 1, 2, 3
-    x = model.dim // h
-    d1, d2 = n2 - n1, n3 - 2 * n2 + n1
-    return int(n1 + (x - 1) * d1 + (x - 1) * (x - 2) // 2 * d2)
-
-
-def model_bytes(cfg: ExperimentConfig, schema: CorpusSchema) -> int:
-    """What one copy of the model needs while training: parameters x 4 bytes x (weights, gradients,
-    optimiser state)."""
-    n = parameter_count(cfg.model, schema)
-    copies = 1 + _STATE_COPIES["adam" if cfg.train.optimizer == "adam" else "sgd"]
-    if cfg.train.optimizer == "sgd" and cfg.train.momentum == 0:
-        copies -= 1
-    return int(n) * _WEIGHT_BYTES * copies
-
-
-def available_memory() -> int:
-    """Memory this machine can give now: /proc/meminfo's MemAvailable (Linux), else physical memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-
-
-def check_model(cfg: ExperimentConfig, schema: CorpusSchema) -> None:
-    """Refuse, before anything runs and naming the key, a model that cannot be built (an unknown
-    model.name, a token count the encoders cannot pool to), that cannot fit in memory (a huge
-    model.dim), or whose model.init_weights file is missing or unreadable."""
-    try:
-        need = model_bytes(cfg, schema)
-    except UnknownNameError as e:
-        raise ConfigError(f"model.name: {e}") from None
-    except ValueError as e:  # a model section the model cannot be built from (e.g. a token count)
-        raise ConfigError(f"model: {e} (model.dim={cfg.model.dim}, model.heads={cfg.model.heads})") from None
-    if cfg.model.init_weights:
-        try:
-            read_weights(cfg.model.init_weights)
-        except WeightsFileError as e:
-            raise ConfigError(str(e)) from None
-    have = available_memory()
-    if need > have:
-        raise ConfigError(
-            f"model.dim={cfg.model.dim}: the model needs about {need / 2**30:.1f} GiB to train "
-            f"(parameters x {_WEIGHT_BYTES} bytes x weights, gradients and {cfg.train.optimizer} state), "
-            f"more than the {have / 2**30:.1f} GiB available"
-        )
-
-
-def check_device(cfg: ExperimentConfig) -> None:
-    """Sites that run on this machine (in-process, or a Ray started here) need engine.device to
-    exist here; refused before anything runs. A Ray cluster's or a hospital's sites resolve it on
-    their own machines."""
-    if cfg.engine.name == "inprocess" or (cfg.engine.name == "ray" and not ray_address(cfg)):
-        try:
-            resolve_device(cfg.engine.device)
-        except DeviceError as e:
-            raise ConfigError(str(e)) from None
-
-
-def check_state_key(cfg: ExperimentConfig) -> None:
-    """A run that checkpoints authenticates its checkpoint (and, on this machine, its sites' states)
-    with this user's state key: a key that cannot be used (StateKeyError, naming it and the fix) is
-    refused before anything is written, not at the first checkpoint k rounds later."""
-    if cfg.engine.checkpoint_every > 0:
-        check_key()
-
-
-def check_secure_aggregation(cfg: ExperimentConfig) -> None:
-    """A strategy that needs each site's own update cannot run on masked sums: refused up front
-    (the server checks again, for a deployment it runs alone)."""
-    check_secure_strategy(cfg, getattr(STRATEGIES.get(cfg.strategy.name).server, "SECURE_SUMS", None))
-
-
-def check_adaptation(cfg: ExperimentConfig, schema: CorpusSchema, plans: list[SitePlan]) -> None:
-    """ood.adapt needs a held-out site to adapt at and something in the model to adapt."""
-    if cfg.ood.adapt == "none":
-        return
-    if not any(p.role == Role.HELD_OUT for p in plans):
-        raise ConfigError(
-            f"ood.adapt={cfg.ood.adapt}: this run holds out no site (sites.held_out, sites.holdout), "
-            "so no site adapts the model"
-        )
-    try:
-        check_adaptable(build_model(cfg.model, schema, cfg.seed), cfg.ood.adapt)
-    except NothingToAdaptError as e:
-        raise ConfigError(f"{e} (model.name={cfg.model.name})") from None
-
-
-def _unknown(key: str, given: list[str], valid: list[str], what: str) -> None:
-    unknown = [name for name in given if name not in valid]
-    if unknown:
-        raise ConfigError(f"{key} names {what} in this run's plan: {', '.join(unknown)} (valid: {', '.join(valid)})")
-
-
-def check_plan_names(cfg: ExperimentConfig, plans: list[SitePlan]) -> None:
-    """What only the plan can check: attacked and failing sites must be training sites (both act on
-    training replies), personalised groups must be parameter groups some site trains, Krum's assumed
-    Byzantine sites must be fewer than the trainers. An unknown name used to do nothing, silently. (The
-    strategy itself checks its rule's minimum, e.g. Krum's 2f + 3, when it starts.)"""
-    training = [p.site for p in plans if p.role == Role.TRAIN]
-    if cfg.attack.kind != "none":
-        _unknown("attack.sites", list(cfg.attack.sites), training, "sites that are not training sites")
-    if cfg.faults.kind != "none":
-        _unknown("faults.sites", list(cfg.faults.sites), training, "sites that are not training sites")
-    n_byzantine = getattr(cfg.strategy.settings, "n_byzantine", None)
-    if n_byzantine is not None and n_byzantine >= len(training):
-        raise ConfigError(
-            f"strategy.n_byzantine={n_byzantine}: assumes at least as many Byzantine sites as this plan has "
-            f"training sites ({len(training)}); no honest update would be left to choose"
-        )
-    local = getattr(cfg.strategy.settings, "local_groups", None)
-    if local:
-        groups = sorted(
-            {"fusion"}
-            | {f"encoder/{m}" for p in plans for m in p.modalities}
-            | {f"head/{t}" for p in plans for t in p.tasks}
-        )
-        unmatched = [g for g in local if not any(group.startswith(g) for group in groups)]
-        if unmatched:
-            raise ConfigError(
-                f"strategy.local_groups names parameter groups no site of this plan has: {', '.join(unmatched)} "
-                f"(an entry is a group or a prefix of one, e.g. head/; groups: {', '.join(groups)})"
-            )
+__all__ = ["RunError", "SiteCorpora", "run_experiment", "sites_here"]
 
 
 @dataclass(frozen=True)
@@ -219,6 +63,12 @@ class SiteCorpora:
         return cls(Path(folder), [p for p, _ in planned], merged, digest.hexdigest())
 
 
+def sites_here(cfg: ExperimentConfig) -> bool:
+    """Whether the sites run on this machine (in-process, or a Ray started here), so engine.device
+    must exist here; a Ray cluster's sites resolve it on their own machines."""
+    return cfg.engine.name == "inprocess" or (cfg.engine.name == "ray" and not ray_address(cfg))
+
+
 def _open_corpus(cfg: ExperimentConfig) -> tuple[Path, Corpus | SiteCorpora]:
     """(the path the engine hands the sites, the corpus or, in site-local mode, the site corpora)."""
     if cfg.sites.planner == SITE_LOCAL:
@@ -231,26 +81,6 @@ def _open_corpus(cfg: ExperimentConfig) -> tuple[Path, Corpus | SiteCorpora]:
         return corpora.path, corpora
     corpus_path = prepare_corpus(cfg.corpus)
     return Path(corpus_path), Corpus.open(corpus_path)
-
-
-def check_same_corpus(out_dir: Path, corpus: Corpus | SiteCorpora) -> None:
-    """A resumed run must continue on the corpus it started on: a rebuilt, relabelled or swapped
-    corpus under the same path would mix two datasets in one model without a word."""
-    record = out_dir / CORPUS_RECORD
-    try:
-        started = json.loads(record.read_text())
-        started_fp, started_path = str(started["fingerprint"]), str(started.get("path", "?"))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunError(
-            f"{record}: cannot tell which corpus this run started on ({type(e).__name__}: {e}); "
-            "a run can only be resumed on the corpus it started on"
-        ) from None
-    if corpus.fingerprint != started_fp:
-        raise RunError(
-            f"the corpus changed since this run started: {corpus.path} has fingerprint "
-            f"{corpus.fingerprint[:16]}..., the run started on {started_path} with {started_fp[:16]}... "
-            f"({record}); resume it on the same corpus, or start a new run"
-        )
 
 
 def run_experiment(
@@ -295,15 +125,15 @@ def _run(
     """The run itself, in a folder this process holds the lock of."""
     engine = ENGINES.get(cfg.engine.name)  # fail on a bad engine name before any work
     apply_torch_threads(cfg.engine.torch_threads)
-    check_state_key(cfg)  # before anything is written into the folder (and before a corpus is built)
     corpus_path, corpus = _open_corpus(cfg)
-    check_model(cfg, corpus.schema)  # before anything is written into the folder
-    check_device(cfg)
-    check_secure_aggregation(cfg)
-    # a plan that cannot work fails here
-    plans = corpus.plans if isinstance(corpus, SiteCorpora) else plan_sites(corpus, cfg)
-    check_plan_names(cfg, plans)
-    check_adaptation(cfg, corpus.schema, plans)
+    # before anything is written into the folder; a plan that cannot work fails in it, after the model
+    plans = before_run(
+        cfg,
+        corpus.schema,
+        lambda: corpus.plans if isinstance(corpus, SiteCorpora) else plan_sites(corpus, cfg),
+        sites_here=sites_here(cfg),
+    )
+    assert plans is not None  # a schema was given, so the plan was made
     if clear:  # --overwrite: a fresh run must not mix with what the folder's manifest lists of an earlier run
         clear_run_outputs(out_dir)
     if checkpoint is not None:

@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 
 from clients.client_app import app as client_app
 from federated.core.config import ConfigError, ExperimentConfig, config_to_yaml
-from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, STATISTICS_ONLY_KEY
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, NUM_PARTITIONS_KEY, PARTITION_ID_KEY, STATISTICS_ONLY_KEY
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.engines.inprocess import InProcessGrid
@@ -63,7 +63,7 @@ def run_stats(
         check_profile_dir(out, overwrite)
         corpus_path, sites = _sites(cfg)
         run_config = {CONFIG_KEY: config_to_yaml(cfg), CORPUS_KEY: corpus_path}
-        node_configs = [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))]
+        node_configs = [{PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: len(sites)} for i in range(len(sites))]
         grid = InProcessGrid(client, node_configs, run_config)
         profile = run_profile(grid, cfg, sites)
         return write_profile(out, profile, cfg, "inprocess")

@@ -37,9 +37,9 @@ class FoldError(ValueError):
 
 def max_folded_bytes() -> int:
     """Flower's chunk size: no folded record is larger than an object Flower itself sends."""
-    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+    from federated.core.flower_door import max_array_chunk_size
 
-    return int(FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
+    return max_array_chunk_size()
 
 
 def is_folded(content: RecordDict) -> bool:

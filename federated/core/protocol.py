@@ -12,6 +12,8 @@ train              server: ARRAYS_RECORD, CONFIG_RECORD {SERVER_ROUND, algorithm
                    site:   ARRAYS_RECORD, METRICS_RECORD {NUM_EXAMPLES, TRAIN_LOSS, STEPS},
                            TRAINED_RECORD {GROUPS, GROUP_EXAMPLES}, PRIVACY_RECORD (DP-SGD),
                            algorithm records (e.g. CONTROL_DELTA_RECORD)
+                   A strategy's algorithm keys and records are declared in its own module
+                   (strategies/<name>.py: both its sides import them there), never here.
 train, evaluating  (engine.evaluate_with_train, deployment) the train message's CONFIG_RECORD also
                            holds EVALUATE_ROUND: the site first evaluates the model it received, as
                            that round's evaluation, and its reply also holds the evaluate reply's
@@ -65,6 +67,10 @@ RESUME_KEY = "resume"  # run config: true = continue the run in out-dir from its
 STATE_DIR_KEY = "state-dir"  # where a site saves its state for resumed runs
 SITE_STATE_DIR = "site_state"  # its folder inside a run's output folder
 STATISTICS_ONLY_KEY = "statistics-only"  # run config: true = the ServerApp profiles the sites, trains nothing
+OUT_DIR_KEY = "out-dir"  # run config: the ServerApp's output folder (empty: runs/flwr-<run id>)
+SITE_KEY = "site"  # node config, deployment: the site a hospital's SuperNode serves (its name)
+PARTITION_ID_KEY = "partition-id"  # node config, simulation: the node's index in the site plan (Flower's key)
+NUM_PARTITIONS_KEY = "num-partitions"  # node config, simulation: how many sites the plan has (Flower's key)
 
 # Records (keys of a message's RecordDict).
 ARRAYS_RECORD = "arrays"
@@ -75,8 +81,6 @@ TRAINED_RECORD = "trained"
 PERSONAL_RECORD = "personal"
 ADAPTED_RECORD = "adapted"
 PRIVACY_RECORD = "privacy"
-CONTROL_RECORD = "control"  # SCAFFOLD: the server's control variate
-CONTROL_DELTA_RECORD = "control-delta"  # SCAFFOLD: the site's change of its control variate
 
 # Keys inside records.
 SERVER_ROUND = "server-round"
@@ -86,6 +90,15 @@ RESTORE_ROUND = "restore-round"  # handshake: restore your own saved state of th
 SCHEMA_KEY = "schema"  # handshake profile: the site's corpus schema, as JSON; site-local train/evaluate
 # config: the federation's schema the site builds its model for
 VERSION_KEY = "version"  # handshake profile: the site's multimed-fl version
+# The handshake profile's other keys (PROFILE_RECORD; clients/client_app.py, federated/server/handshake.py)
+PROFILE_SITE = "site"
+PROFILE_ROLE = "role"  # a Role's value
+PROFILE_ARCHETYPE = "archetype"
+PROFILE_ORIGIN_SITE = "origin_site"
+PROFILE_MODALITIES = "modalities"
+PROFILE_TASKS = "tasks"
+PROFILE_N_TRAIN = "n_train"
+PROFILE_N_TEST = "n_test"
 STATS_REQUEST = "stats-request"  # statistics round: JSON list of regression tasks -> <task>/n, /mean, /m2
 STATS_CENTRE = "stats-centre"  # statistics round: JSON {task: mean} -> <task>/absdev
 TARGET_SCALES = "target-scales"  # site-local train/evaluate config: JSON {task: [mean, std, mad]}
@@ -110,7 +123,6 @@ TRAIN_LOSS = "train_loss"
 STEPS = "steps"
 GROUPS = "groups"
 GROUP_EXAMPLES = "examples"
-PROXIMAL_MU = "proximal-mu"  # FedProx: the config key Flower's own FedProx uses
 # Secure aggregation (federated/server/secure_round.py): how a site builds the one vector it masks,
 # in the collect stage's CONFIG_RECORD (strategies/secure_sums.py)
 SECURE_LAYOUT = "secure-layout"  # grouped | single
@@ -124,22 +136,6 @@ SECURE_GROUPS_RECORD = "secure-groups"  # site -> server, in the clear: {SECURE_
 # the weight a_g > 0 its vector carries}: its keys are the groups it sent, so the server can refuse to unmask a
 # group's sum that is one site's update, and its values are what the unmasked sum must match
 SECURE_WEIGHTS = "weights"
-
-# Domain-generalisation strategies' records and keys (strategies/feddg_ga.py, qffl.py, risk_objectives.py,
-# fedsr.py)
-GLOBAL_LOSS = "global-loss"  # L_k of the global model received this round
-GA_RECORD = "feddg-ga"
-LOCAL_LOSS = "local-loss"  # L_k of the site's local model after its last training
-LOCAL_ROUND = "local-round"  # the round that local model was trained in
-QFFL_RECORD = "qffl"  # site -> server
-LIPSCHITZ = "lipschitz"  # 1 / the site's train.lr
-REX_BETA = "rex-beta"
-REX_MEAN_RISK = "rex-mean-risk"  # absent before the first aggregated round
-RISK_RECORD = "rex-risk"  # the site's reply: a ConfigRecord {RISK: R_k}
-RISK = "risk"
-DRO_ETA = "dro-eta"
-REFERENCE_RECORD = "fedsr-reference"  # server -> site: the pooled r(z|y), "<task>/mean|var|known"
-STATISTICS_RECORD = "fedsr-statistics"  # site -> server: its r after the round, "<task>/mean|var|freq"
 
 
 def report_from_record(record: Any) -> dict[str, Any]:

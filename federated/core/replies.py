@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 
+from federated.core.flower_door import set_src_node_id
+
 _EXCEPTION_LINE = re.compile(r"\b\w*(Error|Exception|Crash)\b[:'>]")
 
 
@@ -26,7 +28,7 @@ def attribute(sent: Iterable[Message], replies: Iterable[Message]) -> list[Messa
     for reply in replies:
         node = dst.get(reply.metadata.reply_to_message_id)
         if node is not None and reply.metadata.src_node_id != node:
-            reply.metadata.__dict__["_src_node_id"] = node  # Metadata has no public setter
+            set_src_node_id(reply, node)  # Metadata has no public setter
         out.append(reply)
     return out
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from federated.core.registry import Registry
 from federated.engines.inprocess import run_inprocess
-from federated.server.federation import FederationResult
+from federated.server.records import FederationResult
 
 Engine = Callable[..., FederationResult]
 ENGINES: Registry[Engine] = Registry("engine")

@@ -14,20 +14,32 @@ import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.grid import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
+from federated.core import flower_door
 from federated.core.config import config_to_yaml
 from federated.core.config.schema import ExperimentConfig
-from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, SITE_STATE_DIR, STATE_DIR_KEY
+from federated.core.protocol import (
+    CONFIG_KEY,
+    CORPUS_KEY,
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    SITE_STATE_DIR,
+    STATE_DIR_KEY,
+)
+from federated.server.callbacks import Callback
 from federated.server.checkpoint import Checkpoint
-from federated.server.federation import Callback, FederationResult, run_federation
+from federated.server.loop import run_federation
+from federated.server.records import FederationResult
+
+if TYPE_CHECKING:
+    from federated.core.flower_door.objects import Run
 
 CLIENT_APP_RAISED_EXCEPTION = 2  # Flower's error code for "ClientApp raised an exception"
 FIRST_NODE_ID = SUPERLINK_NODE_ID + 1
@@ -36,15 +48,13 @@ FIRST_NODE_ID = SUPERLINK_NODE_ID + 1
 def claim_server_identity(run_id: int) -> None:
     """Flower stamps new messages with the process's task identity; a SuperLink-launched
     ServerApp sets it at start-up (flwr.server.compat.app does the same), so we do too."""
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    flower_door.claim_task_identity(1, run_id, SUPERLINK_NODE_ID)
 
 
 class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, node_configs: list[dict], run_config: dict, run_id: int = 1) -> None:
         self.client_app = client_app
-        self._run = Run.create_empty(run_id)
+        self._run = flower_door.empty_run(run_id)
         claim_server_identity(run_id)
         # Node ids in plan order, clear of Flower's SuperLink id (1 in flwr 1.42).
         self._contexts = {
@@ -84,8 +94,8 @@ class InProcessGrid(Grid):
             raise ValueError(f"message to unknown node {msg.metadata.dst_node_id}")
         # Flower's own InMemoryGrid assigns message ids the same way (a SuperLink would).
         msg_id = str(uuid.uuid4())
-        msg.metadata.__dict__["_message_id"] = msg_id
-        msg.metadata.__dict__["_run_id"] = self._run.run_id
+        flower_door.set_message_id(msg, msg_id)
+        flower_door.set_run_id(msg, self._run.run_id)
         return msg_id
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -137,6 +147,6 @@ def run_inprocess(
     run_config = {CONFIG_KEY: config_to_yaml(cfg), CORPUS_KEY: str(corpus_path)}
     if out_dir is not None:
         run_config[STATE_DIR_KEY] = str(Path(out_dir) / SITE_STATE_DIR)
-    node_configs = [{"partition-id": i, "num-partitions": n_sites} for i in range(n_sites)]
+    node_configs = [{PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: n_sites} for i in range(n_sites)]
     grid = InProcessGrid(client_app, node_configs, run_config)
     return run_federation(grid, cfg, callbacks, checkpoint_dir=out_dir, resume=resume)

@@ -28,8 +28,10 @@ from clients.client_app import app as client_app
 from federated.core.config import config_to_yaml
 from federated.core.config.schema import ExperimentConfig
 from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, SITE_STATE_DIR, STATE_DIR_KEY
+from federated.server.callbacks import Callback
 from federated.server.checkpoint import Checkpoint
-from federated.server.federation import Callback, FederationResult, run_federation
+from federated.server.loop import run_federation
+from federated.server.records import FederationResult
 
 
 class WithRunConfig(ClientApp):

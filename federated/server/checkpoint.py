@@ -44,7 +44,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from federated.core.arrays import pack_arrays, record_to_numpy
-from federated.core.config.loader import ConfigError, config_from_yaml, config_to_yaml
+from federated.core.config import ConfigError, config_from_yaml, config_to_yaml
 from federated.core.config.protected import changed_settings, protected_settings
 from federated.core.config.schema import ExperimentConfig
 from federated.core.corpus_schema import CorpusSchema, Modality, Task

@@ -1,4 +1,5 @@
-"""The files a run leaves behind: summary.json (a contract: README, "What a run does"), config.yaml, a table."""
+"""The files a run leaves behind: summary.json (a contract: docs/getting-started.md, "What it writes"),
+config.yaml, a table."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from federated.core.protocol import (
 from federated.core.replies import error_reason
 from federated.core.targets import VECTOR
 from federated.server.evaluation import SiteProfile
-from federated.server.federation import handshake
+from federated.server.handshake import handshake
 from federated.server.site_agreement import FederationError, agreed_schema
 from federated.server.site_roster import expected_site_names
 from federated.server.transport import exchange

@@ -1,4 +1,4 @@
-"""What a run reports, typed: the records behind summary.json (a contract: README, "What a run does").
+"""What a run reports, typed: the records behind summary.json (a contract: docs/getting-started.md, "What it writes").
 
 Each dataclass writes itself with `to_dict()` as exactly the JSON it always was (field names and
 their order are what users' scripts read) and reads itself back with `from_dict()`, so a study can

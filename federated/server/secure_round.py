@@ -46,9 +46,9 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from federated.core.config.schema import SecureAggregationConfig
+from federated.core.flower_door import private_key_from_bytes, public_key_from_bytes
 from federated.core.protocol import CONFIG_RECORD
 from federated.core.replies import error_reason
 from federated.server.transport import lost_reply
@@ -309,9 +309,9 @@ class _Round:
                 own = pseudo_rand_gen(combine_shares(shares[nid]), sa.modulus_range, shapes)
                 total = parameters_subtraction(total, own)
             for nid in sorted(dead):  # the pairwise masks its live neighbours added against it
-                private_key = bytes_to_private_key(combine_shares(shares[nid]))
+                private_key = private_key_from_bytes(combine_shares(shares[nid]))
                 for other in sorted((self.neighbours[nid] & u3) - {nid}):
-                    key = generate_shared_key(private_key, bytes_to_public_key(self.public_keys[other][0]))
+                    key = generate_shared_key(private_key, public_key_from_bytes(self.public_keys[other][0]))
                     mask = pseudo_rand_gen(key, sa.modulus_range, shapes)
                     # `other` added the mask if other > nid, subtracted it otherwise: undo that
                     total = parameters_subtraction(total, mask) if other > nid else parameters_addition(total, mask)

@@ -84,7 +84,7 @@ def shortfall_message(
         f"{head}. Connected: {here or 'none'}. Missing: {missing}. "
         f"On each missing site's machine, start its SuperNode (`python -m federated.engines.deployment supernode "
         f"-- --superlink HOST:PORT --root-certificates ca.crt --auth-supernode-private-key node_key "
-        f"--node-config \"site='{target}' corpus-path=...\"`, README: Deployment) and its ClientApp worker, "
+        f"--node-config \"site='{target}' corpus-path=...\"`, docs/how-to/deploy.md) and its ClientApp worker, "
         f'then submit the run again. A SuperNode that exits with "[code: 2004] Failed to activate SuperNode" '
         f"was refused by the SuperLink: its public key is not registered (at the coordinator: `flwr supernode "
         f"register node_key.pub CONNECTION --name {target}`), or an earlier session of the same node is still "

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from logging import WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp.grid import Grid
-from flwr.supercore.run import Run
-from flwr.superlink.grid.http_grid import HttpGrid
 
+from federated.core import flower_door
 from federated.core.folding import FoldError, fold, is_folded, unfold
 from federated.core.replies import attribute
+
+if TYPE_CHECKING:
+    from federated.core.flower_door.objects import Run
 
 
 class NodeSubsetGrid(Grid):
@@ -68,10 +69,6 @@ PULL_WAITS_S = (0.05, 0.05, 0.1, 0.1, 0.2)
 # (3 TLS SuperNodes on loopback), that first 1 s back-off was most of the ~1.5 s per exchange that
 # no site accounted for.
 REPLY_OBJECT_BACKOFF_S = (0.05, 0.5)
-_REPLY_PULL_KEYWORDS: dict[str, Any] = {
-    "initial_backoff": REPLY_OBJECT_BACKOFF_S[0],
-    "backoff_cap": REPLY_OBJECT_BACKOFF_S[1],
-}
 
 # A reply whose header is on the SuperLink but whose objects never arrive (its SuperNode or ClientApp
 # killed while sending it) blocks Flower's pull_messages in pull_objects until the SuperLink's push
@@ -85,62 +82,21 @@ _PULLS_END: contextvars.ContextVar[float | None] = contextvars.ContextVar("multi
 _CUT_SHORT = "multimed-fl: cut at the exchange's deadline"
 
 
-class _ReplyObjectPull(functools.partial[Any]):
-    """flwr's pull_objects on REPLY_OBJECT_BACKOFF_S, and within an exchange with a deadline
-    (_PULLS_END) given no more time than is left before it."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        end = _PULLS_END.get()
-        if end is None:
-            return super().__call__(*args, **kwargs)
-        from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
-
-        left = max(0.0, end - time.monotonic())
-        kwargs["max_time"] = min(left, kwargs.get("max_time") or left)
-        try:
-            return super().__call__(*args, **kwargs)
-        except ObjectPullError as e:
-            if time.monotonic() >= end:  # the deadline, not the object: say so (_named_cut)
-                raise ObjectPullError(str(e).partition("'")[2].partition("'")[0], _CUT_SHORT) from None
-            raise
-
-
 def shorten_reply_object_pulls() -> bool:
     """Make HttpGrid.pull_messages retry a reply's missing objects on REPLY_OBJECT_BACKOFF_S
     instead of Flower's 1 s -> 10 s (Flower's try limit kept), and within an exchange with a timeout
-    stop at its deadline plus REPLY_GRACE_S. Only where this Flower's pull_messages is 1.42's (one
-    call of the module's `pull_objects`, on its default back-off); False (nothing changed) otherwise.
+    stop at its deadline plus REPLY_GRACE_S (flower_door.patch_reply_object_pulls, guarded there:
+    False, nothing changed, where this Flower's pull is not 1.42's or under stock Flower).
     Idempotent; it changes the pull in this process only (the ServerApp's)."""
-    import inspect
-
-    from flwr.supercore.inflatable import inflatable_utils
-    from flwr.superlink.grid import http_grid
-
-    current: Any = http_grid.pull_objects
-    if isinstance(current, functools.partial) and current.func is inflatable_utils.pull_objects:
-        # ours already (or someone else's: leave it)
-        return isinstance(current, _ReplyObjectPull) and current.keywords == _REPLY_PULL_KEYWORDS
-    if current is not inflatable_utils.pull_objects:
-        return False  # someone else's pull_objects: leave it
-    source = inspect.getsource(http_grid.HttpGrid.pull_messages)
-    params = inspect.signature(current).parameters
-    if (
-        source.count("pull_objects(") != 1
-        or "backoff" in source
-        or "max_tries_per_object" in source
-        or not all(k in params for k in _REPLY_PULL_KEYWORDS)
-        or params["initial_backoff"].default != 1
-    ):
-        return False
-    http_grid.pull_objects = _ReplyObjectPull(current, **_REPLY_PULL_KEYWORDS)
-    return True
+    return flower_door.patch_reply_object_pulls(*REPLY_OBJECT_BACKOFF_S, ends=_PULLS_END.get, cut_reason=_CUT_SHORT)
 
 
-def superlink_grid(grid: Grid) -> HttpGrid | None:
-    """The SuperLink's grid under any NodeSubsetGrid view; None where the nodes are simulated."""
+def superlink_grid(grid: Grid) -> Any:
+    """The SuperLink's grid (Flower's HttpGrid) under any NodeSubsetGrid view; None where the nodes
+    are simulated."""
     while isinstance(grid, NodeSubsetGrid):
         grid = grid._grid
-    return grid if isinstance(grid, HttpGrid) else None
+    return grid if flower_door.is_superlink_grid(grid) else None
 
 
 def over_superlink(grid: Grid) -> bool:
@@ -280,8 +236,9 @@ def unfolded(reply: Message) -> Message:
     try:
         reply.content = unfold(reply.content)
     except FoldError as e:
-        reply.__dict__["_content"] = None  # Message has no public way to swap content for an error
-        reply.error = Error(ErrorCode.UNKNOWN, f"FoldError: its reply could not be unfolded: {e}")
+        return flower_door.error_reply(
+            reply, Error(ErrorCode.UNKNOWN, f"FoldError: its reply could not be unfolded: {e}")
+        )
     return reply
 
 

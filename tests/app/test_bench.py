@@ -49,6 +49,7 @@ def _gpu(tmp_path, *args: str) -> tuple[dict, str]:
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter running the benchmark script
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the skip on a machine without CUDA")
 def test_gpu_bench_without_a_gpu_says_it_skipped_and_exits_0(tmp_path):
     result, stdout = _gpu(tmp_path)

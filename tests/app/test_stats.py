@@ -94,6 +94,24 @@ class Recording:
         return reply
 
 
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory: pytest.TempPathFactory):
+    """`profile(corpus, *overrides)`: the natural plan's profile (stats.json's dict, every reply the
+    sites sent, the output folder), run once per corpus and overrides, as several tests read the same
+    one; theirs to read, not to change."""
+    made: dict[tuple[str, ...], tuple[dict[str, Any], list[Message], Path]] = {}
+
+    def run(corpus: Path, *overrides: str) -> tuple[dict[str, Any], list[Message], Path]:
+        key = (str(corpus), *overrides)
+        if key not in made:
+            rec, out = Recording(), tmp_path_factory.mktemp("profile") / "profile"
+            stats = run_stats(load_config([f"corpus.path={corpus}", *NATURAL, *overrides]), out, client=rec)
+            made[key] = (stats, rec.replies, out)
+        return made[key]
+
+    return run
+
+
 def _plans(corpus: Path, *overrides: str) -> list[Any]:
     return plan_sites(Corpus.open(corpus), load_config([f"corpus.path={corpus}", *NATURAL, *overrides]))
 
@@ -160,10 +178,8 @@ def _assert_no_row_leaves(replies: list[Message], corpus: Path, widths: dict[str
     return checked
 
 
-def test_counts_are_the_manifest_s_and_no_reply_carries_a_row(corpus, tmp_path):
-    rec = Recording()
-    cfg = load_config([f"corpus.path={corpus}", *NATURAL, "preprocess.min_count=1"])
-    stats = run_stats(cfg, tmp_path / "profile", client=rec)
+def test_counts_are_the_manifest_s_and_no_reply_carries_a_row(corpus, profile):
+    stats, replies, out = profile(corpus, "preprocess.min_count=1")
     expected = _expected_counts(corpus)
     assert [s["site"] for s in stats["sites"]] == sorted(expected)
     for site, exp in expected.items():
@@ -185,12 +201,12 @@ def test_counts_are_the_manifest_s_and_no_reply_carries_a_row(corpus, tmp_path):
     middle = np.sort(values[:, 3])[len(values) // 2 - 1 : len(values) // 2 + 1]
     assert middle[0] - fine_bin <= feature["quantiles"]["pooled"]["q50"] <= middle[1] + fine_bin
     assert feature["pooled_over"] == sorted(expected)
-    checked = _assert_no_row_leaves(rec.replies, corpus, {"tabular": 16})
+    checked = _assert_no_row_leaves(replies, corpus, {"tabular": 16})
     assert checked >= 3 * 3  # observed, moments and a histogram from each site
-    report = (tmp_path / "profile" / "report.md").read_text()
+    report = (out / "report.md").read_text()
     assert "## Label mix" in report and "plots/hist_tabular.png" in report
     for png in stats["plots"]:
-        assert (tmp_path / "profile" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _table_cells(report: str, heading: str, site: str) -> list[str]:
@@ -246,10 +262,8 @@ def test_protect_hides_a_second_cell_wherever_one_would_follow_from_a_total():
     assert protect(np.array([[12.0, 4.0, 16.0]]), 10, fixed=fixed).tolist() == [[SECONDARY, PRIMARY, SHOWN]]
 
 
-def test_raw_features_are_profiled_raw_with_their_missingness(raw_corpus, tmp_path):
-    rec = Recording()
-    cfg = load_config([f"corpus.path={raw_corpus}", *NATURAL])
-    stats = run_stats(cfg, tmp_path / "profile", client=rec)
+def test_raw_features_are_profiled_raw_with_their_missingness(raw_corpus, profile):
+    stats, replies, _ = profile(raw_corpus)
     tab = stats["modalities"]["tabular"]
     assert tab["raw"] and tab["features"] == [f"lab_{j}" for j in range(12)]  # the padding is no feature
     first = stats["sites"][0]["site"]
@@ -270,19 +284,17 @@ def test_raw_features_are_profiled_raw_with_their_missingness(raw_corpus, tmp_pa
     assert counts0[first] == counts0["pooled"] == "suppressed"
     assert all(isinstance(c, list) for s, c in counts0.items() if s not in (first, "pooled"))
     assert sum(counts1["pooled"]) == pytest.approx(int(others.sum()) - 4, abs=0.05)
-    assert _assert_no_row_leaves(rec.replies, raw_corpus, {"tabular": 12}) >= 9
+    assert _assert_no_row_leaves(replies, raw_corpus, {"tabular": 12}) >= 9
 
 
-def test_dp_noise_states_its_epsilon_and_sends_coarse_histograms(raw_corpus, tmp_path):
-    rec = Recording()
-    cfg = load_config([f"corpus.path={raw_corpus}", *NATURAL, "preprocess.epsilon=2"])
-    stats = run_stats(cfg, tmp_path / "profile", client=rec)
+def test_dp_noise_states_its_epsilon_and_sends_coarse_histograms(raw_corpus, profile):
+    stats, replies, out = profile(raw_corpus, "preprocess.epsilon=2")
     assert stats["epsilon"] == 2 and "epsilon=2-DP" in stats["privacy"]
-    assert "epsilon=2-DP" in (tmp_path / "profile" / "report.md").read_text()
+    assert "epsilon=2-DP" in (out / "report.md").read_text()
     assert stats["histogram_bins"]["sent"] == PROFILE_COARSE_BINS
     hists = [
         a
-        for r in rec.replies
+        for r in replies
         for record in r.content.array_records.values()
         for k, a in record_to_numpy(record).items()
         if k.endswith("/hist")
@@ -291,19 +303,17 @@ def test_dp_noise_states_its_epsilon_and_sends_coarse_histograms(raw_corpus, tmp
     tab = stats["modalities"]["tabular"]["per_feature"]
     assert tab["lab_2"]["pooled_over"] == [] and "quantiles" not in tab["lab_2"]  # no range: not released
     assert tab["lab_3"]["pooled_over"]
-    assert _assert_no_row_leaves(rec.replies, raw_corpus, {"tabular": 12})
+    assert _assert_no_row_leaves(replies, raw_corpus, {"tabular": 12})
 
 
-def test_site_local_stats_profile_each_site_s_own_corpus_as_the_simulation_does(corpus, tmp_path):
+def test_site_local_stats_profile_each_site_s_own_corpus_as_the_simulation_does(corpus, tmp_path, profile):
     sites = tmp_path / "sites"
     assert main(["corpus", "split", str(corpus), "--out", str(sites), "sites.min_site_size=10"]) == 0
     local = run_stats(
         load_config(["sites.planner=site_local", f"corpus.site_corpora={sites}", "preprocess.min_count=1"]),
         tmp_path / "local",
     )
-    simulated = run_stats(
-        load_config([f"corpus.path={corpus}", *NATURAL, "preprocess.min_count=1"]), tmp_path / "simulated"
-    )
+    simulated, _, _ = profile(corpus, "preprocess.min_count=1")
     assert local["planner"] == "site_local" and [s["site"] for s in local["sites"]] == sorted(
         p.name for p in sites.iterdir()
     )
@@ -374,14 +384,12 @@ def _sent_histograms(replies: list[Message]) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 2.0])
-def test_a_site_sends_histograms_only_in_cells_of_min_count_values(raw_corpus, tmp_path, epsilon):
+def test_a_site_sends_histograms_only_in_cells_of_min_count_values(raw_corpus, profile, epsilon):
     """A fine bin holding one patient would place that patient's value to 1/4096 of the grid:
     every histogram a site sends, exact or noisy, is in cells of whole 1/64ths of the grid holding
     at least min_count (10) values each; exact, nothing is lost (a feature's cells hold its values)."""
-    rec = Recording()
-    cfg = load_config([f"corpus.path={raw_corpus}", *NATURAL, f"preprocess.epsilon={epsilon}"])
-    stats = run_stats(cfg, tmp_path / "profile", client=rec)
-    hists = _sent_histograms(rec.replies)
+    stats, replies, _ = profile(raw_corpus, *([f"preprocess.epsilon={epsilon:g}"] if epsilon else []))  # 0: the default
+    hists = _sent_histograms(replies)
     assert len(hists) == 3
     for h in hists:
         assert coarse_enough(h, 10) and coarse_cells(h, 10) is None
@@ -426,10 +434,10 @@ def test_the_server_refuses_a_histogram_that_could_place_a_patient_naming_the_si
     assert named in sites and "node" not in str(e.value)
 
 
-def test_a_quantile_is_published_only_with_min_count_values_on_each_side(raw_corpus, tmp_path):
+def test_a_quantile_is_published_only_with_min_count_values_on_each_side(raw_corpus, profile):
     """The reviewer's case: the 5% and 95% of a site of about 30 values were its second smallest
     and second largest, one patient's each."""
-    stats = run_stats(load_config([f"corpus.path={raw_corpus}", *NATURAL]), tmp_path / "profile")
+    stats, _, _ = profile(raw_corpus)
     shown_any = suppressed_any = 0
     for name in ("lab_3", "lab_5"):
         per = stats["modalities"]["tabular"]["per_feature"][name]

@@ -271,6 +271,7 @@ def test_dp_sgd_in_bf16_clips_fp32_per_sample_gradients_within_the_norm(site, mo
     assert (cosine > 0.98).all(), cosine
 
 
+@pytest.mark.slow  # two whole runs; mixed precision itself: the unit tests above
 def test_a_run_in_bf16_completes_with_finite_scores_near_fp32(tmp_path):
     scores = {}
     for precision in ("fp32", "bf16"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from federated.app.cli import main
 
@@ -26,6 +27,7 @@ def test_a_crashing_site_is_counted_and_the_round_goes_on(tmp_path):
     assert len(losses) == 7 and "site_00" not in set(losses["site"])  # the other 7 trained
 
 
+@pytest.mark.slow  # waits out the timeout and the stall; the unit test: test_federation.py, round_timeout_s
 def test_a_straggler_past_the_timeout_is_discarded(tmp_path):
     s, m = _run(
         tmp_path,

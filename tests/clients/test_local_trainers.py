@@ -13,7 +13,8 @@ from clients.local_trainers import LOCAL_TRAINERS, LocalJob
 from clients.site_data import SiteData
 from clients.trainer import mean_train_loss, task_loss, train_local
 from federated.core.config import load_config
-from federated.core.config.loader import PRIVACY_MODES, group_choices
+from federated.core.config.merge import group_choices
+from federated.core.config.schema import PRIVACY_MODES
 from federated.core.models import build_model
 from federated.core.protocol import PRIVACY_RECORD
 from federated.data.format import Corpus

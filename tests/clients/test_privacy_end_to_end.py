@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from clients.client_app import app as client_app
 from federated.app.cli import main
@@ -14,7 +15,7 @@ from federated.core.config import config_to_yaml, load_config
 from federated.core.models import build_model
 from federated.data.format import Corpus
 from federated.engines.inprocess import InProcessGrid
-from federated.server.federation import run_federation
+from federated.server.loop import run_federation
 
 
 def _summary(tmp_path, *overrides):
@@ -23,6 +24,7 @@ def _summary(tmp_path, *overrides):
     return json.loads((out / "summary.json").read_text()), pd.read_parquet(out / "metrics.parquet")
 
 
+@pytest.mark.slow  # a whole 3-round run; the accounting itself: test_dp_sgd.py
 def test_dp_sgd_reports_cumulative_epsilon_per_site(tmp_path):
     s, m = _summary(tmp_path, "rounds=3", "privacy=dp_sgd", "privacy.target_epsilon=3")
     trained = [r["site"] for r in s["per_site"] if r["role"] == "train"]
@@ -36,6 +38,7 @@ def test_dp_sgd_reports_cumulative_epsilon_per_site(tmp_path):
     assert list(eps.index) == [1, 2, 3] and (eps.diff().dropna() > 0).all().all()  # grows each round
 
 
+@pytest.mark.slow  # a whole run; dp_fedavg through a run: test_dp_fedavg_clips_a_huge_update
 def test_dp_fedavg_reports_site_level_epsilon_and_its_sampling_assumption(tmp_path):
     s, _ = _summary(tmp_path, "rounds=2", "privacy=dp_fedavg", "strategy=fedavg", "privacy.target_epsilon=5")
     assert len(s["privacy"]) == 8

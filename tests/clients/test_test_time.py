@@ -12,11 +12,8 @@ from torch import nn
 
 from clients.site_data import SiteData
 from clients.test_time import (
-    NothingToAdaptError,
     adapt_site_model,
     bn_stats,
-    check_adaptable,
-    norm_affine_parameters,
     prediction_entropy,
     softmax_entropy,
     tent,
@@ -25,6 +22,7 @@ from federated.app.cli import main
 from federated.core.config import load_config
 from federated.core.corpus_schema import Task
 from federated.core.models import build_model
+from federated.core.models.adaptable import NothingToAdaptError, check_adaptable, norm_affine_parameters
 from federated.core.multimed import MULTIMED
 from federated.data.format import Corpus
 from partitions import plan_sites

@@ -221,6 +221,35 @@ def test_deploy_refuses_bad_sites_busy_port_and_a_plan_of_another_size(tmp_path,
     assert not (tmp_path / "c" / "deploy").exists()  # nothing was started
 
 
+@pytest.mark.parametrize(
+    ("flags", "stock_flower", "clientapp"),
+    [
+        ([], None, None),  # None, None: deploy_demo decides (our worker; stock under MULTIMED_FL_STOCK_FLOWER)
+        (["--stock-flower"], True, None),
+        (["--stock-flower", "--clientapp", "worker"], True, "worker"),
+        (["--clientapp", "subprocess"], None, "subprocess"),
+    ],
+)
+def test_deploy_demo_passes_stock_flower_and_clientapp_on(tmp_path, monkeypatch, flags, stock_flower, clientapp):
+    """`--stock-flower` reaches deploy_demo as stock_flower=True, and --clientapp's default is
+    deploy_demo's own (None), so the stock switch gets Flower's flwr-clientapp by default."""
+    from federated.core.config import config_to_yaml, load_config
+    from federated.engines import deployment
+
+    seen: dict[str, object] = {}
+
+    def fake_demo(n_sites, out_dir, overrides, **kwargs):
+        seen.update(kwargs, n_sites=n_sites, overrides=list(overrides))
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "config.yaml").write_text(config_to_yaml(load_config(["scale=smoke"])))
+        return deployment.DemoResult(tmp_path / "out", "1", "finished:completed", {}, 0.0, {}, {})
+
+    monkeypatch.setattr(deployment, "deploy_demo", fake_demo)
+    assert main(["deploy", "demo", "--sites", "3", "--out", str(tmp_path / "out"), *flags, "scale=smoke"]) == 0
+    assert (seen["stock_flower"], seen["clientapp"]) == (stock_flower, clientapp)
+    assert (seen["n_sites"], seen["overrides"]) == (3, ["scale=smoke"])
+
+
 # ------------------------------------------------------------ refused SuperNodes (slow) ----
 
 
@@ -347,6 +376,36 @@ def test_demo_with_three_supernodes_over_tls(tmp_path):
     # every process it started (SuperLink, SuperNodes, ClientApp workers, SuperExecs,
     # ServerApp) is gone
     assert len(result.pids) >= 7
+    alive = [pid for pid, start in result.pids.items() if pid_alive(pid, start)]
+    assert alive == [], f"still running: {alive}"
+    _same_scores_in_process(out, summary, tmp_path / "inprocess")
+
+
+@pytest.mark.slow
+def test_demo_on_stock_flower_completes_with_complete_scores(tmp_path):
+    """The switch (MULTIMED_FL_STOCK_FLOWER=1, here stock_flower=True): Flower's own
+    flower-superlink, flower-supernode and flwr-clientapp, nothing of Flower patched in any
+    process (the ServerApp's reply pulls included); the demo completes and scores as in-process."""
+    from federated.core import flower_door
+
+    out = tmp_path / "stock"
+    lines: list[str] = []
+    result = deploy_demo(
+        3, out, ["scale=smoke", "rounds=1"], say=lines.append, timeout_s=1500, grace_s=5, stock_flower=True
+    )
+    assert result.status == "finished:completed"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1 and not summary.get("problems")
+    assert sorted(s["site"] for s in summary["per_site"]) == ["site_00", "site_01", "site_02"]
+    assert all(isinstance(s["score"], float) for s in summary["per_site"])
+    text = "\n".join(lines)
+    assert f"stock Flower ({flower_door.STOCK_FLOWER_ENV}=1)" in text
+    assert all(group in text for group in flower_door.WHAT_STOCK_LOSES)  # what is lost, said
+    logs = out / "deploy" / "logs"
+    assert not list(logs.glob("clientapp-*.log"))  # Flower's flwr-clientapp, not our worker
+    assert "superlink: with --database" not in (logs / "superlink.log").read_text()
+    run_log = (logs / "run.log").read_text()
+    assert f"the ServerApp's reply-object pulls not applied ({flower_door.STOCK_FLOWER_ENV}=1" in run_log
     alive = [pid for pid, start in result.pids.items() if pid_alive(pid, start)]
     assert alive == [], f"still running: {alive}"
     _same_scores_in_process(out, summary, tmp_path / "inprocess")

@@ -1,5 +1,5 @@
-"""The README's multi-host guide, run as written (slow): its bash block, block by block, on one
-machine playing the coordinator and three hospitals.
+"""The multi-host guide (docs/tutorials/three-hospitals.md), run as written (slow): its bash
+block, block by block, on one machine playing the coordinator and three hospitals.
 
 Each `# [coordinator]` / `# [hospital]` block runs in its own bash (`-euo pipefail`) on the
 machine it names; only its first line, the values marked `# your values`, is replaced (paths
@@ -28,14 +28,14 @@ from federated.engines.deployment import flower_env, free_port
 from federated.engines.deployment.environment import _port_open
 from tests.app.test_bring_your_own import HOSPITALS, SEPSIS_DICTIONARY, TABULAR_SOURCE, clinical_csv, write_spec
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "tutorials" / "three-hospitals.md"
 MARKER = "<!-- multihost-guide:"
 SITES = {"site_01": HOSPITALS[0], "site_02": HOSPITALS[1], "site_03": HOSPITALS[2]}
 
 
-def guide_blocks(readme: Path = README) -> list[tuple[str, str]]:
-    """(role, script) of every block of the README's multi-host guide, in order."""
-    text = readme.read_text()
+def guide_blocks(guide: Path = GUIDE) -> list[tuple[str, str]]:
+    """(role, script) of every block of the multi-host guide, in order."""
+    text = guide.read_text()
     start = text.index(MARKER)
     body = text[text.index("```bash\n", start) + len("```bash\n") :]
     body = body[: body.index("```\n")]

@@ -112,6 +112,7 @@ def test_a_flower_not_shaped_as_1_42_is_left_alone(monkeypatch: pytest.MonkeyPat
     assert superlink_main.get_objectstore_linkstate_factories is other
 
 
+@pytest.mark.slow  # two fresh interpreters importing Flower; the deployment tests start this command
 def test_the_superlink_command_passes_flower_s_own_arguments_through() -> None:
     out = subprocess.run(
         [*flower_services.superlink_argv(), "--help"], capture_output=True, text=True, timeout=120, check=True
@@ -123,6 +124,7 @@ def test_the_superlink_command_passes_flower_s_own_arguments_through() -> None:
     assert "superlink" in listed and "clientapp-worker" in listed
 
 
+@pytest.mark.slow  # a fresh interpreter importing Flower
 def test_an_unknown_command_is_named_with_every_valid_one() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "federated.engines.deployment", "superlnk"], capture_output=True, text=True

@@ -80,7 +80,7 @@ def test_a_training_site_under_the_minimum_size_is_refused(smoke_corpus):
 
 
 def test_every_holdout_mode_the_config_accepts_has_a_selector():
-    from federated.core.config.loader import HOLDOUT_MODES
+    from federated.core.config.schema import HOLDOUT_MODES
     from partitions.holdout import SELECTORS
 
     assert tuple(SELECTORS) == HOLDOUT_MODES

@@ -11,10 +11,10 @@ import math
 import pytest
 
 from federated.app.cli import main
-from federated.app.runner import check_model, check_plan_names, model_bytes
 from federated.core.config import ConfigError, load_config
-from federated.core.config.loader import SEED_LIMIT
+from federated.core.config.checks import SEED_LIMIT
 from federated.core.multimed import MULTIMED
+from federated.server.preflight import check_model, check_plan_names, model_bytes
 
 
 def _refused(tmp_path, capsys, corpus, *overrides: str) -> str:
@@ -164,8 +164,8 @@ def test_load_config_alone_names_the_key():
     [[], ["model.dim=128", "model.heads=8"], ["model.dim=36", "model.heads=3", "model.tokens_per_modality=9"]],
 )
 def test_the_parameter_count_is_exact(overrides):
-    from federated.app.runner import parameter_count
     from federated.core.models import MultiMedModel
+    from federated.server.preflight import parameter_count
 
     cfg = load_config(overrides)
     for schema in (MULTIMED, MULTIMED.restrict(["medical_vqa", "cell_type"])):

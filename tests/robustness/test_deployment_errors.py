@@ -201,7 +201,7 @@ def test_a_lost_reply_is_told_from_one_the_site_sent(monkeypatch):
 
 
 def _fed(sites: dict[int, str]) -> Any:
-    """The parts of a Federation that _collect_replies reads."""
+    """The parts of a Federation that collect_replies reads."""
     from types import SimpleNamespace
 
     from federated.core.config import load_config
@@ -213,14 +213,14 @@ def _fed(sites: dict[int, str]) -> Any:
 def test_a_training_reply_whose_content_was_lost_makes_its_node_late_for_the_evaluation(monkeypatch):
     """A node killed while sending its training reply gets an error reply, not none; it is late all
     the same, so the round's evaluation (engine.evaluate_with_train=false) awaits it briefly."""
-    from federated.server.federation import TrainOutcome, _collect_replies
+    from federated.server.round import TrainOutcome, collect_replies
 
     monkeypatch.setattr(transport, "REPLY_GRACE_S", 0.2)
     messages = _sent(2)
     replies = exchange(Link(stuck=1), messages, timeout=0.3)
     outcome = TrainOutcome(None)
     (stuck,) = [r for r in replies if r.metadata.src_node_id == 1]
-    _collect_replies(_fed({1: "site_01", 2: "site_02"}), messages[:1], [stuck], outcome)  # node 1's message
+    collect_replies(_fed({1: "site_01", 2: "site_02"}), messages[:1], [stuck], outcome)  # node 1's message
     assert outcome.unanswered == {1}
     assert "did not arrive within the round's 0.3 s" in outcome.failures["train:site_01"]
 
@@ -234,7 +234,7 @@ def _profiles(nodes: list[int]) -> dict[int, Any]:
 
 def test_the_evaluation_says_a_late_node_was_given_the_short_wait(monkeypatch):
     from federated.core.arrays import pack_arrays
-    from federated.server.federation import evaluate_all
+    from federated.server.round_evaluation import evaluate_all
 
     monkeypatch.setattr(transport, "LATE_WAIT_S", 0.3)
     arrays = pack_arrays({"w": np.zeros(2, np.float32)})
@@ -359,12 +359,12 @@ class FourSiteLink(Link):
 
 
 def test_a_handshake_timeout_names_the_missing_site_and_the_deployment_remedy(monkeypatch):
-    from federated.server import federation, site_roster
+    from federated.server import handshake, site_roster
 
-    monkeypatch.setattr(federation, "wait_for_nodes", lambda grid, expected, timeout_s: list(grid.get_node_ids()))
+    monkeypatch.setattr(handshake, "wait_for_nodes", lambda grid, expected, timeout_s: list(grid.get_node_ids()))
     link = FourSiteLink({11: "site_00", 22: "site_01", 33: "site_02"})
     with pytest.raises(FederationError) as e:
-        federation.handshake(
+        handshake.handshake(
             link, expected=4, timeout_s=120, expected_names=["site_00", "site_01", "site_02", "site_03"]
         )
     text = str(e.value)
@@ -408,16 +408,16 @@ def test_a_handshake_whose_node_never_answers_ends_at_its_deadline_naming_the_si
     """Before, the handshake's query had no timeout: a connected SuperNode whose ClientApp never
     answered held the run until Flower's message TTL. Now engine.handshake_timeout_s, counted from
     the wait for nodes, bounds it too, and the error names the node and its registered site."""
-    from federated.server import federation
+    from federated.server import handshake
 
-    monkeypatch.setattr(federation, "HANDSHAKE_REPLY_MIN_S", 0.5)
-    monkeypatch.setattr(federation, "wait_for_nodes", lambda grid, expected, timeout_s: list(grid.get_node_ids()))
+    monkeypatch.setattr(handshake, "HANDSHAKE_REPLY_MIN_S", 0.5)
+    monkeypatch.setattr(handshake, "wait_for_nodes", lambda grid, expected, timeout_s: list(grid.get_node_ids()))
     link = SilentNodeLink({11: "site_00"}, give_up_s=10.0)
     link.silent = 11
     _sent(1)
     t0 = time.monotonic()
     with pytest.raises(FederationError) as e:
-        federation.handshake(link, expected=1, timeout_s=1.0)
+        handshake.handshake(link, expected=1, timeout_s=1.0)
     assert time.monotonic() - t0 < 4.0
     text = str(e.value)
     assert "handshake: no reply within engine.handshake_timeout_s=1 from node 11 (registered as site_00)" in text
@@ -429,8 +429,8 @@ def test_a_handshake_whose_node_never_answers_ends_at_its_deadline_naming_the_si
 
 def test_flwr_supernode_ls_shows_no_site_names_so_the_run_s_log_maps_nodes_to_sites(monkeypatch, caplog):
     """Flower 1.42's `flwr supernode ls` (table and JSON) has no column for the registered name; the
-    README must not say it shows site names. The handshake logs node id -> site (and the registered
-    name), which `flwr log RUN_ID` shows."""
+    deployment guide (docs/how-to/deploy.md) must not say it shows site names. The handshake logs
+    node id -> site (and the registered name), which `flwr log RUN_ID` shows."""
     import importlib
 
     ls = importlib.import_module("flwr.cli.supernode.ls")  # the module (the package exports a function `ls`)
@@ -446,14 +446,7 @@ def test_flwr_supernode_ls_shows_no_site_names_so_the_run_s_log_maps_nodes_to_si
     lines = node_site_lines({7: "site_03", 8: "site_01"}, {7: "train", 8: "held_out"}, {7: "site_03", 8: "site_02"})
     assert lines[0] == "handshake: node 7 is site site_03 (train), registered as site_03"
     assert "registered as 'site_02', not as the site it says it is" in lines[1]
-    deployment = " ".join(_readme_section("## Deployment").replace("#", " ").split())
+    deployment = " ".join((ROOT / "docs" / "how-to" / "deploy.md").read_text().replace("#", " ").split())
     assert "`flwr supernode ls` shows the names" not in deployment  # what the README said before
     assert "not by the name a key was registered under" in deployment
     assert "`flwr log RUN_ID CONNECTION`" in deployment and "handshake: node 1234... is site site_03" in deployment
-
-
-def _readme_section(heading: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index(heading)
-    end = text.find("\n## ", start + len(heading))
-    return text[start : end if end > 0 else None]

@@ -259,7 +259,7 @@ def test_a_group_name_is_one_of_its_folders_files(tmp_path, capsys, override, gr
 
 def test_a_conf_folder_with_an_interpolation_or_a_path_default_is_refused(tmp_path):
     """$MULTIMED_FL_CONF may be a user's own conf/: its files and its defaults list obey the same rules."""
-    from federated.core.config.loader import conf_dir
+    from federated.core.config.merge import conf_dir
 
     shipped = conf_dir()
     mine = tmp_path / "conf"
@@ -280,7 +280,7 @@ def test_a_conf_folder_with_an_interpolation_or_a_path_default_is_refused(tmp_pa
 def test_a_serialised_config_with_an_interpolation_in_a_key_is_refused_naming_it():
     """A config read back from a run folder or sent to a site is checked with the one literal
     helper (federated/core/literal.py): keys too, not only values."""
-    from federated.core.config.loader import config_from_yaml, config_to_yaml
+    from federated.core.config.serialisation import config_from_yaml, config_to_yaml
 
     text = config_to_yaml(load_config([]))
     assert config_from_yaml(text) == load_config([])

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from federated.app.runner import RunError, check_same_corpus, run_experiment
+from federated.app.runner import RunError, run_experiment
 from federated.core.config import load_config
 from federated.data.format import Corpus
+from federated.server.preflight import check_same_corpus
 from federated.server.run_folder import CORPUS_RECORD
 
 

@@ -33,11 +33,12 @@ from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, STATE_DIR_KEY
 from federated.engines.inprocess import InProcessGrid
 from federated.server.checkpoint import Checkpoint, CheckpointError, check_resume, load_checkpoint, save_checkpoint
 from federated.server.evaluation import summarize
-from federated.server.federation import FederationError, handshake
+from federated.server.handshake import handshake
 from federated.server.outputs import build_summary
 from federated.server.records import FederationResult, FederationTiming, RoundRecord
 from federated.server.results import RunSummary
 from federated.server.server_app import _resumed_config
+from federated.server.site_agreement import FederationError
 
 DP = ["scale=smoke", "privacy=dp_sgd", "rounds=3"]
 

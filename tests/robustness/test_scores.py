@@ -189,7 +189,8 @@ def test_a_diverged_global_model_is_an_evaluation_failure_with_the_count(smoke_c
     from clients.client_app import app as client_app
     from federated.core.config import config_to_yaml
     from federated.engines.inprocess import InProcessGrid
-    from federated.server.federation import evaluate_all, handshake
+    from federated.server.handshake import handshake
+    from federated.server.round_evaluation import evaluate_all
 
     cfg = load_config(["scale=smoke"])
     run_config = {"multimed-config": config_to_yaml(cfg), "corpus-path": str(smoke_corpus)}

@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 import clients.client_app as site_app
 import federated.engines.inprocess as inprocess
-import federated.server.federation as federation
+import federated.server.secure_checks as secure_checks
 from clients.attacks import attack_mod
 from clients.faults import fault_mod
 from clients.folded_messages import folding_mod
@@ -118,7 +118,7 @@ def _lying_declaration(change: Callable[[dict[str, float]], None]):
 def _run(tmp_path, monkeypatch, smoke_corpus, name: str, mod=None, checks: bool = True, extra=()):
     monkeypatch.setattr(inprocess, "client_app", _app(mod))
     if not checks:  # the code before this issue: no check on the unmasked sum
-        monkeypatch.setattr(federation, "sum_problems", lambda *a, **k: [])
+        monkeypatch.setattr(secure_checks, "sum_problems", lambda *a, **k: [])
     out = tmp_path / name
     run_experiment(load_config([*SECURE, f"corpus.path={smoke_corpus}", *extra]), out, progress=False)
     summary = json.loads((out / "summary.json").read_text())
@@ -160,6 +160,7 @@ def _assert_refused_and_recorded(summary, out, model, initial) -> str:
     return reason
 
 
+@pytest.mark.slow  # the sum checks themselves: test_secure_round.py
 def test_a_site_moving_a_withheld_group_gets_the_round_refused_and_recorded(
     tmp_path, monkeypatch, smoke_corpus, initial, honest
 ):
@@ -173,6 +174,7 @@ def test_a_site_moving_a_withheld_group_gets_the_round_refused_and_recorded(
         assert f"group {group} (withheld this round): no site declared a weight for it" in reason
 
 
+@pytest.mark.slow
 def test_a_site_sending_a_negative_weight_gets_the_round_refused_and_recorded(
     tmp_path, monkeypatch, smoke_corpus, initial, honest
 ):
@@ -187,6 +189,7 @@ def test_a_site_sending_a_negative_weight_gets_the_round_refused_and_recorded(
     assert "group fusion: total weight" in reason and "where the sites declared 6.75" in reason
 
 
+@pytest.mark.slow
 def test_an_honest_round_is_unchanged_by_the_checks(tmp_path, monkeypatch, smoke_corpus, honest):
     summary, model, _ = honest
     assert not summary.get("failures") and summary["skipped_rounds"] == []
@@ -234,6 +237,7 @@ def test_a_site_sending_no_readable_declaration_gets_the_round_refused_naming_it
     assert all(np.array_equal(model[k], initial[k]) for k in initial)
 
 
+@pytest.mark.slow
 def test_what_a_dishonest_site_can_still_do_stays_within_the_readme_bound(tmp_path, monkeypatch, smoke_corpus, honest):
     """Within its declared weight a (1 on fusion) and the clip c, site_00 can send anything: the sum
     passes, and fusion moves from the honest round's by at most (c + a c) / A (A = 6.75, the

@@ -307,7 +307,8 @@ def test_a_hospital_whose_key_others_can_read_is_refused_by_name_in_the_handshak
     from clients.client_app import app as client_app
     from federated.core.protocol import CONFIG_KEY, CORPUS_KEY
     from federated.engines.inprocess import InProcessGrid
-    from federated.server.federation import FederationError, handshake
+    from federated.server.handshake import handshake
+    from federated.server.site_agreement import FederationError
 
     load_key()
     own_key.chmod(0o604)

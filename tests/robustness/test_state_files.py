@@ -30,8 +30,9 @@ from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, STATE_DIR_KEY
 from federated.engines.inprocess import InProcessGrid
 from federated.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from federated.server.evaluation import summarize
-from federated.server.federation import FederationError, handshake
+from federated.server.handshake import handshake
 from federated.server.records import RoundRecord
+from federated.server.site_agreement import FederationError
 
 
 class Crafted:

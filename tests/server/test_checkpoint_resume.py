@@ -19,9 +19,9 @@ from federated.app.runner import run_experiment
 from federated.core.config import load_config
 from federated.core.corpus_schema import CorpusSchema, Modality, Task
 from federated.core.protocol import Role
+from federated.server.callbacks import Callback
 from federated.server.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from federated.server.evaluation import SiteEvaluation, SiteProfile
-from federated.server.federation import Callback
 from federated.server.records import RoundRecord, TrainStats
 from federated.server.results import GroupScores, RoundSummary, WorstSite
 from strategies.aggregation import ServerOptState

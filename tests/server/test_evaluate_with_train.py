@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import federated.server.federation as federation
+import federated.server.loop as loop
+import federated.server.schedule as schedule
 from clients.client_app import app as client_app
 from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.config import config_to_yaml, load_config
@@ -17,7 +18,7 @@ from federated.core.protocol import ARRAYS_RECORD, EVALUATED, METRICS_RECORD, PE
 from federated.engines.inprocess import InProcessGrid
 from federated.server.callbacks import Callback, ServerState
 from federated.server.checkpoint import load_checkpoint
-from federated.server.federation import run_federation
+from federated.server.loop import run_federation
 
 # Server state (fedadam moments), node sampling (Python's RNG) and sites that are not sampled in a
 # round (they get an evaluate message in the training exchange) all take part.
@@ -55,7 +56,7 @@ def _run(corpus, overrides, tmp, monkeypatch, riding: bool, callbacks=(), resume
     cfg = load_config(overrides)
     run_config = {"multimed-config": config_to_yaml(cfg), "corpus-path": str(corpus), STATE_DIR_KEY: str(tmp / "sites")}
     grid = CountingGrid(client_app, [{"partition-id": i} for i in range(10)], run_config)
-    monkeypatch.setattr(federation, "over_superlink", lambda g: riding)
+    monkeypatch.setattr(schedule, "over_superlink", lambda g: riding)
     result = run_federation(grid, cfg, list(callbacks), checkpoint_dir=tmp, resume=resume)
     return result, grid
 
@@ -68,7 +69,9 @@ def _records(result):
     ]
 
 
-@pytest.mark.parametrize("overrides", [SAMPLED, PERSONAL], ids=["sampled-fedadam", "fedbn"])
+@pytest.mark.parametrize(
+    "overrides", [SAMPLED, pytest.param(PERSONAL, marks=pytest.mark.slow)], ids=["sampled-fedadam", "fedbn"]
+)
 def test_one_exchange_per_round_with_the_plain_loops_records(smoke_corpus, tmp_path, monkeypatch, overrides):
     plain, plain_grid = _run(smoke_corpus, overrides, tmp_path / "plain", monkeypatch, riding=False)
     riding, riding_grid = _run(smoke_corpus, overrides, tmp_path / "riding", monkeypatch, riding=True)
@@ -85,6 +88,7 @@ def test_one_exchange_per_round_with_the_plain_loops_records(smoke_corpus, tmp_p
     )
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_the_state_after_the_round_not_after_the_next_ones_sampling(
     smoke_corpus, tmp_path, monkeypatch
 ):
@@ -118,6 +122,7 @@ class KillAt(Callback):
             raise Killed
 
 
+@pytest.mark.slow
 def test_a_run_stopped_mid_way_resumes_to_the_uninterrupted_model(smoke_corpus, tmp_path, monkeypatch):
     full, _ = _run(smoke_corpus, SAMPLED, tmp_path / "full", monkeypatch, riding=True)
     with pytest.raises(Killed):  # round 2's record arrives in round 3's exchange: the checkpoint is round 1's
@@ -130,12 +135,13 @@ def test_a_run_stopped_mid_way_resumes_to_the_uninterrupted_model(smoke_corpus, 
         assert float(np.abs(a - b).max()) <= 1e-6
 
 
+@pytest.mark.slow
 def test_a_strategy_sending_other_arrays_gets_the_evaluation_in_an_exchange_before_training(
     smoke_corpus, tmp_path, monkeypatch
 ):
     """Where a train message does not carry the model being scored, that model is evaluated in an
     exchange of its own, first, and the train messages do not ask for it: same records."""
-    original = federation._strategy
+    original = loop._strategy
 
     def copying_strategy(*args):
         strategy = original(*args)
@@ -151,7 +157,7 @@ def test_a_strategy_sending_other_arrays_gets_the_evaluation_in_an_exchange_befo
         return strategy
 
     plain, _ = _run(smoke_corpus, PERSONAL, tmp_path / "plain", monkeypatch, riding=False)
-    monkeypatch.setattr(federation, "_strategy", copying_strategy)
+    monkeypatch.setattr(loop, "_strategy", copying_strategy)
     riding, grid = _run(smoke_corpus, PERSONAL, tmp_path / "riding", monkeypatch, riding=True)
     assert len(grid.exchanges) == 1 + 2 * len(plain.history) + 1
     assert all(len(set(kinds)) == 1 for kinds in grid.exchanges)  # never a train and an evaluate together
@@ -172,7 +178,7 @@ def test_the_site_scores_the_model_it_receives_and_the_server_strips_that_before
         replied.extend(set(m.content) for m in replies if m.metadata.message_type == "train")
         return replies
 
-    original = federation._strategy
+    original = loop._strategy
 
     def watching_strategy(*args):
         strategy = original(*args)
@@ -187,7 +193,7 @@ def test_the_site_scores_the_model_it_receives_and_the_server_strips_that_before
         return strategy
 
     monkeypatch.setattr(CountingGrid, "send_and_receive", spy)
-    monkeypatch.setattr(federation, "_strategy", watching_strategy)
+    monkeypatch.setattr(loop, "_strategy", watching_strategy)
     result, _ = _run(smoke_corpus, PERSONAL, tmp_path, monkeypatch, riding=True)
     trained = len(result.final.train) * len(result.history)
     assert len(replied) == len(aggregated) == trained > 0

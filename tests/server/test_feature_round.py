@@ -36,7 +36,7 @@ from federated.engines.inprocess import FIRST_NODE_ID, InProcessGrid
 from federated.server.checkpoint import load_checkpoint
 from federated.server.evaluation import SiteProfile
 from federated.server.feature_round import FeatureStatistics, run_statistics
-from federated.server.federation import run_federation
+from federated.server.loop import run_federation
 from federated.server.site_agreement import FederationError
 from federated.server.transport import exchange
 from partitions import plan_sites

@@ -18,17 +18,12 @@ from federated.engines.inprocess import InProcessGrid, claim_server_identity
 from federated.server.callbacks import Callback, ServerState
 from federated.server.checkpoint import Checkpointer, checkpointers, load_checkpoint
 from federated.server.evaluation import SiteProfile, summarize
-from federated.server.federation import (
-    Federation,
-    FederationError,
-    NodeSubsetGrid,
-    TrainOutcome,
-    accepted_model,
-    run_federation,
-    train_round,
-)
+from federated.server.loop import run_federation
 from federated.server.records import RoundRecord, TrainStats
 from federated.server.results import RoundSummary
+from federated.server.round import Federation, TrainOutcome, accepted_model, train_round
+from federated.server.site_agreement import FederationError
+from federated.server.transport import NodeSubsetGrid
 
 claim_server_identity(1)  # Flower stamps new messages with the sender's task identity
 

@@ -41,6 +41,7 @@ def _initial(smoke_corpus, overrides):
 WITHHELD = ("encoders.eeg.", "heads.motor_imagery.")
 
 
+@pytest.mark.slow  # the unit test: test_secure_round.py, the secure aggregate equals the plain one
 @pytest.mark.parametrize("strategy", ["modality_fedavg", "fedavg"])
 def test_a_secure_run_ends_with_the_plain_runs_model_up_to_quantisation(tmp_path, smoke_corpus, strategy):
     """Plain SGD: fedavg's second round trains from a model 1e-7 away and stays that close. (Adam does
@@ -66,6 +67,7 @@ def test_a_secure_run_ends_with_the_plain_runs_model_up_to_quantisation(tmp_path
         assert secure["final"]["ood"]["score"] == pytest.approx(plain["final"]["ood"]["score"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_one_adam_round_matches_and_a_secure_run_repeats_exactly(tmp_path, smoke_corpus):
     _, plain = _run(tmp_path, "plain", ["rounds=1", "strategy=fedavg"], smoke_corpus)
     _, secure = _run(tmp_path, "secure", ["rounds=1", "strategy=fedavg", "secure_aggregation=secaggplus"], smoke_corpus)
@@ -100,6 +102,7 @@ def test_site_level_dp_clips_at_the_sites_and_noises_after_unmasking(tmp_path, s
     assert report["steps"] == 1 and report["epsilon"] > 0
 
 
+@pytest.mark.slow  # the unit test: test_secure_round.py, sites that gave a stage no reply
 def test_a_site_crashing_in_training_leaves_the_round_and_the_run_goes_on(tmp_path, smoke_corpus):
     overrides = ["secure_aggregation=secaggplus", "faults.kind=crash", "faults.sites=[site_02]", "faults.rounds=[1]"]
     summary, _ = _run(tmp_path, "crash", overrides, smoke_corpus)
@@ -184,8 +187,8 @@ def test_a_site_process_killed_while_training_is_recovered_from_the_others_share
 def test_a_secure_run_resumes_from_its_checkpoint_to_the_same_model(tmp_path, monkeypatch):
     import federated.app.runner as runner
     from federated.app.cli import main
+    from federated.server.callbacks import Callback
     from federated.server.checkpoint import load_checkpoint
-    from federated.server.federation import Callback
 
     class Killed(Exception):
         pass

@@ -10,17 +10,17 @@ from clients.site_data import SiteData
 from clients.trainer import train_local
 from federated.core.arrays import record_to_torch
 from federated.core.config import load_config
-from federated.core.config.loader import strategy_config
 from federated.core.config.schema import ModelConfig, TrainConfig
+from federated.core.config.strategy_section import strategy_config
 from federated.core.models import build_model, group_of
 from federated.core.multimed import MULTIMED
-from federated.core.protocol import CONFIG_RECORD, CONTROL_DELTA_RECORD, CONTROL_RECORD, PROXIMAL_MU
+from federated.core.protocol import CONFIG_RECORD
 from federated.data.format import Corpus
 from partitions import plan_sites
 from strategies import ClientAlgorithm, SiteRound, client_algorithm
-from strategies.fedprox import FedProxClient, ProximalTerm
+from strategies.fedprox import PROXIMAL_MU, FedProxClient, ProximalTerm
 from strategies.personalisation import FedBNSettings, FedPerSettings, PersonalClient, PersonalSettings, local_keys
-from strategies.scaffold import CONTROL_STATE, ScaffoldClient, SiteControl
+from strategies.scaffold import CONTROL_DELTA_RECORD, CONTROL_RECORD, CONTROL_STATE, ScaffoldClient, SiteControl
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from federated.core.arrays import record_to_numpy
 from federated.core.config import ConfigError, load_config
-from federated.core.config.loader import strategy_config
+from federated.core.config.strategy_section import strategy_config
 from federated.engines.inprocess import InProcessGrid, claim_server_identity
 from strategies import build_strategy
 from strategies.fedgma import FedGMA, FedGMASettings, gma_step, groupwise_gma_step, sign_agreement, soft_mask

@@ -13,8 +13,8 @@ from clients.site_data import SiteData
 from clients.trainer import task_loss, train_local
 from federated.core.arrays import pack_arrays, record_to_numpy
 from federated.core.config import ConfigError, load_config
-from federated.core.config.loader import strategy_config
 from federated.core.config.schema import ModelConfig, TrainConfig
+from federated.core.config.strategy_section import strategy_config
 from federated.core.models import build_model
 from federated.core.targets import CLASS_TARGETS
 from federated.data.format import Corpus

@@ -12,8 +12,8 @@ from flwr.serverapp.strategy.qfedavg import compute_delta_and_h
 
 from federated.core.arrays import record_to_numpy
 from federated.core.config import load_config
-from federated.core.config.loader import strategy_config
 from federated.core.config.schema import ConfigError, TrainConfig
+from federated.core.config.strategy_section import strategy_config
 from federated.core.models import group_of
 from federated.engines.inprocess import InProcessGrid, claim_server_identity
 from strategies import SiteRound, build_strategy, client_algorithm

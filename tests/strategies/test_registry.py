@@ -8,9 +8,10 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from federated.core.config import ConfigError
-from federated.core.config.loader import COMMON_STRATEGY_KEYS, conf_dir, group_choices
+from federated.core.config import ConfigError, load_config
+from federated.core.config.merge import conf_dir, group_choices
 from federated.core.config.schema import STRATEGY_SETTINGS, StrategyConfig, StrategySettings
+from federated.core.config.strategy_section import COMMON_STRATEGY_KEYS
 from strategies import STRATEGIES, MultiMedStrategy, build_strategy, register_strategy
 from strategies.fedopt import FedOptSettings
 from strategies.fedprox import FedProxSettings
@@ -30,6 +31,46 @@ def test_each_conf_file_sets_only_what_its_strategy_reads(name):
     assert isinstance(body, dict)
     own = {f.name for f in dataclasses.fields(STRATEGIES.get(name).settings)}
     assert set(body) <= own | set(COMMON_STRATEGY_KEYS), sorted(set(body) - own - set(COMMON_STRATEGY_KEYS))
+
+
+def _default(field: dataclasses.Field) -> object:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _same(value: object, default: object) -> bool:
+    """YAML's value equals the dataclass default: lists as tuples, and a bool or a str only as one."""
+    if isinstance(value, list):
+        value = tuple(value)
+    if isinstance(default, list):
+        default = tuple(default)
+    if isinstance(default, (bool, str)) or isinstance(value, (bool, str)):
+        return type(value) is type(default) and value == default
+    return value == default
+
+
+@pytest.mark.parametrize("name", STRATEGIES.names())
+def test_each_conf_value_is_its_dataclass_default(name):
+    """A default is written twice (the conf file a user reads, the dataclass Python callers get):
+    every value in conf/strategy/<name>.yaml must be the field's default, common keys included."""
+    body = OmegaConf.to_container(OmegaConf.load(conf_dir() / "strategy" / f"{name}.yaml"))
+    assert isinstance(body, dict)
+    fields = {
+        f.name: f for f in (*dataclasses.fields(StrategyConfig), *dataclasses.fields(STRATEGIES.get(name).settings))
+    }
+    differ = {k: (v, _default(fields[k])) for k, v in body.items() if not _same(v, _default(fields[k]))}
+    assert not differ, f"conf/strategy/{name}.yaml: key -> (conf value, dataclass default): {differ}"
+
+
+@pytest.mark.parametrize("name", STRATEGIES.names())
+def test_the_loaded_settings_are_the_dataclass_defaults(name):
+    """What `strategy=<name>` loads (conf/config.yaml and the strategy's file merged) is the settings
+    class's default instance and StrategyConfig's default common keys."""
+    sgd = ["train.optimizer=sgd", "train.momentum=0"]  # what scaffold, qffl and fedrex require
+    loaded = load_config([f"strategy={name}", *sgd]).strategy
+    assert loaded.settings == STRATEGIES.get(name).settings()
+    assert dataclasses.replace(loaded, settings=StrategySettings()) == StrategyConfig(name=name)
 
 
 @pytest.mark.parametrize("name", STRATEGIES.names())

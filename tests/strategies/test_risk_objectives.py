@@ -13,14 +13,14 @@ from federated.app.cli import main
 from federated.app.runner import run_experiment
 from federated.core.arrays import record_to_numpy
 from federated.core.config import ConfigError, load_config
-from federated.core.config.loader import strategy_config
 from federated.core.config.schema import ModelConfig, TrainConfig
+from federated.core.config.strategy_section import strategy_config
 from federated.core.models import build_model
 from federated.core.multimed import MULTIMED
 from federated.core.protocol import CONFIG_RECORD
 from federated.engines.inprocess import InProcessGrid, claim_server_identity
+from federated.server.callbacks import Callback
 from federated.server.checkpoint import load_checkpoint
-from federated.server.federation import Callback
 from strategies import SiteRound, build_strategy, client_algorithm
 from strategies.risk_objectives import (
     DRO_ETA,

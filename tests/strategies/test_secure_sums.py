@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -12,14 +13,14 @@ from federated.core.config.schema import ConfigError
 from federated.core.models import group_of
 from strategies.aggregation import groupwise_weighted_mean, weighted_mean
 from strategies.fedavg import FedAvg, ModalityFedAvg
+from strategies.registry import STRATEGIES
 from strategies.secure_sums import (
     GROUPED,
-    SECURE_STRATEGIES,
     SINGLE,
     WHOLE_MODEL,
     Layout,
+    SecureSupport,
     apply_sums,
-    check_secure_strategy,
     declaration_problem,
     lone_contributions,
     quantisation_bound,
@@ -33,6 +34,7 @@ from strategies.secure_sums import (
     withheld_groups,
     zero_level,
 )
+from strategies.secure_support import check_secure_strategy, secure_strategies
 
 # Two groups: encoder/ct (3 + 1 entries) and head/bone_age (2 entries), in this key order.
 GLOBAL = {
@@ -181,11 +183,36 @@ def test_a_withheld_group_gets_no_weight_from_a_site():
 
 
 def test_strategies_say_which_sums_they_need():
-    from strategies.registry import STRATEGIES
+    assert (FedAvg.SECURE.layout, ModalityFedAvg.SECURE.layout) == (SINGLE, GROUPED)
+    # what each class declares, collected from the registry: the strategies that ran under SecAgg+ before
+    assert secure_strategies() == sorted(
+        ["fedavg", "modality_fedavg", "fedprox", "fedbn", "fedper", "fedadam", "fedyogi", "fedadagrad"]
+    )
+    for name in STRATEGIES.names():  # every other one says why not
+        support = STRATEGIES.get(name).server.SECURE
+        assert support.layout is not None or support.why_not, name
 
-    assert FedAvg.SECURE_SUMS == SINGLE and ModalityFedAvg.SECURE_SUMS == GROUPED
-    able = tuple(n for n in STRATEGIES.names() if STRATEGIES.get(n).server.SECURE_SUMS is not None)
-    assert sorted(able) == sorted(SECURE_STRATEGIES)
+
+def test_a_declaration_must_name_a_layout_or_say_why_not():
+    with pytest.raises(ValueError, match="must say why"):
+        SecureSupport(None)
+    with pytest.raises(ValueError, match="unknown secure-sum layout 'rows'"):
+        SecureSupport.sums("rows")
+
+
+def test_the_refusal_lists_what_the_registry_declares(monkeypatch):
+    """No list of names is kept beside the strategies: a newly registered strategy that declares
+    masked sums appears in the refusal of one that does not, with that one's own reason."""
+
+    class Probe(ModalityFedAvg):
+        SECURE = SecureSupport.sums(GROUPED)
+
+    monkeypatch.setitem(STRATEGIES._items, "secure_probe", dataclasses.replace(STRATEGIES.get("fedavg"), server=Probe))
+    with pytest.raises(ConfigError) as e:
+        check_secure_strategy(load_config(["strategy=median", "secure_aggregation=secaggplus"]))
+    assert "takes a coordinate-wise median" in str(e.value)
+    assert f"(it works with {', '.join(secure_strategies())})" in str(e.value) and "secure_probe" in str(e.value)
+    check_secure_strategy(load_config(["strategy=fedprox", "secure_aggregation=secaggplus"]))  # works: no error
 
 
 @pytest.mark.parametrize(
@@ -195,25 +222,24 @@ def test_strategies_say_which_sums_they_need():
         ("krum", "distance to the others"),
         ("trimmed_mean", "trims"),
         ("scaffold", "control-variate"),
-        ("fedsr", "more than a (group-wise) weighted mean"),
+        ("fedsr", "representation statistics"),
+        ("groupdro", "not been tested on masked sums"),
     ],
 )
 def test_strategies_that_need_individual_updates_are_refused_with_the_reason(strategy, reason):
-    from strategies.registry import STRATEGIES
-
     overrides = [f"strategy={strategy}", "secure_aggregation=secaggplus"]
     if strategy == "scaffold":
         overrides += ["train.optimizer=sgd", "train.momentum=0"]
     cfg = load_config(overrides)
     with pytest.raises(ConfigError, match=re.escape(reason)) as e:
-        check_secure_strategy(cfg, STRATEGIES.get(strategy).server.SECURE_SUMS)
+        check_secure_strategy(cfg)
     assert f"strategy={strategy}" in str(e.value)
 
 
 def test_a_clip_below_one_is_refused_because_weights_travel_in_it():
     cfg = load_config(["secure_aggregation=secaggplus", "secure_aggregation.clipping_range=0.5"])
     with pytest.raises(ConfigError, match="clipping_range must be >= 1"):
-        check_secure_strategy(cfg, GROUPED)
+        check_secure_strategy(cfg)
 
 
 def test_a_clip_for_which_zero_does_not_quantise_exactly_is_refused():
@@ -222,7 +248,7 @@ def test_a_clip_for_which_zero_does_not_quantise_exactly_is_refused():
     assert zero_level(1.9, 2**28) is None and zero_level(1.0, 1001) is None
     cfg = load_config(["secure_aggregation=secaggplus", "secure_aggregation.clipping_range=1.9"])
     with pytest.raises(ConfigError, match="a zero entry must quantise to an exact level"):
-        check_secure_strategy(cfg, GROUPED)
+        check_secure_strategy(cfg)
 
 
 def test_the_declared_weights_are_the_vectors_weight_entries():

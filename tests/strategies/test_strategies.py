@@ -7,11 +7,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from federated.core.arrays import record_to_numpy
-from federated.core.config.loader import strategy_config
-from federated.core.protocol import CONTROL_DELTA_RECORD, CONTROL_RECORD, PROXIMAL_MU
+from federated.core.config.strategy_section import strategy_config
 from federated.engines.inprocess import InProcessGrid, claim_server_identity
 from strategies import TooFewValidReplies, build_strategy
 from strategies.aggregation import scaffold_server_step
+from strategies.fedprox import PROXIMAL_MU
+from strategies.scaffold import CONTROL_DELTA_RECORD, CONTROL_RECORD
 
 KEYS = ("encoders.eeg.w", "encoders.ct.w", "fusion.w", "heads.bone_age.w")
 

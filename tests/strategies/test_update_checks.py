@@ -13,8 +13,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from clients.attacks import HUGE, fill_groups, foreign_encoder, shift_group
 from federated.core.arrays import record_to_numpy
 from federated.core.config import ConfigError
-from federated.core.config.loader import strategy_config
 from federated.core.config.schema import StrategyConfig
+from federated.core.config.strategy_section import strategy_config
 from federated.core.models import group_of
 from federated.core.multimed import MULTIMED
 from federated.engines.inprocess import InProcessGrid, claim_server_identity

@@ -11,18 +11,22 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, TypeVar
 
+from federated.core.config.values import allowed_checks, allowed_values, one_of
 from federated.core.registry import Registry
 
 
 @dataclass(frozen=True)
 class CorpusConfig:
+    """Which corpus the run reads (`corpus.*`), and how the synthetic one is generated."""
+
+    # The conf/corpus preset: synthetic builds (or reuses) the generated corpus; any other needs corpus.path.
     name: str = "synthetic"
     # An existing corpus folder to use; None builds (or reuses from the cache) the synthetic one.
     path: Optional[str] = None
     seed: int = 0  # data seed, fixed across training seeds so seeds measure training variance
-    samples_per_task_site: int = 300
-    n_origin_sites: int = 10
-    test_fraction: float = 0.2
+    samples_per_task_site: int = 300  # synthetic: samples of every task at every origin site
+    n_origin_sites: int = 10  # synthetic: the hospitals the corpus comes from (site_00, site_01, ...)
+    test_fraction: float = 0.2  # synthetic: the share of each (task, site) split "test"
     # How differently the corpus's origin hospitals acquire their data (scanners, protocols),
     # baked into the generated corpus: 0 = all alike, 1 = realistic, 2 = strong.
     origin_shift_severity: float = 1.0
@@ -52,6 +56,9 @@ def _default_archetypes() -> Dict[str, List[str]]:
 
 @dataclass(frozen=True)
 class SitesConfig:
+    """How the corpus is split into simulated hospitals (`sites.*`; partitions/): which sites train,
+    which are held out, and the shifts between them."""
+
     name: str = "default"  # the conf/sites preset this came from
     planner: str = "archetypes"  # the site planner (partitions.PLANNERS)
     # One entry per site, by archetype; site i reads the corpus's i-th origin site.
@@ -67,18 +74,20 @@ class SitesConfig:
             "cancer_centre",
         ]
     )
+    # One entry per held-out site (it never trains; it scores the model out of distribution), by archetype.
     held_out: List[str] = field(default_factory=lambda: ["eye_clinic", "neuro_clinic"])
+    # Archetype -> the tasks a site of that archetype holds.
     archetypes: Dict[str, List[str]] = field(default_factory=_default_archetypes)
     # Dirichlet label skew of training sites (partitions/label_skew.py); 0 = none.
     label_skew_alpha: float = 0.0
     # Log-normal site sizes (partitions/quantity_skew.py); 0 = none. A training site keeps at
     # least min_samples training rows per task.
     quantity_skew_sigma: float = 0.0
-    min_samples: int = 8
+    min_samples: int = 8  # quantity skew: the fewest training rows per task a training site keeps
     # Missing modalities (partitions/missing_modalities.py): the chance that a site lacks one
-    # of its multimodal tasks' modalities entirely, and that a sample lacks one of them.
+    # of its multimodal tasks' modalities entirely.
     missing_site_rate: float = 0.0
-    missing_sample_rate: float = 0.0
+    missing_sample_rate: float = 0.0  # missing modalities: the chance that a sample lacks one of its inputs
     # Share of each training site's class labels replaced through its own transition matrix.
     label_noise_rate: float = 0.0
     # Pathological label skew: each training site keeps k classes per task; 0 = none.
@@ -101,40 +110,39 @@ class SitesConfig:
             "acquisition_shift",
         ]
     )
-    # Study selections (partitions/selection.py): only these tasks; only these training sites
-    # (local-only runs); all training sites pooled into one (centralised); multimodal tasks
-    # read their first modality only.
+    # Study selection (partitions/selection.py): only these tasks ([] = every task).
     tasks_only: List[str] = field(default_factory=list)
-    train_only: List[str] = field(default_factory=list)
-    pooled: bool = False
-    unimodal: bool = False
-    # Which sites are held out (partitions/holdout.py): listed | named | random | archetype.
-    holdout: str = "listed"
+    train_only: List[str] = field(default_factory=list)  # study selection: only these training sites (local-only runs)
+    pooled: bool = False  # study selection: every training site pooled into one (centralised)
+    unimodal: bool = False  # study selection: multimodal tasks read their first modality only
+    # Which sites are held out (partitions/holdout.py).
+    holdout: str = one_of("listed", "named", "random", "archetype")
     holdout_sites: List[str] = field(default_factory=list)  # holdout=named: site ids / origins
-    holdout_k: int = 2  # holdout=random
-    holdout_archetypes: List[str] = field(default_factory=list)  # holdout=archetype
+    holdout_k: int = 2  # holdout=random: how many sites are held out, drawn with the corpus seed
+    holdout_archetypes: List[str] = field(default_factory=list)  # holdout=archetype: every site of these is held out
     # Score held-out tasks no training site holds (zero-shot) instead of refusing the plan.
     zero_shot: bool = False
     # natural planner: origin sites with fewer samples than this are grouped into one site.
     min_site_size: int = 50
-    # random_mix planner: n_sites sites of tasks_per_site random tasks each; every task a
-    # site holds is held by at least min_overlap sites.
+    # random_mix planner: how many sites, each holding tasks_per_site random tasks.
     n_sites: int = 10
-    tasks_per_site: int = 3
-    min_overlap: int = 2
+    tasks_per_site: int = 3  # random_mix planner: the tasks each site draws
+    min_overlap: int = 2  # random_mix planner: the fewest sites that hold each task
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The multimodal multitask model every site trains (`model.*`; federated/core/models/)."""
+
     name: str = "default"  # an architecture of federated/core/models/architectures.py (`multimed-fl models`)
     dim: int = 64  # token width shared by every encoder and the fusion block
-    tokens_per_modality: int = 4
-    fusion_layers: int = 1
-    heads: int = 4
-    dropout: float = 0.0
+    tokens_per_modality: int = 4  # tokens each encoder makes of its modality's input
+    fusion_layers: int = 1  # transformer blocks fusing the modalities' tokens
+    heads: int = 4  # attention heads of each fusion block (model.dim must divide by it)
+    dropout: float = 0.0  # dropout rate in the fusion blocks
     # A sample's missing modality: "mask" (left out of fusion) or "zeros" (its zero input
     # fused as if it were data; the ablation that shows what masking is worth).
-    missing: str = "mask"
+    missing: str = one_of("mask", "zeros")
     # A local weights file to start the global model from (final_model.npz of an earlier run, a
     # torch state dict, or .safetensors): matching keys load, the summary lists the rest.
     init_weights: str = ""
@@ -142,24 +150,25 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.002
-    optimizer: str = "adam"  # adam | sgd
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
+    """Each site's local training in a round (`train.*`; clients/)."""
+
+    local_epochs: int = 1  # passes over a site's training rows per round
+    batch_size: int = 32  # samples per local step
+    lr: float = 0.002  # the sites' learning rate
+    optimizer: str = one_of("adam", "sgd")  # the sites' optimiser
+    momentum: float = 0.9  # SGD's momentum (train.optimizer=sgd only)
+    weight_decay: float = 0.0  # the optimiser's L2 weight decay
     # 0 = no cap; otherwise a site takes at most this many local steps per round.
     max_steps_per_round: int = 0
-    # fp32 | bf16 | fp16: autocast's dtype for the forward pass (weights and optimiser stay fp32;
-    # fp16 adds loss scaling). With DP-SGD: fp32, or bf16 with grad_sample_mode hooks/functorch.
-    precision: str = "fp32"
+    # autocast's dtype for the forward pass (weights and optimiser stay fp32; fp16 adds loss
+    # scaling). With DP-SGD: fp32, or bf16 with grad_sample_mode hooks/functorch.
+    precision: str = one_of("fp32", "bf16", "fp16")
 
 
-# The values of engine.device and train.precision (resolved to torch in federated/core/compute.py;
-# the config layer does not import torch).
+# train.precision's names (resolved to torch in federated/core/compute.py; the config layer does not import torch).
+PRECISION_NAMES = allowed_values(TrainConfig, "precision") or ()
+# engine.device's values: the forms ALLOWED shows a user, checked by this pattern.
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
-PRECISION_NAMES = ("fp32", "bf16", "fp16")
 
 
 def valid_device_spec(spec: str) -> bool:
@@ -179,6 +188,7 @@ class StrategySettings:
     (strategies/registry.py does both). The loader then accepts exactly its fields under
     `strategy.` for that strategy, beside StrategyConfig's common ones, and refuses any other
     strategy's by name. A strategy with no settings of its own registers this class itself.
+    A str setting with a fixed set of values declares them with one_of; StrategyConfig checks those.
     """
 
     def require(self, key: str, ok: bool, why: str) -> None:
@@ -208,44 +218,43 @@ class StrategyConfig:
     (strategy.fraction_train, strategy.proximal_mu); the loader splits them.
     """
 
-    name: str = DEFAULT_STRATEGY
+    name: str = DEFAULT_STRATEGY  # the strategy (its conf/strategy file; strategies/registry.py)
     fraction_train: float = 1.0  # fraction of training sites sampled per round
     # How updates are weighted: by their examples, or uniformly (every site counts once; what
     # site-level DP's noise calibration assumes, set by privacy=dp_fedavg).
-    weighting: str = "examples"
-    min_train_sites: int = 2
+    weighting: str = one_of("examples", "uniform")
+    min_train_sites: int = 2  # the fewest training sites sampled per round
     # Update validation (every strategy): a round needs this many valid replies, else it
-    # fails (or, with "skip", is recorded as skipped); a reply may claim at most
-    # max_examples_factor x the training examples its site declared in the handshake.
+    # fails (or, with on_too_few_valid=skip, is recorded as skipped).
     min_valid_replies: int = 1
-    on_too_few_valid: str = "fail"  # fail | skip
+    on_too_few_valid: str = one_of("fail", "skip")  # a round with fewer valid replies: stop the run, or skip it
+    # A reply may claim at most this x the training examples its site declared in the handshake.
     max_examples_factor: float = 1.0
     # What a site declared at the handshake is bounded too: with three or more training sites,
     # one declaring more than this share of all their training examples has every update
     # refused (1 = no bound). Generous: quantity skew (sigma 1) gave one site 69% in a clean run.
     max_site_weight_share: float = 0.9
-    # Update-norm bounds, on the L2 of (reply - global model) over all arrays: above
-    # max_update_norm is refused (0 = no bound), and, per sqrt(training example), above
-    # max_update_norm_ratio x the round's median of that (with three or more updates; 0 = off).
-    # Per sqrt(example) because a site's norm grows with its steps, i.e. its data: a clean site
-    # holding 90% of the examples (16x the median's steps) had 4.87x the median norm, 0.66 per
-    # sqrt(example); three or four training sites 1.81 at most. Default 4: over 2,426 clean
-    # updates (19 study runs, 9 plans) the largest ratio was 2.89 (fedrex, plain
-    # SGD); a site's update x10 was refused for 2,403 of them, x1000 for all
-    # (experiments/results/update_norm_bound/). Plain norms under privacy=dp_fedavg, which clips
-    # every update to one norm first; not applied under secure aggregation.
+    # Update-norm bound, on the L2 of (reply - global model) over all arrays: a reply above it is
+    # refused (0 = no bound). Plain norms under privacy=dp_fedavg, which clips every update to one
+    # norm first; this bound and the next are not applied under secure aggregation.
     max_update_norm: float = 1.0e4
+    # A reply whose norm per sqrt(training example) is above this x the round's median of that is
+    # refused (with three or more updates; 0 = off). Per sqrt(example) because a site's norm grows
+    # with its steps, i.e. its data: a clean site holding 90% of the examples (16x the median's
+    # steps) had 4.87x the median norm, 0.66 per sqrt(example); three or four training sites 1.81
+    # at most. Default 4: over 2,426 clean updates (19 study runs, 9 plans) the largest ratio was
+    # 2.89 (fedrex, plain SGD); a site's update x10 was refused for 2,403 of them, x1000 for all
+    # (experiments/results/update_norm_bound/).
     max_update_norm_ratio: float = 4.0
     # The strategy's own settings: an instance of the class registered under `name`.
     settings: StrategySettings = field(default_factory=StrategySettings)
 
     def __post_init__(self) -> None:
         checks = [
+            *allowed_checks(self),
             ("fraction_train", 0.0 < self.fraction_train <= 1.0, "must be in (0, 1]"),
-            ("weighting", self.weighting in ("examples", "uniform"), "must be one of: examples, uniform"),
             ("min_train_sites", self.min_train_sites >= 1, "must be >= 1"),
             ("min_valid_replies", self.min_valid_replies >= 1, "must be >= 1"),
-            ("on_too_few_valid", self.on_too_few_valid in ("fail", "skip"), "must be one of: fail, skip"),
             ("max_examples_factor", 1.0 <= self.max_examples_factor < math.inf, "must be finite and >= 1"),
             ("max_site_weight_share", 0.0 < self.max_site_weight_share <= 1.0, "must be in (0, 1]"),
             ("max_update_norm", 0.0 <= self.max_update_norm < math.inf, "must be finite and >= 0 (0 = no bound)"),
@@ -258,6 +267,9 @@ class StrategyConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"strategy.{key}={getattr(self, key)}: {why}")
+        for key, ok, why in allowed_checks(self.settings):  # a strategy's own settings declared with one_of
+            if not ok:
+                raise ConfigError(f"strategy.{key}={getattr(self.settings, key)}: {why}")
 
     def settings_as(self, cls: type[SettingsT]) -> SettingsT:
         """The settings, typed as the strategy reading them declared them."""
@@ -272,26 +284,31 @@ class StrategyConfig:
 class PrivacyConfig:
     """Differential privacy (clients/dp_sgd.py for dp_sgd, strategies/site_dp.py for dp_fedavg)."""
 
-    name: str = "none"  # none | dp_sgd (sample-level, at each site) | dp_fedavg (site-level)
+    # Differential privacy: none, dp_sgd (sample-level, at each site) or dp_fedavg (site-level, at the server).
+    name: str = one_of("none", "dp_sgd", "dp_fedavg")
     # Target epsilon over the planned rounds: the noise is calibrated once, up front, so that
     # `rounds` rounds spend exactly this. It is also each site's budget: a site whose next
     # round would exceed it stops training (and keeps evaluating). None with noise_multiplier
     # set: fixed noise, no budget.
     target_epsilon: Optional[float] = None
-    delta: float = 1e-5
+    delta: float = 1e-5  # the delta of (epsilon, delta)-DP
     noise_multiplier: Optional[float] = None  # fixed noise instead of a target epsilon
     max_grad_norm: float = 1.0  # dp_sgd: per-sample gradient clipping norm
     clipping_norm: float = 1.0  # dp_fedavg: per-site update clipping norm (L2, all arrays)
-    accountant: str = "rdp"  # an Opacus accountant: rdp | prv
-    grad_sample_mode: str = "ew"  # Opacus per-sample gradients: ew | hooks | functorch (experiments/bench/dp_step.py)
+    accountant: str = one_of("rdp", "prv")  # an Opacus accountant
+    # How Opacus computes per-sample gradients (experiments/bench/dp_step.py)
+    grad_sample_mode: str = one_of("ew", "hooks", "functorch")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    name: str = "inprocess"
-    # Where sites train and evaluate: auto (CUDA if this machine has it, else CPU) | cpu | cuda |
-    # cuda:N | mps. Each site resolves it on its own machine (federated/core/compute.py).
-    device: str = "auto"
+    """What runs the sites and the rounds (`engine.*`; federated/engines/): where, with what
+    resources, with which timeouts and checkpoints."""
+
+    name: str = "inprocess"  # the engine that runs the sites (federated/engines/, conf/engine/)
+    # Where sites train and evaluate: auto (CUDA if this machine has it, else CPU), cpu, cuda,
+    # cuda:N or mps. Each site resolves it on its own machine (federated/core/compute.py).
+    device: str = one_of("auto", "cpu", "cuda", "cuda:N", "mps", pattern=DEVICE_PATTERN)
     # Torch intra-op threads per process. The models are small, so one thread is fastest
     # (2 threads ran 60x slower here when the other core was busy) and leaves cores for
     # other clients; 0 keeps torch's default.
@@ -305,14 +322,16 @@ class EngineConfig:
     # Deployment: wait until this many sites are connected before the handshake (0 = take
     # the nodes connected when the run starts, as simulation engines register all up front).
     expected_sites: int = 0
-    handshake_timeout_s: float = 300.0
+    handshake_timeout_s: float = 300.0  # the handshake's limit: sites connecting and answering, in seconds
     ray_cpus: int = 0  # engine=ray: CPUs a Ray started here may use; 0 = all (not with ray_address)
     # engine=ray: join a running Ray cluster at this address ("auto", "HOST:6379", "ray://HOST:10001";
     # empty = $RAY_ADDRESS, else start Ray here). A cluster is sized by its own nodes, not by us.
     ray_address: str = ""
-    # engine=ray: what one site's process reserves (Flower's client resources). Fractional GPUs let
-    # several sites share one GPU (0.25: four per GPU); CPUs per site bound how many run at once.
+    # engine=ray: the CPUs one site's process reserves (Flower's client resources); they bound how
+    # many sites run at once.
     cpus_per_site: float = 1.0
+    # engine=ray: the share of a GPU each site reserves; a fraction lets several sites share one
+    # GPU (0.25: four per GPU).
     gpus_per_site: float = 0.0
     # A site that fails in every round, or a task scored in round 0 but not at the end, makes
     # `multimed-fl run` exit non-zero (the summary is written either way); true accepts them.
@@ -320,7 +339,7 @@ class EngineConfig:
     # A site whose corpus schema disagrees with the federation's (other shapes, classes or task
     # definitions) or that runs another multimed-fl version: stop the run (fail), or run without
     # it (exclude; summary.json lists it under excluded_sites with the reason).
-    on_incompatible_site: str = "fail"
+    on_incompatible_site: str = one_of("fail", "exclude")
     # Deployment (a SuperLink): a training site evaluates the model it receives before training
     # on it and replies with both, so a round is one exchange of messages instead of two (train,
     # then evaluate). The scores are the same; a site whose training fails loses that evaluation
@@ -328,21 +347,18 @@ class EngineConfig:
     evaluate_with_train: bool = True
 
 
-OOD_ADAPT_METHODS = ("none", "tent", "bn_stats")  # clients/test_time.py
-
-
 @dataclass(frozen=True)
 class OODConfig:
     """Test-time adaptation at held-out sites (clients/test_time.py): at the last round each
     held-out site also scores the global model adapted to its own unlabelled inputs."""
 
-    adapt: str = "none"  # none | tent | bn_stats
+    # At the last round, each held-out site also scores the model adapted to its own unlabelled
+    # inputs: tent (entropy minimisation on the normalisation layers' scale and shift) or bn_stats
+    # (BatchNorm's running statistics re-estimated); none = no adaptation.
+    adapt: str = one_of("none", "tent", "bn_stats")
     adapt_steps: int = 10  # TENT's gradient steps (one batch each)
     adapt_lr: float = 0.001  # TENT's Adam learning rate (the paper's)
-    adapt_batch_size: int = 64
-
-
-SECURE_AGGREGATION_MODES = ("none", "secaggplus")
+    adapt_batch_size: int = 64  # inputs per adaptation step
 
 
 @dataclass(frozen=True)
@@ -350,13 +366,13 @@ class SecureAggregationConfig:
     """SecAgg+ for the training round (federated/server/secure_round.py): the server learns only the
     sum of the sites' masked vectors, never one site's update. Flower's names and defaults."""
 
-    name: str = "none"  # none | secaggplus
+    name: str = one_of("none", "secaggplus")  # SecAgg+ on the training round, or none
     # Each entry of a site's update is clipped to [-c, c] before quantisation (site side). Updates
     # are sent as differences from the global model, so a small c loses nothing; the quantisation
     # step is 2c / quantization_range.
     clipping_range: float = 1.0
     # Integer levels per entry, below 2**31; 0 = the most the field allows for the round's sites (the
-    # largest power of 2 with sites x levels < modulus_range, at most 2**30: 2**29 for 8 sites).
+    # largest power of 2 with sites x levels < modulus_range, at most 2**30: 2**28 for 8 sites).
     # Flower's default is 2**22; finer levels matter because a group's mean divides the summed
     # rounding error by the group's total weight, small when only small sites hold it.
     quantization_range: int = 0
@@ -378,19 +394,24 @@ class SecureAggregationConfig:
 class AttackConfig:
     """Simulated bad sites, for robustness studies: what they do to their training replies."""
 
-    kind: str = "none"  # none | sign_flip | scale | nan | inflate_count
-    sites: List[str] = field(default_factory=list)  # site ids, e.g. [site_00]
-    factor: float = 0.0  # 0 = the attack's default (sign_flip 10, scale 1000, inflate_count 1000)
+    # What the bad sites do (clients/attacks.py says how each corrupts its reply).
+    kind: str = one_of(
+        "none", "sign_flip", "scale", "nan", "inflate_count", "inflate_handshake", "undeclared_group", "huge"
+    )
+    sites: List[str] = field(default_factory=list)  # the bad sites (training site ids, e.g. [site_00])
+    factor: float = 0.0  # 0 = the attack's default (clients/attacks.py DEFAULT_FACTORS: sign_flip 10, scale 1000, ...)
 
 
 @dataclass(frozen=True)
 class FaultConfig:
     """Simulated failing sites, for fault-tolerance tests and studies (clients/faults.py)."""
 
-    kind: str = "none"  # none | crash (raise) | stall (sleep stall_s) | exit (kill the process)
-    sites: List[str] = field(default_factory=list)  # site ids
+    # What a failing site does in its training round: crash (raise), stall (sleep stall_s) or
+    # exit (kill its process).
+    kind: str = one_of("none", "crash", "stall", "exit")
+    sites: List[str] = field(default_factory=list)  # the failing sites (training site ids)
     rounds: List[int] = field(default_factory=list)  # training rounds it happens in; [] = every
-    stall_s: float = 30.0
+    stall_s: float = 30.0  # stall: how long the site sleeps, in seconds
 
 
 @dataclass(frozen=True)
@@ -402,7 +423,9 @@ class PreprocessConfig:
     A held-out site uses the training sites' statistics under federated and pooled; under
     per_site it standardises with its own (test) rows: what per_site means, each site its own scale."""
 
-    statistics: str = "federated"
+    # Where the imputation and standardisation statistics come from: federated, per_site or pooled
+    # (the class docstring says what each means).
+    statistics: str = one_of("federated", "per_site", "pooled")
     # A site sends nothing for a feature it has fewer observed values of than this, and no
     # histogram cell of fewer. In deployment a site's own node config (stats-min-count) is its floor.
     min_count: int = 10
@@ -414,9 +437,13 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    seed: int = 0
-    rounds: int = 20
-    scale: str = "default"
+    """One run's whole configuration: a section per component, each key as `section.key` in conf/
+    and on the command line. Build it with federated.core.config.load_config (conf/ defaults, then
+    overrides, then every check); config.yaml in a run folder is this, written back."""
+
+    seed: int = 0  # the training seed: initial model, site sampling, batch order (the data has corpus.seed)
+    rounds: int = 20  # federated rounds: train at the sampled training sites, aggregate, evaluate everywhere
+    scale: str = "default"  # the conf/scale preset merged over the config
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     sites: SitesConfig = field(default_factory=SitesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -429,3 +456,9 @@ class ExperimentConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+# Names other modules use for a setting's declared values (derived from its field, never listed again).
+DEVICE_CHOICES = ", ".join(allowed_values(EngineConfig, "device") or ())  # as errors refusing a device spell them
+HOLDOUT_MODES = allowed_values(SitesConfig, "holdout") or ()  # partitions/holdout.py's selectors
+PRIVACY_MODES = allowed_values(PrivacyConfig, "name") or ()  # clients' local trainers, conf/privacy/

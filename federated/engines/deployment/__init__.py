@@ -23,7 +23,9 @@ it was from the single module this package replaced:
   1.42 hard-codes set for a deployment (the SuperNode's timers; the SuperLink's SQLite state
   with message objects, node keys, running runs and byte counts in memory and its token sweep at
   most once a second); a script too
-  (`python -m federated.engines.deployment superlink|supernode -- FLOWER-ARGS`).
+  (`python -m federated.engines.deployment superlink|supernode -- FLOWER-ARGS`). Every change to
+  Flower goes through federated/core/flower_door; with MULTIMED_FL_STOCK_FLOWER=1 (or
+  `deploy_demo(..., stock_flower=True)`) none is made and Flower's own binaries run.
 """
 
 from __future__ import annotations

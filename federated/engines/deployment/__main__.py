@@ -1,8 +1,8 @@
-"""`python -m federated.engines.deployment COMMAND ...` (the commands the README gives the
-coordinator and the hospitals): `superlink` and `supernode` run Flower's own, tuned
-(flower_services.py); `clientapp-worker` runs the long-lived ClientApp process, which, having
-been started with -m, restarts itself as the clientapp_worker.py script (it must import nothing
-of the project before loading the app)."""
+"""`python -m federated.engines.deployment COMMAND ...` (the commands the multi-host guide,
+docs/tutorials/three-hospitals.md, gives the coordinator and the hospitals): `superlink` and
+`supernode` run Flower's own, tuned (flower_services.py); `clientapp-worker` runs the long-lived
+ClientApp process, which, having been started with -m, restarts itself as the clientapp_worker.py
+script (it must import nothing of the project before loading the app)."""
 
 import sys
 

@@ -2,10 +2,11 @@
 ClientApp tasks, instead of Flower's one `flwr-clientapp` process per message.
 
 This file is its own module because it is started as a script, by path (`worker_argv`):
-it must import nothing of the project (stdlib at the top, flwr inside functions), so it
-cannot import its sibling modules either; `venv_bin` lives here for that reason and the
-rest of the package imports it from here. `python -m federated.engines.deployment` ends
-up here too (its __main__.py), and `main` then restarts the process as this script.
+it must import nothing of the project (stdlib at the top, flwr inside functions) but Flower's
+door, which it loads by path (`flower_door`), so it cannot import its sibling modules either;
+`venv_bin` lives here for that reason and the rest of the package imports it from here.
+`python -m federated.engines.deployment` ends up here too (its __main__.py), and `main` then
+restarts the process as this script.
 
 The ClientApp process. By default (`--isolation subprocess`) a SuperNode's SuperExec starts
 one `flwr-clientapp` process per message; that process pulls the message, loads the app,
@@ -37,6 +38,7 @@ failed to load, so no module of an old bundle is ever mixed with a new one.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -44,12 +46,39 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 
 def venv_bin() -> Path:
     """The folder of this interpreter's console scripts (the venv's bin)."""
     return Path(sys.executable).parent
+
+
+def flower_door() -> ModuleType:
+    """federated/core/flower_door, every call into Flower's internals: imported as usual where
+    this module is part of the package; where it runs as a script, loaded by path under a private
+    name, so that still no module of the project is loaded before the ClientApp's bundle is (the
+    door imports nothing of the project). flower_services.py, which loads no ClientApp, imports it
+    as federated.core.flower_door (with only the two empty package modules above it)."""
+    if __package__:
+        from federated.core import flower_door as door
+
+        return door
+    name = "_multimed_fl_flower_door"
+    if name not in sys.modules:
+        folder = Path(__file__).resolve().parents[2] / "core" / "flower_door"
+        spec = importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        assert spec is not None and spec.loader is not None, folder
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_door = flower_door()
 
 
 def clientapp_worker(
@@ -62,40 +91,29 @@ def clientapp_worker(
     Context. Errors become error replies, as there. Plain HTTP to the SuperNode's local Runtime
     API, like the SuperExec a SuperNode starts itself."""
     import httpx
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-    from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
 
     if parent_pid is not None:
-        start_parent_process_monitor(parent_pid)  # SIGINT to us when our SuperNode is gone
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address,
-        insecure=True,
-        root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker(),
-    )
+        _door.watch_parent(parent_pid)  # SIGINT to us when our SuperNode is gone
+    client, _ = _door.runtime_client(runtime_api_address, "SuperExec")
     apps: dict[str, Any] = {}  # FAB hash -> its loaded ClientApp (one FAB per process)
     print(f"clientapp worker (pid {os.getpid()}) serving {runtime_api_address}", flush=True)
     try:
         while True:
             try:
-                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                task = _door.acquire_clientapp_task(client)
             except httpx.HTTPError as e:  # the SuperNode is starting (or stopping)
                 print(f"runtime API not reachable ({e.__class__.__name__}); retrying", flush=True)
                 time.sleep(1.0)
                 continue
-            if not (res.HasField("task") and res.token):
+            if task is None:
                 time.sleep(poll_s)
-            elif apps and res.task.fab_hash and res.task.fab_hash not in apps:
+                continue
+            token, fab_hash = task
+            if apps and fab_hash and fab_hash not in apps:
                 # Another app bundle (new code): its modules would clash with the loaded ones.
                 # Flower's own flwr-clientapp handles this task; then start afresh (same PID).
                 print(
-                    f"new app bundle {res.task.fab_hash[:8]}: this task runs in flwr-clientapp, "
-                    "then the worker restarts",
+                    f"new app bundle {fab_hash[:8]}: this task runs in flwr-clientapp, then the worker restarts",
                     flush=True,
                 )
                 subprocess.run(
@@ -105,13 +123,13 @@ def clientapp_worker(
                         "--runtime-api-address",
                         runtime_api_address,
                         "--token",
-                        res.token,
+                        token,
                     ],
                     check=False,
                 )
                 client.close()
                 os.execv(sys.executable, worker_argv(runtime_api_address, parent_pid, preload))
-            elif not _run_clientapp_task(runtime_api_address, res.token, apps):
+            elif not _run_clientapp_task(runtime_api_address, token, apps):
                 # Loading the app failed half-way: its modules may sit in sys.modules; start afresh.
                 print("the ClientApp did not load; the worker restarts", flush=True)
                 client.close()
@@ -126,44 +144,24 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
     """Run one claimed task; False if loading its ClientApp failed (the process is unclean)."""
     import traceback
 
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.cli.install import install_from_fab
-    from flwr.clientapp.client_app import LoadClientAppError
-    from flwr.clientapp.utils import get_load_client_app_fn
+    from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
-    from flwr.supercore.heartbeat import HeartbeatSender
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     t0 = time.perf_counter()
     t_pulled: float | None = None  # None: the pull did not finish (its time is not the push's)
     t_ran: float | None = None
-    retry = make_simple_http_retry_invoker()
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address,
-        insecure=True,
-        root_certificates=None,
-        interceptors=[
-            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-            RuntimeTokenHttpInterceptor(token),
-        ],
-        retry_invoker=retry,
-    )
+    client, retry = _door.runtime_client(runtime_api_address, "flwr-clientapp", token)
     lost = []
 
     def heartbeat() -> bool:  # unlike Flower's, a refused heartbeat must not SIGINT the worker
         try:
-            if not client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
+            if not _door.send_task_heartbeat(client):
                 lost.append(True)
             return True
         except Exception:  # transport trouble: let HeartbeatSender retry
             return False
 
-    beat = HeartbeatSender(heartbeat)
+    beat = _door.heartbeat_sender(heartbeat)
     message = context = reply = None
     load_failed = False
     sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
@@ -173,10 +171,7 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
         t_pulled = time.perf_counter()
         if fab.hash_str not in apps:
             load_failed = True
-            app_path = install_from_fab(fab.content, skip_prompt=True)
-            apps[fab.hash_str] = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
-                run.fab_id, run.fab_version, fab.hash_str
-            )
+            apps[fab.hash_str], app_path = _door.load_clientapp(fab, run)
             load_failed = False
             print(f"loaded the ClientApp of {run.fab_id} {run.fab_version} from {app_path}", flush=True)
         reply = apps[fab.hash_str](message=message, context=context)
@@ -184,7 +179,7 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
         sub_status, details = SubStatus.COMPLETED, ""
     except Exception as ex:
         code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"
-        if isinstance(ex, LoadClientAppError):
+        if _door.is_load_error(ex):
             code, reason = (
                 ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
                 "An exception was raised when attempting to load `ClientApp`",
@@ -196,12 +191,12 @@ def _run_clientapp_task(runtime_api_address: str, token: str, apps: dict[str, An
     finally:
         try:
             if reply is not None and context is not None and not lost:
-                push_message(client, reply, context)
+                _door.push_reply(client, reply, context)
         except Exception:
             traceback.print_exc()
             sub_status, details = SubStatus.FAILED, "failed to push the reply"
-        retry.max_tries = 1
-        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+        retry.max_tries = 1  # the outcome is pushed once, as flwr-clientapp does
+        _door.push_task_output(client, context, sub_status, details)
         if beat.is_running:
             beat.stop()
         client.close()
@@ -238,38 +233,8 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     TASK_OBJECT_BACKOFF_S instead of backing off 1 s -> 10 s: the task exists as soon as the
     SuperNode has the message header, and its content (the model) arrives after it. It gives up
     after TASK_PULL_MAX_TIME_S, not on a try count that short waits use up sooner."""
-    from flwr.app import Message
-    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf,
-        make_pull_object_fn_protobuf,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
-
-    res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id, TaskIdentity.run_id = res.task_id, res.run.run_id
-    TaskIdentity.node_id = res.context.node_id
-    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("No messages received from Runtime API")
-    node = Node(node_id=context.node_id)
-    tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message,
-        initial_backoff=TASK_OBJECT_BACKOFF_S[0],
-        backoff_cap=TASK_OBJECT_BACKOFF_S[1],
-        max_tries_per_object=None,
-        max_time=TASK_PULL_MAX_TIME_S,
-    )
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as flwr-clientapp does
-    return message, context, run, fab
+    initial, cap = TASK_OBJECT_BACKOFF_S
+    return _door.pull_task_input(client, initial, cap, TASK_PULL_MAX_TIME_S)
 
 
 WORKER_PRELOAD = ("torch",)  # third-party, imported at worker start instead of in the first message

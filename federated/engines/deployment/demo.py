@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from federated.core import flower_door
 from federated.core.config import config_to_yaml, load_config
-from federated.core.config.loader import simulation_only_settings
+from federated.core.config.checks import simulation_only_settings
 from federated.core.config.schema import ExperimentConfig
-from federated.core.protocol import CORPUS_KEY, SITE_STATE_DIR, STATE_DIR_KEY, Role
+from federated.core.protocol import CORPUS_KEY, SITE_KEY, SITE_STATE_DIR, STATE_DIR_KEY, Role
 from federated.data.cache import prepare_corpus
 from federated.data.format import Corpus
 from federated.data.split import split_corpus
@@ -94,20 +95,27 @@ def deploy_demo(
     n_sites: int,
     out_dir: str | Path,
     overrides: Sequence[str] = (),
-    clientapp: str = "worker",
+    clientapp: str | None = None,
     superlink_port: int = 0,
     timeout_s: float = 3600.0,
     say: Callable[[str], None] = print,
     grace_s: float = 10.0,
     superlink_database: bool = True,
     flower_superlink: bool = False,
+    stock_flower: bool | None = None,
 ) -> DemoResult:
     """Run one experiment as a TLS + node-auth deployment on loopback; outputs go to out_dir,
     logs and keys to out_dir/deploy. Every process started is stopped before returning.
+    clientapp: "worker" (our long-lived ClientApp process per SuperNode) or "subprocess"
+    (Flower's flwr-clientapp per message); None: the worker, or under stock Flower Flower's own.
     superlink_database=False: the SuperLink keeps its state in memory (faster; a restarted
     SuperLink then knows no nodes and no runs). flower_superlink=True: Flower's own
-    `flower-superlink`, without flower_services' lighter SQLite state (the bench's before)."""
+    `flower-superlink`, without flower_services' lighter SQLite state (the bench's before).
+    stock_flower=True (None: MULTIMED_FL_STOCK_FLOWER): Flower's own SuperLink and SuperNodes,
+    nothing of Flower patched in any process of the run (what that loses is said first)."""
     t0 = time.perf_counter()
+    stock = flower_door.stock_flower() if stock_flower is None else stock_flower
+    clientapp = clientapp or ("subprocess" if stock else "worker")
     _check_demo_args(n_sites, clientapp, superlink_port)
     root = app_dir()
     out = Path(out_dir).expanduser().resolve()
@@ -139,7 +147,10 @@ def deploy_demo(
         grace_s=grace_s,
         database=superlink_database,
         flower_superlink=flower_superlink,
+        stock_flower=stock,
     )
+    if stock:
+        say(stock_flower_note(clientapp))
     try:
         with sigterm_as_interrupt():
             fed.start_superlink()
@@ -157,6 +168,18 @@ def deploy_demo(
     )
     say(f"outputs in {out} (summary.json, metrics.parquet, config.yaml, tensorboard/); logs and keys in {deploy}")
     return DemoResult(out, run_id, result.status, summary, wall, fed.started_pids(), seconds)
+
+
+def stock_flower_note(clientapp: str) -> str:
+    """What a deployment on stock Flower runs, and what it does without the framework's changes
+    to Flower (flower_door.WHAT_STOCK_LOSES)."""
+    apps = "Flower's flwr-clientapp, one process per message" if clientapp == "subprocess" else "our ClientApp worker"
+    lost = "; ".join(f"{group}: {what}" for group, what in flower_door.WHAT_STOCK_LOSES.items())
+    return (
+        f"stock Flower ({flower_door.STOCK_FLOWER_ENV}=1): flower-superlink and flower-supernode as shipped, "
+        f"ClientApps in {apps}, nothing of Flower patched in any process. Without the framework's changes, "
+        f"slower and less told: {lost}"
+    )
 
 
 def _check_demo_args(n_sites: int, clientapp: str, superlink_port: int) -> None:
@@ -215,7 +238,7 @@ def _start_sites(
         fed.register(key, plan.site)
     for plan, key in zip(plans, fed.pki.nodes, strict=True):  # state-dir: as `multimed-fl run` lays it out
         node_config = {
-            "site": plan.site,
+            SITE_KEY: plan.site,
             CORPUS_KEY: str(site_folders[plan.site]),
             STATE_DIR_KEY: str(out / SITE_STATE_DIR),
         }

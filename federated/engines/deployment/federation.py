@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from federated.core import flower_door
 from federated.engines.deployment.clientapp_worker import worker_argv
 from federated.engines.deployment.environment import (
     HOST,
@@ -60,16 +61,24 @@ class LoopbackFederation:
         grace_s: float = 10.0,
         database: bool = True,
         flower_superlink: bool = False,
+        stock_flower: bool | None = None,
     ) -> None:
         """database: the SuperLink's state in superlink.db (else in memory); flower_superlink:
-        start Flower's `flower-superlink` as it is, not flower_services' lightened one."""
+        start Flower's `flower-superlink` as it is, not flower_services' lightened one;
+        stock_flower (None: as MULTIMED_FL_STOCK_FLOWER says): Flower's `flower-superlink` and
+        `flower-supernode`, and every process of the deployment (the ServerApp and ClientApps
+        included) with that variable set, so that nothing of Flower is patched anywhere."""
         self.dir = Path(workdir).resolve()
         self.host, self.say, self.grace_s, self.database = host, say, grace_s, database
-        self.flower_superlink = flower_superlink
+        self.stock_flower = flower_door.stock_flower() if stock_flower is None else stock_flower
+        self.flower_superlink = flower_superlink or self.stock_flower
         self.logs = self.dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.dir / "flwr_home"
         self.env = flower_env(self.flwr_home)
+        self.env.pop(flower_door.STOCK_FLOWER_ENV, None)
+        if self.stock_flower:
+            self.env[flower_door.STOCK_FLOWER_ENV] = "1"
         self.binaries = check_binaries(self.env)
         if superlink_port:
             check_port_free(host, superlink_port, "SuperLink")
@@ -208,7 +217,8 @@ class LoopbackFederation:
             raise DeploymentError(f"clientapp must be one of {', '.join(CLIENTAPP_MODES)} (got {clientapp!r})")
         self.logs.mkdir(parents=True, exist_ok=True)
         port = free_port(self.host)
-        argv: list[Any] = [*supernode_argv(), "--superlink", self.address]
+        supernode = [self.binaries["flower-supernode"]] if self.stock_flower else supernode_argv()
+        argv: list[Any] = [*supernode, "--superlink", self.address]
         argv += ["--insecure"] if insecure else ["--root-certificates", self.pki.ca_cert]
         if key is not None:
             argv += ["--auth-supernode-private-key", key.private]

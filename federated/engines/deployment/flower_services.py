@@ -9,9 +9,13 @@ deployment set for ours, in the process that runs it:
   three lookups or writes that Flower runs in SQLite on every SuperNode request kept in memory
   (`lighten_superlink_state`).
 
+Every change to Flower goes through federated/core/flower_door (guarded there: a Flower not
+shaped as 1.42 is left as it is, and so is every Flower under MULTIMED_FL_STOCK_FLOWER=1); what
+is kept here is the policy: which waits, what is cached and for how long.
+
 This file is its own module because it is started as a script, by path (`supernode_argv`,
-`superlink_argv`), like the ClientApp worker: it imports nothing of the project (stdlib at the
-top, flwr inside functions). `python -m federated.engines.deployment supernode|superlink -- ...`
+`superlink_argv`), like the ClientApp worker: of the project it imports only the door, which
+imports nothing else of it. `python -m federated.engines.deployment supernode|superlink -- ...`
 (`__main__.py`) ends up in `main` here.
 """
 
@@ -27,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from federated.core import flower_door as door
+
 # Flower 1.42's SuperNode waits on fixed timers (flwr/supernode/start_client_internal.py, no option
 # to change them): 3 s after every poll that finds no message, 0.5 s between checks for its
 # ClientApp's reply, and, when a message's objects are not yet on the SuperLink, pull retries
@@ -40,28 +46,9 @@ PULL_BACKOFF_S = (0.05, 0.5)  # initial, cap
 def shorten_flower_timers(idle_poll_s: float) -> bool:
     """Shorten the SuperNode loop's fixed timers in this process: idle polls to idle_poll_s,
     reply checks to REPLY_POLL_S, object pull retries to PULL_BACKOFF_S. False (nothing changed)
-    where this Flower's loop does not have the 1.42 timers."""
-    import functools
-    import inspect
-    import types
-
-    from flwr.supernode import start_client_internal as loop
-
-    if f"time.sleep({FLOWER_IDLE_SLEEP_S})" not in inspect.getsource(loop) or not hasattr(loop, "pull_objects"):
-        return False
-    real_sleep = time.sleep
-    waits: dict[float, float] = {FLOWER_IDLE_SLEEP_S: idle_poll_s, FLOWER_REPLY_SLEEP_S: REPLY_POLL_S}
-    shim = types.ModuleType("time")
-    shim.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
-
-    def sleep(seconds: float) -> None:
-        real_sleep(waits.get(seconds, seconds))
-
-    shim.sleep = sleep  # type: ignore[attr-defined]  # a module's attribute, set at run time
-    loop.time = shim  # Flower's loop reads `time.sleep` from its module global `time`
-    initial, cap = PULL_BACKOFF_S
-    loop.pull_objects = functools.partial(loop.pull_objects, initial_backoff=initial, backoff_cap=cap)
-    return True
+    where this Flower's loop does not have the 1.42 timers, or under stock Flower."""
+    waits = {FLOWER_IDLE_SLEEP_S: idle_poll_s, FLOWER_REPLY_SLEEP_S: REPLY_POLL_S}
+    return door.patch_supernode_loop(waits, *PULL_BACKOFF_S)
 
 
 # Flower 1.42's SuperLink refuses a SuperNode's activation with one public message, "[code: 2004]
@@ -114,36 +101,9 @@ def activation_refusal_details(node_id: int | None, status: str = "") -> str:
 def explain_activation_refusals() -> bool:
     """Make the SuperLink's activation refusal (code 2004) say its cause to the SuperNode
     (activation_refusal_details, as Flower's public details); the SuperLink's own log is unchanged.
-    False (nothing changed) where this Flower's activate_node is not shaped as 1.42's."""
-    import inspect
-
-    from flwr.supercore.error.base import ApiErrorCode, FlowerError
-    from flwr.superlink.servicer.fleet import fleet_handlers
-
-    real = fleet_handlers.activate_node
-    if getattr(real, "_multimed_explained", False):
-        return True
-    try:
-        source = inspect.getsource(real)
-    except (OSError, TypeError):
-        return False
-    if list(inspect.signature(real).parameters) != ["request", "state"] or "FLEET_NODE_ACTIVATION_FAILED" not in source:
-        return False
-
-    def activate_node(request: Any, state: Any) -> Any:
-        try:
-            return real(request=request, state=state)
-        except FlowerError as e:
-            if e.code != ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED or e.public_details is not None:
-                raise
-            node_id = state.get_node_id_by_public_key(request.public_key)
-            info = list(state.get_node_info(node_ids=[node_id])) if node_id is not None else []
-            status = str(info[0].status) if info else ""
-            raise FlowerError(e.code, e.message, public_details=activation_refusal_details(node_id, status)) from e
-
-    activate_node._multimed_explained = True  # type: ignore[attr-defined]  # marks ours (idempotent)
-    fleet_handlers.activate_node = activate_node
-    return True
+    False (nothing changed) where this Flower's activate_node is not shaped as 1.42's, or under
+    stock Flower."""
+    return door.explain_activation_refusals(activation_refusal_details)
 
 
 def explain_supernode_exit(flower_log: str) -> str | None:
@@ -159,11 +119,8 @@ def supernode(flower_args: Sequence[str], idle_poll_s: float) -> int:
     refusal it exits on is explained as it is logged (explain_supernode_exit)."""
     import logging
 
-    from flwr.common.logger import FLOWER_LOGGER
-    from flwr.supernode.cli import flower_supernode
-
     if not shorten_flower_timers(idle_poll_s):
-        print("supernode: this Flower's loop has not the 1.42 timers; running flower-supernode unchanged")
+        print("supernode: running flower-supernode with Flower's own timers (the reason is logged above)")
 
     class Explain(logging.Handler):  # at once: Flower's exit handlers run, then a timer forces the exit
         def emit(self, record: logging.LogRecord) -> None:
@@ -171,9 +128,8 @@ def supernode(flower_args: Sequence[str], idle_poll_s: float) -> int:
             if note:
                 print(note, file=sys.stderr, flush=True)
 
-    FLOWER_LOGGER.addHandler(Explain())
-    sys.argv = ["flower-supernode", *flower_args]
-    flower_supernode()
+    logging.getLogger("flwr").addHandler(Explain())  # Flower's logger
+    door.run_flower_supernode(flower_args)
     return 0
 
 
@@ -208,7 +164,7 @@ TRAFFIC_WRITE_EVERY_S = 1.0
 def _own_database(state: Any) -> bool:
     """Whether this process is the only writer of the state's database (SQLite: one SuperLink
     per file)."""
-    return getattr(state, "database_backend", None) == "sqlite"
+    return door.sqlite_database(state) is not None
 
 
 class _NodeKeys:
@@ -222,7 +178,7 @@ class _NodeKeys:
     def lookup(self, real: Any, state: Any, public_key: bytes) -> int | None:
         if not _own_database(state):
             return real(state, public_key)
-        key = (state.database_url, public_key)
+        key = (str(door.sqlite_database(state)), public_key)
         with self.lock:
             hit, generation = self.ids.get(key), self.generation
         if hit is not None and time.monotonic() - hit[0] < NODE_KEY_RECHECK_S:
@@ -265,7 +221,7 @@ class _Traffic:
             self.real(state, run_id, bytes_sent=bytes_sent, bytes_recv=bytes_recv)  # or Flower's own error
             return
         with self.lock:
-            runs = self.pending.setdefault(state.database_url, (state, {}))[1]
+            runs = self.pending.setdefault(str(door.sqlite_database(state)), (state, {}))[1]
             counts = runs.setdefault(run_id, [0, 0])
             counts[0] += bytes_sent
             counts[1] += bytes_recv
@@ -291,7 +247,7 @@ class _Traffic:
 
     def reading(self, real: Any) -> Any:
         def read(state: Any, *args: Any, **kwargs: Any) -> Any:
-            self.write(state.database_url)
+            self.write(door.sqlite_database(state))
             return real(state, *args, **kwargs)
 
         return read
@@ -303,7 +259,7 @@ def _running_rechecked_every(real: Any, running_only: frozenset[str]) -> Any:
 
     def check_abort(run_id: int, abort_status_list: list[str], state: Any) -> str | None:
         cacheable = frozenset(abort_status_list) == running_only and _own_database(state)
-        key = (getattr(state, "database_url", ""), run_id)
+        key = (door.sqlite_database(state) or "", run_id)
         at = seen.get(key)
         if cacheable and at is not None and time.monotonic() - at < RUN_STATUS_RECHECK_S:
             return None
@@ -325,82 +281,29 @@ def lighten_superlink_state() -> bool:
     above. The link state (nodes, runs, messages, push sessions) stays in the database, so a
     restarted SuperLink still knows its SuperNodes and runs; objects in flight at a restart are
     lost, as are the ServerApp and the run that were sending them (a run resumes from its
-    checkpoint as a new run, `multimed-fl deploy submit --resume`). False (nothing changed)
-    where this Flower is not shaped as 1.42 is."""
-    import inspect
+    checkpoint as a new run, `multimed-fl deploy submit --resume`). Each of the five is applied
+    on its own where this Flower is shaped as 1.42 is (the door says which is not, and what is
+    lost); True where all five are."""
+    keys, traffic = _NodeKeys(), _Traffic(None)
 
-    from flwr.common.constant import Status
-    from flwr.server.superlink import utils as superlink_utils
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
-    from flwr.supercore.corestate.sql_corestate import SqlCoreState
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.superlink import config_loader
-    from flwr.superlink import main as superlink_main
-    from flwr.superlink.federation import FederationManager
-    from flwr.superlink.servicer.fleet import fleet_handlers
+    def store(real: Any) -> Any:
+        traffic.real = real
+        atexit.register(traffic.write_at_exit)
+        return traffic.store
 
-    def parameters(f: Any) -> list[str]:
-        return list(inspect.signature(f).parameters) if callable(f) else []
-
-    factories = getattr(superlink_main, "get_objectstore_linkstate_factories", None)
-    sweep = getattr(SqlCoreState, "_cleanup_expired_task_tokens", None)
-    check_abort = getattr(fleet_handlers, "check_abort", None)
-    if (
-        factories is not config_loader.get_objectstore_linkstate_factories
-        or parameters(factories) != ["database", "federation_manager"]
-        or sweep is None
-        or parameters(sweep) != ["self"]
-        or check_abort is not superlink_utils.check_abort
-        or parameters(check_abort) != ["run_id", "abort_status_list", "state"]
-        or parameters(getattr(SqlLinkState, "get_node_id_by_public_key", None)) != ["self", "public_key"]
-        or parameters(getattr(SqlLinkState, "store_traffic", None)) != ["self", "run_id", "bytes_sent", "bytes_recv"]
-        or not all(callable(getattr(SqlLinkState, m, None)) for m in ("create_node", "delete_node", "get_run_info"))
-    ):
-        return False
-
-    def objects_in_memory(
-        database: str, federation_manager: FederationManager
-    ) -> tuple[ObjectStoreFactory, LinkStateFactory]:
-        objects, state = factories(database, federation_manager)
-        if type(objects) is not ObjectStoreFactory or objects.database == ObjectStoreFactory().database:
-            return objects, state  # another backend's store, or already in memory: as Flower makes it
-        in_memory = ObjectStoreFactory()
-        return in_memory, LinkStateFactory(database, federation_manager, in_memory)
-
-    def sweep_at_most_every_second(self: SqlCoreState) -> None:
-        now = time.monotonic()
-        if now - self.__dict__.get("_multimed_last_sweep", float("-inf")) >= TOKEN_SWEEP_EVERY_S:
-            self.__dict__["_multimed_last_sweep"] = now
-            sweep(self)
-
-    superlink_main.get_objectstore_linkstate_factories = objects_in_memory
-    SqlCoreState._cleanup_expired_task_tokens = sweep_at_most_every_second  # type: ignore[method-assign]
-    keys, traffic = _NodeKeys(), _Traffic(SqlLinkState.store_traffic)
-    real_lookup = SqlLinkState.get_node_id_by_public_key
-
-    def node_id_by_key(self: SqlLinkState, public_key: bytes) -> int | None:
-        return keys.lookup(real_lookup, self, public_key)
-
-    SqlLinkState.get_node_id_by_public_key = node_id_by_key  # type: ignore[method-assign]
-    SqlLinkState.create_node = keys.writing(SqlLinkState.create_node)  # type: ignore[method-assign]
-    SqlLinkState.delete_node = keys.writing(SqlLinkState.delete_node)  # type: ignore[method-assign]
-
-    def store_traffic(self: SqlLinkState, run_id: int, *, bytes_sent: int, bytes_recv: int) -> None:
-        traffic.store(self, run_id, bytes_sent=bytes_sent, bytes_recv=bytes_recv)
-
-    SqlLinkState.store_traffic = store_traffic  # type: ignore[method-assign]
-    SqlLinkState.get_run_info = traffic.reading(SqlLinkState.get_run_info)  # type: ignore[method-assign]
-    atexit.register(traffic.write_at_exit)
-    running = frozenset({Status.PENDING, Status.STARTING, Status.FINISHED})  # what every Fleet handler aborts on
-    fleet_handlers.check_abort = _running_rechecked_every(check_abort, running)
-    return True
+    applied = [
+        door.keep_objects_in_memory(),
+        door.sweep_tokens_at_most_every(TOKEN_SWEEP_EVERY_S, lambda: time.monotonic()),
+        door.cache_node_keys(keys.lookup, keys.writing),
+        door.batch_traffic(store, traffic.reading),
+        door.wrap_check_abort(lambda real: _running_rechecked_every(real, door.running_statuses())),
+    ]
+    return all(applied)
 
 
 def superlink(flower_args: Sequence[str]) -> int:
-    """`flower-superlink` with its SQLite state lightened (lighten_superlink_state)."""
-    from flwr.superlink.cli.flower_superlink import flower_superlink
-
+    """`flower-superlink` with its SQLite state lightened (lighten_superlink_state) and its
+    activation refusals explained (explain_activation_refusals)."""
     if lighten_superlink_state():
         print(
             "superlink: with --database, message objects, node keys, running runs and byte counts are kept "
@@ -409,11 +312,10 @@ def superlink(flower_args: Sequence[str]) -> int:
             flush=True,
         )
     else:
-        print("superlink: this Flower's state is not shaped as 1.42's; running flower-superlink unchanged", flush=True)
+        print("superlink: some of Flower's SQLite state is as Flower makes it (why is logged above)", flush=True)
     if not explain_activation_refusals():
-        print("superlink: this Flower's activate_node is not 1.42's; a refused SuperNode is not told why", flush=True)
-    sys.argv = ["flower-superlink", *flower_args]
-    flower_superlink()
+        print("superlink: a refused SuperNode is not told why (why is logged above)", flush=True)
+    door.run_flower_superlink(flower_args)
     return 0
 
 

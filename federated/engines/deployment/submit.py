@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from federated.core.protocol import CONFIG_KEY, CORPUS_KEY, OUT_DIR_KEY, RESUME_KEY
 from federated.engines.deployment.clientapp_worker import venv_bin
 from federated.engines.deployment.environment import DeploymentError, check_binaries
 from federated.engines.deployment.flwr_cli import FlwrCli, RunResult
@@ -29,11 +30,11 @@ def run_config_toml(config_yaml: str, corpus_path: str, out_dir: str, resume: bo
         value = json.dumps(config_yaml)  # a JSON string is a valid TOML basic string
     else:
         value = "'''\n" + config_yaml + "'''"
-    text = f"multimed-config = {value}\ncorpus-path = {json.dumps(corpus_path)}\nout-dir = {json.dumps(out_dir)}\n"
+    text = f"{CONFIG_KEY} = {value}\n{CORPUS_KEY} = {json.dumps(corpus_path)}\n{OUT_DIR_KEY} = {json.dumps(out_dir)}\n"
     if resume:
-        text += "resume = true\n"
+        text += f"{RESUME_KEY} = true\n"
     parsed = tomllib.loads(text)
-    assert parsed["multimed-config"] == config_yaml and parsed["out-dir"] == out_dir
+    assert parsed[CONFIG_KEY] == config_yaml and parsed[OUT_DIR_KEY] == out_dir
     return text
 
 

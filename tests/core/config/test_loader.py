@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 
 from federated.core.config import ConfigError, ExperimentConfig, config_from_yaml, config_to_yaml, load_config
-from federated.core.config.loader import strategy_config
 from federated.core.config.schema import StrategyConfig
+from federated.core.config.strategy_section import strategy_config
 from strategies import STRATEGIES
 from strategies.fedprox import FedProxSettings
 from strategies.robust import KrumSettings, TrimmedMeanSettings
