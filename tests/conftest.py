@@ -4,6 +4,7 @@ pytest-xdist workers the tiers get, and one torch thread per test process."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -17,8 +18,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     none (serial) when the command line selects other tests with -m, as `-m slow` does: the slow
     tier's Ray clusters, SuperLinks and demo deployments each use every core and start services on
     ports, so they run one at a time. An explicit `-n N` on the command line overrides both."""
-    if (config.option.markexpr or "").replace(" ", "") != "notslow":
-        return 0
+    if re.search(r"(?<!not )\bslow\b", " ".join((config.option.markexpr or "").split())):
+        return 0  # the expression selects slow tests
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(MAX_WORKERS, cpus))
 

@@ -115,7 +115,8 @@ def before_run(
 def after_handshake(cfg: ExperimentConfig, profiles: dict[int, SiteProfile]) -> Agreed:
     """The checks that need the sites' answers: one schema (or the run stops, or leaves sites out,
     as engine.on_incompatible_site says), at least one training site among those that remain, and
-    the model and plan checks on the agreed schema and the sites that answered."""
+    the model and plan checks on the agreed schema and the sites that remain (so attack.sites naming
+    a site left out, or ood.adapt with its only held-out site left out, is refused, not ignored)."""
     schema, excluded = agreed_schema(cfg, profiles)
     kept = {n: dataclasses.replace(p, schema=None) for n, p in profiles.items() if p.site not in excluded}
     train_nodes = [n for n, p in kept.items() if p.role == Role.TRAIN]

@@ -87,15 +87,32 @@ def test_every_config_key_of_the_schema_is_in_the_reference_with_its_default(con
 
 
 def test_config_reference_shows_declared_allowed_values(config_rows) -> None:
-    from federated.core.config.schema import ExperimentConfig, allowed_values
+    import dataclasses
 
-    for section in ("train", "strategy", "privacy", "attack", "faults", "ood"):
-        cls = type(getattr(ExperimentConfig(), section))
-        for name in cls.__dataclass_fields__:
-            declared = allowed_values(cls, name)
-            if declared:
-                shown = [_unquote(v) for v in config_rows[f"{section}.{name}"][3].split(",")]
-                assert shown == list(declared), f"{section}.{name}"
+    from federated.core.config.schema import ExperimentConfig
+    from federated.core.config.values import allowed_values
+    from strategies.registry import STRATEGIES
+
+    def walk(cls: type, prefix: str):
+        for f in dataclasses.fields(cls):
+            value = getattr(cls(), f.name)
+            if dataclasses.is_dataclass(value) and f"{prefix}{f.name}" != "strategy.settings":
+                yield from walk(type(value), f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", cls, f.name
+
+    fields = list(walk(ExperimentConfig, ""))
+    for name in STRATEGIES.names():
+        fields += [(f"strategy.{name}.{k}", c, n) for k, c, n in walk(STRATEGIES.get(name).settings, "")]
+    checked = []
+    for key, cls, name in fields:
+        declared = allowed_values(cls, name)
+        if declared:
+            checked.append(key)
+            shown = [_unquote(v) for v in config_rows[key][3].split(",")]
+            assert shown == list(declared), key
+    # every section that declares values: sites.holdout, model.missing, engine.device, ...
+    assert {"sites.holdout", "engine.on_incompatible_site", "preprocess.statistics", "attack.kind"} <= set(checked)
 
 
 def _commands(
@@ -123,9 +140,12 @@ def test_every_cli_command_and_option_is_in_the_reference() -> None:
         for action in sub._actions:
             for option in action.option_strings:
                 if option not in ("-h", "--help"):
-                    assert f"`{option}" in text, (
+                    assert re.search(rf"`{re.escape(option)}(?![\w-])", text), (
                         f"multimed-fl {' '.join(path)}: {option} missing from the CLI reference"
                     )
+            if not action.option_strings and not isinstance(action, argparse._SubParsersAction):
+                positional = str(action.metavar or action.dest)
+                assert f"`{positional}" in text, f"multimed-fl {' '.join(path)}: {positional} missing"
             if action.choices and not isinstance(action, argparse._SubParsersAction):
                 assert all(f"`{c}`" in text for c in action.choices)
 
